@@ -1,0 +1,5 @@
+"""Entry point for ``python -m imagebuild``."""
+
+from imagebuild.cli import app
+
+app()
