@@ -1,0 +1,211 @@
+"""Base images: the catalog in ``base-images/`` and the facts read off a pulled base.
+
+The catalog names the supported flavors (``distroless``, ``debian-slim``, ``alpine``) and,
+per Python version, the reference and where Python lives. A base given by reference is
+described by inspecting its layers instead: the interpreter path, whether ``/bin/sh``
+exists and which libc it carries are read from the layer tars, so a custom base works
+without a catalog entry and a catalog entry that no longer matches its image is caught.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import tarfile
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from imagebuild.errors import TargetError
+
+CATALOG_DIRS = (
+    Path(__file__).resolve().parent / "_data" / "base-images",  # installed wheel
+    Path(__file__).resolve().parent.parent / "base-images",  # source checkout
+)
+
+_PY_RE = re.compile(r"^(usr/local/bin|usr/bin|bin)/python(3\.\d+)$")
+_GLIBC_RE = re.compile(rb"GNU C Library [^\n]*?version (\d+)\.(\d+)")
+_MUSL_APK_RE = re.compile(r"P:musl\nV:(\d+)\.(\d+)")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CatalogEntry:
+    """One flavor and Python version of a supported base."""
+
+    flavor: str
+    """Catalog name, e.g. ``distroless``."""
+    python_version: tuple[int, int]
+    """The Python minor version the image ships."""
+    reference: str
+    """Image reference as published upstream, e.g. ``python:3.11-slim-bookworm``."""
+    interpreter: PurePosixPath
+    """Absolute path of the interpreter inside the image."""
+    libc: str
+    """``glibc`` or ``musl``."""
+    libc_version: tuple[int, int]
+    """Major and minor version of the libc."""
+    shell: bool
+    """Whether ``/bin/sh`` exists."""
+    user: str
+    """The user the image runs as by default."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BaseFacts:
+    """What the build needs to know about a base image, read off its layers."""
+
+    interpreter: PurePosixPath
+    """Absolute path of the base's Python, e.g. ``/usr/bin/python3.11``."""
+    python_version: tuple[int, int]
+    """Python minor version of that interpreter."""
+    libc: str
+    """``glibc`` or ``musl``."""
+    libc_version: tuple[int, int]
+    """Version of the libc (wheel tags derive from it)."""
+    shell: bool
+    """Whether ``/bin/sh`` exists in the image."""
+    arch: str
+    """OCI architecture (``amd64``, ``arm64``)."""
+
+    @property
+    def python_tag(self) -> str:
+        """The CPython tag, e.g. ``cp311``."""
+        return f"cp{self.python_version[0]}{self.python_version[1]}"
+
+
+def load_catalog(dirs: Iterable[Path] = CATALOG_DIRS) -> tuple[CatalogEntry, ...]:
+    """Read every ``*.toml`` in the first catalog directory that exists."""
+    for directory in dirs:
+        if directory.is_dir():
+            break
+    else:
+        raise TargetError("base image catalog not found", hint="reinstall imgbuild")
+    entries: list[CatalogEntry] = []
+    for path in sorted(directory.glob("*.toml")):
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        for index, python in enumerate(data["python"]):
+            try:
+                major, minor = (int(p) for p in python["version"].split("."))
+                lmaj, lmin = (int(p) for p in python["libc-version"].split("."))
+                entries.append(
+                    CatalogEntry(
+                        flavor=data["name"],
+                        python_version=(major, minor),
+                        reference=python["reference"],
+                        interpreter=PurePosixPath(python["interpreter"]),
+                        libc=python["libc"],
+                        libc_version=(lmaj, lmin),
+                        shell=bool(data["shell"]),
+                        user=str(data["user"]),
+                    )
+                )
+            except (KeyError, ValueError) as exc:
+                raise TargetError(
+                    f"{path}: python[{index}]: invalid catalog entry ({exc})"
+                ) from exc
+    return tuple(sorted(entries, key=lambda e: (e.flavor, e.python_version)))
+
+
+def find_entry(
+    catalog: Sequence[CatalogEntry], flavor: str, python_version: tuple[int, int] | None
+) -> CatalogEntry:
+    """Pick the catalog entry for ``flavor`` and ``python_version`` (newest when None)."""
+    matches = [e for e in catalog if e.flavor == flavor]
+    if not matches:
+        known = ", ".join(sorted({e.flavor for e in catalog}))
+        raise TargetError(
+            f"unknown base {flavor!r}", hint=f"use one of {known} or a full image reference"
+        )
+    if python_version is None:
+        return matches[-1]
+    for entry in matches:
+        if entry.python_version == python_version:
+            return entry
+    have = ", ".join(".".join(map(str, e.python_version)) for e in matches)
+    wanted = ".".join(map(str, python_version))
+    raise TargetError(
+        f"base {flavor!r} has no Python {wanted} (available: {have})",
+        hint="pick another --python or --base",
+    )
+
+
+def inspect_layers(
+    layer_paths: Sequence[Path], *, arch: str, expected: CatalogEntry | None = None
+) -> BaseFacts:
+    """Read interpreter, shell and libc facts from a base's (gzip or plain) layer tars.
+
+    Later layers override earlier ones; whiteouts are rare in Python bases and ignored.
+    """
+    names: set[str] = set()
+    glibc: tuple[int, int] | None = None
+    musl: tuple[int, int] | None = None
+    for path in layer_paths:
+        with _open_layer(path) as tar:
+            for member in tar:
+                name = member.name.removeprefix("./").rstrip("/")
+                names.add(name)
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith("ld-musl-") and musl is None:
+                    musl = (1, 2)
+                elif name == "lib/apk/db/installed" and member.isfile():
+                    stream = tar.extractfile(member)
+                    if stream is not None:
+                        match = _MUSL_APK_RE.search(stream.read().decode("utf-8", "replace"))
+                        if match:
+                            musl = (int(match[1]), int(match[2]))
+                elif (m := re.fullmatch(r"libc-(\d+)\.(\d+)\.so", base)) and glibc is None:
+                    glibc = (int(m[1]), int(m[2]))
+                elif base == "libc.so.6" and member.isfile() and glibc is None:
+                    stream = tar.extractfile(member)
+                    if stream is not None:
+                        match = _GLIBC_RE.search(stream.read())
+                        if match:
+                            glibc = (int(match[1]), int(match[2]))
+
+    interpreter: PurePosixPath | None = None
+    if expected is not None and str(expected.interpreter).lstrip("/") in names:
+        interpreter = expected.interpreter
+    else:
+        found = sorted(
+            (m for m in (_PY_RE.match(n) for n in names) if m),
+            # Prefer /usr/local (a source-built Python) over the distro's, newest minor first.
+            key=lambda m: (m[1] != "usr/local/bin", -int(m[2].split(".")[1])),
+        )
+        if found:
+            interpreter = PurePosixPath("/" + found[0][0])
+    if interpreter is None:
+        raise TargetError(
+            "no Python interpreter found in the base image (looked for "
+            "/usr/local/bin/python3.X, /usr/bin/python3.X)",
+            hint="choose a base that ships CPython, e.g. --base distroless",
+        )
+    major, minor = (int(p) for p in interpreter.name.removeprefix("python").split("."))
+    if musl is not None:
+        libc, libc_version = "musl", musl
+    elif glibc is not None:
+        libc, libc_version = "glibc", glibc
+    elif expected is not None:
+        libc, libc_version = expected.libc, expected.libc_version
+    else:
+        raise TargetError(
+            "cannot tell the base image's libc (no libc.so.6 or ld-musl found)",
+            hint="use a catalog base (distroless, debian-slim, alpine)",
+        )
+    shell = "bin/sh" in names or "usr/bin/sh" in names
+    return BaseFacts(
+        interpreter=interpreter,
+        python_version=(major, minor),
+        libc=libc,
+        libc_version=libc_version,
+        shell=shell,
+        arch=arch,
+    )
+
+
+def _open_layer(path: Path) -> tarfile.TarFile:
+    with path.open("rb") as probe:
+        magic = probe.read(2)
+    if magic == b"\x1f\x8b":
+        return tarfile.open(fileobj=gzip.open(path, "rb"), mode="r|")
+    return tarfile.open(path, mode="r|")

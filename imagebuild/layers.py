@@ -1,0 +1,183 @@
+"""Layer contents: the venv skeleton, wheels installed in copy mode, and their bytecode.
+
+Each layer is a staging directory that mirrors the image's filesystem from ``/``
+(``staging/app/.venv/lib/...``). Wheels are spread with ``installer`` using container
+paths for every scheme and the staging directory as ``destdir``, so scripts get a
+``#!/app/.venv/bin/python`` shebang whatever the build host is.
+
+Bytecode is compiled by an interpreter of the *target's* minor version, never by the
+process running imgbuild: a host ``python3.X`` when one exists, otherwise the base
+image's own Python run through the Docker engine (see ``daemon.py``). Either way the
+compiler is a fresh process fed one file at a time in sorted order and writes
+hash-based pycs, so the bytes are the same on every build (cpython#129724).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Protocol
+
+from installer import install
+from installer.destinations import SchemeDictionaryDestination
+from installer.exceptions import InstallerError
+from installer.sources import WheelFile
+
+from imagebuild.errors import LayerError
+
+# Runs inside the target interpreter. Reads "source<TAB>in-image path" lines on stdin and
+# writes an unchecked-hash pyc next to each source. Files that do not compile (templates,
+# Python 2 leftovers in some sdists) are skipped, as pip and uv do.
+COMPILE_SCRIPT = r"""
+import importlib.util, py_compile, sys
+mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
+failed = 0
+for line in sys.stdin:
+    source, dfile = line.rstrip("\n").split("\t")
+    try:
+        py_compile.compile(source, cfile=importlib.util.cache_from_source(source),
+                           dfile=dfile, doraise=True, invalidation_mode=mode)
+    except (py_compile.PyCompileError, SyntaxError, ValueError):
+        failed += 1
+print(failed)
+"""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VenvLayout:
+    """Where the virtual environment lives in the image and which Python runs it."""
+
+    root: PurePosixPath = PurePosixPath("/app/.venv")
+    """The venv directory inside the image."""
+    base_interpreter: PurePosixPath
+    """The base image's Python, which ``bin/python`` links to."""
+    python_version: tuple[int, int]
+    """Target Python minor version."""
+
+    @property
+    def python(self) -> PurePosixPath:
+        """The venv's interpreter path, used in script shebangs."""
+        return self.root / "bin" / "python"
+
+    @property
+    def site_packages(self) -> PurePosixPath:
+        """The venv's site-packages inside the image."""
+        major, minor = self.python_version
+        return self.root / "lib" / f"python{major}.{minor}" / "site-packages"
+
+    def scheme(self) -> dict[str, str]:
+        """The install scheme (pip/uv's venv layout) with container paths."""
+        major, minor = self.python_version
+        return {
+            "purelib": str(self.site_packages),
+            "platlib": str(self.site_packages),
+            "scripts": str(self.root / "bin"),
+            "data": str(self.root),
+            "headers": str(self.root / "include" / "site" / f"python{major}.{minor}"),
+        }
+
+
+class BytecodeCompiler(Protocol):
+    """Compiles sources in a staging tree with the target interpreter."""
+
+    def compile(self, staging: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
+        """Write a pyc beside each ``(host path, in-image path)``; return how many failed."""
+
+
+class HostCompiler:
+    """A host interpreter of the target's minor version, run as a fresh subprocess."""
+
+    def __init__(self, executable: Path) -> None:
+        self.executable = executable
+
+    def compile(self, staging: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
+        """Compile with ``-I`` (isolated) so nothing from the host environment leaks in."""
+        lines = "".join(f"{src}\t{dst}\n" for src, dst in files)
+        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
+        proc = subprocess.run(
+            [str(self.executable), "-I", "-c", COMPILE_SCRIPT],
+            input=lines,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise LayerError(
+                f"compiling bytecode with {self.executable} failed: {proc.stderr.strip()[-400:]}",
+                hint="pass --no-compile to skip bytecode",
+            )
+        return int(proc.stdout.strip() or 0)
+
+
+def find_host_python(version: tuple[int, int]) -> Path | None:
+    """A host interpreter whose minor version equals the target's, if there is one."""
+    if sys.version_info[:2] == version:
+        return Path(sys.executable)
+    found = shutil.which(f"python{version[0]}.{version[1]}")
+    return Path(found) if found else None
+
+
+def stage_venv(staging: Path, venv: VenvLayout) -> None:
+    """Write the venv skeleton: ``pyvenv.cfg``, ``bin/python*`` links, empty site-packages."""
+    root = _host_path(staging, venv.root)
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    _host_path(staging, venv.site_packages).mkdir(parents=True, exist_ok=True)
+    major, minor = venv.python_version
+    (root / "pyvenv.cfg").write_text(
+        f"home = {venv.base_interpreter.parent}\n"
+        "include-system-site-packages = false\n"
+        f"version = {major}.{minor}\n"
+        f"executable = {venv.base_interpreter}\n"
+        "implementation = CPython\n"
+        "prompt = app\n",
+        encoding="utf-8",
+    )
+    # lib64 -> lib mirrors what CPython's venv creates on 64-bit POSIX.
+    (root / "lib64").symlink_to("lib")
+    (root / "bin" / "python").symlink_to(str(venv.base_interpreter))
+    (root / "bin" / "python3").symlink_to("python")
+    (root / "bin" / f"python{major}.{minor}").symlink_to("python")
+
+
+def install_wheel(wheel: Path, staging: Path, venv: VenvLayout) -> None:
+    """Spread one wheel into ``staging`` with container paths (copy mode, no pycs)."""
+    destination = SchemeDictionaryDestination(
+        venv.scheme(),
+        interpreter=str(venv.python),
+        script_kind="posix",
+        # installer would compile with the host Python; bytecode is compile_tree's job.
+        bytecode_optimization_levels=(),
+        destdir=str(staging),
+    )
+    try:
+        with WheelFile.open(wheel) as source:
+            install(source, destination, {"INSTALLER": b"imgbuild\n"})
+    except (InstallerError, ValueError, OSError) as exc:
+        raise LayerError(
+            f"wheel {wheel.name}: cannot install ({exc})",
+            hint="the wheel may be corrupt; clear it from the cache and rebuild",
+        ) from exc
+
+
+def compile_tree(staging: Path, venv: VenvLayout, compiler: BytecodeCompiler) -> int:
+    """Compile every ``.py`` under the staged site-packages and bin; return failures."""
+    site = _host_path(staging, venv.site_packages)
+    files: list[tuple[Path, PurePosixPath]] = []
+    for path in sorted(site.rglob("*.py")):
+        if "__pycache__" in path.parts or not path.is_file() or path.is_symlink():
+            continue
+        inside = PurePosixPath("/") / path.relative_to(staging).as_posix()
+        files.append((path, inside))
+    if not files:
+        return 0
+    return compiler.compile(staging, files)
+
+
+def _host_path(staging: Path, inside: PurePosixPath) -> Path:
+    return staging / str(inside).lstrip("/")
