@@ -30,14 +30,16 @@ from installer.sources import WheelFile
 
 from imagebuild.errors import LayerError
 
-# Runs inside the target interpreter. Reads "source<TAB>in-image path" lines on stdin and
+# Runs inside the target interpreter. Reads "source<TAB>in-image path" lines (from the file
+# named by argv[1], else stdin) and
 # writes an unchecked-hash pyc next to each source. Files that do not compile (templates,
 # Python 2 leftovers in some sdists) are skipped, as pip and uv do.
 COMPILE_SCRIPT = r"""
 import importlib.util, py_compile, sys
 mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
 failed = 0
-for line in sys.stdin:
+lines = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
+for line in lines:
     source, dfile = line.rstrip("\n").split("\t")
     try:
         py_compile.compile(source, cfile=importlib.util.cache_from_source(source),
