@@ -12,6 +12,7 @@ pytest_plugins = [
 
 _BEHAVIOUR_ENV = (
     "SOURCE_DATE_EPOCH",
+    "DOCKER_HOST",
     "PIP_INDEX_URL",
     "UV_INDEX_URL",
     "IMGBUILD_CACHE_DIR",
