@@ -1,0 +1,263 @@
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from packaging.markers import Marker
+from packaging.tags import Tag, sys_tags
+
+from imagebuild.errors import TargetError
+from imagebuild.target import TargetPlatform, arch_from_oci
+
+CASES = Path(__file__).parent / "cases" / "wheels"
+
+
+@dataclass(frozen=True)
+class File:
+    filename: str
+
+
+def wheels(listing: str) -> list[File]:
+    """Real wheel file names of one release, as PyPI lists them."""
+    return [File(line) for line in (CASES / listing).read_text().split() if line]
+
+
+def target(
+    py: tuple[int, int] = (3, 11),
+    libc: str = "glibc",
+    libc_version: tuple[int, int] = (2, 36),
+    arch: str = "x86_64",
+) -> TargetPlatform:
+    return TargetPlatform(
+        python_version=py,
+        libc=libc,  # type: ignore[arg-type]
+        libc_version=libc_version,
+        arch=arch,  # type: ignore[arg-type]
+    )
+
+
+def test_glibc_platforms_x86_64() -> None:
+    plats = target().platforms()
+    assert plats[:2] == ("manylinux_2_36_x86_64", "manylinux_2_35_x86_64")
+    i = plats.index("manylinux_2_17_x86_64")
+    assert plats[i + 1] == "manylinux2014_x86_64"
+    assert plats[plats.index("manylinux_2_12_x86_64") + 1] == "manylinux2010_x86_64"
+    assert plats[-3:] == ("manylinux_2_5_x86_64", "manylinux1_x86_64", "linux_x86_64")
+    assert len(plats) == (36 - 5 + 1) + 3 + 1
+
+
+def test_glibc_platforms_aarch64_stop_at_2_17() -> None:
+    plats = target(libc_version=(2, 28), arch="aarch64").platforms()
+    assert plats[0] == "manylinux_2_28_aarch64"
+    assert plats[-3:] == ("manylinux_2_17_aarch64", "manylinux2014_aarch64", "linux_aarch64")
+    assert not any("manylinux2010" in p or "manylinux1" in p for p in plats)
+
+
+def test_musl_platforms() -> None:
+    plats = target(libc="musl", libc_version=(1, 2), arch="aarch64").platforms()
+    assert plats == (
+        "musllinux_1_2_aarch64",
+        "musllinux_1_1_aarch64",
+        "musllinux_1_0_aarch64",
+        "linux_aarch64",
+    )
+
+
+def test_tag_order() -> None:
+    tags = [str(t) for t in target(libc_version=(2, 17)).tags()]
+    assert tags[0] == "cp311-cp311-manylinux_2_17_x86_64"
+    assert tags[1] == "cp311-cp311-manylinux2014_x86_64"
+    order = [
+        "cp311-cp311-linux_x86_64",
+        "cp311-abi3-manylinux_2_17_x86_64",
+        "cp311-none-manylinux_2_17_x86_64",
+        "cp310-abi3-manylinux_2_17_x86_64",
+        "cp32-abi3-linux_x86_64",
+        "py311-none-manylinux_2_17_x86_64",
+        "py3-none-manylinux_2_17_x86_64",
+        "cp311-none-any",
+        "py311-none-any",
+        "py3-none-any",
+        "py30-none-any",
+    ]
+    assert [tags.index(t) for t in order] == sorted(tags.index(t) for t in order)
+    assert len(tags) == len(set(tags))
+    assert not any("cp312" in t or "win" in t or "macosx" in t for t in tags)
+
+
+@pytest.mark.skipif(
+    not (
+        sys.platform == "linux"
+        and platform.libc_ver()[0] == "glibc"
+        and platform.machine() in ("x86_64", "aarch64")
+    ),
+    reason="oracle needs a glibc Linux host",
+)
+def test_matches_packaging_for_the_host() -> None:
+    """For a target equal to this host, the tags are packaging's sys_tags().
+
+    packaging ranks the host's own ``linux_<arch>`` first (wheels built on this machine);
+    for an image we rank it last, so compare without those.
+    """
+    major, minor = map(int, platform.libc_ver()[1].split(".")[:2])
+    host = target(py=sys.version_info[:2], libc_version=(major, minor), arch=platform.machine())
+    ours = [t for t in host.tags() if not t.platform.startswith("linux_")]
+    theirs = [t for t in sys_tags() if not t.platform.startswith("linux_")]
+    assert ours == theirs
+    assert set(host.tags()) == set(sys_tags())
+
+
+@pytest.mark.parametrize(
+    ("listing", "tgt", "expected"),
+    [
+        (
+            "numpy-2.1.0.txt",
+            target(),
+            "numpy-2.1.0-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        ),
+        (
+            "numpy-2.1.0.txt",
+            target(py=(3, 13), libc_version=(2, 28), arch="aarch64"),
+            "numpy-2.1.0-cp313-cp313-manylinux_2_17_aarch64.manylinux2014_aarch64.whl",
+        ),
+        (
+            "numpy-2.1.0.txt",
+            target(libc="musl", libc_version=(1, 2)),
+            "numpy-2.1.0-cp311-cp311-musllinux_1_1_x86_64.whl",
+        ),
+        (
+            "numpy-2.1.0.txt",
+            target(py=(3, 12), libc="musl", libc_version=(1, 2), arch="aarch64"),
+            "numpy-2.1.0-cp312-cp312-musllinux_1_2_aarch64.whl",
+        ),
+        (
+            "pandas-2.2.3.txt",
+            target(py=(3, 12), arch="aarch64"),
+            "pandas-2.2.3-cp312-cp312-manylinux2014_aarch64.manylinux_2_17_aarch64.whl",
+        ),
+        (
+            "pandas-2.2.3.txt",
+            target(py=(3, 13), libc="musl", libc_version=(1, 2)),
+            "pandas-2.2.3-cp313-cp313-musllinux_1_2_x86_64.whl",
+        ),
+        (
+            "pydantic-core-2.27.2.txt",
+            target(arch="i686"),
+            "pydantic_core-2.27.2-cp311-cp311-manylinux_2_5_i686.manylinux1_i686.whl",
+        ),
+        (
+            "pydantic-core-2.27.2.txt",
+            target(libc="musl", libc_version=(1, 2), arch="armv7l"),
+            "pydantic_core-2.27.2-cp311-cp311-musllinux_1_1_armv7l.whl",
+        ),
+    ],
+)
+def test_choose_real_wheels(listing: str, tgt: TargetPlatform, expected: str) -> None:
+    assert tgt.choose_wheel("x", wheels(listing)).filename == expected
+
+
+@pytest.mark.parametrize(
+    ("listing", "tgt", "described"),
+    [
+        ("numpy-2.1.0.txt", target(libc_version=(2, 12)), "cp311 manylinux_2_12 x86_64"),
+        ("numpy-2.1.0.txt", target(py=(3, 14)), "cp314 manylinux_2_36 x86_64"),
+        ("pandas-2.2.3.txt", target(libc="musl", libc_version=(1, 1)), "cp311 musllinux_1_1"),
+    ],
+)
+def test_no_compatible_wheel(listing: str, tgt: TargetPlatform, described: str) -> None:
+    files = wheels(listing)
+    with pytest.raises(TargetError) as info:
+        tgt.choose_wheel(files[0].filename.split("-")[0], files)
+    message = str(info.value)
+    assert "\n" not in message
+    assert described in message
+    assert files[0].filename in message and files[-1].filename in message
+    assert message.startswith(f"no wheel of {files[0].filename.split('-')[0].replace('_', '-')}")
+
+
+def test_specific_abi_beats_abi3_and_pure() -> None:
+    files = [
+        File("foo-1.0-py3-none-any.whl"),
+        File("foo-1.0-cp38-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"),
+        File("foo-1.0-cp311-cp311-manylinux_2_17_x86_64.whl"),
+        File("foo-1.0-cp311-cp311-manylinux_2_28_x86_64.whl"),
+    ]
+    ranked = [f.filename for f in target().rank_wheels(files)]
+    assert ranked == [
+        "foo-1.0-cp311-cp311-manylinux_2_28_x86_64.whl",
+        "foo-1.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+        "foo-1.0-cp38-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+        "foo-1.0-py3-none-any.whl",
+    ]
+    # A glibc too old for 2_28 falls back to the 2_17 wheel.
+    assert target(libc_version=(2, 27)).choose_wheel("foo", files) == files[2]
+
+
+def test_build_tag_breaks_ties() -> None:
+    files = [
+        File("foo-1.0-py3-none-any.whl"),
+        File("foo-1.0-9-py3-none-any.whl"),
+        File("foo-1.0-10b-py3-none-any.whl"),
+        File("foo-1.0-10a-py3-none-any.whl"),
+        File("not-a-wheel.tar.gz"),
+    ]
+    assert [f.filename for f in target().rank_wheels(files)] == [
+        "foo-1.0-10b-py3-none-any.whl",
+        "foo-1.0-10a-py3-none-any.whl",
+        "foo-1.0-9-py3-none-any.whl",
+        "foo-1.0-py3-none-any.whl",
+    ]
+
+
+def test_marker_environment() -> None:
+    env = target(py=(3, 12), arch="aarch64").marker_environment()
+    assert env["python_version"] == "3.12"
+    assert env["python_full_version"] == "3.12.0"
+    assert env["platform_machine"] == "aarch64"
+    assert Marker("sys_platform == 'linux' and os_name == 'posix'").evaluate(env)
+    assert Marker("platform_system == 'Linux' and implementation_name == 'cpython'").evaluate(env)
+    assert not Marker("python_version < '3.12'").evaluate(env)
+    assert not Marker("platform_machine == 'x86_64'").evaluate(env)
+    full = TargetPlatform(
+        python_version=(3, 12), python_full_version="3.12.7", libc_version=(2, 36), arch="x86_64"
+    )
+    assert Marker("python_full_version >= '3.12.5'").evaluate(full.marker_environment())
+
+
+def test_oci_arch_mapping() -> None:
+    assert arch_from_oci("amd64") == "x86_64"
+    assert arch_from_oci("arm64") == "aarch64"
+    assert arch_from_oci("arm64", "v8") == "aarch64"
+    assert arch_from_oci("arm", "v7") == "armv7l"
+    with pytest.raises(TargetError, match="unsupported image architecture 'mips64'"):
+        arch_from_oci("mips64")
+    with pytest.raises(TargetError):
+        arch_from_oci("arm", "v6")
+    t = TargetPlatform.from_oci(architecture="arm64", python_version=(3, 11), libc_version=(2, 36))
+    assert t.arch == "aarch64"
+    assert t.describe() == "cp311 manylinux_2_36 aarch64"
+
+
+def test_invalid_targets() -> None:
+    with pytest.raises(TargetError):
+        target(py=(2, 7))
+    with pytest.raises(TargetError):
+        target(libc="bionic")
+    with pytest.raises(TargetError):
+        target(arch="sparc")
+    with pytest.raises(TargetError):
+        TargetPlatform(
+            python_version=(3, 11),
+            python_full_version="3.12.1",
+            libc_version=(2, 36),
+            arch="x86_64",
+        )
+
+
+def test_value_semantics() -> None:
+    assert target() == target()
+    assert hash(target()) == hash(target())
+    assert isinstance(target().tags()[0], Tag)
