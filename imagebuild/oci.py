@@ -916,9 +916,7 @@ def _split_repo_tag(repo_tag: str) -> tuple[str, str, str]:
     return f"{name}:{tag}", f"{registry}/{path}:{tag}", tag
 
 
-def write_docker_archive(
-    image: Image, dest: BinaryIO | Path, *, repo_tags: Sequence[str]
-) -> None:
+def write_docker_archive(image: Image, dest: BinaryIO | Path, *, repo_tags: Sequence[str]) -> None:
     """Write the dual archive that ``docker load`` accepts with either image store.
 
     It is an OCI layout (``oci-layout``, ``index.json`` with one entry per tag carrying
@@ -1042,9 +1040,7 @@ def _read_blob(src: _LayoutSource, desc: Descriptor, what: str) -> bytes:
     return data
 
 
-def _check_blob(
-    src: _LayoutSource, desc: Descriptor, what: str, actual: Digest, size: int
-) -> None:
+def _check_blob(src: _LayoutSource, desc: Descriptor, what: str, actual: Digest, size: int) -> None:
     if actual != desc.digest:
         raise ImageError(
             f"{src.describe()}: {what} blob {desc.digest} is corrupt (content hashes to {actual})"
@@ -1218,4 +1214,3 @@ def _blob_ref(desc: object) -> str:
 
 def _list(value: object) -> list[object]:
     return value if isinstance(value, list) else []
-
