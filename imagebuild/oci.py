@@ -529,26 +529,30 @@ def build_layer(
     """
     if isinstance(mtime, bool) or not isinstance(mtime, int) or mtime < 0:
         raise LayerError(f"layer mtime must be a non-negative integer epoch, got {mtime!r}")
-    entries = _scan_staging(staging, prefix_dirs)
-    with store.temp_file() as tmp:
-        with tmp.open("wb") as out:
-            compressed = _HashingWriter(out)
-            with gzip.GzipFile(
-                filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=_GZIP_LEVEL
-            ) as gz:
-                uncompressed = _HashingWriter(gz)
-                with tarfile.open(
-                    fileobj=uncompressed,
-                    mode="w|",
-                    format=tarfile.PAX_FORMAT,
-                    encoding="utf-8",
-                ) as tar:
-                    for entry in entries:
-                        _add_entry(tar, entry, mtime=mtime)
-        digest = compressed.digest
-        dest = store.path(digest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, dest)
+    try:
+        entries = _scan_staging(staging, prefix_dirs)
+        with store.temp_file() as tmp:
+            with tmp.open("wb") as out:
+                compressed = _HashingWriter(out)
+                with gzip.GzipFile(
+                    filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=_GZIP_LEVEL
+                ) as gz:
+                    uncompressed = _HashingWriter(gz)
+                    with tarfile.open(
+                        fileobj=uncompressed,
+                        mode="w|",
+                        format=tarfile.PAX_FORMAT,
+                        encoding="utf-8",
+                    ) as tar:
+                        for entry in entries:
+                            _add_entry(tar, entry, mtime=mtime)
+            digest = compressed.digest
+            dest = store.path(digest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+    except OSError as exc:
+        where = exc.filename or staging
+        raise LayerError(f"layer from {staging}: {where}: {exc.strerror or exc}") from exc
     return Layer(
         digest=digest,
         diff_id=uncompressed.digest,
@@ -789,6 +793,11 @@ def write_oci_layout(image: Image, dest_dir: Path, *, ref_name: str) -> None:
     replaced by one naming only this image. Every file is written atomically.
     """
     _check_ref_name(ref_name)
+    with _writing(dest_dir):
+        _write_layout(image, dest_dir, ref_name=ref_name)
+
+
+def _write_layout(image: Image, dest_dir: Path, *, ref_name: str) -> None:
     if dest_dir.exists():
         if not dest_dir.is_dir():
             raise ImageError(f"OCI layout destination {dest_dir} exists and is not a directory")
@@ -863,6 +872,16 @@ def _write_archive(
 
 
 @contextmanager
+def _writing(dest: object) -> Iterator[None]:
+    """Turn filesystem failures while writing ``dest`` into one ``ImageError``."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or dest
+        raise ImageError(f"cannot write {dest}: {where}: {exc.strerror or exc}") from exc
+
+
+@contextmanager
 def _output(dest: BinaryIO | Path) -> Iterator[IO[bytes]]:
     """Yield a stream; for a path, a temp file that replaces ``dest`` only on success."""
     if not isinstance(dest, Path):
@@ -883,7 +902,7 @@ def write_oci_archive(image: Image, dest_file: BinaryIO | Path, *, ref_name: str
     """Write ``image`` as a tar of an OCI layout (``oci-archive:``), tagged ``ref_name``."""
     _check_ref_name(ref_name)
     entry = _index_entry(image, {ANNOTATION_REF_NAME: ref_name})
-    with _output(dest_file) as out:
+    with _writing(dest_file), _output(dest_file) as out:
         _write_archive(image, out, index_entries=[entry], extra={})
 
 
@@ -941,7 +960,7 @@ def write_docker_archive(image: Image, dest: BinaryIO | Path, *, repo_tags: Sequ
             }
         ]
     )
-    with _output(dest) as out:
+    with _writing(dest), _output(dest) as out:
         _write_archive(image, out, index_entries=entries, extra={"manifest.json": manifest_json})
 
 

@@ -577,3 +577,12 @@ def test_oci_archive_and_validation_of_tampered_archive(real_image: Image, tmp_p
             dst.addfile(info, io.BytesIO(data) if data is not None else None)
     with pytest.raises(ImageError, match=real_image.layers[0].digest):
         validate_archive(tampered)
+
+
+def test_sink_filesystem_errors_are_image_errors(real_image: Image, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ImageError, match="cannot write"):
+        write_docker_archive(real_image, blocker / "image.tar", repo_tags=["app:1"])
+    with pytest.raises(ImageError, match="cannot write"):
+        write_oci_layout(real_image, blocker / "layout", ref_name="1")
