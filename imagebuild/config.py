@@ -71,8 +71,17 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
     """Validate a ``[tool.imgbuild]`` table."""
     prefix = f"{source}: tool.imgbuild"
     known = {
-        "base", "python", "entrypoint", "cmd", "user", "workdir", "env", "labels", "ports",
-        "groups", "extras",
+        "base",
+        "python",
+        "entrypoint",
+        "cmd",
+        "user",
+        "workdir",
+        "env",
+        "labels",
+        "ports",
+        "groups",
+        "extras",
     }
     unknown = sorted(set(table) - known)
     if unknown:
@@ -109,9 +118,7 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         return tuple(sorted(pairs))
 
     ports = table.get("ports", [])
-    if not isinstance(ports, list) or not all(
-        isinstance(p, int) and 0 < p < 65536 for p in ports
-    ):
+    if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
         raise ProjectError(f"{prefix}.ports: expected a list of port numbers, got {ports!r}")
     python = string("python")
     user = table.get("user", DEFAULT_USER)

@@ -42,9 +42,9 @@ def read_progress(stream: Iterable[dict[str, object]], action: str) -> list[str]
     for chunk in stream:
         if "errorDetail" in chunk or "error" in chunk:
             detail = chunk.get("errorDetail")
-            message = (
-                detail.get("message") if isinstance(detail, dict) else None
-            ) or chunk.get("error")
+            message = (detail.get("message") if isinstance(detail, dict) else None) or chunk.get(
+                "error"
+            )
             raise DockerError(f"docker {action} failed: {message}")
         text = chunk.get("stream") or chunk.get("status")
         if isinstance(text, str) and text.strip():

@@ -54,7 +54,7 @@ print(failed)
 class VenvLayout:
     """Where the virtual environment lives in the image and which Python runs it."""
 
-    root: PurePosixPath = PurePosixPath("/app/.venv")
+    root: PurePosixPath = PurePosixPath("/app/.venv")  # noqa: RUF009 (immutable)
     """The venv directory inside the image."""
     base_interpreter: PurePosixPath
     """The base image's Python, which ``bin/python`` links to."""

@@ -72,7 +72,9 @@ def plan_layers(
     layers = [LayerSpec(kind="venv", wheels=())]
     for start in range(0, len(deps), per_layer):
         chunk = tuple(deps[start : start + per_layer])
-        layers.append(LayerSpec(kind="dependency" if per_layer == 1 else "dependencies", wheels=chunk))
+        layers.append(
+            LayerSpec(kind="dependency" if per_layer == 1 else "dependencies", wheels=chunk)
+        )
     if project is not None:
         layers.append(LayerSpec(kind="project", wheels=(project,)))
     return LayerPlan(layers=tuple(layers))

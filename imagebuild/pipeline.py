@@ -1,0 +1,536 @@
+"""The build pipeline: the only module that knows every stage.
+
+pyproject -> lock (checked when asked) -> base pulled and inspected -> target platform ->
+wheels chosen and fetched -> project wheel built -> layers planned, installed, compiled
+and tarred (each layer cached by what goes into it) -> image -> sinks.
+
+Nothing is written to a sink until the whole image exists; sinks write to temporary
+paths and rename, and Docker only sees a complete archive, so a failure never leaves a
+half-built image tagged, loaded or pushed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+import httpx
+
+from imagebuild import __version__
+from imagebuild.base import BaseFacts, CatalogEntry, find_entry, inspect_layers, load_catalog
+from imagebuild.config import ImageSettings, parse_python_version, parse_settings
+from imagebuild.errors import LayerError, LockError, ProjectError
+from imagebuild.layers import (
+    BytecodeCompiler,
+    HostCompiler,
+    VenvLayout,
+    compile_tree,
+    find_host_python,
+    install_wheel,
+    stage_venv,
+)
+from imagebuild.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
+from imagebuild.report import NullReporter, Reporter
+
+if TYPE_CHECKING:
+    from imagebuild.oci import BaseImage, BlobStore, Image, Layer
+    from imagebuild.project import ProjectSpec
+    from imagebuild.registry import RegistryClient
+
+OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Output:
+    """Where the finished image goes."""
+
+    kind: str
+    """One of ``docker``, ``oci``, ``oci-archive``, ``registry``."""
+    path: Path | None = None
+    """Destination for ``oci`` (a directory) and ``oci-archive`` (a file)."""
+
+
+def parse_outputs(values: Sequence[str]) -> tuple[Output, ...]:
+    """Parse ``--output`` values (``docker``, ``oci:DIR``, ``oci-archive:FILE``, ``registry``)."""
+    outputs = []
+    for value in values:
+        kind, _, rest = value.partition(":")
+        if kind not in OUTPUT_KINDS:
+            raise ProjectError(
+                f"--output {value!r}: unknown output",
+                hint="use docker, oci:DIR, oci-archive:FILE or registry",
+            )
+        if kind in ("oci", "oci-archive"):
+            if not rest:
+                raise ProjectError(f"--output {value!r}: needs a path, e.g. {kind}:./image")
+            outputs.append(Output(kind=kind, path=Path(rest).resolve()))
+        elif rest:
+            raise ProjectError(f"--output {value!r}: {kind} takes no path")
+        else:
+            outputs.append(Output(kind=kind))
+    return tuple(outputs)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildRequest:
+    """Everything a build needs, already validated by the CLI."""
+
+    project_dir: Path
+    tags: tuple[str, ...] = ()
+    outputs: tuple[Output, ...] = (Output(kind="docker"),)
+    base: str | None = None
+    python: tuple[int, int] | None = None
+    lock_mode: str = "check-if-present"
+    """``locked`` (refuse a stale lock), ``frozen`` (use as is) or ``check-if-present``."""
+    groups: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
+    compile_bytecode: bool = True
+    platform: str = "linux/amd64"
+    cache_dir: Path
+    source_date_epoch: int = 0
+    mirrors: Mapping[str, str] = field(default_factory=dict)
+    docker_config: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildResult:
+    """What was built and where it went."""
+
+    manifest_digest: str
+    config_digest: str
+    layer_digests: tuple[str, ...]
+    """Digests of every layer, base layers first."""
+    base_reference: str
+    written: tuple[str, ...]
+    """One line per sink: what was loaded, written or pushed."""
+
+    def summary_lines(self) -> list[str]:
+        """Lines the CLI prints on success."""
+        return [*self.written, f"digest: {self.manifest_digest}"]
+
+
+def run_build(
+    request: BuildRequest, *, http: httpx.Client, reporter: Reporter | None = None
+) -> BuildResult:
+    """Build the image described by ``request`` and send it to every output."""
+    from imagebuild.fetch import WheelCache, fetch_wheels
+    from imagebuild.lock import check_locked, find_lock, load_lock, select_packages
+    from imagebuild.oci import BlobStore
+    from imagebuild.project import load_project
+    from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
+    from imagebuild.target import TargetPlatform
+    from imagebuild.wheelbuild import build_project_wheel
+
+    reporter = reporter or NullReporter()
+    project = load_project(request.project_dir)
+    settings = parse_settings(project.tool_imgbuild)
+    settings = _apply_request(settings, request)
+    tags = request.tags or (f"{project.name}:latest",)
+    for tag in tags:
+        ImageReference.parse(tag)  # a bad tag fails now, not after the build
+
+    lock_path = find_lock(request.project_dir)
+    if lock_path is None:
+        raise LockError(
+            f"{request.project_dir}: no pylock.toml or uv.lock",
+            hint="run 'uv lock' in the project first",
+        )
+    lock = load_lock(lock_path)
+    if request.lock_mode == "locked":
+        check_locked(lock, project)
+    reporter.step(f"lock: {lock_path.name}")
+
+    # Base image and the target platform it defines.
+    cache = request.cache_dir
+    store = BlobStore(cache / "blobs")
+    entry, reference = _base_reference(settings, project)
+    ref = ImageReference.parse(reference).with_mirrors(request.mirrors)
+    registry = RegistryClient(
+        http, credentials=CredentialStore.from_docker_config(request.docker_config)
+    )
+    os_name, _, arch = request.platform.partition("/")
+    reporter.step(f"base: {ref}")
+    base_image = registry.pull_image(ref, platform=(os_name, arch), store=store)
+    facts = _base_facts(base_image, store, cache, arch, entry)
+    if settings.python is not None and facts.python_version != settings.python:
+        raise ProjectError(
+            f"base {reference} has Python {'.'.join(map(str, facts.python_version))}, "
+            f"not {'.'.join(map(str, settings.python))}",
+            hint="pick a base with that Python or change --python",
+        )
+    target = TargetPlatform.from_oci(
+        architecture=arch,
+        python_version=facts.python_version,
+        libc="musl" if facts.libc == "musl" else "glibc",
+        libc_version=facts.libc_version,
+    )
+
+    # Wheels for the locked dependencies, chosen for the target and fetched.
+    packages = select_packages(
+        lock,
+        root=project.name,
+        target=target,
+        extras=set(settings.extras),
+        groups=set(settings.groups),
+    )
+    chosen = [(pkg, target.choose_wheel(pkg.name, pkg.wheels)) for pkg in packages]
+    reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
+    paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
+    dependencies = [
+        PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
+        for pkg, wheel in chosen
+    ]
+
+    with tempfile.TemporaryDirectory(prefix="imgbuild-", dir=_tmp_root(cache)) as tmp:
+        work = Path(tmp)
+        reporter.step(f"build: {project.name} wheel")
+        project_wheel = build_project_wheel(
+            request.project_dir, work / "dist", source_date_epoch=request.source_date_epoch
+        )
+        version = project_wheel.name.split("-")[1]
+        plan = plan_layers(
+            dependencies, PlannedWheel(name=project.name, version=version, path=project_wheel)
+        )
+        venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
+        compiler = (
+            _compiler(facts, base_image, store, work, reporter)
+            if request.compile_bytecode
+            else None
+        )
+        layers = _build_layers(plan, venv, compiler, store, cache, work, request, reporter)
+        image = _assemble(base_image, layers, settings, project, venv, request, reference, store)
+        written = _send(image, request, tags, work, registry, reporter)
+
+    return BuildResult(
+        manifest_digest=image.manifest.digest,
+        config_digest=image.config.digest,
+        layer_digests=tuple(layer.digest for layer in image.layers),
+        base_reference=str(ref),
+        written=tuple(written),
+    )
+
+
+def _apply_request(settings: ImageSettings, request: BuildRequest) -> ImageSettings:
+    from dataclasses import replace
+
+    return replace(
+        settings,
+        base=request.base or settings.base,
+        python=request.python or settings.python,
+        groups=tuple(sorted(set(settings.groups) | set(request.groups))),
+        extras=tuple(sorted(set(settings.extras) | set(request.extras))),
+    )
+
+
+def _base_reference(
+    settings: ImageSettings, project: ProjectSpec
+) -> tuple[CatalogEntry | None, str]:
+    """The catalog entry (for a flavor name) and the reference to pull."""
+    catalog = load_catalog()
+    flavors = {entry.flavor for entry in catalog}
+    if settings.base not in flavors:
+        return None, settings.base
+    python = settings.python or _default_python(catalog, settings.base, project)
+    entry = find_entry(catalog, settings.base, python)
+    return entry, entry.reference
+
+
+def _default_python(
+    catalog: Sequence[CatalogEntry], flavor: str, project: ProjectSpec
+) -> tuple[int, int] | None:
+    """``.python-version`` if the project pins one (as uv does), else the newest allowed."""
+    pin = project.root / ".python-version"
+    if pin.is_file():
+        text = pin.read_text(encoding="utf-8").strip().splitlines()[0]
+        return parse_python_version(".".join(text.split(".")[:2]), str(pin))
+    allowed = [
+        e.python_version
+        for e in catalog
+        if e.flavor == flavor
+        and (
+            project.requires_python is None
+            or project.requires_python.contains(".".join(map(str, e.python_version)) + ".0")
+        )
+    ]
+    if not allowed:
+        raise ProjectError(
+            f"{project.root / 'pyproject.toml'}: requires-python {project.requires_python} "
+            f"allows no Python of base {flavor!r}",
+            hint="set [tool.imgbuild] base to another image",
+        )
+    return max(allowed)
+
+
+def _base_facts(
+    base: BaseImage, store: BlobStore, cache: Path, arch: str, entry: CatalogEntry | None
+) -> BaseFacts:
+    """Inspect the base once per manifest digest; the answer is cached as JSON."""
+    record = cache / "bases" / f"{base.manifest_digest.removeprefix('sha256:')}.json"
+    if record.is_file():
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return BaseFacts(
+            interpreter=PurePosixPath(data["interpreter"]),
+            python_version=tuple(data["python_version"]),  # type: ignore[arg-type]
+            libc=data["libc"],
+            libc_version=tuple(data["libc_version"]),  # type: ignore[arg-type]
+            shell=data["shell"],
+            arch=data["arch"],
+        )
+    facts = inspect_layers([store.path(d.digest) for d in base.layers], arch=arch, expected=entry)
+    _write_json(
+        record,
+        {
+            "interpreter": str(facts.interpreter),
+            "python_version": list(facts.python_version),
+            "libc": facts.libc,
+            "libc_version": list(facts.libc_version),
+            "shell": facts.shell,
+            "arch": facts.arch,
+        },
+    )
+    return facts
+
+
+def _compiler(
+    facts: BaseFacts, base: BaseImage, store: BlobStore, work: Path, reporter: Reporter
+) -> BytecodeCompiler:
+    """A host Python of the target's minor version, else the base's own through Docker."""
+    from imagebuild.daemon import DockerEngine, EngineCompiler
+    from imagebuild.errors import DockerError
+    from imagebuild.oci import ImageConfig, build_image, write_docker_archive
+
+    host = find_host_python(facts.python_version)
+    if host is not None:
+        return HostCompiler(host)
+    version = ".".join(map(str, facts.python_version))
+    try:
+        engine = DockerEngine.from_env()
+    except DockerError as exc:
+        raise LayerError(
+            f"no Python {version} on this host to compile bytecode for the target, and no "
+            f"Docker engine to run the base image's ({exc.message})",
+            hint=f"install python{version}, start Docker, or pass --no-compile",
+        ) from exc
+    tag = f"imgbuild-base:{base.manifest_digest.removeprefix('sha256:')[:16]}"
+    if engine.image_id(tag) is None:
+        reporter.step(f"compile: loading the base into Docker to run its python{version}")
+        image = build_image(base, [], config=ImageConfig(), created=_rfc3339(0), store=store)
+        archive = work / "base.tar"
+        write_docker_archive(image, archive, repo_tags=[tag])
+        engine.load(archive)
+        archive.unlink()
+    return EngineCompiler(engine, tag, facts.interpreter)
+
+
+def _layer_key(spec: LayerSpec, venv: VenvLayout, compiled: bool, mtime: int) -> str:
+    """Everything a layer's bytes depend on; equal keys give equal layers."""
+    from imagebuild.oci import sha256_file
+
+    material = {
+        "imgbuild": __version__,
+        "kind": spec.kind,
+        "wheels": [[w.name, w.version, sha256_file(w.path)] for w in spec.wheels],
+        "venv": str(venv.root),
+        "interpreter": str(venv.base_interpreter),
+        "python": list(venv.python_version),
+        "compiled": compiled,
+        "mtime": mtime,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
+def _build_layers(
+    plan: LayerPlan,
+    venv: VenvLayout,
+    compiler: BytecodeCompiler | None,
+    store: BlobStore,
+    cache: Path,
+    work: Path,
+    request: BuildRequest,
+    reporter: Reporter,
+) -> list[Layer]:
+    from imagebuild.oci import Layer, build_layer
+
+    layers = []
+    for index, spec in enumerate(plan.layers):
+        key = _layer_key(spec, venv, compiler is not None, request.source_date_epoch)
+        record = cache / "layers" / f"{key}.json"
+        if record.is_file():
+            data = json.loads(record.read_text(encoding="utf-8"))
+            if store.has(data["digest"]):
+                layers.append(Layer(**data))
+                continue
+        reporter.step(f"layer {index + 1}/{len(plan.layers)}: {spec.description}")
+        staging = work / f"layer-{index}"
+        staging.mkdir()
+        if spec.kind == "venv":
+            stage_venv(staging, venv)
+        for wheel in spec.wheels:
+            install_wheel(wheel.path, staging, venv)
+        if compiler is not None and spec.wheels:
+            compile_tree(staging, venv, compiler)
+        layer = build_layer(
+            staging, store, mtime=request.source_date_epoch, created_by=spec.description
+        )
+        shutil.rmtree(staging)
+        _write_json(
+            record,
+            {
+                "digest": layer.digest,
+                "diff_id": layer.diff_id,
+                "size": layer.size,
+                "media_type": layer.media_type,
+                "created_by": layer.created_by,
+            },
+        )
+        layers.append(layer)
+    return layers
+
+
+def _entrypoint(settings: ImageSettings, project: ProjectSpec, venv: VenvLayout) -> tuple[str, ...]:
+    bin_dir = venv.root / "bin"
+    if settings.entrypoint:
+        first, *rest = settings.entrypoint
+        return (first if "/" in first else str(bin_dir / first), *rest)
+    scripts = sorted(project.scripts)
+    if len(scripts) == 1:
+        return (str(bin_dir / scripts[0]),)
+    if not scripts:
+        return (str(venv.python),)
+    raise ProjectError(
+        f"{project.root / 'pyproject.toml'}: several [project.scripts] ({', '.join(scripts)}) "
+        "and no entrypoint",
+        hint='set [tool.imgbuild] entrypoint = ["NAME"]',
+    )
+
+
+def _labels(project: ProjectSpec, settings: ImageSettings, base_ref: str) -> dict[str, str]:
+    prefix = "org.opencontainers.image."
+    labels = {f"{prefix}title": project.name, f"{prefix}base.name": base_ref}
+    if project.version:
+        labels[f"{prefix}version"] = str(project.version)
+    if project.description:
+        labels[f"{prefix}description"] = project.description[:512]
+    if project.license:
+        labels[f"{prefix}licenses"] = project.license[:256]
+    urls = {k.lower(): v for k, v in project.urls.items()}
+    for key in ("source", "repository", "source code", "code", "homepage"):
+        if key in urls and any(h in urls[key] for h in ("github.com", "gitlab", "codeberg")):
+            labels[f"{prefix}source"] = urls[key]
+            break
+    if "documentation" in urls:
+        labels[f"{prefix}documentation"] = urls["documentation"]
+    labels.update(dict(settings.labels))
+    return labels
+
+
+def _assemble(
+    base: BaseImage,
+    layers: Sequence[Layer],
+    settings: ImageSettings,
+    project: ProjectSpec,
+    venv: VenvLayout,
+    request: BuildRequest,
+    base_ref: str,
+    store: BlobStore,
+) -> Image:
+    from imagebuild.oci import ImageConfig, build_image
+
+    base_env = _base_env(base)
+    path = f"{venv.root}/bin:" + base_env.get(
+        "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    )
+    env = (("PATH", path), ("VIRTUAL_ENV", str(venv.root)), *settings.env)
+    config = ImageConfig(
+        entrypoint=_entrypoint(settings, project, venv),
+        cmd=settings.cmd or (),
+        env=env,
+        user=settings.user,
+        workdir=settings.workdir,
+        labels=tuple(sorted(_labels(project, settings, base_ref).items())),
+        exposed_ports=tuple(f"{p}/tcp" for p in settings.ports),
+    )
+    annotations = {
+        "org.opencontainers.image.base.name": base_ref,
+        "org.opencontainers.image.base.digest": base.manifest_digest,
+    }
+    return build_image(
+        base,
+        layers,
+        config=config,
+        created=_rfc3339(request.source_date_epoch),
+        store=store,
+        annotations=annotations,
+    )
+
+
+def _send(
+    image: Image,
+    request: BuildRequest,
+    tags: Sequence[str],
+    work: Path,
+    registry: RegistryClient,
+    reporter: Reporter,
+) -> list[str]:
+    from imagebuild.oci import write_docker_archive, write_oci_archive, write_oci_layout
+    from imagebuild.registry import ImageReference
+
+    refs = [ImageReference.parse(tag) for tag in tags]
+    ref_name = refs[0].tag or "latest"
+    written = []
+    for output in request.outputs:
+        if output.kind == "oci" and output.path is not None:
+            write_oci_layout(image, output.path, ref_name=ref_name)
+            written.append(f"wrote OCI layout {output.path}")
+        elif output.kind == "oci-archive" and output.path is not None:
+            write_oci_archive(image, output.path, ref_name=ref_name)
+            written.append(f"wrote OCI archive {output.path}")
+    for output in request.outputs:
+        if output.kind == "docker":
+            from imagebuild.daemon import DockerEngine
+
+            engine = DockerEngine.from_env()
+            archive = work / "image.tar"
+            write_docker_archive(image, archive, repo_tags=[str(r) for r in refs])
+            reporter.step("docker: loading")
+            engine.load(archive)
+            archive.unlink()
+            written.extend(f"loaded {ref}" for ref in refs)
+        elif output.kind == "registry":
+            for ref in refs:
+                digest = registry.push_image(image, ref)
+                written.append(f"pushed {ref}@{digest}")
+    return written
+
+
+def _base_env(base: BaseImage) -> dict[str, str]:
+    config = base.config.get("config")
+    env = config.get("Env") if isinstance(config, dict) else None
+    pairs = (item.partition("=") for item in env or [] if isinstance(item, str))
+    return {key: value for key, _, value in pairs}
+
+
+def _rfc3339(epoch: int) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _tmp_root(cache: Path) -> Path:
+    """Scratch space inside the cache, so staging and blobs share a filesystem."""
+    root = cache / "tmp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Write JSON atomically, so a killed build never leaves a torn cache record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{id(data)}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
