@@ -1150,7 +1150,7 @@ class _Lowering:
         return LockRequirement(
             name=name,
             extras=tuple(sorted(canonicalize_name(e) for e in req.extras)),
-            specifier=str(req.specifier),
+            specifier=_uv_specifier_text(req.specifier),
             marker=marker,
             source=source,
         )
@@ -1181,6 +1181,18 @@ class _Lowering:
         if isinstance(entry.get("git"), str):
             return (("git", entry["git"]),)
         return _WILDCARD_SOURCE
+
+
+def _uv_specifier_text(specifiers: SpecifierSet) -> str:
+    """Specifiers ordered by version, as uv writes them (``>=1.0,<3``)."""
+
+    def key(spec: Specifier) -> tuple[int, Version, str]:
+        text = spec.version.removesuffix(".*")
+        return (
+            (0, Version(text), spec.operator) if _valid_version(text) else (1, Version("0"), text)
+        )
+
+    return ",".join(str(s) for s in sorted(specifiers, key=key))
 
 
 def _q(text: str) -> str:
@@ -1259,6 +1271,8 @@ def _render(req: LockRequirement) -> str:
     text += req.specifier
     if req.marker:
         text += f"; {_marker_text(req.marker)}"
+    if req.source and req.source != _WILDCARD_SOURCE:
+        text += " (" + ", ".join(f"{k} {v}" for k, v in req.source) + ")"
     return text
 
 
