@@ -1,0 +1,243 @@
+"""Download wheels and verify them against the lock into a content-addressed cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+import httpx
+import platformdirs
+from filelock import FileLock
+
+from .errors import FetchError
+from .lock import WheelFile
+from .report import NullReporter, Reporter
+
+_CHUNK = 1 << 16
+_ATTEMPTS = 3
+_RELOCK_HINT = (
+    "the file no longer matches the lock: check the index serves the locked file, "
+    "or re-lock with 'uv lock --refresh'"
+)
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache directory (the CLI lets ``IMGBUILD_CACHE_DIR`` override it)."""
+    return Path(platformdirs.user_cache_dir("imgbuild", appauthor=False))
+
+
+class WheelStore(Protocol):
+    """Where verified wheels are kept; ``fetch_wheels`` needs only these two methods."""
+
+    def path_for(self, wheel: WheelFile) -> Path | None:
+        """The stored file for ``wheel``, or ``None`` if it is not stored yet."""
+        ...
+
+    def store(self, wheel: WheelFile, chunks: Iterable[bytes]) -> Path:
+        """Write ``chunks`` as ``wheel`` if their sha256 and size match the lock.
+
+        Raises ``FetchError`` on a mismatch, leaving nothing at the final path.
+        """
+        ...
+
+
+class WheelCache:
+    """Wheels on disk addressed by their sha256: ``root/wheels/sha256/ab/<hex>/<filename>``.
+
+    A file only ever reaches its final path by ``os.replace`` after its hash and size were
+    checked, so a present file is a verified one. A file lock per entry keeps two
+    processes from downloading into the same entry at once.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def entry_dir(self, wheel: WheelFile) -> Path:
+        """The directory that holds ``wheel`` (named after its digest)."""
+        hexdigest = _hex(wheel)
+        return self.root / "wheels" / "sha256" / hexdigest[:2] / hexdigest
+
+    def _final(self, wheel: WheelFile) -> Path:
+        name = Path(wheel.filename).name
+        if name != wheel.filename or name in ("", ".", ".."):
+            raise FetchError(f"wheel {wheel.filename!r}: not a plain file name")
+        return self.entry_dir(wheel) / name
+
+    def path_for(self, wheel: WheelFile) -> Path | None:
+        """The cached file for ``wheel``, or ``None`` (a size that disagrees counts as absent)."""
+        path = self._final(wheel)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return None
+        if wheel.size is not None and size != wheel.size:
+            return None
+        return path
+
+    def store(self, wheel: WheelFile, chunks: Iterable[bytes]) -> Path:
+        """Verify and store ``chunks`` as ``wheel``; a concurrent writer's result is reused."""
+        final = self._final(wheel)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final.parent) + ".lock"):
+            existing = self.path_for(wheel)
+            if existing is not None:
+                return existing
+            fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=".part")
+            tmp = Path(tmp_name)
+            try:
+                digest = hashlib.sha256()
+                size = 0
+                with os.fdopen(fd, "wb") as out:
+                    for chunk in chunks:
+                        digest.update(chunk)
+                        size += len(chunk)
+                        out.write(chunk)
+                    out.flush()
+                    os.fsync(out.fileno())
+                _verify(wheel, digest.hexdigest(), size)
+                os.replace(tmp, final)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        return final
+
+
+def _hex(wheel: WheelFile) -> str:
+    algorithm, _, value = wheel.sha256.partition(":")
+    if algorithm != "sha256" or len(value) != 64:
+        raise FetchError(f"wheel {wheel.filename}: lock has no usable sha256 ({wheel.sha256!r})")
+    return value
+
+
+def _verify(wheel: WheelFile, hexdigest: str, size: int) -> None:
+    expected = _hex(wheel)
+    if hexdigest != expected:
+        raise FetchError(
+            f"wheel {wheel.filename}: sha256 mismatch (lock: {expected}, downloaded: {hexdigest})",
+            hint=_RELOCK_HINT,
+        )
+    if wheel.size is not None and size != wheel.size:
+        raise FetchError(
+            f"wheel {wheel.filename}: size mismatch (lock: {wheel.size} bytes, "
+            f"downloaded: {size} bytes)",
+            hint=_RELOCK_HINT,
+        )
+
+
+def fetch_wheels(
+    http: httpx.Client,
+    wheels: Sequence[WheelFile],
+    cache: WheelStore,
+    *,
+    workers: int = 8,
+    reporter: Reporter | None = None,
+    base_dir: Path | None = None,
+) -> dict[WheelFile, Path]:
+    """Make every wheel available locally, verified; returns wheel -> cached path.
+
+    Cached wheels cause no request. The rest are downloaded in ``workers`` threads through
+    ``http`` (``https``/``http`` URLs) or copied (``file://`` URLs and paths, relative ones
+    resolved against ``base_dir``, default the working directory). The first failure
+    cancels what has not started and is raised as ``FetchError``.
+    """
+    report = reporter or NullReporter()
+    unique = list(dict.fromkeys(wheels))
+    result: dict[WheelFile, Path] = {}
+    todo: list[WheelFile] = []
+    for wheel in unique:
+        cached = cache.path_for(wheel)
+        if cached is not None:
+            result[wheel] = cached
+        else:
+            todo.append(wheel)
+    if not todo:
+        return result
+    report.step(f"fetching {len(todo)} wheel(s) ({len(result)} cached)")
+    base = base_dir or Path.cwd()
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
+        futures: dict[Future[Path], WheelFile] = {
+            pool.submit(_fetch_one, http, wheel, cache, base): wheel for wheel in todo
+        }
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failures = [f for f in futures if f in done and f.exception() is not None]
+        if failures:
+            for future in pending:
+                future.cancel()
+            error = failures[0].exception()
+            if isinstance(error, FetchError):
+                raise error
+            raise FetchError(f"wheel {futures[failures[0]].filename}: {error}") from error
+        for future, wheel in futures.items():
+            result[wheel] = future.result()
+            report.step(f"fetched {wheel.filename}")
+    return result
+
+
+def _fetch_one(http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Path) -> Path:
+    parts = urlsplit(wheel.url)
+    if parts.scheme in ("http", "https"):
+        return _download(http, wheel, cache)
+    if parts.scheme == "file":
+        path = Path(url2pathname(unquote(parts.path)))
+    elif parts.scheme == "" or len(parts.scheme) == 1:  # a plain or Windows-drive path
+        path = Path(wheel.url)
+        if not path.is_absolute():
+            path = base / path
+    else:
+        raise FetchError(f"wheel {wheel.filename}: unsupported URL scheme in {wheel.url}")
+    try:
+        with path.open("rb") as src:
+            return cache.store(wheel, iter(lambda: src.read(_CHUNK), b""))
+    except FileNotFoundError:
+        raise FetchError(
+            f"wheel {wheel.filename}: local file {path} does not exist",
+            hint="restore the file or re-lock",
+        ) from None
+    except OSError as exc:
+        raise FetchError(f"wheel {wheel.filename}: cannot read {path}: {exc}") from exc
+
+
+def _download(http: httpx.Client, wheel: WheelFile, cache: WheelStore) -> Path:
+    last: Exception | None = None
+    for attempt in range(_ATTEMPTS):
+        if attempt:
+            time.sleep(0.05 * 2**attempt)
+        try:
+            with http.stream("GET", wheel.url) as response:
+                if response.status_code >= 500:
+                    last = FetchError(
+                        f"wheel {wheel.filename}: GET {wheel.url} answered {response.status_code}"
+                    )
+                    continue
+                if response.status_code != 200:
+                    raise FetchError(
+                        f"wheel {wheel.filename}: GET {wheel.url} answered "
+                        f"{response.status_code} {response.reason_phrase}".rstrip(),
+                        hint="check the index still serves the locked file",
+                    )
+                return cache.store(wheel, _body(response))
+        except httpx.TransportError as exc:
+            last = exc
+        except httpx.HTTPError as exc:
+            raise FetchError(f"wheel {wheel.filename}: download failed: {exc}") from exc
+    if isinstance(last, FetchError):
+        raise last
+    raise FetchError(
+        f"wheel {wheel.filename}: download from {wheel.url} failed after {_ATTEMPTS} attempts: "
+        f"{last}",
+        hint="check the network and the index URL",
+    ) from last
+
+
+def _body(response: httpx.Response) -> Iterator[bytes]:
+    # iter_bytes undoes any Content-Encoding a server or proxy applied in transit, so the
+    # bytes hashed are the file's own.
+    yield from response.iter_bytes(_CHUNK)

@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imagebuild.errors import FetchError
+from imagebuild.fetch import WheelCache, default_cache_dir, fetch_wheels
+from imagebuild.lock import Digest, WheelFile
+from tests.fixtures.index_server import LocalIndex, make_wheel
+
+
+@pytest.fixture
+def http() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=10) as client:
+        yield client
+
+
+def served(index: LocalIndex, name: str, version: str = "1.0", **kwargs: object) -> WheelFile:
+    entry = index.add_wheel(
+        name, version, files={f"{name}/__init__.py": f"V = {version!r}\n"}, **kwargs
+    )
+    return WheelFile(
+        filename=entry.filename,
+        url=index.file_url(entry.filename),
+        sha256=Digest(f"sha256:{entry.sha256}"),
+        size=entry.size,
+    )
+
+
+def local(path: Path, *, url: str | None = None) -> WheelFile:
+    data = path.read_bytes()
+    return WheelFile(
+        filename=path.name,
+        url=url or path.as_uri(),
+        sha256=Digest("sha256:" + hashlib.sha256(data).hexdigest()),
+        size=len(data),
+    )
+
+
+class Steps:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def step(self, message: str) -> None:
+        self.messages.append(message)
+
+    def warn(self, message: str) -> None:
+        self.messages.append("warn: " + message)
+
+
+def test_download_verify_and_cache_hit(
+    fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
+) -> None:
+    wheel = served(fresh_index, "fa")
+    cache = WheelCache(tmp_path / "cache")
+    steps = Steps()
+    paths = fetch_wheels(http, [wheel], cache, reporter=steps)
+    path = paths[wheel]
+    hexdigest = wheel.sha256.removeprefix("sha256:")
+    assert path == tmp_path / "cache/wheels/sha256" / hexdigest[:2] / hexdigest / wheel.filename
+    assert path.read_bytes() == (fresh_index.files_dir / wheel.filename).read_bytes()
+    assert [p.name for p in path.parent.iterdir()] == [wheel.filename]
+    assert cache.path_for(wheel) == path
+    assert steps.messages == ["fetching 1 wheel(s) (0 cached)", f"fetched {wheel.filename}"]
+    downloads = fresh_index.count("/files/")
+    assert downloads == 1
+
+    # A second run is served from the cache: no request at all.
+    before = len(fresh_index.requests)
+    assert fetch_wheels(http, [wheel, wheel], cache) == {wheel: path}
+    assert len(fresh_index.requests) == before
+
+
+def test_sha256_mismatch_leaves_nothing(
+    fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
+) -> None:
+    good = served(fresh_index, "fb")
+    bad = WheelFile(filename=good.filename, url=good.url, sha256=Digest("sha256:" + "0" * 64))
+    cache = WheelCache(tmp_path / "cache")
+    with pytest.raises(FetchError) as info:
+        fetch_wheels(http, [bad], cache)
+    message = str(info.value)
+    assert message.startswith(
+        f"wheel {good.filename}: sha256 mismatch (lock: {'0' * 64}, "
+        f"downloaded: {good.sha256.removeprefix('sha256:')})"
+    )
+    assert "re-lock" in message and "\n" not in message
+    assert cache.path_for(bad) is None
+    entry = cache.entry_dir(bad)
+    assert list(entry.iterdir()) == []  # no partial or temporary file either
+
+
+def test_size_mismatch(fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path) -> None:
+    good = served(fresh_index, "fc")
+    assert good.size is not None
+    bad = WheelFile(filename=good.filename, url=good.url, sha256=good.sha256, size=good.size + 1)
+    with pytest.raises(
+        FetchError, match=r"size mismatch \(lock: \d+ bytes, downloaded: \d+ bytes\)"
+    ):
+        fetch_wheels(http, [bad], WheelCache(tmp_path))
+
+
+def test_interrupted_stream_leaves_nothing(tmp_path: Path) -> None:
+    wheel = local(make_wheel(tmp_path / "w", "fd", "1.0"))
+    cache = WheelCache(tmp_path / "cache")
+
+    def broken() -> Iterator[bytes]:
+        yield b"PK\x03\x04"
+        raise OSError("connection reset")
+
+    with pytest.raises(OSError):
+        cache.store(wheel, broken())
+    assert cache.path_for(wheel) is None
+    assert list(cache.entry_dir(wheel).iterdir()) == []
+
+
+def test_parallel_fetch(fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path) -> None:
+    wheels = [served(fresh_index, f"par{i}") for i in range(12)]
+    paths = fetch_wheels(http, wheels, WheelCache(tmp_path), workers=4)
+    assert set(paths) == set(wheels)
+    for wheel, path in paths.items():
+        assert "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() == wheel.sha256
+    assert fresh_index.count("/files/") == 12
+
+
+def test_concurrent_fetchers_share_entries(
+    fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
+) -> None:
+    """Two builds fetching the same wheels at once both end with the same verified files."""
+    wheels = [served(fresh_index, f"con{i}") for i in range(6)]
+    cache_root = tmp_path / "cache"
+    results: list[dict[WheelFile, Path]] = []
+    errors: list[Exception] = []
+
+    def run() -> None:
+        try:
+            results.append(fetch_wheels(http, wheels, WheelCache(cache_root), workers=3))
+        except Exception as exc:  # noqa: BLE001  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results[0] == results[1] == results[2]
+    for wheel, path in results[0].items():
+        assert [p.name for p in path.parent.iterdir()] == [wheel.filename]
+
+
+def test_http_errors(fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path) -> None:
+    missing = WheelFile(
+        filename="gone-1.0-py3-none-any.whl",
+        url=fresh_index.file_url("gone-1.0-py3-none-any.whl"),
+        sha256=Digest("sha256:" + "1" * 64),
+    )
+    with pytest.raises(FetchError, match=r"wheel gone-1.0-py3-none-any.whl: GET .* answered 404"):
+        fetch_wheels(http, [missing], WheelCache(tmp_path))
+
+
+def test_server_errors_are_retried(tmp_path: Path) -> None:
+    wheel_path = make_wheel(tmp_path / "w", "fe", "1.0")
+    wheel = local(wheel_path, url="https://files.example/fe-1.0-py3-none-any.whl")
+    calls: list[str] = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(str(request.url))
+        if len(calls) < 3:
+            return httpx.Response(503)
+        return httpx.Response(200, content=wheel_path.read_bytes())
+
+    with httpx.Client(transport=httpx.MockTransport(flaky)) as client:
+        path = fetch_wheels(client, [wheel], WheelCache(tmp_path / "c"))[wheel]
+    assert len(calls) == 3
+    assert path.read_bytes() == wheel_path.read_bytes()
+
+    def down(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with (
+        httpx.Client(transport=httpx.MockTransport(down)) as client,
+        pytest.raises(FetchError, match="failed after 3 attempts: refused"),
+    ):
+        fetch_wheels(client, [wheel], WheelCache(tmp_path / "d"))
+
+
+def test_file_urls_and_relative_paths(http: httpx.Client, tmp_path: Path) -> None:
+    built = make_wheel(tmp_path / "project" / "wheels", "ff", "1.0")
+    by_url = local(built)
+    by_path = local(built, url="wheels/" + built.name)
+    cache = WheelCache(tmp_path / "cache")
+    paths = fetch_wheels(http, [by_url], cache)
+    assert paths[by_url].read_bytes() == built.read_bytes()
+    paths = fetch_wheels(
+        http, [by_path], WheelCache(tmp_path / "c2"), base_dir=tmp_path / "project"
+    )
+    assert paths[by_path].read_bytes() == built.read_bytes()
+    gone = WheelFile(
+        filename="fg-1.0-py3-none-any.whl",
+        url=(tmp_path / "fg-1.0-py3-none-any.whl").as_uri(),
+        sha256=Digest("sha256:" + "2" * 64),
+    )
+    with pytest.raises(FetchError, match="local file .* does not exist"):
+        fetch_wheels(http, [gone], cache)
+
+
+def test_first_failure_is_reported(
+    fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
+) -> None:
+    good = served(fresh_index, "fh")
+    bad = WheelFile(filename=good.filename, url=good.url, sha256=Digest("sha256:" + "3" * 64))
+    other = served(fresh_index, "fi")
+    with pytest.raises(FetchError, match="sha256 mismatch"):
+        fetch_wheels(http, [other, bad], WheelCache(tmp_path), workers=1)
+
+
+def test_unsafe_filename_rejected(tmp_path: Path) -> None:
+    wheel = WheelFile(
+        filename="../evil-1.0-py3-none-any.whl",
+        url="https://x/evil-1.0-py3-none-any.whl",
+        sha256=Digest("sha256:" + "4" * 64),
+    )
+    with pytest.raises(FetchError, match="not a plain file name"):
+        WheelCache(tmp_path).path_for(wheel)
+
+
+def test_default_cache_dir() -> None:
+    assert default_cache_dir().name == "imgbuild"
+
+
+def test_httpx_honours_ssl_cert_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The proxy's CA comes from SSL_CERT_FILE; httpx clients must read it (trust_env)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
+    with pytest.raises(OSError):
+        httpx.Client()
