@@ -856,6 +856,12 @@ def _select_uv(
     extras: Collection[str],
     groups: Collection[str],
 ) -> list[LockedPackage]:
+    if lock.environments and not any(m.evaluate(dict(env)) for m in lock.environments):
+        shown = " | ".join(str(m) for m in lock.environments)
+        raise LockError(
+            f"{lock.filename}: the target is outside the lock's supported environments ({shown})",
+            hint="add the image's platform to [tool.uv] environments and run 'uv lock'",
+        )
     by_name: dict[NormalizedName, list[LockedPackage]] = {}
     for package in lock.packages:
         by_name.setdefault(package.name, []).append(package)

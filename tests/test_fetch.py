@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from installer.sources import WheelFile as InstallerWheel
 
 from imagebuild.errors import FetchError
 from imagebuild.fetch import WheelCache, default_cache_dir, fetch_wheels
@@ -239,3 +240,76 @@ def test_httpx_honours_ssl_cert_file(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
     with pytest.raises(OSError):
         httpx.Client()
+
+
+# -- the local index fixture itself ------------------------------------------------------
+
+
+def test_index_negotiates_json_and_html(fresh_index: LocalIndex, http: httpx.Client) -> None:
+    served(fresh_index, "Neg_Pkg")
+    fresh_index.add_wheel("neg-pkg", "2.0", yanked="broken", requires_python=">=3.10")
+    url = fresh_index.url + "neg-pkg/"
+    accept = (
+        "application/vnd.pypi.simple.v1+json, application/vnd.pypi.simple.v1+html;q=0.2, "
+        "text/html;q=0.01"
+    )
+    page = http.get(url, headers={"Accept": accept})
+    assert page.headers["content-type"] == "application/vnd.pypi.simple.v1+json"
+    data = page.json()
+    assert data["meta"]["api-version"] == "1.1"
+    assert data["versions"] == ["1.0", "2.0"]
+    first, second = data["files"]
+    assert set(first) >= {"filename", "url", "hashes", "size", "upload-time", "core-metadata"}
+    assert second["yanked"] == "broken"
+    assert second["requires-python"] == ">=3.10"
+    wheel = http.get(httpx.URL(url).join(first["url"]))
+    assert hashlib.sha256(wheel.content).hexdigest() == first["hashes"]["sha256"]
+    assert len(wheel.content) == first["size"]
+    metadata = http.get(httpx.URL(url).join(first["url"] + ".metadata"))
+    assert hashlib.sha256(metadata.content).hexdigest() == first["core-metadata"]["sha256"]
+    assert b"Name: Neg_Pkg" in metadata.content
+
+    html = http.get(url, headers={"Accept": "text/html"})
+    assert html.headers["content-type"] == "text/html"
+    assert 'data-yanked="broken"' in html.text
+    assert 'data-requires-python="&gt;=3.10"' in html.text
+    assert f"#sha256={first['hashes']['sha256']}" in html.text
+    assert http.get(url, headers={"Accept": "application/xml"}).status_code == 406
+    assert http.get(fresh_index.url + "Neg_Pkg/").status_code == 301
+    assert http.get(fresh_index.url + "nothing/").status_code == 404
+    root = http.get(fresh_index.url, headers={"Accept": accept}).json()
+    assert root["projects"] == [{"name": "neg-pkg"}]
+
+
+def test_make_wheel_is_valid(tmp_path: Path) -> None:
+    path = make_wheel(
+        tmp_path,
+        "My.Pkg",
+        "1.2",
+        files={"my_pkg/__init__.py": "x = 1\n", "my_pkg/data.bin": b"\x00\x01"},
+        requires=["dep>=1", "extra-dep; extra == 'fast'"],
+        requires_python=">=3.9",
+        tags="cp311-abi3-manylinux_2_17_x86_64",
+        entry_points={"console_scripts": {"my-pkg": "my_pkg:main"}},
+    )
+    assert path.name == "my_pkg-1.2-cp311-abi3-manylinux_2_17_x86_64.whl"
+    with InstallerWheel.open(path) as wheel:
+        wheel.validate_record()
+        assert wheel.dist_info_dir == "my_pkg-1.2.dist-info"
+        metadata = wheel.read_dist_info("METADATA")
+        assert "Provides-Extra: fast" in metadata
+        assert "Requires-Python: >=3.9" in metadata
+        assert "Root-Is-Purelib: false" in wheel.read_dist_info("WHEEL")
+        assert "my-pkg = my_pkg:main" in wheel.read_dist_info("entry_points.txt")
+    # Byte-identical when built again: uv.lock hashes made in tests stay stable.
+    again = make_wheel(
+        tmp_path / "again",
+        "My.Pkg",
+        "1.2",
+        files={"my_pkg/__init__.py": "x = 1\n", "my_pkg/data.bin": b"\x00\x01"},
+        requires=["dep>=1", "extra-dep; extra == 'fast'"],
+        requires_python=">=3.9",
+        tags="cp311-abi3-manylinux_2_17_x86_64",
+        entry_points={"console_scripts": {"my-pkg": "my_pkg:main"}},
+    )
+    assert again.read_bytes() == path.read_bytes()

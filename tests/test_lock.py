@@ -105,6 +105,21 @@ def locked_base(
     yield project
 
 
+@needs_uv
+def test_uv_skips_yanked_files(package_index: LocalIndex, tmp_path: Path) -> None:
+    """The fixture's yanked flag is honoured by uv (so lock tests can rely on it)."""
+    package_index.add_wheel("lk-yank", "1.0")
+    package_index.add_wheel("lk-yank", "1.1", yanked="broken")
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "y"\nversion = "1"\nrequires-python = ">=3.11"\n'
+        'dependencies = ["lk-yank"]\n'
+    )
+    result = run_uv(tmp_path, package_index.url, "lock")
+    assert result.returncode == 0, result.stderr
+    lock = load_lock(tmp_path / "uv.lock")
+    assert pins(select_packages(lock, target=py(11))) == ["lk-yank 1.0"]
+
+
 # -- staleness, judged by uv itself -----------------------------------------------------------
 
 
@@ -393,6 +408,14 @@ def test_uv_invalid_wheels(tmp_path: Path, wheels: str, message: str) -> None:
     with pytest.raises(LockError) as info:
         write_uv(tmp_path, body)
     assert f"uv.lock: {message}" in str(info.value)
+
+
+def test_uv_supported_environments(tmp_path: Path) -> None:
+    text = UV_HEADER.replace("\n\n", "\nsupported-markers = [\"sys_platform == 'darwin'\"]\n\n")
+    (tmp_path / "uv.lock").write_text(text + textwrap.dedent(ROOT))
+    lock = load_lock(tmp_path / "uv.lock")
+    with pytest.raises(LockError, match="outside the lock's supported environments"):
+        select_packages(lock, target=py(11))
 
 
 def test_uv_ambiguous_dependency(tmp_path: Path) -> None:
