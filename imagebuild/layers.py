@@ -110,19 +110,46 @@ class HostCompiler:
             check=False,
         )
         if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
             raise LayerError(
-                f"compiling bytecode with {self.executable} failed: {proc.stderr.strip()[-400:]}",
+                f"compiling bytecode with {self.executable} failed: {last}",
                 hint="pass --no-compile to skip bytecode",
             )
         return int(proc.stdout.strip() or 0)
 
 
 def find_host_python(version: tuple[int, int]) -> Path | None:
-    """A host interpreter whose minor version equals the target's, if there is one."""
+    """A working host interpreter whose minor version equals the target's, if any.
+
+    Candidates are probed, because a ``python3.X`` on PATH may be a shim (pyenv) that
+    fails for a version that is not active; pyenv's own installs are looked at too.
+    """
     if sys.version_info[:2] == version:
         return Path(sys.executable)
-    found = shutil.which(f"python{version[0]}.{version[1]}")
-    return Path(found) if found else None
+    name = f"python{version[0]}.{version[1]}"
+    candidates = [shutil.which(name)]
+    pyenv_root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    candidates += sorted(
+        str(p) for p in pyenv_root.glob(f"versions/{version[0]}.{version[1]}.*/bin/{name}")
+    )
+    for candidate in candidates:
+        if candidate and _reports_version(Path(candidate), version):
+            return Path(candidate)
+    return None
+
+
+def _reports_version(executable: Path, version: tuple[int, int]) -> bool:
+    try:
+        proc = subprocess.run(
+            [str(executable), "-I", "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError:
+        return False
+    return proc.returncode == 0 and proc.stdout.split() == [str(v) for v in version]
 
 
 def stage_venv(staging: Path, venv: VenvLayout) -> None:
