@@ -46,9 +46,8 @@ class ConsoleReporter:
 def _fail(exc: ImagebuildError, verbose: bool) -> None:
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
-    typer.echo(f"error: {exc.message}", err=True)
-    if exc.hint:
-        typer.echo(f"hint: {exc.hint}", err=True)
+    # One line: what, where, and (after "; ") how to fix it.
+    typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(1)
 
 

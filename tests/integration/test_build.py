@@ -1,0 +1,165 @@
+"""End to end: a locked project becomes an image in the real engine (and OCI layouts).
+
+Every test here uses the engine, registry and mmdebstrap bases from ``dev/infra.sh``
+(catalog names reach them through IMGBUILD_REGISTRY_MIRRORS) and a project locked by
+real uv against the local package index.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import docker.errors
+import pytest
+
+from imagebuild.oci import validate_layout
+from tests.fixtures.docker_engine import TestInfra
+from tests.integration.conftest import MakeProject, imgbuild
+
+pytestmark = pytest.mark.docker
+
+# Runs inside the image: every .py under site-packages must have an unchecked-hash pyc
+# whose magic is the image interpreter's and whose source hash matches the file.
+CHECK_PYC = r"""
+import importlib.util, json, pathlib, sys
+site = pathlib.Path(sys.argv[1])
+missing, bad, count = [], [], 0
+for py in sorted(site.rglob("*.py")):
+    count += 1
+    pyc = pathlib.Path(importlib.util.cache_from_source(str(py)))
+    if not pyc.is_file():
+        missing.append(str(py))
+        continue
+    data = pyc.read_bytes()
+    if (data[:4] != importlib.util.MAGIC_NUMBER or data[4:8] != b"\x01\x00\x00\x00"
+            or data[8:16] != importlib.util.source_hash(py.read_bytes())):
+        bad.append(str(py))
+print(json.dumps({"count": count, "missing": missing, "bad": bad, "v": sys.version_info[:2]}))
+"""
+
+
+def _run(infra: TestInfra, image: str, *args: str, entrypoint: str | None = None) -> str:
+    output = infra.client.containers.run(
+        image, list(args), entrypoint=entrypoint, network_mode="none", remove=True
+    )
+    return bytes(output).decode()
+
+
+def _layers(layout: Path) -> list[str]:
+    index = json.loads((layout / "index.json").read_text())
+    digest = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((layout / "blobs" / "sha256" / digest).read_text())
+    return [layer["digest"] for layer in manifest["layers"]]
+
+
+@pytest.mark.parametrize(("base", "python"), [("distroless", "3.11"), ("debian-slim", "3.11"),
+                                              ("distroless", "3.13")])
+def test_project_runs_as_nonroot_without_network(
+    docker_env: TestInfra, make_project: MakeProject, image_cleanup: list[str],
+    tmp_path: Path, base: str, python: str,
+) -> None:
+    project = make_project()
+    tag = f"imgbuild-test/demo-{base}:{python}"
+    image_cleanup.append(tag)
+    result = imgbuild("build", project, "--tag", tag, "--base", base, "--python", python,
+                      "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.stderr
+    assert f"loaded docker.io/{tag}" in result.stdout
+
+    out = json.loads(_run(docker_env, tag, "arg1"))
+    assert out == {"uid": 65532, "msg": "hello image", "red": "#f00",
+                   "exe": "/app/.venv/bin/python", "argv": ["arg1"]}
+    attrs = docker_env.client.api.inspect_image(tag)
+    config = attrs["Config"]
+    assert config["User"] == "65532"
+    assert config["WorkingDir"] == "/app"
+    assert config["Entrypoint"] == ["/app/.venv/bin/demo-app"]
+    env = dict(item.split("=", 1) for item in config["Env"])
+    assert env["PATH"].startswith("/app/.venv/bin:")
+    assert env["VIRTUAL_ENV"] == "/app/.venv"
+    assert config["Labels"]["org.opencontainers.image.title"] == "demo-app"
+    assert config["Labels"]["org.opencontainers.image.version"] == "0.1.0"
+    assert config["Labels"]["org.opencontainers.image.licenses"] == "MIT"
+    assert config["Labels"]["org.opencontainers.image.source"] == (
+        "https://github.com/example/demo-app"
+    )
+
+    site = f"/app/.venv/lib/python{python}/site-packages"
+    report = json.loads(_run(docker_env, tag, "-c", CHECK_PYC, site,
+                             entrypoint="/app/.venv/bin/python"))
+    assert report["count"] >= 5
+    assert report["missing"] == [] and report["bad"] == []
+    assert report["v"] == [int(p) for p in python.split(".")]
+    # The dependency's console script has a direct shebang (works without a shell).
+    script = _run(docker_env, tag, "-c", "print(open('/app/.venv/bin/greet').readline())",
+                  entrypoint="/app/.venv/bin/python")
+    assert script.strip() == "#!/app/.venv/bin/python"
+    # The dev group is left out by default.
+    probe = _run(docker_env, tag, "-c", "import importlib.util as u; print(u.find_spec('extra_lib'))",
+                 entrypoint="/app/.venv/bin/python")
+    assert probe.strip() == "None"
+
+
+def test_source_change_rebuilds_only_the_last_layer(
+    docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
+) -> None:
+    project = make_project()
+    cache = tmp_path / "cache"
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ("--base", "distroless", "--python", "3.11", "--cache-dir", cache)
+    assert imgbuild("build", project, *args, "--output", f"oci:{first}").exit_code == 0
+    source = project / "src" / "demo_app" / "__init__.py"
+    source.write_text(source.read_text().replace("hello", "hullo"))
+    result = imgbuild("build", project, *args, "--output", f"oci:{second}")
+    assert result.exit_code == 0, result.stderr
+    validate_layout(first)
+    validate_layout(second)
+    before, after = _layers(first), _layers(second)
+    assert len(before) == len(after) >= 4
+    assert before[:-1] == after[:-1]
+    assert before[-1] != after[-1]
+
+
+def test_locked_refuses_a_stale_lock_and_leaves_no_image(
+    docker_env: TestInfra, make_project: MakeProject, image_cleanup: list[str], tmp_path: Path
+) -> None:
+    project = make_project()
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace(
+        'dependencies = ["colours>=0.3"]', 'dependencies = ["colours>=0.3", "extra-lib>=2"]'))
+    tag = "imgbuild-test/stale:1"
+    image_cleanup.append(tag)
+    images_before = {i.id for i in docker_env.client.images.list(all=True)}
+    cache = tmp_path / "cache"
+    result = imgbuild("build", project, "--locked", "--tag", tag, "--cache-dir", cache)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: uv.lock is out of date with pyproject.toml")
+    assert "extra-lib" in lines[0] and "uv lock" in lines[0]
+    with pytest.raises(docker.errors.ImageNotFound):
+        docker_env.client.images.get(tag)
+    assert {i.id for i in docker_env.client.images.list(all=True)} == images_before
+    # Refused before any download: nothing was fetched into the cache.
+    assert not (cache / "wheels").exists() and not (cache / "blobs").exists()
+    # --frozen takes the lock as it is.
+    frozen = imgbuild("build", project, "--frozen", "--output", f"oci:{tmp_path / 'out'}",
+                      "--cache-dir", cache, "--python", "3.11")
+    assert frozen.exit_code == 0, frozen.stderr
+
+
+def test_same_lock_two_empty_caches_same_digest(
+    docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
+) -> None:
+    project = make_project()
+    digests = []
+    for run in ("a", "b"):
+        layout = tmp_path / f"layout-{run}"
+        result = imgbuild("build", project, "--python", "3.11", "--cache-dir",
+                          tmp_path / f"cache-{run}", "--output", f"oci:{layout}")
+        assert result.exit_code == 0, result.stderr
+        validate_layout(layout)
+        digests.append(json.loads((layout / "index.json").read_text())["manifests"][0]["digest"])
+        assert f"digest: {digests[-1]}" in result.stdout
+    assert digests[0] == digests[1]
