@@ -159,21 +159,21 @@ def inspect_layers(
                 elif base == "libc.so.6" and member.isfile() and glibc is None:
                     stream = tar.extractfile(member)
                     if stream is not None:
-                        match = _GLIBC_RE.search(stream.read())
-                        if match:
-                            glibc = (int(match[1]), int(match[2]))
+                        found = _GLIBC_RE.search(stream.read())
+                        if found:
+                            glibc = (int(found[1]), int(found[2]))
 
     interpreter: PurePosixPath | None = None
     if expected is not None and str(expected.interpreter).lstrip("/") in names:
         interpreter = expected.interpreter
     else:
-        found = sorted(
+        pythons = sorted(
             (m for m in (_PY_RE.match(n) for n in names) if m),
             # Prefer /usr/local (a source-built Python) over the distro's, newest minor first.
             key=lambda m: (m[1] != "usr/local/bin", -int(m[2].split(".")[1])),
         )
-        if found:
-            interpreter = PurePosixPath("/" + found[0][0])
+        if pythons:
+            interpreter = PurePosixPath("/" + pythons[0][0])
     if interpreter is None:
         raise TargetError(
             "no Python interpreter found in the base image (looked for "

@@ -277,9 +277,9 @@ def _base_facts(
         data = json.loads(record.read_text(encoding="utf-8"))
         return BaseFacts(
             interpreter=PurePosixPath(data["interpreter"]),
-            python_version=tuple(data["python_version"]),  # type: ignore[arg-type]
+            python_version=(data["python_version"][0], data["python_version"][1]),
             libc=data["libc"],
-            libc_version=tuple(data["libc_version"]),  # type: ignore[arg-type]
+            libc_version=(data["libc_version"][0], data["libc_version"][1]),
             shell=data["shell"],
             arch=data["arch"],
         )

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Literal
 
 from build import BuildBackendException, BuildException, ProjectBuilder
 from build.env import DefaultIsolatedEnv
@@ -24,12 +25,12 @@ def build_project_wheel(project_dir: Path, out_dir: Path, *, source_date_epoch: 
     """Build ``project_dir`` into a wheel in ``out_dir`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     extra_env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
-    installer = "uv" if shutil.which("uv") else "pip"
+    installer: Literal["pip", "uv"] = "uv" if shutil.which("uv") else "pip"
 
     def runner(
-        cmd: Sequence[str], cwd: str | None = None, env: Mapping[str, str] | None = None
+        cmd: Sequence[str], cwd: str | None = None, extra_environ: Mapping[str, str] | None = None
     ) -> None:
-        merged = {**os.environ, **(env or {}), **extra_env}
+        merged = {**os.environ, **(extra_environ or {}), **extra_env}
         proc = subprocess.run(list(cmd), cwd=cwd, env=merged, capture_output=True, check=False)
         if proc.returncode != 0:
             output = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()
