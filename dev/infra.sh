@@ -135,6 +135,7 @@ start_engine() {
         log "dockerd: starting (data root $STATE/docker)"
         mkdir -p "$STATE/docker" "$RUN/docker" "$STATE/docker-cli"
         # setsid: the daemon must outlive this script and its caller's process group.
+        # 9>&-: it must not inherit the lock, or the next `down` would wait on it forever.
         setsid dockerd \
             --data-root "$STATE/docker" \
             --exec-root "$RUN/docker" \
@@ -144,7 +145,7 @@ start_engine() {
             --userland-proxy=false \
             --containerd-namespace=imgbuild-infra \
             --containerd-plugins-namespace=imgbuild-infra-plugins \
-            >>"$LOGS/dockerd.log" 2>&1 </dev/null &
+            >>"$LOGS/dockerd.log" 2>&1 </dev/null 9>&- &
         pid=$!
     fi
     local i
@@ -173,7 +174,7 @@ start_registry() {
         log "registry: starting on $REGISTRY (storage $STATE/registry)"
         mkdir -p "$STATE/registry"
         cp "$HERE/infra/registry.yml" "$RUN/registry.yml"
-        setsid docker-registry serve "$RUN/registry.yml" >>"$LOGS/registry.log" 2>&1 </dev/null &
+        setsid docker-registry serve "$RUN/registry.yml" >>"$LOGS/registry.log" 2>&1 </dev/null 9>&- &
         pid=$!
         echo "$pid" >"$RUN/registry.pid"
     fi
@@ -222,6 +223,7 @@ apt_sources() {
 # from the same archive (and through the same proxy) that apt-get uses here.
 find_mirrors() {
     local codename sources
+    # shellcheck source=/dev/null
     codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
     sources=$(apt_sources)
     MIRROR=$(awk -v s="$codename" '$2 == s { print $1; exit }' <<<"$sources")
@@ -407,7 +409,7 @@ main() {
     mkdir -p "$RUN" "$STATE" "$LOGS"
     # One `up` or `down` at a time on this machine.
     exec 9>"$RUN/lock"
-    flock -w 900 9 || die "another dev/infra.sh holds $RUN/lock"
+    flock -w 600 9 || die "another dev/infra.sh has held $RUN/lock for 10 minutes"
     "cmd_$cmd"
 }
 
