@@ -1,0 +1,1 @@
+"""hello-api: a tiny FastAPI service used as an imgbuild example."""
