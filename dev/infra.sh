@@ -37,10 +37,16 @@ readonly PACKAGES=(
 )
 
 # ref in the registry | suite | mmdebstrap variant | flavor | python | --include list
+#
+# Beyond Python, ca-certificates and tzdata, each list carries what the real image has
+# and wheels rely on: manylinux wheels link the system libstdc++ (numpy, pandas), which
+# distroless/python3 gets from distroless/cc (with libgomp) and python:slim from apt's
+# dependencies; netbase gives /etc/services and /etc/protocols; base-files /etc/os-release.
+readonly DISTROLESS_EXTRA=ca-certificates,tzdata,netbase,base-files,libstdc++6,libgomp1
 readonly IMAGES=(
-    "distroless/python3-debian12:latest|bookworm|extract|distroless|3.11|python3.11-minimal,libpython3.11-stdlib,ca-certificates,tzdata,base-files"
-    "library/python:3.11-slim-bookworm|bookworm|essential|slim|3.11|python3.11-minimal,libpython3.11-stdlib,ca-certificates,tzdata"
-    "distroless/python3-debian13:latest|trixie|extract|distroless|3.13|python3.13-minimal,libpython3.13-stdlib,ca-certificates,tzdata,base-files"
+    "distroless/python3-debian12:latest|bookworm|extract|distroless|3.11|python3.11-minimal,libpython3.11-stdlib,$DISTROLESS_EXTRA"
+    "library/python:3.11-slim-bookworm|bookworm|essential|slim|3.11|python3.11-minimal,libpython3.11-stdlib,ca-certificates,tzdata,netbase,libstdc++6"
+    "distroless/python3-debian13:latest|trixie|extract|distroless|3.13|python3.13-minimal,libpython3.13-stdlib,$DISTROLESS_EXTRA"
 )
 # Bump when the way images are assembled changes, so cached tarballs are rebuilt.
 readonly RECIPE=1
@@ -274,6 +280,8 @@ build_rootfs() {
     fi
     mv "$meta.partial" "$meta"
     mv "$partial" "$tarball"
+    # Tarballs of older recipes for this image are never read again.
+    find "$CACHE" -maxdepth 1 -name "$suite-$flavor-*" ! -name "$(basename "${tarball%.tar}").*" -delete
 }
 
 # Import TARBALL as REF into the engine, smoke-test it, push it, drop the local copy.
@@ -290,7 +298,9 @@ push_rootfs() {
     dk import "${changes[@]}" "$tarball" "$full" >/dev/null
     # Fail here rather than in a test: nonroot must be able to start Python with TLS.
     dk run --rm --network none --user 65532 --entrypoint "/usr/bin/python$python" "$full" \
-        -c 'import ssl, json, sqlite3, zoneinfo; ssl.create_default_context(); zoneinfo.ZoneInfo("Europe/Paris")' ||
+        -c 'import ctypes, ssl, json, socket, sqlite3, zoneinfo
+ssl.create_default_context(); zoneinfo.ZoneInfo("Europe/Paris")
+ctypes.CDLL("libstdc++.so.6"); socket.getservbyname("https")' ||
         die "smoke test failed for $full"
     dk push "$full" >>"$LOGS/push.log" 2>&1 || {
         tail -n 10 "$LOGS/push.log" >&2
