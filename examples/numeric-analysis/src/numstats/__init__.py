@@ -1,0 +1,1 @@
+"""numstats: summary statistics over a bundled CSV, used as an imgbuild example."""
