@@ -120,6 +120,13 @@ def build(
     no_compile: Annotated[
         bool, typer.Option("--no-compile", help="Do not compile bytecode.")
     ] = False,
+    compile_with: Annotated[
+        str,
+        typer.Option(
+            help="Which interpreter compiles bytecode: auto (a host python3.X of the "
+            "target's version, else the base image's own through Docker), host or image."
+        ),
+    ] = "auto",
     platform: Annotated[str, typer.Option(help="Target platform.")] = "linux/amd64",
     cache_dir: Annotated[
         Path | None,
@@ -134,6 +141,10 @@ def build(
 
     reporter = ConsoleReporter(quiet=quiet)
     try:
+        if compile_with not in ("auto", "host", "image"):
+            raise ProjectError(
+                f"--compile-with {compile_with!r}: unknown choice", hint="use auto, host or image"
+            )
         if locked and frozen:
             raise ProjectError("--locked and --frozen cannot be used together")
         request = BuildRequest(
@@ -146,6 +157,7 @@ def build(
             groups=tuple(group or ()),
             extras=tuple(extra or ()),
             compile_bytecode=not no_compile,
+            compile_with=compile_with,
             platform=platform,
             cache_dir=_cache_dir(cache_dir),
             source_date_epoch=_source_date_epoch(),

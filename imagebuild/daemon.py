@@ -130,20 +130,23 @@ class EngineCompiler:
         self.image = image
         self.interpreter = interpreter
 
-    def compile(self, staging: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
+    @property
+    def identity(self) -> str:
+        """``image:`` and the image the interpreter comes from."""
+        return f"image:{self.image}:{self.interpreter}"
+
+    def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
         """Write the file list into the mount and run the compile script over it."""
-        listing = staging / ".imgbuild-compile"
+        listing = root / ".imgbuild-compile"
         listing.write_text(
-            "".join(
-                f"{_MOUNT / src.relative_to(staging).as_posix()}\t{dst}\n" for src, dst in files
-            ),
+            "".join(f"{_MOUNT / src.relative_to(root).as_posix()}\t{dst}\n" for src, dst in files),
             encoding="utf-8",
         )
         try:
             output = self.engine.run(
                 self.image,
                 [str(self.interpreter), "-I", "-c", COMPILE_SCRIPT, str(_MOUNT / listing.name)],
-                mount=staging,
+                mount=root,
             )
         except DockerError as exc:
             raise LayerError(

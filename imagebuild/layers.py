@@ -85,10 +85,17 @@ class VenvLayout:
 
 
 class BytecodeCompiler(Protocol):
-    """Compiles sources in a staging tree with the target interpreter."""
+    """Compiles sources below a work directory with the target interpreter."""
 
-    def compile(self, staging: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
-        """Write a pyc beside each ``(host path, in-image path)``; return how many failed."""
+    @property
+    def identity(self) -> str:
+        """Names the exact interpreter: layers compiled by different ones are not shared."""
+
+    def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
+        """Write a pyc beside each ``(host path, in-image path)``; return how many failed.
+
+        Every host path lies below ``root``, so one call can cover several staging trees.
+        """
 
 
 class HostCompiler:
@@ -96,8 +103,20 @@ class HostCompiler:
 
     def __init__(self, executable: Path) -> None:
         self.executable = executable
+        probe = subprocess.run(
+            [str(executable), "-I", "-c", "import sys; print(sys.version.split()[0])"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        self._version = probe.stdout.strip()
 
-    def compile(self, staging: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
+    @property
+    def identity(self) -> str:
+        """``host:`` and the interpreter's full version (pyc bytes follow patch releases)."""
+        return f"host:{self._version}"
+
+    def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
         """Compile with ``-I`` (isolated) so nothing from the host environment leaks in."""
         lines = "".join(f"{src}\t{dst}\n" for src, dst in files)
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
@@ -194,8 +213,8 @@ def install_wheel(wheel: Path, staging: Path, venv: VenvLayout) -> None:
         ) from exc
 
 
-def compile_tree(staging: Path, venv: VenvLayout, compiler: BytecodeCompiler) -> int:
-    """Compile every ``.py`` under the staged site-packages and bin; return failures."""
+def compile_sources(staging: Path, venv: VenvLayout) -> list[tuple[Path, PurePosixPath]]:
+    """Every ``.py`` under the staged site-packages, sorted, with its path in the image."""
     site = _host_path(staging, venv.site_packages)
     files: list[tuple[Path, PurePosixPath]] = []
     for path in sorted(site.rglob("*.py")):
@@ -203,9 +222,13 @@ def compile_tree(staging: Path, venv: VenvLayout, compiler: BytecodeCompiler) ->
             continue
         inside = PurePosixPath("/") / path.relative_to(staging).as_posix()
         files.append((path, inside))
-    if not files:
-        return 0
-    return compiler.compile(staging, files)
+    return files
+
+
+def compile_tree(staging: Path, venv: VenvLayout, compiler: BytecodeCompiler) -> int:
+    """Compile every ``.py`` under the staged site-packages; return how many failed."""
+    files = compile_sources(staging, venv)
+    return compiler.compile(staging, files) if files else 0
 
 
 def _host_path(staging: Path, inside: PurePosixPath) -> Path:

@@ -31,7 +31,7 @@ from imagebuild.layers import (
     BytecodeCompiler,
     HostCompiler,
     VenvLayout,
-    compile_tree,
+    compile_sources,
     find_host_python,
     install_wheel,
     stage_venv,
@@ -92,6 +92,8 @@ class BuildRequest:
     groups: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()
     compile_bytecode: bool = True
+    compile_with: str = "auto"
+    """``auto`` (host Python of the target's version, else the base's), ``host`` or ``image``."""
     platform: str = "linux/amd64"
     cache_dir: Path
     source_date_epoch: int = 0
@@ -200,7 +202,7 @@ def run_build(
         )
         venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
         compiler = (
-            _compiler(facts, base_image, store, work, reporter)
+            _compiler(facts, base_image, store, work, reporter, request.compile_with)
             if request.compile_bytecode
             else None
         )
@@ -299,20 +301,45 @@ def _base_facts(
 
 
 def _compiler(
-    facts: BaseFacts, base: BaseImage, store: BlobStore, work: Path, reporter: Reporter
+    facts: BaseFacts,
+    base: BaseImage,
+    store: BlobStore,
+    work: Path,
+    reporter: Reporter,
+    mode: str,
 ) -> BytecodeCompiler:
     """A host Python of the target's minor version, else the base's own through Docker."""
     from imagebuild.daemon import DockerEngine, EngineCompiler
     from imagebuild.errors import DockerError
     from imagebuild.oci import ImageConfig, build_image, write_docker_archive
 
-    host = find_host_python(facts.python_version)
-    if host is not None:
-        return HostCompiler(host)
     version = ".".join(map(str, facts.python_version))
+    host = find_host_python(facts.python_version)
+    if mode == "host" and host is None:
+        raise LayerError(
+            f"no working python{version} on this host to compile bytecode",
+            hint="install it, use --compile-with image, or pass --no-compile",
+        )
+    if mode == "host" and host is not None:
+        return HostCompiler(host)
+    # The base's own interpreter writes exactly the bytes the image would: a host Python of
+    # another patch release may not (the compiler changes between 3.X.Y releases), so it is
+    # preferred whenever an engine answers.
     try:
         engine = DockerEngine.from_env()
     except DockerError as exc:
+        if mode == "auto" and host is not None:
+            reporter.warn(
+                f"compiling bytecode with the host's {host} (no Docker engine: {exc.message}); "
+                "pyc bytes, and so the digest, follow that interpreter's patch release"
+            )
+            return HostCompiler(host)
+        if mode == "image":
+            raise LayerError(
+                f"--compile-with image needs a Docker engine to run the base's python{version} "
+                f"({exc.message})",
+                hint="start Docker, set DOCKER_HOST, or use --compile-with host",
+            ) from exc
         raise LayerError(
             f"no Python {version} on this host to compile bytecode for the target, and no "
             f"Docker engine to run the base image's ({exc.message})",
@@ -329,7 +356,7 @@ def _compiler(
     return EngineCompiler(engine, tag, facts.interpreter)
 
 
-def _layer_key(spec: LayerSpec, venv: VenvLayout, compiled: bool, mtime: int) -> str:
+def _layer_key(spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: int) -> str:
     """Everything a layer's bytes depend on; equal keys give equal layers."""
     from imagebuild.oci import sha256_file
 
@@ -358,24 +385,36 @@ def _build_layers(
 ) -> list[Layer]:
     from imagebuild.oci import Layer, build_layer
 
-    layers = []
+    layers: dict[int, Layer] = {}
+    pending: list[tuple[int, LayerSpec, Path, Path]] = []
     for index, spec in enumerate(plan.layers):
-        key = _layer_key(spec, venv, compiler is not None, request.source_date_epoch)
+        compiled_by = compiler.identity if compiler is not None and spec.wheels else None
+        key = _layer_key(spec, venv, compiled_by, request.source_date_epoch)
         record = cache / "layers" / f"{key}.json"
         if record.is_file():
             data = json.loads(record.read_text(encoding="utf-8"))
             if store.has(data["digest"]):
-                layers.append(Layer(**data))
+                layers[index] = Layer(**data)
                 continue
         reporter.step(f"layer {index + 1}/{len(plan.layers)}: {spec.description}")
-        staging = work / f"layer-{index}"
-        staging.mkdir()
+        staging = work / "layers" / str(index)
+        staging.mkdir(parents=True)
         if spec.kind == "venv":
             stage_venv(staging, venv)
         for wheel in spec.wheels:
             install_wheel(wheel.path, staging, venv)
-        if compiler is not None and spec.wheels:
-            compile_tree(staging, venv, compiler)
+        pending.append((index, spec, staging, record))
+
+    # One compiler run for every new layer: with the base's own Python that is one
+    # container, not one per layer.
+    sources = [
+        f for _, spec, staging, _ in pending if spec.wheels for f in compile_sources(staging, venv)
+    ]
+    if compiler is not None and sources:
+        reporter.step(f"compile: {len(sources)} modules")
+        compiler.compile(work / "layers", sources)
+
+    for index, spec, staging, record in pending:
         layer = build_layer(
             staging, store, mtime=request.source_date_epoch, created_by=spec.description
         )
@@ -390,8 +429,8 @@ def _build_layers(
                 "created_by": layer.created_by,
             },
         )
-        layers.append(layer)
-    return layers
+        layers[index] = layer
+    return [layers[index] for index in range(len(plan.layers))]
 
 
 def _entrypoint(settings: ImageSettings, project: ProjectSpec, venv: VenvLayout) -> tuple[str, ...]:
