@@ -28,7 +28,14 @@ from tests.fixtures.index_server import LocalIndex
 
 CASES = Path(__file__).parent / "cases" / "lock"
 UV = shutil.which("uv")
-needs_uv = pytest.mark.skipif(UV is None, reason="uv is not installed")
+# uv is part of the test environment (dev/test installs it): its absence is a failure.
+needs_uv = pytest.mark.usefixtures("uv_installed")
+
+
+@pytest.fixture
+def uv_installed() -> None:
+    """Fail, never skip, when uv is missing."""
+    assert UV is not None, "uv is not installed: run the tests through 'bash dev/test'"
 
 
 def py(minor: int, arch: str = "x86_64") -> TargetPlatform:
@@ -95,8 +102,7 @@ def locked_base(
     package_index: LocalIndex, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Path]:
     """base-pyproject.toml locked by uv against the local index (once per module)."""
-    if UV is None:
-        pytest.skip("uv is not installed")
+    assert UV is not None, "uv is not installed: run the tests through 'bash dev/test'"
     populate(package_index)
     project = tmp_path_factory.mktemp("base")
     shutil.copy(CASES / "base-pyproject.toml", project / "pyproject.toml")

@@ -88,14 +88,6 @@ def test_tag_order() -> None:
     assert not any("cp312" in t or "win" in t or "macosx" in t for t in tags)
 
 
-@pytest.mark.skipif(
-    not (
-        sys.platform == "linux"
-        and platform.libc_ver()[0] == "glibc"
-        and platform.machine() in ("x86_64", "aarch64")
-    ),
-    reason="oracle needs a glibc Linux host",
-)
 def test_matches_packaging_for_the_host() -> None:
     """For a target equal to this host, the tags are packaging's sys_tags().
 
