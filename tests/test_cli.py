@@ -1,0 +1,71 @@
+"""The CLI boundary: bad input is one line on stderr and exit 1, before any work."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imagebuild.cli import app
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stderr
+
+
+def _project(tmp_path: Path, tool: str = "") -> Path:
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\nname = "x"\nversion = "1"\n' + tool
+    )
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--output", "tarball"], "error: --output 'tarball': unknown output; use docker"),
+        (["--output", "oci"], "error: --output 'oci': needs a path"),
+        (["--python", "3"], "error: --python: Python version '3' must look like '3.11'"),
+        (["--locked", "--frozen"], "error: --locked and --frozen cannot be used together"),
+        (["--compile-with", "jit"], "error: --compile-with 'jit': unknown choice"),
+    ],
+)
+def test_bad_options(tmp_path: Path, args: list[str], expected: str) -> None:
+    code, stderr = _run("build", str(_project(tmp_path)), *args)
+    assert code == 1
+    assert stderr.startswith(expected), stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_no_pyproject(tmp_path: Path) -> None:
+    code, stderr = _run("build", str(tmp_path))
+    assert code == 1
+    assert "no pyproject.toml" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_no_lock_says_how_to_make_one(tmp_path: Path) -> None:
+    code, stderr = _run("build", str(_project(tmp_path)), "--cache-dir", str(tmp_path / "c"))
+    assert code == 1
+    assert stderr.strip() == f"error: {tmp_path}: no pylock.toml or uv.lock; run 'uv lock' in the project first"
+
+
+def test_bad_tool_table(tmp_path: Path) -> None:
+    code, stderr = _run("build", str(_project(tmp_path, '[tool.imgbuild]\nuser = ["x"]\n')))
+    assert code == 1
+    assert "tool.imgbuild.user: expected a user name or uid" in stderr
+
+
+def test_bad_source_date_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    code, stderr = _run("build", str(_project(tmp_path)))
+    assert code == 1
+    assert "SOURCE_DATE_EPOCH='yesterday' is not a number" in stderr
+
+
+def test_bases_lists_the_catalog() -> None:
+    result = CliRunner().invoke(app, ["bases"])
+    assert result.exit_code == 0
+    assert "gcr.io/distroless/python3-debian12:latest" in result.stdout
+    assert "python:3.12-alpine" in result.stdout
