@@ -163,3 +163,25 @@ def test_same_lock_two_empty_caches_same_digest(
         digests.append(json.loads((layout / "index.json").read_text())["manifests"][0]["digest"])
         assert f"digest: {digests[-1]}" in result.stdout
     assert digests[0] == digests[1]
+
+
+def test_pylock_and_uv_lock_give_the_same_image(
+    docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
+) -> None:
+    """uv's PEP 751 export of the same lock selects the same wheels: same digest."""
+    import shutil
+    import subprocess
+
+    project = make_project()
+    cache = tmp_path / "cache"
+    args = ("--python", "3.11", "--cache-dir", cache)
+    from_uv = imgbuild("build", project, *args, "--output", f"oci:{tmp_path / 'uv'}")
+    assert from_uv.exit_code == 0, from_uv.stderr
+    uv = shutil.which("uv")
+    assert uv is not None
+    subprocess.run([uv, "export", "--format", "pylock.toml", "-o", "pylock.toml", "--no-dev",
+                    "--frozen", "--quiet"], cwd=project, check=True, capture_output=True)
+    from_pylock = imgbuild("build", project, *args, "--output", f"oci:{tmp_path / 'pylock'}")
+    assert from_pylock.exit_code == 0, from_pylock.stderr
+    assert "lock: pylock.toml" in from_pylock.stderr
+    assert from_uv.stdout.splitlines()[-1] == from_pylock.stdout.splitlines()[-1]
