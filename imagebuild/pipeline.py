@@ -147,6 +147,12 @@ def run_build(
     lock = load_lock(lock_path)
     if request.lock_mode == "locked":
         check_locked(lock, project)
+    elif request.lock_mode == "check-if-present":
+        # Until imgbuild locks by itself, a stale lock is built as it is, but never silently.
+        try:
+            check_locked(lock, project)
+        except LockError as exc:
+            reporter.warn(f"{exc}; building from the lock as it is")
     reporter.step(f"lock: {lock_path.name}")
 
     # Base image and the target platform it defines.

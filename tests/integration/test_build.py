@@ -147,6 +147,12 @@ def test_locked_refuses_a_stale_lock_and_leaves_no_image(
     frozen = imgbuild("build", project, "--frozen", "--output", f"oci:{tmp_path / 'out'}",
                       "--cache-dir", cache, "--python", "3.11")
     assert frozen.exit_code == 0, frozen.stderr
+    assert "warning" not in frozen.stderr
+    # Without either flag the stale lock is built too, with a warning that says why.
+    default = imgbuild("build", project, "--output", f"oci:{tmp_path / 'out2'}",
+                       "--cache-dir", cache, "--python", "3.11")
+    assert default.exit_code == 0, default.stderr
+    assert "warning: uv.lock is out of date with pyproject.toml" in default.stderr
 
 
 def test_same_lock_two_empty_caches_same_digest(
