@@ -173,6 +173,67 @@ def build(
         typer.echo(line)
 
 
+@app.command()
+def lock(
+    path: Annotated[Path, typer.Argument(help="Project directory (with pyproject.toml).")] = Path(
+        "."
+    ),
+    check: Annotated[
+        bool,
+        typer.Option("--check", help="Exit 1 if pylock.toml is out of date; write nothing."),
+    ] = False,
+    upgrade: Annotated[
+        bool, typer.Option("--upgrade", "-U", help="Ignore the locked versions.")
+    ] = False,
+    upgrade_package: Annotated[
+        list[str] | None,
+        typer.Option("--upgrade-package", "-P", help="Ignore the locked version of NAME."),
+    ] = None,
+    index_url: Annotated[
+        str | None, typer.Option(help="Primary index (Simple API base URL).")
+    ] = None,
+    extra_index_url: Annotated[
+        list[str] | None, typer.Option(help="Further index, consulted after the primary.")
+    ] = None,
+    base: Annotated[str | None, typer.Option(help="Base the lock is for.")] = None,
+    python: Annotated[str | None, typer.Option(help="Python minor version.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Cache directory.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+) -> None:
+    """Resolve the project for its image targets and write pylock.toml (PEP 751)."""
+    from imagebuild.pipeline import LockRequest, run_lock
+    from imagebuild.registry import parse_mirrors
+
+    reporter = ConsoleReporter(quiet=quiet)
+    indexes: tuple[str, ...] = ()
+    if index_url or extra_index_url:
+        indexes = (index_url or "https://pypi.org/simple/", *(extra_index_url or ()))
+    try:
+        request = LockRequest(
+            project_dir=path.resolve(),
+            cache_dir=_cache_dir(cache_dir),
+            check=check,
+            upgrade=upgrade,
+            upgrade_packages=tuple(upgrade_package or ()),
+            index_urls=indexes,
+            base=base,
+            python=parse_python_version(python, "--python") if python else None,
+            mirrors=parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", "")),
+            docker_config=_docker_config_path(),
+        )
+        with http_client() as http:
+            result = run_lock(request, http=http, reporter=reporter)
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    if check:
+        typer.echo(f"{result.path.name} is up to date")
+        return
+    for line in result.summary_lines():
+        typer.echo(line)
+
+
 def _docker_config_path() -> Path:
     root = os.environ.get("DOCKER_CONFIG")
     return Path(root) / "config.json" if root else Path.home() / ".docker" / "config.json"

@@ -14,6 +14,10 @@ Recognised keys (all optional)::
     ports = [8000]
     groups = ["prod"]              # dependency groups to install (dev groups are left out)
     extras = ["postgres"]
+    index-url = "https://pypi.org/simple/"        # for imgbuild lock (else [[tool.uv.index]])
+    extra-index-urls = []
+    platforms = ["linux/amd64", "linux/arm64"]   # what imgbuild lock covers
+    prereleases = false
 """
 
 from __future__ import annotations
@@ -55,6 +59,14 @@ class ImageSettings:
     """Dependency groups to install."""
     extras: tuple[str, ...] = ()
     """Extras of the project to install."""
+    index_url: str | None = None
+    """Primary index for locking; None falls back to [[tool.uv.index]], then PyPI."""
+    extra_index_urls: tuple[str, ...] = ()
+    """Further indexes, consulted in order after the primary (first index wins)."""
+    platforms: tuple[str, ...] = ("linux/amd64", "linux/arm64")
+    """OCI platforms a lock covers."""
+    prereleases: bool = False
+    """Allow pre-releases everywhere when locking."""
     source: str = field(default="pyproject.toml", compare=False)
     """Where settings came from, for messages."""
 
@@ -124,7 +136,21 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
     user = table.get("user", DEFAULT_USER)
     if not isinstance(user, str | int):
         raise ProjectError(f"{prefix}.user: expected a user name or uid, got {user!r}")
+    platforms = strings("platforms") or ("linux/amd64", "linux/arm64")
+    for platform in platforms:
+        if platform not in ("linux/amd64", "linux/arm64"):
+            raise ProjectError(
+                f"{prefix}.platforms: unsupported platform {platform!r}",
+                hint="use linux/amd64 and/or linux/arm64",
+            )
+    prereleases = table.get("prereleases", False)
+    if not isinstance(prereleases, bool):
+        raise ProjectError(f"{prefix}.prereleases: expected true or false, got {prereleases!r}")
     return ImageSettings(
+        index_url=string("index-url"),
+        extra_index_urls=strings("extra-index-urls") or (),
+        platforms=tuple(platforms),
+        prereleases=prereleases,
         base=string("base") or "distroless",
         python=parse_python_version(python, f"{prefix}.python") if python else None,
         entrypoint=strings("entrypoint"),

@@ -40,9 +40,11 @@ from imagebuild.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.report import NullReporter, Reporter
 
 if TYPE_CHECKING:
+    from imagebuild.lock import Lock
     from imagebuild.oci import BaseImage, BlobStore, Image, Layer
     from imagebuild.project import ProjectSpec
     from imagebuild.registry import RegistryClient
+    from imagebuild.target import TargetPlatform
 
 OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry")
 
@@ -123,7 +125,7 @@ def run_build(
 ) -> BuildResult:
     """Build the image described by ``request`` and send it to every output."""
     from imagebuild.fetch import WheelCache, fetch_wheels
-    from imagebuild.lock import check_locked, find_lock, load_lock, select_packages
+    from imagebuild.lock import find_lock, load_lock, select_packages
     from imagebuild.oci import BlobStore
     from imagebuild.project import load_project
     from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
@@ -133,24 +135,45 @@ def run_build(
     reporter = reporter or NullReporter()
     project = load_project(request.project_dir)
     settings = parse_settings(project.tool_imgbuild)
-    settings = _apply_request(settings, request)
+    settings = _apply_overrides(
+        settings,
+        base=request.base,
+        python=request.python,
+        groups=request.groups,
+        extras=request.extras,
+    )
     tags = request.tags or (f"{project.name}:latest",)
     for tag in tags:
         ImageReference.parse(tag)  # a bad tag fails now, not after the build
 
     lock_path = find_lock(request.project_dir)
     if lock_path is None:
-        raise LockError(
-            f"{request.project_dir}: no pylock.toml or uv.lock",
-            hint="run 'uv lock' in the project first",
-        )
+        if request.lock_mode != "check-if-present":
+            raise LockError(
+                f"{request.project_dir}: no pylock.toml or uv.lock to build from",
+                hint="run 'imgbuild lock' (or 'uv lock'), or drop --locked/--frozen",
+            )
+        # Like `uv run`: no lock yet, so make one first.
+        reporter.step("lock: no lock file, locking first")
+        lock_path = run_lock(
+            LockRequest(
+                project_dir=request.project_dir,
+                cache_dir=request.cache_dir,
+                base=request.base,
+                python=request.python,
+                mirrors=request.mirrors,
+                docker_config=request.docker_config,
+            ),
+            http=http,
+            reporter=reporter,
+        ).path
     lock = load_lock(lock_path)
     if request.lock_mode == "locked":
-        check_locked(lock, project)
+        _check_lock(lock, project, settings)
     elif request.lock_mode == "check-if-present":
-        # Until imgbuild locks by itself, a stale lock is built as it is, but never silently.
+        # A stale lock is built as it is, but never silently.
         try:
-            check_locked(lock, project)
+            _check_lock(lock, project, settings)
         except LockError as exc:
             reporter.warn(f"{exc}; building from the lock as it is")
     reporter.step(f"lock: {lock_path.name}")
@@ -225,16 +248,44 @@ def run_build(
     )
 
 
-def _apply_request(settings: ImageSettings, request: BuildRequest) -> ImageSettings:
+def _apply_overrides(
+    settings: ImageSettings,
+    *,
+    base: str | None,
+    python: tuple[int, int] | None,
+    groups: Sequence[str] = (),
+    extras: Sequence[str] = (),
+) -> ImageSettings:
+    """Command-line values win; groups and extras add to the configured ones."""
     from dataclasses import replace
 
     return replace(
         settings,
-        base=request.base or settings.base,
-        python=request.python or settings.python,
-        groups=tuple(sorted(set(settings.groups) | set(request.groups))),
-        extras=tuple(sorted(set(settings.extras) | set(request.extras))),
+        base=base or settings.base,
+        python=python or settings.python,
+        groups=tuple(sorted(set(settings.groups) | set(groups))),
+        extras=tuple(sorted(set(settings.extras) | set(extras))),
     )
+
+
+def _check_lock(lock: Lock, project: ProjectSpec, settings: ImageSettings) -> None:
+    """``--locked``: imgbuild's own pylock by its recorded inputs, others as uv judges."""
+    from imagebuild.lock import check_locked
+    from imagebuild.locker import check_pylock, project_inputs
+
+    if lock.kind == "pylock":
+        targets, _ = lock_targets(
+            settings, project, registry=None, store=None, cache=Path(), mirrors={}
+        )
+        inputs = project_inputs(
+            project,
+            indexes=lock_indexes(settings, project),
+            prereleases=settings.prereleases,
+            targets=targets,
+        )
+        if check_pylock(lock.path, inputs):
+            return
+    check_locked(lock, project)
 
 
 def _base_reference(
@@ -579,3 +630,206 @@ def _write_json(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.{id(data)}.tmp")
     tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
     tmp.replace(path)
+
+
+# -- locking ----------------------------------------------------------------------------
+
+PYPI = "https://pypi.org/simple/"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LockRequest:
+    """What ``imgbuild lock`` was asked to do."""
+
+    project_dir: Path
+    cache_dir: Path
+    check: bool = False
+    """Only judge whether the existing lock is current (no network); never write."""
+    upgrade: bool = False
+    """Ignore the existing pins."""
+    upgrade_packages: tuple[str, ...] = ()
+    """Ignore the existing pins of these packages only."""
+    index_urls: tuple[str, ...] = ()
+    """Command-line indexes (primary first); empty means settings, then [[tool.uv.index]]."""
+    base: str | None = None
+    python: tuple[int, int] | None = None
+    mirrors: Mapping[str, str] = field(default_factory=dict)
+    docker_config: Path | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LockResult:
+    """What the lock step did."""
+
+    path: Path
+    changed: bool
+    packages: int
+    targets: tuple[str, ...]
+
+    def summary_lines(self) -> list[str]:
+        """Lines the CLI prints on success."""
+        verb = "wrote" if self.changed else "unchanged"
+        return [f"{verb} {self.path} ({self.packages} packages for {', '.join(self.targets)})"]
+
+
+def lock_indexes(settings: ImageSettings, project: ProjectSpec) -> tuple[str, ...]:
+    """Indexes in priority order: [tool.imgbuild], else [[tool.uv.index]] (as uv orders them)."""
+    if settings.index_url:
+        return (settings.index_url, *settings.extra_index_urls)
+    uv_indexes = project.tool_uv.get("index", [])
+    preferred: list[str] = []
+    default = PYPI
+    if isinstance(uv_indexes, list):
+        for entry in uv_indexes:
+            if not isinstance(entry, dict) or entry.get("explicit") or "url" not in entry:
+                continue
+            if entry.get("default"):
+                default = str(entry["url"])
+            else:
+                preferred.append(str(entry["url"]))
+    return (*settings.extra_index_urls, *preferred, default)
+
+
+def lock_targets(
+    settings: ImageSettings,
+    project: ProjectSpec,
+    *,
+    registry: RegistryClient | None,
+    store: BlobStore | None,
+    cache: Path,
+    mirrors: Mapping[str, str],
+) -> tuple[tuple[TargetPlatform, ...], dict[str, str]]:
+    """The targets a lock covers, and the base digests seen (reference -> digest)."""
+    from imagebuild.registry import ImageReference
+    from imagebuild.target import TargetPlatform
+
+    entry, reference = _base_reference(settings, project)
+    archs = [p.partition("/")[2] for p in settings.platforms]
+    digests: dict[str, str] = {}
+    if entry is not None:
+        targets = tuple(
+            TargetPlatform.from_oci(
+                architecture=arch,
+                python_version=entry.python_version,
+                libc="musl" if entry.libc == "musl" else "glibc",
+                libc_version=entry.libc_version,
+            )
+            for arch in archs
+        )
+        if registry is not None:
+            from imagebuild.errors import RegistryError
+
+            try:
+                ref = ImageReference.parse(reference).with_mirrors(mirrors)
+                digests[reference] = registry.fetch_manifest(ref)[2]
+            except RegistryError:
+                pass  # recorded when reachable; the lock does not depend on it
+        return targets, digests
+    if registry is None or store is None:
+        raise ProjectError(f"base {reference!r} must be pulled to learn its Python and libc")
+    found = []
+    for arch in archs:
+        ref = ImageReference.parse(reference).with_mirrors(mirrors)
+        base = registry.pull_image(ref, platform=("linux", arch), store=store)
+        facts = _base_facts(base, store, cache, arch, None)
+        digests[reference] = base.manifest_digest
+        found.append(
+            TargetPlatform.from_oci(
+                architecture=arch,
+                python_version=facts.python_version,
+                libc="musl" if facts.libc == "musl" else "glibc",
+                libc_version=facts.libc_version,
+            )
+        )
+    return tuple(found), digests
+
+
+def run_lock(
+    request: LockRequest, *, http: httpx.Client, reporter: Reporter | None = None
+) -> LockResult:
+    """Resolve the project for every target and write (or check) ``pylock.toml``."""
+    from imagebuild.index import SimpleIndex
+    from imagebuild.locker import (
+        check_pylock,
+        pins_as_preferences,
+        project_inputs,
+        project_roots,
+        render_pylock,
+        write_pylock,
+    )
+    from imagebuild.oci import BlobStore
+    from imagebuild.project import load_project
+    from imagebuild.registry import CredentialStore, RegistryClient
+    from imagebuild.resolve import resolve
+
+    reporter = reporter or NullReporter()
+    project = load_project(request.project_dir)
+    settings = parse_settings(project.tool_imgbuild)
+    settings = _apply_overrides(settings, base=request.base, python=request.python)
+    indexes = request.index_urls or lock_indexes(settings, project)
+    path = request.project_dir / "pylock.toml"
+    registry = RegistryClient(
+        http, credentials=CredentialStore.from_docker_config(request.docker_config)
+    )
+    store = BlobStore(request.cache_dir / "blobs")
+    targets, digests = lock_targets(
+        settings,
+        project,
+        registry=None if request.check else registry,
+        store=store,
+        cache=request.cache_dir,
+        mirrors=request.mirrors,
+    )
+    inputs = project_inputs(
+        project, indexes=indexes, prereleases=settings.prereleases, targets=targets
+    )
+    if request.check:
+        if not path.is_file():
+            raise LockError(f"{request.project_dir}: no pylock.toml", hint="run 'imgbuild lock'")
+        if not check_pylock(path, inputs):
+            raise LockError(
+                f"{path}: not written by imgbuild, so it cannot be checked",
+                hint="run 'imgbuild lock' to replace it",
+            )
+        return LockResult(
+            path=path, changed=False, packages=0, targets=tuple(t.describe() for t in targets)
+        )
+
+    preferences = {} if request.upgrade else pins_as_preferences(path)
+    for name in request.upgrade_packages:
+        from packaging.utils import canonicalize_name
+
+        preferences.pop(canonicalize_name(name), None)
+    roots = project_roots(project)
+    origins = {
+        str(req): "pyproject.toml" if not origin else f"pyproject.toml {origin}"
+        for origin, reqs in roots.items()
+        for req in reqs
+    }
+    flat = [req for reqs in roots.values() for req in reqs]
+    resolutions = []
+    with SimpleIndex(http, indexes, cache_dir=request.cache_dir) as index:
+        for target in targets:
+            reporter.step(f"resolve: {target.describe()}")
+            resolutions.append(
+                resolve(
+                    flat,
+                    index=index,
+                    target=target,
+                    prereleases=settings.prereleases,
+                    preferences=preferences,
+                    origins=origins,
+                    reporter=reporter,
+                )
+            )
+    text = render_pylock(project, inputs, resolutions, base_digests=digests)
+    old = path.read_text(encoding="utf-8") if path.is_file() else None
+    if text != old:
+        write_pylock(path, text)
+    names = {pin.name for r in resolutions for pin in r.pins}
+    return LockResult(
+        path=path,
+        changed=text != old,
+        packages=len(names),
+        targets=tuple(t.describe() for t in targets),
+    )
