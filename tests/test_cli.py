@@ -45,10 +45,15 @@ def test_no_pyproject(tmp_path: Path) -> None:
     assert "no pyproject.toml" in stderr and len(stderr.strip().splitlines()) == 1
 
 
-def test_no_lock_says_how_to_make_one(tmp_path: Path) -> None:
-    code, stderr = _run("build", str(_project(tmp_path)), "--cache-dir", str(tmp_path / "c"))
+@pytest.mark.parametrize("flag", ["--locked", "--frozen"])
+def test_no_lock_with_locked_or_frozen_says_how_to_make_one(tmp_path: Path, flag: str) -> None:
+    code, stderr = _run("build", str(_project(tmp_path)), flag, "--cache-dir", str(tmp_path / "c"))
     assert code == 1
-    assert stderr.strip() == f"error: {tmp_path}: no pylock.toml or uv.lock; run 'uv lock' in the project first"
+    assert stderr.strip() == (
+        f"error: {tmp_path}: no pylock.toml or uv.lock to build from; "
+        "run 'imgbuild lock' (or 'uv lock'), or drop --locked/--frozen"
+    )
+    assert not (tmp_path / "c").exists()
 
 
 def test_bad_tool_table(tmp_path: Path) -> None:
