@@ -415,11 +415,11 @@ def _requirements_change(
         return out
 
     before, after = keyed(old), keyed(new)
-    for key in sorted(set(before) | set(after)):
-        if key not in before:
-            return f"dependency '{after[key]}' was added"
-        if key not in after:
-            return f"dependency '{before[key]}' was removed"
+    for key in sorted(set(after) - set(before)):
+        return f"dependency '{after[key]}' was added"
+    for key in sorted(set(before) - set(after)):
+        return f"dependency '{before[key]}' was removed"
+    for key in sorted(set(before) & set(after)):
         was, now = before[key].specifier, after[key].specifier
         if str(was) == str(now):
             continue
