@@ -1,0 +1,134 @@
+"""Benchmark: `imgbuild lock` against `uv lock` and `pip-compile`, cold and warm, in one run.
+
+    .venv/bin/python benchmarks/lock.py [--runs N] [EXAMPLE ...]
+
+For each example project (default: every directory under examples/), each tool locks a
+fresh copy of the project:
+
+- cold: an empty cache directory of its own (nothing on disk; the network is the same);
+- warm: the cache left by the cold run, with the lock file deleted before every run, so
+  the tool resolves again from cached index pages.
+
+uv locks universally (every platform); imgbuild locks its image targets (the base's
+Python on linux/amd64 and linux/arm64); pip-compile resolves for the host only. Timings
+are wall-clock medians; the ratios are imgbuild's time over uv's and pip-compile's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+IMGBUILD = [sys.executable, "-m", "imagebuild"]
+
+
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
+    """Run ``command`` once; return seconds. A failure stops the benchmark."""
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(command)}\n{proc.stderr[-2000:]}")
+    return elapsed
+
+
+def fresh_copy(example: Path, into: Path) -> Path:
+    """A copy of the project without its lock files or virtual environment."""
+    target = into / example.name
+    shutil.copytree(example, target, ignore=shutil.ignore_patterns(".venv", "*.lock", "pylock*"))
+    return target
+
+
+def measure(
+    name: str,
+    example: Path,
+    work: Path,
+    runs: int,
+    command: Callable[[Path, Path], list[str]],
+    lock_file: str,
+) -> tuple[float, float]:
+    """(cold seconds, median warm seconds) for one tool on one example."""
+    project = fresh_copy(example, work / name)
+    cache = work / name / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "PIP_"))}
+    cold = timed(command(project, cache), project, env)
+    warm = []
+    for _ in range(runs):
+        (project / lock_file).unlink(missing_ok=True)
+        warm.append(timed(command(project, cache), project, env))
+    return cold, statistics.median(warm)
+
+
+def uv_lock(project: Path, cache: Path) -> list[str]:
+    uv = shutil.which("uv")
+    assert uv, "uv is not installed (pip install uv)"
+    return [uv, "lock", "--cache-dir", str(cache), "--quiet"]
+
+
+def imgbuild_lock(project: Path, cache: Path) -> list[str]:
+    return [*IMGBUILD, "lock", str(project), "--cache-dir", str(cache), "--quiet"]
+
+
+def pip_compile(project: Path, cache: Path) -> list[str]:
+    uvx = shutil.which("uvx")
+    assert uvx, "uvx is not installed (pip install uv)"
+    return [
+        uvx, "--from", "pip-tools", "pip-compile", "--quiet", "--cache-dir", str(cache),
+        "--output-file", "requirements.txt", "pyproject.toml",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("examples", nargs="*", help="example directory names")
+    parser.add_argument("--runs", type=int, default=3, help="warm runs per tool (median)")
+    parser.add_argument("--no-pip-compile", action="store_true", help="skip pip-compile")
+    args = parser.parse_args()
+    names = args.examples or sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir())
+    # Installing pip-tools once keeps uvx's own setup out of the first timing.
+    if not args.no_pip_compile:
+        subprocess.run(["uvx", "--from", "pip-tools", "pip-compile", "--version"],
+                       check=True, capture_output=True)
+    tools: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
+        ("uv lock", uv_lock, "uv.lock"),
+        ("imgbuild lock", imgbuild_lock, "pylock.toml"),
+    ]
+    if not args.no_pip_compile:
+        tools.append(("pip-compile", pip_compile, "requirements.txt"))
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="imgbuild-bench-") as tmp:
+        for name in names:
+            results = {}
+            for label, command, lock_file in tools:
+                work = Path(tmp) / name / label.replace(" ", "-")
+                work.mkdir(parents=True)
+                results[label] = measure(label, ROOT / "examples" / name, work, args.runs,
+                                         command, lock_file)
+            rows.append((name, results))
+
+    print(f"{'example':<20} {'tool':<15} {'cold s':>8} {'warm s':>8}")
+    for name, results in rows:
+        for label, (cold, warm) in results.items():
+            print(f"{name:<20} {label:<15} {cold:>8.2f} {warm:>8.2f}")
+    print()
+    print(f"{'example':<20} {'ratio':<28} {'cold':>6} {'warm':>6}")
+    for name, results in rows:
+        ours = results["imgbuild lock"]
+        for other in ("uv lock", "pip-compile"):
+            if other in results:
+                theirs = results[other]
+                print(f"{name:<20} {'imgbuild / ' + other:<28} "
+                      f"{ours[0] / theirs[0]:>6.2f} {ours[1] / theirs[1]:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
