@@ -1,0 +1,444 @@
+"""Benchmark imgbuild against the anchor: uv's documented multi-stage Dockerfile.
+
+Run on demand (not part of the test suite), with the private engine and registry up
+(``dev/infra.sh up``):
+
+    .venv/bin/python benchmarks/build.py [--example examples/fastapi-service] [--keep]
+
+Both tools build the same copy of the example on the same base
+(``127.0.0.1:5055/library/python:3.11-slim-bookworm``), and the script prints one table:
+
+1. cold build time: empty caches (a fresh imgbuild --cache-dir and uv cache;
+   ``docker builder prune -af`` for the anchor), measured on two clean builds;
+2. warm rebuild time after a one-line change in the project's source;
+3. bytes that would be re-pushed after that change: the summed (compressed) sizes of the
+   layers whose digest is not in the image built before the change;
+4. whether the two clean builds give the same image digest.
+
+See benchmarks/README.md for what is and is not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+INFRA_ENV = Path("/run/imgbuild-infra/env")
+DOCKER = "/usr/bin/docker"  # the engine's own client (the first `docker` on PATH wants buildx)
+BASE_REF = "{registry}/library/python:3.11-slim-bookworm"
+TOOLS_TAG = "imgbuild-bench-tools:latest"
+ANCHOR_REPO = "imgbuild-bench-anchor"
+SOURCE_FILE = Path("src/hello_api/main.py")
+ONE_LINE_CHANGE = ('"message": f"Hello, {name}!"', '"message": f"Hi there, {name}!"')
+
+# uv's "Using uv in Docker" guide, multi-stage with intermediate layers. The only departures:
+# uv and the host's CA bundle (the TLS-intercepting PyPI proxy) come from a local image
+# (TOOLS_TAG, standing in for ghcr.io/astral-sh/uv, which is unreachable here), the base is
+# the local registry's, and there is no `# syntax=` line (it would pull a frontend image).
+ANCHOR_DOCKERFILE = """\
+FROM {base} AS builder
+COPY --from={tools} /uv /bin/uv
+COPY --from={tools} /ca-certificates.crt /etc/ssl/certs/host-ca-certificates.crt
+ENV SSL_CERT_FILE=/etc/ssl/certs/host-ca-certificates.crt
+ENV UV_COMPILE_BYTECODE=1 UV_LINK_MODE=copy UV_PYTHON_DOWNLOADS=0
+WORKDIR /app
+RUN --mount=type=cache,target=/root/.cache/uv \\
+    --mount=type=bind,source=uv.lock,target=uv.lock \\
+    --mount=type=bind,source=pyproject.toml,target=pyproject.toml \\
+    uv sync --locked --no-install-project --no-dev
+COPY . /app
+RUN --mount=type=cache,target=/root/.cache/uv \\
+    uv sync --locked --no-dev
+
+FROM {base}
+COPY --from=builder /app /app
+ENV PATH="/app/.venv/bin:$PATH"
+WORKDIR /app
+ENTRYPOINT ["hello-api"]
+"""
+
+
+@dataclass(frozen=True)
+class Layer:
+    digest: str  # what a registry would name the pushed blob (imgbuild) / the diff ID (anchor)
+    size: int  # bytes a push would send (compressed)
+
+
+@dataclass(frozen=True)
+class Build:
+    seconds: float
+    digest: str  # imgbuild: manifest digest; anchor: image ID (config digest; no manifest locally)
+    layers: tuple[Layer, ...]
+
+
+@dataclass(frozen=True)
+class Result:
+    cold: tuple[Build, Build]  # two clean builds of the unchanged project
+    warm: Build  # rebuild after the one-line change, caches from cold[1]
+    repushed: tuple[Layer, ...]  # layers of `warm` that `cold[1]` does not have
+    notes: tuple[str, ...] = ()
+
+
+def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, quiet: bool = True) -> str:
+    """Run ``cmd`` (check=True) and return its stdout; show stderr only when it fails."""
+    try:
+        proc = subprocess.run(list(cmd), env=env, check=True, capture_output=True, text=True)
+    except subprocess.CalledProcessError as exc:
+        sys.stderr.write(f"$ {' '.join(cmd)}\n{exc.stdout}{exc.stderr}")
+        raise
+    if not quiet:
+        sys.stderr.write(proc.stderr)
+    return proc.stdout
+
+
+def timed(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    out = run(cmd, env=env)
+    return time.perf_counter() - start, out
+
+
+def infra_env() -> dict[str, str]:
+    """os.environ plus /run/imgbuild-infra/env (``export K=V`` lines) and DOCKER_HOST."""
+    env = dict(os.environ)
+    if INFRA_ENV.exists():
+        for line in INFRA_ENV.read_text().splitlines():
+            key, sep, value = line.removeprefix("export ").partition("=")
+            if sep and key.strip() not in env:
+                env[key.strip()] = value.strip().strip("'\"")
+    for key in ("IMGBUILD_TEST_DOCKER_HOST", "IMGBUILD_TEST_REGISTRY", "IMGBUILD_REGISTRY_MIRRORS"):
+        if key not in env:
+            sys.exit(f"{key} is not set: start the engine and registry with 'dev/infra.sh up'")
+    env["DOCKER_HOST"] = env["IMGBUILD_TEST_DOCKER_HOST"]
+    return env
+
+
+def uv_binary() -> Path:
+    """The real uv executable (PATH may hold a pyenv shim script instead)."""
+    found = shutil.which("uv")
+    if found is None:
+        sys.exit("uv is not on PATH ('pip install uv')")
+    path = Path(found).resolve()
+    if path.read_bytes()[:4] != b"\x7fELF":
+        path = Path(run(["pyenv", "which", "uv"]).strip()).resolve()
+    return path
+
+
+def copy_project(example: Path, dest: Path) -> Path:
+    shutil.copytree(
+        example,
+        dest,
+        ignore=shutil.ignore_patterns(".venv", "__pycache__", ".pytest_cache", "*.egg-info"),
+    )
+    return dest
+
+
+def make_one_line_change(project: Path) -> None:
+    path = project / SOURCE_FILE
+    old, new = ONE_LINE_CHANGE
+    text = path.read_text()
+    if text.count(old) != 1:
+        sys.exit(f"{path}: expected exactly one {old!r} to change")
+    path.write_text(text.replace(old, new))
+
+
+def gzip_size(data: bytes) -> int:
+    """Size of ``data`` gzipped at level 6, as `docker push` (Go's default level) would."""
+    return len(gzip.compress(data, compresslevel=6, mtime=0))
+
+
+# -- imgbuild ----------------------------------------------------------------------------------
+
+
+class Imgbuild:
+    """imgbuild with its own cache directory (and uv cache, for the project's wheel build)."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env = env
+        self.workdir = workdir
+        self.runs = 0
+        self.cache: Path | None = None
+
+    def build(self, project: Path, *, cold: bool) -> Build:
+        self.runs += 1
+        if cold or self.cache is None:
+            self.cache = self.workdir / f"imgbuild-cache-{self.runs}"
+        out = self.workdir / f"imgbuild-oci-{self.runs}"
+        # The project's wheel is built through `build` with uv installing hatchling: keep that
+        # cache next to imgbuild's, so a cold build really starts from nothing.
+        env = {**self.env, "UV_CACHE_DIR": str(self.cache / "uv")}
+        cmd = [
+            str(REPO / ".venv/bin/imgbuild"), "build", str(project),
+            "--base", "debian-slim", "--python", "3.11", "--locked",
+            "--cache-dir", str(self.cache), "--output", f"oci:{out}",
+        ]  # fmt: skip
+        seconds, stdout = timed(cmd, env=env)
+        digest = stdout.strip().splitlines()[-1].removeprefix("digest: ")
+        return Build(seconds, digest, self.layers(out, digest))
+
+    @staticmethod
+    def layers(layout: Path, digest: str) -> tuple[Layer, ...]:
+        index = json.loads((layout / "index.json").read_text())
+        assert index["manifests"][0]["digest"] == digest, "index.json and stdout disagree"
+        blob = layout / "blobs" / "sha256" / digest.removeprefix("sha256:")
+        manifest = json.loads(blob.read_text())
+        return tuple(Layer(layer["digest"], layer["size"]) for layer in manifest["layers"])
+
+
+# -- anchor: uv's Dockerfile through BuildKit --------------------------------------------------
+
+
+class Anchor:
+    """`docker build` (BuildKit, the engine's builtin Dockerfile frontend) of ANCHOR_DOCKERFILE."""
+
+    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+        self.env = {**env, "DOCKER_BUILDKIT": "1"}
+        self.docker = [DOCKER, "-H", env["DOCKER_HOST"]]
+        self.workdir = workdir
+        self.base = BASE_REF.format(registry=env["IMGBUILD_TEST_REGISTRY"])
+        self.dockerfile = workdir / "anchor.Dockerfile"
+        self.dockerfile.write_text(ANCHOR_DOCKERFILE.format(base=self.base, tools=TOOLS_TAG))
+        self.tags: list[str] = []
+        self.runs = 0
+        self.last_tag = ""
+        self.base_was_present = self._exists(self.base)
+        self.build_tools_image()
+
+    def _exists(self, ref: str) -> bool:
+        proc = subprocess.run(
+            [*self.docker, "image", "inspect", ref], env=self.env, capture_output=True, check=False
+        )
+        return proc.returncode == 0
+
+    def build_tools_image(self) -> None:
+        """A FROM-scratch image with uv and the host's CA bundle: our ghcr.io/astral-sh/uv."""
+        context = self.workdir / "tools"
+        context.mkdir()
+        shutil.copy2(uv_binary(), context / "uv")
+        shutil.copy2(self.env.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"),
+                     context / "ca-certificates.crt")  # fmt: skip
+        (context / "Dockerfile").write_text(
+            "FROM scratch\nCOPY uv /uv\nCOPY ca-certificates.crt /ca-certificates.crt\n"
+        )
+        run([*self.docker, "build", "-q", "-t", TOOLS_TAG, str(context)], env=self.env)
+        self.tags.append(TOOLS_TAG)
+
+    def make_cold(self) -> None:
+        """Empty BuildKit's cache (layers, cache mounts, the pulled base) and unused images."""
+        for tag in [t for t in self.tags if t.startswith(ANCHOR_REPO)]:
+            run([*self.docker, "rmi", tag], env=self.env)
+            self.tags.remove(tag)
+        if self._exists(self.base):
+            run([*self.docker, "rmi", self.base], env=self.env)
+        run([*self.docker, "builder", "prune", "-af"], env=self.env)
+
+    def build(self, project: Path, *, cold: bool) -> Build:
+        self.runs += 1
+        tag = self.last_tag = f"{ANCHOR_REPO}:{self.runs}"
+        if cold:
+            self.make_cold()
+        cmd = [
+            *self.docker, "build", "--network", "host", "--progress", "plain",
+            "-f", str(self.dockerfile), "-t", tag, str(project),
+        ]  # fmt: skip
+        seconds, _ = timed(cmd, env=self.env)
+        self.tags.append(tag)
+        image_id = run([*self.docker, "image", "inspect", "-f", "{{.Id}}", tag], env=self.env)
+        return Build(seconds, image_id.strip(), self.layers(tag))
+
+    def layers(self, tag: str) -> tuple[Layer, ...]:
+        """The image's layers from `docker save`: diff IDs, and sizes gzipped as a push would."""
+        archive = self.workdir / "anchor-save.tar"
+        run([*self.docker, "save", "-o", str(archive), tag], env=self.env)
+        layers = []
+        with tarfile.open(archive) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+            for name in manifest[0]["Layers"]:
+                data = tar.extractfile(name).read()  # type: ignore[union-attr]
+                layers.append(Layer("sha256:" + hashlib.sha256(data).hexdigest(), gzip_size(data)))
+        archive.unlink()
+        return tuple(layers)
+
+    def images_sharing_base(self, build: Build) -> list[str]:
+        """Other local images holding the base layer: then a cold build does not pull it."""
+        out = run([*self.docker, "images", "--format", "{{.Repository}}:{{.Tag}}"], env=self.env)
+        refs = [
+            ref for ref in out.split() if not ref.startswith(ANCHOR_REPO) and "<none>" not in ref
+        ]
+        if not refs:
+            return []
+        fmt = "{{json .RootFS.Layers}}"
+        layers = run([*self.docker, "image", "inspect", "-f", fmt, *refs], env=self.env)
+        base_layer = build.layers[0].digest
+        return [ref for ref, line in zip(refs, layers.splitlines()) if base_layer in line]
+
+    def self_test(self, tag: str) -> None:
+        """The anchor image really serves (a broken Dockerfile would flatter it)."""
+        run([*self.docker, "run", "--rm", "--network", "none", tag, "--self-test"], env=self.env)
+
+    def cleanup(self) -> None:
+        for tag in reversed(self.tags):
+            run([*self.docker, "rmi", tag], env=self.env)
+        if not self.base_was_present and self._exists(self.base):
+            run([*self.docker, "rmi", self.base], env=self.env)
+        run([*self.docker, "builder", "prune", "-af"], env=self.env)
+
+
+# -- the measurements --------------------------------------------------------------------------
+
+
+def measure(tool: Imgbuild | Anchor, example: Path, workdir: Path, name: str) -> Result:
+    """Two clean builds of a copy of ``example``, then a warm rebuild after a one-line change."""
+    project = copy_project(example, workdir / f"{name}-project")
+    cold = (tool.build(project, cold=True), tool.build(project, cold=True))
+    print(f"  {name}: cold builds {cold[0].seconds:.1f}s, {cold[1].seconds:.1f}s", file=sys.stderr)
+    make_one_line_change(project)
+    warm = tool.build(project, cold=False)
+    print(f"  {name}: warm rebuild {warm.seconds:.1f}s", file=sys.stderr)
+    before = {layer.digest for layer in cold[1].layers}
+    repushed = tuple(layer for layer in warm.layers if layer.digest not in before)
+    notes = []
+    if isinstance(tool, Anchor):
+        tool.self_test(tool.last_tag)
+        if sharing := tool.images_sharing_base(cold[1]):
+            notes.append(
+                "anchor cold builds did not pull the base: its layer is in the engine's layer"
+                f" store through {', '.join(sharing)} (not ours to delete); imgbuild's cold"
+                " builds do fetch it from the registry"
+            )
+    return Result(cold, warm, repushed, tuple(notes))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def ratio(a: float, b: float) -> str:
+    if not b:
+        return "n/a"
+    return f"{a / b:.2g} (1/{b / a:.0f})" if 0 < a / b < 0.1 else f"{a / b:.2f}"
+
+
+def report(ours: Result, anchor: Result) -> str:
+    def cold_mean(r: Result) -> float:
+        return (r.cold[0].seconds + r.cold[1].seconds) / 2
+
+    def pushed(r: Result) -> int:
+        return sum(layer.size for layer in r.repushed)
+
+    def same(r: Result) -> str:
+        return "yes" if r.cold[0].digest == r.cold[1].digest else "no"
+
+    rows = [
+        ("metric", "imgbuild", "anchor", "imgbuild/anchor"),
+        (
+            "cold build, s (mean of 2)",
+            f"{cold_mean(ours):.2f}",
+            f"{cold_mean(anchor):.2f}",
+            ratio(cold_mean(ours), cold_mean(anchor)),
+        ),
+        (
+            "warm rebuild after 1-line change, s",
+            f"{ours.warm.seconds:.2f}",
+            f"{anchor.warm.seconds:.2f}",
+            ratio(ours.warm.seconds, anchor.warm.seconds),
+        ),
+        (
+            "re-pushed after 1-line change",
+            f"{human(pushed(ours))} ({len(ours.repushed)}/{len(ours.warm.layers)} layers)",
+            f"{human(pushed(anchor))} ({len(anchor.repushed)}/{len(anchor.warm.layers)} layers)",
+            ratio(pushed(ours), pushed(anchor)),
+        ),
+        ("same digest from 2 clean builds", same(ours), same(anchor), ""),
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines += [
+        "",
+        (
+            f"cold builds, s: imgbuild {ours.cold[0].seconds:.2f} / {ours.cold[1].seconds:.2f},"
+            f" anchor {anchor.cold[0].seconds:.2f} / {anchor.cold[1].seconds:.2f}"
+        ),
+        (
+            f"re-pushed bytes exactly: imgbuild {pushed(ours)}, anchor {pushed(anchor)}"
+            " (anchor: layer tars gzipped at level 6, as docker push would)"
+        ),
+        "clean-build digests:",
+        f"  imgbuild (manifest) {ours.cold[0].digest}",
+        f"                      {ours.cold[1].digest}",
+        f"  anchor (image ID)   {anchor.cold[0].digest}",
+        f"                      {anchor.cold[1].digest}",
+    ]
+    diff = [
+        i
+        for i, (a, b) in enumerate(zip(anchor.cold[0].layers, anchor.cold[1].layers))
+        if a.digest != b.digest
+    ]
+    lines.append(
+        f"  anchor layers that differ between the clean builds: {diff or 'none'}"
+        f" of {len(anchor.cold[0].layers)} (0 = base)"
+    )
+    lines += [f"note: {note}" for note in ours.notes + anchor.notes]
+    return "\n".join(lines)
+
+
+def describe_setup() -> str:
+    """The imgbuild revision (working trees change under a benchmark) and the machine."""
+    commit = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]).strip()
+    dirty = run(["git", "-C", str(REPO), "status", "--porcelain", "--", "imagebuild"]).strip()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        "unknown CPU",
+    )  # fmt: skip
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (
+        f"{when}; imgbuild {commit}{' + uncommitted changes in imagebuild/' if dirty else ''};"
+        f" {os.cpu_count()} cores, {cpu}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--example", type=Path, default=REPO / "examples/fastapi-service")
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    env = infra_env()
+    workdir = Path(tempfile.mkdtemp(prefix="imgbuild-bench-"))
+    print(f"work directory: {workdir}", file=sys.stderr)
+    setup = describe_setup()
+    anchor = None
+    try:
+        print("imgbuild ...", file=sys.stderr)
+        ours = measure(Imgbuild(env, workdir), args.example.resolve(), workdir, "imgbuild")
+        print("anchor (uv's Dockerfile) ...", file=sys.stderr)
+        anchor = Anchor(env, workdir)
+        theirs = measure(anchor, args.example.resolve(), workdir, "anchor")
+    finally:
+        if anchor is not None:
+            anchor.cleanup()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(setup)
+    print(report(ours, theirs))
+
+
+if __name__ == "__main__":
+    main()
