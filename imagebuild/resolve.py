@@ -1,0 +1,566 @@
+"""Resolution: requirements + a package index + a target platform -> pinned versions (resolvelib).
+
+The provider below adapts a ``PackageIndex`` and a ``TargetPlatform`` to resolvelib; it never
+talks HTTP itself. Extras follow the usual resolvelib recipe (pip's ``ExtrasCandidate``): a
+requirement ``foo[x]>=1`` becomes ``foo>=1`` plus ``foo[x]>=1``, and the candidate ``foo[x] 1.0``
+depends on ``foo==1.0`` and on the requirements its metadata gates behind ``extra == "x"``.
+A metadata ``Requires-Python`` that the target does not meet is modelled as a dependency on a
+virtual ``<python>`` package whose only candidate is the target's interpreter, so resolvelib
+backtracks away from such a version instead of failing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.utils import NormalizedName, canonicalize_name
+from packaging.version import Version
+from resolvelib import (
+    AbstractProvider,
+    BaseReporter,
+    ResolutionImpossible,
+    ResolutionTooDeep,
+    Resolver,
+)
+
+from .errors import PackageIndexError, ResolutionError
+from .index import DistMetadata, IndexFile, PackageIndex
+from .report import NullReporter, Reporter
+from .target import TargetPlatform
+
+if TYPE_CHECKING:
+    from resolvelib.structs import RequirementInformation
+
+__all__ = ["Pin", "Resolution", "resolve"]
+
+# pip's own ceiling: deep enough for real projects, finite for pathological ones.
+_MAX_ROUNDS = 200_000
+_PYTHON = "<python>"
+_DEFAULT_ORIGIN = "pyproject.toml"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Pin:
+    """One resolved package: the version chosen for the target, with everything a lock needs."""
+
+    name: NormalizedName
+    """Canonical project name."""
+    version: Version
+    """The chosen version."""
+    files: tuple[IndexFile, ...]
+    """Every non-yanked file of this version (wheels and sdists, for any platform), by filename."""
+    dependencies: tuple[NormalizedName, ...]
+    """Names this pin needs on the target (markers evaluated, union over ``extras``), sorted."""
+    extras: tuple[NormalizedName, ...]
+    """The extras of this package that were requested, sorted."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Resolution:
+    """The outcome of ``resolve``: one pin per package name, for one target."""
+
+    target: TargetPlatform
+    """The platform the versions were chosen for."""
+    pins: tuple[Pin, ...]
+    """One pin per package, sorted by name."""
+
+
+# -- resolvelib's requirement and candidate types -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Release:
+    """The usable files of one version of a project on the target."""
+
+    version: Version
+    files: tuple[IndexFile, ...]
+    """All non-yanked files of the version, sorted by filename."""
+    best: IndexFile
+    """The file whose metadata stands for the version: best compatible wheel, else an sdist."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Requirement:
+    """A requirement on one identifier: a package, one extra of a package, or ``<python>``."""
+
+    name: str
+    """Canonical project name, or ``<python>``."""
+    extra: NormalizedName | None
+    specifier: SpecifierSet
+    shown: str = field(compare=False)
+    """How messages print it, e.g. ``foo[x]>=1`` (markers already evaluated away)."""
+
+    @property
+    def identifier(self) -> str:
+        return _identifier(self.name, self.extra)
+
+
+@dataclass(frozen=True, slots=True)
+class _Candidate:
+    """A version of a package (``extra`` None), of one of its extras, or the target Python."""
+
+    name: str
+    version: Version
+    extra: NormalizedName | None = None
+    release: _Release | None = field(default=None, compare=False)
+
+    @property
+    def identifier(self) -> str:
+        return _identifier(self.name, self.extra)
+
+    def __str__(self) -> str:
+        return f"{self.identifier} {self.version}"
+
+
+def _identifier(name: str, extra: str | None) -> str:
+    return f"{name}[{extra}]" if extra else name
+
+
+# -- candidate discovery ---------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Project:
+    """What the index offers for one name, split into usable releases and excluded versions."""
+
+    known: bool
+    releases: list[_Release]
+    """Usable releases, newest first."""
+    excluded: dict[Version, str]
+    """Versions left out, with the reason (for "no version matches" messages)."""
+
+
+def _python_version(target: TargetPlatform) -> Version:
+    major, minor = target.python_version
+    return Version(target.python_full_version or f"{major}.{minor}.0")
+
+
+def _scan_project(
+    name: NormalizedName, files: Sequence[IndexFile], target: TargetPlatform
+) -> _Project:
+    python = _python_version(target)
+    by_version: dict[Version, list[IndexFile]] = {}
+    for file in files:
+        try:
+            if file.name != name:
+                continue
+            version = file.version
+        except ValueError:  # unparsable names are the index's to drop; be lenient anyway
+            continue
+        by_version.setdefault(version, []).append(file)
+
+    releases: list[_Release] = []
+    excluded: dict[Version, str] = {}
+    for version in sorted(by_version, reverse=True):
+        listed = sorted(by_version[version], key=lambda f: f.filename)
+        live = [f for f in listed if f.yanked is None]
+        if not live:
+            reasons = sorted({f.yanked for f in listed if f.yanked})
+            excluded[version] = "is yanked" + (f" ({'; '.join(reasons)})" if reasons else "")
+            continue
+        fitting = [
+            f
+            for f in live
+            if f.requires_python is None or f.requires_python.contains(python, prereleases=True)
+        ]
+        if not fitting:
+            needs = " or ".join(sorted({str(f.requires_python) for f in live}))
+            excluded[version] = f"requires Python {needs}"
+            continue
+        wheels = target.rank_wheels([f for f in fitting if f.kind == "wheel"])
+        # A .tar.gz over a .zip when a release has both (filenames keep it deterministic).
+        sdists = sorted(
+            (f for f in fitting if f.kind == "sdist"),
+            key=lambda f: (not f.filename.endswith(".tar.gz"), f.filename),
+        )
+        if wheels:
+            best = wheels[0]
+        elif sdists:
+            best = sdists[0]
+        else:
+            platforms = sorted({f.filename.rsplit("-", 1)[-1].removesuffix(".whl") for f in live})
+            excluded[version] = f"has no wheel for the target (only {', '.join(platforms)})"
+            continue
+        releases.append(_Release(version=version, files=tuple(live), best=best))
+    return _Project(known=bool(by_version), releases=releases, excluded=excluded)
+
+
+def _allowed(
+    releases: Iterable[_Release], specifiers: Sequence[SpecifierSet], prereleases: bool
+) -> list[_Release]:
+    """The releases every specifier admits, applying PEP 440's pre-release rules."""
+    matching = [
+        r for r in releases if all(s.contains(r.version, prereleases=True) for s in specifiers)
+    ]
+    if prereleases or any(s.prereleases for s in specifiers):
+        return matching
+    finals = [r for r in matching if not r.version.is_prerelease]
+    # Pre-releases only when nothing final satisfies the specifiers (they are then "needed").
+    return finals or matching
+
+
+# -- the provider ----------------------------------------------------------------------------
+
+
+class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
+    """resolvelib provider over a ``PackageIndex`` for one ``TargetPlatform``."""
+
+    def __init__(
+        self,
+        *,
+        index: PackageIndex,
+        target: TargetPlatform,
+        prereleases: bool,
+        preferences: Mapping[NormalizedName, Version],
+        roots: frozenset[str],
+        reporter: Reporter,
+    ) -> None:
+        self.index = index
+        self.target = target
+        self.prereleases = prereleases
+        self.preferences = preferences
+        self.roots = roots
+        self.reporter = reporter
+        self.environment = target.marker_environment()
+        self.python = _Candidate(name=_PYTHON, version=_python_version(target))
+        self._projects: dict[NormalizedName, _Project] = {}
+        self._metadata: dict[IndexFile, DistMetadata] = {}
+        self._dependencies: dict[_Candidate, tuple[_Requirement, ...]] = {}
+
+    # -- data access (memoised: resolvelib asks the same questions many times) --
+
+    def project(self, name: NormalizedName) -> _Project:
+        if name not in self._projects:
+            self._projects[name] = _scan_project(name, self.index.files(name), self.target)
+        return self._projects[name]
+
+    def metadata(self, release: _Release) -> DistMetadata:
+        file = release.best
+        if file not in self._metadata:
+            try:
+                self._metadata[file] = self.index.metadata(file)
+            except PackageIndexError as exc:
+                raise ResolutionError(
+                    f"cannot read the dependencies of {file.name} {release.version} "
+                    f"from {file.filename}: {exc.message}",
+                    hint=exc.hint or "pin a version of it that ships a wheel for the target",
+                ) from exc
+        return self._metadata[file]
+
+    def matching(self, name: NormalizedName, specifiers: Sequence[SpecifierSet]) -> list[_Release]:
+        return _allowed(self.project(name).releases, specifiers, self.prereleases)
+
+    # -- resolvelib's interface --
+
+    def identify(self, requirement_or_candidate: _Requirement | _Candidate) -> str:
+        """``name``, ``name[extra]`` or ``<python>``."""
+        return requirement_or_candidate.identifier
+
+    def get_preference(
+        self,
+        identifier: str,
+        resolutions: Mapping[str, _Candidate],
+        candidates: Mapping[str, Iterator[_Candidate]],
+        information: Mapping[str, Iterator[RequirementInformation[_Requirement, _Candidate]]],
+        backtrack_causes: Sequence[RequirementInformation[_Requirement, _Candidate]],
+    ) -> tuple[bool, bool, bool, bool, str]:
+        """Python first, then recent conflict causes, exact pins, root requirements; by name."""
+        infos = list(information[identifier])
+        causes = {info.requirement.identifier for info in backtrack_causes}
+        causes |= {info.parent.identifier for info in backtrack_causes if info.parent}
+        pinned = any(
+            spec.operator in ("==", "===") and "*" not in spec.version
+            for info in infos
+            for spec in info.requirement.specifier
+        )
+        return (
+            identifier != _PYTHON,
+            identifier not in causes,
+            not pinned,
+            identifier not in self.roots,
+            identifier,
+        )
+
+    def find_matches(
+        self,
+        identifier: str,
+        requirements: Mapping[str, Iterator[_Requirement]],
+        incompatibilities: Mapping[str, Iterator[_Candidate]],
+    ) -> list[_Candidate]:
+        """Usable versions newest first (a preferred version that still fits goes first)."""
+        reqs = list(requirements[identifier])
+        if identifier == _PYTHON:
+            ok = all(r.specifier.contains(self.python.version, prereleases=True) for r in reqs)
+            return [self.python] if ok else []
+        name, extra = NormalizedName(reqs[0].name), reqs[0].extra
+        if extra is not None:
+            # The base package's constraints bind the extra's candidates too (pip does this).
+            reqs += list(requirements.get(name, ()))
+        bad = {c.version for c in incompatibilities[identifier]}
+        releases = [
+            r for r in self.matching(name, [r.specifier for r in reqs]) if r.version not in bad
+        ]
+        preferred = self.preferences.get(name)
+        if preferred is not None:
+            releases.sort(key=lambda r: r.version != preferred)  # stable: rest stay newest-first
+        if releases:
+            self.index.prefetch_metadata([r.best for r in releases[:2]])
+        return [_Candidate(name=name, version=r.version, extra=extra, release=r) for r in releases]
+
+    def is_satisfied_by(self, requirement: _Requirement, candidate: _Candidate) -> bool:
+        """Whether the version is in the specifier (pre-releases were filtered already)."""
+        return requirement.specifier.contains(candidate.version, prereleases=True)
+
+    def get_dependencies(self, candidate: _Candidate) -> tuple[_Requirement, ...]:
+        """Requirements active on the target for this candidate (its extra, if any)."""
+        if candidate.release is None:  # <python>
+            return ()
+        if candidate not in self._dependencies:
+            deps = self._compute_dependencies(candidate, candidate.release)
+            self._dependencies[candidate] = deps
+            names = sorted({NormalizedName(d.name) for d in deps if d.name != candidate.name})
+            if names:
+                self.index.prefetch(names)
+        return self._dependencies[candidate]
+
+    def _compute_dependencies(
+        self, candidate: _Candidate, release: _Release
+    ) -> tuple[_Requirement, ...]:
+        name = NormalizedName(candidate.name)
+        meta = self.metadata(release)
+        parent = f"{name} {release.version}"
+        out: list[_Requirement] = []
+        if candidate.extra is None:
+            if meta.requires_python is not None:
+                out.append(
+                    _Requirement(
+                        _PYTHON, None, meta.requires_python, f"Python{meta.requires_python}"
+                    )
+                )
+            active = [r for r in meta.requires_dist if self._active(r, "")]
+        else:
+            pin = f"=={release.version}"
+            out.append(_Requirement(name, None, SpecifierSet(pin), f"{name}{pin}"))
+            if candidate.extra not in meta.provides_extra:
+                self.reporter.warn(f"{parent} does not provide the extra {candidate.extra!r}")
+            # Only what the extra adds; the base candidate carries the unconditional ones.
+            active = [
+                r
+                for r in meta.requires_dist
+                if self._active(r, candidate.extra) and not self._active(r, "")
+            ]
+        for req in active:
+            out.extend(_split(req, f"required by {candidate}"))
+        return tuple(dict.fromkeys(out))
+
+    def _active(self, req: Requirement, extra: str) -> bool:
+        if req.marker is None:
+            return True
+        return req.marker.evaluate({**self.environment, "extra": extra})
+
+
+def _split(req: Requirement, where: str) -> list[_Requirement]:
+    """``foo[x,y]>=1`` -> ``foo>=1``, ``foo[x]>=1``, ``foo[y]>=1``."""
+    if req.url:
+        raise ResolutionError(
+            f"{req} ({where}): direct URL requirements are not supported",
+            hint="depend on a released version from the index instead",
+        )
+    name = canonicalize_name(req.name)
+    spec = str(req.specifier)
+    out = [_Requirement(name, None, req.specifier, f"{name}{spec}")]
+    for extra in sorted({canonicalize_name(e) for e in req.extras}):
+        out.append(_Requirement(name, extra, req.specifier, f"{name}[{extra}]{spec}"))
+    return out
+
+
+class _RoundCounter(BaseReporter[_Requirement, _Candidate, str]):
+    """Counts rounds and backtracks for the closing progress line."""
+
+    def __init__(self) -> None:
+        self.rounds = 0
+        self.backtracks = 0
+
+    def starting_round(self, index: int) -> None:
+        self.rounds = index + 1
+
+    def rejecting_candidate(self, criterion: object, candidate: _Candidate) -> None:
+        self.backtracks += 1
+
+
+# -- the public function ---------------------------------------------------------------------
+
+
+def resolve(
+    roots: Sequence[Requirement],
+    *,
+    index: PackageIndex,
+    target: TargetPlatform,
+    prereleases: bool = False,
+    preferences: Mapping[NormalizedName, Version] = {},
+    origins: Mapping[str, str] | None = None,
+    reporter: Reporter | None = None,
+) -> Resolution:
+    """Choose one version of every package ``roots`` need on ``target``.
+
+    ``roots`` markers are evaluated for the target (with ``extra = ""``); false ones are
+    dropped. ``preferences`` (typically the current lock) are tried first wherever they still
+    satisfy the requirements. ``origins`` maps ``str(requirement)`` to where it was declared,
+    for messages (default ``pyproject.toml``). Pre-releases are considered only with
+    ``prereleases``, when a specifier names one, or when nothing final matches.
+
+    Raises ``ResolutionError`` when the requirements cannot be met together, when a package
+    has no usable version for the target, or when a needed sdist's metadata can't be read.
+    """
+    reporter = reporter or NullReporter()
+    origins = origins or {}
+    environment = {**target.marker_environment(), "extra": ""}
+    requested: list[_Requirement] = []
+    for root in roots:
+        if root.marker is not None and not root.marker.evaluate(environment):
+            continue
+        origin = origins.get(str(root), _DEFAULT_ORIGIN)
+        requested.extend(_split(root, f"from {origin}"))
+    requested = list(dict.fromkeys(requested))
+    root_origins: dict[_Requirement, str] = {}
+    for root in roots:
+        for req in _split(root, ""):
+            root_origins.setdefault(req, origins.get(str(root), _DEFAULT_ORIGIN))
+
+    provider = _Provider(
+        index=index,
+        target=target,
+        prereleases=prereleases,
+        preferences=preferences,
+        roots=frozenset(r.identifier for r in requested),
+        reporter=reporter,
+    )
+    reporter.step(f"resolving {len(roots)} requirement(s) for {target.describe()}")
+    index.prefetch(sorted({NormalizedName(r.name) for r in requested}))
+    counter = _RoundCounter()
+    resolver: Resolver[_Requirement, _Candidate, str] = Resolver(provider, counter)
+    try:
+        result = resolver.resolve(requested, max_rounds=_MAX_ROUNDS)
+    except ResolutionImpossible as exc:
+        lines = _explain(exc.causes, provider, root_origins)
+        raise ResolutionError(
+            "; ".join(lines),
+            hint="relax or change one of these requirements",
+        ) from exc
+    except ResolutionTooDeep as exc:
+        raise ResolutionError(
+            f"gave up resolving after {exc.round_count} rounds of backtracking "
+            f"for {target.describe()}",
+            hint="narrow the requirements (for example pin the packages that conflict)",
+        ) from exc
+
+    pins: list[Pin] = []
+    mapping = result.mapping
+    for candidate in mapping.values():
+        if candidate.extra is not None or candidate.release is None:
+            continue
+        name = NormalizedName(candidate.name)
+        extras = sorted(c.extra for c in mapping.values() if c.name == name and c.extra is not None)
+        deps: set[NormalizedName] = set()
+        for c in mapping.values():
+            if c.name == name and c.release is not None:
+                deps.update(NormalizedName(d.name) for d in provider.get_dependencies(c))
+        deps -= {name, NormalizedName(_PYTHON)}
+        pins.append(
+            Pin(
+                name=name,
+                version=candidate.version,
+                files=candidate.release.files,
+                dependencies=tuple(sorted(deps)),
+                extras=tuple(extras),
+            )
+        )
+    pins.sort(key=lambda p: p.name)
+    reporter.step(
+        f"resolved {len(pins)} package(s) in {counter.rounds} round(s)"
+        + (f", {counter.backtracks} backtrack(s)" if counter.backtracks else "")
+    )
+    return Resolution(target=target, pins=tuple(pins))
+
+
+# -- messages --------------------------------------------------------------------------------
+
+
+def _explain(
+    causes: Iterable[RequirementInformation[_Requirement, _Candidate]],
+    provider: _Provider,
+    root_origins: Mapping[_Requirement, str],
+) -> list[str]:
+    """Readable lines for a ``ResolutionImpossible``, grouped by package, deterministic."""
+
+    def source(info: RequirementInformation[_Requirement, _Candidate]) -> str:
+        if info.parent is None:
+            return f"from {root_origins.get(info.requirement, _DEFAULT_ORIGIN)}"
+        return f"required by {info.parent}"
+
+    def described(info: RequirementInformation[_Requirement, _Candidate]) -> str:
+        return f"{info.requirement.shown} ({source(info)})"
+
+    groups: dict[str, list[RequirementInformation[_Requirement, _Candidate]]] = {}
+    for info in causes:
+        groups.setdefault(info.requirement.name, [])
+        if info not in groups[info.requirement.name]:
+            groups[info.requirement.name].append(info)
+    target = provider.target.describe()
+    lines: list[str] = []
+    for name in sorted(groups):
+        infos = sorted(groups[name], key=described)
+        if name == _PYTHON:
+            python = provider.python.version
+            for info in infos:
+                who = info.parent or "the project"
+                lines.append(
+                    f"{who} requires Python {info.requirement.specifier} "
+                    f"but the target {target} has Python {python}"
+                )
+            continue
+        project = provider.project(NormalizedName(name))
+        if not project.known:
+            sources = ", ".join(dict.fromkeys(source(i) for i in infos))
+            lines.append(f"no project named {name} on the index ({sources})")
+            continue
+        empty = [
+            i
+            for i in infos
+            if not provider.matching(NormalizedName(name), [i.requirement.specifier])
+        ]
+        for info in empty:
+            lines.append(_no_match(info.requirement, described(info), project, target))
+        if not empty:
+            shown = [described(i) for i in infos]
+            if len(shown) == 1:
+                # Alone it has candidates; it failed through what they depend on (listed too).
+                lines.append(f"no version of {name} satisfying {shown[0]} fits with the rest")
+            elif len(shown) == 2:
+                lines.append(f"{shown[0]} conflicts with {shown[1]}")
+            else:
+                lines.append(f"{', '.join(shown[:-1])} and {shown[-1]} cannot all be satisfied")
+    return list(dict.fromkeys(lines))
+
+
+def _no_match(req: _Requirement, described: str, project: _Project, target: str) -> str:
+    available = [str(r.version) for r in reversed(project.releases)]
+    if len(available) > 10:
+        available = ["…", *available[-10:]]
+    line = (
+        f"no version of {req.name} matches {described} for {target} "
+        f"(available: {', '.join(available) or 'none'})"
+    )
+    why = [
+        f"{version} {reason}"
+        for version, reason in sorted(project.excluded.items(), reverse=True)
+        if req.specifier.contains(version, prereleases=True)
+    ]
+    if why:
+        more = f", and {len(why) - 3} more" if len(why) > 3 else ""
+        line += f"; {', '.join(why[:3])}{more}"
+    return line
