@@ -240,7 +240,7 @@ class Anchor:
         for tag in [t for t in self.tags if t.startswith(ANCHOR_REPO)]:
             run([*self.docker, "rmi", tag], env=self.env)
             self.tags.remove(tag)
-        if self._exists(self.base):
+        if not self.base_was_present and self._exists(self.base):  # never someone else's tag
             run([*self.docker, "rmi", self.base], env=self.env)
         run([*self.docker, "builder", "prune", "-af"], env=self.env)
 

@@ -82,8 +82,16 @@ def pip_compile(project: Path, cache: Path) -> list[str]:
     uvx = shutil.which("uvx")
     assert uvx, "uvx is not installed (pip install uv)"
     return [
-        uvx, "--from", "pip-tools", "pip-compile", "--quiet", "--cache-dir", str(cache),
-        "--output-file", "requirements.txt", "pyproject.toml",
+        uvx,
+        "--from",
+        "pip-tools",
+        "pip-compile",
+        "--quiet",
+        "--cache-dir",
+        str(cache),
+        "--output-file",
+        "requirements.txt",
+        "pyproject.toml",
     ]
 
 
@@ -96,8 +104,11 @@ def main() -> None:
     names = args.examples or sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir())
     # Installing pip-tools once keeps uvx's own setup out of the first timing.
     if not args.no_pip_compile:
-        subprocess.run(["uvx", "--from", "pip-tools", "pip-compile", "--version"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["uvx", "--from", "pip-tools", "pip-compile", "--version"],
+            check=True,
+            capture_output=True,
+        )
     tools: list[tuple[str, Callable[[Path, Path], list[str]], str]] = [
         ("uv lock", uv_lock, "uv.lock"),
         ("imgbuild lock", imgbuild_lock, "pylock.toml"),
@@ -111,8 +122,9 @@ def main() -> None:
             for label, command, lock_file in tools:
                 work = Path(tmp) / name / label.replace(" ", "-")
                 work.mkdir(parents=True)
-                results[label] = measure(label, ROOT / "examples" / name, work, args.runs,
-                                         command, lock_file)
+                results[label] = measure(
+                    label, ROOT / "examples" / name, work, args.runs, command, lock_file
+                )
             rows.append((name, results))
 
     print(f"{'example':<20} {'tool':<15} {'cold s':>8} {'warm s':>8}")
@@ -126,8 +138,10 @@ def main() -> None:
         for other in ("uv lock", "pip-compile"):
             if other in results:
                 theirs = results[other]
-                print(f"{name:<20} {'imgbuild / ' + other:<28} "
-                      f"{ours[0] / theirs[0]:>6.2f} {ours[1] / theirs[1]:>6.2f}")
+                print(
+                    f"{name:<20} {'imgbuild / ' + other:<28} "
+                    f"{ours[0] / theirs[0]:>6.2f} {ours[1] / theirs[1]:>6.2f}"
+                )
 
 
 if __name__ == "__main__":
