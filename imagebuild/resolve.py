@@ -244,10 +244,11 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
             try:
                 self._metadata[file] = self.index.metadata(file)
             except PackageIndexError as exc:
+                if file.kind != "sdist":
+                    raise  # the index failed; not a property of the requirements
                 raise ResolutionError(
-                    f"cannot read the dependencies of {file.name} {release.version} "
-                    f"from {file.filename}: {exc.message}",
-                    hint=exc.hint or "pin a version of it that ships a wheel for the target",
+                    f"cannot read the dependencies of {file.name} {release.version}: {exc.message}",
+                    hint=exc.hint or "require a version of it that ships a wheel for the target",
                 ) from exc
         return self._metadata[file]
 
@@ -446,11 +447,8 @@ def resolve(
     try:
         result = resolver.resolve(requested, max_rounds=_MAX_ROUNDS)
     except ResolutionImpossible as exc:
-        lines = _explain(exc.causes, provider, root_origins)
-        raise ResolutionError(
-            "; ".join(lines),
-            hint="relax or change one of these requirements",
-        ) from exc
+        lines, hint = _explain(exc.causes, provider, root_origins)
+        raise ResolutionError("; ".join(lines), hint=hint) from exc
     except ResolutionTooDeep as exc:
         raise ResolutionError(
             f"gave up resolving after {exc.round_count} rounds of backtracking "
@@ -494,63 +492,82 @@ def _explain(
     causes: Iterable[RequirementInformation[_Requirement, _Candidate]],
     provider: _Provider,
     root_origins: Mapping[_Requirement, str],
-) -> list[str]:
-    """Readable lines for a ``ResolutionImpossible``, grouped by package, deterministic."""
+) -> tuple[list[str], str]:
+    """Readable lines for a ``ResolutionImpossible``, grouped by package, and a hint."""
 
     def source(info: RequirementInformation[_Requirement, _Candidate]) -> str:
         if info.parent is None:
             return f"from {root_origins.get(info.requirement, _DEFAULT_ORIGIN)}"
         return f"required by {info.parent}"
 
-    def described(info: RequirementInformation[_Requirement, _Candidate]) -> str:
-        return f"{info.requirement.shown} ({source(info)})"
-
-    groups: dict[str, list[RequirementInformation[_Requirement, _Candidate]]] = {}
+    # package name -> requirement as shown -> (the requirement, where it came from)
+    groups: dict[str, dict[str, tuple[_Requirement, list[str]]]] = {}
+    roots: set[str] = set()
     for info in causes:
-        groups.setdefault(info.requirement.name, [])
-        if info not in groups[info.requirement.name]:
-            groups[info.requirement.name].append(info)
+        req = info.requirement
+        entry = groups.setdefault(req.name, {}).setdefault(req.shown, (req, []))
+        where = source(info)
+        if where not in entry[1]:
+            entry[1].append(where)
+        if info.parent is None:
+            roots.add(req.shown)
+
+    def described(shown: str, sources: list[str]) -> str:
+        # "required by a 1.0, a 2.0": one verb for several parents.
+        parents = [s.removeprefix("required by ") for s in sources if s.startswith("required")]
+        others = [s for s in sources if not s.startswith("required")]
+        parts = ([f"required by {', '.join(sorted(parents))}"] if parents else []) + others
+        return f"{shown} ({'; '.join(parts)})" if len(parts) > 1 else f"{shown} ({parts[0]})"
+
     target = provider.target.describe()
     lines: list[str] = []
+    hints: list[str] = []
     for name in sorted(groups):
-        infos = sorted(groups[name], key=described)
+        # Dependencies before roots (the root is usually what the user will change), by text.
+        entries = sorted(groups[name].items(), key=lambda kv: (kv[0] in roots, kv[0]))
         if name == _PYTHON:
-            python = provider.python.version
-            for info in infos:
-                who = info.parent or "the project"
-                lines.append(
-                    f"{who} requires Python {info.requirement.specifier} "
-                    f"but the target {target} has Python {python}"
-                )
+            needs = [
+                f"{', '.join(sorted(s.removeprefix('required by ') for s in sources))} "
+                f"needs Python {req.specifier}"
+                for _, (req, sources) in entries
+            ]
+            lines.append(
+                f"{'; '.join(needs)}, but the target {target} has Python {provider.python.version}"
+            )
+            hints.append("use a base image with a newer Python, or require an older version")
             continue
         project = provider.project(NormalizedName(name))
         if not project.known:
-            sources = ", ".join(dict.fromkeys(source(i) for i in infos))
+            sources = ", ".join(dict.fromkeys(s for _, (_, ss) in entries for s in ss))
             lines.append(f"no project named {name} on the index ({sources})")
+            hints.append("check the name, or add the index that serves it")
             continue
+        shown = [described(text, sources) for text, (_, sources) in entries]
         empty = [
-            i
-            for i in infos
-            if not provider.matching(NormalizedName(name), [i.requirement.specifier])
+            (req, text)
+            for (req, _), text in zip((e for _, e in entries), shown, strict=True)
+            if not provider.matching(NormalizedName(name), [req.specifier])
         ]
-        for info in empty:
-            lines.append(_no_match(info.requirement, described(info), project, target))
-        if not empty:
-            shown = [described(i) for i in infos]
-            if len(shown) == 1:
-                # Alone it has candidates; it failed through what they depend on (listed too).
-                lines.append(f"no version of {name} satisfying {shown[0]} fits with the rest")
-            elif len(shown) == 2:
-                lines.append(f"{shown[0]} conflicts with {shown[1]}")
-            else:
-                lines.append(f"{', '.join(shown[:-1])} and {shown[-1]} cannot all be satisfied")
-    return list(dict.fromkeys(lines))
+        for req, text in empty:
+            lines.append(_no_match(req, text, project, target))
+            hints.append("loosen the requirement, or use a base image its releases support")
+        if empty:
+            continue
+        hints.append("relax one of the conflicting requirements")
+        if len(shown) == 1:
+            # Alone it has candidates; it failed through what they need (listed too).
+            lines.append(f"no version of {name} satisfying {shown[0]} fits with the rest")
+        elif len(shown) == 2:
+            lines.append(f"{shown[0]} conflicts with {shown[1]}")
+        else:
+            lines.append(f"{', '.join(shown[:-1])} and {shown[-1]} cannot all be satisfied")
+    return list(dict.fromkeys(lines)), hints[0] if hints else "relax the requirements"
 
 
 def _no_match(req: _Requirement, described: str, project: _Project, target: str) -> str:
     available = [str(r.version) for r in reversed(project.releases)]
     if len(available) > 10:
-        available = ["…", *available[-10:]]
+        available = ["...", *available[-10:]]
     line = (
         f"no version of {req.name} matches {described} for {target} "
         f"(available: {', '.join(available) or 'none'})"

@@ -44,17 +44,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
-import imagebuild.index as index_module
 from imagebuild.errors import PackageIndexError, ResolutionError
-from imagebuild.index import DistMetadata, IndexFile
+from imagebuild.index import DistMetadata, IndexFile, SimpleIndex
 from imagebuild.resolve import Resolution, resolve
 from imagebuild.target import TargetPlatform
+from tests.fixtures.index_server import LocalIndex
 
 CASES = Path(__file__).parent / "cases" / "resolve"
 _EXTRA_RE = re.compile(r"""extra\s*==\s*['"]([^'"]+)['"]""")
@@ -120,9 +121,11 @@ class FakeIndex:
 
 def _files(name: str, version: str, entry: Mapping[str, Any]) -> list[IndexFile]:
     stem = f"{name.replace('-', '_')}-{version}"
-    names = [] if entry.get("sdist_only") else [
-        f"{stem}-{tag}.whl" for tag in entry.get("tags", ["py3-none-any"])
-    ]
+    names = (
+        []
+        if entry.get("sdist_only")
+        else [f"{stem}-{tag}.whl" for tag in entry.get("tags", ["py3-none-any"])]
+    )
     if entry.get("sdist") or entry.get("sdist_only"):
         names.append(f"{stem}.tar.gz")
     names += [f"{stem}-{tag}.whl" for tag in entry.get("yanked_tags", ())]
@@ -223,8 +226,16 @@ TARGET = _target({})
 
 def test_pin_carries_every_live_file_sorted_and_values_are_sorted() -> None:
     index = _simple(
-        zed={"1.0": {"tags": ["cp311-cp311-manylinux_2_17_x86_64", "cp311-cp311-win_amd64",
-                              "cp311-cp311-manylinux_2_17_aarch64"], "sdist": True}},
+        zed={
+            "1.0": {
+                "tags": [
+                    "cp311-cp311-manylinux_2_17_x86_64",
+                    "cp311-cp311-win_amd64",
+                    "cp311-cp311-manylinux_2_17_aarch64",
+                ],
+                "sdist": True,
+            }
+        },
         app={"1.0": {"requires": ["zed", "mid"]}},
         mid={"1.0": {}},
     )
@@ -291,7 +302,7 @@ def test_origins_name_where_a_root_came_from() -> None:
 
 def test_unreadable_sdist_names_the_package_and_chains() -> None:
     index = _simple(a={"1.0": {"sdist_only": True, "unreadable": True}})
-    with pytest.raises(ResolutionError, match=r"dependencies of a 1\.0 from a-1\.0\.tar\.gz") as e:
+    with pytest.raises(ResolutionError, match=r"dependencies of a 1\.0: a-1\.0\.tar\.gz") as e:
         resolve([Requirement("a")], index=index, target=TARGET)
     assert isinstance(e.value.__cause__, PackageIndexError)
 
@@ -330,8 +341,9 @@ def test_wide_backtracking_finishes_quickly() -> None:
         "d": {"0.5": {}, "1.0": {}},
     }
     start = time.perf_counter()
-    result = resolve([Requirement("b"), Requirement("d<1")], index=FakeIndex(projects),
-                     target=TARGET)
+    result = resolve(
+        [Requirement("b"), Requirement("d<1")], index=FakeIndex(projects), target=TARGET
+    )
     assert time.perf_counter() - start < 10
     assert {p.name: str(p.version) for p in result.pins} == {"b": "0.0", "c": "0.0", "d": "0.5"}
 
@@ -339,24 +351,32 @@ def test_wide_backtracking_finishes_quickly() -> None:
 # -- over the real local index server --------------------------------------------------------
 
 
-@pytest.mark.skipif(
-    not hasattr(index_module, "SimpleIndex"), reason="SimpleIndex is not in imagebuild.index yet"
-)
-def test_resolve_over_the_local_index_server(fresh_index: Any, tmp_path: Path) -> None:
-    import httpx
-
+def test_resolve_over_the_local_index_server(fresh_index: LocalIndex, tmp_path: Path) -> None:
     fresh_index.add_wheel("rs-app", "1.0", requires=["rs-lib>=1", "rs-extra; extra == 'x'"])
+    fresh_index.add_wheel("rs-app", "0.9", requires=["rs-lib"])
     fresh_index.add_wheel("rs-lib", "1.0")
-    fresh_index.add_wheel("rs-lib", "2.0", requires_python=">=3.99")
     fresh_index.add_wheel("rs-lib", "1.5", yanked="broken")
-    fresh_index.add_wheel("rs-extra", "0.1")
-    simple_index = index_module.SimpleIndex  # type: ignore[attr-defined]
-    with httpx.Client() as client:
-        index = simple_index(fresh_index.url, client=client, cache_dir=tmp_path / "cache")
+    fresh_index.add_wheel("rs-lib", "2.0", requires_python=">=3.99")
+    fresh_index.add_wheel("rs-lib", "2.1", tags="cp311-cp311-musllinux_1_2_x86_64")
+    fresh_index.add_wheel("rs-extra", "0.1", requires=["rs-lib<2; python_version < '3.11'"])
+    with httpx.Client() as http, SimpleIndex(http, [fresh_index.url], cache_dir=tmp_path) as index:
         result = resolve([Requirement("rs-app[x]")], index=index, target=TARGET)
     assert {p.name: (str(p.version), p.extras) for p in result.pins} == {
         "rs-app": ("1.0", ("x",)),
         "rs-extra": ("0.1", ()),
         "rs-lib": ("1.0", ()),
     }
-    assert result.pins[0].dependencies == ("rs-extra", "rs-lib")
+    app, extra, lib = result.pins
+    assert app.dependencies == ("rs-extra", "rs-lib")
+    assert extra.dependencies == ()
+    assert [f.filename for f in lib.files] == ["rs_lib-1.0-py3-none-any.whl"]
+    assert lib.files[0].url == fresh_index.file_url("rs_lib-1.0-py3-none-any.whl")
+    assert lib.files[0].sha256 == fresh_index.files_for("rs-lib")[0].sha256
+    # Dependencies came from PEP 658 metadata files: no wheel was downloaded.
+    assert not [path for _, path in fresh_index.requests if path.endswith(".whl")]
+
+
+def test_wheel_metadata_failure_stays_an_index_error() -> None:
+    index = _simple(a={"1.0": {"unreadable": True}})
+    with pytest.raises(PackageIndexError, match="metadata needs a build"):
+        resolve([Requirement("a")], index=index, target=TARGET)
