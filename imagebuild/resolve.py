@@ -230,6 +230,7 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
         self._projects: dict[NormalizedName, _Project] = {}
         self._metadata: dict[IndexFile, DistMetadata] = {}
         self._dependencies: dict[_Candidate, tuple[_Requirement, ...]] = {}
+        self._warned: set[tuple[NormalizedName, NormalizedName]] = set()
 
     # -- data access (memoised: resolvelib asks the same questions many times) --
 
@@ -346,7 +347,9 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
         else:
             pin = f"=={release.version}"
             out.append(_Requirement(name, None, SpecifierSet(pin), f"{name}{pin}"))
-            if candidate.extra not in meta.provides_extra:
+            missing = (name, candidate.extra)
+            if candidate.extra not in meta.provides_extra and missing not in self._warned:
+                self._warned.add(missing)  # once per package, not once per version tried
                 self.reporter.warn(f"{parent} does not provide the extra {candidate.extra!r}")
             # Only what the extra adds; the base candidate carries the unconditional ones.
             active = [

@@ -24,6 +24,7 @@ Case file format (one case per file; the file name is the test id):
     sdist = true                        # an sdist besides the wheels
     sdist_only = true                   # no wheels at all
     unreadable = true                   # metadata() fails (an sdist that needs a build)
+    extras = ["x"]                      # Provides-Extra besides those the markers name
 
     [expected]                          # either: the pins, all of them
     a = "1.0"
