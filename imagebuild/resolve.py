@@ -459,25 +459,23 @@ def resolve(
             hint="narrow the requirements (for example pin the packages that conflict)",
         ) from exc
 
+    # The base candidate and its extras' candidates, per package.
+    chosen: dict[NormalizedName, list[_Candidate]] = {}
+    for candidate in result.mapping.values():
+        if candidate.release is not None:
+            chosen.setdefault(NormalizedName(candidate.name), []).append(candidate)
     pins: list[Pin] = []
-    mapping = result.mapping
-    for candidate in mapping.values():
-        if candidate.extra is not None or candidate.release is None:
-            continue
-        name = NormalizedName(candidate.name)
-        extras = sorted(c.extra for c in mapping.values() if c.name == name and c.extra is not None)
-        deps: set[NormalizedName] = set()
-        for c in mapping.values():
-            if c.name == name and c.release is not None:
-                deps.update(NormalizedName(d.name) for d in provider.get_dependencies(c))
-        deps -= {name, NormalizedName(_PYTHON)}
+    for name, candidates in chosen.items():
+        base = next(c for c in candidates if c.extra is None)
+        assert base.release is not None
+        deps = {NormalizedName(d.name) for c in candidates for d in provider.get_dependencies(c)}
         pins.append(
             Pin(
                 name=name,
-                version=candidate.version,
-                files=candidate.release.files,
-                dependencies=tuple(sorted(deps)),
-                extras=tuple(extras),
+                version=base.version,
+                files=base.release.files,
+                dependencies=tuple(sorted(deps - {name, NormalizedName(_PYTHON)})),
+                extras=tuple(sorted(c.extra for c in candidates if c.extra is not None)),
             )
         )
     pins.sort(key=lambda p: p.name)
