@@ -286,7 +286,10 @@ class SimpleIndex:
         status = response.status_code
         if status == 304 and cached is not None:
             page = cached.revalidated(response)
-            self._pages.store(url, page)
+            if page.storable:
+                self._pages.store(url, page)
+            else:
+                self._pages.discard(url)
             return page
         if status in (404, 410):
             return None
@@ -298,6 +301,8 @@ class SimpleIndex:
         page = _CachedPage.from_response(response)
         if page.storable:
             self._pages.store(url, page)
+        elif cached is not None:
+            self._pages.discard(url)  # the server no longer lets us keep it
         return page
 
     def _parse_page(
@@ -634,6 +639,14 @@ class _HttpCache:
         path = self._path(url)
         if path is not None:
             self.write(path, _encode_entry(page))
+
+    def discard(self, url: str) -> None:
+        path = self._path(url)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass  # a leftover entry is revalidated before use anyway
 
     def write(self, path: Path, data: bytes) -> None:
         """Write atomically; a failure is a warning (once), never an error."""

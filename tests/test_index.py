@@ -61,7 +61,7 @@ def open_index(http: httpx.Client) -> Iterator[Callable[..., SimpleIndex]]:
 def mock_index(handler: Callable[[httpx.Request], httpx.Response], **kwargs: object) -> SimpleIndex:
     client = httpx.Client(transport=httpx.MockTransport(handler))
     index = SimpleIndex(client, ["http://127.0.0.1:9/simple/"], cache_dir=None, **kwargs)  # type: ignore[arg-type]
-    index._backoff = 0.001  # type: ignore[misc]
+    index._backoff = 0.001
     return index
 
 
@@ -562,6 +562,14 @@ def test_no_store_and_no_cache_dir_keep_nothing(
     open_index(fresh_index.url, cache_dir=None).files(n("secretive"))
     assert fresh_index.statuses("/simple/secretive/") == [200, 200, 200]
     assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
+    # A page stored earlier is dropped once the server says no-store (here on a 304).
+    fresh_index.cache_control = "max-age=0"
+    open_index(fresh_index.url, cache_dir=tmp_path / "cache").files(n("secretive"))
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] != []
+    fresh_index.cache_control = "max-age=0, no-store"
+    open_index(fresh_index.url, cache_dir=tmp_path / "cache").files(n("secretive"))
+    assert fresh_index.statuses("/simple/secretive/")[-2:] == [200, 304]
+    assert [p for p in (tmp_path / "cache").rglob("*") if p.is_file()] == []
 
 
 def test_corrupt_cache_entries_are_refetched(
@@ -667,7 +675,7 @@ def test_connection_refused_is_a_package_index_error(http: httpx.Client) -> None
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     index = SimpleIndex(http, [f"http://user:hunter2@127.0.0.1:{port}/simple"], cache_dir=None)
-    index._backoff = 0.001  # type: ignore[misc]
+    index._backoff = 0.001
     with index, pytest.raises(PackageIndexError) as caught:
         index.files(n("anything"))
     message = str(caught.value)
