@@ -144,6 +144,7 @@ def _scan_project(
 ) -> _Project:
     python = _python_version(target)
     by_version: dict[Version, list[IndexFile]] = {}
+    version_of: dict[str, Version] = {}  # IndexFile.version parses the name on every call
     for file in files:
         try:
             if file.name != name:
@@ -152,6 +153,18 @@ def _scan_project(
         except ValueError:  # unparsable names are the index's to drop; be lenient anyway
             continue
         by_version.setdefault(version, []).append(file)
+        version_of[file.filename] = version
+
+    def fits(file: IndexFile) -> bool:
+        rp = file.requires_python
+        return rp is None or rp.contains(python, prereleases=True)
+
+    # One ranking for the whole project: rank_wheels recomputes the target's tags per call.
+    everything = sorted((f for fs in by_version.values() for f in fs), key=lambda f: f.filename)
+    best_wheel: dict[Version, IndexFile] = {}
+    for wheel in target.rank_wheels([f for f in everything if f.kind == "wheel"]):
+        if wheel.yanked is None and fits(wheel):
+            best_wheel.setdefault(version_of[wheel.filename], wheel)
 
     releases: list[_Release] = []
     excluded: dict[Version, str] = {}
@@ -162,23 +175,18 @@ def _scan_project(
             reasons = sorted({f.yanked for f in listed if f.yanked})
             excluded[version] = "is yanked" + (f" ({'; '.join(reasons)})" if reasons else "")
             continue
-        fitting = [
-            f
-            for f in live
-            if f.requires_python is None or f.requires_python.contains(python, prereleases=True)
-        ]
+        fitting = [f for f in live if fits(f)]
         if not fitting:
             needs = " or ".join(sorted({str(f.requires_python) for f in live}))
             excluded[version] = f"requires Python {needs}"
             continue
-        wheels = target.rank_wheels([f for f in fitting if f.kind == "wheel"])
         # A .tar.gz over a .zip when a release has both (filenames keep it deterministic).
         sdists = sorted(
             (f for f in fitting if f.kind == "sdist"),
             key=lambda f: (not f.filename.endswith(".tar.gz"), f.filename),
         )
-        if wheels:
-            best = wheels[0]
+        if version in best_wheel:
+            best = best_wheel[version]
         elif sdists:
             best = sdists[0]
         else:
