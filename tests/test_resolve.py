@@ -381,3 +381,11 @@ def test_wheel_metadata_failure_stays_an_index_error() -> None:
     index = _simple(a={"1.0": {"unreadable": True}})
     with pytest.raises(PackageIndexError, match="metadata needs a build"):
         resolve([Requirement("a")], index=index, target=TARGET)
+
+
+def test_no_roots_on_this_target_resolve_to_nothing() -> None:
+    index = _simple(a={"1.0": {}})
+    result = resolve([Requirement("a; sys_platform == 'darwin'")], index=index, target=TARGET)
+    assert result == resolve([], index=index, target=TARGET)
+    assert result.pins == ()
+    assert index.files_calls == []
