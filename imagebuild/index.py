@@ -161,7 +161,8 @@ class SimpleIndex:
 
     ``files(name)`` asks each index in ``index_urls`` in turn and keeps the first that
     knows the project (uv's default ``first-index`` strategy: a project is never mixed
-    from two indexes, which keeps a private index from being shadowed by a public one).
+    from two indexes, so a later, public index cannot slip in versions of a project the
+    first one owns).
     JSON pages are preferred; HTML pages are understood. ``metadata(file)`` reads the
     PEP 658/714 ``.metadata`` file when the index advertises one, else downloads the wheel
     and reads its ``METADATA``; an sdist without a metadata file is an error.
@@ -265,18 +266,24 @@ class SimpleIndex:
     def _load_files(self, name: NormalizedName) -> tuple[IndexFile, ...]:
         for index_url in self.index_urls:
             page_url = f"{index_url}{name}/"
-            page = self._fetch_page(page_url, name)
+            page, remember = self._fetch_page(page_url, name)
             if page is None:
                 continue
-            return self._parse_page(page, index_url=index_url, project=name)
+            files = self._parse_page(page, index_url=index_url, project=name)
+            # Only a page that parsed is kept: a broken one must not outlive its request.
+            if remember and page.storable:
+                self._pages.store(page_url, page)
+            elif remember:
+                self._pages.discard(page_url)  # the server no longer lets us keep it
+            return files
         return ()
 
-    def _fetch_page(self, url: str, project: NormalizedName) -> _CachedPage | None:
-        """The page at ``url`` (from cache, revalidated, or fetched); None if it is 404/410."""
+    def _fetch_page(self, url: str, project: NormalizedName) -> tuple[_CachedPage | None, bool]:
+        """The page at ``url`` (None for 404/410), and whether the cache should be updated."""
         subject = f"project {project}"
         cached = self._pages.load(url)
         if cached is not None and cached.is_fresh(time.time()):
-            return cached
+            return cached, False
         headers = {"Accept": ACCEPT}
         if cached is not None and cached.etag:
             headers["If-None-Match"] = cached.etag
@@ -285,25 +292,15 @@ class SimpleIndex:
         response = self._retrying(url, subject, lambda: _get(self._http, url, headers))
         status = response.status_code
         if status == 304 and cached is not None:
-            page = cached.revalidated(response)
-            if page.storable:
-                self._pages.store(url, page)
-            else:
-                self._pages.discard(url)
-            return page
+            return cached.revalidated(response), True
         if status in (404, 410):
-            return None
+            return None, False
         if status != 200:
             raise PackageIndexError(
                 f"{subject}: GET {_redact(url)} answered {status} {response.reason_phrase}".rstrip(),
                 hint="check the index URL and any credentials it needs",
             )
-        page = _CachedPage.from_response(response)
-        if page.storable:
-            self._pages.store(url, page)
-        elif cached is not None:
-            self._pages.discard(url)  # the server no longer lets us keep it
-        return page
+        return _CachedPage.from_response(response), True
 
     def _parse_page(
         self, page: _CachedPage, *, index_url: str, project: NormalizedName

@@ -273,6 +273,18 @@ def test_unexpected_content_type_fails(
         open_index(f"{fresh_index.base_url}/json/").files(n("plain"))
 
 
+def test_a_page_that_does_not_parse_is_not_cached(
+    open_index: Callable[..., SimpleIndex], fresh_index: LocalIndex, tmp_path: Path
+) -> None:
+    fresh_index.serve_raw("/broken/junk/", b"{", content_type=JSON_TYPE)
+    fresh_index.cache_control = "max-age=600"
+    for _ in range(2):
+        with pytest.raises(PackageIndexError, match="not valid JSON"):
+            open_index(f"{fresh_index.base_url}/broken/", cache_dir=tmp_path).files(n("junk"))
+    assert fresh_index.count("/broken/junk/") == 2
+    assert not (tmp_path / "http").exists()
+
+
 def test_forbidden_fails_with_status(
     open_index: Callable[..., SimpleIndex], fresh_index: LocalIndex
 ) -> None:
