@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal, Protocol, TypeVar, get_args
 
 from packaging.tags import Tag, compatible_tags, cpython_tags
@@ -139,12 +141,11 @@ class TargetPlatform:
 
     def tags(self) -> tuple[Tag, ...]:
         """Supported wheel tags for the target, best first, without duplicates."""
-        platforms = self.platforms()
-        ordered = [
-            *cpython_tags(self.python_version, abis=[self.interpreter], platforms=platforms),
-            *compatible_tags(self.python_version, self.interpreter, platforms),
-        ]
-        return tuple(dict.fromkeys(ordered))
+        return _tags(self)
+
+    def tag_ranks(self) -> Mapping[Tag, int]:
+        """Tag -> its rank in ``tags()`` (0 is best); computed once per target."""
+        return _tag_ranks(self)
 
     def marker_environment(self) -> dict[str, str]:
         """The PEP 508 environment of the target, for ``Marker.evaluate``."""
@@ -176,9 +177,7 @@ class TargetPlatform:
         Ranked by the best supported tag each wheel carries, then by the higher build tag,
         then by input order. Files whose names are not wheel names are ignored.
         """
-        ranks: dict[Tag, int] = {}
-        for i, tag in enumerate(self.tags()):
-            ranks.setdefault(tag, i)
+        ranks = self.tag_ranks()
         scored: list[tuple[int, tuple[int, tuple[int, str]], _W]] = []
         for file in files:
             try:
@@ -205,3 +204,23 @@ class TargetPlatform:
             hint="use a base image whose Python/libc/arch these wheels support, "
             "or lock a version that ships a matching wheel",
         )
+
+
+# Targets are frozen and hashable, and their tag lists are long (about 900 entries) and
+# asked for on every wheel choice: compute each once.
+@functools.cache
+def _tags(target: TargetPlatform) -> tuple[Tag, ...]:
+    platforms = target.platforms()
+    ordered = [
+        *cpython_tags(target.python_version, abis=[target.interpreter], platforms=platforms),
+        *compatible_tags(target.python_version, target.interpreter, platforms),
+    ]
+    return tuple(dict.fromkeys(ordered))
+
+
+@functools.cache
+def _tag_ranks(target: TargetPlatform) -> Mapping[Tag, int]:
+    ranks: dict[Tag, int] = {}
+    for i, tag in enumerate(_tags(target)):
+        ranks.setdefault(tag, i)
+    return MappingProxyType(ranks)
