@@ -94,6 +94,10 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         "ports",
         "groups",
         "extras",
+        "index-url",
+        "extra-index-urls",
+        "platforms",
+        "prereleases",
     }
     unknown = sorted(set(table) - known)
     if unknown:

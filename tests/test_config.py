@@ -61,3 +61,20 @@ def test_python_version_parsing() -> None:
     assert parse_python_version(" 3.11 ", "--python") == (3, 11)
     with pytest.raises(ProjectError, match="--python"):
         parse_python_version("2.7", "--python")
+
+
+def test_lock_settings() -> None:
+    settings = parse_settings(
+        {
+            "index-url": "http://127.0.0.1:8080/simple/",
+            "extra-index-urls": ["http://127.0.0.1:8081/simple/"],
+            "platforms": ["linux/amd64"],
+            "prereleases": True,
+        }
+    )
+    assert settings.index_url == "http://127.0.0.1:8080/simple/"
+    assert settings.extra_index_urls == ("http://127.0.0.1:8081/simple/",)
+    assert settings.platforms == ("linux/amd64",)
+    assert settings.prereleases is True
+    with pytest.raises(ProjectError, match="tool.imgbuild.platforms: unsupported platform"):
+        parse_settings({"platforms": ["windows/amd64"]})

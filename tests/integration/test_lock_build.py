@@ -1,0 +1,87 @@
+"""imgbuild's own lock feeding its own build, over the local package index."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.docker_engine import TestInfra
+from tests.fixtures.index_server import LocalIndex
+from tests.integration.conftest import MakeProject, imgbuild
+
+pytestmark = pytest.mark.docker
+
+
+def test_lock_then_locked_build(
+    docker_env: TestInfra, make_project: MakeProject, demo_index: LocalIndex, tmp_path: Path
+) -> None:
+    project = make_project(tool=f'\n[tool.imgbuild]\nindex-url = "{demo_index.url}"\n')
+    (project / "uv.lock").unlink()
+    cache = tmp_path / "cache"
+    result = imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache)
+    assert result.exit_code == 0, result.stderr
+    lock = tomllib.loads((project / "pylock.toml").read_text())
+    assert lock["created-by"] == "imgbuild"
+    names = {p["name"]: p for p in lock["packages"]}
+    assert set(names) == {"colours", "demo-app", "extra-lib", "greeting"}
+    assert names["extra-lib"]["marker"] == "'dev' in dependency_groups"
+    assert "marker" not in names["colours"]
+    wheel = names["greeting"]["wheels"][0]
+    assert wheel["hashes"]["sha256"] and wheel["size"] > 0 and wheel["url"].startswith("http")
+    assert len(lock["environments"]) == 2  # linux/amd64 and linux/arm64 for Python 3.11
+
+    layout = tmp_path / "image"
+    built = imgbuild("build", project, "--locked", "--python", "3.11", "--cache-dir", cache,
+                     "--output", f"oci:{layout}")
+    assert built.exit_code == 0, built.stderr
+    assert "lock: pylock.toml" in built.stderr
+
+    # Tightening a specifier that still admits the pin keeps the lock current...
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text().replace('"colours>=0.3"', '"colours>=0.3,<1"'))
+    assert imgbuild("lock", project, "--check", "--python", "3.11").exit_code == 0
+    # ...adding a dependency does not, and --locked refuses before building.
+    pyproject.write_text(pyproject.read_text().replace('"colours>=0.3,<1"',
+                                                       '"colours>=0.3,<1", "extra-lib"'))
+    check = imgbuild("lock", project, "--check", "--python", "3.11")
+    assert check.exit_code == 1
+    assert check.stderr.strip() == (
+        "error: pylock.toml is out of date with pyproject.toml: dependency 'extra-lib' "
+        "was added; run 'imgbuild lock' (or drop --locked)"
+    )
+    refused = imgbuild("build", project, "--locked", "--python", "3.11", "--cache-dir", cache,
+                       "--output", f"oci:{tmp_path / 'refused'}")
+    assert refused.exit_code == 1
+    assert not (tmp_path / "refused").exists()
+
+
+def test_build_without_a_lock_locks_first(
+    docker_env: TestInfra, make_project: MakeProject, demo_index: LocalIndex,
+    image_cleanup: list[str], tmp_path: Path,
+) -> None:
+    project = make_project(tool=f'\n[tool.imgbuild]\nindex-url = "{demo_index.url}"\n')
+    (project / "uv.lock").unlink()
+    tag = "imgbuild-test/locks-first:1"
+    image_cleanup.append(tag)
+    result = imgbuild("build", project, "--python", "3.11", "--tag", tag,
+                      "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.stderr
+    assert (project / "pylock.toml").is_file()
+    output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
+    assert json.loads(bytes(output))["msg"] == "hello image"
+
+
+def test_build_outside_the_locked_targets_is_refused(
+    docker_env: TestInfra, make_project: MakeProject, demo_index: LocalIndex, tmp_path: Path
+) -> None:
+    project = make_project(tool=f'\n[tool.imgbuild]\nindex-url = "{demo_index.url}"\n')
+    (project / "uv.lock").unlink()
+    assert imgbuild("lock", project, "--python", "3.11").exit_code == 0
+    result = imgbuild("build", project, "--python", "3.13", "--frozen", "--cache-dir",
+                      tmp_path / "cache", "--output", f"oci:{tmp_path / 'out'}")
+    assert result.exit_code == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: pylock.toml: the target matches none of the lock's environments")
