@@ -11,14 +11,14 @@ backtracks away from such a version instead of failing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 from resolvelib import (
     AbstractProvider,
     BaseReporter,
@@ -123,15 +123,95 @@ def _identifier(name: str, extra: str | None) -> str:
 # -- candidate discovery ---------------------------------------------------------------------
 
 
-@dataclass(slots=True)
 class _Project:
-    """What the index offers for one name, split into usable releases and excluded versions."""
+    """What the index offers for one name; each version is judged only when asked about.
 
-    known: bool
-    releases: list[_Release]
-    """Usable releases, newest first."""
-    excluded: dict[Version, str]
-    """Versions left out, with the reason (for "no version matches" messages)."""
+    Popular projects list tens of thousands of wheels (every version times every platform),
+    and the resolver usually looks at the newest one or two versions: parsing and ranking
+    every file up front was most of a lock's time.
+    """
+
+    def __init__(self, name: NormalizedName, files: Sequence[IndexFile], target: TargetPlatform):
+        self.target = target
+        self.python = _python_version(target)
+        by_text: dict[str, list[IndexFile]] = {}
+        for file in files:
+            text = _version_text(name, file.filename)
+            if text is not None:
+                by_text.setdefault(text, []).append(file)
+        self.files: dict[Version, list[IndexFile]] = {}
+        for text, group in by_text.items():
+            try:
+                self.files.setdefault(Version(text), []).extend(group)
+            except InvalidVersion:
+                continue
+        self.known = bool(self.files)
+        self.versions = sorted(self.files, reverse=True)
+        """Every listed version, newest first."""
+        self._judged: dict[Version, _Release | str] = {}
+
+    def release(self, version: Version) -> _Release | None:
+        """The usable release of ``version``, or None (the reason goes to ``excluded``)."""
+        if version not in self._judged:
+            self._judged[version] = self._judge(version)
+        judged = self._judged[version]
+        return judged if isinstance(judged, _Release) else None
+
+    @property
+    def releases(self) -> list[_Release]:
+        """Every usable release, newest first (judges them all: for messages)."""
+        return [r for v in self.versions if (r := self.release(v)) is not None]
+
+    @property
+    def excluded(self) -> dict[Version, str]:
+        """Versions left out, with the reason (judges them all: for messages)."""
+        self.releases  # noqa: B018 (judge every version)
+        return {v: j for v, j in self._judged.items() if isinstance(j, str)}
+
+    def _fits(self, file: IndexFile) -> bool:
+        rp = file.requires_python
+        return rp is None or rp.contains(self.python, prereleases=True)
+
+    def _judge(self, version: Version) -> _Release | str:
+        listed = sorted(self.files[version], key=lambda f: f.filename)
+        live = [f for f in listed if f.yanked is None]
+        if not live:
+            reasons = sorted({f.yanked for f in listed if f.yanked})
+            return "is yanked" + (f" ({'; '.join(reasons)})" if reasons else "")
+        fitting = [f for f in live if self._fits(f)]
+        if not fitting:
+            needs = " or ".join(sorted({str(f.requires_python) for f in live}))
+            return f"requires Python {needs}"
+        wheels = self.target.rank_wheels([f for f in fitting if f.kind == "wheel"])
+        # A .tar.gz over a .zip when a release has both (filenames keep it deterministic).
+        sdists = sorted(
+            (f for f in fitting if f.kind == "sdist"),
+            key=lambda f: (not f.filename.endswith(".tar.gz"), f.filename),
+        )
+        if wheels:
+            best = wheels[0]
+        elif sdists:
+            best = sdists[0]
+        else:
+            platforms = sorted({f.filename.rsplit("-", 1)[-1].removesuffix(".whl") for f in live})
+            return f"has no wheel for the target (only {', '.join(platforms)})"
+        return _Release(version=version, files=tuple(live), best=best)
+
+
+def _version_text(name: NormalizedName, filename: str) -> str | None:
+    """The version part of a wheel or sdist file name of ``name``, without full parsing."""
+    if filename.endswith(".whl"):
+        parts = filename.split("-")
+        if len(parts) < 5 or canonicalize_name(parts[0]) != name:
+            return None
+        return parts[1]
+    for suffix in (".tar.gz", ".zip"):
+        if filename.endswith(suffix):
+            stem = filename.removesuffix(suffix)
+            dist, sep, version = stem.rpartition("-")
+            if sep and canonicalize_name(dist) == name:
+                return version
+    return None
 
 
 def _python_version(target: TargetPlatform) -> Version:
@@ -139,76 +219,31 @@ def _python_version(target: TargetPlatform) -> Version:
     return Version(target.python_full_version or f"{major}.{minor}.0")
 
 
-def _scan_project(
-    name: NormalizedName, files: Sequence[IndexFile], target: TargetPlatform
-) -> _Project:
-    python = _python_version(target)
-    by_version: dict[Version, list[IndexFile]] = {}
-    version_of: dict[str, Version] = {}  # IndexFile.version parses the name on every call
-    for file in files:
-        try:
-            if file.name != name:
-                continue
-            version = file.version
-        except ValueError:  # unparsable names are the index's to drop; be lenient anyway
-            continue
-        by_version.setdefault(version, []).append(file)
-        version_of[file.filename] = version
-
-    def fits(file: IndexFile) -> bool:
-        rp = file.requires_python
-        return rp is None or rp.contains(python, prereleases=True)
-
-    # One ranking for the whole project: rank_wheels recomputes the target's tags per call.
-    everything = sorted((f for fs in by_version.values() for f in fs), key=lambda f: f.filename)
-    best_wheel: dict[Version, IndexFile] = {}
-    for wheel in target.rank_wheels([f for f in everything if f.kind == "wheel"]):
-        if wheel.yanked is None and fits(wheel):
-            best_wheel.setdefault(version_of[wheel.filename], wheel)
-
-    releases: list[_Release] = []
-    excluded: dict[Version, str] = {}
-    for version in sorted(by_version, reverse=True):
-        listed = sorted(by_version[version], key=lambda f: f.filename)
-        live = [f for f in listed if f.yanked is None]
-        if not live:
-            reasons = sorted({f.yanked for f in listed if f.yanked})
-            excluded[version] = "is yanked" + (f" ({'; '.join(reasons)})" if reasons else "")
-            continue
-        fitting = [f for f in live if fits(f)]
-        if not fitting:
-            needs = " or ".join(sorted({str(f.requires_python) for f in live}))
-            excluded[version] = f"requires Python {needs}"
-            continue
-        # A .tar.gz over a .zip when a release has both (filenames keep it deterministic).
-        sdists = sorted(
-            (f for f in fitting if f.kind == "sdist"),
-            key=lambda f: (not f.filename.endswith(".tar.gz"), f.filename),
-        )
-        if version in best_wheel:
-            best = best_wheel[version]
-        elif sdists:
-            best = sdists[0]
-        else:
-            platforms = sorted({f.filename.rsplit("-", 1)[-1].removesuffix(".whl") for f in live})
-            excluded[version] = f"has no wheel for the target (only {', '.join(platforms)})"
-            continue
-        releases.append(_Release(version=version, files=tuple(live), best=best))
-    return _Project(known=bool(by_version), releases=releases, excluded=excluded)
-
-
 def _allowed(
-    releases: Iterable[_Release], specifiers: Sequence[SpecifierSet], prereleases: bool
-) -> list[_Release]:
-    """The releases every specifier admits, applying PEP 440's pre-release rules."""
-    matching = [
-        r for r in releases if all(s.contains(r.version, prereleases=True) for s in specifiers)
+    project: _Project, specifiers: Sequence[SpecifierSet], prereleases: bool
+) -> Iterator[_Release]:
+    """The usable releases every specifier admits, newest first, by PEP 440's rules.
+
+    Lazy: a version's files are looked at only when the resolver gets that far.
+    """
+    versions = [
+        v for v in project.versions if all(s.contains(v, prereleases=True) for s in specifiers)
     ]
     if prereleases or any(s.prereleases for s in specifiers):
-        return matching
-    finals = [r for r in matching if not r.version.is_prerelease]
+        for version in versions:
+            if (release := project.release(version)) is not None:
+                yield release
+        return
+    final_found = False
+    for version in versions:
+        if not version.is_prerelease and (release := project.release(version)) is not None:
+            final_found = True
+            yield release
     # Pre-releases only when nothing final satisfies the specifiers (they are then "needed").
-    return finals or matching
+    if not final_found:
+        for version in versions:
+            if version.is_prerelease and (release := project.release(version)) is not None:
+                yield release
 
 
 # -- the provider ----------------------------------------------------------------------------
@@ -244,7 +279,7 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
 
     def project(self, name: NormalizedName) -> _Project:
         if name not in self._projects:
-            self._projects[name] = _scan_project(name, self.index.files(name), self.target)
+            self._projects[name] = _Project(name, self.index.files(name), self.target)
         return self._projects[name]
 
     def metadata(self, release: _Release) -> DistMetadata:
@@ -261,8 +296,10 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
                 ) from exc
         return self._metadata[file]
 
-    def matching(self, name: NormalizedName, specifiers: Sequence[SpecifierSet]) -> list[_Release]:
-        return _allowed(self.project(name).releases, specifiers, self.prereleases)
+    def matching(
+        self, name: NormalizedName, specifiers: Sequence[SpecifierSet]
+    ) -> Iterator[_Release]:
+        return _allowed(self.project(name), specifiers, self.prereleases)
 
     # -- resolvelib's interface --
 
@@ -300,7 +337,7 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
         identifier: str,
         requirements: Mapping[str, Iterator[_Requirement]],
         incompatibilities: Mapping[str, Iterator[_Candidate]],
-    ) -> list[_Candidate]:
+    ) -> Callable[[], Iterator[_Candidate]] | list[_Candidate]:
         """Usable versions newest first (a preferred version that still fits goes first)."""
         reqs = list(requirements[identifier])
         if identifier == _PYTHON:
@@ -311,15 +348,39 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
             # The base package's constraints bind the extra's candidates too (pip does this).
             reqs += list(requirements.get(name, ()))
         bad = {c.version for c in incompatibilities[identifier]}
-        releases = [
-            r for r in self.matching(name, [r.specifier for r in reqs]) if r.version not in bad
-        ]
+        specifiers = [r.specifier for r in reqs]
         preferred = self.preferences.get(name)
-        if preferred is not None:
-            releases.sort(key=lambda r: r.version != preferred)  # stable: rest stay newest-first
-        if releases:
-            self.index.prefetch_metadata([r.best for r in releases[:2]])
-        return [_Candidate(name=name, version=r.version, extra=extra, release=r) for r in releases]
+        project = self.project(name)
+        first = None
+        if (
+            preferred is not None
+            and preferred in project.files
+            and preferred not in bad
+            and all(s.contains(preferred, prereleases=True) for s in specifiers)
+            and (
+                not preferred.is_prerelease
+                or self.prereleases
+                or any(s.prereleases for s in specifiers)
+            )
+        ):
+            first = project.release(preferred)
+
+        def candidates() -> Iterator[_Candidate]:
+            releases = (r for r in self.matching(name, specifiers) if r.version not in bad)
+            if first is not None:
+                yield _Candidate(name=name, version=first.version, extra=extra, release=first)
+            hinted = False
+            for release in releases:
+                if first is not None and release.version == first.version:
+                    continue
+                if not hinted:
+                    self.index.prefetch_metadata([release.best])
+                    hinted = True
+                yield _Candidate(name=name, version=release.version, extra=extra, release=release)
+
+        # resolvelib accepts a callable returning an iterator, and re-calls it when it needs
+        # the candidates again: versions are judged only as far as the resolver looks.
+        return candidates
 
     def is_satisfied_by(self, requirement: _Requirement, candidate: _Candidate) -> bool:
         """Whether the version is in the specifier (pre-releases were filtered already)."""
@@ -555,7 +616,7 @@ def _explain(
         empty = [
             (req, text)
             for (req, _), text in zip((e for _, e in entries), shown, strict=True)
-            if not provider.matching(NormalizedName(name), [req.specifier])
+            if next(provider.matching(NormalizedName(name), [req.specifier]), None) is None
         ]
         for req, text in empty:
             lines.append(_no_match(req, text, project, target))

@@ -287,7 +287,8 @@ def test_prefetch_hints_are_given_but_not_relied_on() -> None:
     assert index.prefetched[0] == "a"
     assert {"b", "c"} <= set(index.prefetched)
     assert "a-2.0-py3-none-any.whl" in index.prefetched_metadata
-    assert "a-1.0-py3-none-any.whl" in index.prefetched_metadata  # the runner-up too
+    # Only the first candidate: judging the runner-up would cost what laziness saves.
+    assert "a-1.0-py3-none-any.whl" not in index.prefetched_metadata
 
 
 def test_origins_name_where_a_root_came_from() -> None:
