@@ -102,6 +102,13 @@ def main() -> None:
     parser.add_argument("--no-pip-compile", action="store_true", help="skip pip-compile")
     args = parser.parse_args()
     names = args.examples or sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir())
+    # An installed tool has its bytecode (pip and `uv sync --compile-bytecode` write it); this
+    # machine sets PYTHONDONTWRITEBYTECODE, so compile ours once rather than on every run.
+    import compileall
+    import sysconfig
+
+    compileall.compile_dir(sysconfig.get_paths()["purelib"], quiet=1)
+    compileall.compile_dir(ROOT / "imagebuild", quiet=1)
     # Installing pip-tools once keeps uvx's own setup out of the first timing.
     if not args.no_pip_compile:
         subprocess.run(

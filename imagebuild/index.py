@@ -8,6 +8,7 @@ revalidated with ETag / Cache-Control.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,7 +32,6 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import (
     InvalidSdistFilename,
-    InvalidWheelFilename,
     NormalizedName,
     canonicalize_name,
     parse_sdist_filename,
@@ -745,7 +745,10 @@ def _parse_json_page(
             continue
         hashes = item.get("hashes")
         sha256 = hashes.get("sha256") if isinstance(hashes, dict) else None
-        url, fragment_hash = _split_url(urljoin(page_url, url))
+        if url.startswith(("https://", "http://")) and "#" not in url:
+            fragment_hash = None  # absolute, no fragment: the common case, kept cheap
+        else:
+            url, fragment_hash = _split_url(urljoin(page_url, url))
         size, upload_time = item.get("size"), item.get("upload-time")
         requires_python = item.get("requires-python")
         file = _index_file(
@@ -885,23 +888,22 @@ def _index_file(
     """An ``IndexFile``, or None for files a resolver cannot use (eggs, bad names, strays)."""
     if "/" in filename or "\\" in filename:
         return None
-    try:
-        if filename.endswith(".whl"):
-            name = parse_wheel_filename(filename)[0]
-        elif filename.endswith((".tar.gz", ".zip")):
-            name = parse_sdist_filename(filename)[0]
-        else:
+    # Big projects list tens of thousands of files: check names cheaply here (a wheel's
+    # name and version hold no "-"); packaging parses a file fully when it is considered.
+    if filename.endswith(".whl"):
+        parts = filename[:-4].split("-")
+        if len(parts) not in (5, 6) or canonicalize_name(parts[0]) != project:
             return None
-    except (InvalidWheelFilename, InvalidSdistFilename, InvalidVersion):
-        return None
-    if canonicalize_name(name) != project:
-        return None
-    specifier: SpecifierSet | None = None
-    if requires_python and requires_python.strip():
+    elif filename.endswith((".tar.gz", ".zip")):
         try:
-            specifier = SpecifierSet(requires_python)
-        except InvalidSpecifier:
-            specifier = None  # as pip does: an unreadable constraint does not hide the file
+            name = parse_sdist_filename(filename)[0]
+        except (InvalidSdistFilename, InvalidVersion):
+            return None
+        if name != project:
+            return None
+    else:
+        return None
+    specifier = _requires_python(requires_python.strip()) if requires_python else None
     return IndexFile(
         filename=filename,
         url=url,
@@ -913,6 +915,17 @@ def _index_file(
         core_metadata=core_metadata,
         index_url=index_url,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def _requires_python(text: str) -> SpecifierSet | None:
+    """Parsed once per distinct string (a project repeats a handful across its files)."""
+    if not text:
+        return None
+    try:
+        return SpecifierSet(text)
+    except InvalidSpecifier:
+        return None  # as pip does: an unreadable constraint does not hide the file
 
 
 def _split_url(url: str) -> tuple[str, str | None]:

@@ -11,7 +11,9 @@ backtracks away from such a version instead of failing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -274,6 +276,48 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
         self._metadata: dict[IndexFile, DistMetadata] = {}
         self._dependencies: dict[_Candidate, tuple[_Requirement, ...]] = {}
         self._warned: set[tuple[NormalizedName, NormalizedName]] = set()
+        # Speculative look-ahead: see ``warm``.
+        self._warming = ThreadPoolExecutor(max_workers=8, thread_name_prefix="imgbuild-warm")
+        self._warm_seen: set[NormalizedName] = set()
+        self._warm_lock = threading.Lock()
+
+    def warm(self, requirements: Iterable[Requirement], extra: str = "") -> None:
+        """Fetch, in the background, what resolving these requirements will most likely read.
+
+        The resolver reads one package at a time; each needs its page, then the metadata of
+        its newest fitting release, whose dependencies are only then known. Here a pool
+        walks that graph ahead of it, assuming the newest release of everything (usually
+        what is chosen). Results land in the index's caches; nothing here affects the
+        outcome, and errors are left for the resolver to meet.
+        """
+        for req in requirements:
+            if req.marker is not None and not req.marker.evaluate(
+                {**self.environment, "extra": extra}
+            ):
+                continue
+            name = canonicalize_name(req.name)
+            with self._warm_lock:
+                if name in self._warm_seen:
+                    continue
+                self._warm_seen.add(name)
+            try:
+                self._warming.submit(self._warm_one, name, req.specifier)
+            except RuntimeError:  # shut down: resolution is over
+                return
+
+    def _warm_one(self, name: NormalizedName, specifier: SpecifierSet) -> None:
+        try:
+            project = _Project(name, self.index.files(name), self.target)
+            release = next(_allowed(project, [specifier], self.prereleases), None)
+            if release is None:
+                return
+            self.warm(self.index.metadata(release.best).requires_dist)
+        except Exception:  # noqa: BLE001 (a hint only; the resolver reports real failures)
+            return
+
+    def close(self) -> None:
+        """Stop looking ahead."""
+        self._warming.shutdown(wait=False, cancel_futures=True)
 
     # -- data access (memoised: resolvelib asks the same questions many times) --
 
@@ -516,6 +560,7 @@ def resolve(
     index.prefetch(sorted({NormalizedName(r.name) for r in requested}))
     counter = _RoundCounter()
     resolver: Resolver[_Requirement, _Candidate, str] = Resolver(provider, counter)
+    provider.warm(roots)
     try:
         result = resolver.resolve(requested, max_rounds=_MAX_ROUNDS)
     except ResolutionImpossible as exc:
@@ -527,6 +572,8 @@ def resolve(
             f"for {target.describe()}",
             hint="narrow the requirements (for example pin the packages that conflict)",
         ) from exc
+    finally:
+        provider.close()
 
     # The base candidate and its extras' candidates, per package.
     chosen: dict[NormalizedName, list[_Candidate]] = {}

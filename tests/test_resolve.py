@@ -252,8 +252,10 @@ def test_pin_carries_every_live_file_sorted_and_values_are_sorted() -> None:
     assert result.pins[0].dependencies == ("mid", "zed")
     assert result.target == TARGET
     # Dependencies were read from the target's wheel, not the sdist or another platform's.
-    assert index.metadata_calls.count("zed-1.0-cp311-cp311-manylinux_2_17_x86_64.whl") == 1
-    assert not [c for c in index.metadata_calls if c.endswith(".tar.gz")]
+    # (The look-ahead pool may read the same file too: the fake does not memoise as
+    # SimpleIndex does.)
+    zed_reads = {c for c in index.metadata_calls if c.startswith("zed-")}
+    assert zed_reads == {"zed-1.0-cp311-cp311-manylinux_2_17_x86_64.whl"}
 
 
 def test_yanked_file_of_a_live_version_is_left_out_of_the_pin() -> None:
