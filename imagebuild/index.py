@@ -208,6 +208,7 @@ class SimpleIndex:
         self._metadata_dir = cache_dir / "metadata" if cache_dir else None
         self._files: _Once[NormalizedName, tuple[IndexFile, ...]] = _Once()
         self._metadata: _Once[tuple[str, str | None], DistMetadata] = _Once()
+        self._release_metadata: dict[tuple[NormalizedName, Version], DistMetadata] = {}
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, workers), thread_name_prefix="imgbuild-index"
         )
@@ -239,8 +240,20 @@ class SimpleIndex:
         return self._files.get(key, lambda: self._load_files(key))
 
     def metadata(self, file: IndexFile) -> DistMetadata:
-        """Core metadata of ``file``: PEP 658 file if advertised, else from the wheel."""
-        return self._metadata.get((file.url, file.sha256), lambda: self._load_metadata(file))
+        """Core metadata of ``file``: PEP 658 file if advertised, else from the wheel.
+
+        The wheels of one release carry the same metadata (uv assumes so too): once one
+        wheel's is known, a sibling wheel's is answered from it, so locking for a second
+        architecture reads nothing new.
+        """
+        if file.kind == "wheel":
+            known = self._release_metadata.get((file.name, file.version))
+            if known is not None:
+                return known
+        result = self._metadata.get((file.url, file.sha256), lambda: self._load_metadata(file))
+        if file.kind == "wheel":
+            self._release_metadata.setdefault((file.name, file.version), result)
+        return result
 
     def prefetch(self, names: Iterable[NormalizedName]) -> None:
         """Fetch these project pages in the background (errors surface in ``files``)."""
