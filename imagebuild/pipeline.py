@@ -15,7 +15,7 @@ import hashlib
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -716,14 +716,6 @@ def lock_targets(
             )
             for arch in archs
         )
-        if registry is not None:
-            from imagebuild.errors import RegistryError
-
-            try:
-                ref = ImageReference.parse(reference).with_mirrors(mirrors)
-                digests[reference] = registry.fetch_manifest(ref)[2]
-            except RegistryError:
-                pass  # recorded when reachable; the lock does not depend on it
         return targets, digests
     if registry is None or store is None:
         raise ProjectError(f"base {reference!r} must be pulled to learn its Python and libc")
@@ -742,6 +734,34 @@ def lock_targets(
             )
         )
     return tuple(found), digests
+
+
+def _lookup_digest_in_background(
+    registry: RegistryClient, reference: str, mirrors: Mapping[str, str]
+) -> Callable[[], dict[str, str]]:
+    """Start resolving ``reference`` to a manifest digest; the returned call waits for it."""
+    import threading
+
+    from imagebuild.errors import RegistryError
+    from imagebuild.registry import ImageReference
+
+    found: dict[str, str] = {}
+
+    def lookup() -> None:
+        try:
+            ref = ImageReference.parse(reference).with_mirrors(mirrors)
+            found[reference] = registry.fetch_manifest(ref)[2]
+        except RegistryError:
+            pass  # recorded when reachable; the lock does not depend on it
+
+    thread = threading.Thread(target=lookup, name="imgbuild-base-digest", daemon=True)
+    thread.start()
+
+    def wait() -> dict[str, str]:
+        thread.join(timeout=30)
+        return found
+
+    return wait
 
 
 def run_lock(
@@ -780,6 +800,13 @@ def run_lock(
         cache=request.cache_dir,
         mirrors=request.mirrors,
     )
+    # The catalog base's digest is recorded for the record only: look it up beside the
+    # resolution rather than before it.
+    digest_lookup = None
+    if not request.check and not digests:
+        entry, reference = _base_reference(settings, project)
+        if entry is not None:
+            digest_lookup = _lookup_digest_in_background(registry, reference, request.mirrors)
     inputs = project_inputs(
         project, indexes=indexes, prereleases=settings.prereleases, targets=targets
     )
@@ -822,6 +849,8 @@ def run_lock(
                     reporter=reporter,
                 )
             )
+    if digest_lookup is not None:
+        digests.update(digest_lookup())
     text = render_pylock(project, inputs, resolutions, base_digests=digests)
     old = path.read_text(encoding="utf-8") if path.is_file() else None
     if text != old:
