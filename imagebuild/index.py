@@ -348,7 +348,11 @@ class SimpleIndex:
         if data is None:
             if file.core_metadata is not False:
                 data = self._fetch_core_metadata(file)
-            elif file.kind == "wheel" and _serves_unadvertised_metadata(file.url):
+            elif (
+                file.kind == "wheel"
+                and _serves_unadvertised_metadata(file.url)
+                and (file.size is None or file.size > _PROBE_ABOVE)
+            ):
                 data = self._fetch_core_metadata(file, advertised=False)
             if data is None:
                 if file.kind == "sdist":
@@ -905,7 +909,10 @@ def _index_file(
     # name and version hold no "-"); packaging parses a file fully when it is considered.
     if filename.endswith(".whl"):
         parts = filename[:-4].split("-")
-        if len(parts) not in (5, 6) or canonicalize_name(parts[0]) != project:
+        if len(parts) not in (5, 6) or (
+            parts[0].lower() != project.replace("-", "_")
+            and canonicalize_name(parts[0]) != project
+        ):
             return None
     elif filename.endswith((".tar.gz", ".zip")):
         try:
@@ -1065,7 +1072,10 @@ def _describe(exc: BaseException | None) -> str:
 # For that host only, ask for the metadata file anyway and fall back to the wheel on a 404:
 # an unverified but tiny request instead of downloading tens of megabytes. Name and version
 # are still checked against the file name when the metadata is parsed.
+# Small wheels are fetched whole at once: one quick request beats a probe that a mirror
+# without metadata files answers with a slow 404.
 _METADATA_HOSTS = ("files.pythonhosted.org",)
+_PROBE_ABOVE = 10_000_000
 
 
 def _serves_unadvertised_metadata(url: str) -> bool:

@@ -40,6 +40,8 @@ from imagebuild.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.report import NullReporter, Reporter
 
 if TYPE_CHECKING:
+    from packaging.utils import NormalizedName
+
     from imagebuild.lock import Lock
     from imagebuild.oci import BaseImage, BlobStore, Image, Layer
     from imagebuild.project import ProjectSpec
@@ -736,6 +738,26 @@ def lock_targets(
     return tuple(found), digests
 
 
+def _lock_hints_path(cache: Path, project_dir: Path, indexes: Sequence[str]) -> Path:
+    """Where the names a project's last lock needed are kept (a speed hint, nothing more)."""
+    key = hashlib.sha256("\n".join([str(project_dir), *indexes]).encode()).hexdigest()
+    return cache / "lock-hints" / f"{key[:32]}.json"
+
+
+def _read_hints(path: Path) -> list[NormalizedName]:
+    from packaging.utils import canonicalize_name
+
+    try:
+        names = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return (
+        [canonicalize_name(n) for n in names if isinstance(n, str)]
+        if isinstance(names, list)
+        else []
+    )
+
+
 def _lookup_digest_in_background(
     registry: RegistryClient, reference: str, mirrors: Mapping[str, str]
 ) -> Callable[[], dict[str, str]]:
@@ -835,7 +857,11 @@ def run_lock(
     }
     flat = [req for reqs in roots.values() for req in reqs]
     resolutions = []
-    with SimpleIndex(http, indexes, cache_dir=request.cache_dir) as index:
+    hints = _lock_hints_path(request.cache_dir, request.project_dir, indexes)
+    with SimpleIndex(http, indexes, cache_dir=request.cache_dir, reporter=reporter) as index:
+        # Every page the last lock of this project needed (and every locked name), fetched
+        # at once instead of one dependency level at a time.
+        index.prefetch(sorted(set(_read_hints(hints)) | set(preferences)))
         for target in targets:
             reporter.step(f"resolve: {target.describe()}")
             resolutions.append(
@@ -849,6 +875,7 @@ def run_lock(
                     reporter=reporter,
                 )
             )
+    _write_json(hints, sorted({pin.name for r in resolutions for pin in r.pins}))
     if digest_lookup is not None:
         digests.update(digest_lookup())
     text = render_pylock(project, inputs, resolutions, base_digests=digests)

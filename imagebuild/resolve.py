@@ -136,17 +136,7 @@ class _Project:
     def __init__(self, name: NormalizedName, files: Sequence[IndexFile], target: TargetPlatform):
         self.target = target
         self.python = _python_version(target)
-        by_text: dict[str, list[IndexFile]] = {}
-        for file in files:
-            text = _version_text(name, file.filename)
-            if text is not None:
-                by_text.setdefault(text, []).append(file)
-        self.files: dict[Version, list[IndexFile]] = {}
-        for text, group in by_text.items():
-            try:
-                self.files.setdefault(Version(text), []).extend(group)
-            except InvalidVersion:
-                continue
+        self.files = _by_version(name, files)
         self.known = bool(self.files)
         self.versions = sorted(self.files, reverse=True)
         """Every listed version, newest first."""
@@ -200,11 +190,45 @@ class _Project:
         return _Release(version=version, files=tuple(live), best=best)
 
 
+# Grouping a page's files by version does not depend on the target, and each target (and
+# the look-ahead pool) asks again: keep the answer per files tuple (indexes memoise theirs).
+_GROUPED: dict[int, tuple[Sequence[IndexFile], dict[Version, list[IndexFile]]]] = {}
+_GROUPED_LOCK = threading.Lock()
+
+
+def _by_version(
+    name: NormalizedName, files: Sequence[IndexFile]
+) -> dict[Version, list[IndexFile]]:
+    with _GROUPED_LOCK:
+        cached = _GROUPED.get(id(files))
+    if cached is not None and cached[0] is files:
+        return cached[1]
+    by_text: dict[str, list[IndexFile]] = {}
+    for file in files:
+        text = _version_text(name, file.filename)
+        if text is not None:
+            by_text.setdefault(text, []).append(file)
+    grouped: dict[Version, list[IndexFile]] = {}
+    for text, group in by_text.items():
+        try:
+            grouped.setdefault(Version(text), []).extend(group)
+        except InvalidVersion:
+            continue
+    with _GROUPED_LOCK:
+        if len(_GROUPED) > 1024:
+            _GROUPED.clear()
+        _GROUPED[id(files)] = (files, grouped)  # holding ``files`` keeps its id unique
+    return grouped
+
+
 def _version_text(name: NormalizedName, filename: str) -> str | None:
     """The version part of a wheel or sdist file name of ``name``, without full parsing."""
     if filename.endswith(".whl"):
         parts = filename.split("-")
-        if len(parts) < 5 or canonicalize_name(parts[0]) != name:
+        # Wheel names are escaped (runs of -_. become _): compare cheaply first.
+        if len(parts) < 5 or (
+            parts[0].lower() != name.replace("-", "_") and canonicalize_name(parts[0]) != name
+        ):
             return None
         return parts[1]
     for suffix in (".tar.gz", ".zip"):
@@ -437,7 +461,9 @@ class _Provider(AbstractProvider[_Requirement, _Candidate, str]):
         if candidate not in self._dependencies:
             deps = self._compute_dependencies(candidate, candidate.release)
             self._dependencies[candidate] = deps
-            names = sorted({NormalizedName(d.name) for d in deps if d.name != candidate.name})
+            names = sorted(
+                {NormalizedName(d.name) for d in deps if d.name not in (candidate.name, _PYTHON)}
+            )
             if names:
                 self.index.prefetch(names)
         return self._dependencies[candidate]
