@@ -41,6 +41,7 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import PackageIndexError
 from .report import NullReporter, Reporter
+from .sdist import sdist_metadata
 
 FileKind = Literal["wheel", "sdist"]
 
@@ -118,7 +119,7 @@ class PackageIndex(Protocol):
         """Core metadata of ``file`` (PEP 658 file when served, else from the wheel itself).
 
         Raises ``PackageIndexError`` when it cannot be had (for example an sdist whose
-        metadata would need a build).
+        build backend fails).
         """
 
     def prefetch(self, names: Iterable[NormalizedName]) -> None:
@@ -165,7 +166,8 @@ class SimpleIndex:
     first one owns).
     JSON pages are preferred; HTML pages are understood. ``metadata(file)`` reads the
     PEP 658/714 ``.metadata`` file when the index advertises one, else downloads the wheel
-    and reads its ``METADATA``; an sdist without a metadata file is an error.
+    and reads its ``METADATA``; an sdist without a metadata file is downloaded and its
+    PEP 517 backend asked (``sdist.sdist_metadata``, cached under ``cache_dir`` by hash).
 
     Both are memoised per instance and thread-safe: concurrent calls for one key share
     one fetch. A failed fetch is not memoised, so a later call tries again. ``prefetch``
@@ -206,6 +208,7 @@ class SimpleIndex:
         self._report = reporter or NullReporter()
         self._pages = _HttpCache(cache_dir / "http" if cache_dir else None, self._report)
         self._metadata_dir = cache_dir / "metadata" if cache_dir else None
+        self._cache_dir = cache_dir
         self._files: _Once[NormalizedName, tuple[IndexFile, ...]] = _Once()
         self._metadata: _Once[tuple[str, str | None], DistMetadata] = _Once()
         self._release_metadata: dict[tuple[NormalizedName, Version], DistMetadata] = {}
@@ -240,7 +243,7 @@ class SimpleIndex:
         return self._files.get(key, lambda: self._load_files(key))
 
     def metadata(self, file: IndexFile) -> DistMetadata:
-        """Core metadata of ``file``: PEP 658 file if advertised, else from the wheel.
+        """Core metadata of ``file``: PEP 658 file if advertised, else from the wheel or sdist.
 
         The wheels of one release carry the same metadata (uv assumes so too): once one
         wheel's is known, a sibling wheel's is answered from it, so locking for a second
@@ -354,13 +357,9 @@ class SimpleIndex:
                 and (file.size is None or file.size > _PROBE_ABOVE)
             ):
                 data = self._fetch_core_metadata(file, advertised=False)
-            if data is None:
-                if file.kind == "sdist":
-                    raise PackageIndexError(
-                        f"sdist {file.filename}: the index serves no metadata for "
-                        f"{file.name} {file.version}, and reading it would need a build",
-                        hint="use a version that has a wheel, or an index with PEP 658 metadata",
-                    )
+            if data is None and file.kind == "sdist":
+                data = self._metadata_from_sdist(file)
+            elif data is None:
                 data = self._metadata_from_wheel(file)
             result = _parse_metadata(data, file)
             self._store_metadata(file, data)
@@ -421,6 +420,14 @@ class SimpleIndex:
                     hint="the index is inconsistent; retry later or report it to the index",
                 )
         return data
+
+    def _metadata_from_sdist(self, file: IndexFile) -> bytes:
+        """Ask the sdist's PEP 517 backend (see ``sdist.py``); cached by the sdist's hash."""
+        self._report.step(f"preparing the metadata of {file.filename} with its build backend")
+        if self._cache_dir is not None:
+            return sdist_metadata(self._http, file, self._cache_dir)
+        with tempfile.TemporaryDirectory(prefix="imgbuild-sdist-cache-") as tmp:
+            return sdist_metadata(self._http, file, Path(tmp))
 
     def _metadata_from_wheel(self, file: IndexFile) -> bytes:
         subject = f"wheel {file.filename}"
@@ -910,8 +917,7 @@ def _index_file(
     if filename.endswith(".whl"):
         parts = filename[:-4].split("-")
         if len(parts) not in (5, 6) or (
-            parts[0].lower() != project.replace("-", "_")
-            and canonicalize_name(parts[0]) != project
+            parts[0].lower() != project.replace("-", "_") and canonicalize_name(parts[0]) != project
         ):
             return None
     elif filename.endswith((".tar.gz", ".zip")):

@@ -495,18 +495,46 @@ def test_advertised_metadata_file_missing_falls_back_with_a_warning(
     assert len(messages.warnings) == 1 and "answered 404" in messages.warnings[0]
 
 
-def test_sdist_without_metadata_needs_a_build(
+def test_sdist_without_metadata_is_read_through_its_build_backend(
+    open_index: Callable[..., SimpleIndex], fresh_index: LocalIndex, tmp_path: Path
+) -> None:
+    fresh_index.add_sdist("source-only", "3.1", requires=["dep>=2"], requires_python=">=3.9")
+    messages = Messages()
+    index = open_index(fresh_index.url, cache_dir=tmp_path / "cache", reporter=messages)
+    (file,) = index.files(n("source-only"))
+    meta = index.metadata(file)
+    assert (meta.name, meta.version) == ("source-only", Version("3.1"))
+    assert meta.requires_dist == (Requirement("dep>=2"),)
+    assert meta.requires_python == SpecifierSet(">=3.9")
+    assert fresh_index.count("/files/") == 1
+    assert any("source_only-3.1.tar.gz" in step for step in messages.steps)
+    # Memoised in the instance, and cached on disk for the next one.
+    assert index.metadata(file) is meta
+    again = open_index(fresh_index.url, cache_dir=tmp_path / "cache")
+    assert again.metadata(file) == meta
+    assert fresh_index.count("/files/") == 1
+
+
+def test_sdist_metadata_without_a_cache_dir(
     open_index: Callable[..., SimpleIndex], fresh_index: LocalIndex
 ) -> None:
-    fresh_index.add_sdist("source-only", "3.1")
+    fresh_index.add_sdist("source-nocache", "1.0", requires=["dep"])
     index = open_index(fresh_index.url)
-    (file,) = index.files(n("source-only"))
+    (file,) = index.files(n("source-nocache"))
+    assert index.metadata(file).requires_dist == (Requirement("dep"),)
+
+
+def test_broken_sdist_is_one_line_naming_it(
+    open_index: Callable[..., SimpleIndex], fresh_index: LocalIndex
+) -> None:
+    fresh_index.add_sdist("source-broken", "3.1", fail="no compiler here")
+    index = open_index(fresh_index.url)
+    (file,) = index.files(n("source-broken"))
     with pytest.raises(PackageIndexError) as caught:
         index.metadata(file)
     message = str(caught.value)
-    assert message.startswith("sdist source_only-3.1.tar.gz: ")
-    assert "source-only 3.1" in message and "build" in message and "\n" not in message
-    assert fresh_index.count("/files/") == 0
+    assert message.startswith("sdist source_broken-3.1.tar.gz: the build backend failed")
+    assert "RuntimeError: no compiler here" in message and "\n" not in message
 
 
 # -- the disk cache --------------------------------------------------------------------------

@@ -1,0 +1,430 @@
+"""Source distributions: their metadata, and wheels built from pure-Python ones (PEP 517).
+
+A package that publishes only an sdist has no metadata file to read: its backend is asked
+for it (``prepare_metadata_for_build_wheel``; pypa/build builds a wheel instead when the
+backend lacks the hook). At image build time such a package is built into a wheel, and
+only a pure-Python one (every tag ``*-none-any``, ``Root-Is-Purelib: true``) is accepted:
+imgbuild builds on the host, which is not the target.
+
+Both run the backend in a throwaway environment made by pypa/build (its build requirements
+installed with uv when it is on PATH, pip otherwise) with ``SOURCE_DATE_EPOCH=0``. Both
+results are kept on disk under the sdist's sha256, so the work is done once:
+``cache_dir/sdist-metadata/<sha256>.metadata`` and
+``cache_dir/sdist-wheels/<sha256>/<wheel filename>``. Entries only ever appear whole, by
+``os.replace``, and only after the download matched its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tarfile
+import tempfile
+import time
+import zipfile
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+from build import BuildBackendException, BuildException, FailedProcessError, ProjectBuilder
+from build.env import DefaultIsolatedEnv
+from filelock import FileLock
+from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+
+from .errors import BuildError, FetchError, ImagebuildError, PackageIndexError
+
+if TYPE_CHECKING:
+    from .index import IndexFile
+
+_CHUNK = 1 << 16
+_ATTEMPTS = 3
+_SOURCE_DATE_EPOCH = "0"
+_NETWORK_HINT = "check the network and the index URL"
+_BUILD_HINT = "use a version of it that ships a wheel for the target"
+
+_Error = type[ImagebuildError]
+
+
+def sdist_metadata(http: httpx.Client, file: IndexFile, cache_dir: Path) -> bytes:
+    """The core metadata (``METADATA`` bytes) of the sdist ``file``, from its PEP 517 backend.
+
+    Downloads the sdist through ``http`` (checked against ``file.sha256`` when the index
+    gave one), unpacks it safely and asks its backend. The answer is cached under
+    ``cache_dir/sdist-metadata/`` by the sdist's sha256; a cached answer costs no request
+    when the index gave the hash. Name and version are not checked here (the caller
+    compares them with the file name).
+
+    Raises ``PackageIndexError`` naming the sdist when it cannot be downloaded, does not
+    match its hash, is not a safe archive, or its backend fails.
+    """
+    subject = f"sdist {file.filename}"
+    error: _Error = PackageIndexError
+    _plain_name(file.filename, subject, error)
+    if file.sha256 is not None:
+        cached = _read(_metadata_entry(cache_dir, file.sha256))
+        if cached is not None:
+            return cached
+    with tempfile.TemporaryDirectory(prefix="imgbuild-sdist-") as tmp:
+        work = Path(tmp)
+        archive = work / file.filename
+        digest = _download(http, file.url, archive, subject, error)
+        if file.sha256 is not None and digest != file.sha256:
+            raise PackageIndexError(
+                f"{subject}: sha256 mismatch (index: {file.sha256}, downloaded: {digest})",
+                hint="the download was damaged or the index is inconsistent; retry later",
+            )
+        entry = _metadata_entry(cache_dir, digest)
+        cached = _read(entry)  # the index gave no hash, but these bytes were seen before
+        if cached is not None:
+            return cached
+        source = _unpack(archive, work / "src", subject, error)
+        data = _prepare_metadata(source, work / "out", subject, error)
+    _write_atomic(entry, data)
+    return data
+
+
+def build_sdist_wheel(
+    http: httpx.Client, url: str, sha256: str, filename: str, cache_dir: Path
+) -> Path:
+    """The path of a pure-Python wheel built from the sdist ``filename`` at ``url``.
+
+    ``sha256`` is the sdist's digest (hex, or ``sha256:<hex>`` as a lock records it). A
+    wheel built before from the same sdist is returned without any request or build. Else
+    the sdist is downloaded, verified, unpacked and built in an isolated environment with
+    ``SOURCE_DATE_EPOCH=0``; the wheel is kept at
+    ``cache_dir/sdist-wheels/<sha256>/<wheel filename>`` and that path returned. A file
+    lock keeps two processes from building the same sdist at once.
+
+    Raises ``FetchError`` when the download fails or does not match ``sha256`` (nothing
+    is cached then), and ``BuildError`` when the archive is unsafe, the backend fails, or
+    the wheel is not pure Python (every tag ``*-none-any`` and ``Root-Is-Purelib: true``).
+    """
+    subject = f"sdist {filename}"
+    _plain_name(filename, subject, FetchError)
+    expected = _hex(sha256, subject)
+    entry = cache_dir / "sdist-wheels" / expected
+    built = _cached_wheel(entry)
+    if built is not None:
+        return built
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        built = _cached_wheel(entry)  # another process may have built it meanwhile
+        if built is not None:
+            return built
+        with tempfile.TemporaryDirectory(prefix="imgbuild-sdist-") as tmp:
+            work = Path(tmp)
+            archive = work / filename
+            digest = _download(http, url, archive, subject, FetchError)
+            if digest != expected:
+                raise FetchError(
+                    f"{subject}: sha256 mismatch (lock: {expected}, downloaded: {digest})",
+                    hint="the file no longer matches the lock: check the index serves the "
+                    "locked file, or re-lock",
+                )
+            source = _unpack(archive, work / "src", subject, BuildError)
+            wheel = _build_wheel(source, work / "out", subject)
+            _check_pure(wheel, subject)
+            entry.mkdir(parents=True, exist_ok=True)
+            final = entry / wheel.name
+            part = entry / f".tmp-{os.getpid()}-{wheel.name}.part"
+            try:
+                shutil.copyfile(wheel, part)
+                os.replace(part, final)
+            except BaseException:
+                part.unlink(missing_ok=True)
+                raise
+    return final
+
+
+# -- cache ---------------------------------------------------------------------------------
+
+
+def _metadata_entry(cache_dir: Path, sha256: str) -> Path:
+    return cache_dir / "sdist-metadata" / f"{sha256}.metadata"
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    # A cache that cannot be written only costs a rebuild next time: never fail for it.
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError:
+        pass
+
+
+def _cached_wheel(entry: Path) -> Path | None:
+    try:
+        wheels = [p for p in entry.iterdir() if p.suffix == ".whl" and not p.name.startswith(".")]
+    except OSError:
+        return None
+    return wheels[0] if len(wheels) == 1 else None
+
+
+def _hex(sha256: str, subject: str) -> str:
+    algorithm, sep, value = sha256.partition(":")
+    hexdigest = (value if sep and algorithm == "sha256" else sha256).lower()
+    if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+        raise FetchError(
+            f"{subject}: no usable sha256 ({sha256!r})",
+            hint="re-lock so the lock records the sdist's hash",
+        )
+    return hexdigest
+
+
+def _plain_name(filename: str, subject: str, error: _Error) -> None:
+    if Path(filename).name != filename or filename in ("", ".", ".."):
+        raise error(f"{subject}: not a plain file name")
+    if not filename.endswith((".tar.gz", ".zip")):
+        raise error(
+            f"{subject}: not a .tar.gz or .zip source distribution",
+            hint="use a version of it that ships a wheel for the target",
+        )
+
+
+# -- download ------------------------------------------------------------------------------
+
+
+def _download(http: httpx.Client, url: str, dest: Path, subject: str, error: _Error) -> str:
+    """Stream ``url`` into ``dest``; its sha256 hex. Transport errors and 5xx are retried."""
+    last = "no attempt"
+    for attempt in range(_ATTEMPTS):
+        if attempt:
+            time.sleep(0.1 * 2 ** (attempt - 1))
+        try:
+            with http.stream("GET", url, follow_redirects=True) as response:
+                if response.status_code >= 500:
+                    last = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+                    continue
+                if response.status_code != 200:
+                    raise error(
+                        f"{subject}: GET {_redact(url)} answered "
+                        f"{response.status_code} {response.reason_phrase}".rstrip(),
+                        hint="check the index still serves the file",
+                    )
+                digest = hashlib.sha256()
+                with dest.open("wb") as out:
+                    # iter_bytes undoes transfer Content-Encoding: the file's own bytes.
+                    for chunk in response.iter_bytes(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                return digest.hexdigest()
+        except httpx.TransportError as exc:
+            last = f"{type(exc).__name__}: {_one_line(exc)}".rstrip(": ")
+        except httpx.HTTPError as exc:
+            raise error(
+                f"{subject}: GET {_redact(url)} failed: {_one_line(exc)}", hint=_NETWORK_HINT
+            ) from exc
+    raise error(
+        f"{subject}: GET {_redact(url)} failed {_ATTEMPTS} times, last: {last}",
+        hint=_NETWORK_HINT,
+    )
+
+
+# -- unpack --------------------------------------------------------------------------------
+
+
+def _unpack(archive: Path, dest: Path, subject: str, error: _Error) -> Path:
+    """Extract ``archive`` into ``dest`` and return the project directory inside it.
+
+    Members that would land outside ``dest`` (absolute paths, ``..``, links pointing out)
+    refuse the whole sdist: an archive that tries is broken or hostile.
+    """
+    dest.mkdir(parents=True)
+    try:
+        if archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    _check_member(name, subject, error)
+                zf.extractall(dest)
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                for member in tf.getmembers():
+                    _check_member(member.name, subject, error)
+                # The data filter also refuses links out of dest, devices and odd modes.
+                tf.extractall(dest, filter="data")
+    except tarfile.FilterError as exc:
+        raise error(
+            f"{subject}: unsafe archive member ({_one_line(exc)})",
+            hint="the sdist is broken or hostile; use a version with a wheel",
+        ) from exc
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise error(
+            f"{subject}: cannot unpack it ({type(exc).__name__}: {_one_line(exc)})",
+            hint="the download was damaged or the sdist is malformed; retry or use a wheel",
+        ) from exc
+    entries = list(dest.iterdir())
+    if len(entries) == 1 and entries[0].is_dir():
+        project = entries[0]  # the usual <name>-<version>/ top directory
+    else:
+        project = dest
+    if not (project / "pyproject.toml").is_file() and not (project / "setup.py").is_file():
+        raise error(
+            f"{subject}: no pyproject.toml or setup.py at the top of the archive",
+            hint="the sdist is malformed; use a version of it that ships a wheel",
+        )
+    return project
+
+
+def _check_member(name: str, subject: str, error: _Error) -> None:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and ":" in path.parts[0]):
+        raise error(
+            f"{subject}: archive member {name!r} would be written outside the sdist's directory",
+            hint="the sdist is broken or hostile; use a version of it that ships a wheel",
+        )
+
+
+# -- PEP 517 -------------------------------------------------------------------------------
+
+
+class _HookFailed(Exception):
+    """A backend subprocess exited non-zero; the message is its last line of output."""
+
+
+def _run(
+    cmd: Sequence[str], cwd: str | None = None, extra_environ: Mapping[str, str] | None = None
+) -> None:
+    """pypa/build's subprocess runner: output captured, kept for the error message only."""
+    env = {**os.environ, **(extra_environ or {}), "SOURCE_DATE_EPOCH": _SOURCE_DATE_EPOCH}
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise _HookFailed(_last_line(proc.stderr or proc.stdout) or f"exit {proc.returncode}")
+
+
+def _last_line(output: bytes | str | None) -> str:
+    if not output:
+        return ""
+    text = output.decode("utf-8", "replace") if isinstance(output, bytes) else output
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def _with_backend(
+    source: Path,
+    out: Path,
+    subject: str,
+    error: _Error,
+    action: Literal["metadata", "wheel"],
+) -> Path:
+    installer: Literal["pip", "uv"] = "uv" if shutil.which("uv") else "pip"
+    what = "metadata" if action == "metadata" else "a wheel"
+    try:
+        with DefaultIsolatedEnv(installer=installer) as env:
+            builder = ProjectBuilder.from_isolated_env(env, source, runner=_run)
+            env.install(builder.build_system_requires)
+            env.install(builder.get_requires_for_build("wheel"))
+            if action == "metadata":
+                return Path(builder.metadata_path(out))
+            return Path(builder.build("wheel", out))
+    except BuildBackendException as exc:
+        cause = exc.exception
+        detail = str(cause) if isinstance(cause, _HookFailed) else _one_line(exc)
+        raise error(
+            f"{subject}: the build backend failed to make {what}: {_one_line(detail)}",
+            hint=_BUILD_HINT,
+        ) from exc
+    except subprocess.CalledProcessError as exc:  # installing the build requirements
+        detail = _last_line(exc.stderr) or _last_line(exc.stdout) or f"exit {exc.returncode}"
+        raise error(
+            f"{subject}: installing its build requirements failed: {_one_line(detail)}",
+            hint=_BUILD_HINT,
+        ) from exc
+    except (BuildException, FailedProcessError, _HookFailed, OSError) as exc:
+        raise error(
+            f"{subject}: cannot build {what}: {_one_line(exc) or type(exc).__name__}",
+            hint=_BUILD_HINT,
+        ) from exc
+
+
+def _prepare_metadata(source: Path, out: Path, subject: str, error: _Error) -> bytes:
+    dist_info = _with_backend(source, out, subject, error, "metadata")
+    data = _read(dist_info / "METADATA")
+    if data is None:
+        raise error(f"{subject}: the build backend wrote no METADATA", hint=_BUILD_HINT)
+    return data
+
+
+def _build_wheel(source: Path, out: Path, subject: str) -> Path:
+    wheel = _with_backend(source, out, subject, BuildError, "wheel")
+    if wheel.suffix != ".whl" or not wheel.is_file():
+        raise BuildError(f"{subject}: the build backend made no wheel", hint=_BUILD_HINT)
+    return wheel
+
+
+def _check_pure(wheel: Path, subject: str) -> None:
+    """Refuse ``wheel`` unless every tag is ``*-none-any`` and it is ``Root-Is-Purelib``."""
+    refusal = (
+        f"{subject}: builds a platform wheel ({wheel.name}); "
+        "imgbuild only builds pure-Python sdists"
+    )
+    hint = "use a version with a wheel for the target"
+    try:
+        tags = parse_wheel_filename(wheel.name)[3]
+    except InvalidWheelFilename as exc:
+        raise BuildError(
+            f"{subject}: the build backend made {wheel.name}, not a valid wheel name",
+            hint=_BUILD_HINT,
+        ) from exc
+    if not all(tag.abi == "none" and tag.platform == "any" for tag in tags):
+        raise BuildError(refusal, hint=hint)
+    if not _root_is_purelib(wheel, subject):
+        raise BuildError(refusal, hint=hint)
+
+
+def _root_is_purelib(wheel: Path, subject: str) -> bool:
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [
+                n for n in zf.namelist() if n.count("/") == 1 and n.endswith(".dist-info/WHEEL")
+            ]
+            if len(names) != 1:
+                raise BuildError(
+                    f"{subject}: the built wheel {wheel.name} has {len(names)} "
+                    ".dist-info/WHEEL files, not one",
+                    hint=_BUILD_HINT,
+                )
+            text = zf.read(names[0]).decode("utf-8", "replace")
+    except (zipfile.BadZipFile, OSError, KeyError) as exc:
+        raise BuildError(
+            f"{subject}: cannot read the built wheel {wheel.name} ({_one_line(exc)})",
+            hint=_BUILD_HINT,
+        ) from exc
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() == "root-is-purelib":
+            return value.strip().lower() == "true"
+    return False
+
+
+# -- messages ------------------------------------------------------------------------------
+
+
+def _redact(url: str) -> str:
+    """``url`` with any user/password replaced by ``***`` (as ``index.py`` does)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}"))
+
+
+def _one_line(exc: BaseException | str) -> str:
+    return " ".join(str(exc).split())
