@@ -117,6 +117,10 @@ def build(
     extra: Annotated[
         list[str] | None, typer.Option("--extra", help="Install this extra of the project.")
     ] = None,
+    package: Annotated[
+        str | None,
+        typer.Option(help="Build this uv workspace member (PATH is the workspace root)."),
+    ] = None,
     no_compile: Annotated[
         bool, typer.Option("--no-compile", help="Do not compile bytecode.")
     ] = False,
@@ -156,6 +160,7 @@ def build(
             lock_mode="locked" if locked else "frozen" if frozen else "check-if-present",
             groups=tuple(group or ()),
             extras=tuple(extra or ()),
+            package=package,
             compile_bytecode=not no_compile,
             compile_with=compile_with,
             platform=platform,
@@ -195,6 +200,10 @@ def lock(
     extra_index_url: Annotated[
         list[str] | None, typer.Option(help="Further index, consulted after the primary.")
     ] = None,
+    package: Annotated[
+        str | None,
+        typer.Option(help="Lock this workspace member into pylock.NAME.toml at PATH."),
+    ] = None,
     base: Annotated[str | None, typer.Option(help="Base the lock is for.")] = None,
     python: Annotated[str | None, typer.Option(help="Python minor version.")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="Cache directory.")] = None,
@@ -217,6 +226,7 @@ def lock(
             upgrade=upgrade,
             upgrade_packages=tuple(upgrade_package or ()),
             index_urls=indexes,
+            package=package,
             base=base,
             python=parse_python_version(python, "--python") if python else None,
             mirrors=parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", "")),

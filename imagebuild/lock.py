@@ -799,8 +799,9 @@ def select_packages(
     uv.lock: walk the graph from ``root`` (default ``lock.root``) through its dependencies,
     the requested extras' optional dependencies and the requested groups, following edges
     whose markers hold on the target. pylock.toml: evaluate each entry's marker with
-    ``extras``/``dependency_groups`` set. Every selected package must be installable from a
-    wheel the lock lists; otherwise ``LockError`` says which and how to fix it.
+    ``extras``/``dependency_groups`` set. Every selected package must be installable: from a
+    wheel the lock lists, its sdist, or a local directory; otherwise ``LockError`` says which
+    and how to fix it.
     """
     env = target.marker_environment()
     full = env["python_full_version"]
@@ -822,26 +823,18 @@ def select_packages(
 
 
 def _check_installable(lock: Lock, package: LockedPackage) -> None:
+    """Wheels install as they are; local directories (workspace members, path sources) and
+    sdists are built into wheels at image build time; anything else is refused here."""
     where = f"{lock.filename}: package {package.describe()}"
-    if package.wheels:
+    if package.wheels or package.sdist is not None:
         return
     source = package.source
-    if source.kind in ("directory", "editable", "virtual"):
-        raise LockError(
-            f"{where} is a {source.describe()}; imgbuild installs only the project itself "
-            "from source",
-            hint="publish it to an index as a wheel and depend on that version",
-        )
+    if source.kind in ("directory", "editable"):
+        return
     if source.kind == "git":
         raise LockError(
             f"{where} comes from {source.describe()}, which imgbuild cannot install",
             hint="depend on a released version from an index instead",
-        )
-    if package.sdist is not None:
-        raise LockError(
-            f"{where} has only an sdist ({package.sdist.filename}); imgbuild installs wheels only",
-            hint="lock a version that publishes wheels, or build a wheel and serve it from an "
-            "index",
         )
     raise LockError(
         f"{where} ({source.describe()}) lists no wheel to install",

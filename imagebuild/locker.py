@@ -19,6 +19,7 @@ requirement, or loosening one past its pin, does.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from imagebuild.target import TargetPlatform
 
 if TYPE_CHECKING:
     from imagebuild.resolve import Pin, Resolution
+    from imagebuild.workspace import LocalPackage
 
 INPUTS_VERSION = 1
 MAIN = ""  # origin of project.dependencies
@@ -93,14 +95,24 @@ def project_inputs(
     indexes: Sequence[str],
     prereleases: bool,
     targets: Sequence[TargetPlatform],
+    local: Sequence[ProjectSpec] = (),
 ) -> LockInputs:
-    """The inputs of a lock of ``project`` for ``targets``."""
+    """The inputs of a lock of ``project`` (and the local projects it uses) for ``targets``."""
+    requirements = [
+        (origin, tuple(sorted(str(r) for r in reqs)))
+        for origin, reqs in project_roots(project).items()
+    ]
+    for spec in sorted(local, key=lambda p: p.name):
+        # A local project's own requirements are inputs too: editing them makes the lock stale.
+        reqs = [*spec.dependencies]
+        for extra, extra_reqs in sorted(spec.optional_dependencies.items()):
+            reqs += [
+                Requirement(f"{r}; extra == '{extra}'") if not r.marker else r for r in extra_reqs
+            ]
+        requirements.append((f"local:{spec.name}", tuple(sorted(str(r) for r in reqs))))
     return LockInputs(
         requires_python=str(project.requires_python) if project.requires_python else None,
-        requirements=tuple(
-            (origin, tuple(sorted(str(r) for r in reqs)))
-            for origin, reqs in project_roots(project).items()
-        ),
+        requirements=tuple(requirements),
         indexes=tuple(indexes),
         prereleases=prereleases,
         targets=sort_targets(targets),
@@ -115,10 +127,17 @@ def render_pylock(
     inputs: LockInputs,
     resolutions: Sequence[Resolution],
     *,
+    roots: Mapping[str, Sequence[Requirement]],
+    lock_dir: Path,
+    local: Mapping[NormalizedName, LocalPackage] | None = None,
     base_digests: Mapping[str, str] | None = None,
 ) -> str:
-    """The pylock.toml text for ``resolutions`` (one per target), deterministic."""
-    roots = {origin: tuple(Requirement(r) for r in reqs) for origin, reqs in inputs.requirements}
+    """The pylock.toml text for ``resolutions`` (one per target), deterministic.
+
+    ``roots`` are what was resolved (origin -> requirements, local projects already
+    replaced by their requirements); ``local`` the local projects, written as
+    ``directory`` entries relative to ``lock_dir``.
+    """
     # (name, version) -> target -> origins that reach it on that target
     presence: dict[tuple[NormalizedName, Version], dict[TargetPlatform, set[str]]] = {}
     pins: dict[tuple[NormalizedName, Version], Pin] = {}
@@ -144,6 +163,28 @@ def render_pylock(
     )
     doc.add("created-by", "imgbuild")
 
+    entries: list[tuple[str, str, tomlkit.items.Table]] = []
+    for name, package in sorted((local or {}).items()):
+        presence_local: dict[TargetPlatform, set[str]] = {}
+        for target in all_targets:
+            env = {**target.marker_environment(), "extra": ""}
+            origins = {
+                origin
+                for origin, markers in package.markers.items()
+                if any(m is None or m.evaluate(env) for m in markers)
+            }
+            if origins:
+                presence_local[target] = origins
+        if not presence_local:
+            continue
+        table = tomlkit.table()
+        table.add("name", name)
+        marker = _package_marker(presence_local, all_targets)
+        if marker:
+            table.add("marker", marker)
+        path = os.path.relpath(package.project.root, lock_dir)
+        table.add("directory", _inline({"path": Path(path).as_posix(), "editable": False}))
+        entries.append((name, "", table))
     packages = tomlkit.aot()
     for key in sorted(pins):
         pin = pins[key]
@@ -171,11 +212,14 @@ def render_pylock(
             for wheel in sorted(wheels, key=lambda f: f.filename):
                 array.append(_file_table(wheel, inline=True))
             table.add("wheels", array)
-        packages.append(table)
+        entries.append((key[0], str(key[1]), table))
     root = tomlkit.table()
     root.add("name", project.name)
-    root.add("directory", _inline({"path": ".", "editable": False}))
-    packages.append(root)
+    root_path = Path(os.path.relpath(project.root, lock_dir)).as_posix()
+    root.add("directory", _inline({"path": root_path, "editable": False}))
+    entries.append((project.name, "", root))
+    for _, _, table in sorted(entries, key=lambda e: (e[0], e[1])):
+        packages.append(table)
     doc.add("packages", packages)
     doc.add("tool", _tool_table(inputs, base_digests or {}))
     return tomlkit.dumps(doc)
@@ -398,6 +442,8 @@ def _origin_label(origin: str) -> str:
     if not origin:
         return "dependencies"
     kind, _, name = origin.partition(":")
+    if kind == "local":
+        return f"local project '{name}'"
     return f"optional dependencies '{name}'" if kind == "extra" else f"dependency group '{name}'"
 
 

@@ -42,11 +42,12 @@ from imagebuild.report import NullReporter, Reporter
 if TYPE_CHECKING:
     from packaging.utils import NormalizedName
 
-    from imagebuild.lock import Lock
+    from imagebuild.lock import Lock, LockedPackage, WheelFile
     from imagebuild.oci import BaseImage, BlobStore, Image, Layer
     from imagebuild.project import ProjectSpec
     from imagebuild.registry import RegistryClient
     from imagebuild.target import TargetPlatform
+    from imagebuild.workspace import Workspace
 
 OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry")
 
@@ -95,6 +96,8 @@ class BuildRequest:
     """``locked`` (refuse a stale lock), ``frozen`` (use as is) or ``check-if-present``."""
     groups: tuple[str, ...] = ()
     extras: tuple[str, ...] = ()
+    package: str | None = None
+    """Build this workspace member (``project_dir`` is the workspace root)."""
     compile_bytecode: bool = True
     compile_with: str = "auto"
     """``auto`` (host Python of the target's version, else the base's), ``host`` or ``image``."""
@@ -129,13 +132,13 @@ def run_build(
     from imagebuild.fetch import WheelCache, fetch_wheels
     from imagebuild.lock import find_lock, load_lock, select_packages
     from imagebuild.oci import BlobStore
-    from imagebuild.project import load_project
     from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
     from imagebuild.target import TargetPlatform
     from imagebuild.wheelbuild import build_project_wheel
 
     reporter = reporter or NullReporter()
-    project = load_project(request.project_dir)
+    project, workspace, member_lock = locate_lock(request.project_dir, request.package)
+    project_dir = project.root
     settings = parse_settings(project.tool_imgbuild)
     settings = _apply_overrides(
         settings,
@@ -148,11 +151,14 @@ def run_build(
     for tag in tags:
         ImageReference.parse(tag)  # a bad tag fails now, not after the build
 
-    lock_path = find_lock(request.project_dir)
+    if request.package is not None:
+        lock_path: Path | None = member_lock if member_lock.is_file() else None
+    else:
+        lock_path = find_lock(project_dir)
     if lock_path is None:
         if request.lock_mode != "check-if-present":
             raise LockError(
-                f"{request.project_dir}: no pylock.toml or uv.lock to build from",
+                f"{request.project_dir}: no {member_lock.name} or uv.lock to build from",
                 hint="run 'imgbuild lock' (or 'uv lock'), or drop --locked/--frozen",
             )
         # Like `uv run`: no lock yet, so make one first.
@@ -165,17 +171,18 @@ def run_build(
                 python=request.python,
                 mirrors=request.mirrors,
                 docker_config=request.docker_config,
+                package=request.package,
             ),
             http=http,
             reporter=reporter,
         ).path
     lock = load_lock(lock_path)
     if request.lock_mode == "locked":
-        _check_lock(lock, project, settings)
+        _check_lock(lock, project, workspace, settings)
     elif request.lock_mode == "check-if-present":
         # A stale lock is built as it is, but never silently.
         try:
-            _check_lock(lock, project, settings)
+            _check_lock(lock, project, workspace, settings)
         except LockError as exc:
             reporter.warn(f"{exc}; building from the lock as it is")
     reporter.step(f"lock: {lock_path.name}")
@@ -213,23 +220,51 @@ def run_build(
         extras=set(settings.extras),
         groups=set(settings.groups),
     )
-    chosen = [(pkg, target.choose_wheel(pkg.name, pkg.wheels)) for pkg in packages]
+    chosen, from_sdist, local = _sort_sources(packages, target)
     reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
     paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
     dependencies = [
         PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
         for pkg, wheel in chosen
     ]
+    for pkg in from_sdist:
+        from imagebuild.sdist import build_sdist_wheel
+
+        assert pkg.sdist is not None
+        reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
+        wheel_path = build_sdist_wheel(
+            http,
+            pkg.sdist.url,
+            (pkg.sdist.sha256 or "").removeprefix("sha256:"),
+            pkg.sdist.filename,
+            cache,
+        )
+        dependencies.append(PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path))
 
     with tempfile.TemporaryDirectory(prefix="imgbuild-", dir=_tmp_root(cache)) as tmp:
         work = Path(tmp)
+        members = []
+        for pkg in local:
+            # Workspace members and path dependencies: built like the project, from source.
+            source_dir = (lock.path.parent / pkg.source.location).resolve()
+            reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
+            member_wheel = build_project_wheel(
+                source_dir, work / "dist-local", source_date_epoch=request.source_date_epoch
+            )
+            members.append(
+                PlannedWheel(
+                    name=pkg.name, version=member_wheel.name.split("-")[1], path=member_wheel
+                )
+            )
         reporter.step(f"build: {project.name} wheel")
         project_wheel = build_project_wheel(
-            request.project_dir, work / "dist", source_date_epoch=request.source_date_epoch
+            project_dir, work / "dist", source_date_epoch=request.source_date_epoch
         )
         version = project_wheel.name.split("-")[1]
         plan = plan_layers(
-            dependencies, PlannedWheel(name=project.name, version=version, path=project_wheel)
+            dependencies,
+            PlannedWheel(name=project.name, version=version, path=project_wheel),
+            local=members,
         )
         venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
         compiler = (
@@ -270,12 +305,40 @@ def _apply_overrides(
     )
 
 
-def _check_lock(lock: Lock, project: ProjectSpec, settings: ImageSettings) -> None:
+def _sort_sources(
+    packages: Sequence[LockedPackage], target: TargetPlatform
+) -> tuple[list[tuple[LockedPackage, WheelFile]], list[LockedPackage], list[LockedPackage]]:
+    """Split the selection: a wheel for the target, else the sdist, else a local directory."""
+    from imagebuild.errors import TargetError
+
+    wheels: list[tuple[LockedPackage, WheelFile]] = []
+    sdists: list[LockedPackage] = []
+    local: list[LockedPackage] = []
+    for pkg in packages:
+        if pkg.wheels:
+            try:
+                wheels.append((pkg, target.choose_wheel(pkg.name, pkg.wheels)))
+                continue
+            except TargetError:
+                if pkg.sdist is None:
+                    raise
+        if pkg.sdist is not None:
+            sdists.append(pkg)
+        else:
+            local.append(pkg)
+    return wheels, sdists, local
+
+
+def _check_lock(
+    lock: Lock, project: ProjectSpec, workspace: Workspace, settings: ImageSettings
+) -> None:
     """``--locked``: imgbuild's own pylock by its recorded inputs, others as uv judges."""
     from imagebuild.lock import check_locked
-    from imagebuild.locker import check_pylock, project_inputs
+    from imagebuild.locker import check_pylock, project_inputs, project_roots
+    from imagebuild.workspace import expand_local
 
     if lock.kind == "pylock":
+        _, local = expand_local(project_roots(project), project, workspace)
         targets, _ = lock_targets(
             settings, project, registry=None, store=None, cache=Path(), mirrors={}
         )
@@ -284,6 +347,7 @@ def _check_lock(lock: Lock, project: ProjectSpec, settings: ImageSettings) -> No
             indexes=lock_indexes(settings, project),
             prereleases=settings.prereleases,
             targets=targets,
+            local=[p.project for p in local.values()],
         )
         if check_pylock(lock.path, inputs):
             return
@@ -653,6 +717,8 @@ class LockRequest:
     """Ignore the existing pins of these packages only."""
     index_urls: tuple[str, ...] = ()
     """Command-line indexes (primary first); empty means settings, then [[tool.uv.index]]."""
+    package: str | None = None
+    """Lock this workspace member (into ``pylock.<name>.toml`` at the workspace root)."""
     base: str | None = None
     python: tuple[int, int] | None = None
     mirrors: Mapping[str, str] = field(default_factory=dict)
@@ -738,6 +804,36 @@ def lock_targets(
     return tuple(found), digests
 
 
+def locate_lock(project_dir: Path, package: str | None) -> tuple[ProjectSpec, Workspace, Path]:
+    """The project to lock, its workspace, and the lock file's path.
+
+    Without ``package``: the project at ``project_dir`` and its ``pylock.toml``. With it:
+    that member of the workspace rooted at ``project_dir``, locked into
+    ``pylock.<name>.toml`` there (PEP 751's name for one service's lock).
+    """
+    from packaging.utils import canonicalize_name
+
+    from imagebuild.project import load_project
+    from imagebuild.workspace import find_workspace_root, load_workspace
+
+    if package is None:
+        project = load_project(project_dir)
+        return (
+            project,
+            load_workspace(find_workspace_root(project_dir)),
+            project_dir / "pylock.toml",
+        )
+    workspace = load_workspace(project_dir)
+    name = canonicalize_name(package)
+    if name not in workspace.members:
+        known = ", ".join(sorted(workspace.members)) or "none"
+        raise ProjectError(
+            f"{project_dir / 'pyproject.toml'}: no workspace member named {package!r}",
+            hint=f"members: {known}",
+        )
+    return workspace.members[name], workspace, project_dir / f"pylock.{name}.toml"
+
+
 def _lock_hints_path(cache: Path, project_dir: Path, indexes: Sequence[str]) -> Path:
     """Where the names a project's last lock needed are kept (a speed hint, nothing more)."""
     key = hashlib.sha256("\n".join([str(project_dir), *indexes]).encode()).hexdigest()
@@ -800,16 +896,16 @@ def run_lock(
         write_pylock,
     )
     from imagebuild.oci import BlobStore
-    from imagebuild.project import load_project
     from imagebuild.registry import CredentialStore, RegistryClient
     from imagebuild.resolve import resolve
+    from imagebuild.workspace import expand_local
 
     reporter = reporter or NullReporter()
-    project = load_project(request.project_dir)
+    project, workspace, path = locate_lock(request.project_dir, request.package)
     settings = parse_settings(project.tool_imgbuild)
     settings = _apply_overrides(settings, base=request.base, python=request.python)
     indexes = request.index_urls or lock_indexes(settings, project)
-    path = request.project_dir / "pylock.toml"
+    roots, local = expand_local(project_roots(project), project, workspace)
     registry = RegistryClient(
         http, credentials=CredentialStore.from_docker_config(request.docker_config)
     )
@@ -830,11 +926,15 @@ def run_lock(
         if entry is not None:
             digest_lookup = _lookup_digest_in_background(registry, reference, request.mirrors)
     inputs = project_inputs(
-        project, indexes=indexes, prereleases=settings.prereleases, targets=targets
+        project,
+        indexes=indexes,
+        prereleases=settings.prereleases,
+        targets=targets,
+        local=[p.project for p in local.values()],
     )
     if request.check:
         if not path.is_file():
-            raise LockError(f"{request.project_dir}: no pylock.toml", hint="run 'imgbuild lock'")
+            raise LockError(f"{path.parent}: no {path.name}", hint="run 'imgbuild lock'")
         if not check_pylock(path, inputs):
             raise LockError(
                 f"{path}: not written by imgbuild, so it cannot be checked",
@@ -849,7 +949,6 @@ def run_lock(
         from packaging.utils import canonicalize_name
 
         preferences.pop(canonicalize_name(name), None)
-    roots = project_roots(project)
     origins = {
         str(req): "pyproject.toml" if not origin else f"pyproject.toml {origin}"
         for origin, reqs in roots.items()
@@ -878,7 +977,15 @@ def run_lock(
     _write_json(hints, sorted({pin.name for r in resolutions for pin in r.pins}))
     if digest_lookup is not None:
         digests.update(digest_lookup())
-    text = render_pylock(project, inputs, resolutions, base_digests=digests)
+    text = render_pylock(
+        project,
+        inputs,
+        resolutions,
+        roots=roots,
+        lock_dir=path.parent,
+        local=local,
+        base_digests=digests,
+    )
     old = path.read_text(encoding="utf-8") if path.is_file() else None
     if text != old:
         write_pylock(path, text)

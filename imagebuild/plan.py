@@ -38,7 +38,7 @@ class LayerSpec:
     """One layer to build."""
 
     kind: str
-    """``venv``, ``dependencies`` or ``project``."""
+    """``venv``, ``dependency``/``dependencies``, ``local`` or ``project``."""
     wheels: tuple[PlannedWheel, ...]
     """Wheels installed into this layer, sorted by name."""
 
@@ -63,11 +63,18 @@ def plan_layers(
     dependencies: Sequence[PlannedWheel],
     project: PlannedWheel | None,
     *,
+    local: Sequence[PlannedWheel] = (),
     max_layers: int = DEFAULT_MAX_LAYERS,
 ) -> LayerPlan:
-    """Plan the venv, dependency and project layers (pure)."""
+    """Plan the venv, dependency, local-package and project layers (pure).
+
+    ``local`` are workspace members and path dependencies: built from source like the
+    project, they change more often than indexed packages and less often than the project,
+    so each gets a layer between the two.
+    """
     deps = sorted(dependencies, key=lambda w: (w.name, w.version))
-    budget = max(1, max_layers - 2)
+    members = sorted(local, key=lambda w: w.name)
+    budget = max(1, max_layers - 2 - len(members))
     per_layer = max(1, math.ceil(len(deps) / budget))
     layers = [LayerSpec(kind="venv", wheels=())]
     for start in range(0, len(deps), per_layer):
@@ -75,6 +82,7 @@ def plan_layers(
         layers.append(
             LayerSpec(kind="dependency" if per_layer == 1 else "dependencies", wheels=chunk)
         )
+    layers.extend(LayerSpec(kind="local", wheels=(member,)) for member in members)
     if project is not None:
         layers.append(LayerSpec(kind="project", wheels=(project,)))
     return LayerPlan(layers=tuple(layers))

@@ -351,25 +351,10 @@ def test_uv_wheel_paths_and_sdist(tmp_path: Path) -> None:
     ("package", "message"),
     [
         (
-            f"""source = {{ registry = "https://pypi.org/simple" }}
-            sdist = {{ url = "https://x/dep-1.0.tar.gz", hash = "sha256:{HEX}", size = 1 }}""",
-            (
-                "uv.lock: package dep 1.0 has only an sdist (dep-1.0.tar.gz); imgbuild installs "
-                "wheels only; lock a version that publishes wheels"
-            ),
-        ),
-        (
             'source = { git = "https://github.com/o/dep?rev=main#0123456789abcdef0123456789abcdef01234567" }',
             (
                 "comes from git https://github.com/o/dep?rev=main#0123456789abcdef0123456789abcdef01234567,"
                 " which imgbuild cannot install; depend on a released version"
-            ),
-        ),
-        (
-            'source = { directory = "libs/dep" }',
-            (
-                "uv.lock: package dep 1.0 is a local directory libs/dep; imgbuild installs only the "
-                "project itself from source"
             ),
         ),
     ],
@@ -570,11 +555,29 @@ def test_pylock_errors_have_field_paths(tmp_path: Path) -> None:
         write_pylock(tmp_path, PYLOCK.replace('lock-version = "1.0"', 'lock-version = "2.0"'))
 
 
-def test_pylock_uninstallable(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "package",
+    [
+        f"""source = {{ registry = "https://pypi.org/simple" }}
+        sdist = {{ url = "https://x/dep-1.0.tar.gz", hash = "sha256:{HEX}", size = 1 }}""",
+        'source = { directory = "libs/dep" }',
+    ],
+    ids=["sdist-only", "local-directory"],
+)
+def test_uv_sdists_and_local_directories_are_selected(tmp_path: Path, package: str) -> None:
+    """They are built into wheels at image build time (pure-Python sdists, local projects)."""
+    body = ROOT + '\n[[package]]\nname = "dep"\nversion = "1.0"\n' + textwrap.dedent(package) + "\n"
+    lock = write_uv(tmp_path, body)
+    (dep,) = select_packages(lock, target=py(11))
+    assert dep.name == "dep" and not dep.wheels
+
+
+def test_pylock_local_directory_is_selected(tmp_path: Path) -> None:
     text = PYLOCK + '\n[[packages]]\nname = "vendored"\ndirectory = { path = "vendor/x" }\n'
     lock = write_pylock(tmp_path, text)
-    with pytest.raises(LockError, match="package vendored is a local directory vendor/x"):
-        select_packages(lock, target=py(11))
+    vendored = [p for p in select_packages(lock, target=py(11)) if p.name == "vendored"]
+    assert vendored[0].source.kind == "directory"
+    assert vendored[0].source.location == "vendor/x"
 
 
 def test_pylock_check_locked(tmp_path: Path) -> None:
