@@ -1,0 +1,136 @@
+"""uv workspaces: members resolved from source, locked as directories, built into layers."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from imagebuild.oci import validate_layout
+from tests.fixtures.docker_engine import TestInfra
+from tests.fixtures.index_server import LocalIndex
+from tests.integration.conftest import imgbuild, uv_lock
+
+pytestmark = pytest.mark.docker
+
+
+def _workspace(root: Path, index_url: str) -> Path:
+    """app (root) -> greeter (member, workspace source) -> colours (index)."""
+    (root / "src" / "app").mkdir(parents=True)
+    (root / "pyproject.toml").write_text(textwrap.dedent(f"""\
+        [project]
+        name = "app"
+        version = "1.0"
+        requires-python = ">=3.11"
+        dependencies = ["greeter"]
+
+        [project.scripts]
+        app = "app:main"
+
+        [tool.uv.workspace]
+        members = ["packages/*"]
+
+        [tool.uv.sources]
+        greeter = {{ workspace = true }}
+
+        [tool.imgbuild]
+        index-url = "{index_url}"
+
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+        """))
+    (root / "src" / "app" / "__init__.py").write_text(
+        "import json, greeter\n\ndef main():\n    print(json.dumps(greeter.greet()))\n"
+    )
+    member = root / "packages" / "greeter"
+    (member / "src" / "greeter").mkdir(parents=True)
+    (member / "pyproject.toml").write_text(textwrap.dedent("""\
+        [project]
+        name = "greeter"
+        version = "0.2"
+        requires-python = ">=3.11"
+        dependencies = ["colours>=0.3"]
+
+        [project.scripts]
+        greeter = "greeter:main"
+
+        [build-system]
+        requires = ["hatchling"]
+        build-backend = "hatchling.build"
+        """))
+    (member / "src" / "greeter" / "__init__.py").write_text(
+        "import colours\n\ndef greet():\n    return {'from': 'greeter', 'red': colours.RED}\n\n"
+        "def main():\n    print(greet())\n"
+    )
+    return root
+
+
+def test_workspace_lock_and_build(
+    docker_env: TestInfra, demo_index: LocalIndex, image_cleanup: list[str], tmp_path: Path
+) -> None:
+    root = _workspace(tmp_path / "ws", demo_index.url)
+    cache = tmp_path / "cache"
+    result = imgbuild("lock", root, "--python", "3.11", "--cache-dir", cache)
+    assert result.exit_code == 0, result.stderr
+    lock = tomllib.loads((root / "pylock.toml").read_text())
+    entries = {p["name"]: p for p in lock["packages"]}
+    assert entries["greeter"]["directory"] == {"path": "packages/greeter", "editable": False}
+    assert entries["app"]["directory"]["path"] == "."
+    assert {"colours", "greeting"} <= set(entries)  # the member's dependencies, from the index
+
+    tag = "imgbuild-test/workspace:1"
+    image_cleanup.append(tag)
+    layout = tmp_path / "layout"
+    built = imgbuild("build", root, "--locked", "--python", "3.11", "--tag", tag,
+                     "--cache-dir", cache, "--output", "docker", "--output", f"oci:{layout}")
+    assert built.exit_code == 0, built.stderr
+    validate_layout(layout)
+    output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
+    assert json.loads(bytes(output)) == {"from": "greeter", "red": "#f00"}
+    history = [h["CreatedBy"] for h in docker_env.client.api.history(tag)]
+    assert "imgbuild: local greeter 0.2" in history
+    assert history[0] == "imgbuild: project app 1.0"  # newest first: the project is last
+
+    # Editing the member's requirements makes the lock stale.
+    member = root / "packages" / "greeter" / "pyproject.toml"
+    member.write_text(member.read_text().replace('"colours>=0.3"', '"colours>=0.3", "extra-lib"'))
+    check = imgbuild("lock", root, "--check", "--python", "3.11")
+    assert check.exit_code == 1
+    assert "local project 'greeter'" in check.stderr and "extra-lib" in check.stderr
+
+
+def test_member_lock_and_build_with_package(
+    docker_env: TestInfra, demo_index: LocalIndex, tmp_path: Path
+) -> None:
+    root = _workspace(tmp_path / "ws", demo_index.url)
+    cache = tmp_path / "cache"
+    result = imgbuild("lock", root, "--package", "greeter", "--python", "3.11",
+                      "--cache-dir", cache)
+    assert result.exit_code == 0, result.stderr
+    assert (root / "pylock.greeter.toml").is_file() and not (root / "pylock.toml").exists()
+    layout = tmp_path / "layout"
+    built = imgbuild("build", root, "--package", "greeter", "--locked", "--python", "3.11",
+                     "--cache-dir", cache, "--output", f"oci:{layout}")
+    assert built.exit_code == 0, built.stderr
+    validate_layout(layout)
+    unknown = imgbuild("lock", root, "--package", "nope")
+    assert unknown.exit_code == 1
+    assert "no workspace member named 'nope'" in unknown.stderr
+
+
+def test_uv_workspace_lock_builds(
+    docker_env: TestInfra, demo_index: LocalIndex, tmp_path: Path
+) -> None:
+    """A workspace locked by real uv: the member comes from its directory source."""
+    root = _workspace(tmp_path / "ws", demo_index.url)
+    uv_lock(root, demo_index.url)
+    layout = tmp_path / "layout"
+    built = imgbuild("build", root, "--locked", "--python", "3.11",
+                     "--cache-dir", tmp_path / "cache", "--output", f"oci:{layout}")
+    assert built.exit_code == 0, built.stderr
+    assert "lock: uv.lock" in built.stderr
+    validate_layout(layout)
