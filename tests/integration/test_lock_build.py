@@ -85,3 +85,61 @@ def test_build_outside_the_locked_targets_is_refused(
     assert result.exit_code == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: pylock.toml: the target matches none of the lock's environments")
+
+
+def test_new_release_keeps_the_lock_until_upgrade(
+    docker_env: TestInfra, fresh_index: LocalIndex, tmp_path: Path
+) -> None:
+    """A new upstream release never makes a lock stale; --upgrade-package takes it."""
+    fresh_index.add_wheel("tool", "1.0.0", files={"tool.py": "V = 1\n"})
+    fresh_index.add_wheel("other", "1.0.0", files={"other.py": "V = 1\n"})
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "p"\nversion = "1"\nrequires-python = ">=3.11"\n'
+        'dependencies = ["tool>=1", "other"]\n'
+        f'[tool.imgbuild]\nindex-url = "{fresh_index.url}"\n'
+    )
+
+    def pins() -> dict[str, str]:
+        lock = tomllib.loads((project / "pylock.toml").read_text())
+        return {p["name"]: p["version"] for p in lock["packages"] if "version" in p}
+
+    cache = tmp_path / "cache"
+    assert imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache).exit_code == 0
+    assert pins() == {"tool": "1.0.0", "other": "1.0.0"}
+    fresh_index.add_wheel("tool", "1.1.0", files={"tool.py": "V = 2\n"})
+    fresh_index.add_wheel("other", "1.1.0", files={"other.py": "V = 2\n"})
+    assert imgbuild("lock", project, "--check", "--python", "3.11").exit_code == 0
+    relock = imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache)
+    assert relock.exit_code == 0, relock.stderr
+    assert pins() == {"tool": "1.0.0", "other": "1.0.0"}
+    one = imgbuild("lock", project, "--python", "3.11", "--upgrade-package", "tool",
+                   "--cache-dir", cache)
+    assert one.exit_code == 0, one.stderr
+    assert pins() == {"tool": "1.1.0", "other": "1.0.0"}
+    every = imgbuild("lock", project, "--python", "3.11", "--upgrade", "--cache-dir", cache)
+    assert every.exit_code == 0, every.stderr
+    assert pins() == {"tool": "1.1.0", "other": "1.1.0"}
+
+
+def test_conflict_is_explained_in_one_line(
+    docker_env: TestInfra, fresh_index: LocalIndex, tmp_path: Path
+) -> None:
+    fresh_index.add_wheel("lib", "1.0", files={"lib.py": ""}, requires=["base<2"])
+    fresh_index.add_wheel("base", "1.5", files={"base.py": ""})
+    fresh_index.add_wheel("base", "2.1", files={"base.py": ""})
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "p"\nversion = "1"\nrequires-python = ">=3.11"\n'
+        'dependencies = ["lib", "base>=2"]\n'
+        f'[tool.imgbuild]\nindex-url = "{fresh_index.url}"\n'
+    )
+    result = imgbuild("lock", project, "--python", "3.11", "--cache-dir", tmp_path / "c")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    line = errors[0]
+    assert "base<2 (required by lib 1.0) conflicts with base>=2 (from pyproject.toml)" in line
+    assert not (project / "pylock.toml").exists()

@@ -1,0 +1,61 @@
+"""Pure pieces of the pipeline: index choice for locking, output parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagebuild.config import parse_settings
+from imagebuild.errors import ProjectError
+from imagebuild.pipeline import PYPI, lock_indexes, parse_outputs
+from imagebuild.project import load_project
+
+
+def _project(tmp_path: Path, tool: str) -> Path:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "1"\n' + tool)
+    return tmp_path
+
+
+def test_default_index_is_pypi(tmp_path: Path) -> None:
+    project = load_project(_project(tmp_path, ""))
+    assert lock_indexes(parse_settings({}), project) == (PYPI,)
+
+
+def test_uv_indexes_are_taken_in_uv_order(tmp_path: Path) -> None:
+    project = load_project(_project(tmp_path, """
+[[tool.uv.index]]
+name = "internal"
+url = "https://pkgs.example/simple/"
+
+[[tool.uv.index]]
+name = "torch"
+url = "https://torch.example/simple/"
+explicit = true
+
+[[tool.uv.index]]
+name = "mirror"
+url = "https://mirror.example/simple/"
+default = true
+"""))
+    # Declared indexes first, explicit ones only for pinned sources, the default last.
+    assert lock_indexes(parse_settings({}), project) == (
+        "https://pkgs.example/simple/",
+        "https://mirror.example/simple/",
+    )
+
+
+def test_imgbuild_index_settings_win(tmp_path: Path) -> None:
+    project = load_project(_project(tmp_path, '[[tool.uv.index]]\nurl = "https://x/simple/"\n'))
+    settings = parse_settings(
+        {"index-url": "https://a/simple/", "extra-index-urls": ["https://b/simple/"]}
+    )
+    assert lock_indexes(settings, project) == ("https://a/simple/", "https://b/simple/")
+
+
+def test_outputs(tmp_path: Path) -> None:
+    outputs = parse_outputs(["docker", f"oci:{tmp_path}/x", "registry"])
+    assert [o.kind for o in outputs] == ["docker", "oci", "registry"]
+    assert outputs[1].path == tmp_path / "x"
+    with pytest.raises(ProjectError, match="registry takes no path"):
+        parse_outputs(["registry:foo"])
