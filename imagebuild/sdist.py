@@ -34,7 +34,13 @@ import httpx
 from build import BuildBackendException, BuildException, FailedProcessError, ProjectBuilder
 from build.env import DefaultIsolatedEnv
 from filelock import FileLock
-from packaging.utils import InvalidWheelFilename, parse_wheel_filename
+from packaging.utils import (
+    InvalidSdistFilename,
+    InvalidWheelFilename,
+    parse_sdist_filename,
+    parse_wheel_filename,
+)
+from packaging.version import InvalidVersion
 
 from .errors import BuildError, FetchError, ImagebuildError, PackageIndexError
 
@@ -129,6 +135,7 @@ def build_sdist_wheel(
             source = _unpack(archive, work / "src", subject, BuildError)
             wheel = _build_wheel(source, work / "out", subject)
             _check_pure(wheel, subject)
+            _check_identity(wheel, filename, subject)
             entry.mkdir(parents=True, exist_ok=True)
             final = entry / wheel.name
             part = entry / f".tmp-{os.getpid()}-{wheel.name}.part"
@@ -388,6 +395,21 @@ def _check_pure(wheel: Path, subject: str) -> None:
         raise BuildError(refusal, hint=hint)
     if not _root_is_purelib(wheel, subject):
         raise BuildError(refusal, hint=hint)
+
+
+def _check_identity(wheel: Path, sdist: str, subject: str) -> None:
+    """Refuse a wheel whose name or version is not the sdist's (it would be locked wrong)."""
+    name, version, _, _ = parse_wheel_filename(wheel.name)
+    try:
+        expected = parse_sdist_filename(sdist)
+    except (InvalidSdistFilename, InvalidVersion):
+        return  # an odd sdist name the index let through: nothing to compare with
+    if (name, version) != expected:
+        raise BuildError(
+            f"{subject}: built {wheel.name}, which is {name} {version}, "
+            f"not {expected[0]} {expected[1]}",
+            hint="the sdist is inconsistent; use a version of it that ships a wheel",
+        )
 
 
 def _root_is_purelib(wheel: Path, subject: str) -> bool:

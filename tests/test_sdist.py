@@ -208,6 +208,21 @@ def test_platlib_wheel_with_pure_tags_is_refused(
         )
 
 
+def test_wheel_of_another_version_is_refused(
+    http: httpx.Client, fresh_index: LocalIndex, cache: Path, tmp_path: Path
+) -> None:
+    # An sdist whose file name says 2.0 but whose backend builds 1.0.
+    built = make_sdist(tmp_path / "src", "liar", "1.0")
+    renamed = tmp_path / "liar-2.0.tar.gz"
+    renamed.write_bytes(built.read_bytes())
+    served = fresh_index.add(renamed)
+    with pytest.raises(BuildError, match=r"built liar-1.0-py3-none-any.whl, which is liar 1.0"):
+        build_sdist_wheel(
+            http, fresh_index.file_url(served.filename), served.sha256, served.filename, cache
+        )
+    assert cached_files(cache) == []
+
+
 def test_build_hash_mismatch_caches_nothing(
     http: httpx.Client, fresh_index: LocalIndex, cache: Path
 ) -> None:
