@@ -249,7 +249,10 @@ def run_build(
             source_dir = (lock.path.parent / pkg.source.location).resolve()
             reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
             member_wheel = build_project_wheel(
-                source_dir, work / "dist-local", source_date_epoch=request.source_date_epoch
+                source_dir,
+                work / "dist-local",
+                source_date_epoch=request.source_date_epoch,
+                env_cache=cache / "build-envs",
             )
             members.append(
                 PlannedWheel(
@@ -258,7 +261,10 @@ def run_build(
             )
         reporter.step(f"build: {project.name} wheel")
         project_wheel = build_project_wheel(
-            project_dir, work / "dist", source_date_epoch=request.source_date_epoch
+            project_dir,
+            work / "dist",
+            source_date_epoch=request.source_date_epoch,
+            env_cache=cache / "build-envs",
         )
         version = project_wheel.name.split("-")[1]
         plan = plan_layers(
