@@ -196,9 +196,7 @@ _GROUPED: dict[int, tuple[Sequence[IndexFile], dict[Version, list[IndexFile]]]] 
 _GROUPED_LOCK = threading.Lock()
 
 
-def _by_version(
-    name: NormalizedName, files: Sequence[IndexFile]
-) -> dict[Version, list[IndexFile]]:
+def _by_version(name: NormalizedName, files: Sequence[IndexFile]) -> dict[Version, list[IndexFile]]:
     with _GROUPED_LOCK:
         cached = _GROUPED.get(id(files))
     if cached is not None and cached[0] is files:
