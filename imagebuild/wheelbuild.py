@@ -62,7 +62,16 @@ def build_project_wheel(
             return Path(builder.build("wheel", out_dir))
     except BuildError:
         raise
-    except (BuildException, BuildBackendException, subprocess.CalledProcessError) as exc:
+    except BuildBackendException as exc:
+        if isinstance(exc.exception, BuildError):
+            # pypa/build wraps what our runner raised: report the runner's line, once.
+            raise exc.exception from None
+        raise BuildError(
+            f"{project_dir / 'pyproject.toml'}: cannot build the project into a wheel "
+            f"({exc.exception!r})",
+            hint="check [build-system] in pyproject.toml",
+        ) from exc
+    except (BuildException, subprocess.CalledProcessError) as exc:
         raise BuildError(
             f"{project_dir / 'pyproject.toml'}: cannot build the project into a wheel ({exc})",
             hint="check [build-system] in pyproject.toml",

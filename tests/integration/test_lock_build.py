@@ -143,3 +143,63 @@ def test_conflict_is_explained_in_one_line(
     line = errors[0]
     assert "base<2 (required by lib 1.0) conflicts with base>=2 (from pyproject.toml)" in line
     assert not (project / "pylock.toml").exists()
+
+
+def test_sdist_only_dependency_is_locked_and_built(
+    docker_env: TestInfra, fresh_index: LocalIndex, image_cleanup: list[str], tmp_path: Path
+) -> None:
+    """Metadata through its PEP 517 backend when locking; a pure wheel built for the image."""
+    fresh_index.add_wheel("helper", "1.0", files={"helper.py": "NAME = 'helper'\n"})
+    fresh_index.add_sdist(
+        "srconly", "2.0", requires=["helper"],
+        files={"srconly/__init__.py": "import helper\nVALUE = 'from sdist ' + helper.NAME\n"},
+    )
+    project = tmp_path / "p"
+    (project / "src" / "p").mkdir(parents=True)
+    (project / "src" / "p" / "__init__.py").write_text(
+        "import srconly\n\ndef main():\n    print(srconly.VALUE)\n"
+    )
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "p"\nversion = "1"\nrequires-python = ">=3.11"\n'
+        'dependencies = ["srconly"]\n[project.scripts]\np = "p:main"\n'
+        f'[tool.imgbuild]\nindex-url = "{fresh_index.url}"\n'
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+    )
+    cache = tmp_path / "cache"
+    locked = imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache)
+    assert locked.exit_code == 0, locked.stderr
+    entries = {p["name"]: p for p in tomllib.loads((project / "pylock.toml").read_text())["packages"]}
+    assert "sdist" in entries["srconly"] and "wheels" not in entries["srconly"]
+    assert entries["helper"]["version"] == "1.0"  # read from the sdist's metadata
+    tag = "imgbuild-test/sdist-only:1"
+    image_cleanup.append(tag)
+    built = imgbuild("build", project, "--locked", "--python", "3.11", "--tag", tag,
+                     "--cache-dir", cache)
+    assert built.exit_code == 0, built.stderr
+    output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
+    assert bytes(output).decode().strip() == "from sdist helper"
+
+
+def test_platform_sdist_is_refused_at_build(
+    docker_env: TestInfra, fresh_index: LocalIndex, tmp_path: Path
+) -> None:
+    fresh_index.add_sdist("native", "1.0", tags="cp311-cp311-linux_x86_64")
+    project = tmp_path / "p"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "p"\nversion = "1"\nrequires-python = ">=3.11"\n'
+        'dependencies = ["native"]\n'
+        f'[tool.imgbuild]\nindex-url = "{fresh_index.url}"\n'
+    )
+    cache = tmp_path / "cache"
+    assert imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache).exit_code == 0
+    built = imgbuild("build", project, "--frozen", "--python", "3.11", "--cache-dir", cache,
+                     "--output", f"oci:{tmp_path / 'out'}")
+    assert built.exit_code == 1
+    errors = [line for line in built.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: sdist native-1.0.tar.gz: builds a platform wheel "
+        "(native-1.0-cp311-cp311-linux_x86_64.whl); imgbuild only builds pure-Python sdists; "
+        "use a version with a wheel for the target"
+    ]
+    assert not (tmp_path / "out").exists()
