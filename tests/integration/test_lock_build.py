@@ -198,8 +198,10 @@ def test_platform_sdist_is_refused_at_build(
     assert built.exit_code == 1
     errors = [line for line in built.stderr.splitlines() if line.startswith("error:")]
     assert errors == [
-        "error: sdist native-1.0.tar.gz: builds a platform wheel "
-        "(native-1.0-cp311-cp311-linux_x86_64.whl); imgbuild only builds pure-Python sdists; "
-        "use a version with a wheel for the target"
+        (
+            "error: sdist native-1.0.tar.gz: builds a platform wheel "
+            "(native-1.0-cp311-cp311-linux_x86_64.whl); imgbuild only builds pure-Python "
+            "sdists; use a version with a wheel for the target"
+        )
     ]
     assert not (tmp_path / "out").exists()
