@@ -350,7 +350,7 @@ def _check_lock(
         )
         inputs = project_inputs(
             project,
-            indexes=lock_indexes(settings, project),
+            indexes=lock_indexes(settings, project, workspace),
             prereleases=settings.prereleases,
             targets=targets,
             local=[p.project for p in local.values()],
@@ -746,11 +746,26 @@ class LockResult:
         return [f"{verb} {self.path} ({self.packages} packages for {', '.join(self.targets)})"]
 
 
-def lock_indexes(settings: ImageSettings, project: ProjectSpec) -> tuple[str, ...]:
-    """Indexes in priority order: [tool.imgbuild], else [[tool.uv.index]] (as uv orders them)."""
+def lock_indexes(
+    settings: ImageSettings, project: ProjectSpec, workspace: Workspace | None = None
+) -> tuple[str, ...]:
+    """Indexes in priority order: [tool.imgbuild], else [[tool.uv.index]] (as uv orders them).
+
+    A workspace member without index settings of its own takes the workspace root's.
+    """
     if settings.index_url:
         return (settings.index_url, *settings.extra_index_urls)
-    uv_indexes = project.tool_uv.get("index", [])
+    if (
+        workspace is not None
+        and project.root != workspace.root
+        and not project.tool_uv.get("index")
+    ):
+        root_settings = parse_settings(workspace.tool_imgbuild, source=str(workspace.root))
+        if root_settings.index_url:
+            return (root_settings.index_url, *root_settings.extra_index_urls)
+        uv_indexes: object = workspace.tool_uv.get("index", [])
+    else:
+        uv_indexes = project.tool_uv.get("index", [])
     preferred: list[str] = []
     default = PYPI
     if isinstance(uv_indexes, list):
@@ -910,7 +925,7 @@ def run_lock(
     project, workspace, path = locate_lock(request.project_dir, request.package)
     settings = parse_settings(project.tool_imgbuild)
     settings = _apply_overrides(settings, base=request.base, python=request.python)
-    indexes = request.index_urls or lock_indexes(settings, project)
+    indexes = request.index_urls or lock_indexes(settings, project, workspace)
     roots, local = expand_local(project_roots(project), project, workspace)
     registry = RegistryClient(
         http, credentials=CredentialStore.from_docker_config(request.docker_config)

@@ -36,6 +36,10 @@ class Workspace:
     """Directory of the root pyproject.toml."""
     members: Mapping[NormalizedName, ProjectSpec]
     """Member name -> its project (the root project too, when it has a [project] table)."""
+    tool_imgbuild: Mapping[str, object]
+    """The root's ``[tool.imgbuild]``: workspace-wide settings (indexes) members inherit."""
+    tool_uv: Mapping[str, object]
+    """The root's ``[tool.uv]`` (``[[tool.uv.index]]`` is workspace-wide in uv)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -79,9 +83,12 @@ def load_workspace(root: Path) -> Workspace:
     if "project" in data:
         project = load_project(root)
         members[project.name] = project
-    table = data.get("tool", {}).get("uv", {}).get("workspace")
+    tool = data.get("tool", {})
+    tool_imgbuild = tool.get("imgbuild", {}) if isinstance(tool, Mapping) else {}
+    tool_uv = tool.get("uv", {}) if isinstance(tool, Mapping) else {}
+    table = tool_uv.get("workspace") if isinstance(tool_uv, Mapping) else None
     if not isinstance(table, Mapping):
-        return Workspace(root=root, members=members)
+        return Workspace(root=root, members=members, tool_imgbuild=tool_imgbuild, tool_uv=tool_uv)
     patterns = table.get("members", [])
     excluded = table.get("exclude", [])
     if not isinstance(patterns, list) or not isinstance(excluded, list):
@@ -93,7 +100,7 @@ def load_workspace(root: Path) -> Workspace:
                 continue
             member = load_project(directory)
             members.setdefault(member.name, member)
-    return Workspace(root=root, members=members)
+    return Workspace(root=root, members=members, tool_imgbuild=tool_imgbuild, tool_uv=tool_uv)
 
 
 def local_sources(project: ProjectSpec, workspace: Workspace) -> dict[NormalizedName, Path]:

@@ -20,7 +20,8 @@ pytestmark = pytest.mark.docker
 def _workspace(root: Path, index_url: str) -> Path:
     """app (root) -> greeter (member, workspace source) -> colours (index)."""
     (root / "src" / "app").mkdir(parents=True)
-    (root / "pyproject.toml").write_text(textwrap.dedent(f"""\
+    (root / "pyproject.toml").write_text(
+        textwrap.dedent(f"""\
         [project]
         name = "app"
         version = "1.0"
@@ -42,13 +43,15 @@ def _workspace(root: Path, index_url: str) -> Path:
         [build-system]
         requires = ["hatchling"]
         build-backend = "hatchling.build"
-        """))
+        """)
+    )
     (root / "src" / "app" / "__init__.py").write_text(
         "import json, greeter\n\ndef main():\n    print(json.dumps(greeter.greet()))\n"
     )
     member = root / "packages" / "greeter"
     (member / "src" / "greeter").mkdir(parents=True)
-    (member / "pyproject.toml").write_text(textwrap.dedent("""\
+    (member / "pyproject.toml").write_text(
+        textwrap.dedent("""\
         [project]
         name = "greeter"
         version = "0.2"
@@ -61,7 +64,8 @@ def _workspace(root: Path, index_url: str) -> Path:
         [build-system]
         requires = ["hatchling"]
         build-backend = "hatchling.build"
-        """))
+        """)
+    )
     (member / "src" / "greeter" / "__init__.py").write_text(
         "import colours\n\ndef greet():\n    return {'from': 'greeter', 'red': colours.RED}\n\n"
         "def main():\n    print(greet())\n"
@@ -85,8 +89,21 @@ def test_workspace_lock_and_build(
     tag = "imgbuild-test/workspace:1"
     image_cleanup.append(tag)
     layout = tmp_path / "layout"
-    built = imgbuild("build", root, "--locked", "--python", "3.11", "--tag", tag,
-                     "--cache-dir", cache, "--output", "docker", "--output", f"oci:{layout}")
+    built = imgbuild(
+        "build",
+        root,
+        "--locked",
+        "--python",
+        "3.11",
+        "--tag",
+        tag,
+        "--cache-dir",
+        cache,
+        "--output",
+        "docker",
+        "--output",
+        f"oci:{layout}",
+    )
     assert built.exit_code == 0, built.stderr
     validate_layout(layout)
     output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
@@ -108,13 +125,30 @@ def test_member_lock_and_build_with_package(
 ) -> None:
     root = _workspace(tmp_path / "ws", demo_index.url)
     cache = tmp_path / "cache"
-    result = imgbuild("lock", root, "--package", "greeter", "--python", "3.11",
-                      "--cache-dir", cache)
+    result = imgbuild(
+        "lock", root, "--package", "greeter", "--python", "3.11", "--cache-dir", cache
+    )
     assert result.exit_code == 0, result.stderr
     assert (root / "pylock.greeter.toml").is_file() and not (root / "pylock.toml").exists()
+    # The member has no index settings: the workspace root's apply, as in uv.
+    entries = {
+        p["name"]: p for p in tomllib.loads((root / "pylock.greeter.toml").read_text())["packages"]
+    }
+    assert entries["colours"]["index"] == demo_index.url
     layout = tmp_path / "layout"
-    built = imgbuild("build", root, "--package", "greeter", "--locked", "--python", "3.11",
-                     "--cache-dir", cache, "--output", f"oci:{layout}")
+    built = imgbuild(
+        "build",
+        root,
+        "--package",
+        "greeter",
+        "--locked",
+        "--python",
+        "3.11",
+        "--cache-dir",
+        cache,
+        "--output",
+        f"oci:{layout}",
+    )
     assert built.exit_code == 0, built.stderr
     validate_layout(layout)
     unknown = imgbuild("lock", root, "--package", "nope")
@@ -129,8 +163,17 @@ def test_uv_workspace_lock_builds(
     root = _workspace(tmp_path / "ws", demo_index.url)
     uv_lock(root, demo_index.url)
     layout = tmp_path / "layout"
-    built = imgbuild("build", root, "--locked", "--python", "3.11",
-                     "--cache-dir", tmp_path / "cache", "--output", f"oci:{layout}")
+    built = imgbuild(
+        "build",
+        root,
+        "--locked",
+        "--python",
+        "3.11",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--output",
+        f"oci:{layout}",
+    )
     assert built.exit_code == 0, built.stderr
     assert "lock: uv.lock" in built.stderr
     validate_layout(layout)
