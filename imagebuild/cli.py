@@ -52,12 +52,13 @@ def _fail(exc: ImagebuildError, verbose: bool) -> None:
 
 
 def _cache_dir(option: Path | None) -> Path:
-    from imagebuild.fetch import default_cache_dir
+    import platformdirs
 
     if option is not None:
         return option
     env = os.environ.get("IMGBUILD_CACHE_DIR")
-    return Path(env) if env else default_cache_dir()
+    # The same place fetch.default_cache_dir names (not imported: `lock` needs none of fetch).
+    return Path(env) if env else Path(platformdirs.user_cache_dir("imgbuild", appauthor=False))
 
 
 def _source_date_epoch() -> int:

@@ -41,7 +41,6 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import PackageIndexError
 from .report import NullReporter, Reporter
-from .sdist import sdist_metadata
 
 FileKind = Literal["wheel", "sdist"]
 
@@ -424,6 +423,8 @@ class SimpleIndex:
     def _metadata_from_sdist(self, file: IndexFile) -> bytes:
         """Ask the sdist's PEP 517 backend (see ``sdist.py``); cached by the sdist's hash."""
         self._report.step(f"preparing the metadata of {file.filename} with its build backend")
+        from .sdist import sdist_metadata  # pulls in pypa/build: only when an sdist needs it
+
         if self._cache_dir is not None:
             return sdist_metadata(self._http, file, self._cache_dir)
         with tempfile.TemporaryDirectory(prefix="imgbuild-sdist-cache-") as tmp:
