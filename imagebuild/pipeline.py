@@ -939,13 +939,6 @@ def run_lock(
         cache=request.cache_dir,
         mirrors=request.mirrors,
     )
-    # The catalog base's digest is recorded for the record only: look it up beside the
-    # resolution rather than before it.
-    digest_lookup = None
-    if not request.check and not digests:
-        entry, reference = _base_reference(settings, project)
-        if entry is not None:
-            digest_lookup = _lookup_digest_in_background(registry, reference, request.mirrors)
     inputs = project_inputs(
         project,
         indexes=indexes,
@@ -964,6 +957,30 @@ def run_lock(
         return LockResult(
             path=path, changed=False, packages=0, targets=tuple(t.describe() for t in targets)
         )
+
+    if not request.upgrade and not request.upgrade_packages and path.is_file():
+        # As `uv lock` does: a lock that still fits its inputs is kept as it is, with no
+        # resolution and no request (an error here just means: resolve again).
+        try:
+            current = check_pylock(path, inputs)
+        except LockError:
+            current = False
+        if current:
+            reporter.step(f"lock: {path.name} is up to date")
+            return LockResult(
+                path=path,
+                changed=False,
+                packages=len(pins_as_preferences(path)),
+                targets=tuple(t.describe() for t in targets),
+            )
+
+    # The catalog base's digest is recorded for the record only: look it up beside the
+    # resolution rather than before it.
+    digest_lookup = None
+    if not request.check and not digests:
+        entry, reference = _base_reference(settings, project)
+        if entry is not None:
+            digest_lookup = _lookup_digest_in_background(registry, reference, request.mirrors)
 
     preferences = {} if request.upgrade else pins_as_preferences(path)
     for name in request.upgrade_packages:
