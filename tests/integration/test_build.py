@@ -191,3 +191,25 @@ def test_pylock_and_uv_lock_give_the_same_image(
     assert from_pylock.exit_code == 0, from_pylock.stderr
     assert "lock: pylock.toml" in from_pylock.stderr
     assert from_uv.stdout.splitlines()[-1] == from_pylock.stdout.splitlines()[-1]
+
+
+def test_push_to_registry_then_run_from_it(
+    docker_env: TestInfra, make_project: MakeProject, image_cleanup: list[str], tmp_path: Path
+) -> None:
+    """--output registry pushes every --tag (no daemon involved); the engine pulls and runs it."""
+    project = make_project()
+    ref = f"{docker_env.registry}/imgbuild-test/pushed:1"
+    image_cleanup.append(ref)
+    result = imgbuild("build", project, "--python", "3.11", "--tag", ref, "--output", "registry",
+                      "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.stderr
+    digest = result.stdout.strip().splitlines()[-1].removeprefix("digest: ")
+    assert f"pushed {ref}@{digest}" in result.stdout
+    # Pushing again uploads nothing new and names the same digest.
+    again = imgbuild("build", project, "--python", "3.11", "--tag", ref, "--output", "registry",
+                     "--cache-dir", tmp_path / "cache")
+    assert f"pushed {ref}@{digest}" in again.stdout
+    pulled = docker_env.client.images.pull(ref)
+    assert digest in " ".join(pulled.attrs["RepoDigests"])
+    output = docker_env.client.containers.run(ref, network_mode="none", remove=True)
+    assert json.loads(bytes(output))["msg"] == "hello image"
