@@ -128,8 +128,9 @@ def build(
     compile_with: Annotated[
         str,
         typer.Option(
-            help="Which interpreter compiles bytecode: auto (a host python3.X of the "
-            "target's version, else the base image's own through Docker), host or image."
+            help="Which interpreter compiles bytecode: auto (the base image's own, run "
+            "through Docker; without an engine, a host python3.X of the target's minor "
+            "version, with a warning), host or image."
         ),
     ] = "auto",
     platform: Annotated[str, typer.Option(help="Target platform.")] = "linux/amd64",

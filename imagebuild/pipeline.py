@@ -100,7 +100,8 @@ class BuildRequest:
     """Build this workspace member (``project_dir`` is the workspace root)."""
     compile_bytecode: bool = True
     compile_with: str = "auto"
-    """``auto`` (host Python of the target's version, else the base's), ``host`` or ``image``."""
+    """``auto`` (the base's own Python through Docker, else a host one of the same minor
+    version, with a warning), ``host`` or ``image``."""
     platform: str = "linux/amd64"
     cache_dir: Path
     source_date_epoch: int = 0
