@@ -41,6 +41,10 @@ from packaging.version import InvalidVersion, Version
 
 from .errors import PackageIndexError
 from .report import NullReporter, Reporter
+from .transfer import NETWORK_HINT as _NETWORK_HINT
+from .transfer import one_line as _one_line
+from .transfer import redact as _redact
+from .transfer import write_stream
 
 FileKind = Literal["wheel", "sdist"]
 
@@ -146,10 +150,8 @@ _HTML_TYPES = frozenset({"application/vnd.pypi.simple.v1+html", "text/html"})
 _API_MAJOR = 1
 _API_MINOR = 4
 _ATTEMPTS = 3
-_CHUNK = 1 << 16
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _CACHE_MAGIC = b"imgbuild-http-cache 1\n"
-_NETWORK_HINT = "check the network and the index URL"
 
 _K = TypeVar("_K")
 _V = TypeVar("_V")
@@ -500,13 +502,7 @@ def _download(http: httpx.Client, url: str, dest: Path) -> str | None:
         if response.status_code != 200:
             # Not retried: raise through httpx's own error type for one translation point.
             response.raise_for_status()
-        digest = hashlib.sha256()
-        with dest.open("wb") as out:
-            # iter_bytes undoes transfer Content-Encoding, so the file's own bytes are hashed.
-            for chunk in response.iter_bytes(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-        return digest.hexdigest()
+        return write_stream(response, dest)
 
 
 def _quietly(call: Callable[[_T], object], arg: _T) -> None:
@@ -1104,19 +1100,6 @@ def _dist_info_name(directory: str) -> NormalizedName:
 
 
 # -- messages ----------------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    """``url`` with any user/password replaced by ``***`` (for messages and the cache)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"***@{host}"))
-
-
-def _one_line(exc: BaseException | str) -> str:
-    return " ".join(str(exc).split())
 
 
 def _describe(exc: BaseException | None) -> str:

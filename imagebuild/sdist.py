@@ -16,7 +16,6 @@ results are kept on disk under the sdist's sha256, so the work is done once:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -28,7 +27,6 @@ import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from build import BuildBackendException, BuildException, FailedProcessError, ProjectBuilder
@@ -43,14 +41,16 @@ from packaging.utils import (
 from packaging.version import InvalidVersion
 
 from .errors import BuildError, FetchError, ImagebuildError, PackageIndexError
+from .transfer import NETWORK_HINT as _NETWORK_HINT
+from .transfer import one_line as _one_line
+from .transfer import redact as _redact
+from .transfer import write_stream
 
 if TYPE_CHECKING:
     from .index import IndexFile
 
-_CHUNK = 1 << 16
 _ATTEMPTS = 3
 _SOURCE_DATE_EPOCH = "0"
-_NETWORK_HINT = "check the network and the index URL"
 _BUILD_HINT = "use a version of it that ships a wheel for the target"
 
 _Error = type[ImagebuildError]
@@ -227,13 +227,7 @@ def _download(http: httpx.Client, url: str, dest: Path, subject: str, error: _Er
                         f"{response.status_code} {response.reason_phrase}".rstrip(),
                         hint="check the index still serves the file",
                     )
-                digest = hashlib.sha256()
-                with dest.open("wb") as out:
-                    # iter_bytes undoes transfer Content-Encoding: the file's own bytes.
-                    for chunk in response.iter_bytes(_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                return digest.hexdigest()
+                return write_stream(response, dest)
         except httpx.TransportError as exc:
             last = f"{type(exc).__name__}: {_one_line(exc)}".rstrip(": ")
         except httpx.HTTPError as exc:
@@ -438,15 +432,3 @@ def _root_is_purelib(wheel: Path, subject: str) -> bool:
 
 
 # -- messages ------------------------------------------------------------------------------
-
-
-def _redact(url: str) -> str:
-    """``url`` with any user/password replaced by ``***`` (as ``index.py`` does)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=f"***@{parts.netloc.rpartition('@')[2]}"))
-
-
-def _one_line(exc: BaseException | str) -> str:
-    return " ".join(str(exc).split())
