@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal, NewType, NoReturn, cast
+from typing import Literal, NoReturn, cast
 from urllib.parse import unquote, urljoin, urlsplit
 
 from packaging.markers import InvalidMarker, Marker
@@ -33,11 +33,12 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
+from imagebuild.digest import Digest
+
 from .errors import LockError
 from .project import ProjectSpec
 from .target import TargetPlatform
 
-Digest = NewType("Digest", str)
 """A content digest, always spelled ``sha256:<64 lowercase hex>``."""
 
 SourceKind = Literal["registry", "directory", "editable", "virtual", "path", "url", "git"]
@@ -53,7 +54,7 @@ _RELOCK_HINT = "run 'uv lock' (or drop --locked)"
 # Values
 
 
-def sha256_digest(hex_or_digest: str) -> Digest:
+def parse_sha256(hex_or_digest: str) -> Digest:
     """Normalise ``<hex>`` or ``sha256:<hex>`` to a ``Digest``; ``ValueError`` if malformed."""
     algorithm, sep, value = hex_or_digest.partition(":")
     if not sep:
@@ -507,7 +508,7 @@ def _uv_hash(fail: _Fail, table: Mapping[str, object], key: str, label: str) -> 
     text = _str(fail, raw, f"{key}.hash")
     try:
         # uv spells hashes "sha256:<hex>"; a bare "<hex>" is not something it writes.
-        return sha256_digest(text if ":" in text else f"unknown:{text}")
+        return parse_sha256(text if ":" in text else f"unknown:{text}")
     except ValueError:
         fail(
             f"{key}.hash",
@@ -646,7 +647,7 @@ def _pylock_digest(fail: _Fail, hashes: Mapping[str, str], key: str, label: str)
             hint="regenerate the lock with sha256 hashes",
         )
     try:
-        return sha256_digest(hashes["sha256"])
+        return parse_sha256(hashes["sha256"])
     except ValueError:
         fail(f"{key}.hashes.sha256", f"package {label}: malformed sha256 {hashes['sha256']!r}")
 

@@ -29,8 +29,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, BinaryIO, NewType, Protocol
+from typing import IO, BinaryIO, Protocol
 
+from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LayerError
 
 __all__ = [
@@ -68,7 +69,6 @@ __all__ = [
     "write_oci_layout",
 ]
 
-Digest = NewType("Digest", str)
 """A content digest, always the string ``sha256:<64 lowercase hex>``."""
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
