@@ -38,6 +38,7 @@ from imagebuild.errors import LockError
 from imagebuild.index import IndexFile
 from imagebuild.project import ProjectSpec
 from imagebuild.target import TargetPlatform
+from imagebuild.transfer import strip_credentials
 
 if TYPE_CHECKING:
     from imagebuild.resolve import Pin, Resolution
@@ -196,7 +197,7 @@ def render_pylock(
             table.add("marker", marker)
         index_url = next((f.index_url for f in pin.files if f.index_url), "")
         if index_url:
-            table.add("index", index_url)
+            table.add("index", strip_credentials(index_url))
         targets_here = [t for t in all_targets if t in presence[key]]
         sdists = [f for f in pin.files if f.kind == "sdist"]
         if sdists:
@@ -287,7 +288,7 @@ def _package_marker(
 
 
 def _file_table(file: IndexFile, *, inline: bool) -> object:
-    data: dict[str, object] = {"url": file.url}
+    data: dict[str, object] = {"url": strip_credentials(file.url)}
     if file.upload_time:
         data["upload-time"] = _datetime(file.upload_time)
     if file.size is not None:
@@ -328,7 +329,7 @@ def _tool_table(inputs: LockInputs, base_digests: Mapping[str, str]) -> tomlkit.
             array.multiline(True)
         requirements.add(origin or "dependencies", array)
     ours.add("requirements", requirements)
-    ours.add("indexes", _array(list(inputs.indexes)))
+    ours.add("indexes", _array([strip_credentials(url) for url in inputs.indexes]))
     ours.add("prereleases", inputs.prereleases)
     targets = tomlkit.aot()
     for target in inputs.targets:
@@ -417,7 +418,7 @@ def staleness(recorded: RecordedLock, current: LockInputs) -> str | None:
             f"requires-python changed from {old.requires_python or 'none'} "
             f"to {current.requires_python or 'none'}"
         )
-    if old.indexes != current.indexes:
+    if tuple(map(strip_credentials, old.indexes)) != tuple(map(strip_credentials, current.indexes)):
         return f"the indexes changed ({', '.join(current.indexes)})"
     if old.prereleases != current.prereleases:
         return "the pre-release setting changed"

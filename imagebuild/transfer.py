@@ -37,6 +37,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
+def strip_credentials(url: str) -> str:
+    """``url`` without user and password (what a lock file may record, as uv does)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
 def one_line(exc: BaseException | str) -> str:
     """An exception's text with all whitespace folded, for one-line messages."""
     return " ".join(str(exc).split())

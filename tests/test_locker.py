@@ -13,9 +13,9 @@ from packaging.version import Version
 from imagebuild.locker import LockInputs, RecordedLock, environment_marker, staleness
 from imagebuild.target import TargetPlatform
 
-CASES = tomllib.loads(
-    (Path(__file__).parent / "cases" / "locker" / "staleness.toml").read_text()
-)["case"]
+CASES = tomllib.loads((Path(__file__).parent / "cases" / "locker" / "staleness.toml").read_text())[
+    "case"
+]
 
 AMD64 = TargetPlatform(python_version=(3, 11), libc_version=(2, 36), arch="x86_64")
 ARM64 = TargetPlatform(python_version=(3, 11), libc_version=(2, 36), arch="aarch64")
@@ -73,3 +73,17 @@ def test_environment_marker_holds_only_on_its_target() -> None:
     marker = Marker(environment_marker(AMD64))
     assert marker.evaluate(AMD64.marker_environment())
     assert not marker.evaluate(ARM64.marker_environment())
+
+
+def test_index_credentials_are_not_recorded_and_do_not_make_stale() -> None:
+    from imagebuild.transfer import strip_credentials
+
+    assert (
+        strip_credentials("https://user:tok@pkgs.example/simple/") == "https://pkgs.example/simple/"
+    )
+    recorded = RecordedLock(
+        inputs=_inputs(["attrs"], indexes=("https://pkgs.example/simple/",)),
+        pins={canonicalize_name("attrs"): (Version("23.1.0"),)},
+    )
+    current = _inputs(["attrs"], indexes=("https://user:tok@pkgs.example/simple/",))
+    assert staleness(recorded, current) is None
