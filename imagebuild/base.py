@@ -140,9 +140,17 @@ def inspect_layers(
     names: set[str] = set()
     glibc: tuple[int, int] | None = None
     musl: tuple[int, int] | None = None
-    for path in layer_paths:
+    wanted = str(expected.interpreter).lstrip("/") if expected is not None else None
+    complete = False
+    for index, path in enumerate(layer_paths):
+        last = index == len(layer_paths) - 1
         with _open_layer(path) as tar:
             for member in tar:
+                # In the top layer, nothing later can hide what was found: once the catalog's
+                # interpreter and the libc are seen, the rest need not be decompressed.
+                if last and wanted in names and (glibc or musl):
+                    complete = True
+                    break
                 name = member.name.removeprefix("./").rstrip("/")
                 names.add(name)
                 base = name.rsplit("/", 1)[-1]
@@ -193,6 +201,8 @@ def inspect_layers(
             hint="use a catalog base (distroless, debian-slim, alpine)",
         )
     shell = "bin/sh" in names or "usr/bin/sh" in names
+    if complete and not shell and expected is not None:
+        shell = expected.shell  # not reached before stopping: the catalog's word
     return BaseFacts(
         interpreter=interpreter,
         python_version=(major, minor),

@@ -91,3 +91,19 @@ def test_no_python_is_one_clear_error(tmp_path: Path) -> None:
     layer = _layer(tmp_path / "a.tar.gz", {"bin/sh": b""})
     with pytest.raises(TargetError, match="no Python interpreter found in the base image"):
         inspect_layers([layer], arch="amd64")
+
+
+def test_scan_stops_once_the_catalog_facts_are_seen(tmp_path: Path) -> None:
+    """In the top layer, after the catalog's interpreter and the libc, nothing is read."""
+    entry = find_entry(load_catalog(), "debian-slim", (3, 11))
+    layer = _layer(
+        tmp_path / "a.tar.gz",
+        {
+            "lib/libc-2.36.so": b"",
+            "usr/local/bin/python3.11": b"",
+            "usr/bin/python3.13": b"",  # after the stop: not seen, so it cannot win
+        },
+    )
+    facts = inspect_layers([layer], arch="amd64", expected=entry)
+    assert facts.interpreter == PurePosixPath("/usr/local/bin/python3.11")
+    assert facts.shell is True  # bin/sh was not reached: the catalog says it has one
