@@ -11,8 +11,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import marshal
 import os
 import re
+import sys
 import tempfile
 import threading
 import time
@@ -150,6 +152,7 @@ _HTML_TYPES = frozenset({"application/vnd.pypi.simple.v1+html", "text/html"})
 _API_MAJOR = 1
 _API_MINOR = 4
 _ATTEMPTS = 3
+_PARSED_CACHE_ABOVE = 256 * 1024  # bytes of page below which parsing is cheaper
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _CACHE_MAGIC = b"imgbuild-http-cache 1\n"
 
@@ -319,13 +322,66 @@ class SimpleIndex:
             )
         return _CachedPage.from_response(response), True
 
+    def _parse_json_cached(
+        self, page: _CachedPage, where: str, index_url: str, project: NormalizedName
+    ) -> tuple[tuple[IndexFile, ...], tuple[int, int] | None]:
+        """Parse a JSON page; big ones are kept parsed on disk, keyed by their exact bytes.
+
+        A project with tens of thousands of files (pydantic-core) costs more to parse than
+        to download, and an index that sends no cache headers makes every run download it
+        again: the same bytes then need no parsing. marshal holds only plain values.
+        """
+        path = None
+        if self._cache_dir is not None and len(page.body) > _PARSED_CACHE_ABOVE:
+            key = hashlib.blake2b(digest_size=20)
+            for part in (sys.version, page.url, index_url, project):
+                key.update(part.encode() + b"\0")
+            key.update(page.body)
+            path = self._cache_dir / "pages-parsed" / f"{key.hexdigest()}.marshal"
+            try:
+                version, rows = marshal.loads(path.read_bytes())
+                files = tuple(
+                    IndexFile(
+                        filename=f,
+                        url=u,
+                        sha256=h,
+                        size=n,
+                        upload_time=t,
+                        requires_python=_requires_python(rp) if rp else None,
+                        yanked=y,
+                        core_metadata=c,
+                        index_url=index_url,
+                    )
+                    for f, u, h, n, t, rp, y, c in rows
+                )
+                return files, (tuple(version) if version else None)
+            except (OSError, EOFError, ValueError, TypeError):
+                pass  # not there yet, or unreadable: parse
+        files, version = _parse_json_page(page.body, where, page.url, index_url, project)
+        if path is not None:
+            rows = [
+                (
+                    f.filename,
+                    f.url,
+                    f.sha256,
+                    f.size,
+                    f.upload_time,
+                    str(f.requires_python) if f.requires_python is not None else None,
+                    f.yanked,
+                    f.core_metadata,
+                )
+                for f in files
+            ]
+            self._pages.write(path, marshal.dumps((version, rows)))
+        return files, version
+
     def _parse_page(
         self, page: _CachedPage, *, index_url: str, project: NormalizedName
     ) -> tuple[IndexFile, ...]:
         media = page.content_type.split(";")[0].strip().lower()
         where = f"project {project}: page {_redact(page.url)}"
         if media in _JSON_TYPES:
-            files, version = _parse_json_page(page.body, where, page.url, index_url, project)
+            files, version = self._parse_json_cached(page, where, index_url, project)
         elif media in _HTML_TYPES:
             text = page.body.decode(_charset(page.content_type), errors="replace")
             files, version = _parse_html_page(text, where, page.url, index_url, project)

@@ -766,3 +766,35 @@ def test_pypi_six(tmp_path: Path) -> None:
         meta = index.metadata(wheel)
         assert (meta.name, meta.version) == ("six", Version("1.16.0"))
         assert meta.requires_python is not None and meta.requires_python.contains("3.11")
+
+
+def test_big_pages_are_kept_parsed_by_their_bytes(
+    open_index: Callable[..., SimpleIndex],
+    fresh_index: LocalIndex,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A page too big to parse cheaply is kept parsed, keyed by its exact bytes."""
+    import imagebuild.index as index_module
+
+    monkeypatch.setattr(index_module, "_PARSED_CACHE_ABOVE", 0)
+    fresh_index.add_wheel("big", "1.0", requires_python=">=3.9")
+    fresh_index.add_wheel("big", "2.0", yanked="broken")
+    cache = tmp_path / "cache"
+    first = open_index(fresh_index.url, cache_dir=cache).files(n("big"))
+    (kept,) = list((cache / "pages-parsed").glob("*.marshal"))
+    parse = index_module._parse_json_page
+
+    def must_not_parse(*args: object) -> object:
+        raise AssertionError("the page was parsed again")
+
+    monkeypatch.setattr(index_module, "_parse_json_page", must_not_parse)
+    assert open_index(fresh_index.url, cache_dir=cache).files(n("big")) == first
+    monkeypatch.setattr(index_module, "_parse_json_page", parse)
+    # A damaged entry is parsed again, never an error; new bytes make a new entry.
+    kept.write_bytes(b"\x00garbage")
+    assert open_index(fresh_index.url, cache_dir=cache).files(n("big")) == first
+    fresh_index.add_wheel("big", "3.0")
+    third = open_index(fresh_index.url, cache_dir=cache).files(n("big"))
+    assert len(third) == len(first) + 1
+    assert len(list((cache / "pages-parsed").glob("*.marshal"))) == 2
