@@ -250,23 +250,27 @@ def _allowed(
 
     Lazy: a version's files are looked at only when the resolver gets that far.
     """
-    versions = [
+    # Versions are matched lazily too: a project lists hundreds, the resolver takes one.
+    versions = (
         v for v in project.versions if all(s.contains(v, prereleases=True) for s in specifiers)
-    ]
+    )
     if prereleases or any(s.prereleases for s in specifiers):
         for version in versions:
             if (release := project.release(version)) is not None:
                 yield release
         return
     final_found = False
+    held_back: list[Version] = []
     for version in versions:
-        if not version.is_prerelease and (release := project.release(version)) is not None:
+        if version.is_prerelease:
+            held_back.append(version)
+        elif (release := project.release(version)) is not None:
             final_found = True
             yield release
     # Pre-releases only when nothing final satisfies the specifiers (they are then "needed").
     if not final_found:
-        for version in versions:
-            if version.is_prerelease and (release := project.release(version)) is not None:
+        for version in held_back:
+            if (release := project.release(version)) is not None:
                 yield release
 
 
