@@ -12,7 +12,6 @@ import functools
 import hashlib
 import json
 import marshal
-import os
 import re
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from .errors import PackageIndexError
+from .fsutil import write_atomic
 from .report import NullReporter, Reporter
 from .transfer import NETWORK_HINT as _NETWORK_HINT
 from .transfer import one_line as _one_line
@@ -729,15 +729,7 @@ class _HttpCache:
     def write(self, path: Path, data: bytes) -> None:
         """Write atomically; a failure is a warning (once), never an error."""
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    out.write(data)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(path, data)
         except OSError as exc:
             if not self._warned:
                 self._warned = True

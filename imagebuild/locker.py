@@ -35,6 +35,7 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from imagebuild.errors import LockError
+from imagebuild.fsutil import write_atomic
 from imagebuild.index import IndexFile
 from imagebuild.project import ProjectSpec
 from imagebuild.target import TargetPlatform
@@ -228,9 +229,7 @@ def render_pylock(
 
 def write_pylock(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(path, text.encode("utf-8"))
 
 
 def _reachability(

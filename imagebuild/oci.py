@@ -33,6 +33,7 @@ from typing import IO, BinaryIO, Protocol
 
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LayerError
+from imagebuild.fsutil import write_atomic
 
 __all__ = [
     "DOCKER_CONFIG",
@@ -775,17 +776,6 @@ def _check_ref_name(ref_name: str) -> None:
         raise ImageError(f"OCI ref name {ref_name!r} must be non-empty without whitespace")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_oci_layout(image: Image, dest_dir: Path, *, ref_name: str) -> None:
     """Write ``image`` as an OCI image layout directory tagged ``ref_name``.
 
@@ -824,9 +814,9 @@ def _write_layout(image: Image, dest_dir: Path, *, ref_name: str) -> None:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-    _atomic_write(dest_dir / "oci-layout", _OCI_LAYOUT_BYTES)
+    write_atomic(dest_dir / "oci-layout", _OCI_LAYOUT_BYTES)
     entry = _index_entry(image, {ANNOTATION_REF_NAME: ref_name})
-    _atomic_write(dest_dir / "index.json", _index_json([entry]))
+    write_atomic(dest_dir / "index.json", _index_json([entry]))
 
 
 def _archive_dir(tar: tarfile.TarFile, name: str) -> None:

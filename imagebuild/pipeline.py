@@ -699,10 +699,9 @@ def _tmp_root(cache: Path) -> Path:
 
 def _write_json(path: Path, data: object) -> None:
     """Write JSON atomically, so a killed build never leaves a torn cache record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{id(data)}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    from imagebuild.fsutil import write_atomic
+
+    write_atomic(path, json.dumps(data, sort_keys=True).encode("utf-8"))
 
 
 # -- locking ----------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from packaging.utils import (
 from packaging.version import InvalidVersion
 
 from .errors import BuildError, FetchError, ImagebuildError, PackageIndexError
+from .fsutil import write_atomic
 from .transfer import NETWORK_HINT as _NETWORK_HINT
 from .transfer import one_line as _one_line
 from .transfer import redact as _redact
@@ -165,15 +166,7 @@ def _read(path: Path) -> bytes | None:
 def _write_atomic(path: Path, data: bytes) -> None:
     # A cache that cannot be written only costs a rebuild next time: never fail for it.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(path, data)
     except OSError:
         pass
 
