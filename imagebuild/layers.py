@@ -23,11 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
-from installer import install
-from installer.destinations import SchemeDictionaryDestination
-from installer.exceptions import InstallerError
-from installer.sources import WheelFile
-
 from imagebuild.errors import LayerError
 
 # Runs inside the target interpreter. Reads "source<TAB>in-image path" lines (from the file
@@ -195,6 +190,12 @@ def stage_venv(staging: Path, venv: VenvLayout) -> None:
 
 def install_wheel(wheel: Path, staging: Path, venv: VenvLayout) -> None:
     """Spread one wheel into ``staging`` with container paths (copy mode, no pycs)."""
+    # Imported here: `imgbuild lock` loads this module through pipeline but installs nothing.
+    from installer import install
+    from installer.destinations import SchemeDictionaryDestination
+    from installer.exceptions import InstallerError
+    from installer.sources import WheelFile
+
     destination = SchemeDictionaryDestination(
         venv.scheme(),
         interpreter=str(venv.python),
