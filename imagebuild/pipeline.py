@@ -345,7 +345,7 @@ def _check_lock(
     from imagebuild.workspace import expand_local
 
     if lock.kind == "pylock":
-        _, local = expand_local(project_roots(project), project, workspace)
+        _, local, _ = expand_local(project_roots(project), project, workspace)
         targets, _ = lock_targets(
             settings, project, registry=None, store=None, cache=Path(), mirrors={}
         )
@@ -903,6 +903,17 @@ def _lookup_digest_in_background(
     return wait
 
 
+def _declared_where(pyproject: Path | None, lock_dir: Path, origin: str) -> str:
+    """Where a root requirement comes from, for conflict messages: the project's own
+    pyproject.toml (with its extra or group), or a local project's, relative to the lock."""
+    if pyproject is not None:
+        try:
+            return pyproject.relative_to(lock_dir).as_posix()
+        except ValueError:
+            return str(pyproject)
+    return "pyproject.toml" if not origin else f"pyproject.toml {origin}"
+
+
 def run_lock(
     request: LockRequest, *, http: httpx.Client, reporter: Reporter | None = None
 ) -> LockResult:
@@ -926,7 +937,7 @@ def run_lock(
     settings = parse_settings(project.tool_imgbuild)
     settings = _apply_overrides(settings, base=request.base, python=request.python)
     indexes = request.index_urls or lock_indexes(settings, project, workspace)
-    roots, local = expand_local(project_roots(project), project, workspace)
+    roots, local, declared_in = expand_local(project_roots(project), project, workspace)
     registry = RegistryClient(
         http, credentials=CredentialStore.from_docker_config(request.docker_config)
     )
@@ -988,7 +999,7 @@ def run_lock(
 
         preferences.pop(canonicalize_name(name), None)
     origins = {
-        str(req): "pyproject.toml" if not origin else f"pyproject.toml {origin}"
+        str(req): _declared_where(declared_in.get(str(req)), path.parent, origin)
         for origin, reqs in roots.items()
         for req in reqs
     }

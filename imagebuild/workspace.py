@@ -113,18 +113,31 @@ def local_sources(project: ProjectSpec, workspace: Workspace) -> dict[Normalized
         name = canonicalize_name(str(raw_name))
         if not isinstance(entry, Mapping):
             continue
+        where = f"{project.pyproject}: tool.uv.sources.{raw_name}"
         if entry.get("workspace") is True:
             if name not in workspace.members:
                 raise ProjectError(
-                    f"{project.pyproject}: tool.uv.sources.{raw_name}: no workspace member "
-                    f"named {name}",
+                    f"{where}: no workspace member named {name}",
                     hint="add it to [tool.uv.workspace] members in the workspace root",
                 )
             found[name] = workspace.members[name].root
         elif isinstance(entry.get("path"), str):
             path = (project.root / entry["path"]).resolve()
-            if (path / "pyproject.toml").is_file():
-                found[name] = path
+            if not (path / "pyproject.toml").is_file():
+                raise ProjectError(
+                    f"{where}: {entry['path']!r} is not a project directory "
+                    "(it has no pyproject.toml)",
+                    hint="point the path at a directory with a pyproject.toml "
+                    "(wheel and sdist paths are not supported)",
+                )
+            found[name] = path
+        elif "git" in entry or "url" in entry:
+            # Resolving the name on an index instead would lock a different package.
+            kind = "git" if "git" in entry else "url"
+            raise ProjectError(
+                f"{where}: {kind} sources are not supported by imgbuild lock",
+                hint="depend on a released version from an index, or a local path",
+            )
     return found
 
 
@@ -132,14 +145,16 @@ def expand_local(
     roots: Mapping[str, Sequence[Requirement]],
     project: ProjectSpec,
     workspace: Workspace,
-) -> tuple[dict[str, tuple[Requirement, ...]], dict[NormalizedName, LocalPackage]]:
+) -> tuple[dict[str, tuple[Requirement, ...]], dict[NormalizedName, LocalPackage], dict[str, Path]]:
     """Replace requirements on local projects by those projects' own requirements.
 
-    Returns the roots to resolve from the index, and the local projects reached, with the
-    markers under which each origin needs them. A marker on a requirement of a local
-    project is carried onto what that project requires.
+    Returns the roots to resolve from the index; the local projects reached, with the
+    markers under which each origin needs them; and, for each root requirement that a
+    local project declares (``str(requirement)``), that project's pyproject.toml. A marker
+    on a requirement of a local project is carried onto what that project requires.
     """
     resolved_roots: dict[str, tuple[Requirement, ...]] = {}
+    declared_in: dict[str, Path] = {}
     reached: dict[NormalizedName, dict[str, list[Marker | None]]] = {}
     specs: dict[NormalizedName, ProjectSpec] = {}
     for origin, reqs in roots.items():
@@ -152,6 +167,8 @@ def expand_local(
             local = local_sources(owner, workspace)
             if name not in local:
                 out.append(req)
+                if owner is not project:
+                    declared_in.setdefault(str(req), owner.pyproject)
                 continue
             key = (name, str(req.marker or ""))
             if key in seen:
@@ -172,7 +189,7 @@ def expand_local(
         )
         for name, by_origin in reached.items()
     }
-    return resolved_roots, packages
+    return resolved_roots, packages, declared_in
 
 
 def _with_marker(req: Requirement, marker: Marker | None) -> Requirement:
