@@ -483,10 +483,11 @@ class SimpleIndex:
         self._report.step(f"preparing the metadata of {file.filename} with its build backend")
         from .sdist import sdist_metadata  # pulls in pypa/build: only when an sdist needs it
 
+        # The backend's own requirements come from this index list too, as in uv.
         if self._cache_dir is not None:
-            return sdist_metadata(self._http, file, self._cache_dir)
+            return sdist_metadata(self._http, file, self._cache_dir, indexes=self.index_urls)
         with tempfile.TemporaryDirectory(prefix="imgbuild-sdist-cache-") as tmp:
-            return sdist_metadata(self._http, file, Path(tmp))
+            return sdist_metadata(self._http, file, Path(tmp), indexes=self.index_urls)
 
     def _metadata_from_wheel(self, file: IndexFile) -> bytes:
         subject = f"wheel {file.filename}"

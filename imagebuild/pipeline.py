@@ -135,7 +135,7 @@ def run_build(
     from imagebuild.oci import BlobStore
     from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
     from imagebuild.target import TargetPlatform
-    from imagebuild.wheelbuild import build_project_wheel
+    from imagebuild.wheelbuild import BuildEnvironments, build_project_wheel
 
     reporter = reporter or NullReporter()
     project, workspace, member_lock = locate_lock(request.project_dir, request.package)
@@ -222,6 +222,10 @@ def run_build(
         groups=set(settings.groups),
     )
     chosen, from_sdist, local = _sort_sources(packages, target)
+    # Build backends come from the indexes the project locks from, never from elsewhere.
+    envs = BuildEnvironments(
+        root=cache / "build-envs", indexes=lock_indexes(settings, project, workspace)
+    )
     reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
     paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
     dependencies = [
@@ -239,6 +243,7 @@ def run_build(
             (pkg.sdist.sha256 or "").removeprefix("sha256:"),
             pkg.sdist.filename,
             cache,
+            indexes=envs.indexes,
         )
         dependencies.append(PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path))
 
@@ -253,7 +258,7 @@ def run_build(
                 source_dir,
                 work / "dist-local",
                 source_date_epoch=request.source_date_epoch,
-                env_cache=cache / "build-envs",
+                envs=envs,
             )
             members.append(
                 PlannedWheel(
@@ -265,7 +270,7 @@ def run_build(
             project_dir,
             work / "dist",
             source_date_epoch=request.source_date_epoch,
-            env_cache=cache / "build-envs",
+            envs=envs,
         )
         version = project_wheel.name.split("-")[1]
         plan = plan_layers(

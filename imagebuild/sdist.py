@@ -6,9 +6,9 @@ backend lacks the hook). At image build time such a package is built into a whee
 only a pure-Python one (every tag ``*-none-any``, ``Root-Is-Purelib: true``) is accepted:
 imgbuild builds on the host, which is not the target.
 
-Both run the backend in a throwaway environment made by pypa/build (its build requirements
-installed with uv when it is on PATH, pip otherwise) with ``SOURCE_DATE_EPOCH=0``. Both
-results are kept on disk under the sdist's sha256, so the work is done once:
+Both run the backend with ``SOURCE_DATE_EPOCH=0`` in a kept build environment (see
+``wheelbuild.BuildEnvironments``: its requirements come from the indexes the project locks
+from, installed with uv when it is on PATH, pip otherwise). Both results are kept on disk under the sdist's sha256, so the work is done once:
 ``cache_dir/sdist-metadata/<sha256>.metadata`` and
 ``cache_dir/sdist-wheels/<sha256>/<wheel filename>``. Entries only ever appear whole, by
 ``os.replace``, and only after the download matched its hash.
@@ -29,8 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
 import httpx
-from build import BuildBackendException, BuildException, FailedProcessError, ProjectBuilder
-from build.env import DefaultIsolatedEnv
+from build import BuildBackendException, BuildException, FailedProcessError
 from filelock import FileLock
 from packaging.utils import (
     InvalidSdistFilename,
@@ -46,6 +45,7 @@ from .transfer import NETWORK_HINT as _NETWORK_HINT
 from .transfer import one_line as _one_line
 from .transfer import redact as _redact
 from .transfer import write_stream
+from .wheelbuild import BuildEnvironments, RequirementsInstallError
 
 if TYPE_CHECKING:
     from .index import IndexFile
@@ -57,11 +57,14 @@ _BUILD_HINT = "use a version of it that ships a wheel for the target"
 _Error = type[ImagebuildError]
 
 
-def sdist_metadata(http: httpx.Client, file: IndexFile, cache_dir: Path) -> bytes:
+def sdist_metadata(
+    http: httpx.Client, file: IndexFile, cache_dir: Path, *, indexes: Sequence[str]
+) -> bytes:
     """The core metadata (``METADATA`` bytes) of the sdist ``file``, from its PEP 517 backend.
 
     Downloads the sdist through ``http`` (checked against ``file.sha256`` when the index
-    gave one), unpacks it safely and asks its backend. The answer is cached under
+    gave one), unpacks it safely and asks its backend, whose requirements come from
+    ``indexes`` into an environment kept under ``cache_dir/build-envs``. The answer is cached under
     ``cache_dir/sdist-metadata/`` by the sdist's sha256; a cached answer costs no request
     when the index gave the hash. Name and version are not checked here (the caller
     compares them with the file name).
@@ -90,20 +93,26 @@ def sdist_metadata(http: httpx.Client, file: IndexFile, cache_dir: Path) -> byte
         if cached is not None:
             return cached
         source = _unpack(archive, work / "src", subject, error)
-        data = _prepare_metadata(source, work / "out", subject, error)
+        data = _prepare_metadata(source, work / "out", subject, error, _envs(cache_dir, indexes))
     _write_atomic(entry, data)
     return data
 
 
 def build_sdist_wheel(
-    http: httpx.Client, url: str, sha256: str, filename: str, cache_dir: Path
+    http: httpx.Client,
+    url: str,
+    sha256: str,
+    filename: str,
+    cache_dir: Path,
+    *,
+    indexes: Sequence[str],
 ) -> Path:
     """The path of a pure-Python wheel built from the sdist ``filename`` at ``url``.
 
     ``sha256`` is the sdist's digest (hex, or ``sha256:<hex>`` as a lock records it). A
     wheel built before from the same sdist is returned without any request or build. Else
-    the sdist is downloaded, verified, unpacked and built in an isolated environment with
-    ``SOURCE_DATE_EPOCH=0``; the wheel is kept at
+    the sdist is downloaded, verified, unpacked and built in a build environment whose
+    requirements come from ``indexes``, with ``SOURCE_DATE_EPOCH=0``; the wheel is kept at
     ``cache_dir/sdist-wheels/<sha256>/<wheel filename>`` and that path returned. A file
     lock keeps two processes from building the same sdist at once.
 
@@ -134,7 +143,7 @@ def build_sdist_wheel(
                     "locked file, or re-lock",
                 )
             source = _unpack(archive, work / "src", subject, BuildError)
-            wheel = _build_wheel(source, work / "out", subject)
+            wheel = _build_wheel(source, work / "out", subject, _envs(cache_dir, indexes))
             _check_pure(wheel, subject)
             _check_identity(wheel, filename, subject)
             entry.mkdir(parents=True, exist_ok=True)
@@ -318,28 +327,24 @@ def _with_backend(
     subject: str,
     error: _Error,
     action: Literal["metadata", "wheel"],
+    envs: BuildEnvironments,
 ) -> Path:
-    installer: Literal["pip", "uv"] = "uv" if shutil.which("uv") else "pip"
     what = "metadata" if action == "metadata" else "a wheel"
     try:
-        with DefaultIsolatedEnv(installer=installer) as env:
-            builder = ProjectBuilder.from_isolated_env(env, source, runner=_run)
-            env.install(builder.build_system_requires)
-            env.install(builder.get_requires_for_build("wheel"))
+        with envs.builder(source, _run) as builder:
             if action == "metadata":
                 return Path(builder.metadata_path(out))
             return Path(builder.build("wheel", out))
+    except RequirementsInstallError as exc:
+        raise error(
+            f"{subject}: installing its build requirements failed: {_one_line(exc)}",
+            hint=_BUILD_HINT,
+        ) from exc
     except BuildBackendException as exc:
         cause = exc.exception
         detail = str(cause) if isinstance(cause, _HookFailed) else _one_line(exc)
         raise error(
             f"{subject}: the build backend failed to make {what}: {_one_line(detail)}",
-            hint=_BUILD_HINT,
-        ) from exc
-    except subprocess.CalledProcessError as exc:  # installing the build requirements
-        detail = _last_line(exc.stderr) or _last_line(exc.stdout) or f"exit {exc.returncode}"
-        raise error(
-            f"{subject}: installing its build requirements failed: {_one_line(detail)}",
             hint=_BUILD_HINT,
         ) from exc
     except (BuildException, FailedProcessError, _HookFailed, OSError) as exc:
@@ -349,16 +354,22 @@ def _with_backend(
         ) from exc
 
 
-def _prepare_metadata(source: Path, out: Path, subject: str, error: _Error) -> bytes:
-    dist_info = _with_backend(source, out, subject, error, "metadata")
+def _envs(cache_dir: Path, indexes: Sequence[str]) -> BuildEnvironments:
+    return BuildEnvironments(root=cache_dir / "build-envs", indexes=tuple(indexes))
+
+
+def _prepare_metadata(
+    source: Path, out: Path, subject: str, error: _Error, envs: BuildEnvironments
+) -> bytes:
+    dist_info = _with_backend(source, out, subject, error, "metadata", envs)
     data = _read(dist_info / "METADATA")
     if data is None:
         raise error(f"{subject}: the build backend wrote no METADATA", hint=_BUILD_HINT)
     return data
 
 
-def _build_wheel(source: Path, out: Path, subject: str) -> Path:
-    wheel = _with_backend(source, out, subject, BuildError, "wheel")
+def _build_wheel(source: Path, out: Path, subject: str, envs: BuildEnvironments) -> Path:
+    wheel = _with_backend(source, out, subject, BuildError, "wheel", envs)
     if wheel.suffix != ".whl" or not wheel.is_file():
         raise BuildError(f"{subject}: the build backend made no wheel", hint=_BUILD_HINT)
     return wheel

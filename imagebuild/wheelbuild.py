@@ -1,37 +1,165 @@
-"""Build the project itself into a wheel through its PEP 517 backend, in isolation.
+"""PEP 517 builds: the project, its local packages, and sdists, each into a wheel.
 
-``build`` (pypa/build) calls the hooks through ``pyproject-hooks`` in an environment that
-holds only the backend's ``build-system.requires`` (installed with uv when it is on PATH,
-pip otherwise). The wheel is then installed like any other, so the image never holds an
-editable install or a link back to the build host.
+``build`` (pypa/build) calls the backend's hooks through ``pyproject-hooks`` with the
+interpreter of an environment that holds exactly the backend's requirements
+(``build-system.requires``, plus whatever ``get_requires_for_build_wheel`` adds). Those
+are installed with uv when it is on PATH, pip otherwise, from the same indexes the project
+locks from: a project that names a private index never has its build backend fetched from
+another one by name (the dependency-confusion hole), and a machine that only reaches a
+mirror can still build.
 
-With ``env_cache``, the build environment is kept, keyed by the requirements and the
-interpreter, and reused by the next build of any project with the same backend (as uv
-keeps its build environments): setting one up costs more than the build itself.
+Environments are kept under a cache directory, keyed by interpreter, installer, indexes
+and requirements, and reused by every later build with the same backend (as uv keeps its
+build environments): setting one up costs more than the build itself. Each is made aside
+and renamed into place whole, so a killed build never leaves a half-made one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 from build import BuildBackendException, BuildException, ProjectBuilder
-from build.env import DefaultIsolatedEnv
+from filelock import FileLock
 
 from imagebuild.errors import BuildError
 
+# Index settings of the user's shell or config that would override ours in the installer.
+_INDEX_VARIABLES = frozenset(
+    {
+        "UV_INDEX",
+        "UV_DEFAULT_INDEX",
+        "UV_INDEX_URL",
+        "UV_EXTRA_INDEX_URL",
+        "UV_FIND_LINKS",
+        "PIP_INDEX_URL",
+        "PIP_EXTRA_INDEX_URL",
+        "PIP_FIND_LINKS",
+        "PIP_NO_INDEX",
+    }
+)
+_DECORATION = re.compile(r"^(?:[×╰─▶│\s]+|(?:caused by|cause):\s*)+", re.IGNORECASE)
+
+
+class Runner(Protocol):
+    """pypa/build's subprocess runner."""
+
+    def __call__(
+        self,
+        cmd: Sequence[str],
+        cwd: str | None = None,
+        extra_environ: Mapping[str, str] | None = None,
+    ) -> None: ...
+
+
+class RequirementsInstallError(Exception):
+    """Installing build requirements failed; the message is the installer's last line."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BuildEnvironments:
+    """Where build environments live and where their requirements come from."""
+
+    indexes: tuple[str, ...]
+    """Simple API URLs in priority order (the first that has a project wins, as in uv)."""
+    root: Path | None = None
+    """Directory of kept environments; None makes a throwaway one per build."""
+
+    @contextmanager
+    def builder(self, source: Path, runner: Runner) -> Iterator[ProjectBuilder]:
+        """A ``ProjectBuilder`` for ``source`` whose interpreter has its build requirements.
+
+        Raises ``RequirementsInstallError`` when they cannot be installed; pypa/build's own
+        errors (a bad ``[build-system]``, a failing hook) pass through.
+        """
+        requires = ProjectBuilder(source, runner=runner).build_system_requires
+        with self._environment(requires) as python:
+            builder = ProjectBuilder(source, python_executable=str(python), runner=runner)
+            extra = builder.get_requires_for_build("wheel") - requires
+            if not extra:
+                yield builder
+                return
+        # Dynamic requirements (setuptools' `wheel`, say): an environment of their own, so
+        # a kept environment always holds exactly what its key says.
+        with self._environment(requires | extra) as python:
+            yield ProjectBuilder(source, python_executable=str(python), runner=runner)
+
+    @contextmanager
+    def _environment(self, requires: set[str]) -> Iterator[Path]:
+        installer: Literal["pip", "uv"] = "uv" if shutil.which("uv") else "pip"
+        if self.root is None:
+            with tempfile.TemporaryDirectory(prefix="imgbuild-build-env-") as tmp:
+                env = Path(tmp) / "env"
+                self._create(env, requires, installer)
+                yield env / "bin" / "python"
+            return
+        yield self._kept(requires, installer)
+
+    def _kept(self, requires: set[str], installer: Literal["pip", "uv"]) -> Path:
+        assert self.root is not None
+        key = hashlib.sha256(
+            "\n".join([sys.version, installer, *self.indexes, "", *sorted(requires)]).encode()
+        ).hexdigest()[:24]
+        env_dir = self.root / key
+        python = env_dir / "bin" / "python"
+        ready = env_dir / ".imgbuild-ready"
+        if ready.is_file():
+            return python
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / f"{key}.lock")):
+            if ready.is_file():
+                return python
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
+            try:
+                self._create(staging, requires, installer)
+                (staging / ".imgbuild-ready").write_text("")
+                shutil.rmtree(env_dir, ignore_errors=True)
+                staging.rename(env_dir)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        return python
+
+    def _create(self, env: Path, requires: set[str], installer: Literal["pip", "uv"]) -> None:
+        uv = shutil.which("uv") or "uv"
+        if installer == "uv":
+            _run([uv, "venv", "--quiet", "--no-config", "--python", sys.executable, str(env)])
+        else:
+            _run([sys.executable, "-m", "venv", str(env)])
+        if not requires:
+            return
+        python = str(env / "bin" / "python")
+        environ = {k: v for k, v in os.environ.items() if k not in _INDEX_VARIABLES}
+        if installer == "uv":
+            cmd = [uv, "pip", "install", "--quiet", "--no-config", "--python", python]
+            # uv consults --index entries in order, then the default index.
+            environ["UV_DEFAULT_INDEX"] = self.indexes[-1]
+            if len(self.indexes) > 1:
+                environ["UV_INDEX"] = " ".join(self.indexes[:-1])
+        else:
+            cmd = [python, "-m", "pip", "install", "--quiet"]
+            environ["PIP_INDEX_URL"] = self.indexes[0]
+            if len(self.indexes) > 1:
+                environ["PIP_EXTRA_INDEX_URL"] = " ".join(self.indexes[1:])
+        _run([*cmd, *sorted(requires)], environ)
+
 
 def build_project_wheel(
-    project_dir: Path, out_dir: Path, *, source_date_epoch: int, env_cache: Path | None = None
+    project_dir: Path, out_dir: Path, *, source_date_epoch: int, envs: BuildEnvironments
 ) -> Path:
     """Build ``project_dir`` into a wheel in ``out_dir`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    where = project_dir / "pyproject.toml"
     extra_env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
-    installer: Literal["pip", "uv"] = "uv" if shutil.which("uv") else "pip"
 
     def runner(
         cmd: Sequence[str], cwd: str | None = None, extra_environ: Mapping[str, str] | None = None
@@ -41,103 +169,40 @@ def build_project_wheel(
         if proc.returncode != 0:
             output = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()
             raise BuildError(
-                f"{project_dir / 'pyproject.toml'}: the build backend failed: "
+                f"{where}: the build backend failed: "
                 + (output.splitlines()[-1] if output else f"exit {proc.returncode}"),
                 hint="run 'python -m build --wheel' in the project to see the full output",
             )
 
     try:
-        if env_cache is not None:
-            requires = ProjectBuilder(project_dir).build_system_requires
-            python = _cached_env(env_cache, requires, installer)
-            builder = ProjectBuilder(project_dir, python_executable=str(python), runner=runner)
-            extra = builder.get_requires_for_build("wheel") - requires
-            if extra:  # dynamic requirements (rare): installed into the kept env too
-                _install(python, extra, installer)
-            return Path(builder.build("wheel", out_dir))
-        with DefaultIsolatedEnv(installer=installer) as env:
-            builder = ProjectBuilder.from_isolated_env(env, project_dir, runner=runner)
-            env.install(builder.build_system_requires)
-            env.install(builder.get_requires_for_build("wheel"))
+        with envs.builder(project_dir, runner) as builder:
             return Path(builder.build("wheel", out_dir))
     except BuildError:
         raise
+    except RequirementsInstallError as exc:
+        raise BuildError(
+            f"{where}: installing the build requirements failed: {exc}",
+            hint="check [build-system] requires and that the project's indexes serve them",
+        ) from exc
     except BuildBackendException as exc:
         if isinstance(exc.exception, BuildError):
             # pypa/build wraps what our runner raised: report the runner's line, once.
             raise exc.exception from None
         raise BuildError(
-            f"{project_dir / 'pyproject.toml'}: cannot build the project into a wheel "
-            f"({exc.exception!r})",
+            f"{where}: cannot build the project into a wheel ({exc.exception!r})",
             hint="check [build-system] in pyproject.toml",
         ) from exc
     except (BuildException, subprocess.CalledProcessError) as exc:
         raise BuildError(
-            f"{project_dir / 'pyproject.toml'}: cannot build the project into a wheel ({exc})",
+            f"{where}: cannot build the project into a wheel ({exc})",
             hint="check [build-system] in pyproject.toml",
         ) from exc
 
 
-def _cached_env(root: Path, requires: set[str], installer: Literal["pip", "uv"]) -> Path:
-    """The interpreter of a kept build environment for ``requires``, created if needed."""
-    import hashlib
-    import sys
-    import tempfile
-
-    from filelock import FileLock
-
-    key = hashlib.sha256(
-        "\n".join([sys.version, installer, *sorted(requires)]).encode()
-    ).hexdigest()[:24]
-    env_dir = root / key
-    python = env_dir / "bin" / "python"
-    ready = env_dir / ".imgbuild-ready"
-    if ready.is_file():
-        return python
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if ready.is_file():
-            return python
-        # Built aside and renamed, so a killed build never leaves a half-made environment.
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
-        try:
-            if installer == "uv":
-                _run(
-                    [
-                        shutil.which("uv") or "uv",
-                        "venv",
-                        "--quiet",
-                        "--python",
-                        sys.executable,
-                        str(staging),
-                    ]
-                )
-            else:
-                _run([sys.executable, "-m", "venv", str(staging)])
-            _install(staging / "bin" / "python", requires, installer)
-            (staging / ".imgbuild-ready").write_text("")
-            shutil.rmtree(env_dir, ignore_errors=True)
-            staging.rename(env_dir)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return python
-
-
-def _install(python: Path, requirements: set[str], installer: Literal["pip", "uv"]) -> None:
-    if not requirements:
-        return
-    if installer == "uv":
-        cmd = [shutil.which("uv") or "uv", "pip", "install", "--quiet", "--python", str(python)]
-    else:
-        cmd = [str(python), "-m", "pip", "install", "--quiet"]
-    _run([*cmd, *sorted(requirements)])
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def _run(cmd: list[str], environ: Mapping[str, str] | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=environ)
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        raise BuildError(
-            f"setting up the build environment failed ({cmd[0]}): {last}",
-            hint="check [build-system] requires and that the index is reachable",
-        )
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        # uv's report ends on the reason, drawn as "╰─▶ …" or "Caused by: …".
+        last = _DECORATION.sub("", lines[-1]) if lines else f"exit {proc.returncode}"
+        raise RequirementsInstallError(f"{Path(cmd[0]).name}: {last}")

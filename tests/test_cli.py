@@ -16,9 +16,7 @@ def _run(*args: str) -> tuple[int, str]:
 
 
 def _project(tmp_path: Path, tool: str = "") -> Path:
-    (tmp_path / "pyproject.toml").write_text(
-        '[project]\nname = "x"\nversion = "1"\n' + tool
-    )
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\nversion = "1"\n' + tool)
     return tmp_path
 
 

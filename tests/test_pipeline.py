@@ -23,7 +23,10 @@ def test_default_index_is_pypi(tmp_path: Path) -> None:
 
 
 def test_uv_indexes_are_taken_in_uv_order(tmp_path: Path) -> None:
-    project = load_project(_project(tmp_path, """
+    project = load_project(
+        _project(
+            tmp_path,
+            """
 [[tool.uv.index]]
 name = "internal"
 url = "https://pkgs.example/simple/"
@@ -37,7 +40,9 @@ explicit = true
 name = "mirror"
 url = "https://mirror.example/simple/"
 default = true
-"""))
+""",
+        )
+    )
     # Declared indexes first, explicit ones only for pinned sources, the default last.
     assert lock_indexes(parse_settings({}), project) == (
         "https://pkgs.example/simple/",

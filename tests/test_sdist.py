@@ -29,6 +29,9 @@ from imagebuild.sdist import build_sdist_wheel, sdist_metadata
 from imagebuild.target import TargetPlatform
 from tests.fixtures.index_server import LocalIndex, make_sdist
 
+# The generated sdists' backend needs nothing installed: a dead loopback index shows that
+# nothing is fetched for their build environments.
+NO_INDEX = ("http://127.0.0.1:9/simple/",)
 TARGET = TargetPlatform(python_version=(3, 11), libc="glibc", libc_version=(2, 36), arch="x86_64")
 
 
@@ -62,7 +65,12 @@ def wheel_text(wheel: Path, member: str) -> str:
 
 
 def cached_files(cache: Path) -> list[Path]:
-    return sorted(p for p in cache.rglob("*") if p.is_file() and p.suffix != ".lock")
+    """Cache entries about sdists (a kept build environment is whole whatever the sdist did)."""
+    return sorted(
+        p
+        for p in cache.rglob("*")
+        if p.is_file() and p.suffix != ".lock" and "build-envs" not in p.relative_to(cache).parts
+    )
 
 
 # -- sdist_metadata --------------------------------------------------------------------------
@@ -75,7 +83,7 @@ def test_metadata_of_an_sdist_only_package(
         "Only-Source", "2.0", requires=["dep>=1", "extra-dep; extra == 'fast'"]
     )
     file = listed(http, fresh_index, "only-source")
-    data = sdist_metadata(http, file, cache)
+    data = sdist_metadata(http, file, cache, indexes=NO_INDEX)
     raw, _ = parse_email(data)
     assert (raw["name"], raw["version"]) == ("Only-Source", "2.0")
     assert [Requirement(r) for r in raw["requires_dist"]] == [
@@ -87,7 +95,7 @@ def test_metadata_of_an_sdist_only_package(
     assert entry.read_bytes() == data
     # A second call is answered from the cache: no download.
     before = fresh_index.count("/files/")
-    assert sdist_metadata(http, file, cache) == data
+    assert sdist_metadata(http, file, cache, indexes=NO_INDEX) == data
     assert fresh_index.count("/files/") == before == 1
 
 
@@ -95,7 +103,7 @@ def test_metadata_without_the_prepare_hook_builds_a_wheel(
     http: httpx.Client, fresh_index: LocalIndex, cache: Path
 ) -> None:
     fresh_index.add_sdist("no-hook", "1.0", requires=["dep"], prepare_metadata=False)
-    data = sdist_metadata(http, listed(http, fresh_index, "no-hook"), cache)
+    data = sdist_metadata(http, listed(http, fresh_index, "no-hook"), cache, indexes=NO_INDEX)
     assert parse_email(data)[0]["requires_dist"] == ["dep"]
 
 
@@ -103,7 +111,9 @@ def test_metadata_of_a_zip_sdist(http: httpx.Client, fresh_index: LocalIndex, ca
     fresh_index.add_sdist("zipped", "1.0", requires=["dep<3"], archive="zip")
     file = listed(http, fresh_index, "zipped")
     assert file.filename == "zipped-1.0.zip"
-    assert parse_email(sdist_metadata(http, file, cache))[0]["requires_dist"] == ["dep<3"]
+    assert parse_email(sdist_metadata(http, file, cache, indexes=NO_INDEX))[0]["requires_dist"] == [
+        "dep<3"
+    ]
 
 
 def test_metadata_hash_mismatch_caches_nothing(
@@ -112,7 +122,7 @@ def test_metadata_hash_mismatch_caches_nothing(
     fresh_index.add_sdist("tampered", "1.0")
     file = dataclasses.replace(listed(http, fresh_index, "tampered"), sha256="0" * 64)
     with pytest.raises(PackageIndexError) as caught:
-        sdist_metadata(http, file, cache)
+        sdist_metadata(http, file, cache, indexes=NO_INDEX)
     assert str(caught.value).startswith(
         "sdist tampered-1.0.tar.gz: sha256 mismatch (index: " + "0" * 64
     )
@@ -124,7 +134,7 @@ def test_metadata_without_an_index_hash_is_still_cached_by_content(
 ) -> None:
     served = fresh_index.add_sdist("unhashed", "1.0")
     file = dataclasses.replace(listed(http, fresh_index, "unhashed"), sha256=None)
-    data = sdist_metadata(http, file, cache)
+    data = sdist_metadata(http, file, cache, indexes=NO_INDEX)
     assert (cache / "sdist-metadata" / f"{served.sha256}.metadata").read_bytes() == data
 
 
@@ -133,7 +143,7 @@ def test_metadata_backend_failure_is_one_line(
 ) -> None:
     fresh_index.add_sdist("fails", "1.0", fail="needs a C compiler")
     with pytest.raises(PackageIndexError) as caught:
-        sdist_metadata(http, listed(http, fresh_index, "fails"), cache)
+        sdist_metadata(http, listed(http, fresh_index, "fails"), cache, indexes=NO_INDEX)
     message = str(caught.value)
     assert message.startswith("sdist fails-1.0.tar.gz: the build backend failed to make metadata")
     assert "needs a C compiler" in message and "\n" not in message
@@ -170,7 +180,7 @@ def test_build_makes_a_pure_wheel_once(
         "pure-src", "1.0", files={"pure_src/__init__.py": "VALUE = 1\n"}, requires=["dep"]
     )
     url = fresh_index.file_url(served.filename)
-    wheel = build_sdist_wheel(http, url, served.sha256, served.filename, cache)
+    wheel = build_sdist_wheel(http, url, served.sha256, served.filename, cache, indexes=NO_INDEX)
     assert wheel == cache / "sdist-wheels" / served.sha256 / "pure_src-1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel) as zf:
         assert zf.read("pure_src/__init__.py") == b"VALUE = 1\n"
@@ -178,7 +188,9 @@ def test_build_makes_a_pure_wheel_once(
     assert "(epoch 0)" in wheel_text(wheel, "WHEEL")  # SOURCE_DATE_EPOCH reached the backend
     assert fresh_index.count("/files/") == 1
     # The second build is a cache hit: no request, no build, same file.
-    again = build_sdist_wheel(http, url, f"sha256:{served.sha256}", served.filename, cache)
+    again = build_sdist_wheel(
+        http, url, f"sha256:{served.sha256}", served.filename, cache, indexes=NO_INDEX
+    )
     assert again == wheel
     assert fresh_index.count("/files/") == 1
 
@@ -189,7 +201,12 @@ def test_platform_wheel_is_refused(
     served = fresh_index.add_sdist("foo", "1.0", tags="cp311-cp311-linux_x86_64")
     with pytest.raises(BuildError) as caught:
         build_sdist_wheel(
-            http, fresh_index.file_url(served.filename), served.sha256, served.filename, cache
+            http,
+            fresh_index.file_url(served.filename),
+            served.sha256,
+            served.filename,
+            cache,
+            indexes=NO_INDEX,
         )
     assert str(caught.value) == (
         "sdist foo-1.0.tar.gz: builds a platform wheel (foo-1.0-cp311-cp311-linux_x86_64.whl); "
@@ -204,7 +221,12 @@ def test_platlib_wheel_with_pure_tags_is_refused(
     served = fresh_index.add_sdist("platlib", "1.0", purelib=False)
     with pytest.raises(BuildError, match=r"builds a platform wheel \(platlib-1.0-py3-none-any"):
         build_sdist_wheel(
-            http, fresh_index.file_url(served.filename), served.sha256, served.filename, cache
+            http,
+            fresh_index.file_url(served.filename),
+            served.sha256,
+            served.filename,
+            cache,
+            indexes=NO_INDEX,
         )
 
 
@@ -218,7 +240,12 @@ def test_wheel_of_another_version_is_refused(
     served = fresh_index.add(renamed)
     with pytest.raises(BuildError, match=r"built liar-1.0-py3-none-any.whl, which is liar 1.0"):
         build_sdist_wheel(
-            http, fresh_index.file_url(served.filename), served.sha256, served.filename, cache
+            http,
+            fresh_index.file_url(served.filename),
+            served.sha256,
+            served.filename,
+            cache,
+            indexes=NO_INDEX,
         )
     assert cached_files(cache) == []
 
@@ -230,7 +257,12 @@ def test_build_hash_mismatch_caches_nothing(
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(FetchError) as caught:
         build_sdist_wheel(
-            http, fresh_index.file_url(served.filename), wrong, served.filename, cache
+            http,
+            fresh_index.file_url(served.filename),
+            wrong,
+            served.filename,
+            cache,
+            indexes=NO_INDEX,
         )
     assert str(caught.value).startswith(
         f"sdist swapped-1.0.tar.gz: sha256 mismatch (lock: {wrong}, downloaded: {served.sha256})"
@@ -244,7 +276,12 @@ def test_build_backend_failure_is_a_build_error(
     served = fresh_index.add_sdist("wont-build", "1.0", fail="error: command 'gcc' failed")
     with pytest.raises(BuildError) as caught:
         build_sdist_wheel(
-            http, fresh_index.file_url(served.filename), served.sha256, served.filename, cache
+            http,
+            fresh_index.file_url(served.filename),
+            served.sha256,
+            served.filename,
+            cache,
+            indexes=NO_INDEX,
         )
     message = str(caught.value)
     assert message.startswith("sdist wont_build-1.0.tar.gz: the build backend failed to make a")
@@ -254,7 +291,9 @@ def test_build_backend_failure_is_a_build_error(
 def test_missing_sdist_is_a_fetch_error(http: httpx.Client, fresh_index: LocalIndex) -> None:
     url = fresh_index.file_url("gone-1.0.tar.gz")
     with pytest.raises(FetchError, match=r"^sdist gone-1.0.tar.gz: GET .* answered 404"):
-        build_sdist_wheel(http, url, "a" * 64, "gone-1.0.tar.gz", fresh_index.root / "cache")
+        build_sdist_wheel(
+            http, url, "a" * 64, "gone-1.0.tar.gz", fresh_index.root / "cache", indexes=NO_INDEX
+        )
 
 
 # -- unsafe archives -------------------------------------------------------------------------
@@ -266,12 +305,16 @@ def test_member_escaping_with_dotdot_is_refused(
     served = fresh_index.add_sdist("escape", "1.0", members={"../escaped.txt": "gotcha\n"})
     url = fresh_index.file_url(served.filename)
     with pytest.raises(BuildError) as caught:
-        build_sdist_wheel(http, url, served.sha256, served.filename, tmp_path / "cache")
+        build_sdist_wheel(
+            http, url, served.sha256, served.filename, tmp_path / "cache", indexes=NO_INDEX
+        )
     assert str(caught.value).startswith(
         "sdist escape-1.0.tar.gz: archive member '../escaped.txt' would be written outside"
     )
     with pytest.raises(PackageIndexError, match="would be written outside"):
-        sdist_metadata(http, listed(http, fresh_index, "escape"), tmp_path / "cache")
+        sdist_metadata(
+            http, listed(http, fresh_index, "escape"), tmp_path / "cache", indexes=NO_INDEX
+        )
     assert cached_files(tmp_path / "cache") == []
     assert not list(tmp_path.rglob("escaped.txt"))
 
@@ -281,7 +324,7 @@ def test_absolute_member_in_a_zip_is_refused(
 ) -> None:
     fresh_index.add_sdist("absolute", "1.0", archive="zip", members={"/tmp/abs.txt": "x"})
     with pytest.raises(PackageIndexError, match="'/tmp/abs.txt' would be written outside"):
-        sdist_metadata(http, listed(http, fresh_index, "absolute"), cache)
+        sdist_metadata(http, listed(http, fresh_index, "absolute"), cache, indexes=NO_INDEX)
 
 
 def test_symlink_out_of_the_archive_is_refused(
@@ -313,6 +356,7 @@ def test_symlink_out_of_the_archive_is_refused(
             served.sha256,
             served.filename,
             tmp_path / "cache",
+            indexes=NO_INDEX,
         )
 
 
@@ -327,7 +371,9 @@ def test_archive_without_a_project_is_refused(
     (tmp_path / "hollow-1.0.tar.gz").write_bytes(buffer.getvalue())
     fresh_index.add(tmp_path / "hollow-1.0.tar.gz")
     with pytest.raises(PackageIndexError, match="no pyproject.toml or setup.py"):
-        sdist_metadata(http, listed(http, fresh_index, "hollow"), tmp_path / "cache")
+        sdist_metadata(
+            http, listed(http, fresh_index, "hollow"), tmp_path / "cache", indexes=NO_INDEX
+        )
 
 
 def test_simple_index_metadata_goes_through_the_backend(

@@ -37,15 +37,38 @@ def imgbuild(*args: str | Path) -> CliResult:
     return CliResult(result.exit_code, result.stdout, result.stderr)
 
 
+def index_settings(index_url: str) -> str:
+    """A ``[tool.imgbuild]`` table: the local index first, then PyPI for the build backend
+    (hatchling), which the local index does not serve. Build requirements come only from
+    a project's own indexes, so a project naming just the local index could not build."""
+    return (
+        f'\n[tool.imgbuild]\nindex-url = "{index_url}"\n'
+        'extra-index-urls = ["https://pypi.org/simple/"]\n'
+    )
+
+
 def uv_lock(project: Path, index_url: str) -> None:
     """Lock ``project`` with real uv against the local index only."""
     assert UV is not None, "uv is required (dev/test installs it)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("UV_")}
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
     subprocess.run(
-        [UV, "lock", "--index-url", index_url, "--no-config", "--quiet",
-         "--python", sys.executable, "--no-python-downloads"],
-        cwd=project, env=env, check=True, capture_output=True, timeout=120,
+        [
+            UV,
+            "lock",
+            "--index-url",
+            index_url,
+            "--no-config",
+            "--quiet",
+            "--python",
+            sys.executable,
+            "--no-python-downloads",
+        ],
+        cwd=project,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
 
 

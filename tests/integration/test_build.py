@@ -53,23 +53,43 @@ def _layers(layout: Path) -> list[str]:
     return [layer["digest"] for layer in manifest["layers"]]
 
 
-@pytest.mark.parametrize(("base", "python"), [("distroless", "3.11"), ("debian-slim", "3.11"),
-                                              ("distroless", "3.13")])
+@pytest.mark.parametrize(
+    ("base", "python"), [("distroless", "3.11"), ("debian-slim", "3.11"), ("distroless", "3.13")]
+)
 def test_project_runs_as_nonroot_without_network(
-    docker_env: TestInfra, make_project: MakeProject, image_cleanup: list[str],
-    tmp_path: Path, base: str, python: str,
+    docker_env: TestInfra,
+    make_project: MakeProject,
+    image_cleanup: list[str],
+    tmp_path: Path,
+    base: str,
+    python: str,
 ) -> None:
     project = make_project()
     tag = f"imgbuild-test/demo-{base}:{python}"
     image_cleanup.append(tag)
-    result = imgbuild("build", project, "--tag", tag, "--base", base, "--python", python,
-                      "--cache-dir", tmp_path / "cache")
+    result = imgbuild(
+        "build",
+        project,
+        "--tag",
+        tag,
+        "--base",
+        base,
+        "--python",
+        python,
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert result.exit_code == 0, result.stderr
     assert f"loaded docker.io/{tag}" in result.stdout
 
     out = json.loads(_run(docker_env, tag, "arg1"))
-    assert out == {"uid": 65532, "msg": "hello image", "red": "#f00",
-                   "exe": "/app/.venv/bin/python", "argv": ["arg1"]}
+    assert out == {
+        "uid": 65532,
+        "msg": "hello image",
+        "red": "#f00",
+        "exe": "/app/.venv/bin/python",
+        "argv": ["arg1"],
+    }
     attrs = docker_env.client.api.inspect_image(tag)
     config = attrs["Config"]
     assert config["User"] == "65532"
@@ -86,18 +106,29 @@ def test_project_runs_as_nonroot_without_network(
     )
 
     site = f"/app/.venv/lib/python{python}/site-packages"
-    report = json.loads(_run(docker_env, tag, "-c", CHECK_PYC, site,
-                             entrypoint="/app/.venv/bin/python"))
+    report = json.loads(
+        _run(docker_env, tag, "-c", CHECK_PYC, site, entrypoint="/app/.venv/bin/python")
+    )
     assert report["count"] >= 5
     assert report["missing"] == [] and report["bad"] == []
     assert report["v"] == [int(p) for p in python.split(".")]
     # The dependency's console script has a direct shebang (works without a shell).
-    script = _run(docker_env, tag, "-c", "print(open('/app/.venv/bin/greet').readline())",
-                  entrypoint="/app/.venv/bin/python")
+    script = _run(
+        docker_env,
+        tag,
+        "-c",
+        "print(open('/app/.venv/bin/greet').readline())",
+        entrypoint="/app/.venv/bin/python",
+    )
     assert script.strip() == "#!/app/.venv/bin/python"
     # The dev group is left out by default.
-    probe = _run(docker_env, tag, "-c", "import importlib.util as u; print(u.find_spec('extra_lib'))",
-                 entrypoint="/app/.venv/bin/python")
+    probe = _run(
+        docker_env,
+        tag,
+        "-c",
+        "import importlib.util as u; print(u.find_spec('extra_lib'))",
+        entrypoint="/app/.venv/bin/python",
+    )
     assert probe.strip() == "None"
 
 
@@ -126,8 +157,11 @@ def test_locked_refuses_a_stale_lock_and_leaves_no_image(
 ) -> None:
     project = make_project()
     pyproject = project / "pyproject.toml"
-    pyproject.write_text(pyproject.read_text().replace(
-        'dependencies = ["colours>=0.3"]', 'dependencies = ["colours>=0.3", "extra-lib>=2"]'))
+    pyproject.write_text(
+        pyproject.read_text().replace(
+            'dependencies = ["colours>=0.3"]', 'dependencies = ["colours>=0.3", "extra-lib>=2"]'
+        )
+    )
     tag = "imgbuild-test/stale:1"
     image_cleanup.append(tag)
     images_before = {i.id for i in docker_env.client.images.list(all=True)}
@@ -144,13 +178,30 @@ def test_locked_refuses_a_stale_lock_and_leaves_no_image(
     # Refused before any download: nothing was fetched into the cache.
     assert not (cache / "wheels").exists() and not (cache / "blobs").exists()
     # --frozen takes the lock as it is.
-    frozen = imgbuild("build", project, "--frozen", "--output", f"oci:{tmp_path / 'out'}",
-                      "--cache-dir", cache, "--python", "3.11")
+    frozen = imgbuild(
+        "build",
+        project,
+        "--frozen",
+        "--output",
+        f"oci:{tmp_path / 'out'}",
+        "--cache-dir",
+        cache,
+        "--python",
+        "3.11",
+    )
     assert frozen.exit_code == 0, frozen.stderr
     assert "warning" not in frozen.stderr
     # Without either flag the stale lock is built too, with a warning that says why.
-    default = imgbuild("build", project, "--output", f"oci:{tmp_path / 'out2'}",
-                       "--cache-dir", cache, "--python", "3.11")
+    default = imgbuild(
+        "build",
+        project,
+        "--output",
+        f"oci:{tmp_path / 'out2'}",
+        "--cache-dir",
+        cache,
+        "--python",
+        "3.11",
+    )
     assert default.exit_code == 0, default.stderr
     assert "warning: uv.lock is out of date with pyproject.toml" in default.stderr
 
@@ -162,8 +213,16 @@ def test_same_lock_two_empty_caches_same_digest(
     digests = []
     for run in ("a", "b"):
         layout = tmp_path / f"layout-{run}"
-        result = imgbuild("build", project, "--python", "3.11", "--cache-dir",
-                          tmp_path / f"cache-{run}", "--output", f"oci:{layout}")
+        result = imgbuild(
+            "build",
+            project,
+            "--python",
+            "3.11",
+            "--cache-dir",
+            tmp_path / f"cache-{run}",
+            "--output",
+            f"oci:{layout}",
+        )
         assert result.exit_code == 0, result.stderr
         validate_layout(layout)
         digests.append(json.loads((layout / "index.json").read_text())["manifests"][0]["digest"])
@@ -185,8 +244,22 @@ def test_pylock_and_uv_lock_give_the_same_image(
     assert from_uv.exit_code == 0, from_uv.stderr
     uv = shutil.which("uv")
     assert uv is not None
-    subprocess.run([uv, "export", "--format", "pylock.toml", "-o", "pylock.toml", "--no-dev",
-                    "--frozen", "--quiet"], cwd=project, check=True, capture_output=True)
+    subprocess.run(
+        [
+            uv,
+            "export",
+            "--format",
+            "pylock.toml",
+            "-o",
+            "pylock.toml",
+            "--no-dev",
+            "--frozen",
+            "--quiet",
+        ],
+        cwd=project,
+        check=True,
+        capture_output=True,
+    )
     from_pylock = imgbuild("build", project, *args, "--output", f"oci:{tmp_path / 'pylock'}")
     assert from_pylock.exit_code == 0, from_pylock.stderr
     assert "lock: pylock.toml" in from_pylock.stderr
@@ -200,14 +273,34 @@ def test_push_to_registry_then_run_from_it(
     project = make_project()
     ref = f"{docker_env.registry}/imgbuild-test/pushed:1"
     image_cleanup.append(ref)
-    result = imgbuild("build", project, "--python", "3.11", "--tag", ref, "--output", "registry",
-                      "--cache-dir", tmp_path / "cache")
+    result = imgbuild(
+        "build",
+        project,
+        "--python",
+        "3.11",
+        "--tag",
+        ref,
+        "--output",
+        "registry",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert result.exit_code == 0, result.stderr
     digest = result.stdout.strip().splitlines()[-1].removeprefix("digest: ")
     assert f"pushed {ref}@{digest}" in result.stdout
     # Pushing again uploads nothing new and names the same digest.
-    again = imgbuild("build", project, "--python", "3.11", "--tag", ref, "--output", "registry",
-                     "--cache-dir", tmp_path / "cache")
+    again = imgbuild(
+        "build",
+        project,
+        "--python",
+        "3.11",
+        "--tag",
+        ref,
+        "--output",
+        "registry",
+        "--cache-dir",
+        tmp_path / "cache",
+    )
     assert f"pushed {ref}@{digest}" in again.stdout
     pulled = docker_env.client.images.pull(ref)
     assert digest in " ".join(pulled.attrs["RepoDigests"])

@@ -32,8 +32,19 @@ def test_fastapi_service_self_test(
 ) -> None:
     tag = f"imgbuild-test/hello-api-{base}:dev"
     image_cleanup.append(tag)
-    result = imgbuild("build", EXAMPLES / "fastapi-service", "--tag", tag, "--base", base,
-                      "--python", "3.11", "--locked", "--cache-dir", shared_cache)
+    result = imgbuild(
+        "build",
+        EXAMPLES / "fastapi-service",
+        "--tag",
+        tag,
+        "--base",
+        base,
+        "--python",
+        "3.11",
+        "--locked",
+        "--cache-dir",
+        shared_cache,
+    )
     assert result.exit_code == 0, result.stderr
     output = docker_env.client.containers.run(
         tag, ["--self-test"], network_mode="none", remove=True
@@ -54,16 +65,34 @@ def test_numeric_analysis_report(
 ) -> None:
     tag = f"imgbuild-test/numstats:{python}"
     image_cleanup.append(tag)
-    result = imgbuild("build", EXAMPLES / "numeric-analysis", "--tag", tag,
-                      "--python", python, "--locked", "--cache-dir", shared_cache)
+    result = imgbuild(
+        "build",
+        EXAMPLES / "numeric-analysis",
+        "--tag",
+        tag,
+        "--python",
+        python,
+        "--locked",
+        "--cache-dir",
+        shared_cache,
+    )
     assert result.exit_code == 0, result.stderr
     output = bytes(docker_env.client.containers.run(tag, network_mode="none", remove=True))
     summary = json.loads(output.decode().strip().splitlines()[-1])
     assert summary
-    versions = bytes(docker_env.client.containers.run(
-        tag, ["-c", "import numpy, sys; print(numpy.__version__, *sys.version_info[:2])"],
-        entrypoint="/app/.venv/bin/python", network_mode="none", remove=True,
-    )).decode().split()
+    versions = (
+        bytes(
+            docker_env.client.containers.run(
+                tag,
+                ["-c", "import numpy, sys; print(numpy.__version__, *sys.version_info[:2])"],
+                entrypoint="/app/.venv/bin/python",
+                network_mode="none",
+                remove=True,
+            )
+        )
+        .decode()
+        .split()
+    )
     # The lock forks numpy by Python version: the target's marker environment decides.
     assert versions[1:] == python.split(".")
     assert versions[0] == ("2.4.6" if python == "3.11" else "2.5.5")
@@ -75,14 +104,31 @@ def test_daemonless_build_compiles_with_a_host_python(
     """With no engine at all, an OCI layout is still built, compiled by the host's python3.11."""
     monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
     layout = tmp_path / "layout"
-    result = imgbuild("build", EXAMPLES / "fastapi-service", "--python", "3.11",
-                      "--cache-dir", shared_cache, "--output", f"oci:{layout}")
+    result = imgbuild(
+        "build",
+        EXAMPLES / "fastapi-service",
+        "--python",
+        "3.11",
+        "--cache-dir",
+        shared_cache,
+        "--output",
+        f"oci:{layout}",
+    )
     assert result.exit_code == 0, result.stderr
     assert "compiling bytecode with the host's" in result.stderr
     validate_layout(layout)
-    refused = imgbuild("build", EXAMPLES / "fastapi-service", "--python", "3.11",
-                       "--compile-with", "image", "--cache-dir", shared_cache,
-                       "--output", f"oci:{tmp_path / 'other'}")
+    refused = imgbuild(
+        "build",
+        EXAMPLES / "fastapi-service",
+        "--python",
+        "3.11",
+        "--compile-with",
+        "image",
+        "--cache-dir",
+        shared_cache,
+        "--output",
+        f"oci:{tmp_path / 'other'}",
+    )
     assert refused.exit_code == 1
     assert refused.stderr.startswith("error: cannot reach the Docker engine") or (
         "Docker engine" in refused.stderr.splitlines()[-1]

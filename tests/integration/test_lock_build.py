@@ -10,7 +10,7 @@ import pytest
 
 from tests.fixtures.docker_engine import TestInfra
 from tests.fixtures.index_server import LocalIndex
-from tests.integration.conftest import MakeProject, imgbuild
+from tests.integration.conftest import MakeProject, imgbuild, index_settings
 
 pytestmark = pytest.mark.docker
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.docker
 def test_lock_then_locked_build(
     docker_env: TestInfra, make_project: MakeProject, demo_index: LocalIndex, tmp_path: Path
 ) -> None:
-    project = make_project(tool=f'\n[tool.imgbuild]\nindex-url = "{demo_index.url}"\n')
+    project = make_project(tool=index_settings(demo_index.url))
     (project / "uv.lock").unlink()
     cache = tmp_path / "cache"
     result = imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache)
@@ -34,8 +34,17 @@ def test_lock_then_locked_build(
     assert len(lock["environments"]) == 2  # linux/amd64 and linux/arm64 for Python 3.11
 
     layout = tmp_path / "image"
-    built = imgbuild("build", project, "--locked", "--python", "3.11", "--cache-dir", cache,
-                     "--output", f"oci:{layout}")
+    built = imgbuild(
+        "build",
+        project,
+        "--locked",
+        "--python",
+        "3.11",
+        "--cache-dir",
+        cache,
+        "--output",
+        f"oci:{layout}",
+    )
     assert built.exit_code == 0, built.stderr
     assert "lock: pylock.toml" in built.stderr
 
@@ -44,30 +53,44 @@ def test_lock_then_locked_build(
     pyproject.write_text(pyproject.read_text().replace('"colours>=0.3"', '"colours>=0.3,<1"'))
     assert imgbuild("lock", project, "--check", "--python", "3.11").exit_code == 0
     # ...adding a dependency does not, and --locked refuses before building.
-    pyproject.write_text(pyproject.read_text().replace('"colours>=0.3,<1"',
-                                                       '"colours>=0.3,<1", "extra-lib"'))
+    pyproject.write_text(
+        pyproject.read_text().replace('"colours>=0.3,<1"', '"colours>=0.3,<1", "extra-lib"')
+    )
     check = imgbuild("lock", project, "--check", "--python", "3.11")
     assert check.exit_code == 1
     assert check.stderr.strip() == (
         "error: pylock.toml is out of date with pyproject.toml: dependency 'extra-lib' "
         "was added; run 'imgbuild lock' (or drop --locked)"
     )
-    refused = imgbuild("build", project, "--locked", "--python", "3.11", "--cache-dir", cache,
-                       "--output", f"oci:{tmp_path / 'refused'}")
+    refused = imgbuild(
+        "build",
+        project,
+        "--locked",
+        "--python",
+        "3.11",
+        "--cache-dir",
+        cache,
+        "--output",
+        f"oci:{tmp_path / 'refused'}",
+    )
     assert refused.exit_code == 1
     assert not (tmp_path / "refused").exists()
 
 
 def test_build_without_a_lock_locks_first(
-    docker_env: TestInfra, make_project: MakeProject, demo_index: LocalIndex,
-    image_cleanup: list[str], tmp_path: Path,
+    docker_env: TestInfra,
+    make_project: MakeProject,
+    demo_index: LocalIndex,
+    image_cleanup: list[str],
+    tmp_path: Path,
 ) -> None:
-    project = make_project(tool=f'\n[tool.imgbuild]\nindex-url = "{demo_index.url}"\n')
+    project = make_project(tool=index_settings(demo_index.url))
     (project / "uv.lock").unlink()
     tag = "imgbuild-test/locks-first:1"
     image_cleanup.append(tag)
-    result = imgbuild("build", project, "--python", "3.11", "--tag", tag,
-                      "--cache-dir", tmp_path / "cache")
+    result = imgbuild(
+        "build", project, "--python", "3.11", "--tag", tag, "--cache-dir", tmp_path / "cache"
+    )
     assert result.exit_code == 0, result.stderr
     assert (project / "pylock.toml").is_file()
     output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
@@ -77,11 +100,20 @@ def test_build_without_a_lock_locks_first(
 def test_build_outside_the_locked_targets_is_refused(
     docker_env: TestInfra, make_project: MakeProject, demo_index: LocalIndex, tmp_path: Path
 ) -> None:
-    project = make_project(tool=f'\n[tool.imgbuild]\nindex-url = "{demo_index.url}"\n')
+    project = make_project(tool=index_settings(demo_index.url))
     (project / "uv.lock").unlink()
     assert imgbuild("lock", project, "--python", "3.11").exit_code == 0
-    result = imgbuild("build", project, "--python", "3.13", "--frozen", "--cache-dir",
-                      tmp_path / "cache", "--output", f"oci:{tmp_path / 'out'}")
+    result = imgbuild(
+        "build",
+        project,
+        "--python",
+        "3.13",
+        "--frozen",
+        "--cache-dir",
+        tmp_path / "cache",
+        "--output",
+        f"oci:{tmp_path / 'out'}",
+    )
     assert result.exit_code == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: pylock.toml: the target matches none of the lock's environments")
@@ -114,8 +146,9 @@ def test_new_release_keeps_the_lock_until_upgrade(
     relock = imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache)
     assert relock.exit_code == 0, relock.stderr
     assert pins() == {"tool": "1.0.0", "other": "1.0.0"}
-    one = imgbuild("lock", project, "--python", "3.11", "--upgrade-package", "tool",
-                   "--cache-dir", cache)
+    one = imgbuild(
+        "lock", project, "--python", "3.11", "--upgrade-package", "tool", "--cache-dir", cache
+    )
     assert one.exit_code == 0, one.stderr
     assert pins() == {"tool": "1.1.0", "other": "1.0.0"}
     every = imgbuild("lock", project, "--python", "3.11", "--upgrade", "--cache-dir", cache)
@@ -151,7 +184,9 @@ def test_sdist_only_dependency_is_locked_and_built(
     """Metadata through its PEP 517 backend when locking; a pure wheel built for the image."""
     fresh_index.add_wheel("helper", "1.0", files={"helper.py": "NAME = 'helper'\n"})
     fresh_index.add_sdist(
-        "srconly", "2.0", requires=["helper"],
+        "srconly",
+        "2.0",
+        requires=["helper"],
         files={"srconly/__init__.py": "import helper\nVALUE = 'from sdist ' + helper.NAME\n"},
     )
     project = tmp_path / "p"
@@ -162,19 +197,22 @@ def test_sdist_only_dependency_is_locked_and_built(
     (project / "pyproject.toml").write_text(
         '[project]\nname = "p"\nversion = "1"\nrequires-python = ">=3.11"\n'
         'dependencies = ["srconly"]\n[project.scripts]\np = "p:main"\n'
-        f'[tool.imgbuild]\nindex-url = "{fresh_index.url}"\n'
-        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        + index_settings(fresh_index.url)
+        + '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
     )
     cache = tmp_path / "cache"
     locked = imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache)
     assert locked.exit_code == 0, locked.stderr
-    entries = {p["name"]: p for p in tomllib.loads((project / "pylock.toml").read_text())["packages"]}
+    entries = {
+        p["name"]: p for p in tomllib.loads((project / "pylock.toml").read_text())["packages"]
+    }
     assert "sdist" in entries["srconly"] and "wheels" not in entries["srconly"]
     assert entries["helper"]["version"] == "1.0"  # read from the sdist's metadata
     tag = "imgbuild-test/sdist-only:1"
     image_cleanup.append(tag)
-    built = imgbuild("build", project, "--locked", "--python", "3.11", "--tag", tag,
-                     "--cache-dir", cache)
+    built = imgbuild(
+        "build", project, "--locked", "--python", "3.11", "--tag", tag, "--cache-dir", cache
+    )
     assert built.exit_code == 0, built.stderr
     output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
     assert bytes(output).decode().strip() == "from sdist helper"
@@ -193,8 +231,17 @@ def test_platform_sdist_is_refused_at_build(
     )
     cache = tmp_path / "cache"
     assert imgbuild("lock", project, "--python", "3.11", "--cache-dir", cache).exit_code == 0
-    built = imgbuild("build", project, "--frozen", "--python", "3.11", "--cache-dir", cache,
-                     "--output", f"oci:{tmp_path / 'out'}")
+    built = imgbuild(
+        "build",
+        project,
+        "--frozen",
+        "--python",
+        "3.11",
+        "--cache-dir",
+        cache,
+        "--output",
+        f"oci:{tmp_path / 'out'}",
+    )
     assert built.exit_code == 1
     errors = [line for line in built.stderr.splitlines() if line.startswith("error:")]
     assert errors == [

@@ -34,10 +34,25 @@ def _uv_pins(project: Path) -> set[tuple[str, str]]:
     uv = shutil.which("uv")
     assert uv is not None, "uv is required (dev/test installs it)"
     out = subprocess.run(
-        [uv, "pip", "compile", "pyproject.toml", "--python-version", "3.11",
-         "--python-platform", "x86_64-manylinux_2_36", "--no-header", "--no-annotate",
-         "--quiet", "--no-config"],
-        cwd=project, check=True, capture_output=True, text=True, timeout=300,
+        [
+            uv,
+            "pip",
+            "compile",
+            "pyproject.toml",
+            "--python-version",
+            "3.11",
+            "--python-platform",
+            "x86_64-manylinux_2_36",
+            "--no-header",
+            "--no-annotate",
+            "--quiet",
+            "--no-config",
+        ],
+        cwd=project,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     ).stdout
     pins = set()
     for line in out.splitlines():
@@ -50,8 +65,9 @@ def _uv_pins(project: Path) -> set[tuple[str, str]]:
 @pytest.mark.parametrize("example", ["fastapi-service", "numeric-analysis"])
 def test_pins_match_uv_pip_compile(example: str, tmp_path: Path, lock_cache: Path) -> None:
     project = tmp_path / example
-    shutil.copytree(EXAMPLES / example, project,
-                    ignore=shutil.ignore_patterns(".venv", "uv.lock", "pylock*"))
+    shutil.copytree(
+        EXAMPLES / example, project, ignore=shutil.ignore_patterns(".venv", "uv.lock", "pylock*")
+    )
     result = imgbuild("lock", project, "--python", "3.11", "--cache-dir", lock_cache)
     assert result.exit_code == 0, result.stderr
     lock = load_lock(project / "pylock.toml")

@@ -39,6 +39,8 @@ def _workspace(root: Path, index_url: str) -> Path:
 
         [tool.imgbuild]
         index-url = "{index_url}"
+        # hatchling is not on the local index (see conftest.index_settings)
+        extra-index-urls = ["https://pypi.org/simple/"]
 
         [build-system]
         requires = ["hatchling"]

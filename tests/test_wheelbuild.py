@@ -1,0 +1,152 @@
+"""Build environments: the backend's requirements come from the project's indexes only.
+
+The backend here is a wheel that only the local index serves (``ib-local-backend``), so a
+build succeeds only if its environment was installed from that index, with real uv.
+"""
+
+from __future__ import annotations
+
+import textwrap
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from imagebuild.errors import BuildError
+from imagebuild.wheelbuild import BuildEnvironments, build_project_wheel
+from tests.fixtures.index_server import LocalIndex
+
+# A PEP 517 backend in one module: the wheel holds the project's `<dist>.py` and a
+# `<dist>_backend.txt` naming the backend release that built it.
+_BACKEND = """\
+import base64, hashlib, os, tomllib, zipfile
+
+RELEASE = {release!r}
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    with open("pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    dist = project["name"].replace("-", "_")
+    version = project["version"]
+    info = f"{{dist}}-{{version}}.dist-info"
+    with open(f"{{dist}}.py", "rb") as f:
+        files = {{f"{{dist}}.py": f.read()}}
+    files[f"{{dist}}_backend.txt"] = RELEASE.encode()
+    files[f"{{info}}/METADATA"] = (
+        f"Metadata-Version: 2.1\\nName: {{project['name']}}\\nVersion: {{version}}\\n"
+    ).encode()
+    files[f"{{info}}/WHEEL"] = b"Wheel-Version: 1.0\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"
+    lines = []
+    for path, data in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        lines.append(f"{{path}},sha256={{digest}},{{len(data)}}\\n")
+    files[f"{{info}}/RECORD"] = ("".join(lines) + f"{{info}}/RECORD,,\\n").encode()
+    name = f"{{dist}}-{{version}}-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
+        for path, data in files.items():
+            zf.writestr(path, data)
+    return name
+"""
+
+
+def serve_backend(index: LocalIndex, version: str) -> None:
+    index.add_wheel(
+        "ib-local-backend",
+        version,
+        files={"ib_local_backend.py": _BACKEND.format(release=f"{version} from {index.url}")},
+    )
+
+
+def make_project(root: Path, requires: str = '"ib-local-backend"') -> Path:
+    root.mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        textwrap.dedent(f"""\
+        [project]
+        name = "uses-local-backend"
+        version = "1.0"
+
+        [build-system]
+        requires = [{requires}]
+        build-backend = "ib_local_backend"
+        """)
+    )
+    (root / "uses_local_backend.py").write_text("VALUE = 1\n")
+    return root
+
+
+def built_by(wheel: Path) -> str:
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read("uses_local_backend_backend.txt").decode()
+
+
+@pytest.fixture
+def other_index(tmp_path: Path) -> LocalIndex:
+    with LocalIndex(tmp_path / "other-index") as index:
+        yield index
+
+
+def test_backend_comes_from_the_project_index_and_the_environment_is_kept(
+    fresh_index: LocalIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    serve_backend(fresh_index, "1.0")
+    # Index settings of the user's shell must not redirect the build requirements.
+    monkeypatch.setenv("UV_INDEX_URL", "http://127.0.0.1:9/simple/")
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple/")
+    envs = BuildEnvironments(indexes=(fresh_index.url,), root=tmp_path / "envs")
+    project = make_project(tmp_path / "project")
+
+    wheel = build_project_wheel(project, tmp_path / "out", source_date_epoch=0, envs=envs)
+    assert wheel.name == "uses_local_backend-1.0-py3-none-any.whl"
+    assert built_by(wheel) == f"1.0 from {fresh_index.url}"
+    wheel_gets = fresh_index.count("/files/ib_local_backend-1.0-py3-none-any.whl")
+    assert wheel_gets >= 1
+
+    # The next build reuses the kept environment: nothing is installed again.
+    again = build_project_wheel(project, tmp_path / "out2", source_date_epoch=0, envs=envs)
+    assert built_by(again) == built_by(wheel)
+    assert fresh_index.count("/files/ib_local_backend-1.0-py3-none-any.whl") == wheel_gets
+    assert len([p for p in (tmp_path / "envs").iterdir() if p.is_dir()]) == 1
+
+
+def test_first_index_that_has_the_backend_wins(
+    fresh_index: LocalIndex, other_index: LocalIndex, tmp_path: Path
+) -> None:
+    """uv's first-index rule: a newer release on a later index is not taken."""
+    serve_backend(fresh_index, "1.0")
+    serve_backend(other_index, "2.0")
+    project = make_project(tmp_path / "project")
+    first = BuildEnvironments(indexes=(fresh_index.url, other_index.url), root=tmp_path / "a")
+    wheel = build_project_wheel(project, tmp_path / "out-a", source_date_epoch=0, envs=first)
+    assert built_by(wheel) == f"1.0 from {fresh_index.url}"
+    # The other order gives the other index's release (and another kept environment).
+    second = BuildEnvironments(indexes=(other_index.url, fresh_index.url), root=tmp_path / "a")
+    wheel = build_project_wheel(project, tmp_path / "out-b", source_date_epoch=0, envs=second)
+    assert built_by(wheel) == f"2.0 from {other_index.url}"
+
+
+def test_backend_missing_from_the_indexes_is_one_line_and_keeps_no_environment(
+    fresh_index: LocalIndex, other_index: LocalIndex, tmp_path: Path
+) -> None:
+    serve_backend(other_index, "1.0")  # served, but not by the index the project names
+    envs = BuildEnvironments(indexes=(fresh_index.url,), root=tmp_path / "envs")
+    project = make_project(tmp_path / "project")
+    with pytest.raises(BuildError) as caught:
+        build_project_wheel(project, tmp_path / "out", source_date_epoch=0, envs=envs)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(
+        f"{project / 'pyproject.toml'}: installing the build requirements failed: uv: "
+    )
+    assert "ib-local-backend" in message
+    assert other_index.count("/") == 0
+    # Nothing half-made is kept: the next build tries again from scratch.
+    assert not [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]
+
+
+def test_throwaway_environment_without_a_cache(fresh_index: LocalIndex, tmp_path: Path) -> None:
+    serve_backend(fresh_index, "1.0")
+    envs = BuildEnvironments(indexes=(fresh_index.url,))
+    project = make_project(tmp_path / "project", requires='"ib-local-backend>=1"')
+    wheel = build_project_wheel(project, tmp_path / "out", source_date_epoch=0, envs=envs)
+    assert built_by(wheel) == f"1.0 from {fresh_index.url}"
