@@ -23,6 +23,11 @@ readonly CACHE=/var/cache/imgbuild-infra
 readonly LOGS=$STATE/logs
 readonly SOCK=$RUN/docker.sock
 readonly ENGINE=unix://$SOCK
+# A second engine that cannot see this host's /tmp (it runs in a mount namespace of its
+# own with an empty tmpfs there), as an engine on another machine or in Docker-in-Docker
+# cannot: tests build through it to show no host path is ever bind-mounted.
+readonly REMOTE_SOCK=$RUN/remote-docker.sock
+readonly REMOTE_ENGINE=unix://$REMOTE_SOCK
 readonly REGISTRY=127.0.0.1:5055
 # /usr/local/bin/docker, first on PATH, is a newer client that wants a buildx plugin;
 # the engine's own 20.10 client lives here.
@@ -90,7 +95,6 @@ stop_pid() {
     done
 }
 
-engine_answers() { dk version --format '{{.Server.Version}}' >/dev/null 2>&1; }
 registry_answers() { curl -fsS --noproxy '*' -o /dev/null --max-time 2 "http://$REGISTRY/v2/" 2>/dev/null; }
 
 # --- up: packages -----------------------------------------------------------------------
@@ -131,40 +135,69 @@ install_packages() {
 
 # --- up: engine and registry ------------------------------------------------------------
 
-start_engine() {
-    if engine_answers; then
-        log "dockerd: already answering on $SOCK"
+engine_answers_on() { DOCKER_CONFIG=$STATE/docker-cli "$DOCKER" -H "$1" version --format '{{.Server.Version}}' >/dev/null 2>&1; }
+
+# start_dockerd NAME SOCKET [WRAPPER...]: a dockerd with its own data root, exec root,
+# pidfile, socket and containerd namespace, all named after NAME; WRAPPER runs it.
+start_dockerd() {
+    local name=$1 sock=$2
+    shift 2
+    if engine_answers_on "unix://$sock"; then
+        log "$name: already answering on $sock"
         return
     fi
     local pid
-    if ! pid=$(pid_from "$RUN/dockerd.pid" "$SOCK"); then
-        log "dockerd: starting (data root $STATE/docker)"
-        mkdir -p "$STATE/docker" "$RUN/docker" "$STATE/docker-cli"
+    if ! pid=$(pid_from "$RUN/$name.pid" "$sock"); then
+        log "$name: starting (data root $STATE/$name)"
+        mkdir -p "$STATE/$name" "$RUN/$name" "$STATE/docker-cli"
         # setsid: the daemon must outlive this script and its caller's process group.
         # 9>&-: it must not inherit the lock, or the next `down` would wait on it forever.
-        setsid dockerd \
-            --data-root "$STATE/docker" \
-            --exec-root "$RUN/docker" \
-            --pidfile "$RUN/dockerd.pid" \
-            -H "$ENGINE" \
+        setsid "$@" dockerd \
+            --data-root "$STATE/$name" \
+            --exec-root "$RUN/$name" \
+            --pidfile "$RUN/$name.pid" \
+            -H "unix://$sock" \
             --bridge=none --iptables=false --ip-forward=false --ip-masq=false \
             --userland-proxy=false \
-            --containerd-namespace=imgbuild-infra \
-            --containerd-plugins-namespace=imgbuild-infra-plugins \
-            >>"$LOGS/dockerd.log" 2>&1 </dev/null 9>&- &
+            --containerd-namespace="imgbuild-infra-$name" \
+            --containerd-plugins-namespace="imgbuild-infra-$name-plugins" \
+            >>"$LOGS/$name.log" 2>&1 </dev/null 9>&- &
         pid=$!
     fi
     local i
     for ((i = 0; i < 600; i++)); do
-        engine_answers && {
-            log "dockerd: up (pid $pid, $(dk version --format '{{.Server.Version}}'))"
+        engine_answers_on "unix://$sock" && {
+            log "$name: up (pid $pid)"
             return
         }
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    tail -n 20 "$LOGS/dockerd.log" >&2
-    die "dockerd did not answer on $SOCK; log in $LOGS/dockerd.log"
+    tail -n 20 "$LOGS/$name.log" >&2
+    die "$name did not answer on $sock; log in $LOGS/$name.log"
+}
+
+# stop_dockerd NAME SOCKET
+stop_dockerd() {
+    local name=$1 sock=$2 pid
+    if pid=$(pid_from "$RUN/$name.pid" "$sock"); then
+        log "$name: stopping (pid $pid)"
+        stop_pid "$pid" "$name" 60
+    fi
+    # dockerd stops the containerd it supervises; if it was killed, do it ourselves.
+    if pid=$(pid_from "$RUN/$name/containerd/containerd.pid" "$RUN/$name"); then
+        log "$name containerd: stopping (pid $pid)"
+        stop_pid "$pid" containerd 20
+    fi
+    rm -f "$RUN/$name.pid" "$sock"
+}
+
+start_engines() {
+    start_dockerd docker "$SOCK"
+    # `unshare` gives the engine a private mount table; the tmpfs hides the host's /tmp.
+    start_dockerd remote-docker "$REMOTE_SOCK" \
+        unshare --mount --propagation private -- \
+        sh -c 'mount -t tmpfs -o size=256m,mode=1777 imgbuild-remote-tmp /tmp && exec "$@"' sh
 }
 
 start_registry() {
@@ -340,6 +373,7 @@ ensure_image() {
 write_env() {
     cat >"$RUN/env.partial" <<EOF
 export IMGBUILD_TEST_DOCKER_HOST=$ENGINE
+export IMGBUILD_TEST_REMOTE_DOCKER_HOST=$REMOTE_ENGINE
 export IMGBUILD_TEST_REGISTRY=$REGISTRY
 export IMGBUILD_REGISTRY_MIRRORS=docker.io=$REGISTRY,gcr.io=$REGISTRY
 EOF
@@ -350,7 +384,7 @@ EOF
 cmd_up() {
     local started=$SECONDS spec
     install_packages
-    start_engine
+    start_engines
     start_registry
     find_mirrors
     mkdir -p "$CACHE"
@@ -383,16 +417,8 @@ cmd_down() {
         stop_pid "$pid" docker-registry 10
     fi
     rm -f "$RUN/registry.pid"
-    if pid=$(pid_from "$RUN/dockerd.pid" "$SOCK"); then
-        log "dockerd: stopping (pid $pid)"
-        stop_pid "$pid" dockerd 60
-    fi
-    # dockerd stops the containerd it supervises; if it was killed, do it ourselves.
-    if pid=$(pid_from "$RUN/docker/containerd/containerd.pid" "$RUN/docker"); then
-        log "containerd: stopping (pid $pid)"
-        stop_pid "$pid" containerd 20
-    fi
-    rm -f "$RUN/dockerd.pid" "$SOCK"
+    stop_dockerd remote-docker "$REMOTE_SOCK"
+    stop_dockerd docker "$SOCK"
     unmount_leftovers
     log "down"
 }

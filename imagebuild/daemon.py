@@ -7,7 +7,11 @@ only ever see ``DockerError``.
 
 from __future__ import annotations
 
+import io
 import re
+import shutil
+import tarfile
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Protocol
@@ -20,7 +24,8 @@ from imagebuild.errors import DockerError, LayerError
 from imagebuild.layers import COMPILE_SCRIPT
 
 _LOADED_RE = re.compile(r"Loaded image(?: ID)?: (\S+)")
-_MOUNT = PurePosixPath("/imgbuild-staging")
+_STAGING = PurePosixPath("/imgbuild-staging")
+_DOT = PurePosixPath(".")
 
 
 class DockerDaemon(Protocol):
@@ -32,8 +37,21 @@ class DockerDaemon(Protocol):
     def image_id(self, ref: str) -> str | None:
         """The image ID behind ``ref``, or None if the engine does not have it."""
 
-    def run(self, image: str, command: Sequence[str], *, mount: Path | None) -> str:
-        """Run ``command`` in ``image`` (network none, root), return its output."""
+    def run(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        upload: Path | None = None,
+        download: tuple[PurePosixPath, Path] | None = None,
+    ) -> str:
+        """Run ``command`` in ``image`` (network none, root) and return its output.
+
+        ``upload`` is a tar unpacked at ``/`` before the start; ``download`` names a path
+        in the container whose tar is written to a host file after a clean exit. Files
+        move through the engine's API, never through a bind mount, so the engine may be
+        on another machine (``DOCKER_HOST=tcp://…``, Docker-in-Docker in CI).
+        """
 
 
 def read_progress(stream: Iterable[dict[str, object]], action: str) -> list[str]:
@@ -93,36 +111,65 @@ class DockerEngine:
         except docker.errors.APIError as exc:
             raise DockerError(f"docker inspect {ref} failed: {exc.explanation}") from exc
 
-    def run(self, image: str, command: Sequence[str], *, mount: Path | None) -> str:
-        """Run a throwaway container with no network; the mount is read-write at /imgbuild-staging."""
-        volumes = {str(mount): {"bind": str(_MOUNT), "mode": "rw"}} if mount else None
+    def run(
+        self,
+        image: str,
+        command: Sequence[str],
+        *,
+        upload: Path | None = None,
+        download: tuple[PurePosixPath, Path] | None = None,
+    ) -> str:
+        """A throwaway container: create, upload, start, wait, download, remove."""
+        api = self.client.api
         try:
-            output = self.client.containers.run(
+            container = api.create_container(
                 image,
                 list(command),
                 entrypoint=[],
-                network_mode="none",
                 user="0:0",
-                volumes=volumes,
-                remove=True,
-                stdout=True,
-                stderr=True,
-            )
-        except docker.errors.ContainerError as exc:
-            stderr = exc.stderr.decode("utf-8", "replace") if exc.stderr else ""
-            raise DockerError(
-                f"command {command[0]} failed in {image} (exit {exc.exit_status}): "
-                + stderr.strip()[-300:]
-            ) from exc
+                # Sets and frozensets in code objects are marshalled in hash order.
+                environment={"PYTHONHASHSEED": "0"},
+                network_disabled=True,
+                host_config=api.create_host_config(network_mode="none"),
+            )["Id"]
         except docker.errors.APIError as exc:
             raise DockerError(f"docker run {image} failed: {exc.explanation}") from exc
-        return bytes(output).decode("utf-8", "replace")
+        try:
+            if upload is not None:
+                with upload.open("rb") as data:
+                    api.put_archive(container, "/", data)
+            api.start(container)
+            status = int(api.wait(container).get("StatusCode", -1))
+            output = bytes(api.logs(container, stdout=True, stderr=False)).decode(
+                "utf-8", "replace"
+            )
+            if status != 0:
+                stderr = bytes(api.logs(container, stdout=False, stderr=True))
+                raise DockerError(
+                    f"command {command[0]} failed in {image} (exit {status}): "
+                    + stderr.decode("utf-8", "replace").strip()[-300:]
+                )
+            if download is not None:
+                inside, dest = download
+                stream, _ = api.get_archive(container, str(inside))
+                with dest.open("wb") as out:
+                    for chunk in stream:
+                        out.write(chunk)
+            return output
+        except docker.errors.APIError as exc:
+            raise DockerError(f"docker run {image} failed: {exc.explanation}") from exc
+        finally:
+            try:
+                api.remove_container(container, force=True)
+            except docker.errors.APIError:
+                pass  # already gone; nothing of ours is left in it
 
 
 class EngineCompiler:
     """Compiles bytecode with the base image's own Python, run by the Docker engine.
 
-    The staging directory is bind-mounted, so this needs an engine on this host.
+    The sources go into the container as a tar and the tree comes back as one, so the
+    engine need not share this host's files; only the ``.pyc`` files are taken back.
     """
 
     def __init__(self, engine: DockerDaemon, image: str, interpreter: PurePosixPath) -> None:
@@ -136,26 +183,81 @@ class EngineCompiler:
         return f"image:{self.image}:{self.interpreter}"
 
     def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
-        """Write the file list into the mount and run the compile script over it."""
-        listing = root / ".imgbuild-compile"
-        listing.write_text(
-            "".join(f"{_MOUNT / src.relative_to(root).as_posix()}\t{dst}\n" for src, dst in files),
-            encoding="utf-8",
-        )
-        try:
-            output = self.engine.run(
-                self.image,
-                [str(self.interpreter), "-I", "-c", COMPILE_SCRIPT, str(_MOUNT / listing.name)],
-                mount=root,
-            )
-        except DockerError as exc:
-            raise LayerError(
-                f"compiling bytecode with {self.interpreter} in the base image failed: {exc}",
-                hint="pass --no-compile to skip bytecode",
-            ) from exc
-        finally:
-            listing.unlink()
+        """Send the sources under ``root``, compile them there, write the pycs back."""
+        with tempfile.TemporaryDirectory(prefix="imgbuild-compile-", dir=root.parent) as tmp:
+            upload, download = Path(tmp) / "in.tar", Path(tmp) / "out.tar"
+            listing = _pack_sources(root, files, upload)
+            try:
+                output = self.engine.run(
+                    self.image,
+                    [str(self.interpreter), "-I", "-c", COMPILE_SCRIPT, str(listing)],
+                    upload=upload,
+                    download=(_STAGING, download),
+                )
+                _unpack_pycs(download, root)
+            except DockerError as exc:
+                raise LayerError(
+                    f"compiling bytecode with {self.interpreter} in the base image failed: {exc}",
+                    hint="pass --no-compile to skip bytecode",
+                ) from exc
         return int(output.strip().splitlines()[-1] or 0)
+
+
+def _pack_sources(
+    root: Path, files: Sequence[tuple[Path, PurePosixPath]], dest: Path
+) -> PurePosixPath:
+    """A tar of the sources under ``/imgbuild-staging`` and the compile listing; the
+    listing's path in the container."""
+    listing = _STAGING / ".imgbuild-compile"
+    relative = [src.relative_to(root).as_posix() for src, _ in files]
+    text = "".join(f"{_STAGING / rel}\t{dst}\n" for rel, (_, dst) in zip(relative, files))
+    directories = sorted({p for rel in relative for p in PurePosixPath(rel).parents} - {_DOT})
+    with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
+        for directory in [_DOT, *directories]:
+            info = tarfile.TarInfo(_member(directory))
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        data = text.encode()
+        info = tarfile.TarInfo(_member(PurePosixPath(listing.name)))
+        info.size, info.mode = len(data), 0o644
+        tar.addfile(info, io.BytesIO(data))
+        for rel, (src, _) in zip(relative, files):
+            info = tarfile.TarInfo(_member(PurePosixPath(rel)))
+            info.size, info.mode = src.stat().st_size, 0o644
+            with src.open("rb") as content:
+                tar.addfile(info, content)
+    return listing
+
+
+def _member(path: PurePosixPath) -> str:
+    return (PurePosixPath(_STAGING.name) / path).as_posix()
+
+
+def _unpack_pycs(archive: Path, root: Path) -> None:
+    """Write every ``__pycache__/*.pyc`` of the returned tree into ``root``.
+
+    The engine names the tree's top ``imgbuild-staging``; anything else in the tar (links,
+    paths that climb out, files that are not pycs) is ignored.
+    """
+    with tarfile.open(archive) as tar:
+        for info in tar:
+            parts = PurePosixPath(info.name).parts
+            if (
+                not info.isfile()
+                or len(parts) < 3
+                or parts[0] != _STAGING.name
+                or ".." in parts
+                or parts[-2] != "__pycache__"
+                or not parts[-1].endswith(".pyc")
+            ):
+                continue
+            content = tar.extractfile(info)
+            if content is None:
+                continue
+            target = root.joinpath(*parts[1:])
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with content, target.open("wb") as out:
+                shutil.copyfileobj(content, out)
 
 
 def _as_dicts(stream: object) -> Iterator[dict[str, object]]:

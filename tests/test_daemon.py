@@ -59,3 +59,41 @@ def test_load_that_names_no_image_fails(tmp_path: Path) -> None:
     client = FakeClient([{"status": "done"}])
     with pytest.raises(DockerError, match="reported no image"):
         DockerEngine(client).load(archive)  # type: ignore[arg-type]
+
+
+def _tar(path: Path, members: dict[str, bytes | str]) -> None:
+    """Write a tar: bytes are files, a str value makes a symlink to it."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, value in members.items():
+            info = tarfile.TarInfo(name)
+            if isinstance(value, str):
+                info.type, info.linkname = tarfile.SYMTYPE, value
+                tar.addfile(info)
+            else:
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+
+
+def test_only_pycs_inside_the_tree_come_back(tmp_path: Path) -> None:
+    from imagebuild.daemon import _unpack_pycs
+
+    archive = tmp_path / "out.tar"
+    _tar(
+        archive,
+        {
+            "imgbuild-staging/0/app/__pycache__/mod.cpython-311.pyc": b"pyc",
+            "imgbuild-staging/0/app/mod.py": b"source, not taken back",
+            "imgbuild-staging/0/app/__pycache__/../../../../escape.pyc": b"climbs out",
+            "imgbuild-staging/0/app/__pycache__/link.cpython-311.pyc": "/etc/passwd",
+            "elsewhere/__pycache__/x.cpython-311.pyc": b"not the tree",
+            "imgbuild-staging/0/app/__pycache__/notes.txt": b"not a pyc",
+        },
+    )
+    root = tmp_path / "layers"
+    _unpack_pycs(archive, root)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == ["layers/0/app/__pycache__/mod.cpython-311.pyc", "out.tar"]
+    assert (root / "0/app/__pycache__/mod.cpython-311.pyc").read_bytes() == b"pyc"
