@@ -98,7 +98,8 @@ def build(
             "--output",
             "-o",
             help="docker (load into the engine; default), oci:DIR, oci-archive:FILE, "
-            "or registry (push every --tag). Repeatable.",
+            "registry (push every --tag), or context:DIR (a Dockerfile and the layers, for "
+            "`docker build`). Repeatable.",
         ),
     ] = None,
     base: Annotated[

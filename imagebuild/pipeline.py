@@ -43,13 +43,13 @@ if TYPE_CHECKING:
     from packaging.utils import NormalizedName
 
     from imagebuild.lock import Lock, LockedPackage, WheelFile
-    from imagebuild.oci import BaseImage, BlobStore, Image, Layer
+    from imagebuild.oci import BaseImage, BlobStore, Image, ImageConfig, Layer
     from imagebuild.project import ProjectSpec
-    from imagebuild.registry import RegistryClient
+    from imagebuild.registry import ImageReference, RegistryClient
     from imagebuild.target import TargetPlatform
     from imagebuild.workspace import Workspace
 
-OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry")
+OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry", "context")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -57,22 +57,23 @@ class Output:
     """Where the finished image goes."""
 
     kind: str
-    """One of ``docker``, ``oci``, ``oci-archive``, ``registry``."""
+    """One of ``docker``, ``oci``, ``oci-archive``, ``registry``, ``context``."""
     path: Path | None = None
-    """Destination for ``oci`` (a directory) and ``oci-archive`` (a file)."""
+    """Destination for ``oci`` and ``context`` (directories) and ``oci-archive`` (a file)."""
 
 
 def parse_outputs(values: Sequence[str]) -> tuple[Output, ...]:
-    """Parse ``--output`` values (``docker``, ``oci:DIR``, ``oci-archive:FILE``, ``registry``)."""
+    """Parse ``--output`` values: ``docker``, ``oci:DIR``, ``oci-archive:FILE``, ``registry``,
+    ``context:DIR`` (a Dockerfile and the layers as directories)."""
     outputs = []
     for value in values:
         kind, _, rest = value.partition(":")
         if kind not in OUTPUT_KINDS:
             raise ProjectError(
                 f"--output {value!r}: unknown output",
-                hint="use docker, oci:DIR, oci-archive:FILE or registry",
+                hint="use docker, oci:DIR, oci-archive:FILE, registry or context:DIR",
             )
-        if kind in ("oci", "oci-archive"):
+        if kind in ("oci", "oci-archive", "context"):
             if not rest:
                 raise ProjectError(f"--output {value!r}: needs a path, e.g. {kind}:./image")
             outputs.append(Output(kind=kind, path=Path(rest).resolve()))
@@ -285,8 +286,12 @@ def run_build(
             else None
         )
         layers = _build_layers(plan, venv, compiler, store, cache, work, request, reporter)
-        image = _assemble(base_image, layers, settings, project, venv, request, reference, store)
-        written = _send(image, request, tags, work, registry, reporter)
+        config = _image_config(base_image, settings, project, venv, reference)
+        image = _assemble(base_image, layers, config, request, reference, store)
+        written = _write_contexts(
+            request, project, reference, ref, base_image, layers, config, store
+        )
+        written += _send(image, request, tags, work, registry, reporter)
 
     return BuildResult(
         manifest_digest=image.manifest.digest,
@@ -605,24 +610,21 @@ def _labels(project: ProjectSpec, settings: ImageSettings, base_ref: str) -> dic
     return labels
 
 
-def _assemble(
+def _image_config(
     base: BaseImage,
-    layers: Sequence[Layer],
     settings: ImageSettings,
     project: ProjectSpec,
     venv: VenvLayout,
-    request: BuildRequest,
     base_ref: str,
-    store: BlobStore,
-) -> Image:
-    from imagebuild.oci import ImageConfig, build_image
+) -> ImageConfig:
+    from imagebuild.oci import ImageConfig
 
     base_env = _base_env(base)
     path = f"{venv.root}/bin:" + base_env.get(
         "PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
     )
     env = (("PATH", path), ("VIRTUAL_ENV", str(venv.root)), *settings.env)
-    config = ImageConfig(
+    return ImageConfig(
         entrypoint=_entrypoint(settings, project, venv),
         cmd=settings.cmd or (),
         env=env,
@@ -631,6 +633,18 @@ def _assemble(
         labels=tuple(sorted(_labels(project, settings, base_ref).items())),
         exposed_ports=tuple(f"{p}/tcp" for p in settings.ports),
     )
+
+
+def _assemble(
+    base: BaseImage,
+    layers: Sequence[Layer],
+    config: ImageConfig,
+    request: BuildRequest,
+    base_ref: str,
+    store: BlobStore,
+) -> Image:
+    from imagebuild.oci import build_image
+
     annotations = {
         "org.opencontainers.image.base.name": base_ref,
         "org.opencontainers.image.base.digest": base.manifest_digest,
@@ -643,6 +657,38 @@ def _assemble(
         store=store,
         annotations=annotations,
     )
+
+
+def _write_contexts(
+    request: BuildRequest,
+    project: ProjectSpec,
+    upstream: str,
+    pulled: ImageReference,
+    base: BaseImage,
+    layers: Sequence[Layer],
+    config: ImageConfig,
+    store: BlobStore,
+) -> list[str]:
+    """``context:DIR`` outputs: FROM the base as it was pulled, pinned by digest."""
+    from imagebuild.context import write_docker_context
+    from imagebuild.registry import ImageReference
+
+    mirrored = pulled.name != ImageReference.parse(upstream).name
+
+    written = []
+    for output in request.outputs:
+        if output.kind == "context" and output.path is not None:
+            write_docker_context(
+                output.path,
+                title=f"{project.name} {project.version or ''}".strip(),
+                base=f"{pulled.name}@{base.manifest_digest}",
+                upstream=upstream if mirrored else None,
+                layers=layers,
+                config=config,
+                store=store,
+            )
+            written.append(f"wrote Docker build context {output.path}")
+    return written
 
 
 def _send(
