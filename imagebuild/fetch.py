@@ -17,6 +17,7 @@ import httpx
 import platformdirs
 from filelock import FileLock
 
+from .credentials import AUTH_HINT
 from .errors import FetchError
 from .lock import WheelFile
 from .report import NullReporter, Reporter
@@ -221,7 +222,9 @@ def _download(http: httpx.Client, wheel: WheelFile, cache: WheelStore) -> Path:
                     raise FetchError(
                         f"wheel {wheel.filename}: GET {wheel.url} answered "
                         f"{response.status_code} {response.reason_phrase}".rstrip(),
-                        hint="check the index still serves the locked file",
+                        hint=AUTH_HINT
+                        if response.status_code in (401, 403)
+                        else "check the index still serves the locked file",
                     )
                 return cache.store(wheel, _body(response))
         except httpx.TransportError as exc:

@@ -40,6 +40,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
+from .credentials import AUTH_HINT
 from .errors import PackageIndexError
 from .fsutil import write_atomic
 from .report import NullReporter, Reporter
@@ -318,7 +319,7 @@ class SimpleIndex:
         if status != 200:
             raise PackageIndexError(
                 f"{subject}: GET {_redact(url)} answered {status} {response.reason_phrase}".rstrip(),
-                hint="check the index URL and any credentials it needs",
+                hint=AUTH_HINT if status in (401, 403) else "check the index URL",
             )
         return _CachedPage.from_response(response), True
 

@@ -42,6 +42,7 @@ from imagebuild.report import NullReporter, Reporter
 if TYPE_CHECKING:
     from packaging.utils import NormalizedName
 
+    from imagebuild.credentials import IndexCredentials
     from imagebuild.lock import Lock, LockedPackage, WheelFile
     from imagebuild.oci import BaseImage, BlobStore, Image, ImageConfig, Layer
     from imagebuild.project import ProjectSpec
@@ -150,6 +151,10 @@ def run_build(
         extras=request.extras,
     )
     tags = request.tags or (f"{project.name}:latest",)
+    # A lock records no credentials: find them again for the project's indexes.
+    indexes = lock_indexes(settings, project, workspace)
+    credentials = index_credentials(indexes, project, workspace)
+    http.auth = credentials
     for tag in tags:
         ImageReference.parse(tag)  # a bad tag fails now, not after the build
 
@@ -225,7 +230,8 @@ def run_build(
     chosen, from_sdist, local = _sort_sources(packages, target)
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
-        root=cache / "build-envs", indexes=lock_indexes(settings, project, workspace)
+        root=cache / "build-envs",
+        indexes=tuple(credentials.authenticated(url) for url in indexes),
     )
     reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
     paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
@@ -797,6 +803,22 @@ class LockResult:
         return [f"{verb} {self.path} ({self.packages} packages for {', '.join(self.targets)})"]
 
 
+def index_credentials(
+    indexes: Sequence[str], project: ProjectSpec, workspace: Workspace | None
+) -> IndexCredentials:
+    """Credentials for ``indexes`` (the ones in use) and every ``[[tool.uv.index]]``."""
+    from imagebuild.credentials import IndexCredentials, IndexEntry
+
+    entries = [IndexEntry(url=url) for url in indexes]
+    for tool_uv in (project.tool_uv, workspace.tool_uv if workspace is not None else {}):
+        declared = tool_uv.get("index", [])
+        for item in declared if isinstance(declared, list) else []:
+            if isinstance(item, dict) and isinstance(item.get("url"), str):
+                name = item.get("name")
+                entries.append(IndexEntry(url=item["url"], name=str(name) if name else None))
+    return IndexCredentials(entries)
+
+
 def lock_indexes(
     settings: ImageSettings, project: ProjectSpec, workspace: Workspace | None = None
 ) -> tuple[str, ...]:
@@ -988,6 +1010,8 @@ def run_lock(
     settings = parse_settings(project.tool_imgbuild)
     settings = _apply_overrides(settings, base=request.base, python=request.python)
     indexes = request.index_urls or lock_indexes(settings, project, workspace)
+    credentials = index_credentials(indexes, project, workspace)
+    http.auth = credentials
     roots, local, declared_in = expand_local(project_roots(project), project, workspace)
     registry = RegistryClient(
         http, credentials=CredentialStore.from_docker_config(request.docker_config)
@@ -1057,7 +1081,10 @@ def run_lock(
     flat = [req for reqs in roots.values() for req in reqs]
     resolutions = []
     hints = _lock_hints_path(request.cache_dir, request.project_dir, indexes)
-    with SimpleIndex(http, indexes, cache_dir=request.cache_dir, reporter=reporter) as index:
+    # With their credentials in them: sdists' build requirements are installed from these
+    # indexes by another process (the lock never records them, see locker.py).
+    authenticated = [credentials.authenticated(url) for url in indexes]
+    with SimpleIndex(http, authenticated, cache_dir=request.cache_dir, reporter=reporter) as index:
         # Every page the last lock of this project needed (and every locked name), fetched
         # at once instead of one dependency level at a time.
         index.prefetch(sorted(set(_read_hints(hints)) | set(preferences)))

@@ -39,6 +39,7 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion
 
+from .credentials import AUTH_HINT
 from .errors import BuildError, FetchError, ImagebuildError, PackageIndexError
 from .fsutil import write_atomic
 from .transfer import NETWORK_HINT as _NETWORK_HINT
@@ -227,7 +228,9 @@ def _download(http: httpx.Client, url: str, dest: Path, subject: str, error: _Er
                     raise error(
                         f"{subject}: GET {_redact(url)} answered "
                         f"{response.status_code} {response.reason_phrase}".rstrip(),
-                        hint="check the index still serves the file",
+                        hint=AUTH_HINT
+                        if response.status_code in (401, 403)
+                        else "check the index still serves the file",
                     )
                 return write_stream(response, dest)
         except httpx.TransportError as exc:
