@@ -20,9 +20,10 @@ requirement, or loosening one past its pin, does.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,6 +35,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from imagebuild.digest import Digest
 from imagebuild.errors import LockError
 from imagebuild.fsutil import write_atomic
 from imagebuild.index import IndexFile
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from imagebuild.workspace import LocalPackage
 
 INPUTS_VERSION = 1
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAIN = ""  # origin of project.dependencies
 
 
@@ -359,6 +362,8 @@ class RecordedLock:
     """The recorded inputs."""
     pins: Mapping[NormalizedName, tuple[Version, ...]]
     """Locked versions per package name."""
+    bases: Mapping[str, Digest] = field(default_factory=dict)
+    """Base image reference (as configured) -> the digest the lock was made for."""
 
 
 def read_recorded(path: Path) -> RecordedLock | None:
@@ -391,6 +396,10 @@ def read_recorded(path: Path) -> RecordedLock | None:
             prereleases=bool(tool["prereleases"]),
             targets=sort_targets(targets),
         )
+        bases = {str(ref): Digest(str(digest)) for ref, digest in tool.get("bases", {}).items()}
+        for ref, digest in bases.items():
+            if not _DIGEST.match(digest):
+                raise ValueError(f"bases[{ref!r}] = {digest!r} is not a sha256 digest")
         pins: dict[NormalizedName, list[Version]] = {}
         for package in data.get("packages", []):
             if "version" in package:
@@ -401,7 +410,7 @@ def read_recorded(path: Path) -> RecordedLock | None:
         raise LockError(
             f"{path}: tool.imgbuild is malformed ({exc})", hint="run 'imgbuild lock'"
         ) from exc
-    return RecordedLock(inputs=inputs, pins={k: tuple(v) for k, v in pins.items()})
+    return RecordedLock(inputs=inputs, pins={k: tuple(v) for k, v in pins.items()}, bases=bases)
 
 
 def _pair(text: str) -> tuple[int, int]:
@@ -509,6 +518,12 @@ def check_pylock(path: Path, current: LockInputs) -> bool:
             hint="run 'imgbuild lock' (or drop --locked)",
         )
     return True
+
+
+def recorded_bases(path: Path) -> dict[str, Digest]:
+    """The base digests an imgbuild pylock.toml records (reference -> digest), else none."""
+    recorded = read_recorded(path) if path.is_file() else None
+    return dict(recorded.bases) if recorded is not None else {}
 
 
 def pins_as_preferences(path: Path) -> dict[NormalizedName, Version]:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from packaging.utils import NormalizedName
 
     from imagebuild.credentials import IndexCredentials
+    from imagebuild.digest import Digest
     from imagebuild.lock import Lock, LockedPackage, WheelFile
     from imagebuild.oci import BaseImage, BlobStore, Image, ImageConfig, Layer
     from imagebuild.project import ProjectSpec
@@ -134,6 +135,7 @@ def run_build(
     """Build the image described by ``request`` and send it to every output."""
     from imagebuild.fetch import WheelCache, fetch_wheels
     from imagebuild.lock import find_lock, load_lock, select_packages
+    from imagebuild.locker import recorded_bases
     from imagebuild.oci import BlobStore
     from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
     from imagebuild.target import TargetPlatform
@@ -184,26 +186,29 @@ def run_build(
             reporter=reporter,
         ).path
     lock = load_lock(lock_path)
-    if request.lock_mode == "locked":
-        _check_lock(lock, project, workspace, settings)
-    elif request.lock_mode == "check-if-present":
-        # A stale lock is built as it is, but never silently.
+    cache = request.cache_dir
+    store = BlobStore(cache / "blobs")
+    registry = RegistryClient(
+        http, credentials=CredentialStore.from_docker_config(request.docker_config)
+    )
+    # imgbuild's own lock pins the base to the digest it was made for: the same lock
+    # builds on the same base after its tag has moved (`imgbuild lock --upgrade` moves it).
+    pinned = recorded_bases(lock.path) if lock.kind == "pylock" else {}
+    if request.lock_mode in ("locked", "check-if-present"):
         try:
-            _check_lock(lock, project, workspace, settings)
+            _check_lock(lock, project, workspace, settings, registry, store, cache, pinned, request)
         except LockError as exc:
+            if request.lock_mode == "locked":
+                raise
+            # A stale lock is built as it is, but never silently.
             reporter.warn(f"{exc}; building from the lock as it is")
     reporter.step(f"lock: {lock_path.name}")
 
     # Base image and the target platform it defines.
-    cache = request.cache_dir
-    store = BlobStore(cache / "blobs")
     entry, reference = _base_reference(settings, project)
-    ref = ImageReference.parse(reference).with_mirrors(request.mirrors)
-    registry = RegistryClient(
-        http, credentials=CredentialStore.from_docker_config(request.docker_config)
-    )
+    ref = _pinned_reference(reference, pinned).with_mirrors(request.mirrors)
     os_name, _, arch = request.platform.partition("/")
-    reporter.step(f"base: {ref}")
+    reporter.step(f"base: {ref}" + (f" (pinned by {lock.filename})" if reference in pinned else ""))
     base_image = registry.pull_image(ref, platform=(os_name, arch), store=store)
     facts = _base_facts(base_image, store, cache, arch, entry)
     if settings.python is not None and facts.python_version != settings.python:
@@ -353,7 +358,15 @@ def _sort_sources(
 
 
 def _check_lock(
-    lock: Lock, project: ProjectSpec, workspace: Workspace, settings: ImageSettings
+    lock: Lock,
+    project: ProjectSpec,
+    workspace: Workspace,
+    settings: ImageSettings,
+    registry: RegistryClient,
+    store: BlobStore,
+    cache: Path,
+    pinned: Mapping[str, Digest],
+    request: BuildRequest,
 ) -> None:
     """``--locked``: imgbuild's own pylock by its recorded inputs, others as uv judges."""
     from imagebuild.lock import check_locked
@@ -362,8 +375,15 @@ def _check_lock(
 
     if lock.kind == "pylock":
         _, local, _ = expand_local(project_roots(project), project, workspace)
+        # A base given by reference is pulled (at its pinned digest) to learn the targets.
         targets, _ = lock_targets(
-            settings, project, registry=None, store=None, cache=Path(), mirrors={}
+            settings,
+            project,
+            registry=registry,
+            store=store,
+            cache=cache,
+            mirrors=request.mirrors,
+            pinned=pinned,
         )
         inputs = project_inputs(
             project,
@@ -860,9 +880,13 @@ def lock_targets(
     store: BlobStore | None,
     cache: Path,
     mirrors: Mapping[str, str],
+    pinned: Mapping[str, Digest] | None = None,
 ) -> tuple[tuple[TargetPlatform, ...], dict[str, str]]:
-    """The targets a lock covers, and the base digests seen (reference -> digest)."""
-    from imagebuild.registry import ImageReference
+    """The targets a lock covers, and the base digests seen (reference -> digest).
+
+    A base given by reference is pulled to learn them: at the digest in ``pinned`` (what
+    the lock recorded) when there is one, else at its tag.
+    """
     from imagebuild.target import TargetPlatform
 
     entry, reference = _base_reference(settings, project)
@@ -882,11 +906,12 @@ def lock_targets(
     if registry is None or store is None:
         raise ProjectError(f"base {reference!r} must be pulled to learn its Python and libc")
     found = []
+    ref = _pinned_reference(reference, pinned or {}).with_mirrors(mirrors)
+    # The digest of what the tag names (an index, for a multi-platform base), once.
+    digests[reference] = ref.digest or registry.fetch_manifest(ref)[2]
     for arch in archs:
-        ref = ImageReference.parse(reference).with_mirrors(mirrors)
         base = registry.pull_image(ref, platform=("linux", arch), store=store)
         facts = _base_facts(base, store, cache, arch, None)
-        digests[reference] = base.manifest_digest
         found.append(
             TargetPlatform.from_oci(
                 architecture=arch,
@@ -896,6 +921,15 @@ def lock_targets(
             )
         )
     return tuple(found), digests
+
+
+def _pinned_reference(reference: str, pinned: Mapping[str, Digest]) -> ImageReference:
+    """``reference`` at the digest a lock recorded for it, if any."""
+    from imagebuild.registry import ImageReference
+
+    ref = ImageReference.parse(reference)
+    digest = pinned.get(reference)
+    return ref.with_digest(digest) if digest and ref.digest is None else ref
 
 
 def locate_lock(project_dir: Path, package: str | None) -> tuple[ProjectSpec, Workspace, Path]:
@@ -997,6 +1031,7 @@ def run_lock(
         pins_as_preferences,
         project_inputs,
         project_roots,
+        recorded_bases,
         render_pylock,
         write_pylock,
     )
@@ -1017,13 +1052,16 @@ def run_lock(
         http, credentials=CredentialStore.from_docker_config(request.docker_config)
     )
     store = BlobStore(request.cache_dir / "blobs")
+    # The base stays at the digest the lock recorded until --upgrade, like every pin.
+    pinned = {} if request.upgrade else recorded_bases(path)
     targets, digests = lock_targets(
         settings,
         project,
-        registry=None if request.check else registry,
+        registry=registry,
         store=store,
         cache=request.cache_dir,
         mirrors=request.mirrors,
+        pinned=pinned,
     )
     inputs = project_inputs(
         project,
@@ -1051,7 +1089,8 @@ def run_lock(
             current = check_pylock(path, inputs)
         except LockError:
             current = False
-        if current:
+        _, reference = _base_reference(settings, project)
+        if current and reference in pinned:
             reporter.step(f"lock: {path.name} is up to date")
             return LockResult(
                 path=path,
@@ -1063,10 +1102,11 @@ def run_lock(
     # The catalog base's digest is recorded for the record only: look it up beside the
     # resolution rather than before it.
     digest_lookup = None
-    if not request.check and not digests:
-        entry, reference = _base_reference(settings, project)
-        if entry is not None:
-            digest_lookup = _lookup_digest_in_background(registry, reference, request.mirrors)
+    entry, reference = _base_reference(settings, project)
+    if entry is not None and reference in pinned:
+        digests[reference] = pinned[reference]
+    elif entry is not None:
+        digest_lookup = _lookup_digest_in_background(registry, reference, request.mirrors)
 
     preferences = {} if request.upgrade else pins_as_preferences(path)
     for name in request.upgrade_packages:
