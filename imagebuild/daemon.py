@@ -37,6 +37,9 @@ class DockerDaemon(Protocol):
     def image_id(self, ref: str) -> str | None:
         """The image ID behind ``ref``, or None if the engine does not have it."""
 
+    def diff_ids(self, ref: str) -> tuple[str, ...]:
+        """The layer diff IDs of the image ``ref`` names, base first; none if it is absent."""
+
     def run(
         self,
         image: str,
@@ -110,6 +113,17 @@ class DockerEngine:
             return None
         except docker.errors.APIError as exc:
             raise DockerError(f"docker inspect {ref} failed: {exc.explanation}") from exc
+
+    def diff_ids(self, ref: str) -> tuple[str, ...]:
+        """``RootFS.Layers`` of ``ref``; empty when the engine has no such image."""
+        try:
+            attrs = self.client.api.inspect_image(ref)
+        except docker.errors.ImageNotFound:
+            return ()
+        except docker.errors.APIError as exc:
+            raise DockerError(f"docker inspect {ref} failed: {exc.explanation}") from exc
+        layers = attrs.get("RootFS", {}).get("Layers") or []
+        return tuple(str(layer) for layer in layers)
 
     def run(
         self,

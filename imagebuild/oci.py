@@ -25,7 +25,7 @@ import stat
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -846,15 +846,26 @@ def _archive_file(
 
 
 def _write_archive(
-    image: Image, out: IO[bytes], *, index_entries: list[dict[str, object]], extra: dict[str, bytes]
+    image: Image,
+    out: IO[bytes],
+    *,
+    index_entries: list[dict[str, object]],
+    extra: dict[str, bytes],
+    skip: Collection[Digest] = (),
 ) -> None:
-    """Write a deterministic uncompressed tar: dirs 0755, files 0644, mtime 0, owner 0."""
+    """Write a deterministic uncompressed tar: dirs 0755, files 0644, mtime 0, owner 0.
+
+    Blobs in ``skip`` are written as empty files (see ``write_docker_archive``)."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _archive_dir(tar, "blobs")
         _archive_dir(tar, "blobs/sha256")
         for desc in _image_blobs(image):
+            name = f"blobs/sha256/{digest_hex(desc.digest)}"
+            if desc.digest in skip:
+                _archive_file(tar, name, b"")
+                continue
             path = image.store.path(desc.digest)
-            _archive_file(tar, f"blobs/sha256/{digest_hex(desc.digest)}", path, desc.size)
+            _archive_file(tar, name, path, desc.size)
         files = {"index.json": _index_json(index_entries), "oci-layout": _OCI_LAYOUT_BYTES}
         files.update(extra)
         for name in sorted(files):
@@ -925,7 +936,9 @@ def _split_repo_tag(repo_tag: str) -> tuple[str, str, str]:
     return f"{name}:{tag}", f"{registry}/{path}:{tag}", tag
 
 
-def write_docker_archive(image: Image, dest: BinaryIO | Path, *, repo_tags: Sequence[str]) -> None:
+def write_docker_archive(
+    image: Image, dest: BinaryIO | Path, *, repo_tags: Sequence[str], present: int = 0
+) -> None:
     """Write the dual archive that ``docker load`` accepts with either image store.
 
     It is an OCI layout (``oci-layout``, ``index.json`` with one entry per tag carrying
@@ -933,6 +946,11 @@ def write_docker_archive(image: Image, dest: BinaryIO | Path, *, repo_tags: Sequ
     = the tag, as ``docker save`` writes them) plus the classic ``manifest.json`` whose
     ``Config`` and ``Layers`` point into ``blobs/sha256/``. Tags without ``:tag`` get
     ``:latest``. ``dest`` is a path (written atomically) or a binary stream.
+
+    ``present`` says the engine already holds the first so many layers (the same chain of
+    diff IDs): their blobs are written empty. The classic loader looks a layer up by its
+    chain before it opens the file, so it never reads them; any other loader fails, and
+    the caller then sends the whole archive.
     """
     tags = [_split_repo_tag(t) for t in repo_tags]
     entries = [
@@ -950,8 +968,12 @@ def write_docker_archive(image: Image, dest: BinaryIO | Path, *, repo_tags: Sequ
             }
         ]
     )
+    needed = {d.digest for d in (image.manifest, image.config, *image.layers[present:])}
+    skip = {d.digest for d in image.layers[:present]} - needed
     with _writing(dest), _output(dest) as out:
-        _write_archive(image, out, index_entries=entries, extra={"manifest.json": manifest_json})
+        _write_archive(
+            image, out, index_entries=entries, extra={"manifest.json": manifest_json}, skip=skip
+        )
 
 
 # --------------------------------------------------------------------------------------------

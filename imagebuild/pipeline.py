@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from packaging.utils import NormalizedName
 
     from imagebuild.credentials import IndexCredentials
+    from imagebuild.daemon import DockerEngine
     from imagebuild.digest import Digest
     from imagebuild.lock import Lock, LockedPackage, WheelFile
     from imagebuild.oci import BaseImage, BlobStore, Image, ImageConfig, Layer
@@ -302,7 +303,9 @@ def run_build(
         written = _write_contexts(
             request, project, reference, ref, base_image, layers, config, store
         )
-        written += _send(image, request, tags, work, registry, reporter)
+        written += _send(
+            image, request, tags, work, registry, reporter, _engine_base_tag(base_image)
+        )
 
     return BuildResult(
         manifest_digest=image.manifest.digest,
@@ -511,7 +514,7 @@ def _compiler(
             f"Docker engine to run the base image's ({exc.message})",
             hint=f"install python{version}, start Docker, or pass --no-compile",
         ) from exc
-    tag = f"imgbuild-base:{base.manifest_digest.removeprefix('sha256:')[:16]}"
+    tag = _engine_base_tag(base)
     if engine.image_id(tag) is None:
         reporter.step(f"compile: loading the base into Docker to run its python{version}")
         image = build_image(base, [], config=ImageConfig(), created=_rfc3339(0), store=store)
@@ -724,8 +727,9 @@ def _send(
     work: Path,
     registry: RegistryClient,
     reporter: Reporter,
+    base_tag: str,
 ) -> list[str]:
-    from imagebuild.oci import write_docker_archive, write_oci_archive, write_oci_layout
+    from imagebuild.oci import write_oci_archive, write_oci_layout
     from imagebuild.registry import ImageReference
 
     refs = [ImageReference.parse(tag) for tag in tags]
@@ -743,17 +747,57 @@ def _send(
             from imagebuild.daemon import DockerEngine
 
             engine = DockerEngine.from_env()
-            archive = work / "image.tar"
-            write_docker_archive(image, archive, repo_tags=[str(r) for r in refs])
-            reporter.step("docker: loading")
-            engine.load(archive)
-            archive.unlink()
+            _load(engine, image, [str(r) for r in refs], work, base_tag, reporter)
             written.extend(f"loaded {ref}" for ref in refs)
         elif output.kind == "registry":
             for ref in refs:
                 digest = registry.push_image(image, ref)
                 written.append(f"pushed {ref}@{digest}")
     return written
+
+
+def _load(
+    engine: DockerEngine,
+    image: Image,
+    tags: Sequence[str],
+    work: Path,
+    base_tag: str,
+    reporter: Reporter,
+) -> None:
+    """``docker load`` sending only the layers the engine lacks.
+
+    The engine's copy of the base (loaded to compile bytecode) and the images these tags
+    named before (the last build) tell which leading layers it already holds; see
+    ``oci.write_docker_archive``. A loader that still wants them gets everything.
+    """
+    from imagebuild.errors import DockerError
+    from imagebuild.oci import write_docker_archive
+
+    config = json.loads(image.store.path(image.config.digest).read_bytes())
+    ours = tuple(config["rootfs"]["diff_ids"])
+    present = 0
+    for candidate in (base_tag, *tags):
+        theirs = engine.diff_ids(candidate)
+        common = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        present = max(present, min(len(ours), len(theirs)) if common is None else common)
+    archive = work / "image.tar"
+    write_docker_archive(image, archive, repo_tags=tags, present=present)
+    reporter.step(f"docker: loading ({len(ours) - present} of {len(ours)} layers to send)")
+    try:
+        engine.load(archive)
+    except DockerError:
+        if present == 0:
+            raise
+        reporter.step("docker: the engine wants every layer; loading them all")
+        write_docker_archive(image, archive, repo_tags=tags)
+        engine.load(archive)
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _engine_base_tag(base: BaseImage) -> str:
+    """The tag the base has in the engine once loaded there (to run its Python)."""
+    return f"imgbuild-base:{base.manifest_digest.removeprefix('sha256:')[:16]}"
 
 
 def _base_env(base: BaseImage) -> dict[str, str]:

@@ -97,3 +97,40 @@ def test_only_pycs_inside_the_tree_come_back(tmp_path: Path) -> None:
     written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["layers/0/app/__pycache__/mod.cpython-311.pyc", "out.tar"]
     assert (root / "0/app/__pycache__/mod.cpython-311.pyc").read_bytes() == b"pyc"
+
+
+def test_a_loader_that_wants_every_layer_gets_the_whole_archive(tmp_path: Path) -> None:
+    """The thin archive relies on the classic loader skipping layers it has; a loader that
+    reads them anyway fails on the empty files, and the full archive follows."""
+    import tarfile
+
+    from imagebuild.oci import BlobStore, ImageConfig, build_image
+    from imagebuild.pipeline import _load
+    from imagebuild.report import NullReporter
+    from tests.test_oci import fake_layer, python_base
+
+    store = BlobStore(tmp_path / "blobs")
+    base = python_base(store)
+    layer = fake_layer(store, b"app layer", "imgbuild: project app 1")
+    image = build_image(
+        base, [layer], config=ImageConfig(), created="1970-01-01T00:00:00Z", store=store
+    )
+    sent: list[dict[str, int]] = []
+
+    class PickyEngine:
+        def diff_ids(self, ref: str) -> tuple[str, ...]:
+            return tuple(base.diff_ids) if ref == "imgbuild-base:x" else ()
+
+        def load(self, archive: Path) -> tuple[str, ...]:
+            with tarfile.open(archive) as tar:
+                sizes = {m.name: m.size for m in tar if m.isfile() and m.name.startswith("blobs/")}
+            sent.append(sizes)
+            if 0 in sizes.values():
+                raise DockerError("docker load failed: unexpected EOF")
+            return ("app:1",)
+
+    _load(PickyEngine(), image, ["app:1"], tmp_path, "imgbuild-base:x", NullReporter())  # type: ignore[arg-type]
+    assert len(sent) == 2
+    assert min(sent[0].values()) == 0  # the base layer was left out first
+    assert 0 not in sent[1].values()
+    assert not (tmp_path / "image.tar").exists()

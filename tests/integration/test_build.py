@@ -306,3 +306,28 @@ def test_push_to_registry_then_run_from_it(
     assert digest in " ".join(pulled.attrs["RepoDigests"])
     output = docker_env.client.containers.run(ref, network_mode="none", remove=True)
     assert json.loads(bytes(output))["msg"] == "hello image"
+
+
+def test_docker_load_sends_only_the_layers_the_engine_lacks(
+    docker_env: TestInfra, make_project: MakeProject, image_cleanup: list[str], tmp_path: Path
+) -> None:
+    project = make_project()
+    tag = "imgbuild-test/thin-load:1"
+    image_cleanup.append(tag)
+    args = ("--tag", tag, "--python", "3.11", "--cache-dir", tmp_path / "cache")
+    first = imgbuild("build", project, *args)
+    assert first.exit_code == 0, first.stderr
+    # The base is in the engine already (loaded to compile bytecode): not sent again.
+    assert "docker: loading (4 of 5 layers to send)" in first.stderr
+    source = project / "src" / "demo_app" / "__init__.py"
+    source.write_text(source.read_text().replace('hello("image")', 'hello("again")'))
+    second = imgbuild("build", project, *args)
+    assert second.exit_code == 0, second.stderr
+    # The image the tag named holds every layer but the project's.
+    assert "docker: loading (1 of 5 layers to send)" in second.stderr
+    assert json.loads(_run(docker_env, tag))["msg"] == "hello again"
+    site = "/app/.venv/lib/python3.11/site-packages"
+    report = json.loads(
+        _run(docker_env, tag, "-c", CHECK_PYC, site, entrypoint="/app/.venv/bin/python")
+    )
+    assert report["missing"] == [] and report["bad"] == []
