@@ -134,6 +134,8 @@ def run_build(
     request: BuildRequest, *, http: httpx.Client, reporter: Reporter | None = None
 ) -> BuildResult:
     """Build the image described by ``request`` and send it to every output."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from imagebuild.fetch import WheelCache, fetch_wheels
     from imagebuild.lock import find_lock, load_lock, select_packages
     from imagebuild.locker import recorded_bases
@@ -205,63 +207,81 @@ def run_build(
             reporter.warn(f"{exc}; building from the lock as it is")
     reporter.step(f"lock: {lock_path.name}")
 
-    # Base image and the target platform it defines.
-    entry, reference = _base_reference(settings, project)
-    ref = _pinned_reference(reference, pinned).with_mirrors(request.mirrors)
-    os_name, _, arch = request.platform.partition("/")
-    reporter.step(f"base: {ref}" + (f" (pinned by {lock.filename})" if reference in pinned else ""))
-    base_image = registry.pull_image(ref, platform=(os_name, arch), store=store)
-    facts = _base_facts(base_image, store, cache, arch, entry)
-    if settings.python is not None and facts.python_version != settings.python:
-        raise ProjectError(
-            f"base {reference} has Python {'.'.join(map(str, facts.python_version))}, "
-            f"not {'.'.join(map(str, settings.python))}",
-            hint="pick a base with that Python or change --python",
-        )
-    target = TargetPlatform.from_oci(
-        architecture=arch,
-        python_version=facts.python_version,
-        libc="musl" if facts.libc == "musl" else "glibc",
-        libc_version=facts.libc_version,
-    )
-
-    # Wheels for the locked dependencies, chosen for the target and fetched.
-    packages = select_packages(
-        lock,
-        root=project.name,
-        target=target,
-        extras=set(settings.extras),
-        groups=set(settings.groups),
-    )
-    chosen, from_sdist, local = _sort_sources(packages, target)
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
         root=cache / "build-envs",
         indexes=tuple(credentials.authenticated(url) for url in indexes),
     )
-    reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
-    paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
-    dependencies = [
-        PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
-        for pkg, wheel in chosen
-    ]
-    for pkg in from_sdist:
-        from imagebuild.sdist import build_sdist_wheel
-
-        assert pkg.sdist is not None
-        reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
-        wheel_path = build_sdist_wheel(
-            http,
-            pkg.sdist.url,
-            (pkg.sdist.sha256 or "").removeprefix("sha256:"),
-            pkg.sdist.filename,
-            cache,
-            indexes=envs.indexes,
-        )
-        dependencies.append(PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path))
-
-    with tempfile.TemporaryDirectory(prefix="imgbuild-", dir=_tmp_root(cache)) as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="imgbuild-", dir=_tmp_root(cache)) as tmp,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-project") as pool,
+    ):
         work = Path(tmp)
+        # The project's own wheel needs neither the base nor the dependencies: it is built
+        # while they are pulled and fetched.
+        reporter.step(f"build: {project.name} wheel")
+        project_build = pool.submit(
+            build_project_wheel,
+            project_dir,
+            work / "dist",
+            source_date_epoch=request.source_date_epoch,
+            envs=envs,
+        )
+
+        # Base image and the target platform it defines.
+        entry, reference = _base_reference(settings, project)
+        ref = _pinned_reference(reference, pinned).with_mirrors(request.mirrors)
+        os_name, _, arch = request.platform.partition("/")
+        reporter.step(
+            f"base: {ref}" + (f" (pinned by {lock.filename})" if reference in pinned else "")
+        )
+        base_image = registry.pull_image(ref, platform=(os_name, arch), store=store)
+        facts = _base_facts(base_image, store, cache, arch, entry)
+        if settings.python is not None and facts.python_version != settings.python:
+            raise ProjectError(
+                f"base {reference} has Python {'.'.join(map(str, facts.python_version))}, "
+                f"not {'.'.join(map(str, settings.python))}",
+                hint="pick a base with that Python or change --python",
+            )
+        target = TargetPlatform.from_oci(
+            architecture=arch,
+            python_version=facts.python_version,
+            libc="musl" if facts.libc == "musl" else "glibc",
+            libc_version=facts.libc_version,
+        )
+
+        # Wheels for the locked dependencies, chosen for the target and fetched.
+        packages = select_packages(
+            lock,
+            root=project.name,
+            target=target,
+            extras=set(settings.extras),
+            groups=set(settings.groups),
+        )
+        chosen, from_sdist, local = _sort_sources(packages, target)
+        reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
+        paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
+        dependencies = [
+            PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
+            for pkg, wheel in chosen
+        ]
+        for pkg in from_sdist:
+            from imagebuild.sdist import build_sdist_wheel
+
+            assert pkg.sdist is not None
+            reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
+            wheel_path = build_sdist_wheel(
+                http,
+                pkg.sdist.url,
+                (pkg.sdist.sha256 or "").removeprefix("sha256:"),
+                pkg.sdist.filename,
+                cache,
+                indexes=envs.indexes,
+            )
+            dependencies.append(
+                PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path)
+            )
+
         members = []
         for pkg in local:
             # Workspace members and path dependencies: built like the project, from source.
@@ -278,13 +298,7 @@ def run_build(
                     name=pkg.name, version=member_wheel.name.split("-")[1], path=member_wheel
                 )
             )
-        reporter.step(f"build: {project.name} wheel")
-        project_wheel = build_project_wheel(
-            project_dir,
-            work / "dist",
-            source_date_epoch=request.source_date_epoch,
-            envs=envs,
-        )
+        project_wheel = project_build.result()
         version = project_wheel.name.split("-")[1]
         plan = plan_layers(
             dependencies,
