@@ -8,7 +8,8 @@ imgbuild builds on the host, which is not the target.
 
 Both run the backend with ``SOURCE_DATE_EPOCH=0`` in a kept build environment (see
 ``wheelbuild.BuildEnvironments``: its requirements come from the indexes the project locks
-from, installed with uv when it is on PATH, pip otherwise). Both results are kept on disk under the sdist's sha256, so the work is done once:
+from, installed with uv when it is on PATH, pip otherwise). Both results are kept on disk
+under the sdist's sha256, so the work is done once:
 ``cache_dir/sdist-metadata/<sha256>.metadata`` and
 ``cache_dir/sdist-wheels/<sha256>/<wheel filename>``. Entries only ever appear whole, by
 ``os.replace``, and only after the download matched its hash.
@@ -65,9 +66,9 @@ def sdist_metadata(
 
     Downloads the sdist through ``http`` (checked against ``file.sha256`` when the index
     gave one), unpacks it safely and asks its backend, whose requirements come from
-    ``indexes`` into an environment kept under ``cache_dir/build-envs``. The answer is cached under
-    ``cache_dir/sdist-metadata/`` by the sdist's sha256; a cached answer costs no request
-    when the index gave the hash. Name and version are not checked here (the caller
+    ``indexes`` into an environment kept under ``cache_dir/build-envs``. The answer is
+    cached under ``cache_dir/sdist-metadata/`` by the sdist's sha256; a cached answer costs
+    no request when the index gave the hash. Name and version are not checked here (the caller
     compares them with the file name).
 
     Raises ``PackageIndexError`` naming the sdist when it cannot be downloaded, does not

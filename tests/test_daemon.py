@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,7 +130,8 @@ def test_a_loader_that_wants_every_layer_gets_the_whole_archive(tmp_path: Path) 
                 raise DockerError("docker load failed: unexpected EOF")
             return ("app:1",)
 
-    _load(PickyEngine(), image, ["app:1"], tmp_path, "imgbuild-base:x", NullReporter())  # type: ignore[arg-type]
+    engine: Any = PickyEngine()
+    _load(engine, image, ["app:1"], tmp_path, "imgbuild-base:x", NullReporter())
     assert len(sent) == 2
     assert min(sent[0].values()) == 0  # the base layer was left out first
     assert 0 not in sent[1].values()
