@@ -73,6 +73,9 @@ def test_locked_build_keeps_the_base_after_its_tag_moves(
 
     first = lock()
     assert set(first) == {base} and first[base].startswith("sha256:")
+    # A base given by reference is pulled (at its pin) to learn the targets to check.
+    checked = imgbuild("lock", project, "--check", "--cache-dir", cache)
+    assert checked.exit_code == 0, checked.stderr
     before, log = build("before")
     assert "(pinned by pylock.toml)" in log
 
