@@ -278,20 +278,27 @@ find_mirrors() {
 }
 
 # Print the registry's digest for NAME:TAG, or nothing when it has no such manifest.
+# An extra media type (an index's) may be accepted too.
 registry_digest() {
-    local name=$1 tag=$2
+    local name=$1 tag=$2 extra=${3:-application/vnd.oci.image.manifest.v1+json}
     curl -fsS --noproxy '*' -I --max-time 10 \
         -H 'Accept: application/vnd.docker.distribution.manifest.v2+json' \
         -H 'Accept: application/vnd.oci.image.manifest.v1+json' \
+        -H "Accept: $extra" \
         "http://$REGISTRY/v2/$name/manifests/$tag" 2>/dev/null |
         awk 'tolower($1) == "docker-content-digest:" { sub(/\r$/, "", $2); print $2 }' || true
 }
 
+# build_rootfs SUITE VARIANT FLAVOR PYTHON PACKAGES TARBALL META [ARCH]
 build_rootfs() {
-    local suite=$1 variant=$2 flavor=$3 python=$4 packages=$5 tarball=$6 meta=$7
-    local partial=${tarball%.tar}.partial.tar log=$LOGS/mmdebstrap-$suite-$flavor.log
+    local suite=$1 variant=$2 flavor=$3 python=$4 packages=$5 tarball=$6 meta=$7 arch=${8:-}
+    local stem partial=${tarball%.tar}.partial.tar
+    stem=$(basename "${tarball%-*}")
+    local log=$LOGS/mmdebstrap-$stem.log
     local hook="\"$CUSTOMIZE\" \"\$1\" $flavor $python \"$meta.partial\""
     local args=(--mode=root --format=tar --variant="$variant" --include="$packages" --skip=output/dev)
+    # A foreign architecture needs no emulator in the extract variant: nothing is run.
+    [[ -n $arch ]] && args+=(--architectures="$arch")
     args+=(${MMDEBSTRAP_APTOPTS[@]+"${MMDEBSTRAP_APTOPTS[@]}"})
     if [[ $variant == extract ]]; then
         # No maintainer scripts run in the extract variant, so the hook goes right after
@@ -314,7 +321,8 @@ build_rootfs() {
     mv "$meta.partial" "$meta"
     mv "$partial" "$tarball"
     # Tarballs of older recipes for this image are never read again.
-    find "$CACHE" -maxdepth 1 -name "$suite-$flavor-*" ! -name "$(basename "${tarball%.tar}").*" -delete
+    find "$CACHE" -maxdepth 1 -regextype posix-extended -regex ".*/$stem-[0-9a-f]{16}\.(tar|meta)" \
+        ! -name "$(basename "${tarball%.tar}").*" -delete
 }
 
 # Import TARBALL as REF into the engine, smoke-test it, push it, drop the local copy.
@@ -370,6 +378,46 @@ ensure_image() {
     log "image: $REGISTRY/$ref pushed ($digest)"
 }
 
+# A two-platform index (linux/amd64, linux/arm64) of the distroless-like bookworm base, for
+# multi-platform builds; pushed with skopeo from an OCI layout dev/infra/oci-index.py writes.
+readonly MULTI_REF=imgbuild-test/python3-multi:latest
+readonly MULTI_ARCHS=(amd64 arm64)
+readonly MULTI_PACKAGES=python3.11-minimal,libpython3.11-stdlib,$DISTROLESS_EXTRA
+
+ensure_multiarch_image() {
+    local name=${MULTI_REF%:*} tag=${MULTI_REF##*:} arch key keys="" digest pairs=()
+    local marker=$STATE/pushed/${MULTI_REF//[\/:]/_}
+    for arch in "${MULTI_ARCHS[@]}"; do
+        key=$(printf '%s\n' "$RECIPE" bookworm extract distroless 3.11 "$MULTI_PACKAGES" "$arch" \
+            "$(sha256sum <"$CUSTOMIZE")" "$(sha256sum <"$HERE/infra/oci-index.py")" |
+            sha256sum | cut -c1-16)
+        keys+="$key"
+        local tarball=$CACHE/multi-bookworm-$arch-$key.tar meta=$CACHE/multi-bookworm-$arch-$key.meta
+        if [[ ! -s $tarball || ! -s $meta ]]; then
+            build_rootfs bookworm extract distroless 3.11 "$MULTI_PACKAGES" "$tarball" "$meta" "$arch"
+        fi
+        pairs+=("$arch=$tarball")
+    done
+    digest=$(registry_digest "$name" "$tag" 'application/vnd.oci.image.index.v1+json')
+    if [[ -n $digest && -f $marker && $(<"$marker") == "$keys $digest" ]]; then
+        log "image: $REGISTRY/$MULTI_REF present ($digest)"
+        return
+    fi
+    log "push: $REGISTRY/$MULTI_REF (${MULTI_ARCHS[*]})"
+    python3 "$HERE/infra/oci-index.py" "$STATE/multi-layout" /usr/bin/python3.11 "${pairs[@]}"
+    skopeo copy --quiet --all --dest-tls-verify=false "oci:$STATE/multi-layout:latest" \
+        "docker://$REGISTRY/$MULTI_REF" >>"$LOGS/push.log" 2>&1 || {
+        tail -n 10 "$LOGS/push.log" >&2
+        die "push failed for $MULTI_REF"
+    }
+    rm -rf "$STATE/multi-layout"
+    digest=$(registry_digest "$name" "$tag" 'application/vnd.oci.image.index.v1+json')
+    [[ -n $digest ]] || die "registry has no index for $MULTI_REF after the push"
+    mkdir -p "$STATE/pushed"
+    echo "$keys $digest" >"$marker"
+    log "image: $REGISTRY/$MULTI_REF pushed ($digest)"
+}
+
 write_env() {
     cat >"$RUN/env.partial" <<EOF
 export IMGBUILD_TEST_DOCKER_HOST=$ENGINE
@@ -391,6 +439,7 @@ cmd_up() {
     for spec in "${IMAGES[@]}"; do
         ensure_image "$spec"
     done
+    ensure_multiarch_image
     write_env
     log "up in $((SECONDS - started))s"
 }
