@@ -134,7 +134,14 @@ def build(
             "version, with a warning), host or image."
         ),
     ] = "auto",
-    platform: Annotated[str, typer.Option(help="Target platform.")] = "linux/amd64",
+    platform: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--platform",
+            help="Target platform, e.g. linux/arm64 (default linux/amd64). Repeat it for an "
+            "image index over several (with --output registry, oci:DIR or oci-archive:FILE).",
+        ),
+    ] = None,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Cache directory (default: IMGBUILD_CACHE_DIR or the user cache)."),
@@ -166,7 +173,7 @@ def build(
             package=package,
             compile_bytecode=not no_compile,
             compile_with=compile_with,
-            platform=platform,
+            platforms=tuple(platform) if platform else ("linux/amd64",),
             cache_dir=_cache_dir(cache_dir),
             source_date_epoch=_source_date_epoch(),
             mirrors=parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", "")),

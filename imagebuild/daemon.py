@@ -25,6 +25,8 @@ from imagebuild.layers import COMPILE_SCRIPT
 
 _LOADED_RE = re.compile(r"Loaded image(?: ID)?: (\S+)")
 _STAGING = PurePosixPath("/imgbuild-staging")
+# `docker info` reports the kernel's machine name.
+_OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 _DOT = PurePosixPath(".")
 
 
@@ -113,6 +115,14 @@ class DockerEngine:
             return None
         except docker.errors.APIError as exc:
             raise DockerError(f"docker inspect {ref} failed: {exc.explanation}") from exc
+
+    def architecture(self) -> str:
+        """The CPU the engine runs containers on, as OCI names it (``amd64``, ``arm64``)."""
+        try:
+            machine = str(self.client.info().get("Architecture", ""))
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise DockerError(f"docker info failed: {exc}") from exc
+        return _OCI_ARCH.get(machine, machine)
 
     def diff_ids(self, ref: str) -> tuple[str, ...]:
         """``RootFS.Layers`` of ``ref``; empty when the engine has no such image."""

@@ -310,6 +310,25 @@ class Image:
 # Blob store
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ImageIndex:
+    """Images of one name for several platforms: an OCI image index over them."""
+
+    manifest: Descriptor
+    """Descriptor of the index (what ``name@digest`` pins)."""
+    manifest_bytes: bytes
+    """The exact index bytes."""
+    images: tuple[Image, ...]
+    """One image per platform, in the index's order."""
+    store: BlobStore
+    """Where the index and every image's blobs live."""
+
+    @property
+    def digest(self) -> Digest:
+        """The index digest."""
+        return self.manifest.digest
+
+
 @dataclass(frozen=True, slots=True)
 class BlobStore:
     """Content-addressed blobs under ``root/sha256/<hex>``; writes are atomic (temp + rename).
@@ -744,16 +763,43 @@ def build_image(
     )
 
 
+def build_index(images: Sequence[Image], store: BlobStore) -> ImageIndex:
+    """An OCI image index over ``images`` (one per platform, in this order), stored."""
+    platforms = [image.platform for image in images]
+    if len(set(platforms)) != len(platforms):
+        raise ImageError(f"an image index needs one image per platform, got {platforms}")
+    data = canonical_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_INDEX,
+            "manifests": [
+                {**image.manifest.to_json(), **_platform_entry(image)} for image in images
+            ],
+        }
+    )
+    return ImageIndex(
+        manifest=store.put_bytes(data, media_type=OCI_INDEX),
+        manifest_bytes=data,
+        images=tuple(images),
+        store=store,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Sinks
 
 
-def _index_entry(image: Image, annotations: Mapping[str, str]) -> dict[str, object]:
-    os_name, arch = image.platform
+def _index_entry(image: Image | ImageIndex, annotations: Mapping[str, str]) -> dict[str, object]:
     entry = image.manifest.to_json()
     entry["annotations"] = dict(annotations)
-    entry["platform"] = {"architecture": arch, "os": os_name}
+    if isinstance(image, Image):
+        entry.update(_platform_entry(image))
     return entry
+
+
+def _platform_entry(image: Image) -> dict[str, object]:
+    os_name, arch = image.platform
+    return {"platform": {"architecture": arch, "os": os_name}}
 
 
 def _index_json(entries: Sequence[dict[str, object]]) -> bytes:
@@ -763,11 +809,14 @@ def _index_json(entries: Sequence[dict[str, object]]) -> bytes:
 _OCI_LAYOUT_BYTES = canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})
 
 
-def _image_blobs(image: Image) -> list[Descriptor]:
-    """Manifest, config and layers, each once, sorted by digest."""
-    seen: dict[Digest, Descriptor] = {}
-    for desc in (image.manifest, image.config, *image.layers):
-        seen.setdefault(desc.digest, desc)
+def _image_blobs(image: Image | ImageIndex) -> list[Descriptor]:
+    """Manifest (or index and each image's manifest), config and layers, each once, sorted
+    by digest."""
+    images = image.images if isinstance(image, ImageIndex) else (image,)
+    seen: dict[Digest, Descriptor] = {image.manifest.digest: image.manifest}
+    for one in images:
+        for desc in (one.manifest, one.config, *one.layers):
+            seen.setdefault(desc.digest, desc)
     return [seen[d] for d in sorted(seen)]
 
 
@@ -776,7 +825,7 @@ def _check_ref_name(ref_name: str) -> None:
         raise ImageError(f"OCI ref name {ref_name!r} must be non-empty without whitespace")
 
 
-def write_oci_layout(image: Image, dest_dir: Path, *, ref_name: str) -> None:
+def write_oci_layout(image: Image | ImageIndex, dest_dir: Path, *, ref_name: str) -> None:
     """Write ``image`` as an OCI image layout directory tagged ``ref_name``.
 
     ``dest_dir`` must be absent, empty, or an existing OCI layout; its ``index.json`` is
@@ -787,7 +836,7 @@ def write_oci_layout(image: Image, dest_dir: Path, *, ref_name: str) -> None:
         _write_layout(image, dest_dir, ref_name=ref_name)
 
 
-def _write_layout(image: Image, dest_dir: Path, *, ref_name: str) -> None:
+def _write_layout(image: Image | ImageIndex, dest_dir: Path, *, ref_name: str) -> None:
     if dest_dir.exists():
         if not dest_dir.is_dir():
             raise ImageError(f"OCI layout destination {dest_dir} exists and is not a directory")
@@ -846,7 +895,7 @@ def _archive_file(
 
 
 def _write_archive(
-    image: Image,
+    image: Image | ImageIndex,
     out: IO[bytes],
     *,
     index_entries: list[dict[str, object]],
@@ -899,7 +948,9 @@ def _output(dest: BinaryIO | Path) -> Iterator[IO[bytes]]:
         raise
 
 
-def write_oci_archive(image: Image, dest_file: BinaryIO | Path, *, ref_name: str) -> None:
+def write_oci_archive(
+    image: Image | ImageIndex, dest_file: BinaryIO | Path, *, ref_name: str
+) -> None:
     """Write ``image`` as a tar of an OCI layout (``oci-archive:``), tagged ``ref_name``."""
     _check_ref_name(ref_name)
     entry = _index_entry(image, {ANNOTATION_REF_NAME: ref_name})

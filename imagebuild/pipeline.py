@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from imagebuild.daemon import DockerEngine
     from imagebuild.digest import Digest
     from imagebuild.lock import Lock, LockedPackage, WheelFile
-    from imagebuild.oci import BaseImage, BlobStore, Image, ImageConfig, Layer
+    from imagebuild.oci import BaseImage, BlobStore, Image, ImageConfig, ImageIndex, Layer
     from imagebuild.project import ProjectSpec
     from imagebuild.registry import ImageReference, RegistryClient
     from imagebuild.target import TargetPlatform
@@ -106,7 +106,8 @@ class BuildRequest:
     compile_with: str = "auto"
     """``auto`` (the base's own Python through Docker, else a host one of the same minor
     version, with a warning), ``host`` or ``image``."""
-    platform: str = "linux/amd64"
+    platforms: tuple[str, ...] = ("linux/amd64",)
+    """``os/arch`` of each image; more than one makes an image index (registry, oci)."""
     cache_dir: Path
     source_date_epoch: int = 0
     mirrors: Mapping[str, str] = field(default_factory=dict)
@@ -118,10 +119,7 @@ class BuildResult:
     """What was built and where it went."""
 
     manifest_digest: str
-    config_digest: str
-    layer_digests: tuple[str, ...]
-    """Digests of every layer, base layers first."""
-    base_reference: str
+    """The image manifest's digest, or the image index's for several platforms."""
     written: tuple[str, ...]
     """One line per sink: what was loaded, written or pushed."""
 
@@ -139,12 +137,13 @@ def run_build(
     from imagebuild.fetch import WheelCache, fetch_wheels
     from imagebuild.lock import find_lock, load_lock, select_packages
     from imagebuild.locker import recorded_bases
-    from imagebuild.oci import BlobStore
+    from imagebuild.oci import BlobStore, build_index
     from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
     from imagebuild.target import TargetPlatform
     from imagebuild.wheelbuild import BuildEnvironments, build_project_wheel
 
     reporter = reporter or NullReporter()
+    _check_platforms(request)
     project, workspace, member_lock = locate_lock(request.project_dir, request.package)
     project_dir = project.root
     settings = parse_settings(project.tool_imgbuild)
@@ -228,106 +227,168 @@ def run_build(
             envs=envs,
         )
 
-        # Base image and the target platform it defines.
         entry, reference = _base_reference(settings, project)
+        built: dict[str, PlannedWheel] = {}  # local packages, built once for every platform
+        compilers: dict[str, BytecodeCompiler | None] = {}
+        platforms: list[_PlatformImage] = []
         ref = _pinned_reference(reference, pinned).with_mirrors(request.mirrors)
-        os_name, _, arch = request.platform.partition("/")
-        reporter.step(
-            f"base: {ref}" + (f" (pinned by {lock.filename})" if reference in pinned else "")
-        )
-        base_image = registry.pull_image(ref, platform=(os_name, arch), store=store)
-        facts = _base_facts(base_image, store, cache, arch, entry)
-        if settings.python is not None and facts.python_version != settings.python:
-            raise ProjectError(
-                f"base {reference} has Python {'.'.join(map(str, facts.python_version))}, "
-                f"not {'.'.join(map(str, settings.python))}",
-                hint="pick a base with that Python or change --python",
-            )
-        target = TargetPlatform.from_oci(
-            architecture=arch,
-            python_version=facts.python_version,
-            libc="musl" if facts.libc == "musl" else "glibc",
-            libc_version=facts.libc_version,
-        )
-
-        # Wheels for the locked dependencies, chosen for the target and fetched.
-        packages = select_packages(
-            lock,
-            root=project.name,
-            target=target,
-            extras=set(settings.extras),
-            groups=set(settings.groups),
-        )
-        chosen, from_sdist, local = _sort_sources(packages, target)
-        reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
-        paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
-        dependencies = [
-            PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
-            for pkg, wheel in chosen
-        ]
-        for pkg in from_sdist:
-            from imagebuild.sdist import build_sdist_wheel
-
-            assert pkg.sdist is not None
-            reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
-            wheel_path = build_sdist_wheel(
-                http,
-                pkg.sdist.url,
-                (pkg.sdist.sha256 or "").removeprefix("sha256:"),
-                pkg.sdist.filename,
-                cache,
-                indexes=envs.indexes,
-            )
-            dependencies.append(
-                PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path)
-            )
-
-        members = []
-        for pkg in local:
-            # Workspace members and path dependencies: built like the project, from source.
-            source_dir = (lock.path.parent / pkg.source.location).resolve()
-            reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
-            member_wheel = build_project_wheel(
-                source_dir,
-                work / "dist-local",
-                source_date_epoch=request.source_date_epoch,
-                envs=envs,
-            )
-            members.append(
-                PlannedWheel(
-                    name=pkg.name, version=member_wheel.name.split("-")[1], path=member_wheel
+        for platform in request.platforms:
+            # Base image and the target platform it defines.
+            os_name, _, arch = platform.partition("/")
+            note = f" (pinned by {lock.filename})" if reference in pinned else ""
+            reporter.step(f"base: {ref} for {platform}{note}")
+            base_image = registry.pull_image(ref, platform=(os_name, arch), store=store)
+            facts = _base_facts(base_image, store, cache, arch, entry)
+            if settings.python is not None and facts.python_version != settings.python:
+                raise ProjectError(
+                    f"base {reference} has Python {'.'.join(map(str, facts.python_version))}, "
+                    f"not {'.'.join(map(str, settings.python))}",
+                    hint="pick a base with that Python or change --python",
                 )
+            target = TargetPlatform.from_oci(
+                architecture=arch,
+                python_version=facts.python_version,
+                libc="musl" if facts.libc == "musl" else "glibc",
+                libc_version=facts.libc_version,
             )
-        project_wheel = project_build.result()
-        version = project_wheel.name.split("-")[1]
-        plan = plan_layers(
-            dependencies,
-            PlannedWheel(name=project.name, version=version, path=project_wheel),
-            local=members,
-        )
-        venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
-        compiler = (
-            _compiler(facts, base_image, store, work, reporter, request.compile_with)
-            if request.compile_bytecode
-            else None
-        )
-        layers = _build_layers(plan, venv, compiler, store, cache, work, request, reporter)
-        config = _image_config(base_image, settings, project, venv, reference)
-        image = _assemble(base_image, layers, config, request, reference, store)
-        written = _write_contexts(
-            request, project, reference, ref, base_image, layers, config, store
-        )
+
+            # Wheels for the locked dependencies, chosen for the target and fetched.
+            packages = select_packages(
+                lock,
+                root=project.name,
+                target=target,
+                extras=set(settings.extras),
+                groups=set(settings.groups),
+            )
+            chosen, from_sdist, local = _sort_sources(packages, target)
+            reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
+            paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
+            dependencies = [
+                PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
+                for pkg, wheel in chosen
+            ]
+            for pkg in from_sdist:
+                from imagebuild.sdist import build_sdist_wheel
+
+                assert pkg.sdist is not None
+                reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
+                wheel_path = build_sdist_wheel(
+                    http,
+                    pkg.sdist.url,
+                    (pkg.sdist.sha256 or "").removeprefix("sha256:"),
+                    pkg.sdist.filename,
+                    cache,
+                    indexes=envs.indexes,
+                )
+                dependencies.append(
+                    PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path)
+                )
+
+            members = []
+            for pkg in local:
+                if pkg.name not in built:
+                    # Workspace members and path dependencies: built like the project.
+                    source_dir = (lock.path.parent / pkg.source.location).resolve()
+                    reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
+                    member_wheel = build_project_wheel(
+                        source_dir,
+                        work / "dist-local",
+                        source_date_epoch=request.source_date_epoch,
+                        envs=envs,
+                    )
+                    built[pkg.name] = PlannedWheel(
+                        name=pkg.name, version=member_wheel.name.split("-")[1], path=member_wheel
+                    )
+                members.append(built[pkg.name])
+            project_wheel = project_build.result()
+            version = project_wheel.name.split("-")[1]
+            plan = plan_layers(
+                dependencies,
+                PlannedWheel(name=project.name, version=version, path=project_wheel),
+                local=members,
+            )
+            venv = VenvLayout(
+                base_interpreter=facts.interpreter, python_version=facts.python_version
+            )
+            if request.compile_bytecode and arch not in compilers:
+                compilers[arch] = _compiler(
+                    facts,
+                    base_image,
+                    store,
+                    work,
+                    reporter,
+                    request.compile_with,
+                    native=lambda native: _pull_variant(registry, ref, native, store, cache),
+                )
+            layers = _build_layers(
+                plan, venv, compilers.get(arch), store, cache, work, request, reporter
+            )
+            config = _image_config(base_image, settings, project, venv, reference)
+            image = _assemble(base_image, layers, config, request, reference, store)
+            platforms.append(
+                _PlatformImage(image=image, base=base_image, layers=tuple(layers), config=config)
+            )
+
+        if len(platforms) == 1:
+            (one,) = platforms
+            written = _write_contexts(
+                request, project, reference, ref, one.base, one.layers, one.config, store
+            )
+            target_image: Image | ImageIndex = one.image
+        else:
+            target_image = build_index([p.image for p in platforms], store)
+            written = []
         written += _send(
-            image, request, tags, work, registry, reporter, _engine_base_tag(base_image)
+            target_image,
+            request,
+            tags,
+            work,
+            registry,
+            reporter,
+            _engine_base_tag(platforms[0].base),
         )
 
-    return BuildResult(
-        manifest_digest=image.manifest.digest,
-        config_digest=image.config.digest,
-        layer_digests=tuple(layer.digest for layer in image.layers),
-        base_reference=str(ref),
-        written=tuple(written),
-    )
+    return BuildResult(manifest_digest=target_image.manifest.digest, written=tuple(written))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _PlatformImage:
+    """One platform's image and what it was made from."""
+
+    image: Image
+    base: BaseImage
+    layers: tuple[Layer, ...]
+    config: ImageConfig
+
+
+def _pull_variant(
+    registry: RegistryClient, ref: ImageReference, arch: str, store: BlobStore, cache: Path
+) -> tuple[BaseImage, BaseFacts]:
+    """The base's variant for ``arch`` (the engine's own), to run its Python."""
+    base = registry.pull_image(ref, platform=("linux", arch), store=store)
+    return base, _base_facts(base, store, cache, arch, None)
+
+
+def _check_platforms(request: BuildRequest) -> None:
+    """Several platforms make an image index, which only some outputs can take."""
+    for platform in request.platforms:
+        os_name, sep, arch = platform.partition("/")
+        if os_name != "linux" or not sep or not arch:
+            raise ProjectError(
+                f"--platform {platform!r}: not a platform imgbuild builds",
+                hint="use linux/amd64 or linux/arm64",
+            )
+    if len(set(request.platforms)) != len(request.platforms):
+        raise ProjectError(f"--platform names a platform twice: {', '.join(request.platforms)}")
+    if len(request.platforms) > 1:
+        for output in request.outputs:
+            if output.kind in ("docker", "context"):
+                raise ProjectError(
+                    f"--output {output.kind} takes one platform, and "
+                    f"{len(request.platforms)} were given",
+                    hint="pass one --platform, or write the image index with --output "
+                    "registry, oci:DIR or oci-archive:FILE",
+                )
 
 
 def _apply_overrides(
@@ -490,8 +551,15 @@ def _compiler(
     work: Path,
     reporter: Reporter,
     mode: str,
+    native: Callable[[str], tuple[BaseImage, BaseFacts]] | None = None,
 ) -> BytecodeCompiler:
-    """A host Python of the target's minor version, else the base's own through Docker."""
+    """The base's own Python through Docker, else a host one of the target's minor version.
+
+    An engine cannot run a base built for another CPU (no emulation is assumed): then
+    ``native(arch)`` gives the same base's variant for the engine's CPU, whose Python of
+    the same minor version writes pycs as valid there (bytecode does not depend on the CPU,
+    and a multi-platform base ships one Python release on every platform).
+    """
     from imagebuild.daemon import DockerEngine, EngineCompiler
     from imagebuild.errors import DockerError
     from imagebuild.oci import ImageConfig, build_image, write_docker_archive
@@ -528,6 +596,22 @@ def _compiler(
             f"Docker engine to run the base image's ({exc.message})",
             hint=f"install python{version}, start Docker, or pass --no-compile",
         ) from exc
+    engine_arch = engine.architecture()
+    target_arch = str(base.config.get("architecture", engine_arch))
+    if target_arch != engine_arch and native is not None:
+        base, variant = native(engine_arch)
+        if variant.python_version != facts.python_version:
+            raise LayerError(
+                f"the base's linux/{engine_arch} variant has Python "
+                f"{'.'.join(map(str, variant.python_version))}, not {version}, so it cannot "
+                f"compile bytecode for linux/{target_arch}",
+                hint="pass --no-compile, or --compile-with host with a host python" + version,
+            )
+        reporter.step(
+            f"compile: linux/{target_arch} bytecode by the base's linux/{engine_arch} "
+            f"python{version} (the engine runs {engine_arch} only)"
+        )
+        facts = variant
     tag = _engine_base_tag(base)
     if engine.image_id(tag) is None:
         reporter.step(f"compile: loading the base into Docker to run its python{version}")
@@ -735,7 +819,7 @@ def _write_contexts(
 
 
 def _send(
-    image: Image,
+    image: Image | ImageIndex,
     request: BuildRequest,
     tags: Sequence[str],
     work: Path,
@@ -743,7 +827,7 @@ def _send(
     reporter: Reporter,
     base_tag: str,
 ) -> list[str]:
-    from imagebuild.oci import write_oci_archive, write_oci_layout
+    from imagebuild.oci import ImageIndex, write_oci_archive, write_oci_layout
     from imagebuild.registry import ImageReference
 
     refs = [ImageReference.parse(tag) for tag in tags]
@@ -760,12 +844,16 @@ def _send(
         if output.kind == "docker":
             from imagebuild.daemon import DockerEngine
 
+            assert not isinstance(image, ImageIndex), "one platform only (_check_platforms)"
             engine = DockerEngine.from_env()
             _load(engine, image, [str(r) for r in refs], work, base_tag, reporter)
             written.extend(f"loaded {ref}" for ref in refs)
         elif output.kind == "registry":
             for ref in refs:
-                digest = registry.push_image(image, ref)
+                if isinstance(image, ImageIndex):
+                    digest = registry.push_index(image, ref)
+                else:
+                    digest = registry.push_image(image, ref)
                 written.append(f"pushed {ref}@{digest}")
     return written
 

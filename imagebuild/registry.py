@@ -40,6 +40,7 @@ from imagebuild.oci import (
     Descriptor,
     Digest,
     Image,
+    ImageIndex,
     parse_digest,
     sha256_digest,
 )
@@ -603,6 +604,12 @@ class RegistryClient:
             if not self._blob_exists(op, desc.digest):
                 self._upload_blob(op, desc, store)
         return self.push_manifest(ref, image.manifest_bytes, media_type=image.manifest.media_type)
+
+    def push_index(self, index: ImageIndex, ref: ImageReference) -> Digest:
+        """Push every image of ``index`` by digest, then the index itself to ``ref``."""
+        for image in index.images:
+            self.push_image(image, ref.with_digest(image.digest), index.store)
+        return self.push_manifest(ref, index.manifest_bytes, media_type=index.manifest.media_type)
 
     def push_manifest(self, ref: ImageReference, data: bytes, *, media_type: str) -> Digest:
         """PUT manifest (or index) ``data`` at ``ref``'s tag or digest; return its digest.

@@ -28,6 +28,16 @@ def _project(tmp_path: Path, tool: str = "") -> Path:
         (["--python", "3"], "error: --python: Python version '3' must look like '3.11'"),
         (["--locked", "--frozen"], "error: --locked and --frozen cannot be used together"),
         (["--compile-with", "jit"], "error: --compile-with 'jit': unknown choice"),
+        (["--platform", "windows/amd64"], "error: --platform 'windows/amd64': not a platform"),
+        (["--platform", "linux"], "error: --platform 'linux': not a platform"),
+        (
+            ["--platform", "linux/arm64", "--platform", "linux/arm64"],
+            "error: --platform names a platform twice",
+        ),
+        (
+            ["--platform", "linux/amd64", "--platform", "linux/arm64", "-o", "context:x"],
+            "error: --output context takes one platform, and 2 were given",
+        ),
     ],
 )
 def test_bad_options(tmp_path: Path, args: list[str], expected: str) -> None:
