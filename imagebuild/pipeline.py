@@ -40,6 +40,8 @@ from imagebuild.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.report import NullReporter, Reporter
 
 if TYPE_CHECKING:
+    from concurrent.futures import Future
+
     from packaging.utils import NormalizedName
 
     from imagebuild.credentials import IndexCredentials
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     from imagebuild.project import ProjectSpec
     from imagebuild.registry import ImageReference, RegistryClient
     from imagebuild.target import TargetPlatform
+    from imagebuild.wheelbuild import BuildEnvironments
     from imagebuild.workspace import Workspace
 
 OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry", "context")
@@ -134,12 +137,10 @@ def run_build(
     """Build the image described by ``request`` and send it to every output."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from imagebuild.fetch import WheelCache, fetch_wheels
-    from imagebuild.lock import find_lock, load_lock, select_packages
+    from imagebuild.lock import find_lock, load_lock
     from imagebuild.locker import recorded_bases
     from imagebuild.oci import BlobStore, build_index
     from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
-    from imagebuild.target import TargetPlatform
     from imagebuild.wheelbuild import BuildEnvironments, build_project_wheel
 
     reporter = reporter or NullReporter()
@@ -228,111 +229,28 @@ def run_build(
         )
 
         entry, reference = _base_reference(settings, project)
-        built: dict[str, PlannedWheel] = {}  # local packages, built once for every platform
-        compilers: dict[str, BytecodeCompiler | None] = {}
-        platforms: list[_PlatformImage] = []
-        ref = _pinned_reference(reference, pinned).with_mirrors(request.mirrors)
-        for platform in request.platforms:
-            # Base image and the target platform it defines.
-            os_name, _, arch = platform.partition("/")
-            note = f" (pinned by {lock.filename})" if reference in pinned else ""
-            reporter.step(f"base: {ref} for {platform}{note}")
-            base_image = registry.pull_image(ref, platform=(os_name, arch), store=store)
-            facts = _base_facts(base_image, store, cache, arch, entry)
-            if settings.python is not None and facts.python_version != settings.python:
-                raise ProjectError(
-                    f"base {reference} has Python {'.'.join(map(str, facts.python_version))}, "
-                    f"not {'.'.join(map(str, settings.python))}",
-                    hint="pick a base with that Python or change --python",
-                )
-            target = TargetPlatform.from_oci(
-                architecture=arch,
-                python_version=facts.python_version,
-                libc="musl" if facts.libc == "musl" else "glibc",
-                libc_version=facts.libc_version,
-            )
-
-            # Wheels for the locked dependencies, chosen for the target and fetched.
-            packages = select_packages(
-                lock,
-                root=project.name,
-                target=target,
-                extras=set(settings.extras),
-                groups=set(settings.groups),
-            )
-            chosen, from_sdist, local = _sort_sources(packages, target)
-            reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
-            paths = fetch_wheels(http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
-            dependencies = [
-                PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
-                for pkg, wheel in chosen
-            ]
-            for pkg in from_sdist:
-                from imagebuild.sdist import build_sdist_wheel
-
-                assert pkg.sdist is not None
-                reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
-                wheel_path = build_sdist_wheel(
-                    http,
-                    pkg.sdist.url,
-                    (pkg.sdist.sha256 or "").removeprefix("sha256:"),
-                    pkg.sdist.filename,
-                    cache,
-                    indexes=envs.indexes,
-                )
-                dependencies.append(
-                    PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path)
-                )
-
-            members = []
-            for pkg in local:
-                if pkg.name not in built:
-                    # Workspace members and path dependencies: built like the project.
-                    source_dir = (lock.path.parent / pkg.source.location).resolve()
-                    reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
-                    member_wheel = build_project_wheel(
-                        source_dir,
-                        work / "dist-local",
-                        source_date_epoch=request.source_date_epoch,
-                        envs=envs,
-                    )
-                    built[pkg.name] = PlannedWheel(
-                        name=pkg.name, version=member_wheel.name.split("-")[1], path=member_wheel
-                    )
-                members.append(built[pkg.name])
-            project_wheel = project_build.result()
-            version = project_wheel.name.split("-")[1]
-            plan = plan_layers(
-                dependencies,
-                PlannedWheel(name=project.name, version=version, path=project_wheel),
-                local=members,
-            )
-            venv = VenvLayout(
-                base_interpreter=facts.interpreter, python_version=facts.python_version
-            )
-            if request.compile_bytecode and arch not in compilers:
-                compilers[arch] = _compiler(
-                    facts,
-                    base_image,
-                    store,
-                    work,
-                    reporter,
-                    request.compile_with,
-                    native=lambda native: _pull_variant(registry, ref, native, store, cache),
-                )
-            layers = _build_layers(
-                plan, venv, compilers.get(arch), store, cache, work, request, reporter
-            )
-            config = _image_config(base_image, settings, project, venv, reference)
-            image = _assemble(base_image, layers, config, request, reference, store)
-            platforms.append(
-                _PlatformImage(image=image, base=base_image, layers=tuple(layers), config=config)
-            )
-
+        run = _Run(
+            request=request,
+            project=project,
+            settings=settings,
+            lock=lock,
+            http=http,
+            registry=registry,
+            store=store,
+            envs=envs,
+            work=work,
+            reporter=reporter,
+            entry=entry,
+            reference=reference,
+            base=_pinned_reference(reference, pinned).with_mirrors(request.mirrors),
+            pinned=reference in pinned,
+            project_wheel=project_build,
+        )
+        platforms = [_build_platform(run, platform) for platform in request.platforms]
         if len(platforms) == 1:
             (one,) = platforms
             written = _write_contexts(
-                request, project, reference, ref, one.base, one.layers, one.config, store
+                request, project, reference, run.base, one.base, one.layers, one.config, store
             )
             target_image: Image | ImageIndex = one.image
         else:
@@ -349,6 +267,136 @@ def run_build(
         )
 
     return BuildResult(manifest_digest=target_image.manifest.digest, written=tuple(written))
+
+
+@dataclass(kw_only=True, slots=True)
+class _Run:
+    """What every platform's image of one build is made from, and what they share."""
+
+    request: BuildRequest
+    project: ProjectSpec
+    settings: ImageSettings
+    lock: Lock
+    http: httpx.Client
+    registry: RegistryClient
+    store: BlobStore
+    envs: BuildEnvironments
+    work: Path
+    reporter: Reporter
+    entry: CatalogEntry | None
+    """The base's catalog entry, if it is named by flavor."""
+    reference: str
+    """The base as configured."""
+    base: ImageReference
+    """The base to pull: at its pinned digest, through the mirrors."""
+    pinned: bool
+    project_wheel: Future[Path]
+    """Built in the background while the first platform's base and wheels come in."""
+    local_wheels: dict[str, PlannedWheel] = field(default_factory=dict)
+    """Workspace members and path dependencies, built once for every platform."""
+    compilers: dict[str, BytecodeCompiler | None] = field(default_factory=dict)
+    """By architecture."""
+
+
+def _build_platform(run: _Run, platform: str) -> _PlatformImage:
+    """Pull the base for ``platform``, pick and fetch its wheels, and build its image."""
+    from imagebuild.fetch import WheelCache, fetch_wheels
+    from imagebuild.lock import select_packages
+    from imagebuild.target import TargetPlatform
+    from imagebuild.wheelbuild import build_project_wheel
+
+    request, settings, store, reporter = run.request, run.settings, run.store, run.reporter
+    cache = request.cache_dir
+    # Base image and the target platform it defines.
+    os_name, _, arch = platform.partition("/")
+    note = f" (pinned by {run.lock.filename})" if run.pinned else ""
+    reporter.step(f"base: {run.base} for {platform}{note}")
+    base_image = run.registry.pull_image(run.base, platform=(os_name, arch), store=store)
+    facts = _base_facts(base_image, store, cache, arch, run.entry)
+    if settings.python is not None and facts.python_version != settings.python:
+        raise ProjectError(
+            f"base {run.reference} has Python {'.'.join(map(str, facts.python_version))}, "
+            f"not {'.'.join(map(str, settings.python))}",
+            hint="pick a base with that Python or change --python",
+        )
+    target = TargetPlatform.from_oci(
+        architecture=arch,
+        python_version=facts.python_version,
+        libc="musl" if facts.libc == "musl" else "glibc",
+        libc_version=facts.libc_version,
+    )
+
+    # Wheels for the locked dependencies, chosen for the target and fetched.
+    packages = select_packages(
+        run.lock,
+        root=run.project.name,
+        target=target,
+        extras=set(settings.extras),
+        groups=set(settings.groups),
+    )
+    chosen, from_sdist, local = _sort_sources(packages, target)
+    reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
+    paths = fetch_wheels(run.http, [wheel for _, wheel in chosen], WheelCache(cache / "wheels"))
+    dependencies = [
+        PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
+        for pkg, wheel in chosen
+    ]
+    for pkg in from_sdist:
+        from imagebuild.sdist import build_sdist_wheel
+
+        assert pkg.sdist is not None
+        reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
+        wheel_path = build_sdist_wheel(
+            run.http,
+            pkg.sdist.url,
+            (pkg.sdist.sha256 or "").removeprefix("sha256:"),
+            pkg.sdist.filename,
+            cache,
+            indexes=run.envs.indexes,
+        )
+        dependencies.append(PlannedWheel(name=pkg.name, version=str(pkg.version), path=wheel_path))
+
+    members = []
+    for pkg in local:
+        if pkg.name not in run.local_wheels:
+            # Workspace members and path dependencies: built like the project, from source.
+            source_dir = (run.lock.path.parent / pkg.source.location).resolve()
+            reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
+            member_wheel = build_project_wheel(
+                source_dir,
+                run.work / "dist-local",
+                source_date_epoch=request.source_date_epoch,
+                envs=run.envs,
+            )
+            run.local_wheels[pkg.name] = PlannedWheel(
+                name=pkg.name, version=member_wheel.name.split("-")[1], path=member_wheel
+            )
+        members.append(run.local_wheels[pkg.name])
+    project_wheel = run.project_wheel.result()
+    plan = plan_layers(
+        dependencies,
+        PlannedWheel(
+            name=run.project.name, version=project_wheel.name.split("-")[1], path=project_wheel
+        ),
+        local=members,
+    )
+    venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
+    if request.compile_bytecode and arch not in run.compilers:
+        run.compilers[arch] = _compiler(
+            facts,
+            base_image,
+            store,
+            run.work,
+            reporter,
+            request.compile_with,
+            native=lambda native: _pull_variant(run.registry, run.base, native, store, cache),
+        )
+    layers = _build_layers(
+        plan, venv, run.compilers.get(arch), store, cache, run.work, request, reporter
+    )
+    config = _image_config(base_image, settings, run.project, venv, run.reference)
+    image = _assemble(base_image, layers, config, request, run.reference, store)
+    return _PlatformImage(image=image, base=base_image, layers=tuple(layers), config=config)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
