@@ -224,7 +224,14 @@ class EngineCompiler:
                     f"compiling bytecode with {self.interpreter} in the base image failed: {exc}",
                     hint="pass --no-compile to skip bytecode",
                 ) from exc
-        return int(output.strip().splitlines()[-1] or 0)
+        lines = output.strip().splitlines()
+        if not lines or not lines[-1].isdigit():
+            raise LayerError(
+                f"compiling bytecode with {self.interpreter} in the base image printed no "
+                f"count of failures ({output.strip()[-200:]!r})",
+                hint="pass --no-compile to skip bytecode",
+            )
+        return int(lines[-1])
 
 
 def _pack_sources(
