@@ -138,8 +138,9 @@ def build(
         list[str] | None,
         typer.Option(
             "--platform",
-            help="Target platform, e.g. linux/arm64 (default linux/amd64). Repeat it for an "
-            "image index over several (with --output registry, oci:DIR or oci-archive:FILE).",
+            help="Target platform, e.g. linux/arm64 (default linux/amd64). Repeat it, or list "
+            "several with commas, for an image index (with --output registry, oci:DIR or "
+            "oci-archive:FILE).",
         ),
     ] = None,
     cache_dir: Annotated[
@@ -173,7 +174,10 @@ def build(
             package=package,
             compile_bytecode=not no_compile,
             compile_with=compile_with,
-            platforms=tuple(platform) if platform else ("linux/amd64",),
+            # Repeated or comma-separated, as docker buildx and ko take them.
+            platforms=tuple(p for value in platform for p in value.split(",") if p)
+            if platform
+            else ("linux/amd64",),
             cache_dir=_cache_dir(cache_dir),
             source_date_epoch=_source_date_epoch(),
             mirrors=parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", "")),

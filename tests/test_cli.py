@@ -38,6 +38,10 @@ def _project(tmp_path: Path, tool: str = "") -> Path:
             ["--platform", "linux/amd64", "--platform", "linux/arm64", "-o", "context:x"],
             "error: --output context takes one platform, and 2 were given",
         ),
+        (
+            ["--platform", "linux/amd64,linux/arm64"],
+            "error: --output docker takes one platform, and 2 were given",
+        ),
     ],
 )
 def test_bad_options(tmp_path: Path, args: list[str], expected: str) -> None:
