@@ -13,7 +13,9 @@ Both tools build the same copy of the example on the same base
 2. warm rebuild time after a one-line change in the project's source;
 3. bytes that would be re-pushed after that change: the summed (compressed) sizes of the
    layers whose digest is not in the image built before the change;
-4. whether the two clean builds give the same image digest.
+4. peak memory of the cold and the warm builds: resident, and charged with the page cache
+   (cgroup v1 memory controllers, see MEMORY_CGROUPS below);
+5. whether the two clean builds give the same image digest.
 
 See benchmarks/README.md for what is and is not measured.
 """
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -82,6 +85,60 @@ class Build:
     seconds: float
     digest: str  # imgbuild: manifest digest; anchor: image ID (config digest; no manifest locally)
     layers: tuple[Layer, ...]
+    memory: int | None = None  # peak bytes charged to the build's memory cgroup, if measurable
+    resident: int | None = None  # peak resident bytes in that cgroup, sampled every 10 ms
+
+
+# Memory is read from cgroup v1 memory controllers: the peak charged (resident memory and the
+# page cache of files written) while the build's own processes run. imgbuild runs in a fresh
+# cgroup of its own; the anchor's RUN steps run in BuildKit's (docker/buildkit), emptied
+# before each build. Outside both: the engine itself, and imgbuild's compile container.
+MEMORY_CGROUPS = Path("/sys/fs/cgroup/memory")
+BUILDKIT_CGROUP = MEMORY_CGROUPS / "docker" / "buildkit"
+
+
+def reset_peak(cgroup: Path) -> None:
+    """Reclaim what the cgroup holds from earlier builds, then restart its peak."""
+    for name in ("memory.force_empty", "memory.max_usage_in_bytes"):
+        try:
+            (cgroup / name).write_text("0")
+        except OSError:
+            pass  # busy or absent: the peak then includes what is left
+
+
+def read_peak(cgroup: Path) -> int | None:
+    try:
+        return int((cgroup / "memory.max_usage_in_bytes").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class ResidentSampler(threading.Thread):
+    """The largest resident memory (anonymous plus mapped files) of a cgroup's processes,
+    read from ``memory.stat`` every 10 ms while a build runs. cgroup v1 keeps no peak of
+    this part, and the charged peak also counts the page cache of every file written."""
+
+    def __init__(self, cgroup: Path) -> None:
+        super().__init__(daemon=True)
+        self.cgroup = cgroup
+        self.peak: int | None = None
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.wait(0.01):
+            try:
+                stat = dict(
+                    line.split() for line in (self.cgroup / "memory.stat").read_text().splitlines()
+                )
+            except (OSError, ValueError):
+                continue
+            now = int(stat.get("total_rss", 0)) + int(stat.get("total_mapped_file", 0))
+            self.peak = max(self.peak or 0, now)
+
+    def stop(self) -> int | None:
+        self._done.set()
+        self.join()
+        return self.peak
 
 
 @dataclass(frozen=True)
@@ -184,9 +241,25 @@ class Imgbuild:
             "--base", "debian-slim", "--python", "3.11", "--locked",
             "--cache-dir", str(self.cache), "--output", f"oci:{out}",
         ]  # fmt: skip
+        cgroup = MEMORY_CGROUPS / f"imgbuild-bench-{os.getpid()}-{self.runs}"
+        try:
+            cgroup.mkdir()
+            # The shell joins the cgroup, then becomes imgbuild: every child is counted.
+            cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
+        except OSError:
+            cgroup = None  # type: ignore[assignment]  # no cgroup v1 memory controller here
+        sampler = ResidentSampler(cgroup) if cgroup is not None else None
+        if sampler is not None:
+            sampler.start()
         seconds, stdout = timed(cmd, env=env)
+        memory = resident = None
+        if cgroup is not None and sampler is not None:
+            resident = sampler.stop()
+            memory = read_peak(cgroup)
+            reset_peak(cgroup)
+            cgroup.rmdir()
         digest = stdout.strip().splitlines()[-1].removeprefix("digest: ")
-        return Build(seconds, digest, self.layers(out, digest))
+        return Build(seconds, digest, self.layers(out, digest), memory, resident)
 
     @staticmethod
     def layers(layout: Path, digest: str) -> tuple[Layer, ...]:
@@ -253,10 +326,15 @@ class Anchor:
             *self.docker, "build", "--network", "host", "--progress", "plain",
             "-f", str(self.dockerfile), "-t", tag, str(project),
         ]  # fmt: skip
+        reset_peak(BUILDKIT_CGROUP)
+        sampler = ResidentSampler(BUILDKIT_CGROUP)
+        sampler.start()
         seconds, _ = timed(cmd, env=self.env)
+        resident = sampler.stop()
+        memory = read_peak(BUILDKIT_CGROUP)
         self.tags.append(tag)
         image_id = run([*self.docker, "image", "inspect", "-f", "{{.Id}}", tag], env=self.env)
-        return Build(seconds, image_id.strip(), self.layers(tag))
+        return Build(seconds, image_id.strip(), self.layers(tag), memory, resident)
 
     def layers(self, tag: str) -> tuple[Layer, ...]:
         """The image's layers from `docker save`: diff IDs, and sizes gzipped as a push would."""
@@ -329,6 +407,28 @@ def human(n: float) -> str:
     raise AssertionError
 
 
+def mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def memory_rows(
+    ours: Result, anchor: Result, field: str, label: str
+) -> list[tuple[str, str, str, str]]:
+    """Two rows (the larger of the cold builds, the warm rebuild) for one memory figure."""
+
+    def cold(r: Result) -> int | None:
+        known = [getattr(b, field) for b in r.cold if getattr(b, field) is not None]
+        return max(known) if known else None
+
+    rows = []
+    for name, mine, theirs in (
+        ("cold", cold(ours), cold(anchor)),
+        ("warm", getattr(ours.warm, field), getattr(anchor.warm, field)),
+    ):
+        rows.append((f"{label}, {name}", mib(mine), mib(theirs), ratio(mine or 0, theirs or 0)))
+    return rows
+
+
 def ratio(a: float, b: float) -> str:
     if not b:
         return "n/a"
@@ -365,6 +465,8 @@ def report(ours: Result, anchor: Result) -> str:
             f"{human(pushed(anchor))} ({len(anchor.repushed)}/{len(anchor.warm.layers)} layers)",
             ratio(pushed(ours), pushed(anchor)),
         ),
+        *memory_rows(ours, anchor, "resident", "peak resident memory"),
+        *memory_rows(ours, anchor, "memory", "peak charged incl. page cache"),
         ("same digest from 2 clean builds", same(ours), same(anchor), ""),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
@@ -379,6 +481,13 @@ def report(ours: Result, anchor: Result) -> str:
         (
             f"re-pushed bytes exactly: imgbuild {pushed(ours)}, anchor {pushed(anchor)}"
             " (anchor: layer tars gzipped at level 6, as docker push would)"
+        ),
+        (
+            "memory: from cgroup v1 memory controllers, imgbuild in a cgroup of its own, the"
+            " anchor's RUN steps in BuildKit's (the engine itself and imgbuild's compile"
+            " container are outside both); resident = anonymous + mapped files, sampled every"
+            " 10 ms; charged = the controller's peak, which also counts the page cache of"
+            " every file written (imgbuild writes the whole OCI layout each time)"
         ),
         "clean-build digests:",
         f"  imgbuild (manifest) {ours.cold[0].digest}",

@@ -11,7 +11,8 @@ fresh copy of the project:
 
 uv locks universally (every platform); imgbuild locks its image targets (the base's
 Python on linux/amd64 and linux/arm64); pip-compile resolves for the host only. Timings
-are wall-clock medians; the ratios are imgbuild's time over uv's and pip-compile's.
+are wall-clock medians, memory the largest peak resident set over all runs; the ratios are
+imgbuild's over uv's and pip-compile's.
 """
 
 from __future__ import annotations
@@ -31,14 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 IMGBUILD = [sys.executable, "-m", "imagebuild"]
 
 
-def timed(command: list[str], cwd: Path, env: dict[str, str]) -> float:
-    """Run ``command`` once; return seconds. A failure stops the benchmark."""
-    start = time.perf_counter()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"failed: {' '.join(command)}\n{proc.stderr[-2000:]}")
-    return elapsed
+def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, float]:
+    """Run ``command`` once; return (seconds, peak RSS in MiB). A failure stops the run.
+
+    The peak is the largest resident set of the process or any descendant it waited for
+    (``wait4``'s ``ru_maxrss``): the tool itself for uv and imgbuild, the Python that uvx
+    starts for pip-compile.
+    """
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        if proc.returncode != 0:
+            err.seek(0)
+            sys.exit(f"failed: {' '.join(command)}\n{err.read().decode()[-2000:]}")
+    return elapsed, usage.ru_maxrss / 1024
 
 
 def fresh_copy(example: Path, into: Path) -> Path:
@@ -55,17 +65,19 @@ def measure(
     runs: int,
     command: Callable[[Path, Path], list[str]],
     lock_file: str,
-) -> tuple[float, float]:
-    """(cold seconds, median warm seconds) for one tool on one example."""
+) -> tuple[float, float, float]:
+    """(cold seconds, median warm seconds, largest peak RSS in MiB) for one tool."""
     project = fresh_copy(example, work / name)
     cache = work / name / "cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UV_", "PIP_"))}
-    cold = timed(command(project, cache), project, env)
-    warm = []
+    cold, cold_peak = timed(command(project, cache), project, env)
+    warm, peaks = [], [cold_peak]
     for _ in range(runs):
         (project / lock_file).unlink(missing_ok=True)
-        warm.append(timed(command(project, cache), project, env))
-    return cold, statistics.median(warm)
+        seconds, peak = timed(command(project, cache), project, env)
+        warm.append(seconds)
+        peaks.append(peak)
+    return cold, statistics.median(warm), max(peaks)
 
 
 def uv_lock(project: Path, cache: Path) -> list[str]:
@@ -134,12 +146,12 @@ def main() -> None:
                 )
             rows.append((name, results))
 
-    print(f"{'example':<20} {'tool':<15} {'cold s':>8} {'warm s':>8}")
+    print(f"{'example':<20} {'tool':<15} {'cold s':>8} {'warm s':>8} {'peak MiB':>9}")
     for name, results in rows:
-        for label, (cold, warm) in results.items():
-            print(f"{name:<20} {label:<15} {cold:>8.2f} {warm:>8.2f}")
+        for label, (cold, warm, peak) in results.items():
+            print(f"{name:<20} {label:<15} {cold:>8.2f} {warm:>8.2f} {peak:>9.0f}")
     print()
-    print(f"{'example':<20} {'ratio':<28} {'cold':>6} {'warm':>6}")
+    print(f"{'example':<20} {'ratio':<28} {'cold':>6} {'warm':>6} {'memory':>7}")
     for name, results in rows:
         ours = results["imgbuild lock"]
         for other in ("uv lock", "pip-compile"):
@@ -147,7 +159,8 @@ def main() -> None:
                 theirs = results[other]
                 print(
                     f"{name:<20} {'imgbuild / ' + other:<28} "
-                    f"{ours[0] / theirs[0]:>6.2f} {ours[1] / theirs[1]:>6.2f}"
+                    f"{ours[0] / theirs[0]:>6.2f} {ours[1] / theirs[1]:>6.2f} "
+                    f"{ours[2] / theirs[2]:>7.2f}"
                 )
 
 
