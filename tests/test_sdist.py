@@ -27,7 +27,7 @@ from imagebuild.index import IndexFile, SimpleIndex
 from imagebuild.resolve import resolve
 from imagebuild.sdist import build_sdist_wheel, sdist_metadata
 from imagebuild.target import TargetPlatform
-from tests.fixtures.index_server import LocalIndex, make_sdist
+from tests.fixtures.index_server import IndexedFile, LocalIndex, make_sdist
 
 # The generated sdists' backend needs nothing installed: a dead loopback index shows that
 # nothing is fetched for their build environments.
@@ -56,6 +56,25 @@ def listed(http: httpx.Client, index: LocalIndex, name: str) -> IndexFile:
     with SimpleIndex(http, [index.url], cache_dir=None) as simple:
         (file,) = simple.files(n(name))
     return file
+
+
+def build_served(
+    http: httpx.Client,
+    index: LocalIndex,
+    served: IndexedFile,
+    cache: Path,
+    *,
+    sha256: str | None = None,
+) -> Path:
+    """``build_sdist_wheel`` for an sdist the local index serves (by default its own hash)."""
+    return build_sdist_wheel(
+        http,
+        index.file_url(served.filename),
+        sha256 or served.sha256,
+        served.filename,
+        cache,
+        indexes=NO_INDEX,
+    )
 
 
 def wheel_text(wheel: Path, member: str) -> str:
@@ -200,14 +219,7 @@ def test_platform_wheel_is_refused(
 ) -> None:
     served = fresh_index.add_sdist("foo", "1.0", tags="cp311-cp311-linux_x86_64")
     with pytest.raises(BuildError) as caught:
-        build_sdist_wheel(
-            http,
-            fresh_index.file_url(served.filename),
-            served.sha256,
-            served.filename,
-            cache,
-            indexes=NO_INDEX,
-        )
+        build_served(http, fresh_index, served, cache)
     assert str(caught.value) == (
         "sdist foo-1.0.tar.gz: builds a platform wheel (foo-1.0-cp311-cp311-linux_x86_64.whl); "
         "imgbuild only builds pure-Python sdists; use a version with a wheel for the target"
@@ -220,14 +232,7 @@ def test_platlib_wheel_with_pure_tags_is_refused(
 ) -> None:
     served = fresh_index.add_sdist("platlib", "1.0", purelib=False)
     with pytest.raises(BuildError, match=r"builds a platform wheel \(platlib-1.0-py3-none-any"):
-        build_sdist_wheel(
-            http,
-            fresh_index.file_url(served.filename),
-            served.sha256,
-            served.filename,
-            cache,
-            indexes=NO_INDEX,
-        )
+        build_served(http, fresh_index, served, cache)
 
 
 def test_wheel_of_another_version_is_refused(
@@ -239,14 +244,7 @@ def test_wheel_of_another_version_is_refused(
     renamed.write_bytes(built.read_bytes())
     served = fresh_index.add(renamed)
     with pytest.raises(BuildError, match=r"built liar-1.0-py3-none-any.whl, which is liar 1.0"):
-        build_sdist_wheel(
-            http,
-            fresh_index.file_url(served.filename),
-            served.sha256,
-            served.filename,
-            cache,
-            indexes=NO_INDEX,
-        )
+        build_served(http, fresh_index, served, cache)
     assert cached_files(cache) == []
 
 
@@ -256,14 +254,7 @@ def test_build_hash_mismatch_caches_nothing(
     served = fresh_index.add_sdist("swapped", "1.0")
     wrong = hashlib.sha256(b"something else").hexdigest()
     with pytest.raises(FetchError) as caught:
-        build_sdist_wheel(
-            http,
-            fresh_index.file_url(served.filename),
-            wrong,
-            served.filename,
-            cache,
-            indexes=NO_INDEX,
-        )
+        build_served(http, fresh_index, served, cache, sha256=wrong)
     assert str(caught.value).startswith(
         f"sdist swapped-1.0.tar.gz: sha256 mismatch (lock: {wrong}, downloaded: {served.sha256})"
     )
@@ -275,14 +266,7 @@ def test_build_backend_failure_is_a_build_error(
 ) -> None:
     served = fresh_index.add_sdist("wont-build", "1.0", fail="error: command 'gcc' failed")
     with pytest.raises(BuildError) as caught:
-        build_sdist_wheel(
-            http,
-            fresh_index.file_url(served.filename),
-            served.sha256,
-            served.filename,
-            cache,
-            indexes=NO_INDEX,
-        )
+        build_served(http, fresh_index, served, cache)
     message = str(caught.value)
     assert message.startswith("sdist wont_build-1.0.tar.gz: the build backend failed to make a")
     assert "command 'gcc' failed" in message and "\n" not in message
