@@ -309,7 +309,15 @@ def _build_platform(run: _Run, platform: str) -> _PlatformImage:
     cache = request.cache_dir
     # Base image and the target platform it defines.
     os_name, _, arch = platform.partition("/")
-    note = f" (pinned by {run.lock.filename})" if run.pinned else ""
+    if run.pinned:
+        note = f" (pinned by {run.lock.filename})"
+    elif run.lock.kind == "pylock":
+        note = (
+            f" (not pinned by {run.lock.filename}: the tag is used; "
+            "'imgbuild lock --upgrade' pins it)"
+        )
+    else:
+        note = ""
     reporter.step(f"base: {run.base} for {platform}{note}")
     base_image = run.registry.pull_image(run.base, platform=(os_name, arch), store=store)
     facts = _base_facts(base_image, store, cache, arch, run.entry)
@@ -1283,8 +1291,9 @@ def run_lock(
             current = check_pylock(path, inputs)
         except LockError:
             current = False
-        _, reference = _base_reference(settings, project)
-        if current and reference in pinned:
+        # Kept even when it records no digest for the base (the registry was unreachable,
+        # or the base changed to one with the same targets): `--upgrade` records one.
+        if current:
             reporter.step(f"lock: {path.name} is up to date")
             return LockResult(
                 path=path,

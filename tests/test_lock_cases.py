@@ -127,3 +127,30 @@ def test_case(
     lock = tomllib.loads((project / case.get("lock", "pylock.toml")).read_text())
     got = {p["name"]: _entry(p) for p in lock["packages"]}
     assert got == case["expected"]
+
+
+def test_a_current_lock_is_kept_without_a_base_digest(
+    tmp_path: Path,
+    fresh_index: LocalIndex,
+    local_registry: LocalRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The registry has no copy of the base, so no digest is recorded: re-locking still
+    keeps the current lock, with no request to the index (as `uv lock` does)."""
+    fresh_index.add_wheel("colours", "0.3")
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "app"\nversion = "1.0"\nrequires-python = ">=3.11"\n'
+        f'dependencies = ["colours"]\n[tool.imgbuild]\nindex-url = "{fresh_index.url}"\n'
+    )
+    monkeypatch.setenv("IMGBUILD_REGISTRY_MIRRORS", f"gcr.io={local_registry.host}")
+    args = ["lock", str(project), "--python", "3.11", "--cache-dir", str(tmp_path / "cache")]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.stderr
+    assert "bases" not in tomllib.loads((project / "pylock.toml").read_text())["tool"]["imgbuild"]
+    served = len(fresh_index.requests)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.stderr
+    assert "lock: pylock.toml is up to date" in again.stderr
+    assert len(fresh_index.requests) == served
