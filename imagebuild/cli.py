@@ -6,6 +6,7 @@ This is the only module that reads environment variables, prints, or picks exit 
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -143,6 +144,14 @@ def build(
             "oci-archive:FILE).",
         ),
     ] = None,
+    expect_digest: Annotated[
+        str | None,
+        typer.Option(
+            "--expect-digest",
+            help="Fail, before any output, unless the image (or index) has this digest: "
+            "a check that a published image is rebuilt exactly.",
+        ),
+    ] = None,
     cache_dir: Annotated[
         Path | None,
         typer.Option(help="Cache directory (default: IMGBUILD_CACHE_DIR or the user cache)."),
@@ -162,6 +171,11 @@ def build(
             )
         if locked and frozen:
             raise ProjectError("--locked and --frozen cannot be used together")
+        if expect_digest is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", expect_digest):
+            raise ProjectError(
+                f"--expect-digest {expect_digest!r}: not a sha256 digest",
+                hint="give it as sha256:<64 hex digits>, as imgbuild prints it",
+            )
         request = BuildRequest(
             project_dir=path.resolve(),
             tags=tuple(tag or ()),
@@ -182,6 +196,7 @@ def build(
             source_date_epoch=_source_date_epoch(),
             mirrors=parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", "")),
             docker_config=_docker_config_path(),
+            expect_digest=expect_digest,
         )
         with http_client() as http:
             result = run_build(request, http=http, reporter=reporter)

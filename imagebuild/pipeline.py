@@ -26,7 +26,7 @@ import httpx
 from imagebuild import __version__
 from imagebuild.base import BaseFacts, CatalogEntry, find_entry, inspect_layers, load_catalog
 from imagebuild.config import ImageSettings, parse_python_version, parse_settings
-from imagebuild.errors import LayerError, LockError, ProjectError
+from imagebuild.errors import ImageError, LayerError, LockError, ProjectError
 from imagebuild.layers import (
     BytecodeCompiler,
     HostCompiler,
@@ -115,6 +115,8 @@ class BuildRequest:
     source_date_epoch: int = 0
     mirrors: Mapping[str, str] = field(default_factory=dict)
     docker_config: Path | None = None
+    expect_digest: str | None = None
+    """Refuse to send the image anywhere unless its (or its index's) digest is this."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -248,13 +250,22 @@ def run_build(
         )
         platforms = [_build_platform(run, platform) for platform in request.platforms]
         if len(platforms) == 1:
+            target_image: Image | ImageIndex = platforms[0].image
+        else:
+            target_image = build_index([p.image for p in platforms], store)
+        if request.expect_digest and target_image.manifest.digest != request.expect_digest:
+            raise ImageError(
+                f"built {target_image.manifest.digest}, not the expected "
+                f"{request.expect_digest}; nothing was written, loaded or pushed",
+                hint="the lock, the base's digest, SOURCE_DATE_EPOCH, --platform or the "
+                "project's files differ from the build that gave the expected digest",
+            )
+        if len(platforms) == 1:
             (one,) = platforms
             written = _write_contexts(
                 request, project, reference, run.base, one.base, one.layers, one.config, store
             )
-            target_image: Image | ImageIndex = one.image
         else:
-            target_image = build_index([p.image for p in platforms], store)
             written = []
         written += _send(
             target_image,

@@ -38,6 +38,7 @@ def _project(tmp_path: Path, tool: str = "") -> Path:
             ["--platform", "linux/amd64", "--platform", "linux/arm64", "-o", "context:x"],
             "error: --output context takes one platform, and 2 were given",
         ),
+        (["--expect-digest", "abc"], "error: --expect-digest 'abc': not a sha256 digest"),
         (
             ["--platform", "linux/amd64,linux/arm64"],
             "error: --output docker takes one platform, and 2 were given",

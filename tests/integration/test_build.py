@@ -229,6 +229,31 @@ def test_same_lock_two_empty_caches_same_digest(
         assert f"digest: {digests[-1]}" in result.stdout
     assert digests[0] == digests[1]
 
+    # --expect-digest: a third clean build checks itself against the published digest...
+    args = ("build", project, "--python", "3.11", "--output", f"oci:{tmp_path / 'c'}")
+    same = imgbuild(*args, "--cache-dir", tmp_path / "cache-c", "--expect-digest", digests[0])
+    assert same.exit_code == 0, same.stderr
+    # ...and a build that differs (another SOURCE_DATE_EPOCH) is refused before any output.
+    other = tmp_path / "other"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+        refused = imgbuild(
+            "build",
+            project,
+            "--python",
+            "3.11",
+            "--output",
+            f"oci:{other}",
+            "--cache-dir",
+            tmp_path / "cache-c",
+            "--expect-digest",
+            digests[0],
+        )
+    assert refused.exit_code == 1
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"not the expected {digests[0]}" in errors[0]
+    assert not other.exists()
+
 
 def test_pylock_and_uv_lock_give_the_same_image(
     docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
