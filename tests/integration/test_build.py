@@ -298,34 +298,14 @@ def test_push_to_registry_then_run_from_it(
     project = make_project()
     ref = f"{docker_env.registry}/imgbuild-test/pushed:1"
     image_cleanup.append(ref)
-    result = imgbuild(
-        "build",
-        project,
-        "--python",
-        "3.11",
-        "--tag",
-        ref,
-        "--output",
-        "registry",
-        "--cache-dir",
-        tmp_path / "cache",
-    )
+    args = ("build", project, "--python", "3.11", "--tag", ref, "--output", "registry",
+            "--cache-dir", tmp_path / "cache")  # fmt: skip
+    result = imgbuild(*args)
     assert result.exit_code == 0, result.stderr
     digest = result.stdout.strip().splitlines()[-1].removeprefix("digest: ")
     assert f"pushed {ref}@{digest}" in result.stdout
     # Pushing again uploads nothing new and names the same digest.
-    again = imgbuild(
-        "build",
-        project,
-        "--python",
-        "3.11",
-        "--tag",
-        ref,
-        "--output",
-        "registry",
-        "--cache-dir",
-        tmp_path / "cache",
-    )
+    again = imgbuild(*args)
     assert f"pushed {ref}@{digest}" in again.stdout
     pulled = docker_env.client.images.pull(ref)
     assert digest in " ".join(pulled.attrs["RepoDigests"])
