@@ -16,8 +16,8 @@ import httpx
 import typer
 
 from imagebuild import __version__
-from imagebuild.config import parse_python_version
 from imagebuild.errors import ImagebuildError, ProjectError
+from imagebuild.project.settings import parse_python_version
 
 app = typer.Typer(
     name="imgbuild",
@@ -160,8 +160,8 @@ def build(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
 ) -> None:
     """Build an image from a project and its lock (uv.lock or pylock.toml)."""
-    from imagebuild.pipeline import BuildRequest, parse_outputs, run_build
-    from imagebuild.registry import parse_mirrors
+    from imagebuild.pipeline.build import BuildRequest, parse_outputs, run_build
+    from imagebuild.sinks.registry import parse_mirrors
 
     reporter = ConsoleReporter(quiet=quiet)
     try:
@@ -240,8 +240,8 @@ def lock(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
 ) -> None:
     """Resolve the project for its image targets and write pylock.toml (PEP 751)."""
-    from imagebuild.pipeline import LockRequest, run_lock
-    from imagebuild.registry import parse_mirrors
+    from imagebuild.pipeline.build import LockRequest, run_lock
+    from imagebuild.sinks.registry import parse_mirrors
 
     reporter = ConsoleReporter(quiet=quiet)
     indexes: tuple[str, ...] = ()
@@ -281,7 +281,7 @@ def _docker_config_path() -> Path:
 @app.command()
 def bases() -> None:
     """List the base images imgbuild knows."""
-    from imagebuild.base import load_catalog
+    from imagebuild.target.base import load_catalog
 
     for entry in load_catalog():
         version = ".".join(map(str, entry.python_version))

@@ -9,7 +9,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from imagebuild.base import find_entry, inspect_layers, load_catalog
+from imagebuild.target.base import find_entry, inspect_layers, load_catalog
 from imagebuild.errors import TargetError
 
 

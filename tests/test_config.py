@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagebuild.config import ImageSettings, parse_python_version, parse_settings
+from imagebuild.project.settings import ImageSettings, parse_python_version, parse_settings
 from imagebuild.errors import ProjectError
 
 

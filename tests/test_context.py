@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.context import write_docker_context
+from imagebuild.sinks.context import write_docker_context
 from imagebuild.errors import ImageError
-from imagebuild.oci import BlobStore, ImageConfig, Layer, build_layer
+from imagebuild.image.oci import BlobStore, ImageConfig, Layer, build_layer
 
 BASE = "127.0.0.1:5055/distroless/python3-debian12@sha256:" + "a" * 64
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagebuild.credentials import AUTH_HINT, IndexCredentials, IndexEntry, env_name
+from imagebuild.net.credentials import AUTH_HINT, IndexCredentials, IndexEntry, env_name
 from imagebuild.errors import FetchError, PackageIndexError
-from imagebuild.fetch import WheelCache, fetch_wheels
-from imagebuild.index import SimpleIndex
-from imagebuild.lock import WheelFile
-from imagebuild.transfer import strip_credentials
+from imagebuild.install.fetch import WheelCache, fetch_wheels
+from imagebuild.build.sdist import sdist_metadata
+from imagebuild.index.simple import SimpleIndex
+from imagebuild.lock.model import WheelFile
+from imagebuild.net.transfer import strip_credentials
 from tests.fixtures.index_server import LocalIndex
 
 BASIC = "Basic " + base64.b64encode(b"ci-bot:s3cret/+").decode()
@@ -39,7 +40,7 @@ def _with_userinfo(url: str) -> str:
 
 
 def _files(http: httpx.Client, index: LocalIndex, name: str) -> tuple[object, ...]:
-    with SimpleIndex(http, [index.url], cache_dir=None) as simple:
+    with SimpleIndex(http, [index.url], cache_dir=None, sdist_metadata=sdist_metadata) as simple:
         return simple.files(name)  # type: ignore[arg-type]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from imagebuild.daemon import DockerEngine, read_progress
+from imagebuild.sinks.engine import DockerEngine, read_progress
 from imagebuild.errors import DockerError
 
 
@@ -79,7 +79,7 @@ def _tar(path: Path, members: dict[str, bytes | str]) -> None:
 
 
 def test_only_pycs_inside_the_tree_come_back(tmp_path: Path) -> None:
-    from imagebuild.daemon import _unpack_pycs
+    from imagebuild.sinks.engine import _unpack_pycs
 
     archive = tmp_path / "out.tar"
     _tar(
@@ -105,8 +105,8 @@ def test_a_loader_that_wants_every_layer_gets_the_whole_archive(tmp_path: Path) 
     reads them anyway fails on the empty files, and the full archive follows."""
     import tarfile
 
-    from imagebuild.oci import BlobStore, ImageConfig, build_image
-    from imagebuild.pipeline import _load
+    from imagebuild.image.oci import BlobStore, ImageConfig, build_image
+    from imagebuild.pipeline.build import _load
     from imagebuild.report import NullReporter
     from tests.test_oci import fake_layer, python_base
 

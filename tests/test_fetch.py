@@ -10,8 +10,8 @@ import pytest
 from installer.sources import WheelFile as InstallerWheel
 
 from imagebuild.errors import FetchError
-from imagebuild.fetch import WheelCache, default_cache_dir, fetch_wheels
-from imagebuild.lock import Digest, WheelFile
+from imagebuild.install.fetch import WheelCache, default_cache_dir, fetch_wheels
+from imagebuild.lock.model import Digest, WheelFile
 from tests.fixtures.index_server import LocalIndex, make_wheel
 
 

@@ -17,7 +17,8 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
 from imagebuild.errors import PackageIndexError
-from imagebuild.index import ACCEPT, DistMetadata, IndexFile, PackageIndex, SimpleIndex
+from imagebuild.build.sdist import sdist_metadata
+from imagebuild.index.simple import ACCEPT, DistMetadata, IndexFile, PackageIndex, SimpleIndex
 from tests.fixtures.index_server import HTML_TYPE, JSON_TYPE, LocalIndex
 
 
@@ -49,6 +50,8 @@ def open_index(http: httpx.Client) -> Iterator[Callable[..., SimpleIndex]]:
     made: list[SimpleIndex] = []
 
     def make(*urls: str, cache_dir: Path | None = None, **kwargs: object) -> SimpleIndex:
+        # The build stage's reader, as the pipeline hands it in.
+        kwargs.setdefault("sdist_metadata", sdist_metadata)
         index = SimpleIndex(http, urls, cache_dir=cache_dir, **kwargs)  # type: ignore[arg-type]
         made.append(index)
         return index
@@ -775,7 +778,7 @@ def test_big_pages_are_kept_parsed_by_their_bytes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A page too big to parse cheaply is kept parsed, keyed by its exact bytes."""
-    import imagebuild.index as index_module
+    import imagebuild.index.simple as index_module
 
     monkeypatch.setattr(index_module, "_PARSED_CACHE_ABOVE", 0)
     fresh_index.add_wheel("big", "1.0", requires_python=">=3.9")

@@ -14,7 +14,7 @@ import pytest
 from packaging.version import Version
 
 from imagebuild.errors import LockError
-from imagebuild.lock import (
+from imagebuild.lock.model import (
     Lock,
     LockedPackage,
     check_locked,
@@ -22,8 +22,8 @@ from imagebuild.lock import (
     load_lock,
     select_packages,
 )
-from imagebuild.project import load_project
-from imagebuild.target import TargetPlatform
+from imagebuild.project.spec import load_project
+from imagebuild.target.platform import TargetPlatform
 from tests.fixtures.index_server import LocalIndex
 
 CASES = Path(__file__).parent / "cases" / "lock"

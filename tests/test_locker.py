@@ -10,8 +10,8 @@ import pytest
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from imagebuild.locker import LockInputs, RecordedLock, environment_marker, staleness
-from imagebuild.target import TargetPlatform
+from imagebuild.lock.writer import LockInputs, RecordedLock, environment_marker, staleness
+from imagebuild.target.platform import TargetPlatform
 
 CASES = tomllib.loads((Path(__file__).parent / "cases" / "locker" / "staleness.toml").read_text())[
     "case"
@@ -76,7 +76,7 @@ def test_environment_marker_holds_only_on_its_target() -> None:
 
 
 def test_index_credentials_are_not_recorded_and_do_not_make_stale() -> None:
-    from imagebuild.transfer import strip_credentials
+    from imagebuild.net.transfer import strip_credentials
 
     assert (
         strip_credentials("https://user:tok@pkgs.example/simple/") == "https://pkgs.example/simple/"

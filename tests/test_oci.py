@@ -1,4 +1,4 @@
-"""Tests for imagebuild.oci: layers, image assembly, sinks and validation."""
+"""Tests for imagebuild.image.oci: layers, image assembly, sinks and validation."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from imagebuild.errors import ImageError, LayerError
-from imagebuild.oci import (
+from imagebuild.image.oci import (
     DOCKER_LAYER_GZIP,
     OCI_CONFIG,
     OCI_LAYER_GZIP,

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.config import parse_settings
+from imagebuild.project.settings import parse_settings
 from imagebuild.errors import ProjectError
-from imagebuild.pipeline import PYPI, lock_indexes, parse_outputs
-from imagebuild.project import load_project
+from imagebuild.pipeline.build import PYPI, lock_indexes, parse_outputs
+from imagebuild.project.spec import load_project
 
 
 def _project(tmp_path: Path, tool: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imagebuild.plan import PlannedWheel, plan_layers
+from imagebuild.install.plan import PlannedWheel, plan_layers
 
 
 def _wheel(name: str, version: str = "1.0") -> PlannedWheel:

@@ -8,7 +8,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from imagebuild.errors import ProjectError
-from imagebuild.project import load_project
+from imagebuild.project.spec import load_project
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -18,10 +18,10 @@ import pytest
 from packaging.pylock import Pylock
 from packaging.requirements import Requirement
 
-from imagebuild.locker import project_inputs, project_roots, render_pylock
-from imagebuild.project import parse_project
-from imagebuild.resolve import resolve
-from imagebuild.target import TargetPlatform
+from imagebuild.lock.writer import project_inputs, project_roots, render_pylock
+from imagebuild.project.spec import parse_project
+from imagebuild.lock.resolve import resolve
+from imagebuild.target.platform import TargetPlatform
 from tests.test_resolve import FakeIndex
 
 CASES = sorted((Path(__file__).parent / "cases" / "pylock").glob("*.toml"))

@@ -1,4 +1,4 @@
-"""Tests for imagebuild.registry: references, credentials, and the client.
+"""Tests for imagebuild.sinks.registry: references, credentials, and the client.
 
 Push/pull behaviour runs against a real docker-registry (the ``local_registry`` fixture);
 auth challenges, redirects and failure shapes against a small threaded fake of our own.
@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from imagebuild.errors import RegistryError
-from imagebuild.oci import (
+from imagebuild.image.oci import (
     OCI_INDEX,
     BlobStore,
     Image,
@@ -32,7 +32,7 @@ from imagebuild.oci import (
     validate_layout,
     write_oci_layout,
 )
-from imagebuild.registry import (
+from imagebuild.sinks.registry import (
     MANIFEST_ACCEPT,
     Credentials,
     CredentialStore,

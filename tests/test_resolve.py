@@ -53,9 +53,10 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
 from imagebuild.errors import PackageIndexError, ResolutionError
-from imagebuild.index import DistMetadata, IndexFile, SimpleIndex
-from imagebuild.resolve import Resolution, resolve
-from imagebuild.target import TargetPlatform
+from imagebuild.build.sdist import sdist_metadata
+from imagebuild.index.simple import DistMetadata, IndexFile, SimpleIndex
+from imagebuild.lock.resolve import Resolution, resolve
+from imagebuild.target.platform import TargetPlatform
 from tests.fixtures.index_server import LocalIndex
 
 CASES = Path(__file__).parent / "cases" / "resolve"
@@ -363,7 +364,12 @@ def test_resolve_over_the_local_index_server(fresh_index: LocalIndex, tmp_path: 
     fresh_index.add_wheel("rs-lib", "2.0", requires_python=">=3.99")
     fresh_index.add_wheel("rs-lib", "2.1", tags="cp311-cp311-musllinux_1_2_x86_64")
     fresh_index.add_wheel("rs-extra", "0.1", requires=["rs-lib<2; python_version < '3.11'"])
-    with httpx.Client() as http, SimpleIndex(http, [fresh_index.url], cache_dir=tmp_path) as index:
+    with (
+        httpx.Client() as http,
+        SimpleIndex(
+            http, [fresh_index.url], cache_dir=tmp_path, sdist_metadata=sdist_metadata
+        ) as index,
+    ):
         result = resolve([Requirement("rs-app[x]")], index=index, target=TARGET)
     assert {p.name: (str(p.version), p.extras) for p in result.pins} == {
         "rs-app": ("1.0", ("x",)),

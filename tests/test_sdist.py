@@ -23,10 +23,10 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
 from imagebuild.errors import BuildError, FetchError, PackageIndexError
-from imagebuild.index import IndexFile, SimpleIndex
-from imagebuild.resolve import resolve
-from imagebuild.sdist import build_sdist_wheel, sdist_metadata
-from imagebuild.target import TargetPlatform
+from imagebuild.index.simple import IndexFile, SimpleIndex
+from imagebuild.lock.resolve import resolve
+from imagebuild.build.sdist import build_sdist_wheel, sdist_metadata
+from imagebuild.target.platform import TargetPlatform
 from tests.fixtures.index_server import IndexedFile, LocalIndex, make_sdist
 
 # The generated sdists' backend needs nothing installed: a dead loopback index shows that
@@ -53,7 +53,7 @@ def http() -> Iterator[httpx.Client]:
 
 def listed(http: httpx.Client, index: LocalIndex, name: str) -> IndexFile:
     """The one file of ``name`` as SimpleIndex lists it (URL, sha256 from the page)."""
-    with SimpleIndex(http, [index.url], cache_dir=None) as simple:
+    with SimpleIndex(http, [index.url], cache_dir=None, sdist_metadata=sdist_metadata) as simple:
         (file,) = simple.files(n(name))
     return file
 
@@ -177,7 +177,9 @@ def test_resolve_picks_an_sdist_only_dependency(
     fresh_index.add_sdist("sd-lib", "1.2", requires=["sd-leaf>=2"])
     fresh_index.add_wheel("sd-leaf", "1.0")
     fresh_index.add_wheel("sd-leaf", "2.0")
-    with SimpleIndex(http, [fresh_index.url], cache_dir=cache) as index:
+    with SimpleIndex(
+        http, [fresh_index.url], cache_dir=cache, sdist_metadata=sdist_metadata
+    ) as index:
         result = resolve([Requirement("sd-app")], index=index, target=TARGET)
     pins = {p.name: p for p in result.pins}
     assert {name: str(p.version) for name, p in pins.items()} == {
@@ -364,7 +366,9 @@ def test_simple_index_metadata_goes_through_the_backend(
     http: httpx.Client, fresh_index: LocalIndex, cache: Path
 ) -> None:
     fresh_index.add_sdist("via-index", "0.3", requires=["dep==1.*"], requires_python=">=3.10")
-    with SimpleIndex(http, [fresh_index.url], cache_dir=cache) as index:
+    with SimpleIndex(
+        http, [fresh_index.url], cache_dir=cache, sdist_metadata=sdist_metadata
+    ) as index:
         (file,) = index.files(n("via-index"))
         meta = index.metadata(file)
     assert meta.version == Version("0.3")

@@ -10,7 +10,7 @@ from packaging.markers import Marker
 from packaging.tags import Tag, sys_tags
 
 from imagebuild.errors import TargetError
-from imagebuild.target import TargetPlatform, arch_from_oci
+from imagebuild.target.platform import TargetPlatform, arch_from_oci
 
 CASES = Path(__file__).parent / "cases" / "wheels"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from imagebuild.errors import BuildError
-from imagebuild.wheelbuild import BuildEnvironments, build_project_wheel
+from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from tests.fixtures.index_server import LocalIndex
 
 # A PEP 517 backend in one module: the wheel holds the project's `<dist>.py` and a

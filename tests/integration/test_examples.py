@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.oci import validate_layout
+from imagebuild.image.oci import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.integration.conftest import imgbuild
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.lock import load_lock, select_packages
-from imagebuild.target import TargetPlatform
+from imagebuild.lock.model import load_lock, select_packages
+from imagebuild.target.platform import TargetPlatform
 from tests.integration.conftest import imgbuild
 
 pytestmark = pytest.mark.pypi

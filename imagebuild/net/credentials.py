@@ -112,7 +112,8 @@ class IndexCredentials(httpx.Auth):
 
     def authenticated(self, url: str) -> str:
         """``url`` with its credentials in it, for a tool run as another process (the
-        installer of build environments), which cannot share this auth flow."""
+        installer of build environments), which cannot share this auth flow.
+        """
         found = self.credentials(url)
         if found is None or _from_url(url) is not None:
             return url

@@ -29,10 +29,10 @@ from resolvelib import (
     Resolver,
 )
 
-from .errors import PackageIndexError, ResolutionError
-from .index import DistMetadata, IndexFile, PackageIndex
-from .report import NullReporter, Reporter
-from .target import TargetPlatform
+from imagebuild.errors import PackageIndexError, ResolutionError
+from imagebuild.index.simple import DistMetadata, IndexFile, PackageIndex
+from imagebuild.report import NullReporter, Reporter
+from imagebuild.target.platform import TargetPlatform
 
 if TYPE_CHECKING:
     from resolvelib.structs import RequirementInformation

@@ -27,11 +27,11 @@ import jinja2
 
 from imagebuild import __version__
 from imagebuild.errors import ImageError
-from imagebuild.oci import BlobStore, ImageConfig, Layer
+from imagebuild.image.oci import BlobStore, ImageConfig, Layer
 
 TEMPLATE_DIRS = (
-    Path(__file__).resolve().parent / "_data" / "templates",  # installed wheel
-    Path(__file__).resolve().parent.parent / "templates",  # source checkout
+    Path(__file__).resolve().parents[1] / "_data" / "templates",  # installed wheel
+    Path(__file__).resolve().parents[2] / "templates",  # source checkout
 )
 MARKER = ".imgbuild-context"
 """File that marks a directory as a context imgbuild wrote (and may replace)."""

@@ -35,17 +35,17 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from imagebuild.cache import write_atomic
 from imagebuild.digest import Digest
 from imagebuild.errors import LockError
-from imagebuild.fsutil import write_atomic
-from imagebuild.index import IndexFile
-from imagebuild.project import ProjectSpec
-from imagebuild.target import TargetPlatform
-from imagebuild.transfer import strip_credentials
+from imagebuild.index.simple import IndexFile
+from imagebuild.net.transfer import strip_credentials
+from imagebuild.project.spec import ProjectSpec
+from imagebuild.target.platform import TargetPlatform
 
 if TYPE_CHECKING:
-    from imagebuild.resolve import Pin, Resolution
-    from imagebuild.workspace import LocalPackage
+    from imagebuild.lock.resolve import Pin, Resolution
+    from imagebuild.project.workspace import LocalPackage
 
 INPUTS_VERSION = 1
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")

@@ -34,10 +34,9 @@ from packaging.utils import (
 from packaging.version import InvalidVersion, Version
 
 from imagebuild.digest import Digest
-
-from .errors import LockError
-from .project import ProjectSpec
-from .target import TargetPlatform
+from imagebuild.errors import LockError
+from imagebuild.project.spec import ProjectSpec
+from imagebuild.target.platform import TargetPlatform
 
 """A content digest, always spelled ``sha256:<64 lowercase hex>``."""
 
@@ -825,7 +824,8 @@ def select_packages(
 
 def _check_installable(lock: Lock, package: LockedPackage) -> None:
     """Wheels install as they are; local directories (workspace members, path sources) and
-    sdists are built into wheels at image build time; anything else is refused here."""
+    sdists are built into wheels at image build time; anything else is refused here.
+    """
     where = f"{lock.filename}: package {package.describe()}"
     if package.wheels or package.sdist is not None:
         return
@@ -1201,7 +1201,8 @@ def _q(text: str) -> str:
 
 def _specifiers_equivalent(a: SpecifierSet, b: SpecifierSet) -> bool:
     """Whether two specifier sets admit the same versions (uv stores requires-python as a
-    range, so ``~=3.9`` and ``>=3.9, <4`` are the same to it)."""
+    range, so ``~=3.9`` and ``>=3.9, <4`` are the same to it).
+    """
     candidates: set[str] = {"0", "3.0", "3.99", "99"}
     for spec in (*a, *b):
         text = spec.version.removesuffix(".*")

@@ -40,17 +40,17 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion
 
-from .credentials import AUTH_HINT
-from .errors import BuildError, FetchError, ImagebuildError, PackageIndexError
-from .fsutil import write_atomic
-from .transfer import NETWORK_HINT as _NETWORK_HINT
-from .transfer import one_line as _one_line
-from .transfer import redact as _redact
-from .transfer import write_stream
-from .wheelbuild import BuildEnvironments, RequirementsInstallError
+from imagebuild.build.pep517 import BuildEnvironments, RequirementsInstallError
+from imagebuild.cache import write_atomic
+from imagebuild.errors import BuildError, FetchError, ImagebuildError, PackageIndexError
+from imagebuild.net.credentials import AUTH_HINT
+from imagebuild.net.transfer import NETWORK_HINT as _NETWORK_HINT
+from imagebuild.net.transfer import one_line as _one_line
+from imagebuild.net.transfer import redact as _redact
+from imagebuild.net.transfer import write_stream
 
 if TYPE_CHECKING:
-    from .index import IndexFile
+    from imagebuild.index.simple import IndexFile
 
 _ATTEMPTS = 3
 _SOURCE_DATE_EPOCH = "0"

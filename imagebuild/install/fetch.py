@@ -17,10 +17,10 @@ import httpx
 import platformdirs
 from filelock import FileLock
 
-from .credentials import AUTH_HINT
-from .errors import FetchError
-from .lock import WheelFile
-from .report import NullReporter, Reporter
+from imagebuild.errors import FetchError
+from imagebuild.lock.model import WheelFile
+from imagebuild.net.credentials import AUTH_HINT
+from imagebuild.report import NullReporter, Reporter
 
 _CHUNK = 1 << 16
 _ATTEMPTS = 3

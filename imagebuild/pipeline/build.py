@@ -24,10 +24,8 @@ from typing import TYPE_CHECKING
 import httpx
 
 from imagebuild import __version__
-from imagebuild.base import BaseFacts, CatalogEntry, find_entry, inspect_layers, load_catalog
-from imagebuild.config import ImageSettings, parse_python_version, parse_settings
 from imagebuild.errors import ImageError, LayerError, LockError, ProjectError
-from imagebuild.layers import (
+from imagebuild.install.layers import (
     BytecodeCompiler,
     HostCompiler,
     VenvLayout,
@@ -36,24 +34,26 @@ from imagebuild.layers import (
     install_wheel,
     stage_venv,
 )
-from imagebuild.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
+from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
+from imagebuild.project.settings import ImageSettings, parse_python_version, parse_settings
 from imagebuild.report import NullReporter, Reporter
+from imagebuild.target.base import BaseFacts, CatalogEntry, find_entry, inspect_layers, load_catalog
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from packaging.utils import NormalizedName
 
-    from imagebuild.credentials import IndexCredentials
-    from imagebuild.daemon import DockerEngine
+    from imagebuild.build.pep517 import BuildEnvironments
     from imagebuild.digest import Digest
-    from imagebuild.lock import Lock, LockedPackage, WheelFile
-    from imagebuild.oci import BaseImage, BlobStore, Image, ImageConfig, ImageIndex, Layer
-    from imagebuild.project import ProjectSpec
-    from imagebuild.registry import ImageReference, RegistryClient
-    from imagebuild.target import TargetPlatform
-    from imagebuild.wheelbuild import BuildEnvironments
-    from imagebuild.workspace import Workspace
+    from imagebuild.image.oci import BaseImage, BlobStore, Image, ImageConfig, ImageIndex, Layer
+    from imagebuild.lock.model import Lock, LockedPackage, WheelFile
+    from imagebuild.net.credentials import IndexCredentials
+    from imagebuild.project.spec import ProjectSpec
+    from imagebuild.project.workspace import Workspace
+    from imagebuild.sinks.engine import DockerEngine
+    from imagebuild.sinks.registry import ImageReference, RegistryClient
+    from imagebuild.target.platform import TargetPlatform
 
 OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry", "context")
 
@@ -70,7 +70,8 @@ class Output:
 
 def parse_outputs(values: Sequence[str]) -> tuple[Output, ...]:
     """Parse ``--output`` values: ``docker``, ``oci:DIR``, ``oci-archive:FILE``, ``registry``,
-    ``context:DIR`` (a Dockerfile and the layers as directories)."""
+    ``context:DIR`` (a Dockerfile and the layers as directories).
+    """
     outputs = []
     for value in values:
         kind, _, rest = value.partition(":")
@@ -139,11 +140,11 @@ def run_build(
     """Build the image described by ``request`` and send it to every output."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from imagebuild.lock import find_lock, load_lock
-    from imagebuild.locker import recorded_bases
-    from imagebuild.oci import BlobStore, build_index
-    from imagebuild.registry import CredentialStore, ImageReference, RegistryClient
-    from imagebuild.wheelbuild import BuildEnvironments, build_project_wheel
+    from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
+    from imagebuild.image.oci import BlobStore, build_index
+    from imagebuild.lock.model import find_lock, load_lock
+    from imagebuild.lock.writer import recorded_bases
+    from imagebuild.sinks.registry import CredentialStore, ImageReference, RegistryClient
 
     reporter = reporter or NullReporter()
     _check_platforms(request)
@@ -311,10 +312,10 @@ class _Run:
 
 def _build_platform(run: _Run, platform: str) -> _PlatformImage:
     """Pull the base for ``platform``, pick and fetch its wheels, and build its image."""
-    from imagebuild.fetch import WheelCache, fetch_wheels
-    from imagebuild.lock import select_packages
-    from imagebuild.target import TargetPlatform
-    from imagebuild.wheelbuild import build_project_wheel
+    from imagebuild.build.pep517 import build_project_wheel
+    from imagebuild.install.fetch import WheelCache, fetch_wheels
+    from imagebuild.lock.model import select_packages
+    from imagebuild.target.platform import TargetPlatform
 
     request, settings, store, reporter = run.request, run.settings, run.store, run.reporter
     cache = request.cache_dir
@@ -361,7 +362,7 @@ def _build_platform(run: _Run, platform: str) -> _PlatformImage:
         for pkg, wheel in chosen
     ]
     for pkg in from_sdist:
-        from imagebuild.sdist import build_sdist_wheel
+        from imagebuild.build.sdist import build_sdist_wheel
 
         assert pkg.sdist is not None
         reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
@@ -514,9 +515,9 @@ def _check_lock(
     request: BuildRequest,
 ) -> None:
     """``--locked``: imgbuild's own pylock by its recorded inputs, others as uv judges."""
-    from imagebuild.lock import check_locked
-    from imagebuild.locker import check_pylock, project_inputs, project_roots
-    from imagebuild.workspace import expand_local
+    from imagebuild.lock.model import check_locked
+    from imagebuild.lock.writer import check_pylock, project_inputs, project_roots
+    from imagebuild.project.workspace import expand_local
 
     if lock.kind == "pylock":
         _, local, _ = expand_local(project_roots(project), project, workspace)
@@ -627,9 +628,9 @@ def _compiler(
     the same minor version writes pycs as valid there (bytecode does not depend on the CPU,
     and a multi-platform base ships one Python release on every platform).
     """
-    from imagebuild.daemon import DockerEngine, EngineCompiler
     from imagebuild.errors import DockerError
-    from imagebuild.oci import ImageConfig, build_image, write_docker_archive
+    from imagebuild.image.oci import ImageConfig, build_image, write_docker_archive
+    from imagebuild.sinks.engine import DockerEngine, EngineCompiler
 
     version = ".".join(map(str, facts.python_version))
     host = find_host_python(facts.python_version)
@@ -692,7 +693,7 @@ def _compiler(
 
 def _layer_key(spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: int) -> str:
     """Everything a layer's bytes depend on; equal keys give equal layers."""
-    from imagebuild.oci import sha256_file
+    from imagebuild.image.oci import sha256_file
 
     material = {
         "imgbuild": __version__,
@@ -717,7 +718,7 @@ def _build_layers(
     request: BuildRequest,
     reporter: Reporter,
 ) -> list[Layer]:
-    from imagebuild.oci import Layer, build_layer
+    from imagebuild.image.oci import Layer, build_layer
 
     layers: dict[int, Layer] = {}
     pending: list[tuple[int, LayerSpec, Path, Path]] = []
@@ -811,7 +812,7 @@ def _image_config(
     venv: VenvLayout,
     base_ref: str,
 ) -> ImageConfig:
-    from imagebuild.oci import ImageConfig
+    from imagebuild.image.oci import ImageConfig
 
     base_env = _base_env(base)
     path = f"{venv.root}/bin:" + base_env.get(
@@ -837,7 +838,7 @@ def _assemble(
     base_ref: str,
     store: BlobStore,
 ) -> Image:
-    from imagebuild.oci import build_image
+    from imagebuild.image.oci import build_image
 
     annotations = {
         "org.opencontainers.image.base.name": base_ref,
@@ -864,8 +865,8 @@ def _write_contexts(
     store: BlobStore,
 ) -> list[str]:
     """``context:DIR`` outputs: FROM the base as it was pulled, pinned by digest."""
-    from imagebuild.context import write_docker_context
-    from imagebuild.registry import ImageReference
+    from imagebuild.sinks.context import write_docker_context
+    from imagebuild.sinks.registry import ImageReference
 
     mirrored = pulled.name != ImageReference.parse(upstream).name
 
@@ -894,8 +895,8 @@ def _send(
     reporter: Reporter,
     base_tag: str,
 ) -> list[str]:
-    from imagebuild.oci import ImageIndex, write_oci_archive, write_oci_layout
-    from imagebuild.registry import ImageReference
+    from imagebuild.image.oci import ImageIndex, write_oci_archive, write_oci_layout
+    from imagebuild.sinks.registry import ImageReference
 
     refs = [ImageReference.parse(tag) for tag in tags]
     ref_name = refs[0].tag or "latest"
@@ -909,7 +910,7 @@ def _send(
             written.append(f"wrote OCI archive {output.path}")
     for output in request.outputs:
         if output.kind == "docker":
-            from imagebuild.daemon import DockerEngine
+            from imagebuild.sinks.engine import DockerEngine
 
             assert not isinstance(image, ImageIndex), "one platform only (_check_platforms)"
             engine = DockerEngine.from_env()
@@ -940,7 +941,7 @@ def _load(
     ``oci.write_docker_archive``. A loader that still wants them gets everything.
     """
     from imagebuild.errors import DockerError
-    from imagebuild.oci import write_docker_archive
+    from imagebuild.image.oci import write_docker_archive
 
     config = json.loads(image.store.path(image.config.digest).read_bytes())
     ours = tuple(config["rootfs"]["diff_ids"])
@@ -989,7 +990,7 @@ def _tmp_root(cache: Path) -> Path:
 
 def _write_json(path: Path, data: object) -> None:
     """Write JSON atomically, so a killed build never leaves a torn cache record."""
-    from imagebuild.fsutil import write_atomic
+    from imagebuild.cache import write_atomic
 
     write_atomic(path, json.dumps(data, sort_keys=True).encode("utf-8"))
 
@@ -1040,7 +1041,7 @@ def index_credentials(
     indexes: Sequence[str], project: ProjectSpec, workspace: Workspace | None
 ) -> IndexCredentials:
     """Credentials for ``indexes`` (the ones in use) and every ``[[tool.uv.index]]``."""
-    from imagebuild.credentials import IndexCredentials, IndexEntry
+    from imagebuild.net.credentials import IndexCredentials, IndexEntry
 
     entries = [IndexEntry(url=url) for url in indexes]
     for tool_uv in (project.tool_uv, workspace.tool_uv if workspace is not None else {}):
@@ -1100,7 +1101,7 @@ def lock_targets(
     A base given by reference is pulled to learn them: at the digest in ``pinned`` (what
     the lock recorded) when there is one, else at its tag.
     """
-    from imagebuild.target import TargetPlatform
+    from imagebuild.target.platform import TargetPlatform
 
     entry, reference = _base_reference(settings, project)
     archs = [p.partition("/")[2] for p in settings.platforms]
@@ -1138,7 +1139,7 @@ def lock_targets(
 
 def _pinned_reference(reference: str, pinned: Mapping[str, Digest]) -> ImageReference:
     """``reference`` at the digest a lock recorded for it, if any."""
-    from imagebuild.registry import ImageReference
+    from imagebuild.sinks.registry import ImageReference
 
     ref = ImageReference.parse(reference)
     digest = pinned.get(reference)
@@ -1154,8 +1155,8 @@ def locate_lock(project_dir: Path, package: str | None) -> tuple[ProjectSpec, Wo
     """
     from packaging.utils import canonicalize_name
 
-    from imagebuild.project import load_project
-    from imagebuild.workspace import find_workspace_root, load_workspace
+    from imagebuild.project.spec import load_project
+    from imagebuild.project.workspace import find_workspace_root, load_workspace
 
     if package is None:
         project = load_project(project_dir)
@@ -1202,7 +1203,7 @@ def _lookup_digest_in_background(
     import threading
 
     from imagebuild.errors import RegistryError
-    from imagebuild.registry import ImageReference
+    from imagebuild.sinks.registry import ImageReference
 
     found: dict[str, str] = {}
 
@@ -1225,7 +1226,8 @@ def _lookup_digest_in_background(
 
 def _declared_where(pyproject: Path | None, lock_dir: Path, origin: str) -> str:
     """Where a root requirement comes from, for conflict messages: the project's own
-    pyproject.toml (with its extra or group), or a local project's, relative to the lock."""
+    pyproject.toml (with its extra or group), or a local project's, relative to the lock.
+    """
     if pyproject is not None:
         try:
             return pyproject.relative_to(lock_dir).as_posix()
@@ -1238,8 +1240,10 @@ def run_lock(
     request: LockRequest, *, http: httpx.Client, reporter: Reporter | None = None
 ) -> LockResult:
     """Resolve the project for every target and write (or check) ``pylock.toml``."""
-    from imagebuild.index import SimpleIndex
-    from imagebuild.locker import (
+    from imagebuild.image.oci import BlobStore
+    from imagebuild.index.simple import SimpleIndex
+    from imagebuild.lock.resolve import resolve
+    from imagebuild.lock.writer import (
         check_pylock,
         pins_as_preferences,
         project_inputs,
@@ -1248,10 +1252,8 @@ def run_lock(
         render_pylock,
         write_pylock,
     )
-    from imagebuild.oci import BlobStore
-    from imagebuild.registry import CredentialStore, RegistryClient
-    from imagebuild.resolve import resolve
-    from imagebuild.workspace import expand_local
+    from imagebuild.project.workspace import expand_local
+    from imagebuild.sinks.registry import CredentialStore, RegistryClient
 
     reporter = reporter or NullReporter()
     project, workspace, path = locate_lock(request.project_dir, request.package)
@@ -1338,7 +1340,15 @@ def run_lock(
     # With their credentials in them: sdists' build requirements are installed from these
     # indexes by another process (the lock never records them, see locker.py).
     authenticated = [credentials.authenticated(url) for url in indexes]
-    with SimpleIndex(http, authenticated, cache_dir=request.cache_dir, reporter=reporter) as index:
+    from imagebuild.build.sdist import sdist_metadata
+
+    with SimpleIndex(
+        http,
+        authenticated,
+        cache_dir=request.cache_dir,
+        reporter=reporter,
+        sdist_metadata=sdist_metadata,
+    ) as index:
         # Every page the last lock of this project needed (and every locked name), fetched
         # at once instead of one dependency level at a time.
         index.prefetch(sorted(set(_read_hints(hints)) | set(preferences)))

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, Protocol
 
+from imagebuild.cache import write_atomic
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LayerError
-from imagebuild.fsutil import write_atomic
 
 __all__ = [
     "DOCKER_CONFIG",
@@ -811,7 +811,8 @@ _OCI_LAYOUT_BYTES = canonical_json({"imageLayoutVersion": OCI_LAYOUT_VERSION})
 
 def _image_blobs(image: Image | ImageIndex) -> list[Descriptor]:
     """Manifest (or index and each image's manifest), config and layers, each once, sorted
-    by digest."""
+    by digest.
+    """
     images = image.images if isinstance(image, ImageIndex) else (image,)
     seen: dict[Digest, Descriptor] = {image.manifest.digest: image.manifest}
     for one in images:
@@ -904,7 +905,8 @@ def _write_archive(
 ) -> None:
     """Write a deterministic uncompressed tar: dirs 0755, files 0644, mtime 0, owner 0.
 
-    Blobs in ``skip`` are written as empty files (see ``write_docker_archive``)."""
+    Blobs in ``skip`` are written as empty files (see ``write_docker_archive``).
+    """
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         _archive_dir(tar, "blobs")
         _archive_dir(tar, "blobs/sha256")

@@ -11,7 +11,7 @@ from typing import Literal, Protocol, TypeVar, get_args
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
-from .errors import TargetError
+from imagebuild.errors import TargetError
 
 Libc = Literal["glibc", "musl"]
 Arch = Literal["x86_64", "aarch64", "i686", "armv7l", "ppc64le", "s390x", "riscv64"]

@@ -40,14 +40,14 @@ from packaging.utils import (
 )
 from packaging.version import InvalidVersion, Version
 
-from .credentials import AUTH_HINT
-from .errors import PackageIndexError
-from .fsutil import write_atomic
-from .report import NullReporter, Reporter
-from .transfer import NETWORK_HINT as _NETWORK_HINT
-from .transfer import one_line as _one_line
-from .transfer import redact as _redact
-from .transfer import write_stream
+from imagebuild.cache import write_atomic
+from imagebuild.errors import PackageIndexError
+from imagebuild.net.credentials import AUTH_HINT
+from imagebuild.net.transfer import NETWORK_HINT as _NETWORK_HINT
+from imagebuild.net.transfer import one_line as _one_line
+from imagebuild.net.transfer import redact as _redact
+from imagebuild.net.transfer import write_stream
+from imagebuild.report import NullReporter, Reporter
 
 FileKind = Literal["wheel", "sdist"]
 
@@ -162,6 +162,16 @@ _V = TypeVar("_V")
 _T = TypeVar("_T")
 
 
+class SdistMetadataReader(Protocol):
+    """Core metadata of an sdist from its PEP 517 backend (``build.sdist.sdist_metadata``)."""
+
+    def __call__(
+        self, http: httpx.Client, file: IndexFile, cache_dir: Path, *, indexes: Sequence[str]
+    ) -> bytes:
+        """The ``METADATA`` bytes of ``file``; build requirements come from ``indexes``."""
+        ...
+
+
 class SimpleIndex:
     """A ``PackageIndex`` over one or more PEP 503/691 Simple API indexes, through httpx.
 
@@ -172,7 +182,8 @@ class SimpleIndex:
     JSON pages are preferred; HTML pages are understood. ``metadata(file)`` reads the
     PEP 658/714 ``.metadata`` file when the index advertises one, else downloads the wheel
     and reads its ``METADATA``; an sdist without a metadata file is downloaded and its
-    PEP 517 backend asked (``sdist.sdist_metadata``, cached under ``cache_dir`` by hash).
+    PEP 517 backend asked through ``sdist_metadata`` (the build stage's reader, handed in
+    by the caller so that the index never imports the build stage), cached by hash.
 
     Both are memoised per instance and thread-safe: concurrent calls for one key share
     one fetch. A failed fetch is not memoised, so a later call tries again. ``prefetch``
@@ -200,6 +211,7 @@ class SimpleIndex:
         cache_dir: Path | None,
         workers: int = 8,
         reporter: Reporter | None = None,
+        sdist_metadata: SdistMetadataReader | None = None,
     ) -> None:
         if isinstance(index_urls, str):
             index_urls = [index_urls]
@@ -214,6 +226,7 @@ class SimpleIndex:
         self._pages = _HttpCache(cache_dir / "http" if cache_dir else None, self._report)
         self._metadata_dir = cache_dir / "metadata" if cache_dir else None
         self._cache_dir = cache_dir
+        self._sdist_metadata = sdist_metadata
         self._files: _Once[NormalizedName, tuple[IndexFile, ...]] = _Once()
         self._metadata: _Once[tuple[str, str | None], DistMetadata] = _Once()
         self._release_metadata: dict[tuple[NormalizedName, Version], DistMetadata] = {}
@@ -480,10 +493,15 @@ class SimpleIndex:
         return data
 
     def _metadata_from_sdist(self, file: IndexFile) -> bytes:
-        """Ask the sdist's PEP 517 backend (see ``sdist.py``); cached by the sdist's hash."""
+        """Ask the sdist's PEP 517 backend (the injected reader); cached by the sdist's hash."""
+        sdist_metadata = self._sdist_metadata
+        if sdist_metadata is None:
+            raise PackageIndexError(
+                f"sdist {file.filename}: the index has no metadata file for it, and this "
+                "index was given no build backend to ask",
+                hint="pass sdist_metadata= (imagebuild.build.sdist.sdist_metadata)",
+            )
         self._report.step(f"preparing the metadata of {file.filename} with its build backend")
-        from .sdist import sdist_metadata  # pulls in pypa/build: only when an sdist needs it
-
         # The backend's own requirements come from this index list too, as in uv.
         if self._cache_dir is not None:
             return sdist_metadata(self._http, file, self._cache_dir, indexes=self.index_urls)

@@ -20,8 +20,8 @@ from pathlib import Path, PurePosixPath
 from imagebuild.errors import TargetError
 
 CATALOG_DIRS = (
-    Path(__file__).resolve().parent / "_data" / "base-images",  # installed wheel
-    Path(__file__).resolve().parent.parent / "base-images",  # source checkout
+    Path(__file__).resolve().parents[1] / "_data" / "base-images",  # installed wheel
+    Path(__file__).resolve().parents[2] / "base-images",  # source checkout
 )
 
 _PY_RE = re.compile(r"^(usr/local/bin|usr/bin|bin)/python(3\.\d+)$")

@@ -21,7 +21,7 @@ import docker.errors
 import requests.exceptions
 
 from imagebuild.errors import DockerError, LayerError
-from imagebuild.layers import COMPILE_SCRIPT
+from imagebuild.install.layers import COMPILE_SCRIPT
 
 _LOADED_RE = re.compile(r"Loaded image(?: ID)?: (\S+)")
 _STAGING = PurePosixPath("/imgbuild-staging")
@@ -238,7 +238,8 @@ def _pack_sources(
     root: Path, files: Sequence[tuple[Path, PurePosixPath]], dest: Path
 ) -> PurePosixPath:
     """A tar of the sources under ``/imgbuild-staging`` and the compile listing; the
-    listing's path in the container."""
+    listing's path in the container.
+    """
     listing = _STAGING / ".imgbuild-compile"
     relative = [src.relative_to(root).as_posix() for src, _ in files]
     text = "".join(f"{_STAGING / rel}\t{dst}\n" for rel, (_, dst) in zip(relative, files))

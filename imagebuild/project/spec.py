@@ -14,7 +14,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import InvalidName, NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from .errors import ProjectError
+from imagebuild.errors import ProjectError
 
 PYPROJECT = "pyproject.toml"
 

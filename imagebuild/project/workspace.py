@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
 from imagebuild.errors import ProjectError
-from imagebuild.project import ProjectSpec, load_project
+from imagebuild.project.spec import ProjectSpec, load_project
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -54,7 +54,8 @@ class LocalPackage:
 
 def find_workspace_root(start: Path) -> Path:
     """The nearest directory at or above ``start`` whose pyproject.toml declares a workspace
-    that includes ``start``; ``start`` itself when there is none."""
+    that includes ``start``; ``start`` itself when there is none.
+    """
     start = start.resolve()
     for directory in [start, *start.parents]:
         pyproject = directory / "pyproject.toml"

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from imagebuild.errors import ImageError, RegistryError
-from imagebuild.oci import (
+from imagebuild.image.oci import (
     DOCKER_CONFIG,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,

@@ -1,0 +1,1 @@
+"""Builds: PEP 517 environments and wheels of the project, local packages and sdists."""

@@ -1,0 +1,1 @@
+"""Package indexes: the Simple API client the resolver reads."""

@@ -1,0 +1,4 @@
+"""Install.
+
+Wheels fetched into the cache, layers planned, the venv staged and its bytecode compiled.
+"""

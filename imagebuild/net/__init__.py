@@ -1,0 +1,1 @@
+"""Network: the HTTP pieces every stage shares (transfers, index credentials)."""

@@ -1,0 +1,4 @@
+"""The project.
+
+Pyproject.toml, [tool.imgbuild] settings and uv workspaces, read and validated once.
+"""
