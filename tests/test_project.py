@@ -196,3 +196,104 @@ def test_invalid(tmp_path: Path, text: str, expected: str) -> None:
     assert expected in message
     assert "pyproject.toml" in message
     assert "\n" not in message
+
+
+# -- [[tool.uv.index]] and index order (imagebuild.project.indexes) --------------------------
+
+UV_INDEXES = """
+[project]
+name = "p"
+version = "1"
+
+[[tool.uv.index]]
+name = "internal"
+url = "https://pkgs.example/simple/"
+
+[[tool.uv.index]]
+name = "torch"
+url = "https://torch.example/simple/"
+explicit = true
+
+[[tool.uv.index]]
+name = "mirror"
+url = "https://mirror.example/simple/"
+default = true
+"""
+
+
+def test_uv_indexes_are_parsed_once_into_values(tmp_path: Path) -> None:
+    from imagebuild.project.spec import UvIndex
+
+    project = load_project(write(tmp_path, UV_INDEXES))
+    assert project.uv_indexes == (
+        UvIndex(url="https://pkgs.example/simple/", name="internal"),
+        UvIndex(url="https://torch.example/simple/", name="torch", explicit=True),
+        UvIndex(url="https://mirror.example/simple/", name="mirror", default=True),
+    )
+
+
+def test_lock_indexes_default_is_pypi(tmp_path: Path) -> None:
+    from imagebuild.project.indexes import PYPI, lock_indexes
+    from imagebuild.project.settings import parse_settings
+
+    project = load_project(write(tmp_path, '[project]\nname = "p"\nversion = "1"\n'))
+    assert lock_indexes(parse_settings({}), project) == (PYPI,)
+
+
+def test_lock_indexes_follow_uv_order(tmp_path: Path) -> None:
+    from imagebuild.project.indexes import lock_indexes
+    from imagebuild.project.settings import parse_settings
+
+    project = load_project(write(tmp_path, UV_INDEXES))
+    # Declared indexes first, explicit ones only for pinned sources, the default last.
+    assert lock_indexes(parse_settings({}), project) == (
+        "https://pkgs.example/simple/",
+        "https://mirror.example/simple/",
+    )
+    settings = parse_settings({"extra-index-urls": ["https://x/simple/"]})
+    assert lock_indexes(settings, project)[0] == "https://x/simple/"
+    settings = parse_settings(
+        {"index-url": "https://a/simple/", "extra-index-urls": ["https://b/simple/"]}
+    )
+    assert lock_indexes(settings, project) == ("https://a/simple/", "https://b/simple/")
+
+
+def test_workspace_member_takes_the_roots_indexes(tmp_path: Path) -> None:
+    from imagebuild.project.indexes import index_entries, lock_indexes
+    from imagebuild.project.settings import parse_settings
+    from imagebuild.project.workspace import load_workspace
+
+    root = write(
+        tmp_path,
+        UV_INDEXES.replace('[project]\nname = "p"\nversion = "1"\n', "")
+        + '\n[tool.uv.workspace]\nmembers = ["m"]\n',
+    )
+    (root / "m").mkdir()
+    write(root / "m", '[project]\nname = "m"\nversion = "1"\n')
+    workspace = load_workspace(root)
+    member = workspace.members["m"]
+    assert lock_indexes(parse_settings({}), member, workspace) == (
+        "https://pkgs.example/simple/",
+        "https://mirror.example/simple/",
+    )
+    (root / "pyproject.toml").write_text(
+        '[tool.imgbuild]\nindex-url = "https://root/simple/"\n[tool.uv.workspace]\nmembers = ["m"]\n'
+    )
+    workspace = load_workspace(root)
+    assert lock_indexes(parse_settings({}), member, workspace) == ("https://root/simple/",)
+    assert [(e.url, e.name) for e in index_entries(["https://a/"], member, workspace)] == [
+        ("https://a/", None)
+    ]
+
+
+def test_index_entries_name_every_declared_index(tmp_path: Path) -> None:
+    from imagebuild.net.credentials import IndexEntry
+    from imagebuild.project.indexes import index_entries
+
+    project = load_project(write(tmp_path, UV_INDEXES))
+    assert index_entries(["https://use/simple/"], project, None) == [
+        IndexEntry(url="https://use/simple/"),
+        IndexEntry(url="https://pkgs.example/simple/", name="internal"),
+        IndexEntry(url="https://torch.example/simple/", name="torch"),
+        IndexEntry(url="https://mirror.example/simple/", name="mirror"),
+    ]

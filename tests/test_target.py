@@ -10,6 +10,7 @@ from packaging.markers import Marker
 from packaging.tags import Tag, sys_tags
 
 from imagebuild.errors import TargetError
+from imagebuild.project.spec import ProjectSpec, load_project
 from imagebuild.target.platform import TargetPlatform, arch_from_oci
 
 CASES = Path(__file__).parent / "cases" / "wheels"
@@ -33,9 +34,9 @@ def target(
 ) -> TargetPlatform:
     return TargetPlatform(
         python_version=py,
-        libc=libc,  # type: ignore[arg-type]
+        libc=libc,
         libc_version=libc_version,
-        arch=arch,  # type: ignore[arg-type]
+        arch=arch,
     )
 
 
@@ -253,3 +254,56 @@ def test_value_semantics() -> None:
     assert target() == target()
     assert hash(target()) == hash(target())
     assert isinstance(target().tags()[0], Tag)
+
+
+# -- base and Python choice (imagebuild.target.choose) ---------------------------------------
+
+
+def _spec(tmp_path: Path, extra: str = "") -> ProjectSpec:
+    (tmp_path / "pyproject.toml").write_text(
+        f'[project]\nname = "p"\nversion = "1"\n{extra}', encoding="utf-8"
+    )
+    return load_project(tmp_path)
+
+
+def test_default_python_is_the_newest_allowed(tmp_path: Path) -> None:
+    from imagebuild.target.base import load_catalog
+    from imagebuild.target.choose import default_python
+
+    catalog = load_catalog()
+    newest = max(e.python_version for e in catalog if e.flavor == "distroless")
+    assert default_python(catalog, "distroless", _spec(tmp_path)) == newest
+    project = _spec(tmp_path, 'requires-python = "<3.12"\n')
+    assert default_python(catalog, "distroless", project) == (3, 11)
+
+
+def test_default_python_reads_python_version_file(tmp_path: Path) -> None:
+    from imagebuild.target.base import load_catalog
+    from imagebuild.target.choose import default_python
+
+    project = _spec(tmp_path)
+    (tmp_path / ".python-version").write_text("3.12.4\n")
+    assert default_python(load_catalog(), "distroless", project) == (3, 12)
+
+
+def test_default_python_none_allowed(tmp_path: Path) -> None:
+    from imagebuild.errors import ProjectError
+    from imagebuild.target.base import load_catalog
+    from imagebuild.target.choose import default_python
+
+    project = _spec(tmp_path, 'requires-python = ">=4"\n')
+    with pytest.raises(ProjectError, match="allows no Python of base 'distroless'"):
+        default_python(load_catalog(), "distroless", project)
+
+
+def test_base_reference(tmp_path: Path) -> None:
+    from imagebuild.project.settings import parse_settings
+    from imagebuild.target.base import find_entry, load_catalog
+    from imagebuild.target.choose import base_reference
+
+    project = _spec(tmp_path)
+    entry, reference = base_reference(parse_settings({"python": "3.11"}), project)
+    assert entry == find_entry(load_catalog(), "distroless", (3, 11))
+    assert reference == entry.reference
+    custom = parse_settings({"base": "registry.example/py:3"})
+    assert base_reference(custom, project) == (None, "registry.example/py:3")

@@ -44,6 +44,43 @@ _DYNAMIC_ALLOWED = frozenset(
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class UvIndex:
+    """One ``[[tool.uv.index]]`` entry, as uv reads it."""
+
+    url: str | None
+    """``url``; ``None`` when it is missing or not a string (such an entry is never used)."""
+    name: str | None = None
+    """``name``, which ``[tool.uv.sources]`` entries refer to (``index = "name"``)."""
+    default: bool = False
+    """``default = true``: this index replaces PyPI as the one consulted last."""
+    explicit: bool = False
+    """``explicit = true``: used only by packages whose source names it."""
+
+
+def parse_uv_indexes(tool_uv: Mapping[str, object]) -> tuple[UvIndex, ...]:
+    """Parse the ``index`` array of a ``[tool.uv]`` table, in order.
+
+    Entries that are not tables are skipped (uv would refuse them; imgbuild reads only
+    what it can use).
+    """
+    raw = tool_uv.get("index", [])
+    out: list[UvIndex] = []
+    for item in raw if isinstance(raw, list) else []:
+        if not isinstance(item, dict):
+            continue
+        url, name = item.get("url"), item.get("name")
+        out.append(
+            UvIndex(
+                url=url if isinstance(url, str) else None,
+                name=name if isinstance(name, str) and name else None,
+                default=bool(item.get("default")),
+                explicit=bool(item.get("explicit")),
+            )
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class ProjectSpec:
     """What imgbuild needs from a project's pyproject.toml, validated and normalised."""
 
@@ -85,6 +122,8 @@ class ProjectSpec:
     """The raw ``[tool.imgbuild]`` table as plain dicts and lists (empty if absent)."""
     tool_uv: Mapping[str, object] = field(default_factory=dict, hash=False)
     """The raw ``[tool.uv]`` table (sources, indexes, constraints; read by ``--locked``)."""
+    uv_indexes: tuple[UvIndex, ...] = ()
+    """``[[tool.uv.index]]``, parsed, in declaration order."""
 
     @property
     def pyproject(self) -> Path:
@@ -203,6 +242,7 @@ def parse_project(
         has_build_system=isinstance(data.get("build-system"), dict),
         tool_imgbuild=_plain(p.table(tool, "imgbuild", key="tool.imgbuild")),
         tool_uv=_plain(tool_uv),
+        uv_indexes=parse_uv_indexes(tool_uv),
     )
 
 

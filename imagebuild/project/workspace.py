@@ -25,7 +25,7 @@ from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
 from imagebuild.errors import ProjectError
-from imagebuild.project.spec import ProjectSpec, load_project
+from imagebuild.project.spec import ProjectSpec, UvIndex, load_project, parse_uv_indexes
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -40,6 +40,8 @@ class Workspace:
     """The root's ``[tool.imgbuild]``: workspace-wide settings (indexes) members inherit."""
     tool_uv: Mapping[str, object]
     """The root's ``[tool.uv]`` (``[[tool.uv.index]]`` is workspace-wide in uv)."""
+    uv_indexes: tuple[UvIndex, ...] = ()
+    """The root's ``[[tool.uv.index]]``, parsed, in declaration order."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,8 +55,10 @@ class LocalPackage:
 
 
 def find_workspace_root(start: Path) -> Path:
-    """The nearest directory at or above ``start`` whose pyproject.toml declares a workspace
-    that includes ``start``; ``start`` itself when there is none.
+    """Find the workspace root of ``start``; ``start`` itself when there is none.
+
+    That is the nearest directory at or above ``start`` whose pyproject.toml declares a
+    workspace that includes ``start``.
     """
     start = start.resolve()
     for directory in [start, *start.parents]:
@@ -87,13 +91,30 @@ def load_workspace(root: Path) -> Workspace:
     tool = data.get("tool", {})
     tool_imgbuild = tool.get("imgbuild", {}) if isinstance(tool, Mapping) else {}
     tool_uv = tool.get("uv", {}) if isinstance(tool, Mapping) else {}
-    table = tool_uv.get("workspace") if isinstance(tool_uv, Mapping) else None
-    if not isinstance(table, Mapping):
-        return Workspace(root=root, members=members, tool_imgbuild=tool_imgbuild, tool_uv=tool_uv)
+    if not isinstance(tool_uv, Mapping):
+        tool_uv = {}
+    table = tool_uv.get("workspace")
+    if isinstance(table, Mapping):
+        _add_members(root, table, members)
+    return Workspace(
+        root=root,
+        members=members,
+        tool_imgbuild=tool_imgbuild,
+        tool_uv=tool_uv,
+        uv_indexes=parse_uv_indexes(tool_uv),
+    )
+
+
+def _add_members(
+    root: Path, table: Mapping[str, object], members: dict[NormalizedName, ProjectSpec]
+) -> None:
+    """Load the projects ``[tool.uv.workspace]`` names into ``members`` (first name wins)."""
     patterns = table.get("members", [])
     excluded = table.get("exclude", [])
     if not isinstance(patterns, list) or not isinstance(excluded, list):
-        raise ProjectError(f"{pyproject}: tool.uv.workspace.members/exclude must be lists of globs")
+        raise ProjectError(
+            f"{root / 'pyproject.toml'}: tool.uv.workspace.members/exclude must be lists of globs"
+        )
     skip = {p.resolve() for pattern in excluded for p in root.glob(str(pattern))}
     for pattern in patterns:
         for directory in sorted(root.glob(str(pattern))):
@@ -101,7 +122,6 @@ def load_workspace(root: Path) -> Workspace:
                 continue
             member = load_project(directory)
             members.setdefault(member.name, member)
-    return Workspace(root=root, members=members, tool_imgbuild=tool_imgbuild, tool_uv=tool_uv)
 
 
 def local_sources(project: ProjectSpec, workspace: Workspace) -> dict[NormalizedName, Path]:
