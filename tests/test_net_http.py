@@ -1,0 +1,199 @@
+"""The retry transport against a real server on 127.0.0.1 that fails on purpose."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+
+from imagebuild.net.http import (
+    RetryPolicy,
+    attempts,
+    http_client,
+    is_replayable,
+    retry_after,
+    retrying_client,
+)
+
+# One scripted fault per request, in order; "ok" once the script runs out.
+Fault = str
+
+
+class FaultServer:
+    """An HTTP server in a thread that answers each request with the next scripted fault."""
+
+    def __init__(self, script: list[Fault]) -> None:
+        self.script = list(script)
+        self.seen: list[tuple[str, bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                outer.seen.append((self.command, self.rfile.read(length)))
+                fault = outer.script.pop(0) if outer.script else "ok"
+                if fault == "reset":
+                    # SO_LINGER 0: close() sends a TCP RST instead of a FIN.
+                    self.connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                status, _, retry = fault.partition(":")
+                code = 200 if status == "ok" else int(status)
+                body = b"hello" if code == 200 else b"nope"
+                self.send_response(code)
+                if retry:
+                    self.send_header("Retry-After", retry)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = _answer
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/thing"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[list[Fault]], FaultServer]]:
+    made: list[FaultServer] = []
+
+    def start(script: list[Fault]) -> FaultServer:
+        made.append(FaultServer(script))
+        return made[-1]
+
+    yield start
+    for server in made:
+        server.close()
+
+
+@pytest.fixture
+def waits() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def client(waits: list[float]) -> Iterator[httpx.Client]:
+    with http_client(retry=RetryPolicy(attempts=3, backoff=0.5, sleep=waits.append)) as made:
+        yield made
+
+
+def test_a_503_then_a_200(
+    serve: Callable[[list[Fault]], FaultServer], client: httpx.Client, waits: list[float]
+) -> None:
+    server = serve(["503"])
+    response = client.get(server.url)
+    assert (response.status_code, response.text) == (200, "hello")
+    assert attempts(response) == 2
+    assert waits == [0.5]
+
+
+def test_429_waits_as_retry_after_asks_capped(
+    serve: Callable[[list[Fault]], FaultServer], client: httpx.Client, waits: list[float]
+) -> None:
+    server = serve(["429:2", "429:3600"])
+    response = client.get(server.url)
+    assert response.status_code == 200
+    assert waits == [2.0, 30.0]  # the second wait is capped at max_wait
+
+
+def test_a_reset_connection_is_retried(
+    serve: Callable[[list[Fault]], FaultServer], client: httpx.Client, waits: list[float]
+) -> None:
+    server = serve(["reset"])
+    response = client.get(server.url)
+    assert response.text == "hello"
+    assert attempts(response) == 2
+    assert len(server.seen) == 2
+
+
+def test_always_500_gives_up_after_the_bound(
+    serve: Callable[[list[Fault]], FaultServer], client: httpx.Client, waits: list[float]
+) -> None:
+    server = serve(["500"] * 10)
+    response = client.get(server.url)
+    assert response.status_code == 500
+    assert attempts(response) == 3
+    assert len(server.seen) == 3
+    assert waits == [0.5, 1.0]
+
+
+def test_always_reset_raises_the_last_error(
+    serve: Callable[[list[Fault]], FaultServer], client: httpx.Client
+) -> None:
+    server = serve(["reset"] * 10)
+    with pytest.raises(httpx.TransportError) as caught:
+        client.get(server.url)
+    assert attempts(caught.value) == 3
+    assert len(server.seen) == 3
+
+
+def test_a_404_is_not_retried(
+    serve: Callable[[list[Fault]], FaultServer], client: httpx.Client, waits: list[float]
+) -> None:
+    server = serve(["404", "404"])
+    assert client.get(server.url).status_code == 404
+    assert len(server.seen) == 1
+    assert waits == []
+
+
+def test_only_replayable_bodies_are_retried(
+    serve: Callable[[list[Fault]], FaultServer], client: httpx.Client
+) -> None:
+    server = serve(["503"])
+    response = client.post(server.url, content=b"payload")
+    assert response.status_code == 200
+    assert server.seen == [("POST", b"payload"), ("POST", b"payload")]
+
+    def chunks() -> Iterator[bytes]:
+        yield b"once"
+
+    server = serve(["503"])
+    response = client.put(server.url, content=chunks())
+    assert response.status_code == 503  # a consumed stream cannot be sent again
+    assert attempts(response) == 1
+    assert len(server.seen) == 1
+
+
+def test_a_mock_transport_client_retries_too() -> None:
+    answers = [httpx.Response(502), httpx.Response(200, text="fine")]
+    waits: list[float] = []
+    transport = httpx.MockTransport(lambda request: answers.pop(0))
+    with retrying_client(transport, retry=RetryPolicy(sleep=waits.append)) as made:
+        assert made.get("http://127.0.0.1:9/x").text == "fine"
+    assert waits == [0.1]
+
+
+def test_retry_after_forms() -> None:
+    now = datetime(2025, 1, 1, tzinfo=UTC)
+    later = format_datetime(now + timedelta(seconds=90), usegmt=True)
+    assert retry_after(httpx.Response(429, headers={"Retry-After": "7"})) == 7.0
+    assert retry_after(httpx.Response(429, headers={"Retry-After": later}), now=now) == 90.0
+    assert retry_after(httpx.Response(429, headers={"Retry-After": "soon"})) is None
+    assert retry_after(httpx.Response(429)) is None
+
+
+def test_replayable_requests() -> None:
+    assert is_replayable(httpx.Request("GET", "http://x/"))
+    assert is_replayable(httpx.Request("PUT", "http://x/", content=b"abc"))
+    assert not is_replayable(httpx.Request("PUT", "http://x/", content=iter([b"abc"])))
