@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
 from imagebuild.errors import ProjectError
+from imagebuild.project.fields import Fields
 
 DEFAULT_USER = "65532"
 _VERSION_RE = re.compile(r"^3\.(\d+)$")
@@ -79,10 +80,8 @@ def parse_python_version(text: str, where: str) -> tuple[int, int]:
     return (3, int(match[1]))
 
 
-def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") -> ImageSettings:
-    """Validate a ``[tool.imgbuild]`` table."""
-    prefix = f"{source}: tool.imgbuild"
-    known = {
+_KNOWN = frozenset(
+    {
         "base",
         "python",
         "entrypoint",
@@ -99,78 +98,109 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         "platforms",
         "prereleases",
     }
-    unknown = sorted(set(table) - known)
+)
+_PLATFORMS = ("linux/amd64", "linux/arm64")
+
+
+def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") -> ImageSettings:
+    """Validate a ``[tool.imgbuild]`` table."""
+    t = _Table(table, Fields(source, ProjectError))
+    unknown = sorted(set(table) - _KNOWN)
     if unknown:
-        raise ProjectError(
-            f"{prefix}.{unknown[0]}: unknown setting",
-            hint=f"known settings: {', '.join(sorted(known))}",
+        t.fields.fail(
+            f"tool.imgbuild.{unknown[0]}",
+            "unknown setting",
+            hint=f"known settings: {', '.join(sorted(_KNOWN))}",
         )
+    python = t.string("python")
+    return ImageSettings(
+        index_url=t.string("index-url"),
+        extra_index_urls=t.strings("extra-index-urls") or (),
+        platforms=_platforms(t),
+        prereleases=_prereleases(t),
+        base=t.string("base") or "distroless",
+        python=parse_python_version(python, t.key("python")) if python else None,
+        entrypoint=t.strings("entrypoint"),
+        cmd=t.strings("cmd"),
+        user=_user(t),
+        workdir=t.string("workdir") or "/app",
+        env=t.mapping("env"),
+        labels=t.mapping("labels"),
+        ports=_ports(t),
+        groups=tuple(sorted(set(t.strings("groups") or ()))),
+        extras=tuple(sorted(set(t.strings("extras") or ()))),
+        source=source,
+    )
 
-    def string(key: str) -> str | None:
-        value = table.get(key)
-        if value is not None and not isinstance(value, str):
-            raise ProjectError(f"{prefix}.{key}: expected a string, got {value!r}")
-        return value
 
-    def strings(key: str) -> tuple[str, ...] | None:
-        value = table.get(key)
+@dataclass(frozen=True, slots=True)
+class _Table:
+    """Reads of ``[tool.imgbuild]`` keys, failing with ``expected …, got …``."""
+
+    data: Mapping[str, Any]
+    fields: Fields
+
+    def key(self, name: str) -> str:
+        return f"{self.fields.source}: tool.imgbuild.{name}"
+
+    def fail(self, name: str, message: str, *, hint: str | None = None) -> NoReturn:
+        self.fields.fail(f"tool.imgbuild.{name}", message, hint=hint)
+
+    def string(self, name: str) -> str | None:
+        value = self.data.get(name)
+        message = f"expected a string, got {value!r}"
+        return self.fields.optional_string(value, f"tool.imgbuild.{name}", message=message)
+
+    def strings(self, name: str) -> tuple[str, ...] | None:
+        value = self.data.get(name)
         if value is None:
             return None
         if isinstance(value, str):
             return (value,)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ProjectError(f"{prefix}.{key}: expected a list of strings, got {value!r}")
+            self.fail(name, f"expected a list of strings, got {value!r}")
         return tuple(value)
 
-    def mapping(key: str) -> tuple[tuple[str, str], ...]:
-        value = table.get(key, {})
+    def mapping(self, name: str) -> tuple[tuple[str, str], ...]:
+        value = self.data.get(name, {})
         if not isinstance(value, Mapping):
-            raise ProjectError(f"{prefix}.{key}: expected a table, got {value!r}")
+            self.fail(name, f"expected a table, got {value!r}")
         pairs = []
-        for name, item in value.items():
+        for key, item in value.items():
             if not isinstance(item, str | int | float | bool):
-                raise ProjectError(f"{prefix}.{key}.{name}: expected a string, got {item!r}")
-            pairs.append((str(name), str(item)))
+                self.fail(f"{name}.{key}", f"expected a string, got {item!r}")
+            pairs.append((str(key), str(item)))
         return tuple(sorted(pairs))
 
-    ports = table.get("ports", [])
+
+def _ports(t: _Table) -> tuple[int, ...]:
+    ports = t.data.get("ports", [])
     if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
-        raise ProjectError(f"{prefix}.ports: expected a list of port numbers, got {ports!r}")
-    python = string("python")
-    user = table.get("user", DEFAULT_USER)
+        t.fail("ports", f"expected a list of port numbers, got {ports!r}")
+    return tuple(sorted(set(ports)))
+
+
+def _user(t: _Table) -> str:
+    user = t.data.get("user", DEFAULT_USER)
     if not isinstance(user, str | int):
-        raise ProjectError(f"{prefix}.user: expected a user name or uid, got {user!r}")
-    platforms = strings("platforms") or ("linux/amd64", "linux/arm64")
+        t.fail("user", f"expected a user name or uid, got {user!r}")
+    return str(user)
+
+
+def _platforms(t: _Table) -> tuple[str, ...]:
+    platforms = t.strings("platforms") or _PLATFORMS
     for platform in platforms:
-        if platform not in ("linux/amd64", "linux/arm64"):
-            raise ProjectError(
-                f"{prefix}.platforms: unsupported platform {platform!r}",
+        if platform not in _PLATFORMS:
+            t.fail(
+                "platforms",
+                f"unsupported platform {platform!r}",
                 hint="use linux/amd64 and/or linux/arm64",
             )
-    prereleases = table.get("prereleases", False)
+    return tuple(platforms)
+
+
+def _prereleases(t: _Table) -> bool:
+    prereleases = t.data.get("prereleases", False)
     if not isinstance(prereleases, bool):
-        raise ProjectError(f"{prefix}.prereleases: expected true or false, got {prereleases!r}")
-    return ImageSettings(
-        index_url=string("index-url"),
-        extra_index_urls=strings("extra-index-urls") or (),
-        platforms=tuple(platforms),
-        prereleases=prereleases,
-        base=string("base") or "distroless",
-        python=parse_python_version(python, f"{prefix}.python") if python else None,
-        entrypoint=strings("entrypoint"),
-        cmd=strings("cmd"),
-        user=str(user),
-        workdir=string("workdir") or "/app",
-        env=mapping("env"),
-        labels=mapping("labels"),
-        ports=tuple(sorted(set(ports))),
-        groups=tuple(sorted(set(strings("groups") or ()))),
-        extras=tuple(sorted(set(strings("extras") or ()))),
-        source=source,
-    )
-
-
-def with_overrides(settings: ImageSettings, **overrides: Any) -> ImageSettings:
-    """Apply command-line values that were given (None means 'not given')."""
-    given = {k: v for k, v in overrides.items() if v is not None and v != ()}
-    return replace(settings, **given)
+        t.fail("prereleases", f"expected true or false, got {prereleases!r}")
+    return prereleases

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
 
 from packaging.licenses import InvalidLicenseExpression, canonicalize_license_expression
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 from packaging.utils import InvalidName, NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from imagebuild.errors import ProjectError
+from imagebuild.project.fields import Fields
 
 PYPROJECT = "pyproject.toml"
 
@@ -156,158 +156,201 @@ def parse_project(
     data: Mapping[str, object], *, root: Path, source: str = PYPROJECT
 ) -> ProjectSpec:
     """Validate a decoded pyproject.toml; ``source`` names the file in error messages."""
-    p = _Parser(source, root)
-    project = p.table(data, "project", required=True)
-    dynamic = tuple(sorted(p.str_list(project, "dynamic", "project.dynamic")))
-    for i, item in enumerate(dynamic):
-        if item not in _DYNAMIC_ALLOWED:
-            p.fail(f"project.dynamic[{i}]", f"unknown field {item!r}")
-    if "name" in dynamic:
-        p.fail("project.dynamic", "'name' cannot be dynamic")
-
-    raw_name = project.get("name")
-    if not isinstance(raw_name, str):
-        p.fail("project.name", "missing" if raw_name is None else "must be a string")
-    try:
-        name = canonicalize_name(raw_name, validate=True)
-    except InvalidName:
-        p.fail("project.name", f"invalid project name {raw_name!r}")
-
-    version: Version | None = None
-    raw_version = project.get("version")
-    if raw_version is None:
-        if "version" not in dynamic:
-            p.fail("project.version", "missing (give a version or list it in project.dynamic)")
-    elif "version" in dynamic:
-        p.fail("project.version", "is set but also listed in project.dynamic")
-    elif not isinstance(raw_version, str):
-        p.fail("project.version", "must be a string")
-    else:
-        try:
-            version = Version(raw_version)
-        except InvalidVersion:
-            p.fail("project.version", f"invalid version {raw_version!r}")
-
-    description = p.optional_str(project, "description", "project.description")
-    requires_python: SpecifierSet | None = None
-    raw_rp = p.optional_str(project, "requires-python", "project.requires-python")
-    if raw_rp is not None:
-        try:
-            requires_python = SpecifierSet(raw_rp)
-        except InvalidSpecifier:
-            p.fail("project.requires-python", f"invalid specifier {raw_rp!r}")
-
-    dependencies = p.requirements(project, "dependencies", "project.dependencies")
-    optional: dict[NormalizedName, tuple[Requirement, ...]] = {}
-    for extra, reqs in p.table(project, "optional-dependencies").items():
-        key = f"project.optional-dependencies.{extra}"
-        try:
-            canonical = canonicalize_name(extra, validate=True)
-        except InvalidName:
-            p.fail(key, f"invalid extra name {extra!r}")
-        if canonical in optional:
-            p.fail(key, f"extra {canonical!r} is defined twice")
-        optional[canonical] = p.requirement_list(reqs, key)
-
-    tool = p.table(data, "tool")
-    tool_uv = p.table(tool, "uv", key="tool.uv")
-    groups = _dependency_groups(p, data, tool_uv)
-
-    scripts: dict[str, str] = {}
-    for script, target in p.table(project, "scripts", key="project.scripts").items():
-        if not isinstance(target, str) or not target.strip():
-            p.fail(f"project.scripts.{script}", "must be an object reference 'module:attr'")
-        scripts[script] = target.strip()
-
-    urls: dict[str, str] = {}
-    for label, url in p.table(project, "urls", key="project.urls").items():
-        if not isinstance(url, str):
-            p.fail(f"project.urls.{label}", "must be a string")
-        urls[label] = url
-
+    f = Fields(source, ProjectError)
+    project = _table(f, data, "project", required=True)
+    dynamic = _dynamic(f, project)
+    name = _name(f, project)
+    version = _version(f, project, dynamic)
+    description = f.optional_string(project.get("description"), "project.description")
+    rp = f.optional_specifier(project.get("requires-python"), "project.requires-python")
+    dependencies = _requirements(f, project, "dependencies", "project.dependencies")
+    optional = _optional_dependencies(f, project)
+    tool = _table(f, data, "tool")
+    tool_uv = _table(f, tool, "uv", key="tool.uv")
     return ProjectSpec(
         root=root,
         name=name,
         version=version,
         description=description,
-        requires_python=requires_python,
+        requires_python=rp,
         dependencies=dependencies,
-        optional_dependencies=dict(sorted(optional.items())),
-        dependency_groups=groups,
-        scripts=dict(sorted(scripts.items())),
-        license=_license(p, project, root),
-        authors=_authors(p, project),
-        urls=urls,
+        optional_dependencies=optional,
+        dependency_groups=_dependency_groups(f, data, tool_uv),
+        scripts=_scripts(f, project),
+        urls=_urls(f, project),
+        license=_license(f, project, root),
+        authors=_authors(f, project),
         dynamic=dynamic,
         has_build_system=isinstance(data.get("build-system"), dict),
-        tool_imgbuild=_plain(p.table(tool, "imgbuild", key="tool.imgbuild")),
+        tool_imgbuild=_plain(_table(f, tool, "imgbuild", key="tool.imgbuild")),
         tool_uv=_plain(tool_uv),
         uv_indexes=parse_uv_indexes(tool_uv),
     )
 
 
-def _sorted_requirements(reqs: list[Requirement]) -> tuple[Requirement, ...]:
+def _table(
+    f: Fields,
+    data: Mapping[str, object],
+    name: str,
+    *,
+    key: str | None = None,
+    required: bool = False,
+) -> Mapping[str, object]:
+    """The table ``data[name]`` (empty when absent and not ``required``)."""
+    value = data.get(name)
+    if value is None:
+        if required:
+            f.fail(key or name, f"the [{key or name}] table is missing")
+        return {}
+    return f.table(value, key or name)
+
+
+def _dynamic(f: Fields, project: Mapping[str, object]) -> tuple[str, ...]:
+    dynamic = tuple(sorted(f.strings(project.get("dynamic", []), "project.dynamic")))
+    for i, item in enumerate(dynamic):
+        if item not in _DYNAMIC_ALLOWED:
+            f.fail(f"project.dynamic[{i}]", f"unknown field {item!r}")
+    if "name" in dynamic:
+        f.fail("project.dynamic", "'name' cannot be dynamic")
+    return dynamic
+
+
+def _name(f: Fields, project: Mapping[str, object]) -> NormalizedName:
+    raw_name = project.get("name")
+    if not isinstance(raw_name, str):
+        f.fail("project.name", "missing" if raw_name is None else "must be a string")
+    try:
+        return canonicalize_name(raw_name, validate=True)
+    except InvalidName:
+        f.fail("project.name", f"invalid project name {raw_name!r}")
+
+
+def _version(f: Fields, project: Mapping[str, object], dynamic: tuple[str, ...]) -> Version | None:
+    raw_version = project.get("version")
+    if raw_version is None:
+        if "version" not in dynamic:
+            f.fail("project.version", "missing (give a version or list it in project.dynamic)")
+        return None
+    if "version" in dynamic:
+        f.fail("project.version", "is set but also listed in project.dynamic")
+    text = f.string(raw_version, "project.version")
+    try:
+        return Version(text)
+    except InvalidVersion:
+        f.fail("project.version", f"invalid version {text!r}")
+
+
+def _requirements(
+    f: Fields, data: Mapping[str, object], name: str, key: str
+) -> tuple[Requirement, ...]:
+    if name not in data:
+        return ()
+    return _sorted_requirements(f.requirements(data[name], key))
+
+
+def _optional_dependencies(
+    f: Fields, project: Mapping[str, object]
+) -> dict[NormalizedName, tuple[Requirement, ...]]:
+    optional: dict[NormalizedName, tuple[Requirement, ...]] = {}
+    for extra, reqs in _table(f, project, "optional-dependencies").items():
+        key = f"project.optional-dependencies.{extra}"
+        try:
+            canonical = canonicalize_name(extra, validate=True)
+        except InvalidName:
+            f.fail(key, f"invalid extra name {extra!r}")
+        if canonical in optional:
+            f.fail(key, f"extra {canonical!r} is defined twice")
+        optional[canonical] = _sorted_requirements(f.requirements(reqs, key))
+    return dict(sorted(optional.items()))
+
+
+def _scripts(f: Fields, project: Mapping[str, object]) -> dict[str, str]:
+    scripts: dict[str, str] = {}
+    for script, target in _table(f, project, "scripts", key="project.scripts").items():
+        if not isinstance(target, str) or not target.strip():
+            f.fail(f"project.scripts.{script}", "must be an object reference 'module:attr'")
+        scripts[script] = target.strip()
+    return dict(sorted(scripts.items()))
+
+
+def _urls(f: Fields, project: Mapping[str, object]) -> dict[str, str]:
+    return {
+        label: f.string(url, f"project.urls.{label}")
+        for label, url in _table(f, project, "urls", key="project.urls").items()
+    }
+
+
+def _sorted_requirements(reqs: Iterable[Requirement]) -> tuple[Requirement, ...]:
     return tuple(sorted(reqs, key=lambda r: (canonicalize_name(r.name), str(r))))
 
 
+_GroupItems = dict[NormalizedName, tuple[str, list[object]]]
+
+
 def _dependency_groups(
-    p: _Parser, data: Mapping[str, object], tool_uv: Mapping[str, object]
+    f: Fields, data: Mapping[str, object], tool_uv: Mapping[str, object]
 ) -> dict[NormalizedName, tuple[Requirement, ...]]:
-    raw = p.table(data, "dependency-groups")
-    by_name: dict[NormalizedName, tuple[str, list[object]]] = {}
+    """PEP 735 groups with includes expanded, plus uv's legacy ``dev-dependencies``."""
+    by_name = _group_tables(f, _table(f, data, "dependency-groups"))
+    resolved: dict[NormalizedName, tuple[Requirement, ...]] = {}
+    for group in by_name:
+        _expand_group(f, by_name, group, (), resolved)
+    legacy = tool_uv.get("dev-dependencies")
+    if legacy is not None:
+        dev = NormalizedName("dev")
+        extra = f.requirements(legacy, "tool.uv.dev-dependencies")
+        resolved[dev] = _sorted_requirements([*resolved.get(dev, ()), *extra])
+    return dict(sorted(resolved.items()))
+
+
+def _group_tables(f: Fields, raw: Mapping[str, object]) -> _GroupItems:
+    """Canonical group name -> (the name as written, its items)."""
+    by_name: _GroupItems = {}
     for group, items in raw.items():
         key = f"dependency-groups.{group}"
         try:
             canonical = canonicalize_name(group, validate=True)
         except InvalidName:
-            p.fail(key, f"invalid group name {group!r}")
+            f.fail(key, f"invalid group name {group!r}")
         if canonical in by_name:
-            p.fail(key, f"group {canonical!r} is defined twice (names are compared normalised)")
-        if not isinstance(items, list):
-            p.fail(key, "must be an array")
-        by_name[canonical] = (group, items)
-
-    resolved: dict[NormalizedName, tuple[Requirement, ...]] = {}
-
-    def resolve(group: NormalizedName, chain: tuple[NormalizedName, ...]) -> list[Requirement]:
-        if group in resolved:
-            return list(resolved[group])
-        original, items = by_name[group]
-        out: list[Requirement] = []
-        for i, item in enumerate(items):
-            key = f"dependency-groups.{original}[{i}]"
-            if isinstance(item, str):
-                out.append(p.requirement(item, key))
-            elif isinstance(item, dict) and set(item) == {"include-group"}:
-                include = item["include-group"]
-                if not isinstance(include, str):
-                    p.fail(key, "include-group must be a string")
-                target = canonicalize_name(include)
-                if target not in by_name:
-                    p.fail(key, f"includes unknown group {include!r}")
-                if target in chain or target == group:
-                    cycle = " -> ".join((*chain, group, target))
-                    p.fail(key, f"include-group cycle {cycle}")
-                out.extend(resolve(target, (*chain, group)))
-            else:
-                p.fail(key, 'must be a requirement string or {include-group = "..."}')
-        resolved[group] = _sorted_requirements(out)
-        return out
-
-    for group in by_name:
-        resolve(group, ())
-
-    legacy = tool_uv.get("dev-dependencies")
-    if legacy is not None:
-        if not isinstance(legacy, list):
-            p.fail("tool.uv.dev-dependencies", "must be an array of requirement strings")
-        dev = NormalizedName("dev")
-        extra = list(p.requirement_list(legacy, "tool.uv.dev-dependencies"))
-        resolved[dev] = _sorted_requirements([*resolved.get(dev, ()), *extra])
-    return dict(sorted(resolved.items()))
+            f.fail(key, f"group {canonical!r} is defined twice (names are compared normalised)")
+        by_name[canonical] = (group, f.array(items, key))
+    return by_name
 
 
-def _license(p: _Parser, project: Mapping[str, object], root: Path) -> str | None:
+def _expand_group(
+    f: Fields,
+    by_name: _GroupItems,
+    group: NormalizedName,
+    chain: tuple[NormalizedName, ...],
+    resolved: dict[NormalizedName, tuple[Requirement, ...]],
+) -> list[Requirement]:
+    """The requirements of ``group`` with ``include-group`` items expanded (memoised)."""
+    if group in resolved:
+        return list(resolved[group])
+    original, items = by_name[group]
+    out: list[Requirement] = []
+    for i, item in enumerate(items):
+        key = f"dependency-groups.{original}[{i}]"
+        if isinstance(item, str):
+            out.append(f.requirement(item, key))
+            continue
+        if not isinstance(item, dict) or set(item) != {"include-group"}:
+            f.fail(key, 'must be a requirement string or {include-group = "..."}')
+        include = item["include-group"]
+        if not isinstance(include, str):
+            f.fail(key, "include-group must be a string")
+        target = canonicalize_name(include)
+        if target not in by_name:
+            f.fail(key, f"includes unknown group {include!r}")
+        if target in chain or target == group:
+            f.fail(key, f"include-group cycle {' -> '.join((*chain, group, target))}")
+        out.extend(_expand_group(f, by_name, target, (*chain, group), resolved))
+    resolved[group] = _sorted_requirements(out)
+    return out
+
+
+def _license(f: Fields, project: Mapping[str, object], root: Path) -> str | None:
     raw = project.get("license")
     if raw is None:
         return None
@@ -315,7 +358,7 @@ def _license(p: _Parser, project: Mapping[str, object], root: Path) -> str | Non
         try:
             return str(canonicalize_license_expression(raw))
         except InvalidLicenseExpression:
-            p.fail("project.license", f"invalid SPDX license expression {raw!r}")
+            f.fail("project.license", f"invalid SPDX license expression {raw!r}")
     if isinstance(raw, dict):
         if isinstance(raw.get("text"), str) and set(raw) == {"text"}:
             return str(raw["text"])
@@ -324,22 +367,22 @@ def _license(p: _Parser, project: Mapping[str, object], root: Path) -> str | Non
             try:
                 return (root / file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as exc:
-                p.fail("project.license.file", f"cannot read {file!r}: {exc}")
-    p.fail("project.license", "must be an SPDX expression, {text = ...} or {file = ...}")
+                f.fail("project.license.file", f"cannot read {file!r}: {exc}")
+    f.fail("project.license", "must be an SPDX expression, {text = ...} or {file = ...}")
 
 
-def _authors(p: _Parser, project: Mapping[str, object]) -> tuple[str, ...]:
+def _authors(f: Fields, project: Mapping[str, object]) -> tuple[str, ...]:
     raw = project.get("authors", [])
     if not isinstance(raw, list):
-        p.fail("project.authors", "must be an array of tables")
+        f.fail("project.authors", "must be an array of tables")
     out: list[str] = []
     for i, item in enumerate(raw):
         key = f"project.authors[{i}]"
         if not isinstance(item, dict) or not set(item) <= {"name", "email"} or not item:
-            p.fail(key, "must be a table with 'name' and/or 'email'")
+            f.fail(key, "must be a table with 'name' and/or 'email'")
         name, email = item.get("name"), item.get("email")
         if not isinstance(name, str | None) or not isinstance(email, str | None):
-            p.fail(key, "'name' and 'email' must be strings")
+            f.fail(key, "'name' and 'email' must be strings")
         out.append(f"{name} <{email}>" if name and email else str(name or email))
     return tuple(out)
 
@@ -355,69 +398,3 @@ def _plain(value: Mapping[str, object]) -> dict[str, object]:
         return v
 
     return {str(k): copy(v) for k, v in value.items()}
-
-
-class _Parser:
-    """Typed accessors that raise ``ProjectError`` naming the file and dotted key."""
-
-    def __init__(self, source: str, root: Path) -> None:
-        self.source = source
-        self.root = root
-
-    def fail(self, key: str, message: str) -> NoReturn:
-        raise ProjectError(f"{self.source}: {key}: {message}")
-
-    def table(
-        self,
-        data: Mapping[str, object],
-        name: str,
-        *,
-        key: str | None = None,
-        required: bool = False,
-    ) -> Mapping[str, object]:
-        value = data.get(name)
-        if value is None:
-            if required:
-                self.fail(key or name, f"the [{key or name}] table is missing")
-            return {}
-        if not isinstance(value, dict):
-            self.fail(key or name, "must be a table")
-        return value
-
-    def optional_str(self, data: Mapping[str, object], name: str, key: str) -> str | None:
-        value = data.get(name)
-        if value is not None and not isinstance(value, str):
-            self.fail(key, "must be a string")
-        return value
-
-    def str_list(self, data: Mapping[str, object], name: str, key: str) -> list[str]:
-        value = data.get(name, [])
-        if not isinstance(value, list):
-            self.fail(key, "must be an array of strings")
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                self.fail(f"{key}[{i}]", "must be a string")
-        return list(value)
-
-    def requirement(self, text: str, key: str) -> Requirement:
-        try:
-            return Requirement(text)
-        except InvalidRequirement:
-            self.fail(key, f"invalid requirement {text!r}")
-
-    def requirement_list(self, value: object, key: str) -> tuple[Requirement, ...]:
-        if not isinstance(value, list):
-            self.fail(key, "must be an array of requirement strings")
-        reqs: list[Requirement] = []
-        for i, item in enumerate(value):
-            if not isinstance(item, str):
-                self.fail(f"{key}[{i}]", "must be a requirement string")
-            reqs.append(self.requirement(item, f"{key}[{i}]"))
-        return _sorted_requirements(reqs)
-
-    def requirements(
-        self, data: Mapping[str, object], name: str, key: str
-    ) -> tuple[Requirement, ...]:
-        if name not in data:
-            return ()
-        return self.requirement_list(data[name], key)
