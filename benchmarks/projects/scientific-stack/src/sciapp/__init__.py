@@ -1,0 +1,1 @@
+"""A small analysis that imports the whole stack, so a broken image fails at once."""
