@@ -160,8 +160,8 @@ def build(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
 ) -> None:
     """Build an image from a project and its lock (uv.lock or pylock.toml)."""
+    from imagebuild.image.name import parse_mirrors
     from imagebuild.pipeline.build import BuildRequest, parse_outputs, run_build
-    from imagebuild.sinks.registry import parse_mirrors
 
     reporter = ConsoleReporter(quiet=quiet)
     try:
@@ -240,8 +240,8 @@ def lock(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
 ) -> None:
     """Resolve the project for its image targets and write pylock.toml (PEP 751)."""
+    from imagebuild.image.name import parse_mirrors
     from imagebuild.pipeline.build import LockRequest, run_lock
-    from imagebuild.sinks.registry import parse_mirrors
 
     reporter = ConsoleReporter(quiet=quiet)
     indexes: tuple[str, ...] = ()

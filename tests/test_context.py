@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.sinks.context import write_docker_context
 from imagebuild.errors import ImageError
-from imagebuild.image.oci import BlobStore, ImageConfig, Layer, build_layer
+from imagebuild.image.model import ImageConfig, Layer
+from imagebuild.image.store import BlobStore
+from imagebuild.image.tarball import build_layer
+from imagebuild.sinks.context import write_docker_context
 
 BASE = "127.0.0.1:5055/distroless/python3-debian12@sha256:" + "a" * 64
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from imagebuild.sinks.engine import DockerEngine, read_progress
 from imagebuild.errors import DockerError
+from imagebuild.sinks.engine import DockerEngine, read_progress
 
 
 class FakeAPI:
@@ -105,7 +105,9 @@ def test_a_loader_that_wants_every_layer_gets_the_whole_archive(tmp_path: Path) 
     reads them anyway fails on the empty files, and the full archive follows."""
     import tarfile
 
-    from imagebuild.image.oci import BlobStore, ImageConfig, build_image
+    from imagebuild.image.model import ImageConfig
+    from imagebuild.image.mutate import build_image
+    from imagebuild.image.store import BlobStore
     from imagebuild.pipeline.build import _load
     from imagebuild.report import NullReporter
     from tests.test_oci import fake_layer, python_base

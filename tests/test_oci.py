@@ -1,4 +1,4 @@
-"""Tests for imagebuild.image.oci: layers, image assembly, sinks and validation."""
+"""Tests for imagebuild.image (layers, image assembly, validation) and the layout sinks."""
 
 from __future__ import annotations
 
@@ -12,31 +12,33 @@ from pathlib import Path
 
 import pytest
 
+from imagebuild.digest import Digest, digest_bytes, digest_file, digest_hex
 from imagebuild.errors import ImageError, LayerError
-from imagebuild.image.oci import (
+from imagebuild.image.descriptor import (
+    ANNOTATION_REF_NAME,
     DOCKER_LAYER_GZIP,
     OCI_CONFIG,
+    OCI_INDEX,
     OCI_LAYER_GZIP,
     OCI_MANIFEST,
-    BaseImage,
-    BlobStore,
     Descriptor,
-    Digest,
-    Image,
-    ImageConfig,
-    Layer,
-    build_image,
-    build_layer,
     canonical_json,
-    digest_hex,
-    sha256_digest,
-    sha256_file,
-    validate_archive,
-    validate_layout,
+)
+from imagebuild.image.model import BaseImage, Image, ImageConfig, ImageIndex, Layer
+from imagebuild.image.mutate import build_image, build_index
+from imagebuild.image.name import ImageReference
+from imagebuild.image.store import BlobStore
+from imagebuild.image.tarball import build_layer
+from imagebuild.image.validate import validate_archive, validate_layout
+from imagebuild.report import NullReporter
+from imagebuild.sinks.layout import (
+    OciArchiveSink,
+    OciLayoutSink,
     write_docker_archive,
     write_oci_archive,
     write_oci_layout,
 )
+from imagebuild.sinks.sink import Finished
 
 EPOCH = 1_700_000_000
 CREATED = "2023-11-14T22:13:20Z"
@@ -75,22 +77,22 @@ def store(tmp_path: Path) -> BlobStore:
 def test_sha256_helpers(tmp_path: Path) -> None:
     data = b"hello\n"
     expected = "sha256:" + hashlib.sha256(data).hexdigest()
-    assert sha256_digest(data) == expected
+    assert digest_bytes(data) == expected
     (tmp_path / "f").write_bytes(data * 300_000)
-    assert sha256_file(tmp_path / "f") == sha256_digest(data * 300_000)
+    assert digest_file(tmp_path / "f") == digest_bytes(data * 300_000)
     assert digest_hex(Digest(expected)) == expected.removeprefix("sha256:")
 
 
 def test_blob_store_put_and_ingest(store: BlobStore) -> None:
     desc = store.put_bytes(b"{}", media_type=OCI_CONFIG)
-    assert desc.digest == sha256_digest(b"{}")
+    assert desc.digest == digest_bytes(b"{}")
     assert desc.size == 2
     assert store.path(desc.digest).read_bytes() == b"{}"
     assert store.path(desc.digest).parent == store.root / "sha256"
     with pytest.raises(ImageError, match="content hashes to"):
-        store.ingest([b"abc"], expected=sha256_digest(b"abd"))
-    assert not store.has(sha256_digest(b"abc"))
-    assert not store.has(sha256_digest(b"abd"))
+        store.ingest([b"abc"], expected=digest_bytes(b"abd"))
+    assert not store.has(digest_bytes(b"abc"))
+    assert not store.has(digest_bytes(b"abd"))
     assert list((store.root / "tmp").iterdir()) == []
 
 
@@ -132,8 +134,8 @@ def test_layer_digests_match_blob(store: BlobStore, tmp_path: Path) -> None:
     blob = store.path(layer.digest).read_bytes()
     assert layer.media_type == OCI_LAYER_GZIP
     assert layer.size == len(blob)
-    assert layer.digest == sha256_digest(blob)
-    assert layer.diff_id == sha256_digest(gzip.decompress(blob))
+    assert layer.digest == digest_bytes(blob)
+    assert layer.diff_id == digest_bytes(gzip.decompress(blob))
     assert layer.created_by == "imgbuild: x"
     assert layer.descriptor == Descriptor(
         media_type=OCI_LAYER_GZIP, digest=layer.digest, size=layer.size
@@ -254,7 +256,7 @@ def fake_layer(store: BlobStore, content: bytes, created_by: str) -> Layer:
     desc = store.put_bytes(blob, media_type=OCI_LAYER_GZIP)
     return Layer(
         digest=desc.digest,
-        diff_id=sha256_digest(tar_bytes),
+        diff_id=digest_bytes(tar_bytes),
         size=desc.size,
         created_by=created_by,
     )
@@ -264,7 +266,7 @@ def python_base(store: BlobStore) -> BaseImage:
     base_blob = store.put_bytes(b"base layer", media_type=DOCKER_LAYER_GZIP)
     return BaseImage(
         reference="docker.io/library/python:3.11-slim",
-        manifest_digest=sha256_digest(b"base manifest"),
+        manifest_digest=digest_bytes(b"base manifest"),
         config={
             "architecture": "amd64",
             "os": "linux",
@@ -277,12 +279,12 @@ def python_base(store: BlobStore) -> BaseImage:
                 "StopSignal": "SIGINT",
             },
             "history": [{"created": "2020-01-01T00:00:00Z", "created_by": "/bin/sh -c #(nop) ADD"}],
-            "rootfs": {"type": "layers", "diff_ids": [sha256_digest(b"base tar")]},
+            "rootfs": {"type": "layers", "diff_ids": [digest_bytes(b"base tar")]},
         },
         layers=(
             Descriptor(media_type=DOCKER_LAYER_GZIP, digest=base_blob.digest, size=base_blob.size),
         ),
-        diff_ids=(sha256_digest(b"base tar"),),
+        diff_ids=(digest_bytes(b"base tar"),),
     )
 
 
@@ -300,7 +302,7 @@ def test_config_and_manifest_golden(store: BlobStore) -> None:
     layer = fake_layer(store, b"deps", "imgbuild: dependency numpy 2.1.0")
     image = build_image(base, [layer], config=APP_CONFIG, created=CREATED, store=store)
     config = store.read_bytes(image.config.digest)
-    base_diff, our_diff = sha256_digest(b"base tar"), layer.diff_id
+    base_diff, our_diff = digest_bytes(b"base tar"), layer.diff_id
     assert config.decode() == (
         '{"architecture":"amd64","config":{"Entrypoint":["/app/.venv/bin/app"],'
         '"Env":["LANG=C.UTF-8","PYTHON_VERSION=3.11.9",'
@@ -328,7 +330,7 @@ def test_config_and_manifest_golden(store: BlobStore) -> None:
     )
     assert image.manifest == Descriptor(
         media_type=OCI_MANIFEST,
-        digest=sha256_digest(image.manifest_bytes),
+        digest=digest_bytes(image.manifest_bytes),
         size=len(image.manifest_bytes),
     )
     assert image.config.media_type == OCI_CONFIG
@@ -373,7 +375,7 @@ def test_base_cmd_kept_without_entrypoint(store: BlobStore) -> None:
 
 
 def test_build_image_errors(store: BlobStore) -> None:
-    missing = Layer(digest=sha256_digest(b"nope"), diff_id=sha256_digest(b"x"), size=4)
+    missing = Layer(digest=digest_bytes(b"nope"), diff_id=digest_bytes(b"x"), size=4)
     with pytest.raises(ImageError, match="missing from the blob store"):
         build_image(None, [missing], config=ImageConfig(), created=CREATED, store=store)
     with pytest.raises(ImageError, match="exposed port"):
@@ -462,7 +464,7 @@ def test_validate_catches_missing_and_short_blobs(real_image: Image, tmp_path: P
 
 def test_validate_catches_diff_id_mismatch(store: BlobStore, tmp_path: Path) -> None:
     layer = build_layer(make_tree(tmp_path / "t"), store, mtime=EPOCH)
-    lying = Layer(digest=layer.digest, diff_id=sha256_digest(b"other"), size=layer.size)
+    lying = Layer(digest=layer.digest, diff_id=digest_bytes(b"other"), size=layer.size)
     image = build_image(None, [lying], config=ImageConfig(), created=CREATED, store=store)
     write_oci_layout(image, tmp_path / "layout", ref_name="x")
     with pytest.raises(ImageError, match=f"layer blob {layer.digest} decompresses to"):
@@ -586,3 +588,58 @@ def test_sink_filesystem_errors_are_image_errors(real_image: Image, tmp_path: Pa
         write_docker_archive(real_image, blocker / "image.tar", repo_tags=["app:1"])
     with pytest.raises(ImageError, match="cannot write"):
         write_oci_layout(real_image, blocker / "layout", ref_name="1")
+
+
+def finished_for(image: Image | ImageIndex, store: BlobStore, work: Path, *tags: str) -> Finished:
+    """A ``Finished`` around ``image``, as the pipeline hands it to every sink."""
+    base = python_base(store)
+    return Finished(
+        image=image,
+        tags=tuple(ImageReference.parse(t) for t in tags),
+        work=work,
+        base=base,
+        base_pulled=ImageReference.parse(base.reference),
+        base_upstream="python:3.11-slim",
+        layers=(),
+        config=APP_CONFIG,
+        title="app 1.0",
+    )
+
+
+def test_layout_sinks_write_the_first_tag(
+    real_image: Image, store: BlobStore, tmp_path: Path
+) -> None:
+    finished = finished_for(real_image, store, tmp_path, "ghcr.io/acme/app:1.0", "app:latest")
+    layout = OciLayoutSink(path=tmp_path / "layout")
+    archive = OciArchiveSink(path=tmp_path / "image.tar")
+    assert (layout.kind, layout.takes_index) == ("oci", True)
+    assert (archive.kind, archive.takes_index) == ("oci-archive", True)
+    assert layout.write(finished, NullReporter()) == (f"wrote OCI layout {layout.path}",)
+    assert archive.write(finished, NullReporter()) == (f"wrote OCI archive {archive.path}",)
+    validate_layout(layout.path)
+    validate_archive(archive.path)
+    index = json.loads((layout.path / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == real_image.digest
+    assert index["manifests"][0]["annotations"] == {ANNOTATION_REF_NAME: "1.0"}
+
+
+def test_layout_sink_takes_an_index(store: BlobStore, tmp_path: Path) -> None:
+    images = [
+        build_image(
+            None,
+            [fake_layer(store, arch.encode(), f"imgbuild: {arch}")],
+            config=APP_CONFIG,
+            created=CREATED,
+            store=store,
+            platform=("linux", arch),
+        )
+        for arch in ("amd64", "arm64")
+    ]
+    index = build_index(images, store)
+    finished = finished_for(index, store, tmp_path, "app:2")
+    sink = OciLayoutSink(path=tmp_path / "multi")
+    assert sink.write(finished, NullReporter()) == (f"wrote OCI layout {sink.path}",)
+    written = json.loads((sink.path / "index.json").read_text())
+    assert written["manifests"][0]["digest"] == index.digest
+    assert written["manifests"][0]["mediaType"] == OCI_INDEX
+    assert written["manifests"][0]["annotations"] == {ANNOTATION_REF_NAME: "2"}

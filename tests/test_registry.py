@@ -18,28 +18,22 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 
+from imagebuild.digest import digest_bytes, digest_hex
 from imagebuild.errors import RegistryError
-from imagebuild.image.oci import (
-    OCI_INDEX,
-    BlobStore,
-    Image,
-    ImageConfig,
-    build_image,
-    build_layer,
-    canonical_json,
-    digest_hex,
-    sha256_digest,
-    validate_layout,
-    write_oci_layout,
-)
+from imagebuild.image.descriptor import OCI_INDEX, canonical_json
+from imagebuild.image.model import Image, ImageConfig
+from imagebuild.image.mutate import build_image
+from imagebuild.image.name import ImageReference, parse_mirrors
+from imagebuild.image.store import BlobStore
+from imagebuild.image.tarball import build_layer
+from imagebuild.image.validate import validate_layout
+from imagebuild.sinks.layout import write_oci_layout
 from imagebuild.sinks.registry import (
     MANIFEST_ACCEPT,
     Credentials,
     CredentialStore,
-    ImageReference,
     RegistryClient,
     _parse_challenge,
-    parse_mirrors,
 )
 from tests.fixtures.registry_server import LocalRegistry
 
@@ -120,9 +114,9 @@ def test_reference_str_and_helpers() -> None:
     ref = ImageReference.parse("python:3.11-slim")
     assert str(ref) == "docker.io/library/python:3.11-slim"
     assert ref.reference == "3.11-slim"
-    pinned = ref.with_digest(sha256_digest(b"x"))
-    assert pinned.reference == sha256_digest(b"x")
-    assert str(pinned) == f"docker.io/library/python:3.11-slim@{sha256_digest(b'x')}"
+    pinned = ref.with_digest(digest_bytes(b"x"))
+    assert pinned.reference == digest_bytes(b"x")
+    assert str(pinned) == f"docker.io/library/python:3.11-slim@{digest_bytes(b'x')}"
     assert str(ref.with_tag("3.12")) == "docker.io/library/python:3.12"
 
 
@@ -340,7 +334,7 @@ def test_index_platform_selection(
         }
     )
     index_ref = repo.with_tag("multi")
-    assert client.push_manifest(index_ref, index, media_type=OCI_INDEX) == sha256_digest(index)
+    assert client.push_manifest(index_ref, index, media_type=OCI_INDEX) == digest_bytes(index)
 
     pulled = BlobStore(tmp_path / "pulled")
     base = client.pull_image(index_ref, platform=("linux", "arm64"), store=pulled)
@@ -368,7 +362,7 @@ def test_push_to_pinned_digest_must_match(
 ) -> None:
     store = BlobStore(tmp_path / "store")
     image = small_image(store, tmp_path, name="pinned")
-    ref = ImageReference.parse(f"{local_registry.host}/test/pinned@{sha256_digest(b'other')}")
+    ref = ImageReference.parse(f"{local_registry.host}/test/pinned@{digest_bytes(b'other')}")
     with pytest.raises(RegistryError, match="the image's digest is"):
         RegistryClient(http).push_image(image, ref)
     by_digest = ref.with_digest(image.digest)
@@ -594,7 +588,7 @@ def test_basic_auth(
         http, credentials=CredentialStore.from_login(fake.host, "user", "pw")
     )
     data, _media_type, digest = with_login.fetch_manifest(ref)
-    assert (data, digest) == (b'{"a":1}', sha256_digest(b'{"a":1}'))
+    assert (data, digest) == (b'{"a":1}', digest_bytes(b'{"a":1}'))
     assert fake.seen[0].headers["accept"] == MANIFEST_ACCEPT
     with_login.fetch_manifest(ref)
     assert [s.headers.get("authorization") for s in fake.seen] == [None, good, good]
@@ -658,7 +652,7 @@ def test_corrupt_blob_is_rejected(
     assert not dst.has(layer)
     assert dst.has(image.config.digest)
 
-    wrong_pin = ref.with_digest(sha256_digest(b"something else"))
+    wrong_pin = ref.with_digest(digest_bytes(b"something else"))
     with pytest.raises(RegistryError, match="not the pinned digest"):
         RegistryClient(http).pull_image(wrong_pin, store=dst)
 
@@ -695,7 +689,7 @@ def test_push_protocol_details(
         assert received[desc.digest] == store.path(desc.digest).read_bytes()
     assert fake.paths()[-1] == "PUT /v2/acme/app/manifests/v1"  # manifest last
 
-    digest_header["value"] = sha256_digest(b"rewritten")
+    digest_header["value"] = digest_bytes(b"rewritten")
     with pytest.raises(RegistryError, match="stored the manifest as"):
         RegistryClient(http).push_image(image, ref)
 

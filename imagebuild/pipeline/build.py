@@ -46,13 +46,15 @@ if TYPE_CHECKING:
 
     from imagebuild.build.pep517 import BuildEnvironments
     from imagebuild.digest import Digest
-    from imagebuild.image.oci import BaseImage, BlobStore, Image, ImageConfig, ImageIndex, Layer
+    from imagebuild.image.model import BaseImage, Image, ImageConfig, ImageIndex, Layer
+    from imagebuild.image.name import ImageReference
+    from imagebuild.image.store import BlobStore
     from imagebuild.lock.model import Lock, LockedPackage, WheelFile
     from imagebuild.net.credentials import IndexCredentials
     from imagebuild.project.spec import ProjectSpec
     from imagebuild.project.workspace import Workspace
     from imagebuild.sinks.engine import DockerEngine
-    from imagebuild.sinks.registry import ImageReference, RegistryClient
+    from imagebuild.sinks.registry import RegistryClient
     from imagebuild.target.platform import TargetPlatform
 
 OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry", "context")
@@ -141,10 +143,12 @@ def run_build(
     from concurrent.futures import ThreadPoolExecutor
 
     from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
-    from imagebuild.image.oci import BlobStore, build_index
+    from imagebuild.image.mutate import build_index
+    from imagebuild.image.name import ImageReference
+    from imagebuild.image.store import BlobStore
     from imagebuild.lock.model import find_lock, load_lock
     from imagebuild.lock.writer import recorded_bases
-    from imagebuild.sinks.registry import CredentialStore, ImageReference, RegistryClient
+    from imagebuild.sinks.registry import CredentialStore, RegistryClient
 
     reporter = reporter or NullReporter()
     _check_platforms(request)
@@ -629,8 +633,10 @@ def _compiler(
     and a multi-platform base ships one Python release on every platform).
     """
     from imagebuild.errors import DockerError
-    from imagebuild.image.oci import ImageConfig, build_image, write_docker_archive
+    from imagebuild.image.model import ImageConfig
+    from imagebuild.image.mutate import build_image
     from imagebuild.sinks.engine import DockerEngine, EngineCompiler
+    from imagebuild.sinks.layout import write_docker_archive
 
     version = ".".join(map(str, facts.python_version))
     host = find_host_python(facts.python_version)
@@ -693,12 +699,12 @@ def _compiler(
 
 def _layer_key(spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: int) -> str:
     """Everything a layer's bytes depend on; equal keys give equal layers."""
-    from imagebuild.image.oci import sha256_file
+    from imagebuild.digest import digest_file
 
     material = {
         "imgbuild": __version__,
         "kind": spec.kind,
-        "wheels": [[w.name, w.version, sha256_file(w.path)] for w in spec.wheels],
+        "wheels": [[w.name, w.version, digest_file(w.path)] for w in spec.wheels],
         "venv": str(venv.root),
         "interpreter": str(venv.base_interpreter),
         "python": list(venv.python_version),
@@ -718,7 +724,8 @@ def _build_layers(
     request: BuildRequest,
     reporter: Reporter,
 ) -> list[Layer]:
-    from imagebuild.image.oci import Layer, build_layer
+    from imagebuild.image.model import Layer
+    from imagebuild.image.tarball import build_layer
 
     layers: dict[int, Layer] = {}
     pending: list[tuple[int, LayerSpec, Path, Path]] = []
@@ -812,7 +819,7 @@ def _image_config(
     venv: VenvLayout,
     base_ref: str,
 ) -> ImageConfig:
-    from imagebuild.image.oci import ImageConfig
+    from imagebuild.image.model import ImageConfig
 
     base_env = _base_env(base)
     path = f"{venv.root}/bin:" + base_env.get(
@@ -838,7 +845,7 @@ def _assemble(
     base_ref: str,
     store: BlobStore,
 ) -> Image:
-    from imagebuild.image.oci import build_image
+    from imagebuild.image.mutate import build_image
 
     annotations = {
         "org.opencontainers.image.base.name": base_ref,
@@ -865,8 +872,8 @@ def _write_contexts(
     store: BlobStore,
 ) -> list[str]:
     """``context:DIR`` outputs: FROM the base as it was pulled, pinned by digest."""
+    from imagebuild.image.name import ImageReference
     from imagebuild.sinks.context import write_docker_context
-    from imagebuild.sinks.registry import ImageReference
 
     mirrored = pulled.name != ImageReference.parse(upstream).name
 
@@ -895,8 +902,9 @@ def _send(
     reporter: Reporter,
     base_tag: str,
 ) -> list[str]:
-    from imagebuild.image.oci import ImageIndex, write_oci_archive, write_oci_layout
-    from imagebuild.sinks.registry import ImageReference
+    from imagebuild.image.model import ImageIndex
+    from imagebuild.image.name import ImageReference
+    from imagebuild.sinks.layout import write_oci_archive, write_oci_layout
 
     refs = [ImageReference.parse(tag) for tag in tags]
     ref_name = refs[0].tag or "latest"
@@ -941,7 +949,7 @@ def _load(
     ``oci.write_docker_archive``. A loader that still wants them gets everything.
     """
     from imagebuild.errors import DockerError
-    from imagebuild.image.oci import write_docker_archive
+    from imagebuild.sinks.layout import write_docker_archive
 
     config = json.loads(image.store.path(image.config.digest).read_bytes())
     ours = tuple(config["rootfs"]["diff_ids"])
@@ -1139,7 +1147,7 @@ def lock_targets(
 
 def _pinned_reference(reference: str, pinned: Mapping[str, Digest]) -> ImageReference:
     """``reference`` at the digest a lock recorded for it, if any."""
-    from imagebuild.sinks.registry import ImageReference
+    from imagebuild.image.name import ImageReference
 
     ref = ImageReference.parse(reference)
     digest = pinned.get(reference)
@@ -1203,7 +1211,7 @@ def _lookup_digest_in_background(
     import threading
 
     from imagebuild.errors import RegistryError
-    from imagebuild.sinks.registry import ImageReference
+    from imagebuild.image.name import ImageReference
 
     found: dict[str, str] = {}
 
@@ -1240,7 +1248,7 @@ def run_lock(
     request: LockRequest, *, http: httpx.Client, reporter: Reporter | None = None
 ) -> LockResult:
     """Resolve the project for every target and write (or check) ``pylock.toml``."""
-    from imagebuild.image.oci import BlobStore
+    from imagebuild.image.store import BlobStore
     from imagebuild.index.simple import SimpleIndex
     from imagebuild.lock.resolve import resolve
     from imagebuild.lock.writer import (

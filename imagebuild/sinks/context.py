@@ -27,7 +27,8 @@ import jinja2
 
 from imagebuild import __version__
 from imagebuild.errors import ImageError
-from imagebuild.image.oci import BlobStore, ImageConfig, Layer
+from imagebuild.image.model import ImageConfig, Layer
+from imagebuild.image.store import BlobStore
 
 TEMPLATE_DIRS = (
     Path(__file__).resolve().parents[1] / "_data" / "templates",  # installed wheel

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import json
 import re
 import subprocess
@@ -27,222 +26,35 @@ from pathlib import Path
 
 import httpx
 
+from imagebuild.digest import Digest, digest_bytes
 from imagebuild.errors import ImageError, RegistryError
-from imagebuild.image.oci import (
-    DOCKER_CONFIG,
+from imagebuild.image.descriptor import (
+    CONFIG_TYPES,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
-    OCI_CONFIG,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
-    BaseImage,
-    BlobStore,
     Descriptor,
-    Digest,
-    Image,
-    ImageIndex,
-    parse_digest,
-    sha256_digest,
+    checked_digest,
 )
+from imagebuild.image.model import BaseImage, Image, ImageIndex
+from imagebuild.image.name import DOCKER_HUB, ImageReference, normalize_registry, registry_url
+from imagebuild.image.store import BlobStore
 
 __all__ = [
     "MANIFEST_ACCEPT",
     "CredentialStore",
     "Credentials",
-    "ImageReference",
     "RegistryClient",
-    "parse_mirrors",
 ]
 
-DOCKER_HUB = "docker.io"
-_DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
-_DOCKER_HUB_API = "registry-1.docker.io"
 _DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/"
 
 MANIFEST_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST_LIST}, {DOCKER_MANIFEST}"
-_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-_INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
-_CONFIG_TYPES = frozenset({OCI_CONFIG, DOCKER_CONFIG})
 
 _CHUNK = 1 << 20
-
-# distribution/reference grammar, reduced to what we accept.
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-_REPOSITORY_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-_HOST_RE = re.compile(
-    r"^(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]+)?$"
-)
-_DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
-
-
-# --------------------------------------------------------------------------------------------
-# References
-
-
-def _normalize_registry(host: str) -> str:
-    host = host.lower()
-    return DOCKER_HUB if host in _DOCKER_HUB_ALIASES else host
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ImageReference:
-    """A fully qualified image reference: ``registry/repository[:tag][@digest]``."""
-
-    registry: str
-    """Registry host, with a port when it has one: ``docker.io``, ``ghcr.io``,
-    ``127.0.0.1:5055``."""
-    repository: str
-    """Repository path, e.g. ``library/python`` (Docker Hub official images live under
-    ``library/``)."""
-    tag: str | None = None
-    """The tag; ``latest`` when the text named neither a tag nor a digest."""
-    digest: Digest | None = None
-    """A pinned manifest digest (``@sha256:...``); it wins over the tag when pulling."""
-
-    @classmethod
-    def parse(cls, text: str) -> ImageReference:
-        """Parse ``text`` with Docker's normalisation.
-
-        No registry means ``docker.io``; a one-component name on Docker Hub gets ``library/``;
-        no tag and no digest means ``:latest``. The first path component is a registry when it
-        contains ``.`` or ``:`` or is ``localhost``. Raises ``RegistryError`` when invalid.
-        """
-        original = text
-        text = text.strip()
-        if not text:
-            raise RegistryError("empty image reference", hint="use e.g. python:3.11-slim")
-        name, _, digest = text.partition("@")
-        tag: str | None = None
-        slash = name.rfind("/")
-        colon = name.rfind(":")
-        if colon > slash:
-            name, tag = name[:colon], name[colon + 1 :]
-        first, sep, rest = name.partition("/")
-        if sep and ("." in first or ":" in first or first == "localhost"):
-            registry, repository = _normalize_registry(first), rest
-            if not _HOST_RE.match(first):
-                raise RegistryError(f"image reference {original!r}: invalid registry {first!r}")
-        else:
-            registry, repository = DOCKER_HUB, name
-        if registry == DOCKER_HUB and "/" not in repository:
-            repository = f"library/{repository}"
-        if repository != repository.lower() and _REPOSITORY_RE.match(repository.lower()):
-            raise RegistryError(f"image reference {original!r}: repository name must be lowercase")
-        if not _REPOSITORY_RE.match(repository) or len(repository) > 255:
-            raise RegistryError(
-                f"image reference {original!r}: invalid repository name {repository!r}",
-                hint="use lowercase letters, digits and separators (. _ __ -), e.g. org/app",
-            )
-        if tag is not None and not _TAG_RE.match(tag):
-            raise RegistryError(f"image reference {original!r}: invalid tag {tag!r}")
-        pinned: Digest | None = None
-        if digest:
-            if not _DIGEST_RE.match(digest):
-                raise RegistryError(f"image reference {original!r}: invalid digest {digest!r}")
-            try:
-                pinned = parse_digest(digest)
-            except ImageError:
-                raise RegistryError(
-                    f"image reference {original!r}: only sha256:<64 hex> digests are supported"
-                ) from None
-        elif "@" in text:
-            raise RegistryError(f"image reference {original!r}: empty digest after '@'")
-        if tag is None and pinned is None:
-            tag = "latest"
-        return cls(registry=registry, repository=repository, tag=tag, digest=pinned)
-
-    def __str__(self) -> str:
-        text = f"{self.registry}/{self.repository}"
-        if self.tag is not None:
-            text += f":{self.tag}"
-        if self.digest is not None:
-            text += f"@{self.digest}"
-        return text
-
-    @property
-    def name(self) -> str:
-        """``registry/repository`` without tag or digest."""
-        return f"{self.registry}/{self.repository}"
-
-    @property
-    def reference(self) -> str:
-        """What goes after ``/manifests/``: the digest when pinned, else the tag."""
-        if self.digest is not None:
-            return self.digest
-        return self.tag or "latest"
-
-    def with_tag(self, tag: str) -> ImageReference:
-        """The same repository at ``tag`` (dropping any digest)."""
-        if not _TAG_RE.match(tag):
-            raise RegistryError(f"invalid tag {tag!r} for {self.name}")
-        return ImageReference(registry=self.registry, repository=self.repository, tag=tag)
-
-    def with_digest(self, digest: Digest) -> ImageReference:
-        """The same repository and tag, pinned to ``digest``."""
-        return ImageReference(
-            registry=self.registry, repository=self.repository, tag=self.tag, digest=digest
-        )
-
-    def with_mirrors(self, mirrors: Mapping[str, str]) -> ImageReference:
-        """Rewrite the registry host through ``mirrors`` (``{"docker.io": "127.0.0.1:5055"}``).
-
-        The repository path, tag and digest are kept, so ``python:3.11-slim`` becomes
-        ``127.0.0.1:5055/library/python:3.11-slim``. Hosts not in the map are unchanged.
-        """
-        for source, target in mirrors.items():
-            if _normalize_registry(source) == self.registry:
-                return ImageReference(
-                    registry=_normalize_registry(target),
-                    repository=self.repository,
-                    tag=self.tag,
-                    digest=self.digest,
-                )
-        return self
-
-
-def parse_mirrors(text: str) -> dict[str, str]:
-    """Parse ``"docker.io=127.0.0.1:5055,gcr.io=127.0.0.1:5055"`` into a host → host map.
-
-    Empty text gives an empty map. Hosts are normalised (``index.docker.io`` → ``docker.io``).
-    """
-    mirrors: dict[str, str] = {}
-    for item in text.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        source, sep, target = item.partition("=")
-        source, target = source.strip(), target.strip()
-        if not sep or not source or not target:
-            raise RegistryError(
-                f"registry mirror {item!r} is not of the form host=mirror",
-                hint="write e.g. docker.io=127.0.0.1:5055,gcr.io=127.0.0.1:5055",
-            )
-        for host in (source, target):
-            if not _HOST_RE.match(host):
-                raise RegistryError(f"registry mirror {item!r}: {host!r} is not a host[:port]")
-        mirrors[_normalize_registry(source)] = _normalize_registry(target)
-    return mirrors
-
-
-def _is_loopback(host: str) -> bool:
-    if host.startswith("["):
-        bare = host[1 : host.find("]")]
-    else:
-        bare = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if bare == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(bare).is_loopback
-    except ValueError:
-        return False
-
-
-def _base_url(registry: str) -> str:
-    host = _DOCKER_HUB_API if registry == DOCKER_HUB else registry
-    scheme = "http" if _is_loopback(host) else "https"
-    return f"{scheme}://{host}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,7 +76,7 @@ class Credentials:
 def _normalize_auth_key(key: str) -> str:
     """Docker's config keys may be hosts or URLs (``https://index.docker.io/v1/``)."""
     host = re.sub(r"^[a-z]+://", "", key.strip()).split("/", 1)[0]
-    return _normalize_registry(host)
+    return normalize_registry(host)
 
 
 def _helper_server_url(registry: str) -> str:
@@ -364,7 +176,7 @@ class CredentialStore:
 
     def get(self, registry: str) -> Credentials | None:
         """The login for ``registry`` (a normalised host), or ``None`` to go anonymous."""
-        registry = _normalize_registry(registry)
+        registry = normalize_registry(registry)
         helper = dict(self.cred_helpers).get(registry) or self.creds_store
         if helper:
             found = self.helper(helper, _helper_server_url(registry))
@@ -525,7 +337,7 @@ class RegistryClient:
                 hint="the registry served different content; check the mirror or the digest",
             )
         obj = _json_object(data, op, "manifest")
-        if media_type in _INDEX_TYPES:
+        if media_type in INDEX_TYPES:
             entry = self._select_platform(op, obj, platform)
             data, media_type, digest = self.fetch_manifest(ref.with_digest(entry.digest))
             if digest != entry.digest:
@@ -534,14 +346,14 @@ class RegistryClient:
                     f"the index says {entry.digest}"
                 )
             obj = _json_object(data, op, "manifest")
-        if media_type not in _MANIFEST_TYPES:
+        if media_type not in MANIFEST_TYPES:
             raise RegistryError(
                 f"pulling {ref}: unsupported manifest media type {media_type!r}",
                 hint="imgbuild reads OCI and Docker v2 schema 2 images",
             )
 
         config_desc = _descriptor(obj.get("config"), op, "manifest config")
-        if config_desc.media_type not in _CONFIG_TYPES:
+        if config_desc.media_type not in CONFIG_TYPES:
             raise RegistryError(
                 f"pulling {ref}: config has media type {config_desc.media_type}, not an image"
             )
@@ -568,7 +380,7 @@ class RegistryClient:
                 f"pulling {ref}: config rootfs.diff_ids does not list one entry per layer"
             )
         try:
-            diff_ids = tuple(parse_digest(str(d)) for d in raw_diff_ids)
+            diff_ids = tuple(checked_digest(str(d)) for d in raw_diff_ids)
         except ImageError as exc:
             raise RegistryError(f"pulling {ref}: config rootfs.diff_ids: {exc.message}") from None
         for layer in layers:
@@ -617,7 +429,7 @@ class RegistryClient:
         The blobs (or child manifests) it references must already be in the repository.
         """
         op = _Op(ref, "pushing", "pull,push")
-        digest = sha256_digest(data)
+        digest = digest_bytes(data)
         resp = self._send(
             op,
             "PUT",
@@ -648,7 +460,7 @@ class RegistryClient:
             raise self._status_error(op, resp, "manifest")
         data = resp.content
         media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
-        if media_type not in _MANIFEST_TYPES | _INDEX_TYPES:
+        if media_type not in MANIFEST_TYPES | INDEX_TYPES:
             # Some registries answer application/json; the document names its own type.
             try:
                 declared = json.loads(data).get("mediaType")
@@ -656,7 +468,7 @@ class RegistryClient:
                 declared = None
             if isinstance(declared, str) and declared:
                 media_type = declared
-        return data, media_type, sha256_digest(data)
+        return data, media_type, digest_bytes(data)
 
     # -- blobs ---------------------------------------------------------------------------
 
@@ -760,7 +572,7 @@ class RegistryClient:
     # -- transport and auth --------------------------------------------------------------
 
     def _url(self, ref: ImageReference, path: str) -> httpx.URL:
-        return httpx.URL(f"{_base_url(ref.registry)}/v2/{ref.repository}/{path}")
+        return httpx.URL(f"{registry_url(ref.registry)}/v2/{ref.repository}/{path}")
 
     def _send(
         self,
@@ -917,7 +729,7 @@ class RegistryClient:
     def _transport_error(
         self, op: _Op, exc: httpx.HTTPError, *, what: str | None = None
     ) -> RegistryError:
-        target = what or _base_url(op.ref.registry)
+        target = what or registry_url(op.ref.registry)
         if isinstance(exc, httpx.TimeoutException):
             detail = "timed out"
         elif isinstance(exc, httpx.ConnectError):

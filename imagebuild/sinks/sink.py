@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from imagebuild.image.oci import BaseImage, Image, ImageConfig, ImageIndex, Layer
+    from imagebuild.image.model import BaseImage, Image, ImageConfig, ImageIndex, Layer
+    from imagebuild.image.name import ImageReference
     from imagebuild.report import Reporter
-    from imagebuild.sinks.registry import ImageReference
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import docker.errors
 import pytest
 
-from imagebuild.image.oci import validate_layout
+from imagebuild.image.validate import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.integration.conftest import MakeProject, imgbuild
 

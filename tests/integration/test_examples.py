@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.image.oci import validate_layout
+from imagebuild.image.validate import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.integration.conftest import imgbuild
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from imagebuild.image.oci import validate_layout
+from imagebuild.image.validate import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.fixtures.index_server import LocalIndex
 from tests.integration.conftest import MakeProject, imgbuild, index_settings

@@ -1,0 +1,107 @@
+"""The blob store: content-addressed blobs under ``root/sha256/<hex>``, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagebuild.digest import Digest, digest_file, digest_hex
+from imagebuild.errors import ImageError
+from imagebuild.image.descriptor import OCTET_STREAM, Descriptor, checked_digest
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStore:
+    """Content-addressed blobs under ``root/sha256/<hex>``; writes are atomic (temp + rename).
+
+    Any process may share a store: a blob appears under its name only once complete and
+    verified, and two writers of the same blob write the same bytes.
+    """
+
+    root: Path
+
+    def path(self, digest: Digest) -> Path:
+        """Where the blob named ``digest`` lives (whether or not it exists yet)."""
+        return self.root / "sha256" / digest_hex(checked_digest(digest))
+
+    def has(self, digest: Digest) -> bool:
+        """Whether the blob is present."""
+        return self.path(digest).is_file()
+
+    def read_bytes(self, digest: Digest) -> bytes:
+        """Return a (small) blob's bytes."""
+        try:
+            return self.path(digest).read_bytes()
+        except FileNotFoundError:
+            raise ImageError(f"blob {digest} is missing from the blob store {self.root}") from None
+
+    def put_bytes(self, data: bytes, *, media_type: str = OCTET_STREAM) -> Descriptor:
+        """Store ``data`` and return its descriptor."""
+        return self.ingest((data,), media_type=media_type)
+
+    def put_file(
+        self, tmp: Path, *, media_type: str = OCTET_STREAM, expected: Digest | None = None
+    ) -> Descriptor:
+        """Move ``tmp`` (on the same filesystem, e.g. from ``temp_file``) into the store.
+
+        The file is hashed first; with ``expected`` given, a mismatch deletes ``tmp`` and raises.
+        """
+        digest = digest_file(tmp)
+        size = tmp.stat().st_size
+        if expected is not None and digest != expected:
+            tmp.unlink(missing_ok=True)
+            raise ImageError(f"blob {expected}: content hashes to {digest}")
+        dest = self.path(digest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
+        return Descriptor(media_type=media_type, digest=digest, size=size)
+
+    def ingest(
+        self,
+        chunks: Iterable[bytes],
+        *,
+        media_type: str = OCTET_STREAM,
+        expected: Digest | None = None,
+        expected_size: int | None = None,
+    ) -> Descriptor:
+        """Stream ``chunks`` into the store, hashing as they arrive.
+
+        With ``expected``/``expected_size`` given, a mismatch leaves nothing behind and raises
+        ``ImageError`` naming the blob.
+        """
+        h = hashlib.sha256()
+        size = 0
+        with self.temp_file() as tmp:
+            with tmp.open("wb") as f:
+                for chunk in chunks:
+                    h.update(chunk)
+                    size += len(chunk)
+                    f.write(chunk)
+            digest = Digest("sha256:" + h.hexdigest())
+            name = expected or digest
+            if expected is not None and digest != expected:
+                raise ImageError(f"blob {name}: content hashes to {digest}")
+            if expected_size is not None and size != expected_size:
+                raise ImageError(f"blob {name}: expected {expected_size} bytes, got {size}")
+            dest = self.path(digest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+        return Descriptor(media_type=media_type, digest=digest, size=size)
+
+    @contextmanager
+    def temp_file(self) -> Iterator[Path]:
+        """Yield a fresh path inside the store's temp dir; it is removed unless moved away."""
+        tmp_dir = self.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="blob-")
+        os.close(fd)
+        path = Path(name)
+        try:
+            yield path
+        finally:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,231 @@
+"""The one deterministic tar writer: layers from staging trees, and the entries of archives.
+
+Every entry has fixed metadata (an epoch mtime, uid/gid 0, no user or group names, normalised
+modes) and entries are sorted, so the same tree gives the same bytes on every machine. Gzip has
+no timestamp or file name and a fixed level: the compressed digest changes only with zlib.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import tarfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from imagebuild.digest import Digest
+from imagebuild.errors import ImageError, LayerError
+from imagebuild.image.descriptor import OCI_LAYER_GZIP
+from imagebuild.image.model import Layer
+from imagebuild.image.store import BlobStore
+
+# Level 6 is zlib's default trade-off; it is fixed so that the compressed digest only changes
+# with the zlib build, never with a Python default.
+_GZIP_LEVEL = 6
+
+
+class _Writable(Protocol):
+    def write(self, data: memoryview, /) -> int: ...
+
+
+class _HashingWriter(io.RawIOBase):
+    """A write-only stream that hashes and counts what passes through, then forwards it."""
+
+    def __init__(self, sink: _Writable | None) -> None:
+        super().__init__()
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._sink = sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        self.sha.update(view)
+        self.size += len(view)
+        if self._sink is not None:
+            self._sink.write(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    @property
+    def digest(self) -> Digest:
+        return Digest("sha256:" + self.sha.hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    name: str  # archive path, no leading "/" or "./"
+    kind: str  # "dir", "file", "symlink"
+    source: Path | None  # file to read, or None for synthetic directories
+    mode: int
+    linkname: str = ""
+
+
+def _scan_staging(staging: Path, prefix_dirs: Iterable[str]) -> list[_Entry]:
+    entries: dict[str, _Entry] = {}
+
+    def walk(directory: Path, rel: str) -> None:
+        with os.scandir(directory) as it:
+            children = list(it)
+        for child in children:
+            name = f"{rel}/{child.name}" if rel else child.name
+            st = child.stat(follow_symlinks=False)
+            if stat.S_ISLNK(st.st_mode):
+                entries[name] = _Entry(
+                    name, "symlink", Path(child.path), 0o777, os.readlink(child.path)
+                )
+            elif stat.S_ISDIR(st.st_mode):
+                entries[name] = _Entry(name, "dir", Path(child.path), 0o755)
+                walk(Path(child.path), name)
+            elif stat.S_ISREG(st.st_mode):
+                # Hardlinked files are written as independent regular files (copy mode).
+                mode = 0o755 if st.st_mode & 0o111 else 0o644
+                entries[name] = _Entry(name, "file", Path(child.path), mode)
+            else:
+                raise LayerError(
+                    f"{child.path}: unsupported file type in layer staging "
+                    f"(only directories, regular files and symlinks can go into a layer)"
+                )
+
+    if not staging.is_dir():
+        raise LayerError(f"layer staging directory {staging} does not exist")
+    walk(staging, "")
+
+    for raw in prefix_dirs:
+        parts = [p for p in raw.strip("/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise LayerError(f"prefix directory {raw!r} must not contain '..'")
+        for i in range(1, len(parts) + 1):
+            name = "/".join(parts[:i])
+            existing = entries.get(name)
+            if existing is None:
+                entries[name] = _Entry(name, "dir", None, 0o755)
+            elif existing.kind != "dir":
+                raise LayerError(
+                    f"prefix directory {raw!r}: {name} is a {existing.kind} in {staging}"
+                )
+
+    # Sorting full paths bytewise puts every directory before its children, because a parent
+    # path is a proper prefix of each child's path.
+    return sorted(entries.values(), key=lambda e: os.fsencode(e.name))
+
+
+def tar_info(name: str, *, mtime: int) -> tarfile.TarInfo:
+    """A tar header for ``name`` with imgbuild's fixed metadata (owner 0, no names)."""
+    info = tarfile.TarInfo(name)
+    info.mtime = mtime
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.devmajor = info.devminor = 0
+    return info
+
+
+def build_layer(
+    staging: Path,
+    store: BlobStore,
+    *,
+    mtime: int,
+    prefix_dirs: Iterable[str] = (),
+    created_by: str = "imgbuild: layer",
+) -> Layer:
+    """Tar and gzip ``staging`` deterministically into ``store`` and return the ``Layer``.
+
+    ``staging`` mirrors the container's root: ``staging/app/.venv/bin/python`` becomes the
+    entry ``app/.venv/bin/python``. Entries are sorted bytewise by path, every directory has
+    its own entry before its children, and metadata is fixed: ``mtime`` (an int epoch, e.g.
+    ``SOURCE_DATE_EPOCH``), uid/gid 0, empty uname/gname, directories 0755, files 0644 (0755 if
+    any exec bit was set), symlinks 0777 with their target unchanged. Hardlinks become regular
+    files. The format is PAX; gzip has mtime 0, no file name and a fixed level.
+
+    ``prefix_dirs`` names extra directories (container paths such as ``/app/data``) that get
+    entries, with their parents, even when ``staging`` does not contain them.
+
+    ``diff_id`` and ``digest`` are computed in the same streaming pass that writes the blob,
+    so the layer is never held in memory.
+    """
+    if isinstance(mtime, bool) or not isinstance(mtime, int) or mtime < 0:
+        raise LayerError(f"layer mtime must be a non-negative integer epoch, got {mtime!r}")
+    try:
+        entries = _scan_staging(staging, prefix_dirs)
+        with store.temp_file() as tmp:
+            with tmp.open("wb") as out:
+                compressed = _HashingWriter(out)
+                with gzip.GzipFile(
+                    filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=_GZIP_LEVEL
+                ) as gz:
+                    uncompressed = _HashingWriter(gz)
+                    with tarfile.open(
+                        fileobj=uncompressed,
+                        mode="w|",
+                        format=tarfile.PAX_FORMAT,
+                        encoding="utf-8",
+                    ) as tar:
+                        for entry in entries:
+                            _add_entry(tar, entry, mtime=mtime)
+            digest = compressed.digest
+            dest = store.path(digest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, dest)
+    except OSError as exc:
+        where = exc.filename or staging
+        raise LayerError(f"layer from {staging}: {where}: {exc.strerror or exc}") from exc
+    return Layer(
+        digest=digest,
+        diff_id=uncompressed.digest,
+        size=compressed.size,
+        media_type=OCI_LAYER_GZIP,
+        created_by=created_by,
+    )
+
+
+def _add_entry(tar: tarfile.TarFile, entry: _Entry, *, mtime: int) -> None:
+    info = tar_info(entry.name, mtime=mtime)
+    info.mode = entry.mode
+    if entry.kind == "dir":
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+    elif entry.kind == "symlink":
+        info.type = tarfile.SYMTYPE
+        info.linkname = entry.linkname
+        tar.addfile(info)
+    else:
+        assert entry.source is not None
+        with entry.source.open("rb") as f:
+            info.type = tarfile.REGTYPE
+            info.size = os.fstat(f.fileno()).st_size
+            tar.addfile(info, f)
+
+
+def add_dir(tar: tarfile.TarFile, name: str) -> None:
+    """Add directory ``name`` to an archive (0755, mtime 0, owned by root)."""
+    info = tar_info(name, mtime=0)
+    info.type = tarfile.DIRTYPE
+    info.mode = 0o755
+    tar.addfile(info)
+
+
+def add_file(tar: tarfile.TarFile, name: str, data: bytes | Path, size: int | None = None) -> None:
+    """Add file ``name`` to an archive (0644, mtime 0), from bytes or a file of ``size`` bytes."""
+    info = tar_info(name, mtime=0)
+    info.mode = 0o644
+    if isinstance(data, bytes):
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        return
+    try:
+        with data.open("rb") as f:
+            info.size = os.fstat(f.fileno()).st_size
+            if size is not None and info.size != size:
+                raise ImageError(f"blob {data} has {info.size} bytes, expected {size}")
+            tar.addfile(info, f)
+    except FileNotFoundError:
+        raise ImageError(f"blob file {data} is missing") from None
