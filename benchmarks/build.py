@@ -3,9 +3,12 @@
 Run on demand (not part of the test suite), with the private engine and registry up
 (``dev/infra.sh up``):
 
-    .venv/bin/python benchmarks/build.py [--example examples/fastapi-service] [--keep]
+    .venv/bin/python benchmarks/build.py [--project NAME]... [--keep]
 
-Both tools build the same copy of the example on the same base
+Projects (all three by default): ``fastapi-service`` (the example, 17 packages),
+``scientific-stack`` (numpy, pandas, scipy, matplotlib, scikit-learn: 19 packages, a venv of
+hundreds of MB) and ``data-platform`` (a notebook server, a task queue and cloud clients:
+a lock of 173 packages). Both tools build the same copy of each project on the same base
 (``127.0.0.1:5055/library/python:3.11-slim-bookworm``), and the script prints one table:
 
 1. cold build time: empty caches (a fresh imgbuild --cache-dir and uv cache;
@@ -44,8 +47,32 @@ DOCKER = "/usr/bin/docker"  # the engine's own client (the first `docker` on PAT
 BASE_REF = "{registry}/library/python:3.11-slim-bookworm"
 TOOLS_TAG = "imgbuild-bench-tools:latest"
 ANCHOR_REPO = "imgbuild-bench-anchor"
-SOURCE_FILE = Path("src/hello_api/main.py")
-ONE_LINE_CHANGE = ('"message": f"Hello, {name}!"', '"message": f"Hi there, {name}!"')
+
+
+@dataclass(frozen=True)
+class Project:
+    path: Path  # relative to the repository
+    script: str  # the console script the image runs
+    self_test: tuple[str, ...]  # its arguments for a run that proves the image works
+    source: Path  # the file the one-line change edits
+    change: tuple[str, str]  # that line, before and after
+
+
+PROJECTS = {
+    "fastapi-service": Project(
+        Path("examples/fastapi-service"), "hello-api", ("--self-test",),
+        Path("src/hello_api/main.py"),
+        ('"message": f"Hello, {name}!"', '"message": f"Hi there, {name}!"'),
+    ),
+    "scientific-stack": Project(
+        Path("benchmarks/projects/scientific-stack"), "sciapp", (),
+        Path("src/sciapp/cli.py"), ('print(f"slope', 'print(f"fitted slope'),
+    ),
+    "data-platform": Project(
+        Path("benchmarks/projects/data-platform"), "dataplat", (),
+        Path("src/dataplat/cli.py"), ('print(" ".join(', 'print("clients:", " ".join('),
+    ),
+}  # fmt: skip
 
 # uv's "Using uv in Docker" guide, multi-stage with intermediate layers. The only departures:
 # uv and the host's CA bundle (the TLS-intercepting PyPI proxy) come from a local image
@@ -70,7 +97,7 @@ FROM {base}
 COPY --from=builder /app /app
 ENV PATH="/app/.venv/bin:$PATH"
 WORKDIR /app
-ENTRYPOINT ["hello-api"]
+ENTRYPOINT ["{script}"]
 """
 
 
@@ -202,9 +229,9 @@ def copy_project(example: Path, dest: Path) -> Path:
     return dest
 
 
-def make_one_line_change(project: Path) -> None:
-    path = project / SOURCE_FILE
-    old, new = ONE_LINE_CHANGE
+def make_one_line_change(project: Path, spec: Project) -> None:
+    path = project / spec.source
+    old, new = spec.change
     text = path.read_text()
     if text.count(old) != 1:
         sys.exit(f"{path}: expected exactly one {old!r} to change")
@@ -276,13 +303,16 @@ class Imgbuild:
 class Anchor:
     """`docker build` (BuildKit, the engine's builtin Dockerfile frontend) of ANCHOR_DOCKERFILE."""
 
-    def __init__(self, env: dict[str, str], workdir: Path) -> None:
+    def __init__(self, env: dict[str, str], workdir: Path, spec: Project) -> None:
         self.env = {**env, "DOCKER_BUILDKIT": "1"}
+        self.spec = spec
         self.docker = [DOCKER, "-H", env["DOCKER_HOST"]]
         self.workdir = workdir
         self.base = BASE_REF.format(registry=env["IMGBUILD_TEST_REGISTRY"])
         self.dockerfile = workdir / "anchor.Dockerfile"
-        self.dockerfile.write_text(ANCHOR_DOCKERFILE.format(base=self.base, tools=TOOLS_TAG))
+        self.dockerfile.write_text(
+            ANCHOR_DOCKERFILE.format(base=self.base, tools=TOOLS_TAG, script=spec.script)
+        )
         self.tags: list[str] = []
         self.runs = 0
         self.last_tag = ""
@@ -298,7 +328,7 @@ class Anchor:
     def build_tools_image(self) -> None:
         """A FROM-scratch image with uv and the host's CA bundle: our ghcr.io/astral-sh/uv."""
         context = self.workdir / "tools"
-        context.mkdir()
+        context.mkdir(exist_ok=True)
         shutil.copy2(uv_binary(), context / "uv")
         shutil.copy2(self.env.get("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt"),
                      context / "ca-certificates.crt")  # fmt: skip
@@ -360,11 +390,16 @@ class Anchor:
         fmt = "{{json .RootFS.Layers}}"
         layers = run([*self.docker, "image", "inspect", "-f", fmt, *refs], env=self.env)
         base_layer = build.layers[0].digest
-        return [ref for ref, line in zip(refs, layers.splitlines()) if base_layer in line]
+        return [
+            ref for ref, line in zip(refs, layers.splitlines(), strict=True) if base_layer in line
+        ]
 
     def self_test(self, tag: str) -> None:
         """The anchor image really serves (a broken Dockerfile would flatter it)."""
-        run([*self.docker, "run", "--rm", "--network", "none", tag, "--self-test"], env=self.env)
+        run(
+            [*self.docker, "run", "--rm", "--network", "none", tag, *self.spec.self_test],
+            env=self.env,
+        )
 
     def cleanup(self) -> None:
         for tag in reversed(self.tags):
@@ -377,12 +412,12 @@ class Anchor:
 # -- the measurements --------------------------------------------------------------------------
 
 
-def measure(tool: Imgbuild | Anchor, example: Path, workdir: Path, name: str) -> Result:
-    """Two clean builds of a copy of ``example``, then a warm rebuild after a one-line change."""
-    project = copy_project(example, workdir / f"{name}-project")
+def measure(tool: Imgbuild | Anchor, spec: Project, workdir: Path, name: str) -> Result:
+    """Two clean builds of a copy of the project, then a warm rebuild after a one-line change."""
+    project = copy_project(REPO / spec.path, workdir / f"{name}-project")
     cold = (tool.build(project, cold=True), tool.build(project, cold=True))
     print(f"  {name}: cold builds {cold[0].seconds:.1f}s, {cold[1].seconds:.1f}s", file=sys.stderr)
-    make_one_line_change(project)
+    make_one_line_change(project, spec)
     warm = tool.build(project, cold=False)
     print(f"  {name}: warm rebuild {warm.seconds:.1f}s", file=sys.stderr)
     before = {layer.digest for layer in cold[1].layers}
@@ -470,7 +505,10 @@ def report(ours: Result, anchor: Result) -> str:
         ("same digest from 2 clean builds", same(ours), same(anchor), ""),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines += [
         "",
@@ -497,7 +535,7 @@ def report(ours: Result, anchor: Result) -> str:
     ]
     diff = [
         i
-        for i, (a, b) in enumerate(zip(anchor.cold[0].layers, anchor.cold[1].layers))
+        for i, (a, b) in enumerate(zip(anchor.cold[0].layers, anchor.cold[1].layers, strict=False))
         if a.digest != b.digest
     ]
     lines.append(
@@ -526,27 +564,36 @@ def describe_setup() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--example", type=Path, default=REPO / "examples/fastapi-service")
+    parser.add_argument(
+        "--project", action="append", choices=sorted(PROJECTS), help="repeatable; default: all"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     env = infra_env()
+    print(describe_setup())
+    for name in args.project or list(PROJECTS):
+        print(f"\n## {name}\n")
+        print(report(*measure_both(env, PROJECTS[name], keep=args.keep)))
+        sys.stdout.flush()
+
+
+def measure_both(env: dict[str, str], spec: Project, *, keep: bool) -> tuple[Result, Result]:
+    """imgbuild, then the anchor, on one project (one work directory)."""
     workdir = Path(tempfile.mkdtemp(prefix="imgbuild-bench-"))
     print(f"work directory: {workdir}", file=sys.stderr)
-    setup = describe_setup()
     anchor = None
     try:
-        print("imgbuild ...", file=sys.stderr)
-        ours = measure(Imgbuild(env, workdir), args.example.resolve(), workdir, "imgbuild")
-        print("anchor (uv's Dockerfile) ...", file=sys.stderr)
-        anchor = Anchor(env, workdir)
-        theirs = measure(anchor, args.example.resolve(), workdir, "anchor")
+        print(f"{spec.path}: imgbuild ...", file=sys.stderr)
+        ours = measure(Imgbuild(env, workdir), spec, workdir, "imgbuild")
+        print(f"{spec.path}: anchor (uv's Dockerfile) ...", file=sys.stderr)
+        anchor = Anchor(env, workdir, spec)
+        theirs = measure(anchor, spec, workdir, "anchor")
     finally:
         if anchor is not None:
             anchor.cleanup()
-        if not args.keep:
+        if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(setup)
-    print(report(ours, theirs))
+    return ours, theirs
 
 
 if __name__ == "__main__":
