@@ -1,7 +1,8 @@
 """The cache: every bucket named once (``CacheLayout``) and the one atomic write.
 
-Every cache record, lock file and page the stages write goes through ``write_atomic``, so a
-killed run leaves either the old file or the new one, never a torn one.
+Every cache record, lock file and page the stages write goes through ``write_atomic`` (or
+``atomic_writer`` for a stream), so a killed run leaves either the old file or the new one,
+never a torn one.
 """
 
 from __future__ import annotations
@@ -9,8 +10,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,23 +88,31 @@ class CacheLayout:
         return self.root / "tmp"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (creating its directory); OSError propagates.
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s new content into; it replaces ``path`` on a clean exit.
 
     The bytes are flushed to disk before the rename, so a crash after it never leaves an
-    entry whose name is there and whose content is not.
+    entry whose name is there and whose content is not. An exception inside the block
+    (a hash that did not match) removes the temporary file and leaves ``path`` as it was.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
-            out.write(data)
+            yield out
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (creating its directory); OSError propagates."""
+    with atomic_writer(path) as out:
+        out.write(data)
 
 
 def write_json(path: Path, data: object) -> None:

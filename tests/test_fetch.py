@@ -9,10 +9,14 @@ import httpx
 import pytest
 from installer.sources import WheelFile as InstallerWheel
 
+from imagebuild.cache import CacheLayout
 from imagebuild.errors import FetchError
 from imagebuild.install.fetch import WheelCache, default_cache_dir, fetch_wheels
 from imagebuild.lock.model import Digest, WheelFile
+from imagebuild.net.http import RetryPolicy, retrying_client
 from tests.fixtures.index_server import LocalIndex, make_wheel
+
+NO_WAIT = RetryPolicy(backoff=0.0, max_wait=0.0)
 
 
 @pytest.fixture
@@ -58,7 +62,7 @@ def test_download_verify_and_cache_hit(
     fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
 ) -> None:
     wheel = served(fresh_index, "fa")
-    cache = WheelCache(tmp_path / "cache")
+    cache = WheelCache(CacheLayout(tmp_path / "cache").wheels)
     steps = Steps()
     paths = fetch_wheels(http, [wheel], cache, reporter=steps)
     path = paths[wheel]
@@ -176,7 +180,7 @@ def test_server_errors_are_retried(tmp_path: Path) -> None:
             return httpx.Response(503)
         return httpx.Response(200, content=wheel_path.read_bytes())
 
-    with httpx.Client(transport=httpx.MockTransport(flaky)) as client:
+    with retrying_client(httpx.MockTransport(flaky), retry=NO_WAIT) as client:
         path = fetch_wheels(client, [wheel], WheelCache(tmp_path / "c"))[wheel]
     assert len(calls) == 3
     assert path.read_bytes() == wheel_path.read_bytes()
@@ -185,7 +189,7 @@ def test_server_errors_are_retried(tmp_path: Path) -> None:
         raise httpx.ConnectError("refused", request=request)
 
     with (
-        httpx.Client(transport=httpx.MockTransport(down)) as client,
+        retrying_client(httpx.MockTransport(down), retry=NO_WAIT) as client,
         pytest.raises(FetchError, match="failed after 3 attempts: refused"),
     ):
         fetch_wheels(client, [wheel], WheelCache(tmp_path / "d"))

@@ -16,10 +16,13 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
-from imagebuild.errors import PackageIndexError
 from imagebuild.build.sdist import sdist_metadata
+from imagebuild.errors import PackageIndexError
 from imagebuild.index.simple import ACCEPT, DistMetadata, IndexFile, PackageIndex, SimpleIndex
+from imagebuild.net.http import RetryPolicy, http_client, retrying_client
 from tests.fixtures.index_server import HTML_TYPE, JSON_TYPE, LocalIndex
+
+NO_WAIT = RetryPolicy(backoff=0.0, max_wait=0.0)
 
 
 def n(name: str) -> NormalizedName:
@@ -40,7 +43,7 @@ class Messages:
 
 @pytest.fixture
 def http() -> Iterator[httpx.Client]:
-    with httpx.Client(timeout=10) as client:
+    with http_client(retry=NO_WAIT) as client:
         yield client
 
 
@@ -62,10 +65,8 @@ def open_index(http: httpx.Client) -> Iterator[Callable[..., SimpleIndex]]:
 
 
 def mock_index(handler: Callable[[httpx.Request], httpx.Response], **kwargs: object) -> SimpleIndex:
-    client = httpx.Client(transport=httpx.MockTransport(handler))
-    index = SimpleIndex(client, ["http://127.0.0.1:9/simple/"], cache_dir=None, **kwargs)  # type: ignore[arg-type]
-    index._backoff = 0.001
-    return index
+    client = retrying_client(httpx.MockTransport(handler), retry=NO_WAIT)
+    return SimpleIndex(client, ["http://127.0.0.1:9/simple/"], cache_dir=None, **kwargs)  # type: ignore[arg-type]
 
 
 def without_json_only_fields(files: tuple[IndexFile, ...]) -> tuple[IndexFile, ...]:
@@ -718,7 +719,6 @@ def test_connection_refused_is_a_package_index_error(http: httpx.Client) -> None
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     index = SimpleIndex(http, [f"http://user:hunter2@127.0.0.1:{port}/simple"], cache_dir=None)
-    index._backoff = 0.001
     with index, pytest.raises(PackageIndexError) as caught:
         index.files(n("anything"))
     message = str(caught.value)

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 import pytest
@@ -197,3 +198,10 @@ def test_replayable_requests() -> None:
     assert is_replayable(httpx.Request("GET", "http://x/"))
     assert is_replayable(httpx.Request("PUT", "http://x/", content=b"abc"))
     assert not is_replayable(httpx.Request("PUT", "http://x/", content=iter([b"abc"])))
+
+
+def test_the_client_honours_ssl_cert_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A proxy's CA comes from SSL_CERT_FILE: the run's client must read it (trust_env)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
+    with pytest.raises(OSError):
+        http_client()

@@ -23,16 +23,18 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal
 
 from build import BuildBackendException, BuildException, ProjectBuilder
 from filelock import FileLock
 
+from imagebuild.build.runner import ProcessFailed, Runner, hook_runner, run_captured
 from imagebuild.errors import BuildError
+from imagebuild.net.credentials import IndexCredentials
 
 # Index settings of the user's shell or config that would override ours in the installer.
 _INDEX_VARIABLES = frozenset(
@@ -51,17 +53,6 @@ _INDEX_VARIABLES = frozenset(
 _DECORATION = re.compile(r"^(?:[×╰─▶│\s]+|(?:caused by|cause):\s*)+", re.IGNORECASE)
 
 
-class Runner(Protocol):
-    """pypa/build's subprocess runner."""
-
-    def __call__(
-        self,
-        cmd: Sequence[str],
-        cwd: str | None = None,
-        extra_environ: Mapping[str, str] | None = None,
-    ) -> None: ...
-
-
 class RequirementsInstallError(Exception):
     """Installing build requirements failed; the message is the installer's last line."""
 
@@ -74,6 +65,8 @@ class BuildEnvironments:
     """Simple API URLs in priority order (the first that has a project wins, as in uv)."""
     root: Path | None = None
     """Directory of kept environments; None makes a throwaway one per build."""
+    credentials: IndexCredentials | None = None
+    """The indexes' credentials, put into their URLs only for the installer process."""
 
     @contextmanager
     def builder(self, source: Path, runner: Runner) -> Iterator[ProjectBuilder]:
@@ -132,25 +125,34 @@ class BuildEnvironments:
     def _create(self, env: Path, requires: set[str], installer: Literal["pip", "uv"]) -> None:
         uv = shutil.which("uv") or "uv"
         if installer == "uv":
-            _run([uv, "venv", "--quiet", "--no-config", "--python", sys.executable, str(env)])
+            _install([uv, "venv", "--quiet", "--no-config", "--python", sys.executable, str(env)])
         else:
-            _run([sys.executable, "-m", "venv", str(env)])
+            _install([sys.executable, "-m", "venv", str(env)])
         if not requires:
             return
         python = str(env / "bin" / "python")
         environ = {k: v for k, v in os.environ.items() if k not in _INDEX_VARIABLES}
+        indexes = self._installer_indexes()
         if installer == "uv":
             cmd = [uv, "pip", "install", "--quiet", "--no-config", "--python", python]
             # uv consults --index entries in order, then the default index.
-            environ["UV_DEFAULT_INDEX"] = self.indexes[-1]
-            if len(self.indexes) > 1:
-                environ["UV_INDEX"] = " ".join(self.indexes[:-1])
+            environ["UV_DEFAULT_INDEX"] = indexes[-1]
+            if len(indexes) > 1:
+                environ["UV_INDEX"] = " ".join(indexes[:-1])
         else:
             cmd = [python, "-m", "pip", "install", "--quiet"]
-            environ["PIP_INDEX_URL"] = self.indexes[0]
-            if len(self.indexes) > 1:
-                environ["PIP_EXTRA_INDEX_URL"] = " ".join(self.indexes[1:])
-        _run([*cmd, *sorted(requires)], environ)
+            environ["PIP_INDEX_URL"] = indexes[0]
+            if len(indexes) > 1:
+                environ["PIP_EXTRA_INDEX_URL"] = " ".join(indexes[1:])
+        _install([*cmd, *sorted(requires)], environ)
+
+    def _installer_indexes(self) -> tuple[str, ...]:
+        # The one place credentials go into URLs: the installer is another process, which
+        # cannot share our httpx auth flow, and reads them from its index URLs only (in its
+        # environment, never on its command line). Everywhere else they stay in the auth.
+        if self.credentials is None:
+            return self.indexes
+        return tuple(self.credentials.authenticated(url) for url in self.indexes)
 
 
 def build_project_wheel(
@@ -159,35 +161,22 @@ def build_project_wheel(
     """Build ``project_dir`` into a wheel in ``out_dir`` and return its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     where = project_dir / "pyproject.toml"
-    extra_env = {"SOURCE_DATE_EPOCH": str(source_date_epoch)}
 
-    def runner(
-        cmd: Sequence[str], cwd: str | None = None, extra_environ: Mapping[str, str] | None = None
-    ) -> None:
-        merged = {**os.environ, **(extra_environ or {}), **extra_env}
-        proc = subprocess.run(list(cmd), cwd=cwd, env=merged, capture_output=True, check=False)
-        if proc.returncode != 0:
-            output = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()
-            raise BuildError(
-                f"{where}: the build backend failed: "
-                + (output.splitlines()[-1] if output else f"exit {proc.returncode}"),
-                hint="run 'python -m build --wheel' in the project to see the full output",
-            )
-
+    runner = hook_runner({"SOURCE_DATE_EPOCH": str(source_date_epoch)})
     try:
         with envs.builder(project_dir, runner) as builder:
             return Path(builder.build("wheel", out_dir))
-    except BuildError:
-        raise
+    except ProcessFailed as exc:
+        raise _backend_failed(where, exc) from None
     except RequirementsInstallError as exc:
         raise BuildError(
             f"{where}: installing the build requirements failed: {exc}",
             hint="check [build-system] requires and that the project's indexes serve them",
         ) from exc
     except BuildBackendException as exc:
-        if isinstance(exc.exception, BuildError):
+        if isinstance(exc.exception, ProcessFailed):
             # pypa/build wraps what our runner raised: report the runner's line, once.
-            raise exc.exception from None
+            raise _backend_failed(where, exc.exception) from None
         raise BuildError(
             f"{where}: cannot build the project into a wheel ({exc.exception!r})",
             hint="check [build-system] in pyproject.toml",
@@ -199,10 +188,19 @@ def build_project_wheel(
         ) from exc
 
 
-def _run(cmd: list[str], environ: Mapping[str, str] | None = None) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=environ)
-    if proc.returncode != 0:
-        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+def _backend_failed(where: Path, exc: ProcessFailed) -> BuildError:
+    return BuildError(
+        f"{where}: the build backend failed: {exc.last_line()}",
+        hint="run 'python -m build --wheel' in the project to see the full output",
+    )
+
+
+def _install(cmd: list[str], environ: Mapping[str, str] | None = None) -> None:
+    """Run a step of making an environment; ``RequirementsInstallError`` naming the tool."""
+    try:
+        run_captured(cmd, env=environ)
+    except ProcessFailed as exc:
         # uv's report ends on the reason, drawn as "╰─▶ …" or "Caused by: …".
-        last = _DECORATION.sub("", lines[-1]) if lines else f"exit {proc.returncode}"
-        raise RequirementsInstallError(f"{Path(cmd[0]).name}: {last}")
+        last = exc.last_line(stdout=False)
+        last = last if last.startswith("exit ") else _DECORATION.sub("", last)
+        raise RequirementsInstallError(f"{Path(cmd[0]).name}: {last}") from exc

@@ -7,7 +7,7 @@ only a pure-Python one (every tag ``*-none-any``, ``Root-Is-Purelib: true``) is 
 imgbuild builds on the host, which is not the target.
 
 Both run the backend with ``SOURCE_DATE_EPOCH=0`` in a kept build environment (see
-``wheelbuild.BuildEnvironments``: its requirements come from the indexes the project locks
+``build.pep517.BuildEnvironments``: its requirements come from the indexes the project locks
 from, installed with uv when it is on PATH, pip otherwise). Both results are kept on disk
 under the sdist's sha256, so the work is done once:
 ``cache_dir/sdist-metadata/<sha256>.metadata`` and
@@ -17,15 +17,12 @@ under the sdist's sha256, so the work is done once:
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import tarfile
 import tempfile
-import time
 import zipfile
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
 
@@ -41,9 +38,12 @@ from packaging.utils import (
 from packaging.version import InvalidVersion
 
 from imagebuild.build.pep517 import BuildEnvironments, RequirementsInstallError
-from imagebuild.cache import write_atomic
+from imagebuild.build.runner import ProcessFailed, hook_runner
+from imagebuild.cache import CacheLayout, atomic_writer, write_atomic
+from imagebuild.digest import digest_hex, parse_digest
 from imagebuild.errors import BuildError, FetchError, ImagebuildError, PackageIndexError
-from imagebuild.net.credentials import AUTH_HINT
+from imagebuild.net.credentials import AUTH_HINT, IndexCredentials
+from imagebuild.net.http import attempts
 from imagebuild.net.transfer import NETWORK_HINT as _NETWORK_HINT
 from imagebuild.net.transfer import one_line as _one_line
 from imagebuild.net.transfer import redact as _redact
@@ -52,8 +52,7 @@ from imagebuild.net.transfer import write_stream
 if TYPE_CHECKING:
     from imagebuild.index.simple import IndexFile
 
-_ATTEMPTS = 3
-_SOURCE_DATE_EPOCH = "0"
+_HOOK_RUNNER = hook_runner({"SOURCE_DATE_EPOCH": "0"})
 _BUILD_HINT = "use a version of it that ships a wheel for the target"
 
 _Error = type[ImagebuildError]
@@ -95,7 +94,9 @@ def sdist_metadata(
         if cached is not None:
             return cached
         source = _unpack(archive, work / "src", subject, error)
-        data = _prepare_metadata(source, work / "out", subject, error, _envs(cache_dir, indexes))
+        data = _prepare_metadata(
+            source, work / "out", subject, error, _envs(cache_dir, indexes, http)
+        )
     _write_atomic(entry, data)
     return data
 
@@ -125,7 +126,7 @@ def build_sdist_wheel(
     subject = f"sdist {filename}"
     _plain_name(filename, subject, FetchError)
     expected = _hex(sha256, subject)
-    entry = cache_dir / "sdist-wheels" / expected
+    entry = CacheLayout(cache_dir).sdist_wheels / expected
     built = _cached_wheel(entry)
     if built is not None:
         return built
@@ -145,18 +146,12 @@ def build_sdist_wheel(
                     "locked file, or re-lock",
                 )
             source = _unpack(archive, work / "src", subject, BuildError)
-            wheel = _build_wheel(source, work / "out", subject, _envs(cache_dir, indexes))
+            wheel = _build_wheel(source, work / "out", subject, _envs(cache_dir, indexes, http))
             _check_pure(wheel, subject)
             _check_identity(wheel, filename, subject)
-            entry.mkdir(parents=True, exist_ok=True)
             final = entry / wheel.name
-            part = entry / f".tmp-{os.getpid()}-{wheel.name}.part"
-            try:
-                shutil.copyfile(wheel, part)
-                os.replace(part, final)
-            except BaseException:
-                part.unlink(missing_ok=True)
-                raise
+            with wheel.open("rb") as src, atomic_writer(final) as out:
+                shutil.copyfileobj(src, out)
     return final
 
 
@@ -164,7 +159,7 @@ def build_sdist_wheel(
 
 
 def _metadata_entry(cache_dir: Path, sha256: str) -> Path:
-    return cache_dir / "sdist-metadata" / f"{sha256}.metadata"
+    return CacheLayout(cache_dir).sdist_metadata / f"{sha256}.metadata"
 
 
 def _read(path: Path) -> bytes | None:
@@ -191,14 +186,13 @@ def _cached_wheel(entry: Path) -> Path | None:
 
 
 def _hex(sha256: str, subject: str) -> str:
-    algorithm, sep, value = sha256.partition(":")
-    hexdigest = (value if sep and algorithm == "sha256" else sha256).lower()
-    if len(hexdigest) != 64 or any(c not in "0123456789abcdef" for c in hexdigest):
+    try:
+        return digest_hex(parse_digest(sha256, bare_hex=True))
+    except ValueError:
         raise FetchError(
             f"{subject}: no usable sha256 ({sha256!r})",
             hint="re-lock so the lock records the sdist's hash",
-        )
-    return hexdigest
+        ) from None
 
 
 def _plain_name(filename: str, subject: str, error: _Error) -> None:
@@ -215,35 +209,39 @@ def _plain_name(filename: str, subject: str, error: _Error) -> None:
 
 
 def _download(http: httpx.Client, url: str, dest: Path, subject: str, error: _Error) -> str:
-    """Stream ``url`` into ``dest``; its sha256 hex. Transport errors and 5xx are retried."""
-    last = "no attempt"
-    for attempt in range(_ATTEMPTS):
-        if attempt:
-            time.sleep(0.1 * 2 ** (attempt - 1))
-        try:
-            with http.stream("GET", url, follow_redirects=True) as response:
-                if response.status_code >= 500:
-                    last = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
-                    continue
-                if response.status_code != 200:
-                    raise error(
-                        f"{subject}: GET {_redact(url)} answered "
-                        f"{response.status_code} {response.reason_phrase}".rstrip(),
-                        hint=AUTH_HINT
-                        if response.status_code in (401, 403)
-                        else "check the index still serves the file",
-                    )
-                return write_stream(response, dest)
-        except httpx.TransportError as exc:
-            last = f"{type(exc).__name__}: {_one_line(exc)}".rstrip(": ")
-        except httpx.HTTPError as exc:
-            raise error(
-                f"{subject}: GET {_redact(url)} failed: {_one_line(exc)}", hint=_NETWORK_HINT
-            ) from exc
-    raise error(
-        f"{subject}: GET {_redact(url)} failed {_ATTEMPTS} times, last: {last}",
-        hint=_NETWORK_HINT,
-    )
+    """Stream ``url`` into ``dest``; its sha256 hex (the client's transport retries)."""
+    try:
+        with http.stream("GET", url, follow_redirects=True) as response:
+            status = response.status_code
+            if status >= 500:
+                raise error(
+                    f"{subject}: GET {_redact(url)} {_failed(response)}", hint=_NETWORK_HINT
+                )
+            if status != 200:
+                raise error(
+                    f"{subject}: GET {_redact(url)} answered "
+                    f"{status} {response.reason_phrase}".rstrip(),
+                    hint=AUTH_HINT
+                    if status in (401, 403)
+                    else "check the index still serves the file",
+                )
+            return write_stream(response, dest)
+    except httpx.TransportError as exc:
+        raise error(f"{subject}: GET {_redact(url)} {_failed(exc)}", hint=_NETWORK_HINT) from exc
+    except httpx.HTTPError as exc:
+        raise error(
+            f"{subject}: GET {_redact(url)} failed: {_one_line(exc)}", hint=_NETWORK_HINT
+        ) from exc
+
+
+def _failed(outcome: httpx.Response | httpx.TransportError) -> str:
+    """``failed 3 times, last: <what>`` (or ``failed: <what>`` after one attempt)."""
+    if isinstance(outcome, httpx.Response):
+        what = f"HTTP {outcome.status_code} {outcome.reason_phrase}".rstrip()
+    else:
+        what = f"{type(outcome).__name__}: {_one_line(outcome)}".rstrip(": ")
+    count = attempts(outcome)
+    return f"failed {count} times, last: {what}" if count > 1 else f"failed: {what}"
 
 
 # -- unpack --------------------------------------------------------------------------------
@@ -303,28 +301,6 @@ def _check_member(name: str, subject: str, error: _Error) -> None:
 # -- PEP 517 -------------------------------------------------------------------------------
 
 
-class _HookFailed(Exception):
-    """A backend subprocess exited non-zero; the message is its last line of output."""
-
-
-def _run(
-    cmd: Sequence[str], cwd: str | None = None, extra_environ: Mapping[str, str] | None = None
-) -> None:
-    """pypa/build's subprocess runner: output captured, kept for the error message only."""
-    env = {**os.environ, **(extra_environ or {}), "SOURCE_DATE_EPOCH": _SOURCE_DATE_EPOCH}
-    proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, check=False)
-    if proc.returncode != 0:
-        raise _HookFailed(_last_line(proc.stderr or proc.stdout) or f"exit {proc.returncode}")
-
-
-def _last_line(output: bytes | str | None) -> str:
-    if not output:
-        return ""
-    text = output.decode("utf-8", "replace") if isinstance(output, bytes) else output
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else ""
-
-
 def _with_backend(
     source: Path,
     out: Path,
@@ -335,7 +311,7 @@ def _with_backend(
 ) -> Path:
     what = "metadata" if action == "metadata" else "a wheel"
     try:
-        with envs.builder(source, _run) as builder:
+        with envs.builder(source, _HOOK_RUNNER) as builder:
             if action == "metadata":
                 return Path(builder.metadata_path(out))
             return Path(builder.build("wheel", out))
@@ -346,20 +322,25 @@ def _with_backend(
         ) from exc
     except BuildBackendException as exc:
         cause = exc.exception
-        detail = str(cause) if isinstance(cause, _HookFailed) else _one_line(exc)
+        detail = cause.last_line() if isinstance(cause, ProcessFailed) else _one_line(exc)
         raise error(
             f"{subject}: the build backend failed to make {what}: {_one_line(detail)}",
             hint=_BUILD_HINT,
         ) from exc
-    except (BuildException, FailedProcessError, _HookFailed, OSError) as exc:
+    except (BuildException, FailedProcessError, ProcessFailed, OSError) as exc:
         raise error(
             f"{subject}: cannot build {what}: {_one_line(exc) or type(exc).__name__}",
             hint=_BUILD_HINT,
         ) from exc
 
 
-def _envs(cache_dir: Path, indexes: Sequence[str]) -> BuildEnvironments:
-    return BuildEnvironments(root=cache_dir / "build-envs", indexes=tuple(indexes))
+def _envs(cache_dir: Path, indexes: Sequence[str], http: httpx.Client) -> BuildEnvironments:
+    # The installer of build requirements is another process: it gets the credentials of
+    # the client's auth, put into its index URLs at that boundary only.
+    credentials = http.auth if isinstance(http.auth, IndexCredentials) else None
+    return BuildEnvironments(
+        root=CacheLayout(cache_dir).build_envs, indexes=tuple(indexes), credentials=credentials
+    )
 
 
 def _prepare_metadata(

@@ -43,6 +43,7 @@ from packaging.version import InvalidVersion, Version
 from imagebuild.cache import write_atomic
 from imagebuild.errors import PackageIndexError
 from imagebuild.net.credentials import AUTH_HINT
+from imagebuild.net.http import attempts
 from imagebuild.net.transfer import NETWORK_HINT as _NETWORK_HINT
 from imagebuild.net.transfer import one_line as _one_line
 from imagebuild.net.transfer import redact as _redact
@@ -152,7 +153,6 @@ _HTML_TYPES = frozenset({"application/vnd.pypi.simple.v1+html", "text/html"})
 # A newer minor is still read (PEP 629 promises compatibility) but is worth a warning.
 _API_MAJOR = 1
 _API_MINOR = 4
-_ATTEMPTS = 3
 _PARSED_CACHE_ABOVE = 256 * 1024  # bytes of page below which parsing is cheaper
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _CACHE_MAGIC = b"imgbuild-http-cache 1\n"
@@ -197,11 +197,9 @@ class SimpleIndex:
     and kept under ``cache_dir/metadata/``. Unreadable cache entries count as missing.
 
     Every failure is a ``PackageIndexError`` naming the project or file, the URL and what
-    went wrong; transport errors and 5xx answers are retried twice first.
+    went wrong; the client's transport retries transport errors, 429 and 5xx first
+    (``imagebuild.net.http``).
     """
-
-    _backoff = 0.1
-    """Seconds before the first retry (doubled for the second)."""
 
     def __init__(
         self,
@@ -323,7 +321,7 @@ class SimpleIndex:
             headers["If-None-Match"] = cached.etag
         if cached is not None and cached.last_modified:
             headers["If-Modified-Since"] = cached.last_modified
-        response = self._retrying(url, subject, lambda: _get(self._http, url, headers))
+        response = self._request(url, subject, lambda: _get(self._http, url, headers, subject))
         status = response.status_code
         if status == 304 and cached is not None:
             return cached.revalidated(response), True
@@ -466,7 +464,7 @@ class SimpleIndex:
         """The PEP 658 file's bytes, hash-checked; None if the index does not have it."""
         url = file.url + ".metadata"
         subject = f"{file.kind} {file.filename}"
-        response = self._retrying(url, subject, lambda: _get(self._http, url, {}))
+        response = self._request(url, subject, lambda: _get(self._http, url, {}, subject))
         if response.status_code in (404, 410) and not advertised:
             return None
         if response.status_code in (404, 410):
@@ -513,8 +511,8 @@ class SimpleIndex:
         self._report.step(f"downloading {file.filename} to read its metadata")
         with tempfile.TemporaryDirectory(prefix="imgbuild-metadata-") as tmp:
             dest = Path(tmp) / "dist.whl"
-            digest = self._retrying(
-                file.url, subject, lambda: _download(self._http, file.url, dest)
+            digest = self._request(
+                file.url, subject, lambda: _download(self._http, file.url, dest, subject)
             )
             if digest is None:
                 raise PackageIndexError(
@@ -530,53 +528,54 @@ class SimpleIndex:
 
     # -- HTTP --------------------------------------------------------------------------
 
-    def _retrying(self, url: str, subject: str, call: Callable[[], _T]) -> _T:
-        """Run ``call`` (one request), retrying transport errors and 5xx answers twice."""
-        failure: Exception | None = None
-        for attempt in range(_ATTEMPTS):
-            if attempt:
-                time.sleep(self._backoff * 2 ** (attempt - 1))
-            try:
-                return call()
-            except _ServerError as exc:
-                failure = exc
-            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
-                raise PackageIndexError(
-                    f"{subject}: cannot request {_redact(url)}: {_one_line(exc)}",
-                    hint="index URLs must be http:// or https://",
-                ) from exc
-            except httpx.TransportError as exc:
-                failure = exc
-            except httpx.HTTPError as exc:
-                raise PackageIndexError(
-                    f"{subject}: GET {_redact(url)} failed: {_describe(exc)}", hint=_NETWORK_HINT
-                ) from exc
-        raise PackageIndexError(
-            f"{subject}: GET {_redact(url)} failed {_ATTEMPTS} times, last: {_describe(failure)}",
-            hint=_NETWORK_HINT,
-        ) from failure
+    def _request(self, url: str, subject: str, call: Callable[[], _T]) -> _T:
+        """Run ``call`` (one request; the client's transport retries) and translate failures."""
+        try:
+            return call()
+        except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
+            raise PackageIndexError(
+                f"{subject}: cannot request {_redact(url)}: {_one_line(exc)}",
+                hint="index URLs must be http:// or https://",
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise PackageIndexError(
+                f"{subject}: GET {_redact(url)} {_failed(exc)}", hint=_NETWORK_HINT
+            ) from exc
 
 
-class _ServerError(Exception):
-    """A 5xx answer: worth another attempt."""
+def _failed(outcome: httpx.Response | BaseException) -> str:
+    """``failed 3 times, last: <what>`` (or ``failed: <what>`` after one attempt)."""
+    if isinstance(outcome, httpx.Response):
+        what = f"HTTP {outcome.status_code} {outcome.reason_phrase}".rstrip()
+    else:
+        text = _one_line(outcome)
+        what = f"{type(outcome).__name__}: {text}" if text else type(outcome).__name__
+    count = attempts(outcome)
+    return f"failed {count} times, last: {what}" if count > 1 else f"failed: {what}"
 
 
-def _get(http: httpx.Client, url: str, headers: Mapping[str, str]) -> httpx.Response:
+def _server_error(response: httpx.Response, subject: str, url: str) -> PackageIndexError:
+    return PackageIndexError(
+        f"{subject}: GET {_redact(url)} {_failed(response)}", hint=_NETWORK_HINT
+    )
+
+
+def _get(http: httpx.Client, url: str, headers: Mapping[str, str], subject: str) -> httpx.Response:
     response = http.get(url, headers=headers, follow_redirects=True)
     if response.status_code >= 500:
-        raise _ServerError(f"HTTP {response.status_code} {response.reason_phrase}".rstrip())
+        raise _server_error(response, subject, url)
     return response
 
 
-def _download(http: httpx.Client, url: str, dest: Path) -> str | None:
+def _download(http: httpx.Client, url: str, dest: Path, subject: str) -> str | None:
     """Stream ``url`` into ``dest``; its sha256 hex, or None for a 404/410."""
     with http.stream("GET", url, follow_redirects=True) as response:
         if response.status_code >= 500:
-            raise _ServerError(f"HTTP {response.status_code} {response.reason_phrase}".rstrip())
+            raise _server_error(response, subject, url)
         if response.status_code in (404, 410):
             return None
         if response.status_code != 200:
-            # Not retried: raise through httpx's own error type for one translation point.
+            # Raise through httpx's own error type for one translation point.
             response.raise_for_status()
         return write_stream(response, dest)
 
@@ -1165,18 +1164,6 @@ def _wheel_metadata(path: Path, file: IndexFile) -> bytes:
 
 def _dist_info_name(directory: str) -> NormalizedName:
     return canonicalize_name(directory.removesuffix(".dist-info").rpartition("-")[0])
-
-
-# -- messages ----------------------------------------------------------------------------------
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    if isinstance(exc, _ServerError):
-        return str(exc)
-    text = _one_line(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # PyPI's file host serves a PEP 658 metadata file for (nearly) every wheel, but a proxy in

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -17,13 +14,15 @@ import httpx
 import platformdirs
 from filelock import FileLock
 
+from imagebuild.cache import atomic_writer
+from imagebuild.digest import digest_hex, parse_digest
 from imagebuild.errors import FetchError
 from imagebuild.lock.model import WheelFile
 from imagebuild.net.credentials import AUTH_HINT
+from imagebuild.net.http import attempts
 from imagebuild.report import NullReporter, Reporter
 
 _CHUNK = 1 << 16
-_ATTEMPTS = 3
 _RELOCK_HINT = (
     "the file no longer matches the lock: check the index serves the locked file, "
     "or re-lock with 'uv lock --refresh'"
@@ -51,20 +50,21 @@ class WheelStore(Protocol):
 
 
 class WheelCache:
-    """Wheels on disk addressed by their sha256: ``root/wheels/sha256/ab/<hex>/<filename>``.
+    """Wheels on disk addressed by their sha256: ``bucket/sha256/ab/<hex>/<filename>``.
 
-    A file only ever reaches its final path by ``os.replace`` after its hash and size were
-    checked, so a present file is a verified one. A file lock per entry keeps two
-    processes from downloading into the same entry at once.
+    ``bucket`` is the cache's wheel bucket (``CacheLayout.wheels``). A file only ever
+    reaches its final path by ``os.replace`` after its hash and size were checked, so a
+    present file is a verified one. A file lock per entry keeps two processes from
+    downloading into the same entry at once.
     """
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, bucket: Path) -> None:
+        self.root = bucket
 
     def entry_dir(self, wheel: WheelFile) -> Path:
         """The directory that holds ``wheel`` (named after its digest)."""
         hexdigest = _hex(wheel)
-        return self.root / "wheels" / "sha256" / hexdigest[:2] / hexdigest
+        return self.root / "sha256" / hexdigest[:2] / hexdigest
 
     def _final(self, wheel: WheelFile) -> Path:
         name = Path(wheel.filename).name
@@ -91,31 +91,24 @@ class WheelCache:
             existing = self.path_for(wheel)
             if existing is not None:
                 return existing
-            fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=".part")
-            tmp = Path(tmp_name)
-            try:
+            with atomic_writer(final) as out:
                 digest = hashlib.sha256()
                 size = 0
-                with os.fdopen(fd, "wb") as out:
-                    for chunk in chunks:
-                        digest.update(chunk)
-                        size += len(chunk)
-                        out.write(chunk)
-                    out.flush()
-                    os.fsync(out.fileno())
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
                 _verify(wheel, digest.hexdigest(), size)
-                os.replace(tmp, final)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
         return final
 
 
 def _hex(wheel: WheelFile) -> str:
-    algorithm, _, value = wheel.sha256.partition(":")
-    if algorithm != "sha256" or len(value) != 64:
-        raise FetchError(f"wheel {wheel.filename}: lock has no usable sha256 ({wheel.sha256!r})")
-    return value
+    try:
+        return digest_hex(parse_digest(wheel.sha256))
+    except ValueError:
+        raise FetchError(
+            f"wheel {wheel.filename}: lock has no usable sha256 ({wheel.sha256!r})"
+        ) from None
 
 
 def _verify(wheel: WheelFile, hexdigest: str, size: int) -> None:
@@ -207,37 +200,30 @@ def _fetch_one(http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Pa
 
 
 def _download(http: httpx.Client, wheel: WheelFile, cache: WheelStore) -> Path:
-    last: Exception | None = None
-    for attempt in range(_ATTEMPTS):
-        if attempt:
-            time.sleep(0.05 * 2**attempt)
-        try:
-            with http.stream("GET", wheel.url) as response:
-                if response.status_code >= 500:
-                    last = FetchError(
-                        f"wheel {wheel.filename}: GET {wheel.url} answered {response.status_code}"
-                    )
-                    continue
-                if response.status_code != 200:
-                    raise FetchError(
-                        f"wheel {wheel.filename}: GET {wheel.url} answered "
-                        f"{response.status_code} {response.reason_phrase}".rstrip(),
-                        hint=AUTH_HINT
-                        if response.status_code in (401, 403)
-                        else "check the index still serves the locked file",
-                    )
-                return cache.store(wheel, _body(response))
-        except httpx.TransportError as exc:
-            last = exc
-        except httpx.HTTPError as exc:
-            raise FetchError(f"wheel {wheel.filename}: download failed: {exc}") from exc
-    if isinstance(last, FetchError):
-        raise last
-    raise FetchError(
-        f"wheel {wheel.filename}: download from {wheel.url} failed after {_ATTEMPTS} attempts: "
-        f"{last}",
-        hint="check the network and the index URL",
-    ) from last
+    """Stream ``wheel`` into the cache; the client's transport retries what is worth it."""
+    try:
+        with http.stream("GET", wheel.url) as response:
+            status = response.status_code
+            if status >= 500:
+                raise FetchError(f"wheel {wheel.filename}: GET {wheel.url} answered {status}")
+            if status != 200:
+                raise FetchError(
+                    f"wheel {wheel.filename}: GET {wheel.url} answered "
+                    f"{status} {response.reason_phrase}".rstrip(),
+                    hint=AUTH_HINT
+                    if status in (401, 403)
+                    else "check the index still serves the locked file",
+                )
+            return cache.store(wheel, _body(response))
+    except httpx.TransportError as exc:
+        count = attempts(exc)
+        failed = f"failed after {count} attempts" if count > 1 else "failed"
+        raise FetchError(
+            f"wheel {wheel.filename}: download from {wheel.url} {failed}: {exc}",
+            hint="check the network and the index URL",
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise FetchError(f"wheel {wheel.filename}: download failed: {exc}") from exc
 
 
 def _body(response: httpx.Response) -> Iterator[bytes]:

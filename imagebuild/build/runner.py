@@ -1,0 +1,84 @@
+"""The one subprocess runner: build backends and build-requirement installers run quietly.
+
+A process's output is captured, never shown while it runs; when it fails, its output is
+kept on the exception so the message can quote the line that says why (pypa/build's quiet
+runner does the same). ``hook_runner`` gives pypa/build a runner of that kind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+
+class Runner(Protocol):
+    """pypa/build's subprocess runner (``ProjectBuilder(runner=...)``)."""
+
+    def __call__(
+        self,
+        cmd: Sequence[str],
+        cwd: str | None = None,
+        extra_environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """Run ``cmd`` in ``cwd`` with ``extra_environ`` added; raise if it fails."""
+        ...
+
+
+class ProcessFailed(Exception):
+    """A subprocess exited non-zero; its captured output is kept for the message."""
+
+    def __init__(self, cmd: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
+        self.cmd = tuple(cmd)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        super().__init__(self.last_line())
+
+    def last_line(self, *, stdout: bool = True) -> str:
+        """The last non-blank line of stderr (else of stdout, when ``stdout``), or ``exit N``."""
+        for text in (self.stderr, self.stdout) if stdout else (self.stderr,):
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            if lines:
+                return lines[-1]
+        return f"exit {self.returncode}"
+
+
+def run_captured(
+    cmd: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None
+) -> None:
+    """Run ``cmd`` with its output captured; ``ProcessFailed`` if it exits non-zero.
+
+    ``env`` is the whole environment (None: this process's).
+    """
+    proc = subprocess.run(
+        list(cmd),
+        cwd=cwd,
+        env=None if env is None else dict(env),
+        capture_output=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ProcessFailed(
+            cmd,
+            proc.returncode,
+            proc.stdout.decode("utf-8", "replace"),
+            proc.stderr.decode("utf-8", "replace"),
+        )
+
+
+def hook_runner(extra_env: Mapping[str, str] | None = None) -> Runner:
+    """A pypa/build runner that captures output as ``run_captured`` does.
+
+    The environment is this process's, then pypa/build's additions, then ``extra_env``
+    (``SOURCE_DATE_EPOCH``) over both.
+    """
+    fixed = dict(extra_env or {})
+
+    def runner(
+        cmd: Sequence[str], cwd: str | None = None, extra_environ: Mapping[str, str] | None = None
+    ) -> None:
+        run_captured(cmd, cwd=cwd, env={**os.environ, **(extra_environ or {}), **fixed})
+
+    return runner
