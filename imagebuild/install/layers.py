@@ -203,10 +203,13 @@ def stage_venv(staging: Path, venv: VenvLayout) -> None:
 def install_wheel(wheel: Path, staging: Path, venv: VenvLayout) -> None:
     """Spread one wheel into ``staging`` with container paths (copy mode, no pycs)."""
     # Imported here: `imgbuild lock` loads this module through pipeline but installs nothing.
+    from zipfile import BadZipFile
+
     from installer import install
     from installer.destinations import SchemeDictionaryDestination
     from installer.exceptions import InstallerError
-    from installer.sources import WheelFile
+
+    from imagebuild.install.wheelcheck import CheckedWheel
 
     destination = SchemeDictionaryDestination(
         venv.scheme(),
@@ -217,9 +220,13 @@ def install_wheel(wheel: Path, staging: Path, venv: VenvLayout) -> None:
         destdir=str(staging),
     )
     try:
-        with WheelFile.open(wheel) as source:
+        # Names and kinds are checked before anything is written, RECORD as files are.
+        source = CheckedWheel.open_checked(wheel)
+        try:
             install(source, destination, {"INSTALLER": b"imgbuild\n"})
-    except (InstallerError, ValueError, OSError) as exc:
+        finally:
+            source.close()
+    except (InstallerError, ValueError, OSError, BadZipFile) as exc:
         raise LayerError(
             f"wheel {wheel.name}: cannot install ({exc})",
             hint="the wheel may be corrupt; clear it from the cache and rebuild",
