@@ -51,7 +51,8 @@ def _record_line_dropped(members: list[Member]) -> list[Member]:
     out = []
     for info, data in members:
         if info.filename.endswith("/RECORD"):
-            data = b"".join(l for l in data.splitlines(True) if not l.startswith(b"evil/__init__"))
+            kept = [row for row in data.splitlines(True) if not row.startswith(b"evil/__init__")]
+            data = b"".join(kept)
         out.append((info, data))
     return out
 
