@@ -1,4 +1,4 @@
-"""Tests for imagebuild.sinks.registry: references, credentials, and the client.
+"""Tests for image.name (references, mirrors), sinks.auth (credentials) and sinks.remote (client, sink).
 
 Push/pull behaviour runs against a real docker-registry (the ``local_registry`` fixture);
 auth challenges, redirects and failure shapes against a small threaded fake of our own.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -22,20 +23,18 @@ from imagebuild.digest import digest_bytes, digest_hex
 from imagebuild.errors import RegistryError
 from imagebuild.image.descriptor import OCI_INDEX, canonical_json
 from imagebuild.image.model import Image, ImageConfig
-from imagebuild.image.mutate import build_image
+from imagebuild.image.mutate import build_image, build_index
 from imagebuild.image.name import ImageReference, parse_mirrors
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import build_layer
 from imagebuild.image.validate import validate_layout
+from imagebuild.net.http import RetryPolicy, retrying_client
+from imagebuild.report import NullReporter
+from imagebuild.sinks.auth import Credentials, CredentialStore, parse_challenge
 from imagebuild.sinks.layout import write_oci_layout
-from imagebuild.sinks.registry import (
-    MANIFEST_ACCEPT,
-    Credentials,
-    CredentialStore,
-    RegistryClient,
-    _parse_challenge,
-)
+from imagebuild.sinks.remote import MANIFEST_ACCEPT, RegistryClient, RegistrySink
 from tests.fixtures.registry_server import LocalRegistry
+from tests.test_oci import finished_for
 
 CREATED = "2024-01-01T00:00:00Z"
 HEX = "a" * 64
@@ -137,7 +136,7 @@ def test_mirrors() -> None:
 
 
 def test_parse_challenge() -> None:
-    c = _parse_challenge(
+    c = parse_challenge(
         'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
         'scope="repository:samalba/my-app:pull,push"'
     )
@@ -145,7 +144,7 @@ def test_parse_challenge() -> None:
     assert c.get("realm") == "https://auth.docker.io/token"
     assert c.get("service") == "registry.docker.io"
     assert c.get("scope") == "repository:samalba/my-app:pull,push"
-    basic = _parse_challenge('Basic realm="Registry Realm"')
+    basic = parse_challenge('Basic realm="Registry Realm"')
     assert basic is not None and basic.scheme == "basic" and basic.get("realm") == "Registry Realm"
 
 
@@ -769,3 +768,94 @@ def test_blob_store_names_match_digests(tmp_path: Path) -> None:
     store = BlobStore(tmp_path)
     desc = store.put_bytes(b"x")
     assert store.path(desc.digest).name == digest_hex(desc.digest)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry sink, retries and re-pushes
+
+
+def test_registry_sink_pushes_every_tag(
+    local_registry: LocalRegistry, http: httpx.Client, tmp_path: Path
+) -> None:
+    store = BlobStore(tmp_path / "store")
+    image = small_image(store, tmp_path, name="sink")
+    index = build_index([image, small_image(store, tmp_path, name="sink", arch="arm64")], store)
+    sink = RegistrySink(client=RegistryClient(http))
+    assert (sink.kind, sink.takes_index) == ("registry", True)
+    tags = (f"{local_registry.host}/test/sink:1", f"{local_registry.host}/test/sink:latest")
+    lines = sink.write(finished_for(image, store, tmp_path, *tags), NullReporter())
+    assert lines == tuple(f"pushed {ImageReference.parse(t)}@{image.digest}" for t in tags)
+    lines = sink.write(finished_for(index, store, tmp_path, tags[0]), NullReporter())
+    assert lines == (f"pushed {ImageReference.parse(tags[0])}@{index.digest}",)
+    pulled = RegistryClient(http).fetch_manifest(ImageReference.parse(tags[0]))
+    assert pulled[2] == index.digest
+
+
+def _flaky_upload_server(image: Image, *, fail_puts: int, keep: bool) -> Callable[[Seen], Reply]:
+    """A registry whose first ``fail_puts`` blob PUTs answer 503 (storing the blob if ``keep``)."""
+    stored: dict[str, bytes] = {}
+    failures = {"left": fail_puts}
+
+    def handle(seen: Seen) -> Reply:
+        if seen.method == "HEAD" and "/blobs/" in seen.path:
+            return (200, {}, b"") if seen.path.rsplit("/", 1)[1] in stored else (404, {}, b"")
+        if seen.method == "POST":
+            return 202, {"Location": "/v2/acme/app/blobs/uploads/u1"}, b""
+        if seen.method == "PUT" and "/blobs/uploads/" in seen.path:
+            digest = seen.query["digest"][0]
+            assert digest_bytes(seen.body) == digest, "the body sent again is the whole blob"
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                if keep:
+                    stored[digest] = seen.body
+                return 503, {}, b"busy"
+            stored[digest] = seen.body
+            return 201, {}, b""
+        if seen.method == "PUT" and "/manifests/" in seen.path:
+            return 201, {"Docker-Content-Digest": image.digest}, b""
+        return 500, {}, b"unexpected"
+
+    return handle
+
+
+def big_image(store: BlobStore, tmp_path: Path) -> Image:
+    """An image whose layer is larger than what the client holds in memory to upload."""
+    staging = tmp_path / "big"
+    (staging / "app").mkdir(parents=True)
+    (staging / "app" / "data.bin").write_bytes(os.urandom(9 << 20))
+    layer = build_layer(staging, store, mtime=0, created_by="imgbuild: big")
+    return build_image(None, [layer], config=ImageConfig(), created=CREATED, store=store)
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_blob_upload_is_retried_with_the_whole_body(
+    serve: Callable[[Callable[[Seen], Reply]], FakeServer], tmp_path: Path, large: bool
+) -> None:
+    store = BlobStore(tmp_path / "src")
+    image = big_image(store, tmp_path) if large else small_image(store, tmp_path, name="retry")
+    fake = serve(_flaky_upload_server(image, fail_puts=1, keep=False))
+    ref = ImageReference.parse(f"{fake.host}/acme/app:v1")
+    with retrying_client(httpx.HTTPTransport(), retry=RetryPolicy(sleep=lambda _: None)) as http:
+        assert RegistryClient(http).push_image(image, ref) == image.digest
+    puts = [s for s in fake.seen if s.method == "PUT" and "/blobs/" in s.path]
+    assert len(puts) == len({d.digest for d in (image.config, *image.layers)}) + 1
+    assert puts[0].body == puts[1].body
+
+
+def test_upload_failing_after_the_registry_stored_the_blob(
+    serve: Callable[[Callable[[Seen], Reply]], FakeServer], http: httpx.Client, tmp_path: Path
+) -> None:
+    # No retries here: the 503 comes back to the client, which finds the blob stored anyway.
+    store = BlobStore(tmp_path / "src")
+    image = small_image(store, tmp_path, name="kept")
+    fake = serve(_flaky_upload_server(image, fail_puts=1, keep=True))
+    ref = ImageReference.parse(f"{fake.host}/acme/app:v1")
+    assert RegistryClient(http).push_image(image, ref) == image.digest
+    # A blob the registry lost is still an error, and a second push then completes.
+    image2 = small_image(store, tmp_path, name="lost")
+    fake2 = serve(_flaky_upload_server(image2, fail_puts=1, keep=False))
+    ref2 = ImageReference.parse(f"{fake2.host}/acme/app:v1")
+    with pytest.raises(RegistryError, match="registry error pushing"):
+        RegistryClient(http).push_image(image2, ref2)
+    assert RegistryClient(http).push_image(image2, ref2) == image2.digest
+    assert not any(s.method == "PUT" and "/manifests/" in s.path for s in fake2.seen[:-1])

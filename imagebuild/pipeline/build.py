@@ -54,7 +54,7 @@ if TYPE_CHECKING:
     from imagebuild.project.spec import ProjectSpec
     from imagebuild.project.workspace import Workspace
     from imagebuild.sinks.engine import DockerEngine
-    from imagebuild.sinks.registry import RegistryClient
+    from imagebuild.sinks.remote import RegistryClient
     from imagebuild.target.platform import TargetPlatform
 
 OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry", "context")
@@ -148,7 +148,8 @@ def run_build(
     from imagebuild.image.store import BlobStore
     from imagebuild.lock.model import find_lock, load_lock
     from imagebuild.lock.writer import recorded_bases
-    from imagebuild.sinks.registry import CredentialStore, RegistryClient
+    from imagebuild.sinks.auth import CredentialStore
+    from imagebuild.sinks.remote import RegistryClient
 
     reporter = reporter or NullReporter()
     _check_platforms(request)
@@ -1261,7 +1262,8 @@ def run_lock(
         write_pylock,
     )
     from imagebuild.project.workspace import expand_local
-    from imagebuild.sinks.registry import CredentialStore, RegistryClient
+    from imagebuild.sinks.auth import CredentialStore
+    from imagebuild.sinks.remote import RegistryClient
 
     reporter = reporter or NullReporter()
     project, workspace, path = locate_lock(request.project_dir, request.package)

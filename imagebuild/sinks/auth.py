@@ -1,0 +1,491 @@
+"""Registry logins and the distribution token flow: who we are, and how a request gets in.
+
+Logins come from an explicit ``--username``/``--password-stdin`` or from Docker's
+``config.json``; docker-py decodes its ``auths`` entries and runs its credential helpers.
+
+Authentication follows the distribution token spec: requests go out anonymously (or with a
+cached token); a 401 carries a ``WWW-Authenticate`` challenge, ``Bearer`` (fetch a token from
+the realm for the scope, with Basic credentials when known) or ``Basic`` (send credentials);
+the request is then sent once more. Tokens are cached per registry and scope.
+``RegistrySession`` does this for the client in ``sinks.remote`` and turns every failure into
+one ``RegistryError`` naming the reference, the operation and a fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker.auth
+import docker.credentials
+import docker.errors
+import httpx
+
+from imagebuild.errors import RegistryError
+from imagebuild.image.name import DOCKER_HUB, ImageReference, normalize_registry, registry_url
+
+Body = Callable[[], bytes | httpx.SyncByteStream]
+"""Makes a request's body afresh for each attempt: bytes, or a stream that re-reads a file."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Credentials:
+    """A login for one registry."""
+
+    username: str
+    """User name (``<token>`` when ``password`` is an identity token, as Docker writes it)."""
+    password: str = field(repr=False)
+    """Password or personal access token."""
+    identity_token: str | None = field(default=None, repr=False)
+    """An OAuth2 refresh token (``identitytoken`` in config.json), exchanged for access tokens."""
+
+
+def _normalize_auth_key(key: str) -> str:
+    """Docker's config keys may be hosts or URLs (``https://index.docker.io/v1/``)."""
+    host = docker.auth.convert_to_hostname(re.sub(r"^[a-z]+://", "", key.strip()))
+    return normalize_registry(host)
+
+
+def _helper_server_url(registry: str) -> str:
+    return str(docker.auth.INDEX_URL) if registry == DOCKER_HUB else registry
+
+
+def _ask_credential_helper(suffix: str, server_url: str) -> Credentials | None:
+    """Ask ``docker-credential-<suffix> get`` (docker-py runs it); ``None`` when it has nothing.
+
+    A missing or failing helper falls back to anonymous access, which then fails with an
+    "unauthorized" error naming the fix; docker-py's own resolver would raise instead.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # docker-py warns when the helper is not installed
+        store = docker.credentials.Store(suffix)
+    try:
+        reply = store.get(server_url)
+        username, secret = str(reply["Username"]), str(reply["Secret"])
+    except (docker.credentials.StoreError, ValueError, KeyError, TypeError):
+        return None
+    if username == docker.auth.TOKEN_USERNAME:
+        return Credentials(username=username, password="", identity_token=secret)
+    return Credentials(username=username, password=secret)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CredentialStore:
+    """Registry logins: explicit ones and those from Docker's ``config.json``.
+
+    Lookup follows docker-py: ``credHelpers[host]``, then ``credsStore``, then ``auths``. The
+    CLI decides where config.json is (``$DOCKER_CONFIG`` or ``~/.docker``); this class never
+    reads the environment. The lookup is ours, not docker-py's ``AuthConfig``: that one raises
+    when a helper fails (we go anonymous), folds fewer Docker Hub aliases, and reads a broken
+    config.json silently as a legacy file (we say which file is broken).
+    """
+
+    auths: tuple[tuple[str, Credentials], ...] = ()
+    """Logins by normalised registry host (``docker.io``, ``ghcr.io``, ``127.0.0.1:5055``)."""
+    cred_helpers: tuple[tuple[str, str], ...] = ()
+    """Per-registry credential helper suffixes (``credHelpers``)."""
+    creds_store: str | None = None
+    """The default credential helper suffix (``credsStore``)."""
+    helper: Callable[[str, str], Credentials | None] = field(
+        default=_ask_credential_helper, repr=False, compare=False
+    )
+    """Runs a helper: ``(suffix, server_url) -> Credentials | None`` (tests replace it)."""
+
+    @classmethod
+    def from_login(cls, registry: str, username: str, password: str) -> CredentialStore:
+        """A store holding one explicit login (e.g. ``--username`` / ``--password-stdin``)."""
+        creds = Credentials(username=username, password=password)
+        return cls(auths=((_normalize_auth_key(registry), creds),))
+
+    @classmethod
+    def from_docker_config(cls, path: Path | None) -> CredentialStore:
+        """Read a Docker ``config.json``; a missing file (or ``None``) gives an empty store."""
+        raw = _read_docker_config(path)
+        auths: dict[str, Credentials] = {}
+        raw_auths = raw.get("auths")
+        for key, entry in (raw_auths if isinstance(raw_auths, dict) else {}).items():
+            if not isinstance(entry, dict):
+                continue
+            assert path is not None  # an empty config has no entries
+            creds = _decode_auth_entry(entry, path=path, key=str(key))
+            if creds is not None:
+                auths.setdefault(_normalize_auth_key(str(key)), creds)
+        raw_helpers = raw.get("credHelpers")
+        helpers = {
+            _normalize_auth_key(str(k)): str(v)
+            for k, v in (raw_helpers if isinstance(raw_helpers, dict) else {}).items()
+            if isinstance(v, str) and v
+        }
+        store = raw.get("credsStore")
+        return cls(
+            auths=tuple(sorted(auths.items())),
+            cred_helpers=tuple(sorted(helpers.items())),
+            creds_store=store if isinstance(store, str) and store else None,
+        )
+
+    def get(self, registry: str) -> Credentials | None:
+        """The login for ``registry`` (a normalised host), or ``None`` to go anonymous."""
+        registry = normalize_registry(registry)
+        helper = dict(self.cred_helpers).get(registry) or self.creds_store
+        if helper:
+            found = self.helper(helper, _helper_server_url(registry))
+            if found is not None:
+                return found
+        return dict(self.auths).get(registry)
+
+
+def _read_docker_config(path: Path | None) -> dict[str, object]:
+    """The JSON object in ``path``; empty when there is no file."""
+    if path is None:
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise RegistryError(
+            f"Docker config {path}: cannot read: {exc}",
+            hint="fix or remove the file, or point DOCKER_CONFIG elsewhere",
+        ) from None
+    if not isinstance(raw, dict):
+        raise RegistryError(f"Docker config {path}: expected a JSON object")
+    return raw
+
+
+def _decode_auth_entry(entry: Mapping[str, object], *, path: Path, key: str) -> Credentials | None:
+    """One ``auths`` entry as docker-py decodes it (``auth`` is base64 of ``user:password``)."""
+    try:
+        parsed = docker.auth.parse_auth({key: dict(entry)}, raise_on_error=True).get(key) or {}
+    except (ValueError, binascii.Error, UnicodeError, docker.errors.InvalidConfigFile):
+        raise RegistryError(
+            f"Docker config {path}: auths[{key!r}].auth is not base64 of user:password",
+            hint=f"run docker login {key} again",
+        ) from None
+    identity = parsed.get("IdentityToken")
+    username = parsed.get("username", entry.get("username"))
+    password = parsed.get("password", entry.get("password"))
+    if isinstance(identity, str) and identity:
+        name = entry.get("username")
+        return Credentials(
+            username=name if isinstance(name, str) else docker.auth.TOKEN_USERNAME,
+            password="",
+            identity_token=identity,
+        )
+    if isinstance(username, str) and username and isinstance(password, str):
+        return Credentials(username=username, password=password)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Challenges and the session
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """A parsed ``WWW-Authenticate`` challenge."""
+
+    scheme: str
+    """``bearer`` or ``basic``, lowercased."""
+    params: tuple[tuple[str, str], ...]
+    """Its parameters (``realm``, ``service``, ``scope``), names lowercased, in order."""
+
+    def get(self, key: str) -> str | None:
+        """The parameter ``key``, or ``None``."""
+        return dict(self.params).get(key)
+
+
+_CHALLENGE_PARAM_RE = re.compile(
+    r'\s*([A-Za-z][A-Za-z0-9_-]*)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?'
+)
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse the first ``WWW-Authenticate`` challenge: ``Bearer realm="…",service="…"``."""
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme:
+        return None
+    params: list[tuple[str, str]] = []
+    pos = 0
+    while pos < len(rest):
+        m = _CHALLENGE_PARAM_RE.match(rest, pos)
+        if m is None or m.end() == pos:
+            break
+        value = m.group(2) if m.group(2) is not None else (m.group(3) or "")
+        params.append((m.group(1).lower(), re.sub(r"\\(.)", r"\1", value)))
+        pos = m.end()
+    return Challenge(scheme=scheme.lower(), params=tuple(params))
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """What we are doing, for error messages: ``pulling ghcr.io/x/y:1``."""
+
+    ref: ImageReference
+    """The image pulled or pushed."""
+    verb: str
+    """``pulling`` or ``pushing``."""
+    actions: str
+    """Token scope actions: ``pull`` or ``pull,push``."""
+
+    @property
+    def scope(self) -> str:
+        """The token scope this operation needs."""
+        return f"repository:{self.ref.repository}:{self.actions}"
+
+
+def _error_body(resp: httpx.Response) -> tuple[str, str]:
+    """(code, message) from a registry JSON error body, or from the status line."""
+    try:
+        body = resp.json()
+        first = body["errors"][0]
+        code = str(first.get("code") or "")
+        message = str(first.get("message") or "")
+        detail = first.get("detail")
+        if detail and not isinstance(detail, (dict, list)):
+            message = f"{message} ({detail})" if message else str(detail)
+        return code, message
+    except Exception:  # noqa: BLE001 - any unparsable body falls back to the status line
+        text = resp.text.strip().splitlines()[0][:200] if resp.text.strip() else ""
+        return "", text or resp.reason_phrase
+
+
+class RegistrySession:
+    """Requests to registries with auth: challenges answered, tokens cached per scope.
+
+    ``http`` is the one client the CLI created (its timeouts, proxies, TLS settings and retry
+    transport apply); ``credentials`` supplies logins, or ``None`` for anonymous access only.
+    """
+
+    def __init__(self, http: httpx.Client, *, credentials: CredentialStore | None = None) -> None:
+        self._http = http
+        self._credentials = credentials
+        self._challenges: dict[str, Challenge] = {}
+        self._tokens: dict[tuple[str, str], str] = {}
+
+    def url(self, ref: ImageReference, path: str) -> httpx.URL:
+        """The API URL of ``path`` (``manifests/<ref>``, ``blobs/<digest>``) in ``ref``'s repo."""
+        return httpx.URL(f"{registry_url(ref.registry)}/v2/{ref.repository}/{path}")
+
+    def send(
+        self,
+        op: Op,
+        method: str,
+        url: httpx.URL,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: Body | None = None,
+        follow_redirects: bool = False,
+    ) -> httpx.Response:
+        """Send a request with auth, retrying once after a 401; return the read response."""
+        with self.stream(
+            op, method, url, headers=headers, content=content, follow_redirects=follow_redirects
+        ) as resp:
+            try:
+                resp.read()
+            except httpx.HTTPError as exc:
+                raise self.transport_error(op, exc) from exc
+        return resp
+
+    @contextmanager
+    def stream(
+        self,
+        op: Op,
+        method: str,
+        url: httpx.URL,
+        *,
+        headers: Mapping[str, str] | None = None,
+        content: Body | None = None,
+        follow_redirects: bool = True,
+    ) -> Iterator[httpx.Response]:
+        """Like ``send`` but yields the response with its body unread, closing it after.
+
+        Redirects (blob downloads to a CDN) are followed by httpx, which drops the
+        ``Authorization`` header when the redirect leaves the registry's origin.
+        """
+        resp = self._open(
+            op, method, url, headers=headers, content=content, follow_redirects=follow_redirects
+        )
+        try:
+            yield resp
+        finally:
+            resp.close()
+
+    def _open(
+        self,
+        op: Op,
+        method: str,
+        url: httpx.URL,
+        *,
+        headers: Mapping[str, str] | None,
+        content: Body | None,
+        follow_redirects: bool,
+    ) -> httpx.Response:
+        host = op.ref.registry
+        known = self._challenges.get(host)
+        if known is not None and known.scheme == "bearer" and (host, op.scope) not in self._tokens:
+            # Same registry, new scope (e.g. pull then push): get its token up front.
+            self._authorize(op, host, known)
+        for attempt in (1, 2):
+            request_headers = dict(headers or {})
+            auth = self._auth_header(host, op.scope)
+            if auth is not None:
+                request_headers["Authorization"] = auth
+            request = self._build(method, url, request_headers, content)
+            try:
+                resp = self._http.send(request, stream=True, follow_redirects=follow_redirects)
+            except httpx.HTTPError as exc:
+                raise self.transport_error(op, exc) from exc
+            if resp.status_code != 401 or attempt == 2:
+                return resp
+            try:
+                resp.read()
+            except httpx.HTTPError:
+                pass
+            finally:
+                resp.close()
+            challenge = parse_challenge(resp.headers.get("WWW-Authenticate", ""))
+            if challenge is None or challenge.scheme not in ("bearer", "basic"):
+                return resp
+            # A fresh challenge, or our token was refused (expired, or lacks the scope).
+            self._challenges[host] = challenge
+            self._authorize(op, host, challenge)
+        raise AssertionError("unreachable")
+
+    def _auth_header(self, host: str, scope: str) -> str | None:
+        challenge = self._challenges.get(host)
+        if challenge is None:
+            return None
+        if challenge.scheme == "basic":
+            creds = self._credentials.get(host) if self._credentials else None
+            if creds is None or creds.identity_token:
+                return None
+            raw = f"{creds.username}:{creds.password}".encode()
+            return "Basic " + base64.b64encode(raw).decode()
+        token = self._tokens.get((host, scope))
+        return f"Bearer {token}" if token else None
+
+    def _authorize(self, op: Op, host: str, challenge: Challenge) -> None:
+        """Obtain what ``_auth_header`` will send next, for a fresh challenge."""
+        if challenge.scheme == "basic":
+            return  # credentials are added by _auth_header (or we stay unauthorized)
+        realm = challenge.get("realm")
+        if not realm:
+            raise RegistryError(f"{op.verb} {op.ref}: Bearer challenge without a realm")
+        scopes = [op.scope]
+        challenge_scope = challenge.get("scope")
+        if challenge_scope and challenge_scope not in scopes:
+            scopes.append(challenge_scope)
+        resp = self._request_token(op, host, realm, scopes, challenge.get("service"))
+        if resp.status_code in (401, 403):
+            raise self.status_error(op, resp, f"token from {realm}")
+        if resp.status_code != 200:
+            raise self.status_error(op, resp, f"token from {realm}")
+        try:
+            body = resp.json()
+            token = body.get("token") or body.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise RegistryError(
+                f"{op.verb} {op.ref}: token service {realm} returned no token",
+                hint="check the registry's auth service",
+            )
+        self._tokens[(host, op.scope)] = token
+
+    def _request_token(
+        self, op: Op, host: str, realm: str, scopes: list[str], service: str | None
+    ) -> httpx.Response:
+        """Ask the token service for ``scopes``: an identity token is exchanged, else Basic."""
+        creds = self._credentials.get(host) if self._credentials else None
+        try:
+            if creds is not None and creds.identity_token:
+                form = {
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "client_id": "imgbuild",
+                    "scope": " ".join(scopes),
+                }
+                if service:
+                    form["service"] = service
+                resp = self._http.post(realm, data=form)
+            else:
+                params: list[tuple[str, str | int | float | bool | None]] = [
+                    ("scope", s) for s in scopes
+                ]
+                if service:
+                    params.insert(0, ("service", service))
+                basic = (creds.username, creds.password) if creds is not None else None
+                resp = self._http.get(realm, params=params, auth=basic)
+        except httpx.HTTPError as exc:
+            raise self.transport_error(op, exc, what=f"token service {realm}") from exc
+        return resp
+
+    def _build(
+        self, method: str, url: httpx.URL, headers: dict[str, str], content: Body | None
+    ) -> httpx.Request:
+        body = content() if content is not None else None
+        if isinstance(body, httpx.SyncByteStream):
+            request = self._http.build_request(method, url, headers=headers)
+            request.stream = body
+            return request
+        return self._http.build_request(method, url, headers=headers, content=body)
+
+    def transport_error(
+        self, op: Op, exc: httpx.HTTPError, *, what: str | None = None
+    ) -> RegistryError:
+        """One line for a request that got no answer: ``pulling REF: URL timed out``."""
+        target = what or registry_url(op.ref.registry)
+        if isinstance(exc, httpx.TimeoutException):
+            detail = "timed out"
+        elif isinstance(exc, httpx.ConnectError):
+            detail = f"cannot connect ({exc})"
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
+        return RegistryError(
+            f"{op.verb} {op.ref}: {target} {detail}",
+            hint="check the registry address, your network or proxy settings, and retry",
+        )
+
+    def status_error(self, op: Op, resp: httpx.Response, what: str) -> RegistryError:
+        """One line for a refusal or failure answer, with the fix its status suggests."""
+        code, message = _error_body(resp)
+        status = resp.status_code
+        detail = f"{what}: {code + ' ' if code else ''}{message}".rstrip(": ")
+        registry = op.ref.registry
+        if status == 401:
+            return RegistryError(
+                f"unauthorized {op.verb} {op.ref}: {detail}",
+                hint=f"log in with docker login {registry}",
+            )
+        if status == 403 or code == "DENIED":
+            fix = (
+                f"check that your login for {registry} may push to {op.ref.repository}"
+                + (" (a GHCR token needs write:packages)" if registry == "ghcr.io" else "")
+                if op.verb == "pushing"
+                else f"check that your login for {registry} may pull {op.ref.repository}"
+            )
+            return RegistryError(f"denied {op.verb} {op.ref}: {detail}", hint=fix)
+        if status == 404:
+            return RegistryError(
+                f"not found {op.verb} {op.ref}: {detail}",
+                hint="check the repository name and tag (and any registry mirror)",
+            )
+        if status == 429:
+            after = resp.headers.get("Retry-After")
+            return RegistryError(
+                f"rate limited {op.verb} {op.ref}: {detail}",
+                hint=f"retry after {after} s" if after else "retry later, or log in",
+            )
+        if status >= 500:
+            return RegistryError(
+                f"registry error {op.verb} {op.ref}: HTTP {status} on {detail}",
+                hint="the registry failed; retry later",
+            )
+        return RegistryError(f"{op.verb} {op.ref}: HTTP {status} on {detail}")

@@ -1,0 +1,403 @@
+"""The distribution client: pull a base image, push images and indexes, and the registry sink.
+
+Pulls resolve an index to one platform's manifest and verify every blob while it streams into
+the ``BlobStore``. Pushes send blobs the registry lacks (HEAD, then a monolithic POST + PUT),
+then child manifests by digest, then the tag: a push cut short leaves only complete,
+digest-checked blobs and manifests behind, so pushing again picks up where it stopped. Every
+body is replayable (bytes, or a stream that re-reads its file), so the shared client's retry
+transport can send a request again after a 429 or a 5xx. Auth lives in ``sinks.auth``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from imagebuild.digest import Digest, digest_bytes
+from imagebuild.errors import ImageError, RegistryError
+from imagebuild.image.descriptor import (
+    CONFIG_TYPES,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    checked_digest,
+)
+from imagebuild.image.model import BaseImage, Image, ImageIndex
+from imagebuild.image.name import ImageReference
+from imagebuild.image.store import BlobStore
+from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession
+
+if TYPE_CHECKING:
+    from imagebuild.report import Reporter
+    from imagebuild.sinks.sink import Finished
+
+MANIFEST_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST_LIST}, {DOCKER_MANIFEST}"
+
+_CHUNK = 1 << 20
+# Blobs up to this size go up as bytes in memory; larger ones as a stream re-reading the file.
+_IN_MEMORY = 8 << 20
+
+
+class _FileBody(httpx.ByteStream):
+    """A blob file as a request body that reads the file afresh each time it is sent.
+
+    It is an ``httpx.ByteStream`` because that is what the retry transport (``net.http``)
+    knows it may send twice; unlike one, it never holds the file in memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(b"")
+        self._path = path
+
+    def __iter__(self) -> Iterator[bytes]:
+        with self._path.open("rb") as f:
+            while chunk := f.read(_CHUNK):
+                yield chunk
+
+
+def _blob_body(path: Path, size: int) -> bytes | httpx.SyncByteStream:
+    return path.read_bytes() if size <= _IN_MEMORY else _FileBody(path)
+
+
+def _platform_text(platform: object) -> str:
+    if not isinstance(platform, dict):
+        return "unknown"
+    parts = [str(platform.get("os", "?")), str(platform.get("architecture", "?"))]
+    if platform.get("variant"):
+        parts.append(str(platform["variant"]))
+    return "/".join(parts)
+
+
+def _json_object(data: bytes, op: Op, what: str) -> dict[str, object]:
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise RegistryError(f"{op.verb} {op.ref}: {what} is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise RegistryError(f"{op.verb} {op.ref}: {what} is not a JSON object")
+    return obj
+
+
+def _descriptor(obj: object, op: Op, where: str) -> Descriptor:
+    try:
+        return Descriptor.from_json(obj, where=where)
+    except ImageError as exc:
+        raise RegistryError(f"{op.verb} {op.ref}: {exc.message}") from None
+
+
+class RegistryClient:
+    """Pulls and pushes images over the OCI distribution API.
+
+    ``http`` is the one client the CLI created (its timeouts, proxies, TLS settings and retry
+    transport apply); ``credentials`` supplies logins, or ``None`` for anonymous access only.
+    Every failure is a ``RegistryError`` whose message names the reference, the operation and
+    a fix.
+    """
+
+    def __init__(self, http: httpx.Client, *, credentials: CredentialStore | None = None) -> None:
+        self._session = RegistrySession(http, credentials=credentials)
+
+    # -- pull ----------------------------------------------------------------------------
+
+    def pull_image(
+        self,
+        ref: ImageReference,
+        *,
+        platform: Sequence[str] = ("linux", "amd64"),
+        store: BlobStore,
+    ) -> BaseImage:
+        """Pull ``ref`` for ``platform`` (``(os, architecture[, variant])``) into ``store``.
+
+        An index or manifest list is resolved to the first entry for the platform. Blobs
+        already in ``store`` are not downloaded again; the others are verified while they
+        stream in. A digest-pinned reference must match the bytes received.
+        """
+        op = Op(ref, "pulling", "pull")
+        obj, digest = self._platform_manifest(op, platform)
+        config_desc = _descriptor(obj.get("config"), op, "manifest config")
+        if config_desc.media_type not in CONFIG_TYPES:
+            raise RegistryError(
+                f"pulling {ref}: config has media type {config_desc.media_type}, not an image"
+            )
+        raw_layers = obj.get("layers")
+        if not isinstance(raw_layers, list):
+            raise RegistryError(f"pulling {ref}: manifest has no layers list")
+        layers = tuple(
+            _descriptor(raw, op, f"manifest layers[{i}]") for i, raw in enumerate(raw_layers)
+        )
+        self._ensure_blob(op, config_desc, store)
+        config = _json_object(store.read_bytes(config_desc.digest), op, "image config")
+        diff_ids = _checked_config(op, config, platform, len(layers))
+        for layer in layers:
+            self._ensure_blob(op, layer, store)
+        return BaseImage(
+            reference=str(ref),
+            manifest_digest=digest,
+            config=config,
+            layers=layers,
+            diff_ids=diff_ids,
+        )
+
+    def _platform_manifest(
+        self, op: Op, platform: Sequence[str]
+    ) -> tuple[dict[str, object], Digest]:
+        """The image manifest at ``op.ref`` for ``platform`` (through an index) and its digest."""
+        ref = op.ref
+        data, media_type, digest = self.fetch_manifest(ref)
+        if ref.digest is not None and digest != ref.digest:
+            raise RegistryError(
+                f"pulling {ref}: manifest hashes to {digest}, not the pinned digest",
+                hint="the registry served different content; check the mirror or the digest",
+            )
+        obj = _json_object(data, op, "manifest")
+        if media_type in INDEX_TYPES:
+            entry = self._select_platform(op, obj, platform)
+            data, media_type, digest = self.fetch_manifest(ref.with_digest(entry.digest))
+            if digest != entry.digest:
+                raise RegistryError(
+                    f"pulling {ref}: platform manifest hashes to {digest}, "
+                    f"the index says {entry.digest}"
+                )
+            obj = _json_object(data, op, "manifest")
+        if media_type not in MANIFEST_TYPES:
+            raise RegistryError(
+                f"pulling {ref}: unsupported manifest media type {media_type!r}",
+                hint="imgbuild reads OCI and Docker v2 schema 2 images",
+            )
+        return obj, digest
+
+    # -- push ----------------------------------------------------------------------------
+
+    def push_image(
+        self, image: Image, ref: ImageReference, store: BlobStore | None = None
+    ) -> Digest:
+        """Push ``image`` (blobs from ``store``, default ``image.store``) to ``ref``.
+
+        Blobs the registry has are skipped (HEAD); the others are uploaded monolithically
+        (POST, then PUT ``?digest=``). The manifest goes last, to the tag (or the pinned
+        digest). Returns the manifest digest after checking the registry computed the same.
+        """
+        op = Op(ref, "pushing", "pull,push")
+        store = store or image.store
+        if ref.digest is not None and ref.digest != image.digest:
+            raise RegistryError(
+                f"pushing {ref}: the image's digest is {image.digest}",
+                hint="push to a tag, or to the image's own digest",
+            )
+        blobs: dict[Digest, Descriptor] = {}
+        for desc in (*image.layers, image.config):
+            blobs.setdefault(desc.digest, desc)
+        for desc in blobs.values():
+            if not self._blob_exists(op, desc.digest):
+                self._upload_blob(op, desc, store)
+        return self.push_manifest(ref, image.manifest_bytes, media_type=image.manifest.media_type)
+
+    def push_index(self, index: ImageIndex, ref: ImageReference) -> Digest:
+        """Push every image of ``index`` by digest, then the index itself to ``ref``."""
+        for image in index.images:
+            self.push_image(image, ref.with_digest(image.digest), index.store)
+        return self.push_manifest(ref, index.manifest_bytes, media_type=index.manifest.media_type)
+
+    def push_manifest(self, ref: ImageReference, data: bytes, *, media_type: str) -> Digest:
+        """PUT manifest (or index) ``data`` at ``ref``'s tag or digest; return its digest.
+
+        The blobs (or child manifests) it references must already be in the repository.
+        """
+        op = Op(ref, "pushing", "pull,push")
+        digest = digest_bytes(data)
+        resp = self._session.send(
+            op,
+            "PUT",
+            self._session.url(ref, f"manifests/{ref.reference}"),
+            headers={"Content-Type": media_type},
+            content=lambda: data,
+        )
+        if resp.status_code not in (200, 201):
+            raise self._session.status_error(op, resp, "manifest upload")
+        returned = resp.headers.get("Docker-Content-Digest")
+        if returned and returned != digest:
+            raise RegistryError(
+                f"pushing {ref}: the registry stored the manifest as {returned}, expected {digest}",
+                hint="the registry rewrote the manifest; push to a registry that keeps bytes",
+            )
+        return digest
+
+    def fetch_manifest(self, ref: ImageReference) -> tuple[bytes, str, Digest]:
+        """GET the manifest (or index) at ``ref``: ``(bytes, media type, digest of bytes)``."""
+        op = Op(ref, "pulling", "pull")
+        resp = self._session.send(
+            op,
+            "GET",
+            self._session.url(ref, f"manifests/{ref.reference}"),
+            headers={"Accept": MANIFEST_ACCEPT},
+        )
+        if resp.status_code != 200:
+            raise self._session.status_error(op, resp, "manifest")
+        data = resp.content
+        media_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        if media_type not in MANIFEST_TYPES | INDEX_TYPES:
+            # Some registries answer application/json; the document names its own type.
+            try:
+                declared = json.loads(data).get("mediaType")
+            except (ValueError, AttributeError):
+                declared = None
+            if isinstance(declared, str) and declared:
+                media_type = declared
+        return data, media_type, digest_bytes(data)
+
+    # -- blobs ---------------------------------------------------------------------------
+
+    def _blob_exists(self, op: Op, digest: Digest) -> bool:
+        resp = self._session.send(
+            op, "HEAD", self._session.url(op.ref, f"blobs/{digest}"), follow_redirects=True
+        )
+        if resp.status_code == 200:
+            return True
+        if resp.status_code == 404:
+            return False
+        raise self._session.status_error(op, resp, f"blob {digest} check")
+
+    def _ensure_blob(self, op: Op, desc: Descriptor, store: BlobStore) -> None:
+        if store.has(desc.digest):
+            return
+        url = self._session.url(op.ref, f"blobs/{desc.digest}")
+        with self._session.stream(op, "GET", url) as resp:
+            if resp.status_code != 200:
+                resp.read()
+                raise self._session.status_error(op, resp, f"blob {desc.digest}")
+            try:
+                store.ingest(
+                    resp.iter_bytes(_CHUNK),
+                    media_type=desc.media_type,
+                    expected=desc.digest,
+                    expected_size=desc.size,
+                )
+            except ImageError as exc:
+                raise RegistryError(
+                    f"pulling {op.ref}: {exc.message}",
+                    hint="the download was corrupted or the registry is serving bad data; retry",
+                ) from None
+            except httpx.HTTPError as exc:
+                raise self._session.transport_error(op, exc) from exc
+
+    def _upload_blob(self, op: Op, desc: Descriptor, store: BlobStore) -> None:
+        path = store.path(desc.digest)
+        if not path.is_file():
+            raise RegistryError(
+                f"pushing {op.ref}: blob {desc.digest} is missing from {store.root}",
+                hint="rebuild the image",
+            )
+        start = self._session.send(
+            op,
+            "POST",
+            self._session.url(op.ref, "blobs/uploads/"),
+            headers={"Content-Length": "0"},
+        )
+        if start.status_code not in (201, 202):
+            raise self._session.status_error(op, start, f"upload of blob {desc.digest}")
+        location = start.headers.get("Location")
+        if not location:
+            raise RegistryError(f"pushing {op.ref}: upload started without a Location header")
+        # Location may be relative and may carry session state in its query: keep it.
+        target = start.url.join(location).copy_add_param("digest", desc.digest)
+
+        done = self._session.send(
+            op,
+            "PUT",
+            target,
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
+            content=lambda: _blob_body(path, desc.size),
+        )
+        if done.status_code in (201, 204):
+            return
+        # A registry that failed after storing the blob (or a retried PUT whose first attempt
+        # got through, its upload session now gone) has the blob: only a missing one is lost.
+        retried = done.status_code in (404, 408, 429) or done.status_code >= 500
+        if not retried or not self._blob_exists(op, desc.digest):
+            raise self._session.status_error(op, done, f"upload of blob {desc.digest}")
+
+    def _select_platform(
+        self, op: Op, index: Mapping[str, object], platform: Sequence[str]
+    ) -> Descriptor:
+        entries = index.get("manifests")
+        if not isinstance(entries, list):
+            raise RegistryError(f"pulling {op.ref}: image index has no manifests list")
+        os_name, arch = platform[0], platform[1]
+        variant = platform[2] if len(platform) > 2 else None
+        available: list[str] = []
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                continue
+            plat = entry.get("platform")
+            text = _platform_text(plat)
+            if text.startswith("unknown/"):  # attestation manifests
+                continue
+            available.append(text)
+            if not isinstance(plat, dict):
+                continue
+            if plat.get("os") != os_name or plat.get("architecture") != arch:
+                continue
+            if variant is not None and plat.get("variant") not in (None, variant):
+                continue
+            return _descriptor(entry, op, f"index manifests[{i}]")
+        wanted = "/".join(platform)
+        raise RegistryError(
+            f"pulling {op.ref}: no image for {wanted}; available: {', '.join(available) or 'none'}",
+            hint="pick one of the available platforms with --platform",
+        )
+
+
+def _checked_config(
+    op: Op, config: Mapping[str, object], platform: Sequence[str], layers: int
+) -> tuple[Digest, ...]:
+    """The pulled config's diff_ids, after checking its platform and its layer count."""
+    ref = op.ref
+    wanted = "/".join(platform[:2])
+    found = f"{config.get('os')}/{config.get('architecture')}"
+    if found != wanted:
+        raise RegistryError(
+            f"pulling {ref}: image is for {found}, not {wanted}",
+            hint=f"use a base image published for {wanted} or build for {found}",
+        )
+    rootfs = config.get("rootfs")
+    raw_diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(raw_diff_ids, list) or len(raw_diff_ids) != layers:
+        raise RegistryError(
+            f"pulling {ref}: config rootfs.diff_ids does not list one entry per layer"
+        )
+    try:
+        return tuple(checked_digest(str(d)) for d in raw_diff_ids)
+    except ImageError as exc:
+        raise RegistryError(f"pulling {ref}: config rootfs.diff_ids: {exc.message}") from None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegistrySink:
+    """``--output registry``: push the image (or the index) to every tag."""
+
+    client: RegistryClient
+    """The client that pushes (the run's one client, with its logins)."""
+    kind: str = field(default="registry", init=False)
+    """The ``--output`` kind."""
+    takes_index: bool = field(default=True, init=False)
+    """A registry takes an image index as well as one image."""
+
+    def write(self, finished: Finished, reporter: Reporter) -> tuple[str, ...]:
+        """Push to each tag in turn; one ``pushed REF@DIGEST`` line per tag."""
+        lines = []
+        for ref in finished.tags:
+            if isinstance(finished.image, ImageIndex):
+                digest = self.client.push_index(finished.image, ref)
+            else:
+                digest = self.client.push_image(finished.image, ref)
+            lines.append(f"pushed {ref}@{digest}")
+        return tuple(lines)
