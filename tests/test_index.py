@@ -18,7 +18,9 @@ from packaging.version import Version
 
 from imagebuild.build.sdist import sdist_metadata
 from imagebuild.errors import PackageIndexError
-from imagebuild.index.simple import ACCEPT, DistMetadata, IndexFile, PackageIndex, SimpleIndex
+from imagebuild.index.model import DistMetadata, IndexFile, PackageIndex
+from imagebuild.index.pages import ACCEPT
+from imagebuild.index.simple import SimpleIndex
 from imagebuild.net.http import RetryPolicy, http_client, retrying_client
 from tests.fixtures.index_server import HTML_TYPE, JSON_TYPE, LocalIndex
 
@@ -786,14 +788,14 @@ def test_big_pages_are_kept_parsed_by_their_bytes(
     cache = tmp_path / "cache"
     first = open_index(fresh_index.url, cache_dir=cache).files(n("big"))
     (kept,) = list((cache / "pages-parsed").glob("*.marshal"))
-    parse = index_module._parse_json_page
+    parse = index_module.parse_json_page
 
     def must_not_parse(*args: object) -> object:
         raise AssertionError("the page was parsed again")
 
-    monkeypatch.setattr(index_module, "_parse_json_page", must_not_parse)
+    monkeypatch.setattr(index_module, "parse_json_page", must_not_parse)
     assert open_index(fresh_index.url, cache_dir=cache).files(n("big")) == first
-    monkeypatch.setattr(index_module, "_parse_json_page", parse)
+    monkeypatch.setattr(index_module, "parse_json_page", parse)
     # A damaged entry is parsed again, never an error; new bytes make a new entry.
     kept.write_bytes(b"\x00garbage")
     assert open_index(fresh_index.url, cache_dir=cache).files(n("big")) == first

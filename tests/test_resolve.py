@@ -54,7 +54,8 @@ from packaging.version import Version
 
 from imagebuild.errors import PackageIndexError, ResolutionError
 from imagebuild.build.sdist import sdist_metadata
-from imagebuild.index.simple import DistMetadata, IndexFile, SimpleIndex
+from imagebuild.index.model import DistMetadata, IndexFile
+from imagebuild.index.simple import SimpleIndex
 from imagebuild.lock.resolve import Resolution, resolve
 from imagebuild.target.platform import TargetPlatform
 from tests.fixtures.index_server import LocalIndex

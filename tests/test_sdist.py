@@ -22,10 +22,11 @@ from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
-from imagebuild.errors import BuildError, FetchError, PackageIndexError
-from imagebuild.index.simple import IndexFile, SimpleIndex
-from imagebuild.lock.resolve import resolve
 from imagebuild.build.sdist import build_sdist_wheel, sdist_metadata
+from imagebuild.errors import BuildError, FetchError, PackageIndexError
+from imagebuild.index.model import IndexFile
+from imagebuild.index.simple import SimpleIndex
+from imagebuild.lock.resolve import resolve
 from imagebuild.target.platform import TargetPlatform
 from tests.fixtures.index_server import IndexedFile, LocalIndex, make_sdist
 

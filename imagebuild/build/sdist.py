@@ -50,7 +50,7 @@ from imagebuild.net.transfer import redact as _redact
 from imagebuild.net.transfer import write_stream
 
 if TYPE_CHECKING:
-    from imagebuild.index.simple import IndexFile
+    from imagebuild.index.model import IndexFile
 
 _HOOK_RUNNER = hook_runner({"SOURCE_DATE_EPOCH": "0"})
 _BUILD_HINT = "use a version of it that ships a wheel for the target"

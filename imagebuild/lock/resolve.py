@@ -30,7 +30,7 @@ from resolvelib import (
 )
 
 from imagebuild.errors import PackageIndexError, ResolutionError
-from imagebuild.index.simple import DistMetadata, IndexFile, PackageIndex
+from imagebuild.index.model import DistMetadata, IndexFile, PackageIndex
 from imagebuild.report import NullReporter, Reporter
 from imagebuild.target.platform import TargetPlatform
 

@@ -38,7 +38,7 @@ from packaging.version import InvalidVersion, Version
 from imagebuild.cache import write_atomic
 from imagebuild.digest import Digest
 from imagebuild.errors import LockError
-from imagebuild.index.simple import IndexFile
+from imagebuild.index.model import IndexFile
 from imagebuild.net.transfer import strip_credentials
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.platform import TargetPlatform
