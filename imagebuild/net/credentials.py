@@ -111,8 +111,10 @@ class IndexCredentials(httpx.Auth):
         return None
 
     def authenticated(self, url: str) -> str:
-        """``url`` with its credentials in it, for a tool run as another process (the
-        installer of build environments), which cannot share this auth flow.
+        """``url`` with its credentials in it, for a tool run as another process.
+
+        Only the installer of build environments gets these (``build.pep517``): it cannot
+        share this auth flow. Nothing inside the program carries such a URL.
         """
         found = self.credentials(url)
         if found is None or _from_url(url) is not None:
@@ -122,6 +124,7 @@ class IndexCredentials(httpx.Auth):
         return urlunsplit(parts._replace(netloc=f"{userinfo}@{parts.netloc}"))
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        """Add Basic credentials to ``request`` when its realm has some (httpx calls this)."""
         if "Authorization" not in request.headers:
             found = self.credentials(request.url)
             if found is not None:

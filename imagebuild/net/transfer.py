@@ -1,5 +1,6 @@
-"""Small HTTP helpers the index, sdist and fetch stages share: streaming to a file with
-its sha256, and messages that never show credentials.
+"""Small HTTP helpers the index, sdist and fetch stages share.
+
+Streaming a body to a file with its sha256, and messages that never show credentials.
 """
 
 from __future__ import annotations
