@@ -1,4 +1,4 @@
-"""Tests for image.name (references, mirrors), sinks.auth (credentials) and sinks.remote (client, sink).
+"""Tests for image.name (references), sinks.auth (logins) and sinks.remote (client, sink).
 
 Push/pull behaviour runs against a real docker-registry (the ``local_registry`` fixture);
 auth challenges, redirects and failure shapes against a small threaded fake of our own.
@@ -221,6 +221,24 @@ def test_credential_helpers_take_precedence(tmp_path: Path) -> None:
     assert calls == [("gh", "ghcr.io"), ("desktop", "https://index.docker.io/v1/")]
     login = CredentialStore.from_login("https://ghcr.io", "me", "tok")
     assert login.get("ghcr.io") == Credentials(username="me", password="tok")
+
+
+def test_credential_helper_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The real helper protocol, through docker-py: server URL on stdin, JSON on stdout.
+    helper = tmp_path / "docker-credential-fake"
+    helper.write_text(
+        "#!/bin/sh\nread server\n"
+        'if [ "$server" = ghcr.io ]; then echo \'{"Username":"octo","Secret":"s3"}\'; exit 0; fi\n'
+        'if [ "$server" = tok.io ]; then echo \'{"Username":"<token>","Secret":"r"}\'; exit 0; fi\n'
+        "echo 'credentials not found in native keychain'; exit 1\n"
+    )
+    helper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    store = CredentialStore(creds_store="fake")
+    assert store.get("ghcr.io") == Credentials(username="octo", password="s3")
+    assert store.get("tok.io") == Credentials(username="<token>", password="", identity_token="r")
+    assert store.get("quay.io") is None
+    assert CredentialStore(creds_store="not-installed").get("ghcr.io") is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,8 +719,8 @@ def test_push_protocol_details(
             {},
             _errors("DENIED", "requested access to the resource is denied"),
             (
-                "denied pushing {ref}: upload of blob {blob}: DENIED requested access to the resource "
-                "is denied; check that your login for {host} may push to acme/app"
+                "denied pushing {ref}: upload of blob {blob}: DENIED requested access to the "
+                "resource is denied; check that your login for {host} may push to acme/app"
             ),
         ),
         (

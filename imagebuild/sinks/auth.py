@@ -107,13 +107,14 @@ class CredentialStore:
     @classmethod
     def from_docker_config(cls, path: Path | None) -> CredentialStore:
         """Read a Docker ``config.json``; a missing file (or ``None``) gives an empty store."""
+        if path is None:
+            return cls()
         raw = _read_docker_config(path)
         auths: dict[str, Credentials] = {}
         raw_auths = raw.get("auths")
         for key, entry in (raw_auths if isinstance(raw_auths, dict) else {}).items():
             if not isinstance(entry, dict):
                 continue
-            assert path is not None  # an empty config has no entries
             creds = _decode_auth_entry(entry, path=path, key=str(key))
             if creds is not None:
                 auths.setdefault(_normalize_auth_key(str(key)), creds)
@@ -141,10 +142,8 @@ class CredentialStore:
         return dict(self.auths).get(registry)
 
 
-def _read_docker_config(path: Path | None) -> dict[str, object]:
+def _read_docker_config(path: Path) -> dict[str, object]:
     """The JSON object in ``path``; empty when there is no file."""
-    if path is None:
-        return {}
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
