@@ -14,14 +14,10 @@ import pytest
 from packaging.version import Version
 
 from imagebuild.errors import LockError
-from imagebuild.lock.model import (
-    Lock,
-    LockedPackage,
-    check_locked,
-    find_lock,
-    load_lock,
-    select_packages,
-)
+from imagebuild.lock.load import find_lock, load_lock
+from imagebuild.lock.model import Lock, LockedPackage
+from imagebuild.lock.select import select_packages
+from imagebuild.lock.staleness import check_locked
 from imagebuild.project.spec import load_project
 from imagebuild.target.platform import TargetPlatform
 from tests.fixtures.index_server import LocalIndex

@@ -10,7 +10,9 @@ import pytest
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from imagebuild.lock.writer import LockInputs, RecordedLock, environment_marker, staleness
+from imagebuild.lock.model import LockInputs, RecordedLock
+from imagebuild.lock.staleness import staleness
+from imagebuild.lock.writer import environment_marker
 from imagebuild.target.platform import TargetPlatform
 
 CASES = tomllib.loads((Path(__file__).parent / "cases" / "locker" / "staleness.toml").read_text())[

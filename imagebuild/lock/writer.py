@@ -11,34 +11,27 @@ group requested at once; the resolutions are then merged into one PEP 751 file:
 - each package lists every wheel usable on a target it applies to, plus its sdist.
 
 What ``--locked`` / ``lock --check`` compare is recorded under ``[tool.imgbuild]``: the
-project's requirements as written, requires-python, indexes, and the targets. Staleness
-follows what users of uv expect: a new upstream release never makes a lock stale, nor does
-tightening a specifier that still admits the locked version; adding or removing a
-requirement, or loosening one past its pin, does.
+project's requirements as written, requires-python, indexes, and the targets
+(``lock.pylock`` reads that record back; ``lock.staleness`` judges it).
 """
 
 from __future__ import annotations
 
 import os
-import re
-import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import tomlkit
-from packaging.markers import Marker
 from packaging.requirements import Requirement
-from packaging.specifiers import SpecifierSet
 from packaging.utils import NormalizedName, canonicalize_name
-from packaging.version import InvalidVersion, Version
+from packaging.version import Version
 
 from imagebuild.cache import write_atomic
-from imagebuild.digest import Digest
-from imagebuild.errors import LockError
 from imagebuild.index.model import IndexFile
+from imagebuild.lock.model import LockInputs, sort_targets
+from imagebuild.lock.pylock import INPUTS_VERSION
 from imagebuild.net.transfer import strip_credentials
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.platform import TargetPlatform
@@ -47,25 +40,7 @@ if TYPE_CHECKING:
     from imagebuild.lock.resolve import Pin, Resolution
     from imagebuild.project.workspace import LocalPackage
 
-INPUTS_VERSION = 1
-_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 MAIN = ""  # origin of project.dependencies
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class LockInputs:
-    """Everything a lock is a function of, besides the index's contents."""
-
-    requires_python: str | None
-    """``project.requires-python`` as written (normalised specifier)."""
-    requirements: tuple[tuple[str, tuple[str, ...]], ...]
-    """Origin -> requirement strings, sorted: ``""`` for dependencies, ``extra:x``, ``group:g``."""
-    indexes: tuple[str, ...]
-    """Index URLs, primary first."""
-    prereleases: bool
-    """Whether pre-releases were allowed everywhere."""
-    targets: tuple[TargetPlatform, ...]
-    """The targets the lock covers, sorted."""
 
 
 def environment_marker(target: TargetPlatform) -> str:
@@ -74,13 +49,6 @@ def environment_marker(target: TargetPlatform) -> str:
     return (
         f"sys_platform == 'linux' and platform_machine == '{target.arch}' "
         f"and python_version == '{major}.{minor}'"
-    )
-
-
-def sort_targets(targets: Sequence[TargetPlatform]) -> tuple[TargetPlatform, ...]:
-    """Targets in a stable order (Python, then architecture, then libc)."""
-    return tuple(
-        sorted(set(targets), key=lambda t: (t.python_version, t.arch, t.libc, t.libc_version))
     )
 
 
@@ -349,191 +317,3 @@ def _tool_table(inputs: LockInputs, base_digests: Mapping[str, str]) -> tomlkit.
         ours.add("bases", bases)
     tool.add("imgbuild", ours)
     return tool
-
-
-# -- reading back and staleness ---------------------------------------------------------
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class RecordedLock:
-    """What an imgbuild pylock.toml says about how it was made."""
-
-    inputs: LockInputs
-    """The recorded inputs."""
-    pins: Mapping[NormalizedName, tuple[Version, ...]]
-    """Locked versions per package name."""
-    bases: Mapping[str, Digest] = field(default_factory=dict)
-    """Base image reference (as configured) -> the digest the lock was made for."""
-
-
-def read_recorded(path: Path) -> RecordedLock | None:
-    """The ``[tool.imgbuild]`` inputs of a pylock.toml, or None if imgbuild did not write it."""
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise LockError(f"{path}: cannot read ({exc})", hint="run 'imgbuild lock'") from exc
-    tool = data.get("tool", {}).get("imgbuild")
-    if not isinstance(tool, dict) or tool.get("inputs-version") != INPUTS_VERSION:
-        return None
-    try:
-        requirements = tuple(
-            (("" if origin == "dependencies" else origin), tuple(reqs))
-            for origin, reqs in tool["requirements"].items()
-        )
-        targets = tuple(
-            TargetPlatform(
-                python_version=_pair(row["python"]),
-                libc=row["libc"],
-                libc_version=_pair(row["libc-version"]),
-                arch=row["arch"],
-            )
-            for row in tool["targets"]
-        )
-        inputs = LockInputs(
-            requires_python=tool.get("requires-python"),
-            requirements=requirements,
-            indexes=tuple(tool["indexes"]),
-            prereleases=bool(tool["prereleases"]),
-            targets=sort_targets(targets),
-        )
-        bases = {str(ref): Digest(str(digest)) for ref, digest in tool.get("bases", {}).items()}
-        for ref, digest in bases.items():
-            if not _DIGEST.match(digest):
-                raise ValueError(f"bases[{ref!r}] = {digest!r} is not a sha256 digest")
-        pins: dict[NormalizedName, list[Version]] = {}
-        for package in data.get("packages", []):
-            if "version" in package:
-                pins.setdefault(canonicalize_name(package["name"]), []).append(
-                    Version(package["version"])
-                )
-    except (KeyError, TypeError, ValueError, InvalidVersion) as exc:
-        raise LockError(
-            f"{path}: tool.imgbuild is malformed ({exc})", hint="run 'imgbuild lock'"
-        ) from exc
-    return RecordedLock(inputs=inputs, pins={k: tuple(v) for k, v in pins.items()}, bases=bases)
-
-
-def _pair(text: str) -> tuple[int, int]:
-    major, minor = text.split(".")[:2]
-    return (int(major), int(minor))
-
-
-def staleness(recorded: RecordedLock, current: LockInputs) -> str | None:
-    """Why the lock no longer fits ``current`` (one short clause), or None if it does."""
-    old = recorded.inputs
-    if old.requires_python != current.requires_python:
-        return (
-            f"requires-python changed from {old.requires_python or 'none'} "
-            f"to {current.requires_python or 'none'}"
-        )
-    if tuple(map(strip_credentials, old.indexes)) != tuple(map(strip_credentials, current.indexes)):
-        return f"the indexes changed ({', '.join(current.indexes)})"
-    if old.prereleases != current.prereleases:
-        return "the pre-release setting changed"
-    missing = [t for t in current.targets if t not in old.targets]
-    if missing:
-        return f"target {missing[0].describe()} is not covered"
-    old_reqs = dict(old.requirements)
-    new_reqs = dict(current.requirements)
-    for origin in sorted(set(old_reqs) | set(new_reqs)):
-        label = _origin_label(origin)
-        if origin not in old_reqs:
-            return f"{label} was added"
-        if origin not in new_reqs:
-            return f"{label} was removed"
-        reason = _requirements_change(old_reqs[origin], new_reqs[origin], recorded.pins)
-        if reason:
-            return f"{reason} ({label})" if origin else reason
-    return None
-
-
-def _origin_label(origin: str) -> str:
-    if not origin:
-        return "dependencies"
-    kind, _, name = origin.partition(":")
-    if kind == "local":
-        return f"local project '{name}'"
-    return f"optional dependencies '{name}'" if kind == "extra" else f"dependency group '{name}'"
-
-
-def _requirements_change(
-    old: Sequence[str],
-    new: Sequence[str],
-    pins: Mapping[NormalizedName, tuple[Version, ...]],
-) -> str | None:
-    def keyed(reqs: Sequence[str]) -> dict[tuple[NormalizedName, str, str], Requirement]:
-        out = {}
-        for text in reqs:
-            req = Requirement(text)
-            key = (canonicalize_name(req.name), ",".join(sorted(req.extras)), str(req.marker or ""))
-            out[key] = req
-        return out
-
-    before, after = keyed(old), keyed(new)
-    for key in sorted(set(after) - set(before)):
-        return f"dependency '{after[key]}' was added"
-    for key in sorted(set(before) - set(after)):
-        return f"dependency '{before[key]}' was removed"
-    for key in sorted(set(before) & set(after)):
-        was, now = before[key].specifier, after[key].specifier
-        if str(was) == str(now):
-            continue
-        locked = pins.get(key[0], ())
-        for version in locked:
-            if not now.contains(version, prereleases=True):
-                return f"'{after[key]}' no longer admits the locked {key[0]} {version}"
-        if locked and _loosened_past(was, now, max(locked)):
-            return f"'{after[key]}' admits versions above the locked {key[0]} {max(locked)}"
-    return None
-
-
-def _loosened_past(was: SpecifierSet, now: SpecifierSet, pin: Version) -> bool:
-    """Whether ``now`` admits a version above ``pin`` that ``was`` did not."""
-    probes: set[Version] = set()
-    for spec in [*was, *now]:
-        try:
-            bound = Version(spec.version.replace(".*", ""))
-        except InvalidVersion:
-            continue
-        release = list(bound.release)
-        probes.add(bound)
-        for i in range(len(release)):
-            bumped = [*release[:i], release[i] + 1]
-            probes.add(Version(".".join(map(str, bumped))))
-    return any(
-        v > pin and now.contains(v, prereleases=True) and not was.contains(v, prereleases=True)
-        for v in probes
-    )
-
-
-def check_pylock(path: Path, current: LockInputs) -> bool:
-    """Raise LockError when an imgbuild pylock.toml is stale; False if not ours to judge."""
-    recorded = read_recorded(path)
-    if recorded is None:
-        return False
-    reason = staleness(recorded, current)
-    if reason is not None:
-        raise LockError(
-            f"{path.name} is out of date with pyproject.toml: {reason}",
-            hint="run 'imgbuild lock' (or drop --locked)",
-        )
-    return True
-
-
-def recorded_bases(path: Path) -> dict[str, Digest]:
-    """The base digests an imgbuild pylock.toml records (reference -> digest), else none."""
-    recorded = read_recorded(path) if path.is_file() else None
-    return dict(recorded.bases) if recorded is not None else {}
-
-
-def pins_as_preferences(path: Path) -> dict[NormalizedName, Version]:
-    """The newest locked version of each package, for keeping pins when re-locking."""
-    recorded = read_recorded(path) if path.is_file() else None
-    if recorded is None:
-        return {}
-    return {name: max(versions) for name, versions in recorded.pins.items()}
-
-
-def marker_for(target: TargetPlatform) -> Marker:
-    """``environment_marker`` as a Marker."""
-    return Marker(environment_marker(target))

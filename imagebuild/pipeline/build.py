@@ -146,8 +146,8 @@ def run_build(
     from imagebuild.image.mutate import build_index
     from imagebuild.image.name import ImageReference
     from imagebuild.image.store import BlobStore
-    from imagebuild.lock.model import find_lock, load_lock
-    from imagebuild.lock.writer import recorded_bases
+    from imagebuild.lock.load import find_lock, load_lock
+    from imagebuild.lock.pylock import recorded_bases
     from imagebuild.sinks.auth import CredentialStore
     from imagebuild.sinks.remote import RegistryClient
 
@@ -319,7 +319,7 @@ def _build_platform(run: _Run, platform: str) -> _PlatformImage:
     """Pull the base for ``platform``, pick and fetch its wheels, and build its image."""
     from imagebuild.build.pep517 import build_project_wheel
     from imagebuild.install.fetch import WheelCache, fetch_wheels
-    from imagebuild.lock.model import select_packages
+    from imagebuild.lock.select import select_packages
     from imagebuild.target.platform import TargetPlatform
 
     request, settings, store, reporter = run.request, run.settings, run.store, run.reporter
@@ -520,8 +520,8 @@ def _check_lock(
     request: BuildRequest,
 ) -> None:
     """``--locked``: imgbuild's own pylock by its recorded inputs, others as uv judges."""
-    from imagebuild.lock.model import check_locked
-    from imagebuild.lock.writer import check_pylock, project_inputs, project_roots
+    from imagebuild.lock.staleness import check_locked, check_pylock
+    from imagebuild.lock.writer import project_inputs, project_roots
     from imagebuild.project.workspace import expand_local
 
     if lock.kind == "pylock":
@@ -1252,15 +1252,9 @@ def run_lock(
     from imagebuild.image.store import BlobStore
     from imagebuild.index.simple import SimpleIndex
     from imagebuild.lock.resolve import resolve
-    from imagebuild.lock.writer import (
-        check_pylock,
-        pins_as_preferences,
-        project_inputs,
-        project_roots,
-        recorded_bases,
-        render_pylock,
-        write_pylock,
-    )
+    from imagebuild.lock.pylock import pins_as_preferences, recorded_bases
+    from imagebuild.lock.staleness import check_pylock
+    from imagebuild.lock.writer import project_inputs, project_roots, render_pylock, write_pylock
     from imagebuild.project.workspace import expand_local
     from imagebuild.sinks.auth import CredentialStore
     from imagebuild.sinks.remote import RegistryClient

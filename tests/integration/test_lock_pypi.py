@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.lock.model import load_lock, select_packages
+from imagebuild.lock.load import load_lock
+from imagebuild.lock.select import select_packages
 from imagebuild.target.platform import TargetPlatform
 from tests.integration.conftest import imgbuild
 
