@@ -108,8 +108,8 @@ def test_a_loader_that_wants_every_layer_gets_the_whole_archive(tmp_path: Path) 
     from imagebuild.image.model import ImageConfig
     from imagebuild.image.mutate import build_image
     from imagebuild.image.store import BlobStore
-    from imagebuild.pipeline.build import _load
     from imagebuild.report import NullReporter
+    from imagebuild.sinks.engine import load_delta
     from tests.test_oci import fake_layer, python_base
 
     store = BlobStore(tmp_path / "blobs")
@@ -133,7 +133,7 @@ def test_a_loader_that_wants_every_layer_gets_the_whole_archive(tmp_path: Path) 
             return ("app:1",)
 
     engine: Any = PickyEngine()
-    _load(engine, image, ["app:1"], tmp_path, "imgbuild-base:x", NullReporter())
+    load_delta(engine, image, ["app:1"], tmp_path, "imgbuild-base:x", NullReporter())
     assert len(sent) == 2
     assert min(sent[0].values()) == 0  # the base layer was left out first
     assert 0 not in sent[1].values()

@@ -8,7 +8,7 @@ rebuilds only the last ``COPY``. The image config (env, labels, ports, user, wor
 entrypoint) follows. The Dockerfile comes from ``templates/Dockerfile.j2``.
 
 The directory is written aside and renamed into place, so it is either the previous
-context or the new one, never half of each.
+context or the new one, never half of each. ``ContextSink`` is the ``context:DIR`` output.
 """
 
 from __future__ import annotations
@@ -20,15 +20,21 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jinja2
 
 from imagebuild import __version__
 from imagebuild.errors import ImageError
 from imagebuild.image.model import ImageConfig, Layer
+from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
+
+if TYPE_CHECKING:
+    from imagebuild.report import Reporter
+    from imagebuild.sinks.sink import Finished
 
 TEMPLATE_DIRS = (
     Path(__file__).resolve().parents[1] / "_data" / "templates",  # installed wheel
@@ -44,6 +50,34 @@ class ContextLayer:
 
     directory: str
     created_by: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ContextSink:
+    """``--output context:DIR``: a Dockerfile ``FROM`` the base as pulled, and the layers."""
+
+    path: Path
+    """The context directory (absent, empty, or a context written before)."""
+    kind: str = field(default="context", init=False)
+    """The ``--output`` kind."""
+    takes_index: bool = field(default=False, init=False)
+    """A Dockerfile describes one platform's image."""
+
+    def write(self, finished: Finished, reporter: Reporter) -> tuple[str, ...]:
+        """Write the context for ``finished``'s first image, pinned to the base's digest."""
+        pulled = finished.base_pulled
+        # Through a mirror, the Dockerfile names the upstream base beside the pulled one.
+        mirrored = pulled.name != ImageReference.parse(finished.base_upstream).name
+        write_docker_context(
+            self.path,
+            title=finished.title,
+            base=f"{pulled.name}@{finished.base.manifest_digest}",
+            upstream=finished.base_upstream if mirrored else None,
+            layers=finished.layers,
+            config=finished.config,
+            store=finished.image.store,
+        )
+        return (f"wrote Docker build context {self.path}",)
 
 
 def write_docker_context(

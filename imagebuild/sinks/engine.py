@@ -1,5 +1,8 @@
 """The Docker engine, through docker-py: load archives, run the base's Python, clean up.
 
+``DockerSink`` is the ``docker`` output: it loads the finished image sending only the
+layers the engine lacks.
+
 docker-py reports load failures inside the JSON progress stream (``errorDetail``) while
 the HTTP status is 200, so every stream is read to the end and checked here; callers
 only ever see ``DockerError``.
@@ -8,55 +11,35 @@ only ever see ``DockerError``.
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import docker
 import docker.errors
 import requests.exceptions
 
 from imagebuild.errors import DockerError, LayerError
+from imagebuild.image.model import Image
 from imagebuild.install.layers import COMPILE_SCRIPT
+from imagebuild.sinks.daemon import DockerDaemon, engine_base_tag
+from imagebuild.sinks.layout import write_docker_archive
+
+if TYPE_CHECKING:
+    from imagebuild.report import Reporter
+    from imagebuild.sinks.sink import Finished
 
 _LOADED_RE = re.compile(r"Loaded image(?: ID)?: (\S+)")
 _STAGING = PurePosixPath("/imgbuild-staging")
 # `docker info` reports the kernel's machine name.
 _OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 _DOT = PurePosixPath(".")
-
-
-class DockerDaemon(Protocol):
-    """What the build asks of a Docker engine."""
-
-    def load(self, archive: Path) -> tuple[str, ...]:
-        """Load a docker/OCI archive; return the references or IDs the engine reports."""
-
-    def image_id(self, ref: str) -> str | None:
-        """The image ID behind ``ref``, or None if the engine does not have it."""
-
-    def diff_ids(self, ref: str) -> tuple[str, ...]:
-        """The layer diff IDs of the image ``ref`` names, base first; none if it is absent."""
-
-    def run(
-        self,
-        image: str,
-        command: Sequence[str],
-        *,
-        upload: Path | None = None,
-        download: tuple[PurePosixPath, Path] | None = None,
-    ) -> str:
-        """Run ``command`` in ``image`` (network none, root) and return its output.
-
-        ``upload`` is a tar unpacked at ``/`` before the start; ``download`` names a path
-        in the container whose tar is written to a host file after a clean exit. Files
-        move through the engine's API, never through a bind mount, so the engine may be
-        on another machine (``DOCKER_HOST=tcp://…``, Docker-in-Docker in CI).
-        """
 
 
 def read_progress(stream: Iterable[dict[str, object]], action: str) -> list[str]:
@@ -237,12 +220,15 @@ class EngineCompiler:
 def _pack_sources(
     root: Path, files: Sequence[tuple[Path, PurePosixPath]], dest: Path
 ) -> PurePosixPath:
-    """A tar of the sources under ``/imgbuild-staging`` and the compile listing; the
-    listing's path in the container.
+    """A tar of the sources under ``/imgbuild-staging`` and the compile listing.
+
+    Returns the listing's path in the container.
     """
     listing = _STAGING / ".imgbuild-compile"
     relative = [src.relative_to(root).as_posix() for src, _ in files]
-    text = "".join(f"{_STAGING / rel}\t{dst}\n" for rel, (_, dst) in zip(relative, files))
+    text = "".join(
+        f"{_STAGING / rel}\t{dst}\n" for rel, (_, dst) in zip(relative, files, strict=True)
+    )
     directories = sorted({p for rel in relative for p in PurePosixPath(rel).parents} - {_DOT})
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:
         for directory in [_DOT, *directories]:
@@ -253,7 +239,7 @@ def _pack_sources(
         info = tarfile.TarInfo(_member(PurePosixPath(listing.name)))
         info.size, info.mode = len(data), 0o644
         tar.addfile(info, io.BytesIO(data))
-        for rel, (src, _) in zip(relative, files):
+        for rel, (src, _) in zip(relative, files, strict=True):
             info = tarfile.TarInfo(_member(PurePosixPath(rel)))
             info.size, info.mode = src.stat().st_size, 0o644
             with src.open("rb") as content:
@@ -299,3 +285,62 @@ def _as_dicts(stream: object) -> Iterator[dict[str, object]]:
     for item in stream:  # type: ignore[attr-defined]
         if isinstance(item, dict):
             yield item
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DockerSink:
+    """``--output docker``: load the image into the engine under every tag."""
+
+    connect: Callable[[], DockerDaemon]
+    """Connects to the engine when the image is ready (``DockerEngine.from_env``)."""
+    kind: str = field(default="docker", init=False)
+    """The ``--output`` kind."""
+    takes_index: bool = field(default=False, init=False)
+    """An engine loads one image, not an index."""
+
+    def write(self, finished: Finished, reporter: Reporter) -> tuple[str, ...]:
+        """Load ``finished`` (one platform's image); one ``loaded <tag>`` line per tag."""
+        image = finished.image
+        assert isinstance(image, Image), "one platform only (the pipeline refuses more)"
+        tags = [str(ref) for ref in finished.tags]
+        base_tag = engine_base_tag(finished.base.manifest_digest)
+        load_delta(self.connect(), image, tags, finished.work, base_tag, reporter)
+        return tuple(f"loaded {tag}" for tag in tags)
+
+
+def load_delta(
+    engine: DockerDaemon,
+    image: Image,
+    tags: Sequence[str],
+    work: Path,
+    base_tag: str,
+    reporter: Reporter,
+) -> None:
+    """``docker load`` sending only the layers the engine lacks.
+
+    The engine's copy of the base (loaded to compile bytecode) and the images these tags
+    named before (the last build) tell which leading layers it already holds; see
+    ``oci.write_docker_archive``. A loader that still wants them gets everything.
+    """
+    config = json.loads(image.store.path(image.config.digest).read_bytes())
+    ours = tuple(config["rootfs"]["diff_ids"])
+    present = 0
+    for candidate in (base_tag, *tags):
+        theirs = engine.diff_ids(candidate)
+        common = next(
+            (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None
+        )
+        present = max(present, min(len(ours), len(theirs)) if common is None else common)
+    archive = work / "image.tar"
+    write_docker_archive(image, archive, repo_tags=tags, present=present)
+    reporter.step(f"docker: loading ({len(ours) - present} of {len(ours)} layers to send)")
+    try:
+        engine.load(archive)
+    except DockerError:
+        if present == 0:
+            raise
+        reporter.step("docker: the engine wants every layer; loading them all")
+        write_docker_archive(image, archive, repo_tags=tags)
+        engine.load(archive)
+    finally:
+        archive.unlink(missing_ok=True)

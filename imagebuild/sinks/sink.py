@@ -44,11 +44,18 @@ class Finished:
 class Sink(Protocol):
     """Where a finished image goes: an engine, a layout, an archive, a registry, a context."""
 
-    kind: str
-    """The ``--output`` kind it was made from (``docker``, ``oci``, ``oci-archive``,
-    ``registry``, ``context``)."""
-    takes_index: bool
-    """Whether it can take an image index (several platforms), not only one image."""
+    @property
+    def kind(self) -> str:
+        """The ``--output`` kind it was made from.
+
+        One of ``docker``, ``oci``, ``oci-archive``, ``registry``, ``context``.
+        """
+        ...
+
+    @property
+    def takes_index(self) -> bool:
+        """Whether it can take an image index (several platforms), not only one image."""
+        ...
 
     def write(self, finished: Finished, reporter: Reporter) -> tuple[str, ...]:
         """Send ``finished`` to this output; the lines the CLI prints on success."""
