@@ -122,6 +122,26 @@ def render_pylock(
             presence.setdefault(key, {})[resolution.target] = reach.get(pin.name, set())
 
     all_targets = sort_targets([r.target for r in resolutions])
+    doc = _header(inputs, all_targets)
+    entries = _local_entries(local or {}, all_targets, lock_dir)
+    for key in sorted(pins):
+        table = _pin_table(pins[key], presence[key], all_targets)
+        entries.append((key[0], str(key[1]), table))
+    root = tomlkit.table()
+    root.add("name", project.name)
+    root_path = Path(os.path.relpath(project.root, lock_dir)).as_posix()
+    root.add("directory", _inline({"path": root_path, "editable": False}))
+    entries.append((project.name, "", root))
+    packages = tomlkit.aot()
+    for _, _, table in sorted(entries, key=lambda e: (e[0], e[1])):
+        packages.append(table)
+    doc.add("packages", packages)
+    doc.add("tool", _tool_table(inputs, base_digests or {}))
+    return tomlkit.dumps(doc)
+
+
+def _header(inputs: LockInputs, all_targets: Sequence[TargetPlatform]) -> tomlkit.TOMLDocument:
+    """The document's top-level keys, before ``packages``."""
     doc = tomlkit.document()
     doc.add("lock-version", "1.0")
     doc.add("environments", _array([environment_marker(t) for t in all_targets]))
@@ -135,9 +155,20 @@ def render_pylock(
         _array(sorted(o[6:] for o, _ in inputs.requirements if o.startswith("group:"))),
     )
     doc.add("created-by", "imgbuild")
+    return doc
 
-    entries: list[tuple[str, str, tomlkit.items.Table]] = []
-    for name, package in sorted((local or {}).items()):
+
+_Entry = tuple[str, str, tomlkit.items.Table]
+
+
+def _local_entries(
+    local: Mapping[NormalizedName, LocalPackage],
+    all_targets: Sequence[TargetPlatform],
+    lock_dir: Path,
+) -> list[_Entry]:
+    """``directory`` entries for the local projects needed on some target."""
+    entries: list[_Entry] = []
+    for name, package in sorted(local.items()):
         presence_local: dict[TargetPlatform, set[str]] = {}
         for target in all_targets:
             env = {**target.marker_environment(), "extra": ""}
@@ -158,44 +189,36 @@ def render_pylock(
         path = os.path.relpath(package.project.root, lock_dir)
         table.add("directory", _inline({"path": Path(path).as_posix(), "editable": False}))
         entries.append((name, "", table))
-    packages = tomlkit.aot()
-    for key in sorted(pins):
-        pin = pins[key]
-        table = tomlkit.table()
-        table.add("name", pin.name)
-        table.add("version", str(pin.version))
-        marker = _package_marker(presence[key], all_targets)
-        if marker:
-            table.add("marker", marker)
-        index_url = next((f.index_url for f in pin.files if f.index_url), "")
-        if index_url:
-            table.add("index", strip_credentials(index_url))
-        targets_here = [t for t in all_targets if t in presence[key]]
-        sdists = [f for f in pin.files if f.kind == "sdist"]
-        if sdists:
-            table.add("sdist", _file_table(sdists[0], inline=True))
-        wheels = [
-            f
-            for f in pin.files
-            if f.kind == "wheel" and any(t.rank_wheels([f]) for t in targets_here)
-        ]
-        if wheels:
-            array = tomlkit.array()
-            array.multiline(True)
-            for wheel in sorted(wheels, key=lambda f: f.filename):
-                array.append(_file_table(wheel, inline=True))
-            table.add("wheels", array)
-        entries.append((key[0], str(key[1]), table))
-    root = tomlkit.table()
-    root.add("name", project.name)
-    root_path = Path(os.path.relpath(project.root, lock_dir)).as_posix()
-    root.add("directory", _inline({"path": root_path, "editable": False}))
-    entries.append((project.name, "", root))
-    for _, _, table in sorted(entries, key=lambda e: (e[0], e[1])):
-        packages.append(table)
-    doc.add("packages", packages)
-    doc.add("tool", _tool_table(inputs, base_digests or {}))
-    return tomlkit.dumps(doc)
+    return entries
+
+
+def _pin_table(
+    pin: Pin, presence: Mapping[TargetPlatform, set[str]], all_targets: Sequence[TargetPlatform]
+) -> tomlkit.items.Table:
+    """One index package: version, marker, index, sdist and the wheels some target uses."""
+    table = tomlkit.table()
+    table.add("name", pin.name)
+    table.add("version", str(pin.version))
+    marker = _package_marker(presence, all_targets)
+    if marker:
+        table.add("marker", marker)
+    index_url = next((f.index_url for f in pin.files if f.index_url), "")
+    if index_url:
+        table.add("index", strip_credentials(index_url))
+    targets_here = [t for t in all_targets if t in presence]
+    sdists = [f for f in pin.files if f.kind == "sdist"]
+    if sdists:
+        table.add("sdist", _file_table(sdists[0], inline=True))
+    wheels = [
+        f for f in pin.files if f.kind == "wheel" and any(t.rank_wheels([f]) for t in targets_here)
+    ]
+    if wheels:
+        array = tomlkit.array()
+        array.multiline(True)
+        for wheel in sorted(wheels, key=lambda f: f.filename):
+            array.append(_file_table(wheel, inline=True))
+        table.add("wheels", array)
+    return table
 
 
 def write_pylock(path: Path, text: str) -> None:
