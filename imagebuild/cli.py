@@ -1,6 +1,7 @@
-"""The ``imgbuild`` command line: options become a BuildRequest; errors become one line.
+"""The ``imgbuild`` command line: options become a request, sinks and ports; errors one line.
 
-This is the only module that reads environment variables, prints, or picks exit codes.
+This is the only module that reads environment variables, prints, or picks exit codes, and
+the one that builds the real ports (HTTP client, index, registry, engine) the pipeline uses.
 """
 
 from __future__ import annotations
@@ -9,15 +10,28 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import httpx
 import typer
 
 from imagebuild import __version__
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.project.settings import parse_python_version
+from imagebuild.report import Reporter
+
+if TYPE_CHECKING:
+    import httpx
+
+    from imagebuild.index.model import PackageIndex
+    from imagebuild.pipeline.ports import Ports
+    from imagebuild.pipeline.requests import CompileWith
+    from imagebuild.sinks.daemon import Engine
+    from imagebuild.sinks.remote import RegistryClient
+
+_COMPILE_WITH: dict[str, CompileWith] = {"auto": "auto", "host": "host", "image": "image"}
 
 app = typer.Typer(
     name="imgbuild",
@@ -74,112 +88,174 @@ def _source_date_epoch() -> int:
     return int(value)
 
 
-def http_client() -> httpx.Client:
-    """The one HTTP client for a run; honours SSL_CERT_FILE and proxies (trust_env)."""
-    return httpx.Client(
-        timeout=httpx.Timeout(60.0, connect=15.0),
-        follow_redirects=True,
-        headers={"User-Agent": f"imgbuild/{__version__}"},
-        limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
+def _docker_config_path() -> Path:
+    root = os.environ.get("DOCKER_CONFIG")
+    return Path(root) / "config.json" if root else Path.home() / ".docker" / "config.json"
+
+
+def _registry(http: httpx.Client) -> RegistryClient:
+    """The registry client, with the logins of Docker's config.json."""
+    from imagebuild.sinks.auth import CredentialStore
+    from imagebuild.sinks.remote import RegistryClient
+
+    return RegistryClient(
+        http, credentials=CredentialStore.from_docker_config(_docker_config_path())
     )
+
+
+def _engine() -> Engine:
+    """The Docker engine as the docker CLI would reach it (``DOCKER_HOST``, TLS variables)."""
+    from imagebuild.sinks.engine import DockerEngine
+
+    return DockerEngine.from_env()
+
+
+def _ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> Ports:
+    """The real ports: the run's HTTP client, ``SimpleIndex``, the registry, the engine."""
+    from imagebuild.install.layers import find_host_python
+    from imagebuild.pipeline.ports import Ports
+
+    def index(
+        index_urls: Sequence[str], *, cache_dir: Path, reporter: Reporter
+    ) -> AbstractContextManager[PackageIndex]:
+        from imagebuild.build.sdist import sdist_metadata
+        from imagebuild.index.simple import SimpleIndex
+
+        return SimpleIndex(
+            http, index_urls, cache_dir=cache_dir, reporter=reporter, sdist_metadata=sdist_metadata
+        )
+
+    return Ports(
+        http=http,
+        index=index,
+        registry=registry,
+        engine=_engine,
+        host_python=find_host_python,
+        reporter=reporter,
+    )
+
+
+# -- options (as typer declares them; shared ones once) ----------------------------------
+
+_Path = Annotated[Path, typer.Argument(help="Project directory (with pyproject.toml).")]
+_Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")]
+_Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")]
+_Tag = Annotated[
+    list[str] | None, typer.Option("--tag", "-t", help="Image reference to tag (repeatable).")
+]
+_Output = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="docker (load into the engine; default), oci:DIR, oci-archive:FILE, "
+        "registry (push every --tag), or context:DIR (a Dockerfile and the layers, for "
+        "`docker build`). Repeatable.",
+    ),
+]
+_Base = Annotated[
+    str | None,
+    typer.Option(help="Base: distroless, debian-slim, alpine, or an image reference."),
+]
+_Python = Annotated[str | None, typer.Option(help="Python minor version, e.g. 3.11.")]
+_Locked = Annotated[
+    bool, typer.Option("--locked", help="Fail if the lock does not match pyproject.toml.")
+]
+_Frozen = Annotated[
+    bool, typer.Option("--frozen", help="Use the lock as it is, without checking it.")
+]
+_Group = Annotated[
+    list[str] | None, typer.Option("--group", help="Also install this dependency group.")
+]
+_Extra = Annotated[
+    list[str] | None, typer.Option("--extra", help="Install this extra of the project.")
+]
+_Package = Annotated[
+    str | None, typer.Option(help="Build this uv workspace member (PATH is the workspace root).")
+]
+_NoCompile = Annotated[bool, typer.Option("--no-compile", help="Do not compile bytecode.")]
+_CompileWith = Annotated[
+    str,
+    typer.Option(
+        help="Which interpreter compiles bytecode: auto (the base image's own, run "
+        "through Docker; without an engine, a host python3.X of the target's minor "
+        "version, with a warning), host or image."
+    ),
+]
+_Platform = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--platform",
+        help="Target platform, e.g. linux/arm64 (default linux/amd64). Repeat it, or list "
+        "several with commas, for an image index (with --output registry, oci:DIR or "
+        "oci-archive:FILE).",
+    ),
+]
+_ExpectDigest = Annotated[
+    str | None,
+    typer.Option(
+        "--expect-digest",
+        help="Fail, before any output, unless the image (or index) has this digest: "
+        "a check that a published image is rebuilt exactly.",
+    ),
+]
+_BuildCacheDir = Annotated[
+    Path | None,
+    typer.Option(help="Cache directory (default: IMGBUILD_CACHE_DIR or the user cache)."),
+]
+_Check = Annotated[
+    bool, typer.Option("--check", help="Exit 1 if pylock.toml is out of date; write nothing.")
+]
+_Upgrade = Annotated[bool, typer.Option("--upgrade", "-U", help="Ignore the locked versions.")]
+_UpgradePackage = Annotated[
+    list[str] | None,
+    typer.Option("--upgrade-package", "-P", help="Ignore the locked version of NAME."),
+]
+_IndexUrl = Annotated[str | None, typer.Option(help="Primary index (Simple API base URL).")]
+_ExtraIndexUrl = Annotated[
+    list[str] | None, typer.Option(help="Further index, consulted after the primary.")
+]
+_LockPackage = Annotated[
+    str | None, typer.Option(help="Lock this workspace member into pylock.NAME.toml at PATH.")
+]
+_LockBase = Annotated[str | None, typer.Option(help="Base the lock is for.")]
+_LockPython = Annotated[str | None, typer.Option(help="Python minor version.")]
+_LockCacheDir = Annotated[Path | None, typer.Option(help="Cache directory.")]
 
 
 @app.command()
 def build(
-    path: Annotated[Path, typer.Argument(help="Project directory (with pyproject.toml).")] = Path(
-        "."
-    ),
-    tag: Annotated[
-        list[str] | None,
-        typer.Option("--tag", "-t", help="Image reference to tag (repeatable)."),
-    ] = None,
-    output: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--output",
-            "-o",
-            help="docker (load into the engine; default), oci:DIR, oci-archive:FILE, "
-            "registry (push every --tag), or context:DIR (a Dockerfile and the layers, for "
-            "`docker build`). Repeatable.",
-        ),
-    ] = None,
-    base: Annotated[
-        str | None,
-        typer.Option(help="Base: distroless, debian-slim, alpine, or an image reference."),
-    ] = None,
-    python: Annotated[str | None, typer.Option(help="Python minor version, e.g. 3.11.")] = None,
-    locked: Annotated[
-        bool, typer.Option("--locked", help="Fail if the lock does not match pyproject.toml.")
-    ] = False,
-    frozen: Annotated[
-        bool, typer.Option("--frozen", help="Use the lock as it is, without checking it.")
-    ] = False,
-    group: Annotated[
-        list[str] | None, typer.Option("--group", help="Also install this dependency group.")
-    ] = None,
-    extra: Annotated[
-        list[str] | None, typer.Option("--extra", help="Install this extra of the project.")
-    ] = None,
-    package: Annotated[
-        str | None,
-        typer.Option(help="Build this uv workspace member (PATH is the workspace root)."),
-    ] = None,
-    no_compile: Annotated[
-        bool, typer.Option("--no-compile", help="Do not compile bytecode.")
-    ] = False,
-    compile_with: Annotated[
-        str,
-        typer.Option(
-            help="Which interpreter compiles bytecode: auto (the base image's own, run "
-            "through Docker; without an engine, a host python3.X of the target's minor "
-            "version, with a warning), host or image."
-        ),
-    ] = "auto",
-    platform: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--platform",
-            help="Target platform, e.g. linux/arm64 (default linux/amd64). Repeat it, or list "
-            "several with commas, for an image index (with --output registry, oci:DIR or "
-            "oci-archive:FILE).",
-        ),
-    ] = None,
-    expect_digest: Annotated[
-        str | None,
-        typer.Option(
-            "--expect-digest",
-            help="Fail, before any output, unless the image (or index) has this digest: "
-            "a check that a published image is rebuilt exactly.",
-        ),
-    ] = None,
-    cache_dir: Annotated[
-        Path | None,
-        typer.Option(help="Cache directory (default: IMGBUILD_CACHE_DIR or the user cache)."),
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+    path: _Path = Path("."),
+    tag: _Tag = None,
+    output: _Output = None,
+    base: _Base = None,
+    python: _Python = None,
+    locked: _Locked = False,
+    frozen: _Frozen = False,
+    group: _Group = None,
+    extra: _Extra = None,
+    package: _Package = None,
+    no_compile: _NoCompile = False,
+    compile_with: _CompileWith = "auto",
+    platform: _Platform = None,
+    expect_digest: _ExpectDigest = None,
+    cache_dir: _BuildCacheDir = None,
+    quiet: _Quiet = False,
+    verbose: _Verbose = False,
 ) -> None:
     """Build an image from a project and its lock (uv.lock or pylock.toml)."""
-    from imagebuild.image.name import parse_mirrors
-    from imagebuild.pipeline.build import BuildRequest, parse_outputs, run_build
+    from imagebuild.net.http import http_client
+    from imagebuild.pipeline.build import run_build
+    from imagebuild.pipeline.outputs import make_sinks, parse_outputs
+    from imagebuild.pipeline.requests import BuildRequest
 
     reporter = ConsoleReporter(quiet=quiet)
     try:
-        if compile_with not in ("auto", "host", "image"):
-            raise ProjectError(
-                f"--compile-with {compile_with!r}: unknown choice", hint="use auto, host or image"
-            )
-        if locked and frozen:
-            raise ProjectError("--locked and --frozen cannot be used together")
-        if expect_digest is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", expect_digest):
-            raise ProjectError(
-                f"--expect-digest {expect_digest!r}: not a sha256 digest",
-                hint="give it as sha256:<64 hex digits>, as imgbuild prints it",
-            )
+        _check_build_options(compile_with, locked=locked, frozen=frozen, digest=expect_digest)
+        outputs = parse_outputs(output or ["docker"])
         request = BuildRequest(
             project_dir=path.resolve(),
             tags=tuple(tag or ()),
-            outputs=parse_outputs(output or ["docker"]),
             base=base,
             python=parse_python_version(python, "--python") if python else None,
             lock_mode="locked" if locked else "frozen" if frozen else "check-if-present",
@@ -187,19 +263,17 @@ def build(
             extras=tuple(extra or ()),
             package=package,
             compile_bytecode=not no_compile,
-            compile_with=compile_with,
-            # Repeated or comma-separated, as docker buildx and ko take them.
-            platforms=tuple(p for value in platform for p in value.split(",") if p)
-            if platform
-            else ("linux/amd64",),
+            compile_with=_COMPILE_WITH[compile_with],
+            platforms=_platforms(platform),
             cache_dir=_cache_dir(cache_dir),
             source_date_epoch=_source_date_epoch(),
-            mirrors=parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", "")),
-            docker_config=_docker_config_path(),
+            mirrors=_mirrors(),
             expect_digest=expect_digest,
         )
         with http_client() as http:
-            result = run_build(request, http=http, reporter=reporter)
+            registry = _registry(http)
+            sinks = make_sinks(outputs, registry=registry, engine=_engine)
+            result = run_build(request, ports=_ports(http, registry, reporter), sinks=sinks)
     except ImagebuildError as exc:
         _fail(exc, verbose)
         return
@@ -207,41 +281,55 @@ def build(
         typer.echo(line)
 
 
+def _check_build_options(
+    compile_with: str, *, locked: bool, frozen: bool, digest: str | None
+) -> None:
+    """Options that are wrong on their own, refused before anything is read."""
+    if compile_with not in _COMPILE_WITH:
+        raise ProjectError(
+            f"--compile-with {compile_with!r}: unknown choice", hint="use auto, host or image"
+        )
+    if locked and frozen:
+        raise ProjectError("--locked and --frozen cannot be used together")
+    if digest is not None and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+        raise ProjectError(
+            f"--expect-digest {digest!r}: not a sha256 digest",
+            hint="give it as sha256:<64 hex digits>, as imgbuild prints it",
+        )
+
+
+def _platforms(values: list[str] | None) -> tuple[str, ...]:
+    """``--platform``, repeated or comma-separated (as docker buildx and ko take them)."""
+    if not values:
+        return ("linux/amd64",)
+    return tuple(p for value in values for p in value.split(",") if p)
+
+
+def _mirrors() -> dict[str, str]:
+    from imagebuild.image.name import parse_mirrors
+
+    return parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", ""))
+
+
 @app.command()
 def lock(
-    path: Annotated[Path, typer.Argument(help="Project directory (with pyproject.toml).")] = Path(
-        "."
-    ),
-    check: Annotated[
-        bool,
-        typer.Option("--check", help="Exit 1 if pylock.toml is out of date; write nothing."),
-    ] = False,
-    upgrade: Annotated[
-        bool, typer.Option("--upgrade", "-U", help="Ignore the locked versions.")
-    ] = False,
-    upgrade_package: Annotated[
-        list[str] | None,
-        typer.Option("--upgrade-package", "-P", help="Ignore the locked version of NAME."),
-    ] = None,
-    index_url: Annotated[
-        str | None, typer.Option(help="Primary index (Simple API base URL).")
-    ] = None,
-    extra_index_url: Annotated[
-        list[str] | None, typer.Option(help="Further index, consulted after the primary.")
-    ] = None,
-    package: Annotated[
-        str | None,
-        typer.Option(help="Lock this workspace member into pylock.NAME.toml at PATH."),
-    ] = None,
-    base: Annotated[str | None, typer.Option(help="Base the lock is for.")] = None,
-    python: Annotated[str | None, typer.Option(help="Python minor version.")] = None,
-    cache_dir: Annotated[Path | None, typer.Option(help="Cache directory.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+    path: _Path = Path("."),
+    check: _Check = False,
+    upgrade: _Upgrade = False,
+    upgrade_package: _UpgradePackage = None,
+    index_url: _IndexUrl = None,
+    extra_index_url: _ExtraIndexUrl = None,
+    package: _LockPackage = None,
+    base: _LockBase = None,
+    python: _LockPython = None,
+    cache_dir: _LockCacheDir = None,
+    quiet: _Quiet = False,
+    verbose: _Verbose = False,
 ) -> None:
     """Resolve the project for its image targets and write pylock.toml (PEP 751)."""
-    from imagebuild.image.name import parse_mirrors
-    from imagebuild.pipeline.build import LockRequest, run_lock
+    from imagebuild.net.http import http_client
+    from imagebuild.pipeline.lock import run_lock
+    from imagebuild.pipeline.requests import LockRequest
 
     reporter = ConsoleReporter(quiet=quiet)
     indexes: tuple[str, ...] = ()
@@ -258,11 +346,10 @@ def lock(
             package=package,
             base=base,
             python=parse_python_version(python, "--python") if python else None,
-            mirrors=parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", "")),
-            docker_config=_docker_config_path(),
+            mirrors=_mirrors(),
         )
         with http_client() as http:
-            result = run_lock(request, http=http, reporter=reporter)
+            result = run_lock(request, ports=_ports(http, _registry(http), reporter))
     except ImagebuildError as exc:
         _fail(exc, verbose)
         return
@@ -271,11 +358,6 @@ def lock(
         return
     for line in result.summary_lines():
         typer.echo(line)
-
-
-def _docker_config_path() -> Path:
-    root = os.environ.get("DOCKER_CONFIG")
-    return Path(root) / "config.json" if root else Path.home() / ".docker" / "config.json"
 
 
 @app.command()

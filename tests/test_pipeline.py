@@ -1,4 +1,4 @@
-"""Pure pieces of the pipeline: index choice for locking, output parsing."""
+"""Pure pieces of the pipeline: index choice for locking, output parsing and order."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.project.settings import parse_settings
 from imagebuild.errors import ProjectError
-from imagebuild.pipeline.build import PYPI, lock_indexes, parse_outputs
+from imagebuild.pipeline.outputs import make_sinks, parse_outputs, write_order
+from imagebuild.project.indexes import PYPI, lock_indexes
+from imagebuild.project.settings import parse_settings
 from imagebuild.project.spec import load_project
 
 
@@ -64,3 +65,36 @@ def test_outputs(tmp_path: Path) -> None:
     assert outputs[1].path == tmp_path / "x"
     with pytest.raises(ProjectError, match="registry takes no path"):
         parse_outputs(["registry:foo"])
+
+
+def test_sinks_are_written_contexts_then_layouts_then_engine_and_registry(tmp_path: Path) -> None:
+    outputs = parse_outputs(
+        [
+            "registry",
+            f"oci-archive:{tmp_path}/a.tar",
+            "docker",
+            f"context:{tmp_path}/c",
+            f"oci:{tmp_path}/l",
+            f"context:{tmp_path}/d",
+        ]
+    )
+    sinks = make_sinks(outputs, registry=object(), engine=object)  # type: ignore[arg-type]
+    assert [s.kind for s in sinks] == [
+        "registry",
+        "oci-archive",
+        "docker",
+        "context",
+        "oci",
+        "context",
+    ]
+    ordered = write_order(sinks)
+    assert [s.kind for s in ordered] == [
+        "context",
+        "context",
+        "oci-archive",
+        "oci",
+        "registry",
+        "docker",
+    ]
+    assert [getattr(s, "path", None) for s in ordered[:2]] == [tmp_path / "c", tmp_path / "d"]
+    assert [s.takes_index for s in ordered] == [False, False, True, True, True, False]

@@ -1,0 +1,31 @@
+"""The layer cache key: everything a layer's bytes depend on, hashed into one name."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from imagebuild import __version__
+from imagebuild.digest import digest_file
+from imagebuild.install.layers import VenvLayout
+from imagebuild.install.plan import LayerSpec
+
+
+def layer_key(spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: int) -> str:
+    """The hex key of the layer ``spec`` makes; equal keys give byte-equal layers.
+
+    ``compiled`` is the bytecode compiler's identity (``None`` without bytecode) and
+    ``mtime`` the ``SOURCE_DATE_EPOCH`` written into the tar. imgbuild's own version is
+    part of the key, so a new release never reuses an older one's layers.
+    """
+    material = {
+        "imgbuild": __version__,
+        "kind": spec.kind,
+        "wheels": [[w.name, w.version, digest_file(w.path)] for w in spec.wheels],
+        "venv": str(venv.root),
+        "interpreter": str(venv.base_interpreter),
+        "python": list(venv.python_version),
+        "compiled": compiled,
+        "mtime": mtime,
+    }
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()

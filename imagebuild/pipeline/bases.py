@@ -1,0 +1,106 @@
+"""The base image as the pipeline sees it: pinned, pulled, inspected once, made a target.
+
+A base's facts (interpreter, libc, shell) are read off its layers once per manifest digest
+and kept as a JSON record in the cache; a lock's targets come from the catalog entry, or
+from pulling a base given by reference.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
+
+from imagebuild.cache import CacheLayout, write_json
+from imagebuild.digest import Digest, digest_hex
+from imagebuild.errors import ProjectError
+from imagebuild.image.name import ImageReference
+from imagebuild.project.settings import ImageSettings
+from imagebuild.project.spec import ProjectSpec
+from imagebuild.target.base import BaseFacts, CatalogEntry, inspect_layers
+from imagebuild.target.choose import base_reference
+from imagebuild.target.platform import TargetPlatform
+
+if TYPE_CHECKING:
+    from imagebuild.image.model import BaseImage
+    from imagebuild.image.store import BlobStore
+    from imagebuild.pipeline.ports import Registry
+
+
+def pinned_reference(reference: str, pinned: Mapping[str, Digest]) -> ImageReference:
+    """``reference`` at the digest a lock recorded for it, if any."""
+    ref = ImageReference.parse(reference)
+    digest = pinned.get(reference)
+    return ref.with_digest(digest) if digest and ref.digest is None else ref
+
+
+def target_of(arch: str, facts: BaseFacts | CatalogEntry) -> TargetPlatform:
+    """The target platform a base's facts (or its catalog entry) define on ``arch``."""
+    return TargetPlatform.from_oci(
+        architecture=arch,
+        python_version=facts.python_version,
+        libc="musl" if facts.libc == "musl" else "glibc",
+        libc_version=facts.libc_version,
+    )
+
+
+def base_facts(
+    base: BaseImage, store: BlobStore, cache: Path, arch: str, entry: CatalogEntry | None
+) -> BaseFacts:
+    """Inspect the base once per manifest digest; the answer is cached as JSON."""
+    record = CacheLayout(cache).bases / f"{digest_hex(base.manifest_digest)}.json"
+    if record.is_file():
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return BaseFacts(
+            interpreter=PurePosixPath(data["interpreter"]),
+            python_version=(data["python_version"][0], data["python_version"][1]),
+            libc=data["libc"],
+            libc_version=(data["libc_version"][0], data["libc_version"][1]),
+            shell=data["shell"],
+            arch=data["arch"],
+        )
+    facts = inspect_layers([store.path(d.digest) for d in base.layers], arch=arch, expected=entry)
+    write_json(
+        record,
+        {
+            "interpreter": str(facts.interpreter),
+            "python_version": list(facts.python_version),
+            "libc": facts.libc,
+            "libc_version": list(facts.libc_version),
+            "shell": facts.shell,
+            "arch": facts.arch,
+        },
+    )
+    return facts
+
+
+def lock_targets(
+    settings: ImageSettings,
+    project: ProjectSpec,
+    *,
+    registry: Registry | None,
+    store: BlobStore | None,
+    cache: Path,
+    mirrors: Mapping[str, str],
+    pinned: Mapping[str, Digest] | None = None,
+) -> tuple[tuple[TargetPlatform, ...], dict[str, str]]:
+    """The targets a lock covers, and the base digests seen (reference -> digest).
+
+    A base given by reference is pulled to learn them: at the digest in ``pinned`` (what
+    the lock recorded) when there is one, else at its tag.
+    """
+    entry, reference = base_reference(settings, project)
+    archs = [p.partition("/")[2] for p in settings.platforms]
+    if entry is not None:
+        return tuple(target_of(arch, entry) for arch in archs), {}
+    if registry is None or store is None:
+        raise ProjectError(f"base {reference!r} must be pulled to learn its Python and libc")
+    ref = pinned_reference(reference, pinned or {}).with_mirrors(mirrors)
+    # The digest of what the tag names (an index, for a multi-platform base), once.
+    digests: dict[str, str] = {reference: ref.digest or registry.fetch_manifest(ref)[2]}
+    found = []
+    for arch in archs:
+        base = registry.pull_image(ref, platform=("linux", arch), store=store)
+        found.append(target_of(arch, base_facts(base, store, cache, arch, None)))
+    return tuple(found), digests

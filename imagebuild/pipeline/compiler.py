@@ -1,0 +1,136 @@
+"""Choosing the bytecode compiler: the base's own Python through the engine, or the host's.
+
+The base's interpreter writes exactly the bytes the image would; a host Python of another
+patch release may not (the compiler changes between 3.X.Y releases). So the engine is
+preferred whenever it answers, and a host interpreter of the target's minor version is
+the fallback (``auto``, with a warning) or the explicit choice (``host``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imagebuild.errors import DockerError, LayerError
+from imagebuild.install.layers import BytecodeCompiler, HostCompiler
+from imagebuild.pipeline.config import rfc3339
+from imagebuild.sinks.daemon import engine_base_tag
+
+if TYPE_CHECKING:
+    from imagebuild.image.model import BaseImage
+    from imagebuild.image.store import BlobStore
+    from imagebuild.pipeline.ports import Ports
+    from imagebuild.pipeline.requests import CompileWith
+    from imagebuild.sinks.daemon import Engine
+    from imagebuild.target.base import BaseFacts
+
+NativeVariant = Callable[[str], "tuple[BaseImage, BaseFacts]"]
+"""The base's variant for an architecture (the engine's own), pulled and inspected."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CompilerChoice:
+    """What choosing a compiler for one base needs."""
+
+    mode: CompileWith
+    """``auto``, ``host`` or ``image`` (``--compile-with``)."""
+    store: BlobStore
+    """Where the base's blobs are (to load it into the engine)."""
+    work: Path
+    """Scratch directory of the build (for the base's archive)."""
+    native: NativeVariant | None = None
+    """Pulls the base's variant for the engine's CPU, when it differs from the target's."""
+
+
+def choose_compiler(
+    facts: BaseFacts, base: BaseImage, choice: CompilerChoice, ports: Ports
+) -> BytecodeCompiler:
+    """The base's own Python through Docker, else a host one of the target's minor version.
+
+    An engine cannot run a base built for another CPU (no emulation is assumed): then
+    ``choice.native(arch)`` gives the same base's variant for the engine's CPU, whose
+    Python of the same minor version writes pycs as valid there (bytecode does not depend
+    on the CPU, and a multi-platform base ships one Python release on every platform).
+    """
+    version = ".".join(map(str, facts.python_version))
+    host = ports.host_python(facts.python_version)
+    if choice.mode == "host":
+        if host is None:
+            raise LayerError(
+                f"no working python{version} on this host to compile bytecode",
+                hint="install it, use --compile-with image, or pass --no-compile",
+            )
+        return HostCompiler(host)
+    try:
+        engine = ports.engine()
+    except DockerError as exc:
+        return _without_engine(exc, choice.mode, host, version, ports)
+    engine_arch = engine.architecture()
+    target_arch = str(base.config.get("architecture", engine_arch))
+    if target_arch != engine_arch and choice.native is not None:
+        base, facts = _native(facts, choice.native, target_arch, engine_arch, ports)
+    tag = engine_base_tag(base.manifest_digest)
+    if engine.image_id(tag) is None:
+        ports.reporter.step(f"compile: loading the base into Docker to run its python{version}")
+        _load_base(engine, base, tag, choice)
+    from imagebuild.sinks.engine import EngineCompiler
+
+    return EngineCompiler(engine, tag, facts.interpreter)
+
+
+def _without_engine(
+    exc: DockerError, mode: CompileWith, host: Path | None, version: str, ports: Ports
+) -> BytecodeCompiler:
+    """No engine answered: the host's interpreter for ``auto`` (said aloud), else an error."""
+    if mode == "auto" and host is not None:
+        ports.reporter.warn(
+            f"compiling bytecode with the host's {host} (no Docker engine: {exc.message}); "
+            "pyc bytes, and so the digest, follow that interpreter's patch release"
+        )
+        return HostCompiler(host)
+    if mode == "image":
+        raise LayerError(
+            f"--compile-with image needs a Docker engine to run the base's python{version} "
+            f"({exc.message})",
+            hint="start Docker, set DOCKER_HOST, or use --compile-with host",
+        ) from exc
+    raise LayerError(
+        f"no Python {version} on this host to compile bytecode for the target, and no "
+        f"Docker engine to run the base image's ({exc.message})",
+        hint=f"install python{version}, start Docker, or pass --no-compile",
+    ) from exc
+
+
+def _native(
+    facts: BaseFacts, native: NativeVariant, target_arch: str, engine_arch: str, ports: Ports
+) -> tuple[BaseImage, BaseFacts]:
+    """The base's variant for the engine's CPU, whose Python must be the same minor version."""
+    version = ".".join(map(str, facts.python_version))
+    base, variant = native(engine_arch)
+    if variant.python_version != facts.python_version:
+        raise LayerError(
+            f"the base's linux/{engine_arch} variant has Python "
+            f"{'.'.join(map(str, variant.python_version))}, not {version}, so it cannot "
+            f"compile bytecode for linux/{target_arch}",
+            hint="pass --no-compile, or --compile-with host with a host python" + version,
+        )
+    ports.reporter.step(
+        f"compile: linux/{target_arch} bytecode by the base's linux/{engine_arch} "
+        f"python{version} (the engine runs {engine_arch} only)"
+    )
+    return base, variant
+
+
+def _load_base(engine: Engine, base: BaseImage, tag: str, choice: CompilerChoice) -> None:
+    """Load the base alone into the engine under ``tag``, so its Python can run there."""
+    from imagebuild.image.model import ImageConfig
+    from imagebuild.image.mutate import build_image
+    from imagebuild.sinks.layout import write_docker_archive
+
+    image = build_image(base, [], config=ImageConfig(), created=rfc3339(0), store=choice.store)
+    archive = choice.work / "base.tar"
+    write_docker_archive(image, archive, repo_tags=[tag])
+    engine.load(archive)
+    archive.unlink()

@@ -1,0 +1,122 @@
+"""Building a platform's layers over the layer cache.
+
+Each planned layer is looked up by the key of what goes into it (``install.keys``); only
+the missing ones are staged, compiled (in one compiler run for all of them) and tarred.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imagebuild.cache import write_json
+from imagebuild.image.model import Layer
+from imagebuild.image.store import BlobStore
+from imagebuild.image.tarball import build_layer
+from imagebuild.install.keys import layer_key
+from imagebuild.install.layers import (
+    BytecodeCompiler,
+    VenvLayout,
+    compile_sources,
+    install_wheel,
+    stage_venv,
+)
+
+if TYPE_CHECKING:
+    from imagebuild.install.plan import LayerPlan, LayerSpec
+    from imagebuild.report import Reporter
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerJob:
+    """Where layers are built and kept, and how."""
+
+    store: BlobStore
+    """Where finished layers' blobs go."""
+    records: Path
+    """The layer cache: one JSON record per key (``CacheLayout.layers``)."""
+    work: Path
+    """Scratch directory of the build; staging trees go under ``work/layers``."""
+    mtime: int
+    """``SOURCE_DATE_EPOCH`` for every tar entry."""
+    reporter: Reporter
+    """Progress."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Staged:
+    index: int
+    spec: LayerSpec
+    staging: Path
+    record: Path
+
+
+def build_layers(
+    plan: LayerPlan, venv: VenvLayout, compiler: BytecodeCompiler | None, job: LayerJob
+) -> list[Layer]:
+    """The layers of ``plan``, bottom first: from the cache, or staged, compiled and tarred."""
+    layers: dict[int, Layer] = {}
+    pending: list[_Staged] = []
+    for index, spec in enumerate(plan.layers):
+        compiled_by = compiler.identity if compiler is not None and spec.wheels else None
+        record = job.records / f"{layer_key(spec, venv, compiled_by, job.mtime)}.json"
+        cached = _cached(record, job.store)
+        if cached is not None:
+            layers[index] = cached
+            continue
+        job.reporter.step(f"layer {index + 1}/{len(plan.layers)}: {spec.description}")
+        pending.append(_stage(index, spec, venv, record, job.work))
+    _compile(pending, venv, compiler, job)
+    for staged in pending:
+        layers[staged.index] = _finish(staged, job)
+    return [layers[index] for index in range(len(plan.layers))]
+
+
+def _cached(record: Path, store: BlobStore) -> Layer | None:
+    """The layer a record names, if its blob is still in the store."""
+    if not record.is_file():
+        return None
+    data = json.loads(record.read_text(encoding="utf-8"))
+    return Layer(**data) if store.has(data["digest"]) else None
+
+
+def _stage(index: int, spec: LayerSpec, venv: VenvLayout, record: Path, work: Path) -> _Staged:
+    staging = work / "layers" / str(index)
+    staging.mkdir(parents=True)
+    if spec.kind == "venv":
+        stage_venv(staging, venv)
+    for wheel in spec.wheels:
+        install_wheel(wheel.path, staging, venv)
+    return _Staged(index=index, spec=spec, staging=staging, record=record)
+
+
+def _compile(
+    pending: list[_Staged], venv: VenvLayout, compiler: BytecodeCompiler | None, job: LayerJob
+) -> None:
+    """One compiler run for every new layer: with the base's own Python, one container."""
+    sources = [f for s in pending if s.spec.wheels for f in compile_sources(s.staging, venv)]
+    if compiler is not None and sources:
+        job.reporter.step(f"compile: {len(sources)} modules")
+        compiler.compile(job.work / "layers", sources)
+
+
+def _finish(staged: _Staged, job: LayerJob) -> Layer:
+    """Tar a staged tree into the store and record it in the layer cache."""
+    layer = build_layer(
+        staged.staging, job.store, mtime=job.mtime, created_by=staged.spec.description
+    )
+    shutil.rmtree(staged.staging)
+    write_json(
+        staged.record,
+        {
+            "digest": layer.digest,
+            "diff_id": layer.diff_id,
+            "size": layer.size,
+            "media_type": layer.media_type,
+            "created_by": layer.created_by,
+        },
+    )
+    return layer

@@ -1,0 +1,93 @@
+"""``--output`` values: parsed, made into sinks, and put in the order they are written.
+
+Order is part of the interface: contexts first, then OCI layouts and archives, then the
+engine and the registry, each group in command-line order (what a user sees as written
+before something is loaded or pushed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from imagebuild.errors import ProjectError
+
+if TYPE_CHECKING:
+    from imagebuild.sinks.daemon import DockerDaemon
+    from imagebuild.sinks.remote import RegistryClient
+    from imagebuild.sinks.sink import Sink
+
+OUTPUT_KINDS = ("docker", "oci", "oci-archive", "registry", "context")
+_WRITE_ORDER = {"context": 0, "oci": 1, "oci-archive": 1, "docker": 2, "registry": 2}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Output:
+    """Where the finished image goes, as the command line said it."""
+
+    kind: str
+    """One of ``docker``, ``oci``, ``oci-archive``, ``registry``, ``context``."""
+    path: Path | None = None
+    """Destination for ``oci`` and ``context`` (directories) and ``oci-archive`` (a file)."""
+
+
+def parse_outputs(values: Sequence[str]) -> tuple[Output, ...]:
+    """Parse ``--output`` values.
+
+    They are ``docker``, ``oci:DIR``, ``oci-archive:FILE``, ``registry`` and ``context:DIR``
+    (a Dockerfile and the layers as directories).
+    """
+    outputs = []
+    for value in values:
+        kind, _, rest = value.partition(":")
+        if kind not in OUTPUT_KINDS:
+            raise ProjectError(
+                f"--output {value!r}: unknown output",
+                hint="use docker, oci:DIR, oci-archive:FILE, registry or context:DIR",
+            )
+        if kind in ("oci", "oci-archive", "context"):
+            if not rest:
+                raise ProjectError(f"--output {value!r}: needs a path, e.g. {kind}:./image")
+            outputs.append(Output(kind=kind, path=Path(rest).resolve()))
+        elif rest:
+            raise ProjectError(f"--output {value!r}: {kind} takes no path")
+        else:
+            outputs.append(Output(kind=kind))
+    return tuple(outputs)
+
+
+def make_sinks(
+    outputs: Sequence[Output], *, registry: RegistryClient, engine: Callable[[], DockerDaemon]
+) -> tuple[Sink, ...]:
+    """One sink per output, in command-line order.
+
+    ``engine`` is called only when an image is loaded, so a build that fails never
+    connects.
+    """
+    from imagebuild.sinks.context import ContextSink
+    from imagebuild.sinks.engine import DockerSink
+    from imagebuild.sinks.layout import OciArchiveSink, OciLayoutSink
+    from imagebuild.sinks.remote import RegistrySink
+
+    sinks: list[Sink] = []
+    for output in outputs:
+        if output.kind == "docker":
+            sinks.append(DockerSink(connect=engine))
+        elif output.kind == "registry":
+            sinks.append(RegistrySink(client=registry))
+        elif output.path is None:
+            raise ProjectError(f"--output {output.kind}: needs a path")
+        elif output.kind == "oci":
+            sinks.append(OciLayoutSink(path=output.path))
+        elif output.kind == "oci-archive":
+            sinks.append(OciArchiveSink(path=output.path))
+        else:
+            sinks.append(ContextSink(path=output.path))
+    return tuple(sinks)
+
+
+def write_order(sinks: Sequence[Sink]) -> list[Sink]:
+    """``sinks`` in the order they are written (see the module doc); stable within a group."""
+    return sorted(sinks, key=lambda sink: _WRITE_ORDER.get(sink.kind, 2))

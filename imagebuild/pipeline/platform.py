@@ -1,0 +1,274 @@
+"""One platform's image: its base pulled, its wheels chosen and fetched, its layers built.
+
+Everything the platforms of one build share arrives in a frozen ``PlatformBuild``; what
+they build once for all (local wheels, a compiler per CPU) sits in two small memos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
+from imagebuild.build.sdist import build_sdist_wheel
+from imagebuild.cache import CacheLayout
+from imagebuild.errors import ProjectError, TargetError
+from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
+from imagebuild.image.name import ImageReference
+from imagebuild.image.store import BlobStore
+from imagebuild.install.fetch import WheelCache, fetch_wheels
+from imagebuild.install.layers import BytecodeCompiler, VenvLayout
+from imagebuild.install.plan import PlannedWheel, plan_layers
+from imagebuild.lock.model import Lock, LockedPackage, WheelFile
+from imagebuild.lock.select import select_packages
+from imagebuild.pipeline.bases import base_facts, target_of
+from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler
+from imagebuild.pipeline.config import build_image_config, build_platform_image
+from imagebuild.pipeline.layers import LayerJob, build_layers
+from imagebuild.pipeline.ports import Ports
+from imagebuild.pipeline.requests import BuildRequest
+from imagebuild.project.settings import ImageSettings
+from imagebuild.project.spec import ProjectSpec
+from imagebuild.report import Reporter
+from imagebuild.target.base import BaseFacts, CatalogEntry
+from imagebuild.target.platform import TargetPlatform
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BaseSource:
+    """The base every platform's image is built on."""
+
+    entry: CatalogEntry | None
+    """Its catalog entry, if it is named by flavor."""
+    reference: str
+    """The base as configured (catalog reference or the user's), before mirrors."""
+    pull: ImageReference
+    """What is pulled: at its pinned digest, through the mirrors."""
+    pinned: bool
+    """Whether the lock pins it to a digest."""
+
+
+class LocalWheels:
+    """Workspace members and path dependencies, built from source once for every platform."""
+
+    def __init__(
+        self, *, lock_dir: Path, out: Path, epoch: int, envs: BuildEnvironments, reporter: Reporter
+    ) -> None:
+        self._lock_dir, self._out, self._epoch = lock_dir, out, epoch
+        self._envs, self._reporter = envs, reporter
+        self._built: dict[str, PlannedWheel] = {}
+
+    def get(self, pkg: LockedPackage) -> PlannedWheel:
+        """The wheel of ``pkg`` (a local directory source), built the first time it is asked."""
+        if pkg.name not in self._built:
+            source_dir = (self._lock_dir / pkg.source.location).resolve()
+            self._reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
+            wheel = build_project_wheel(
+                source_dir, self._out, source_date_epoch=self._epoch, envs=self._envs
+            )
+            self._built[pkg.name] = PlannedWheel(
+                name=pkg.name, version=wheel.name.split("-")[1], path=wheel
+            )
+        return self._built[pkg.name]
+
+
+class Compilers:
+    """One bytecode compiler per CPU architecture, chosen the first time it is needed."""
+
+    def __init__(self) -> None:
+        self._by_arch: dict[str, BytecodeCompiler] = {}
+
+    def get(self, arch: str, choose: Callable[[], BytecodeCompiler]) -> BytecodeCompiler:
+        """The compiler for ``arch``; ``choose`` makes it the first time."""
+        if arch not in self._by_arch:
+            self._by_arch[arch] = choose()
+        return self._by_arch[arch]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlatformBuild:
+    """What every platform's image of one build is made from, and what they share."""
+
+    request: BuildRequest
+    """The build request."""
+    project: ProjectSpec
+    """The project built."""
+    settings: ImageSettings
+    """Its settings, with the command line's values."""
+    lock: Lock
+    """The lock installed from."""
+    base: BaseSource
+    """The base."""
+    store: BlobStore
+    """Blobs: the base's, the layers', the image's."""
+    work: Path
+    """Scratch directory of the build."""
+    envs: BuildEnvironments
+    """PEP 517 build environments (from the project's indexes)."""
+    ports: Ports
+    """The world."""
+    project_wheel: Future[Path]
+    """Built in the background while the first platform's base and wheels come in."""
+    local_wheels: LocalWheels
+    """Workspace members and path dependencies."""
+    compilers: Compilers
+    """Bytecode compilers by architecture."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PlatformImage:
+    """One platform's image and what it was made from."""
+
+    image: Image
+    """The image."""
+    base: BaseImage
+    """Its base as pulled."""
+    layers: tuple[Layer, ...]
+    """imgbuild's own layers, bottom first."""
+    config: ImageConfig
+    """The configuration imgbuild set."""
+
+
+def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
+    """Pull the base for ``platform``, pick and fetch its wheels, and build its image."""
+    request, project = build.request, build.project
+    arch = platform.partition("/")[2]
+    base_image, facts = _pull_base(build, platform)
+    target = target_of(arch, facts)
+    dependencies, local = _dependencies(build, target)
+    members = [build.local_wheels.get(pkg) for pkg in local]
+    wheel = build.project_wheel.result()
+    plan = plan_layers(
+        dependencies,
+        PlannedWheel(name=project.name, version=wheel.name.split("-")[1], path=wheel),
+        local=members,
+    )
+    venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
+    compiler = None
+    if request.compile_bytecode:
+        compiler = build.compilers.get(arch, lambda: _choose(build, facts, base_image))
+    job = LayerJob(
+        store=build.store,
+        records=CacheLayout(request.cache_dir).layers,
+        work=build.work,
+        mtime=request.source_date_epoch,
+        reporter=build.ports.reporter,
+    )
+    layers = build_layers(plan, venv, compiler, job)
+    config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
+    image = build_platform_image(
+        base_image,
+        layers,
+        config,
+        epoch=request.source_date_epoch,
+        base_ref=build.base.reference,
+        store=build.store,
+    )
+    return PlatformImage(image=image, base=base_image, layers=tuple(layers), config=config)
+
+
+def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFacts]:
+    """The base for ``platform``, and its facts (its Python checked against the settings)."""
+    os_name, _, arch = platform.partition("/")
+    base, lock = build.base, build.lock
+    if base.pinned:
+        note = f" (pinned by {lock.filename})"
+    elif lock.kind == "pylock":
+        note = (
+            f" (not pinned by {lock.filename}: the tag is used; 'imgbuild lock --upgrade' pins it)"
+        )
+    else:
+        note = ""
+    build.ports.reporter.step(f"base: {base.pull} for {platform}{note}")
+    image = build.ports.registry.pull_image(base.pull, platform=(os_name, arch), store=build.store)
+    facts = base_facts(image, build.store, build.request.cache_dir, arch, base.entry)
+    wanted = build.settings.python
+    if wanted is not None and facts.python_version != wanted:
+        raise ProjectError(
+            f"base {base.reference} has Python {'.'.join(map(str, facts.python_version))}, "
+            f"not {'.'.join(map(str, wanted))}",
+            hint="pick a base with that Python or change --python",
+        )
+    return image, facts
+
+
+def _dependencies(
+    build: PlatformBuild, target: TargetPlatform
+) -> tuple[list[PlannedWheel], list[LockedPackage]]:
+    """The locked dependencies' wheels for ``target``, and the local directory packages.
+
+    Wheels are fetched into the cache, or built from a locked sdist when no wheel fits.
+    """
+    settings, reporter = build.settings, build.ports.reporter
+    packages = select_packages(
+        build.lock,
+        root=build.project.name,
+        target=target,
+        extras=set(settings.extras),
+        groups=set(settings.groups),
+    )
+    chosen, from_sdist, local = sort_sources(packages, target)
+    reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
+    cache = CacheLayout(build.request.cache_dir)
+    paths = fetch_wheels(build.ports.http, [wheel for _, wheel in chosen], WheelCache(cache.wheels))
+    wheels = [
+        PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
+        for pkg, wheel in chosen
+    ]
+    for pkg in from_sdist:
+        wheels.append(_sdist_wheel(build, pkg))
+    return wheels, local
+
+
+def _sdist_wheel(build: PlatformBuild, pkg: LockedPackage) -> PlannedWheel:
+    """A wheel built from ``pkg``'s locked sdist (kept in the cache by the sdist's hash)."""
+    assert pkg.sdist is not None
+    build.ports.reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
+    path = build_sdist_wheel(
+        build.ports.http,
+        pkg.sdist.url,
+        (pkg.sdist.sha256 or "").removeprefix("sha256:"),
+        pkg.sdist.filename,
+        build.request.cache_dir,
+        indexes=build.envs.indexes,
+    )
+    return PlannedWheel(name=pkg.name, version=str(pkg.version), path=path)
+
+
+def sort_sources(
+    packages: Sequence[LockedPackage], target: TargetPlatform
+) -> tuple[list[tuple[LockedPackage, WheelFile]], list[LockedPackage], list[LockedPackage]]:
+    """Split the selection: a wheel for the target, else the sdist, else a local directory."""
+    wheels: list[tuple[LockedPackage, WheelFile]] = []
+    sdists: list[LockedPackage] = []
+    local: list[LockedPackage] = []
+    for pkg in packages:
+        if pkg.wheels:
+            try:
+                wheels.append((pkg, target.choose_wheel(pkg.name, pkg.wheels)))
+                continue
+            except TargetError:
+                if pkg.sdist is None:
+                    raise
+        if pkg.sdist is not None:
+            sdists.append(pkg)
+        else:
+            local.append(pkg)
+    return wheels, sdists, local
+
+
+def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> BytecodeCompiler:
+    """The compiler for this base; a base for another CPU runs as the engine's variant."""
+
+    def native(arch: str) -> tuple[BaseImage, BaseFacts]:
+        variant = build.ports.registry.pull_image(
+            build.base.pull, platform=("linux", arch), store=build.store
+        )
+        return variant, base_facts(variant, build.store, build.request.cache_dir, arch, None)
+
+    choice = CompilerChoice(
+        mode=build.request.compile_with, store=build.store, work=build.work, native=native
+    )
+    return choose_compiler(facts, base, choice, build.ports)
