@@ -563,19 +563,7 @@ def resolve(
     """
     reporter = reporter or NullReporter()
     origins = origins or {}
-    environment = {**target.marker_environment(), "extra": ""}
-    requested: list[_Requirement] = []
-    for root in roots:
-        if root.marker is not None and not root.marker.evaluate(environment):
-            continue
-        origin = origins.get(str(root), _DEFAULT_ORIGIN)
-        requested.extend(_split(root, f"from {origin}"))
-    requested = list(dict.fromkeys(requested))
-    root_origins: dict[_Requirement, str] = {}
-    for root in roots:
-        for req in _split(root, ""):
-            root_origins.setdefault(req, origins.get(str(root), _DEFAULT_ORIGIN))
-
+    requested = _requested(roots, target, origins)
     provider = _Provider(
         index=index,
         target=target,
@@ -592,7 +580,7 @@ def resolve(
     try:
         result = resolver.resolve(requested, max_rounds=_MAX_ROUNDS)
     except ResolutionImpossible as exc:
-        lines, hint = _explain(exc.causes, provider, root_origins)
+        lines, hint = _explain(exc.causes, provider, _root_origins(roots, origins))
         raise ResolutionError("; ".join(lines), hint=hint) from exc
     except ResolutionTooDeep as exc:
         raise ResolutionError(
@@ -603,9 +591,44 @@ def resolve(
     finally:
         provider.close()
 
+    pins = _pins(result.mapping.values(), provider)
+    reporter.step(
+        f"resolved {len(pins)} package(s) in {counter.rounds} round(s)"
+        + (f", {counter.backtracks} backtrack(s)" if counter.backtracks else "")
+    )
+    return Resolution(target=target, pins=tuple(pins))
+
+
+def _requested(
+    roots: Sequence[Requirement], target: TargetPlatform, origins: Mapping[str, str]
+) -> list[_Requirement]:
+    """The roots whose markers hold on ``target``, split for extras, without duplicates."""
+    environment = {**target.marker_environment(), "extra": ""}
+    requested: list[_Requirement] = []
+    for root in roots:
+        if root.marker is not None and not root.marker.evaluate(environment):
+            continue
+        origin = origins.get(str(root), _DEFAULT_ORIGIN)
+        requested.extend(_split(root, f"from {origin}"))
+    return list(dict.fromkeys(requested))
+
+
+def _root_origins(
+    roots: Sequence[Requirement], origins: Mapping[str, str]
+) -> dict[_Requirement, str]:
+    """Where each root requirement (split for extras) was declared, for messages."""
+    root_origins: dict[_Requirement, str] = {}
+    for root in roots:
+        for req in _split(root, ""):
+            root_origins.setdefault(req, origins.get(str(root), _DEFAULT_ORIGIN))
+    return root_origins
+
+
+def _pins(chosen_candidates: Iterable[_Candidate], provider: _Provider) -> list[Pin]:
+    """One pin per package from resolvelib's mapping, sorted by name."""
     # The base candidate and its extras' candidates, per package.
     chosen: dict[NormalizedName, list[_Candidate]] = {}
-    for candidate in result.mapping.values():
+    for candidate in chosen_candidates:
         if candidate.release is not None:
             chosen.setdefault(NormalizedName(candidate.name), []).append(candidate)
     pins: list[Pin] = []
@@ -623,14 +646,14 @@ def resolve(
             )
         )
     pins.sort(key=lambda p: p.name)
-    reporter.step(
-        f"resolved {len(pins)} package(s) in {counter.rounds} round(s)"
-        + (f", {counter.backtracks} backtrack(s)" if counter.backtracks else "")
-    )
-    return Resolution(target=target, pins=tuple(pins))
+    return pins
 
 
 # -- messages --------------------------------------------------------------------------------
+
+
+_Sources = tuple[_Requirement, list[str]]
+_Entries = list[tuple[str, _Sources]]
 
 
 def _explain(
@@ -639,74 +662,93 @@ def _explain(
     root_origins: Mapping[_Requirement, str],
 ) -> tuple[list[str], str]:
     """Readable lines for a ``ResolutionImpossible``, grouped by package, and a hint."""
-
-    def source(info: RequirementInformation[_Requirement, _Candidate]) -> str:
-        if info.parent is None:
-            return f"from {root_origins.get(info.requirement, _DEFAULT_ORIGIN)}"
-        return f"required by {info.parent}"
-
-    # package name -> requirement as shown -> (the requirement, where it came from)
-    groups: dict[str, dict[str, tuple[_Requirement, list[str]]]] = {}
-    roots: set[str] = set()
-    for info in causes:
-        req = info.requirement
-        entry = groups.setdefault(req.name, {}).setdefault(req.shown, (req, []))
-        where = source(info)
-        if where not in entry[1]:
-            entry[1].append(where)
-        if info.parent is None:
-            roots.add(req.shown)
-
-    def described(shown: str, sources: list[str]) -> str:
-        # "required by a 1.0, a 2.0": one verb for several parents.
-        parents = [s.removeprefix("required by ") for s in sources if s.startswith("required")]
-        others = [s for s in sources if not s.startswith("required")]
-        parts = ([f"required by {', '.join(sorted(parents))}"] if parents else []) + others
-        return f"{shown} ({'; '.join(parts)})" if len(parts) > 1 else f"{shown} ({parts[0]})"
-
-    target = provider.target.describe()
+    groups, roots = _group_causes(causes, root_origins)
     lines: list[str] = []
     hints: list[str] = []
     for name in sorted(groups):
         # Dependencies before roots (the root is usually what the user will change), by text.
         entries = sorted(groups[name].items(), key=lambda kv: (kv[0] in roots, kv[0]))
         if name == _PYTHON:
-            needs = [
-                f"{', '.join(sorted(s.removeprefix('required by ') for s in sources))} "
-                f"needs Python {req.specifier}"
-                for _, (req, sources) in entries
-            ]
-            lines.append(
-                f"{'; '.join(needs)}, but the target {target} has Python {provider.python.version}"
+            more, hint = (
+                [_python_line(entries, provider)],
+                ("use a base image with a newer Python, or require an older version"),
             )
-            hints.append("use a base image with a newer Python, or require an older version")
-            continue
-        project = provider.project(NormalizedName(name))
-        if not project.known:
-            sources = ", ".join(dict.fromkeys(s for _, (_, ss) in entries for s in ss))
-            lines.append(f"no project named {name} on the index ({sources})")
-            hints.append("check the name, or add the index that serves it")
-            continue
-        shown = [described(text, sources) for text, (_, sources) in entries]
-        empty = [
-            (req, text)
-            for (req, _), text in zip((e for _, e in entries), shown, strict=True)
-            if next(provider.matching(NormalizedName(name), [req.specifier]), None) is None
-        ]
-        for req, text in empty:
-            lines.append(_no_match(req, text, project, target))
-            hints.append("loosen the requirement, or use a base image its releases support")
-        if empty:
-            continue
-        hints.append("relax one of the conflicting requirements")
-        if len(shown) == 1:
-            # Alone it has candidates; it failed through what they need (listed too).
-            lines.append(f"no version of {name} satisfying {shown[0]} fits with the rest")
-        elif len(shown) == 2:
-            lines.append(f"{shown[0]} conflicts with {shown[1]}")
         else:
-            lines.append(f"{', '.join(shown[:-1])} and {shown[-1]} cannot all be satisfied")
+            more, hint = _package_lines(NormalizedName(name), entries, provider)
+        lines += more
+        hints.append(hint)
     return list(dict.fromkeys(lines)), hints[0] if hints else "relax the requirements"
+
+
+def _group_causes(
+    causes: Iterable[RequirementInformation[_Requirement, _Candidate]],
+    root_origins: Mapping[_Requirement, str],
+) -> tuple[dict[str, dict[str, _Sources]], set[str]]:
+    """Group the causes by package.
+
+    Returns package name -> requirement as shown -> (the requirement, where it came from),
+    and the requirements (as shown) that are roots.
+    """
+    groups: dict[str, dict[str, _Sources]] = {}
+    roots: set[str] = set()
+    for info in causes:
+        req = info.requirement
+        entry = groups.setdefault(req.name, {}).setdefault(req.shown, (req, []))
+        if info.parent is None:
+            where = f"from {root_origins.get(info.requirement, _DEFAULT_ORIGIN)}"
+            roots.add(req.shown)
+        else:
+            where = f"required by {info.parent}"
+        if where not in entry[1]:
+            entry[1].append(where)
+    return groups, roots
+
+
+def _described(shown: str, sources: list[str]) -> str:
+    # "required by a 1.0, a 2.0": one verb for several parents.
+    parents = [s.removeprefix("required by ") for s in sources if s.startswith("required")]
+    others = [s for s in sources if not s.startswith("required")]
+    parts = ([f"required by {', '.join(sorted(parents))}"] if parents else []) + others
+    return f"{shown} ({'; '.join(parts)})" if len(parts) > 1 else f"{shown} ({parts[0]})"
+
+
+def _python_line(entries: _Entries, provider: _Provider) -> str:
+    needs = [
+        f"{', '.join(sorted(s.removeprefix('required by ') for s in sources))} "
+        f"needs Python {req.specifier}"
+        for _, (req, sources) in entries
+    ]
+    target = provider.target.describe()
+    return f"{'; '.join(needs)}, but the target {target} has Python {provider.python.version}"
+
+
+def _package_lines(
+    name: NormalizedName, entries: _Entries, provider: _Provider
+) -> tuple[list[str], str]:
+    """Lines and a hint for one package's conflicting requirements."""
+    target = provider.target.describe()
+    project = provider.project(name)
+    if not project.known:
+        sources = ", ".join(dict.fromkeys(s for _, (_, ss) in entries for s in ss))
+        return [f"no project named {name} on the index ({sources})"], (
+            "check the name, or add the index that serves it"
+        )
+    shown = [_described(text, sources) for text, (_, sources) in entries]
+    empty = [
+        (req, text)
+        for (req, _), text in zip((e for _, e in entries), shown, strict=True)
+        if next(provider.matching(name, [req.specifier]), None) is None
+    ]
+    if empty:
+        lines = [_no_match(req, text, project, target) for req, text in empty]
+        return lines, "loosen the requirement, or use a base image its releases support"
+    hint = "relax one of the conflicting requirements"
+    if len(shown) == 1:
+        # Alone it has candidates; it failed through what they need (listed too).
+        return [f"no version of {name} satisfying {shown[0]} fits with the rest"], hint
+    if len(shown) == 2:
+        return [f"{shown[0]} conflicts with {shown[1]}"], hint
+    return [f"{', '.join(shown[:-1])} and {shown[-1]} cannot all be satisfied"], hint
 
 
 def _no_match(req: _Requirement, described: str, project: _Project, target: str) -> str:
