@@ -137,9 +137,7 @@ def inspect_layers(
 
     Later layers override earlier ones; whiteouts are rare in Python bases and ignored.
     """
-    names: set[str] = set()
-    glibc: tuple[int, int] | None = None
-    musl: tuple[int, int] | None = None
+    scan = _Scan()
     wanted = str(expected.interpreter).lstrip("/") if expected is not None else None
     complete = False
     for index, path in enumerate(layer_paths):
@@ -148,59 +146,14 @@ def inspect_layers(
             for member in tar:
                 # In the top layer, nothing later can hide what was found: once the catalog's
                 # interpreter and the libc are seen, the rest need not be decompressed.
-                if last and wanted in names and (glibc or musl):
+                if last and wanted in scan.names and (scan.glibc or scan.musl):
                     complete = True
                     break
-                name = member.name.removeprefix("./").rstrip("/")
-                names.add(name)
-                base = name.rsplit("/", 1)[-1]
-                if base.startswith("ld-musl-") and musl is None:
-                    musl = (1, 2)
-                elif name == "lib/apk/db/installed" and member.isfile():
-                    stream = tar.extractfile(member)
-                    if stream is not None:
-                        match = _MUSL_APK_RE.search(stream.read().decode("utf-8", "replace"))
-                        if match:
-                            musl = (int(match[1]), int(match[2]))
-                elif (m := re.fullmatch(r"libc-(\d+)\.(\d+)\.so", base)) and glibc is None:
-                    glibc = (int(m[1]), int(m[2]))
-                elif base == "libc.so.6" and member.isfile() and glibc is None:
-                    stream = tar.extractfile(member)
-                    if stream is not None:
-                        found = _GLIBC_RE.search(stream.read())
-                        if found:
-                            glibc = (int(found[1]), int(found[2]))
-
-    interpreter: PurePosixPath | None = None
-    if expected is not None and str(expected.interpreter).lstrip("/") in names:
-        interpreter = expected.interpreter
-    else:
-        pythons = sorted(
-            (m for m in (_PY_RE.match(n) for n in names) if m),
-            # Prefer /usr/local (a source-built Python) over the distro's, newest minor first.
-            key=lambda m: (m[1] != "usr/local/bin", -int(m[2].split(".")[1])),
-        )
-        if pythons:
-            interpreter = PurePosixPath("/" + pythons[0][0])
-    if interpreter is None:
-        raise TargetError(
-            "no Python interpreter found in the base image (looked for "
-            "/usr/local/bin/python3.X, /usr/bin/python3.X)",
-            hint="choose a base that ships CPython, e.g. --base distroless",
-        )
+                scan.see(tar, member)
+    interpreter = _interpreter(scan.names, expected)
     major, minor = (int(p) for p in interpreter.name.removeprefix("python").split("."))
-    if musl is not None:
-        libc, libc_version = "musl", musl
-    elif glibc is not None:
-        libc, libc_version = "glibc", glibc
-    elif expected is not None:
-        libc, libc_version = expected.libc, expected.libc_version
-    else:
-        raise TargetError(
-            "cannot tell the base image's libc (no libc.so.6 or ld-musl found)",
-            hint="use a catalog base (distroless, debian-slim, alpine)",
-        )
-    shell = "bin/sh" in names or "usr/bin/sh" in names
+    libc, libc_version = _libc(scan, expected)
+    shell = "bin/sh" in scan.names or "usr/bin/sh" in scan.names
     if complete and not shell and expected is not None:
         shell = expected.shell  # not reached before stopping: the catalog's word
     return BaseFacts(
@@ -210,6 +163,68 @@ def inspect_layers(
         libc_version=libc_version,
         shell=shell,
         arch=arch,
+    )
+
+
+class _Scan:
+    """What the layer members seen so far tell: their names, and any libc version."""
+
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+        self.glibc: tuple[int, int] | None = None
+        self.musl: tuple[int, int] | None = None
+
+    def see(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        name = member.name.removeprefix("./").rstrip("/")
+        self.names.add(name)
+        base = name.rsplit("/", 1)[-1]
+        if base.startswith("ld-musl-") and self.musl is None:
+            self.musl = (1, 2)
+        elif name == "lib/apk/db/installed" and member.isfile():
+            match = _MUSL_APK_RE.search(_read(tar, member).decode("utf-8", "replace"))
+            if match:
+                self.musl = (int(match[1]), int(match[2]))
+        elif (m := re.fullmatch(r"libc-(\d+)\.(\d+)\.so", base)) and self.glibc is None:
+            self.glibc = (int(m[1]), int(m[2]))
+        elif base == "libc.so.6" and member.isfile() and self.glibc is None:
+            found = _GLIBC_RE.search(_read(tar, member))
+            if found:
+                self.glibc = (int(found[1]), int(found[2]))
+
+
+def _read(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    stream = tar.extractfile(member)
+    return stream.read() if stream is not None else b""
+
+
+def _interpreter(names: set[str], expected: CatalogEntry | None) -> PurePosixPath:
+    """The catalog's interpreter when present, else the preferred ``python3.X`` found."""
+    if expected is not None and str(expected.interpreter).lstrip("/") in names:
+        return expected.interpreter
+    pythons = sorted(
+        (m for m in (_PY_RE.match(n) for n in names) if m),
+        # Prefer /usr/local (a source-built Python) over the distro's, newest minor first.
+        key=lambda m: (m[1] != "usr/local/bin", -int(m[2].split(".")[1])),
+    )
+    if pythons:
+        return PurePosixPath("/" + pythons[0][0])
+    raise TargetError(
+        "no Python interpreter found in the base image (looked for "
+        "/usr/local/bin/python3.X, /usr/bin/python3.X)",
+        hint="choose a base that ships CPython, e.g. --base distroless",
+    )
+
+
+def _libc(scan: _Scan, expected: CatalogEntry | None) -> tuple[str, tuple[int, int]]:
+    if scan.musl is not None:
+        return "musl", scan.musl
+    if scan.glibc is not None:
+        return "glibc", scan.glibc
+    if expected is not None:
+        return expected.libc, expected.libc_version
+    raise TargetError(
+        "cannot tell the base image's libc (no libc.so.6 or ld-musl found)",
+        hint="use a catalog base (distroless, debian-slim, alpine)",
     )
 
 
