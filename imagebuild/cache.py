@@ -16,6 +16,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import platformdirs
+
+CACHE_DIR_ENV = "IMGBUILD_CACHE_DIR"
+"""The environment variable that moves the cache (``--cache-dir`` wins over it)."""
+
+
+def default_cache_root() -> Path:
+    """The cache directory when none is given: ``IMGBUILD_CACHE_DIR``, else the user cache.
+
+    The user cache is platformdirs' (``~/.cache/imgbuild`` on Linux). An empty variable
+    counts as unset.
+    """
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_cache_dir("imgbuild", appauthor=False))
+
 
 @dataclass(frozen=True, slots=True)
 class CacheLayout:

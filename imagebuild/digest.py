@@ -54,8 +54,31 @@ def digest_bytes(data: bytes) -> Digest:
 
 def digest_file(path: Path) -> Digest:
     """The digest of the file at ``path``, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+    hasher = Hasher()
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return Digest("sha256:" + h.hexdigest())
+            hasher.update(chunk)
+    return hasher.digest()
+
+
+class Hasher:
+    """A digest computed piece by piece, for bytes that stream past (downloads, copies).
+
+    It counts the bytes too, since a check against a lock compares both.
+    """
+
+    __slots__ = ("_hash", "size")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256()
+        self.size = 0
+        """Bytes seen so far."""
+
+    def update(self, data: bytes) -> None:
+        """Add ``data`` to what has been seen."""
+        self._hash.update(data)
+        self.size += len(data)
+
+    def digest(self) -> Digest:
+        """The digest of everything seen so far (more may be added after)."""
+        return Digest("sha256:" + self._hash.hexdigest())

@@ -16,14 +16,21 @@ caller gets the last answer or the last exception, as without retries, and turns
 one line; ``attempts(outcome)`` says how many attempts it took.
 
 Retries end where the response's headers arrive: a body that breaks off while the caller
-streams it is the caller's failure to report (a replay could not resume it).
+streams it is retried by ``net.transfer.fetch_retrying``, which sends the request again on
+the same budget of attempts.
+
+Nothing waits for ever. Each read and connect has a timeout (``Timeouts``), and a request
+that carries a ``Deadline`` (``with_deadline``; the transfer helper always gives one) ends
+at it: attempts are cut short, no wait runs past it, and a body still arriving then fails
+with ``TransferDeadlineExceeded``, so a server that trickles a byte at a time cannot hold a
+build.
 """
 
 from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +52,8 @@ RETRY_ERRORS: tuple[type[httpx.TransportError], ...] = (
 _REPLAYABLE_METHODS = frozenset({"GET", "HEAD"})
 _ATTEMPTS_KEY = "imgbuild.attempts"  # in a final response's extensions
 _ATTEMPTS_ATTR = "imgbuild_attempts"  # on a final exception
+_DEADLINE_KEY = "imgbuild.deadline"  # in a request's extensions: a Deadline
+_FIRST_ATTEMPT_KEY = "imgbuild.first_attempt"  # in a request's extensions: attempts used + 1
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,6 +78,117 @@ class RetryPolicy:
 DEFAULT_RETRY = RetryPolicy()
 """Three attempts, 0.1 s then 0.2 s apart (or what Retry-After asks, up to 30 s)."""
 
+NO_RETRY = RetryPolicy(attempts=1)
+"""One attempt: what a client that does not come from ``http_client`` does."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeouts:
+    """How long the network may keep a request waiting, per step and per transfer."""
+
+    connect: float = 15.0
+    """Seconds to open a connection."""
+    read: float = 30.0
+    """Seconds to wait for the next bytes of an answer: longer silence means stalled."""
+    deadline: float = 300.0
+    """Seconds for one whole transfer, every attempt and wait between them included."""
+    min_rate: float = 128 * 1024
+    """Bytes per second a transfer of a known size is allowed on top of ``deadline``.
+
+    The size comes from the lock or the index page (``budget(size)``), never from the
+    server's own Content-Length, so a hostile server cannot buy itself more time.
+    """
+    max_deadline: float = 3600.0
+    """The longest a single transfer may take, whatever its size."""
+
+    def budget(self, size: int | None = None) -> float:
+        """Seconds a transfer of ``size`` bytes (None: unknown) may take in all."""
+        extra = size / self.min_rate if size and size > 0 and self.min_rate > 0 else 0.0
+        return min(self.deadline + extra, max(self.max_deadline, self.deadline))
+
+    def httpx_timeout(self) -> httpx.Timeout:
+        """The per-step timeouts as httpx takes them (writes and the pool wait as reads)."""
+        return httpx.Timeout(self.read, connect=self.connect)
+
+
+DEFAULT_TIMEOUTS = Timeouts()
+"""Connect 15 s, read 30 s, 300 s a transfer (plus 1 s per 128 KiB of known size, up to 1 h)."""
+
+
+class TransferDeadlineExceeded(httpx.TimeoutException):
+    """A transfer was still unfinished when its deadline came (a server trickling bytes)."""
+
+
+class Deadline:
+    """The moment a transfer must be over by, on the monotonic clock."""
+
+    __slots__ = ("_at", "_clock", "seconds")
+
+    def __init__(self, seconds: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = seconds
+        """The budget it was started with (for messages)."""
+        self._clock = clock
+        self._at = clock() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left (negative once it has passed)."""
+        return self._at - self._clock()
+
+    def allows(self, wait: float) -> bool:
+        """Whether waiting ``wait`` seconds still leaves time for another attempt."""
+        return self.remaining() > wait
+
+    def check(self, request: httpx.Request | None = None) -> None:
+        """Raise ``TransferDeadlineExceeded`` once the deadline has passed."""
+        if self.remaining() <= 0:
+            raise TransferDeadlineExceeded(
+                f"not finished within {self.seconds:g} s (the deadline for one transfer)",
+                request=request,
+            )
+
+    def clip(self, request: httpx.Request) -> None:
+        """Shorten ``request``'s connect/read/write/pool timeouts to the time left."""
+        left = max(self.remaining(), 0.001)
+        timeouts = dict(request.extensions.get("timeout") or {})
+        for key in ("connect", "read", "write", "pool"):
+            value = timeouts.get(key)
+            timeouts[key] = left if value is None else min(value, left)
+        request.extensions["timeout"] = timeouts
+
+
+def with_deadline(
+    extensions: dict[str, Any] | None, deadline: Deadline, *, first_attempt: int = 1
+) -> dict[str, Any]:
+    """``extensions`` for a request that must end by ``deadline``.
+
+    ``first_attempt`` is the number of the first attempt the retry transport makes for it
+    (a body retried after ``n`` attempts starts at ``n + 1``, so all share one bound).
+    """
+    merged = dict(extensions or {})
+    merged[_DEADLINE_KEY] = deadline
+    merged[_FIRST_ATTEMPT_KEY] = first_attempt
+    return merged
+
+
+class _DeadlineStream(httpx.SyncByteStream):
+    """A response body that fails once its transfer's deadline has passed."""
+
+    def __init__(
+        self, inner: httpx.SyncByteStream, deadline: Deadline, request: httpx.Request
+    ) -> None:
+        self._inner = inner
+        self._deadline = deadline
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._deadline.check(self._request)
+        for chunk in self._inner:
+            self._deadline.check(self._request)
+            yield chunk
+
+    def close(self) -> None:
+        self._inner.close()
+
 
 class RetryTransport(httpx.BaseTransport):
     """A transport that retries replayable requests through the transport it wraps."""
@@ -77,24 +197,42 @@ class RetryTransport(httpx.BaseTransport):
         self._wrapped = wrapped
         self._policy = policy
 
+    @property
+    def policy(self) -> RetryPolicy:
+        """The policy this transport retries by."""
+        return self._policy
+
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        """Send ``request``, again after a retryable failure, until the attempts run out."""
+        """Send ``request``, again after a retryable failure, until the attempts run out.
+
+        A request with a ``Deadline`` (``with_deadline``) also ends at it: each attempt's
+        timeouts are cut to the time left, a wait that would cross it ends the retries, and
+        the body fails once it has passed.
+        """
         replayable = is_replayable(request)
-        attempt = 1
+        deadline = request.extensions.get(_DEADLINE_KEY)
+        deadline = deadline if isinstance(deadline, Deadline) else None
+        attempt = int(request.extensions.get(_FIRST_ATTEMPT_KEY, 1))
         while True:
             last = attempt >= self._policy.attempts or not replayable
+            if deadline is not None:
+                deadline.check(request)
+                deadline.clip(request)
             try:
                 response = self._wrapped.handle_request(request)
             except RETRY_ERRORS as exc:
-                if last:
-                    setattr(exc, _ATTEMPTS_ATTR, attempt)
-                    raise
                 wait = self._policy.delay(attempt, None)
+                if last or (deadline is not None and not deadline.allows(wait)):
+                    note_attempts(exc, attempt)
+                    raise
             else:
-                if last or response.status_code not in RETRY_STATUSES:
-                    response.extensions[_ATTEMPTS_KEY] = attempt
-                    return response
                 wait = self._policy.delay(attempt, retry_after(response))
+                if (
+                    last
+                    or response.status_code not in RETRY_STATUSES
+                    or (deadline is not None and not deadline.allows(wait))
+                ):
+                    return _final(response, request, attempt, deadline)
                 response.close()
             self._policy.sleep(wait)
             attempt += 1
@@ -102,6 +240,15 @@ class RetryTransport(httpx.BaseTransport):
     def close(self) -> None:
         """Close the wrapped transport."""
         self._wrapped.close()
+
+
+def _final(
+    response: httpx.Response, request: httpx.Request, attempt: int, deadline: Deadline | None
+) -> httpx.Response:
+    response.extensions[_ATTEMPTS_KEY] = attempt
+    if deadline is not None and isinstance(response.stream, httpx.SyncByteStream):
+        response.stream = _DeadlineStream(response.stream, deadline, request)
+    return response
 
 
 def is_replayable(request: httpx.Request) -> bool:
@@ -137,6 +284,11 @@ def attempts(outcome: httpx.Response | BaseException) -> int:
     return value if isinstance(value, int) else 1
 
 
+def note_attempts(exc: BaseException, count: int) -> None:
+    """Record on a final failure that it took ``count`` attempts (read by ``attempts``)."""
+    setattr(exc, _ATTEMPTS_ATTR, count)
+
+
 class _RetryingClient(httpx.Client):
     """An ``httpx.Client`` whose every transport (direct, proxy or given) retries.
 
@@ -144,9 +296,13 @@ class _RetryingClient(httpx.Client):
     them where it builds them keeps its proxy and ``NO_PROXY`` rules instead of copying them.
     """
 
-    def __init__(self, *, retry: RetryPolicy, **kwargs: Any) -> None:
+    def __init__(self, *, retry: RetryPolicy, timeouts: Timeouts, **kwargs: Any) -> None:
         self._retry_policy = retry  # read while httpx.Client.__init__ builds transports
-        super().__init__(**kwargs)
+        self.retry_policy = retry
+        """The policy every transport of this client retries by."""
+        self.timeouts = timeouts
+        """The timeouts and transfer deadline this client was made with."""
+        super().__init__(timeout=timeouts.httpx_timeout(), **kwargs)
 
     def _init_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
         return RetryTransport(super()._init_transport(*args, **kwargs), policy=self._retry_policy)
@@ -161,16 +317,19 @@ def http_client(
     retry: RetryPolicy = DEFAULT_RETRY,
     auth: httpx.Auth | None = None,
     transport: httpx.BaseTransport | None = None,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> httpx.Client:
     """The one HTTP client for a run, retrying as the module doc says.
 
     It honours ``SSL_CERT_FILE``/``SSL_CERT_DIR`` and the proxy variables (``trust_env``),
     follows redirects, and names itself ``imgbuild/<version>``. ``transport`` replaces the
     network (tests pass an ``httpx.MockTransport``; the environment is then ignored).
+    ``timeouts`` sets the connect and read timeouts and the deadline the transfer helper
+    gives each transfer (tests pass tiny ones).
     """
     return _RetryingClient(
         retry=retry,
-        timeout=httpx.Timeout(60.0, connect=15.0),
+        timeouts=timeouts,
         follow_redirects=True,
         headers={"User-Agent": f"imgbuild/{__version__}"},
         limits=httpx.Limits(max_connections=16, max_keepalive_connections=16),
@@ -181,7 +340,22 @@ def http_client(
 
 
 def retrying_client(
-    transport: httpx.BaseTransport, *, retry: RetryPolicy = DEFAULT_RETRY
+    transport: httpx.BaseTransport,
+    *,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    timeouts: Timeouts = DEFAULT_TIMEOUTS,
 ) -> httpx.Client:
     """A client like ``http_client``'s over ``transport`` (an ``httpx.MockTransport``)."""
-    return http_client(retry=retry, transport=transport)
+    return http_client(retry=retry, transport=transport, timeouts=timeouts)
+
+
+def client_policy(http: httpx.Client) -> tuple[RetryPolicy, Timeouts]:
+    """The retry policy and timeouts ``http`` was made with.
+
+    A client that does not come from ``http_client`` retries nothing (``NO_RETRY``); its
+    transfers still get the default deadline budget, though only a retry transport
+    enforces it.
+    """
+    if isinstance(http, _RetryingClient):
+        return http.retry_policy, http.timeouts
+    return NO_RETRY, DEFAULT_TIMEOUTS
