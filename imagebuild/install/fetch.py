@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol
@@ -11,18 +10,24 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import httpx
-import platformdirs
 from filelock import FileLock
 
-from imagebuild.cache import atomic_writer
-from imagebuild.digest import digest_hex, parse_digest
+from imagebuild.cache import atomic_writer, default_cache_root
+from imagebuild.digest import Hasher, digest_hex, parse_digest
 from imagebuild.errors import FetchError
 from imagebuild.lock.model import WheelFile
 from imagebuild.net.credentials import AUTH_HINT
 from imagebuild.net.http import attempts
+from imagebuild.net.transfer import (
+    CHUNK,
+    NETWORK_HINT,
+    failure_text,
+    fetch_retrying,
+    redact,
+    redact_text,
+)
 from imagebuild.report import NullReporter, Reporter
 
-_CHUNK = 1 << 16
 _RELOCK_HINT = (
     "the file no longer matches the lock: check the index serves the locked file, "
     "or re-lock with 'uv lock --refresh'"
@@ -30,8 +35,8 @@ _RELOCK_HINT = (
 
 
 def default_cache_dir() -> Path:
-    """The per-user cache directory (the CLI lets ``IMGBUILD_CACHE_DIR`` override it)."""
-    return Path(platformdirs.user_cache_dir("imgbuild", appauthor=False))
+    """The cache directory when none is given: ``cache.default_cache_root()`` (kept name)."""
+    return default_cache_root()
 
 
 class WheelStore(Protocol):
@@ -92,13 +97,11 @@ class WheelCache:
             if existing is not None:
                 return existing
             with atomic_writer(final) as out:
-                digest = hashlib.sha256()
-                size = 0
+                hasher = Hasher()
                 for chunk in chunks:
-                    digest.update(chunk)
-                    size += len(chunk)
+                    hasher.update(chunk)
                     out.write(chunk)
-                _verify(wheel, digest.hexdigest(), size)
+                _verify(wheel, digest_hex(hasher.digest()), hasher.size)
         return final
 
 
@@ -168,7 +171,9 @@ def fetch_wheels(
             error = failures[0].exception()
             if isinstance(error, FetchError):
                 raise error
-            raise FetchError(f"wheel {futures[failures[0]].filename}: {error}") from error
+            raise FetchError(
+                f"wheel {futures[failures[0]].filename}: {redact_text(str(error))}"
+            ) from error
         for future, wheel in futures.items():
             result[wheel] = future.result()
             report.step(f"fetched {wheel.filename}")
@@ -186,10 +191,10 @@ def _fetch_one(http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Pa
         if not path.is_absolute():
             path = base / path
     else:
-        raise FetchError(f"wheel {wheel.filename}: unsupported URL scheme in {wheel.url}")
+        raise FetchError(f"wheel {wheel.filename}: unsupported URL scheme in {redact(wheel.url)}")
     try:
         with path.open("rb") as src:
-            return cache.store(wheel, iter(lambda: src.read(_CHUNK), b""))
+            return cache.store(wheel, iter(lambda: src.read(CHUNK), b""))
     except FileNotFoundError:
         raise FetchError(
             f"wheel {wheel.filename}: local file {path} does not exist",
@@ -200,33 +205,35 @@ def _fetch_one(http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Pa
 
 
 def _download(http: httpx.Client, wheel: WheelFile, cache: WheelStore) -> Path:
-    """Stream ``wheel`` into the cache; the client's transport retries what is worth it."""
+    """Stream ``wheel`` into the cache, again if its body breaks off (``fetch_retrying``)."""
+    url = redact(wheel.url)
+
+    def store(response: httpx.Response) -> Path:
+        status = response.status_code
+        if status >= 500:
+            raise FetchError(f"wheel {wheel.filename}: GET {url} answered {status}")
+        if status != 200:
+            raise FetchError(
+                f"wheel {wheel.filename}: GET {url} answered "
+                f"{status} {response.reason_phrase}".rstrip(),
+                hint=AUTH_HINT
+                if status in (401, 403)
+                else "check the index still serves the locked file",
+            )
+        # iter_bytes undoes any Content-Encoding a server or proxy applied in transit, so
+        # the bytes hashed are the file's own.
+        return cache.store(wheel, response.iter_bytes(CHUNK))
+
     try:
-        with http.stream("GET", wheel.url) as response:
-            status = response.status_code
-            if status >= 500:
-                raise FetchError(f"wheel {wheel.filename}: GET {wheel.url} answered {status}")
-            if status != 200:
-                raise FetchError(
-                    f"wheel {wheel.filename}: GET {wheel.url} answered "
-                    f"{status} {response.reason_phrase}".rstrip(),
-                    hint=AUTH_HINT
-                    if status in (401, 403)
-                    else "check the index still serves the locked file",
-                )
-            return cache.store(wheel, _body(response))
+        return fetch_retrying(http, wheel.url, store, size=wheel.size)
     except httpx.TransportError as exc:
         count = attempts(exc)
         failed = f"failed after {count} attempts" if count > 1 else "failed"
         raise FetchError(
-            f"wheel {wheel.filename}: download from {wheel.url} {failed}: {exc}",
-            hint="check the network and the index URL",
+            f"wheel {wheel.filename}: download from {url} {failed}: {failure_text(exc)}",
+            hint=NETWORK_HINT,
         ) from exc
     except httpx.HTTPError as exc:
-        raise FetchError(f"wheel {wheel.filename}: download failed: {exc}") from exc
-
-
-def _body(response: httpx.Response) -> Iterator[bytes]:
-    # iter_bytes undoes any Content-Encoding a server or proxy applied in transit, so the
-    # bytes hashed are the file's own.
-    yield from response.iter_bytes(_CHUNK)
+        raise FetchError(
+            f"wheel {wheel.filename}: download failed: {redact_text(str(exc))}"
+        ) from exc
