@@ -45,9 +45,9 @@ from imagebuild.errors import BuildError, FetchError, ImagebuildError, PackageIn
 from imagebuild.net.credentials import AUTH_HINT, IndexCredentials
 from imagebuild.net.http import attempts
 from imagebuild.net.transfer import NETWORK_HINT as _NETWORK_HINT
+from imagebuild.net.transfer import failure_text, fetch_retrying, redact_text, write_stream
 from imagebuild.net.transfer import one_line as _one_line
 from imagebuild.net.transfer import redact as _redact
-from imagebuild.net.transfer import write_stream
 
 if TYPE_CHECKING:
     from imagebuild.index.model import IndexFile
@@ -83,7 +83,7 @@ def sdist_metadata(
     with tempfile.TemporaryDirectory(prefix="imgbuild-sdist-") as tmp:
         work = Path(tmp)
         archive = work / file.filename
-        digest = _download(http, file.url, archive, subject, error)
+        digest = _download(http, file.url, archive, subject, error, file.size)
         if file.sha256 is not None and digest != file.sha256:
             raise PackageIndexError(
                 f"{subject}: sha256 mismatch (index: {file.sha256}, downloaded: {digest})",
@@ -208,29 +208,36 @@ def _plain_name(filename: str, subject: str, error: _Error) -> None:
 # -- download ------------------------------------------------------------------------------
 
 
-def _download(http: httpx.Client, url: str, dest: Path, subject: str, error: _Error) -> str:
-    """Stream ``url`` into ``dest``; its sha256 hex (the client's transport retries)."""
+def _download(
+    http: httpx.Client,
+    url: str,
+    dest: Path,
+    subject: str,
+    error: _Error,
+    size: int | None = None,
+) -> str:
+    """Stream ``url`` into ``dest``; its sha256 hex (a broken-off body is fetched again)."""
+
+    def write(response: httpx.Response) -> str:
+        status = response.status_code
+        if status >= 500:
+            raise error(f"{subject}: GET {_redact(url)} {_failed(response)}", hint=_NETWORK_HINT)
+        if status != 200:
+            raise error(
+                f"{subject}: GET {_redact(url)} answered "
+                f"{status} {response.reason_phrase}".rstrip(),
+                hint=AUTH_HINT if status in (401, 403) else "check the index still serves the file",
+            )
+        return write_stream(response, dest)
+
     try:
-        with http.stream("GET", url, follow_redirects=True) as response:
-            status = response.status_code
-            if status >= 500:
-                raise error(
-                    f"{subject}: GET {_redact(url)} {_failed(response)}", hint=_NETWORK_HINT
-                )
-            if status != 200:
-                raise error(
-                    f"{subject}: GET {_redact(url)} answered "
-                    f"{status} {response.reason_phrase}".rstrip(),
-                    hint=AUTH_HINT
-                    if status in (401, 403)
-                    else "check the index still serves the file",
-                )
-            return write_stream(response, dest)
+        return fetch_retrying(http, url, write, size=size)
     except httpx.TransportError as exc:
         raise error(f"{subject}: GET {_redact(url)} {_failed(exc)}", hint=_NETWORK_HINT) from exc
     except httpx.HTTPError as exc:
         raise error(
-            f"{subject}: GET {_redact(url)} failed: {_one_line(exc)}", hint=_NETWORK_HINT
+            f"{subject}: GET {_redact(url)} failed: {redact_text(_one_line(exc))}",
+            hint=_NETWORK_HINT,
         ) from exc
 
 
@@ -239,7 +246,7 @@ def _failed(outcome: httpx.Response | httpx.TransportError) -> str:
     if isinstance(outcome, httpx.Response):
         what = f"HTTP {outcome.status_code} {outcome.reason_phrase}".rstrip()
     else:
-        what = f"{type(outcome).__name__}: {_one_line(outcome)}".rstrip(": ")
+        what = f"{type(outcome).__name__}: {failure_text(outcome)}".rstrip(": ")
     count = attempts(outcome)
     return f"failed {count} times, last: {what}" if count > 1 else f"failed: {what}"
 
@@ -317,14 +324,15 @@ def _with_backend(
             return Path(builder.build("wheel", out))
     except RequirementsInstallError as exc:
         raise error(
-            f"{subject}: installing its build requirements failed: {_one_line(exc)}",
+            # The installer was given URLs with credentials: its own words may quote them.
+            f"{subject}: installing its build requirements failed: {redact_text(_one_line(exc))}",
             hint=_BUILD_HINT,
         ) from exc
     except BuildBackendException as exc:
         cause = exc.exception
         detail = cause.last_line() if isinstance(cause, ProcessFailed) else _one_line(exc)
         raise error(
-            f"{subject}: the build backend failed to make {what}: {_one_line(detail)}",
+            f"{subject}: the build backend failed to make {what}: {redact_text(_one_line(detail))}",
             hint=_BUILD_HINT,
         ) from exc
     except (BuildException, FailedProcessError, ProcessFailed, OSError) as exc:
