@@ -47,9 +47,9 @@ from imagebuild.index.pages import (
 from imagebuild.net.credentials import AUTH_HINT
 from imagebuild.net.http import attempts
 from imagebuild.net.transfer import NETWORK_HINT as _NETWORK_HINT
+from imagebuild.net.transfer import failure_text, fetch_retrying, redact_text, write_stream
 from imagebuild.net.transfer import one_line as _one_line
 from imagebuild.net.transfer import redact as _redact
-from imagebuild.net.transfer import write_stream
 from imagebuild.report import NullReporter, Reporter
 
 _PARSED_CACHE_ABOVE = 256 * 1024  # bytes of page below which parsing is cheaper
@@ -83,9 +83,9 @@ class SimpleIndex:
     request, a stale one revalidated with a conditional GET. Metadata files are immutable
     and kept under ``cache_dir/metadata/``. Unreadable cache entries count as missing.
 
-    Every failure is a ``PackageIndexError`` naming the project or file, the URL and what
-    went wrong; the client's transport retries transport errors, 429 and 5xx first
-    (``imagebuild.net.http``).
+    Every failure is a ``PackageIndexError`` naming the project or file, the URL (never
+    its credentials) and what went wrong, after the retries of ``net.transfer``'s
+    ``fetch_retrying``: transport errors, 429 and 5xx, and bodies that break off.
     """
 
     def __init__(
@@ -368,7 +368,7 @@ class SimpleIndex:
         with tempfile.TemporaryDirectory(prefix="imgbuild-metadata-") as tmp:
             dest = Path(tmp) / "dist.whl"
             digest = self._request(
-                file.url, subject, lambda: _download(self._http, file.url, dest, subject)
+                file.url, subject, lambda: _download(self._http, file.url, dest, subject, file.size)
             )
             if digest is None:
                 raise PackageIndexError(
@@ -390,7 +390,7 @@ class SimpleIndex:
             return call()
         except (httpx.UnsupportedProtocol, httpx.InvalidURL) as exc:
             raise PackageIndexError(
-                f"{subject}: cannot request {_redact(url)}: {_one_line(exc)}",
+                f"{subject}: cannot request {_redact(url)}: {redact_text(_one_line(exc))}",
                 hint="index URLs must be http:// or https://",
             ) from exc
         except httpx.HTTPError as exc:
@@ -404,7 +404,7 @@ def _failed(outcome: httpx.Response | BaseException) -> str:
     if isinstance(outcome, httpx.Response):
         what = f"HTTP {outcome.status_code} {outcome.reason_phrase}".rstrip()
     else:
-        text = _one_line(outcome)
+        text = failure_text(outcome)
         what = f"{type(outcome).__name__}: {text}" if text else type(outcome).__name__
     count = attempts(outcome)
     return f"failed {count} times, last: {what}" if count > 1 else f"failed: {what}"
@@ -417,15 +417,21 @@ def _server_error(response: httpx.Response, subject: str, url: str) -> PackageIn
 
 
 def _get(http: httpx.Client, url: str, headers: Mapping[str, str], subject: str) -> httpx.Response:
-    response = http.get(url, headers=headers, follow_redirects=True)
-    if response.status_code >= 500:
-        raise _server_error(response, subject, url)
-    return response
+    def read(response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 500:
+            raise _server_error(response, subject, url)
+        response.read()
+        return response
+
+    return fetch_retrying(http, url, read, headers=headers)
 
 
-def _download(http: httpx.Client, url: str, dest: Path, subject: str) -> str | None:
+def _download(
+    http: httpx.Client, url: str, dest: Path, subject: str, size: int | None = None
+) -> str | None:
     """Stream ``url`` into ``dest``; its sha256 hex, or None for a 404/410."""
-    with http.stream("GET", url, follow_redirects=True) as response:
+
+    def write(response: httpx.Response) -> str | None:
         if response.status_code >= 500:
             raise _server_error(response, subject, url)
         if response.status_code in (404, 410):
@@ -434,6 +440,8 @@ def _download(http: httpx.Client, url: str, dest: Path, subject: str) -> str | N
             # Raise through httpx's own error type for one translation point.
             response.raise_for_status()
         return write_stream(response, dest)
+
+    return fetch_retrying(http, url, write, size=size)
 
 
 def _quietly(call: Callable[[_T], object], arg: _T) -> None:
