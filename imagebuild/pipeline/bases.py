@@ -8,7 +8,7 @@ from pulling a base given by reference.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -16,6 +16,8 @@ from imagebuild.cache import CacheLayout, write_json
 from imagebuild.digest import Digest, digest_hex
 from imagebuild.errors import ProjectError
 from imagebuild.image.name import ImageReference
+from imagebuild.lock.model import LockInputs
+from imagebuild.lock.writer import project_inputs
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.base import BaseFacts, CatalogEntry, inspect_layers
@@ -104,3 +106,39 @@ def lock_targets(
         base = registry.pull_image(ref, platform=("linux", arch), store=store)
         found.append(target_of(arch, base_facts(base, store, cache, arch, None)))
     return tuple(found), digests
+
+
+def lock_inputs(
+    settings: ImageSettings,
+    project: ProjectSpec,
+    *,
+    indexes: Sequence[str],
+    local: Sequence[ProjectSpec],
+    registry: Registry,
+    store: BlobStore,
+    cache: Path,
+    mirrors: Mapping[str, str],
+    pinned: Mapping[str, Digest],
+) -> tuple[LockInputs, tuple[TargetPlatform, ...], dict[str, str]]:
+    """What a lock of ``project`` records as its inputs, its targets, and base digests seen.
+
+    ``imgbuild lock`` records them and ``build --locked`` compares them; a base given by
+    reference is pulled (at its pinned digest) to learn the targets.
+    """
+    targets, digests = lock_targets(
+        settings,
+        project,
+        registry=registry,
+        store=store,
+        cache=cache,
+        mirrors=mirrors,
+        pinned=pinned,
+    )
+    inputs = project_inputs(
+        project,
+        indexes=indexes,
+        prereleases=settings.prereleases,
+        targets=targets,
+        local=local,
+    )
+    return inputs, targets, digests

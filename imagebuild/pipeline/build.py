@@ -27,11 +27,10 @@ from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.lock.load import find_lock, load_lock
 from imagebuild.lock.model import Lock
-from imagebuild.lock.pylock import recorded_bases
-from imagebuild.lock.staleness import check_locked, check_pylock
-from imagebuild.lock.writer import project_inputs, project_roots
+from imagebuild.lock.staleness import check_locked, check_recorded
+from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
-from imagebuild.pipeline.bases import lock_targets, pinned_reference
+from imagebuild.pipeline.bases import lock_inputs, pinned_reference
 from imagebuild.pipeline.locate import locate_lock, project_settings
 from imagebuild.pipeline.lock import run_lock
 from imagebuild.pipeline.outputs import write_order
@@ -76,7 +75,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     store = BlobStore(cache.blobs)
     # imgbuild's own lock pins the base to the digest it was made for: the same lock
     # builds on the same base after its tag has moved (`imgbuild lock --upgrade` moves it).
-    pinned = recorded_bases(lock.path) if lock.kind == "pylock" else {}
+    pinned = dict(lock.recorded.bases) if lock.recorded is not None else {}
     _judge_lock(request, found, lock, store, pinned, ports)
     ports.reporter.step(f"lock: {lock.path.name}")
     # Build backends come from the indexes the project locks from, never from elsewhere.
@@ -243,26 +242,20 @@ def _check_lock(
 ) -> None:
     """Judge the lock: imgbuild's own pylock by its recorded inputs, others as uv does."""
     project, settings = found.project, found.settings
-    if lock.kind == "pylock":
+    if lock.recorded is not None:
         _, local, _ = expand_local(project_roots(project), project, found.workspace)
-        # A base given by reference is pulled (at its pinned digest) to learn the targets.
-        targets, _ = lock_targets(
+        inputs, _, _ = lock_inputs(
             settings,
             project,
+            indexes=found.indexes,
+            local=[p.project for p in local.values()],
             registry=ports.registry,
             store=store,
             cache=request.cache_dir,
             mirrors=request.mirrors,
             pinned=pinned,
         )
-        inputs = project_inputs(
-            project,
-            indexes=lock_indexes(settings, project, found.workspace),
-            prereleases=settings.prereleases,
-            targets=targets,
-            local=[p.project for p in local.values()],
-        )
-        if check_pylock(lock.path, inputs):
+        if check_recorded(lock.recorded, inputs, filename=lock.filename):
             return
     check_locked(lock, project)
 

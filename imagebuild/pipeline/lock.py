@@ -16,19 +16,20 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
+from packaging.version import Version
 
 from imagebuild.cache import CacheLayout, write_json
 from imagebuild.digest import Digest
 from imagebuild.errors import LockError, RegistryError
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
-from imagebuild.lock.model import LockInputs
-from imagebuild.lock.pylock import pins_as_preferences, recorded_bases
+from imagebuild.lock.model import LockInputs, RecordedLock
+from imagebuild.lock.pylock import load_recorded
 from imagebuild.lock.resolve import Resolution, resolve
-from imagebuild.lock.staleness import check_pylock
-from imagebuild.lock.writer import project_inputs, project_roots, render_pylock, write_pylock
+from imagebuild.lock.staleness import check_recorded
+from imagebuild.lock.writer import project_roots, render_pylock, write_pylock
 from imagebuild.net.credentials import IndexCredentials
-from imagebuild.pipeline.bases import lock_targets
+from imagebuild.pipeline.bases import lock_inputs
 from imagebuild.pipeline.locate import locate_lock, project_settings
 from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import LockRequest, LockResult
@@ -48,6 +49,8 @@ class _Resolving:
     settings: ImageSettings
     path: Path
     """The lock file."""
+    preferences: Mapping[NormalizedName, Version]
+    """The pins of the lock being replaced (none with ``--upgrade``)."""
     indexes: tuple[str, ...]
     """The indexes, priority order (their credentials are the HTTP client's auth)."""
     roots: Mapping[str, tuple[Requirement, ...]]
@@ -65,33 +68,30 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
     ports.http.auth = credentials
     roots, local, declared_in = expand_local(project_roots(project), project, workspace)
     store = BlobStore(CacheLayout(request.cache_dir).blobs)
+    recorded = _existing_record(path, upgrade=request.upgrade)
     # The base stays at the digest the lock recorded until --upgrade, like every pin.
-    pinned = {} if request.upgrade else recorded_bases(path)
-    targets, digests = lock_targets(
+    pinned = dict(recorded.bases) if recorded is not None and not request.upgrade else {}
+    inputs, targets, digests = lock_inputs(
         settings,
         project,
+        indexes=indexes,
+        local=[p.project for p in local.values()],
         registry=ports.registry,
         store=store,
         cache=request.cache_dir,
         mirrors=request.mirrors,
         pinned=pinned,
     )
-    inputs = project_inputs(
-        project,
-        indexes=indexes,
-        prereleases=settings.prereleases,
-        targets=targets,
-        local=[p.project for p in local.values()],
-    )
     described = tuple(t.describe() for t in targets)
     if request.check:
-        return _check_only(path, inputs, described)
-    if not request.upgrade and not request.upgrade_packages and _current(path, inputs):
+        return _check_only(path, recorded, inputs, described)
+    if not request.upgrade and not request.upgrade_packages and _current(path, recorded, inputs):
         ports.reporter.step(f"lock: {path.name} is up to date")
+        assert recorded is not None  # a current lock is imgbuild's
         return LockResult(
             path=path,
             changed=False,
-            packages=len(pins_as_preferences(path)),
+            packages=len(recorded.preferences()),
             targets=described,
         )
     # The catalog base's digest is recorded for the record only: look it up beside the
@@ -101,6 +101,7 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
         request=request,
         settings=settings,
         path=path,
+        preferences={} if request.upgrade or recorded is None else recorded.preferences(),
         indexes=tuple(indexes),
         roots=roots,
         declared_in=declared_in,
@@ -110,11 +111,23 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
     return _write(resolving, project, inputs, resolutions, local, digests, described)
 
 
-def _check_only(path: Path, inputs: LockInputs, described: tuple[str, ...]) -> LockResult:
+def _existing_record(path: Path, *, upgrade: bool) -> RecordedLock | None:
+    """The lock being replaced, read once (an unreadable one is no matter with ``--upgrade``)."""
+    try:
+        return load_recorded(path)
+    except LockError:
+        if upgrade:
+            return None
+        raise
+
+
+def _check_only(
+    path: Path, recorded: RecordedLock | None, inputs: LockInputs, described: tuple[str, ...]
+) -> LockResult:
     """``--check``: the lock must exist, be imgbuild's, and fit its inputs."""
     if not path.is_file():
         raise LockError(f"{path.parent}: no {path.name}", hint="run 'imgbuild lock'")
-    if not check_pylock(path, inputs):
+    if not check_recorded(recorded, inputs, filename=path.name):
         raise LockError(
             f"{path}: not written by imgbuild, so it cannot be checked",
             hint="run 'imgbuild lock' to replace it",
@@ -122,7 +135,7 @@ def _check_only(path: Path, inputs: LockInputs, described: tuple[str, ...]) -> L
     return LockResult(path=path, changed=False, packages=0, targets=described)
 
 
-def _current(path: Path, inputs: LockInputs) -> bool:
+def _current(path: Path, recorded: RecordedLock | None, inputs: LockInputs) -> bool:
     """Whether the lock at ``path`` still fits ``inputs`` (an unreadable one does not).
 
     Kept even when it records no digest for the base (the registry was unreachable, or the
@@ -131,7 +144,7 @@ def _current(path: Path, inputs: LockInputs) -> bool:
     if not path.is_file():
         return False
     try:
-        return check_pylock(path, inputs)
+        return check_recorded(recorded, inputs, filename=path.name)
     except LockError:
         return False
 
@@ -181,7 +194,7 @@ def _resolve_all(
 ) -> list[Resolution]:
     """One resolution per target, the current pins preferred (unless upgraded)."""
     request = resolving.request
-    preferences = {} if request.upgrade else pins_as_preferences(resolving.path)
+    preferences = dict(resolving.preferences)
     for name in request.upgrade_packages:
         preferences.pop(canonicalize_name(name), None)
     lock_dir = resolving.path.parent
