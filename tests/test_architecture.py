@@ -163,3 +163,43 @@ def test_the_contract_catches_a_downstream_import(tmp_path: Path) -> None:
 )
 def test_the_contract_catches_a_circle(edges: dict[str, set[str]], expected: int) -> None:
     assert len(cycles(edges)) == expected
+
+
+MAX_FUNCTION_LINES = 60
+MAX_MODULE_LINES = 500
+
+
+def long_functions(root: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Functions whose body (from its first statement to its end) is longer than ``limit``.
+
+    The body, not the signature: a typer command declares each option on lines of its own.
+    """
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.body[0].lineno + 1
+                if length > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name}")
+    return found
+
+
+def test_no_function_is_long() -> None:
+    assert long_functions(PACKAGE) == []
+
+
+def test_no_module_is_long() -> None:
+    long = [
+        str(path.relative_to(PACKAGE.parent))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if len(path.read_text(encoding="utf-8").splitlines()) > MAX_MODULE_LINES
+    ]
+    assert long == []
+
+
+def test_the_length_check_catches_a_long_function(tmp_path: Path) -> None:
+    root = tmp_path / "imagebuild"
+    root.mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(MAX_FUNCTION_LINES + 1))
+    (root / "m.py").write_text(f"def f():\n{body}\n\ndef g():\n    return 1\n")
+    assert long_functions(root) == ["imagebuild/m.py:1 f"]

@@ -26,15 +26,8 @@ from resolvelib import (
 
 from imagebuild.errors import ResolutionError
 from imagebuild.index.model import IndexFile, PackageIndex
-from imagebuild.lock.provider import (
-    PYTHON,
-    Candidate,
-    ProjectVersions,
-    Provider,
-    Requirement_,
-    RoundCounter,
-    split_requirement,
-)
+from imagebuild.lock.candidates import Candidate, ProjectVersions, Requirement_
+from imagebuild.lock.provider import PYTHON, Provider, RoundCounter, split_requirement
 from imagebuild.report import NullReporter, Reporter
 from imagebuild.target.platform import TargetPlatform
 
