@@ -74,6 +74,13 @@ def _check_installable(lock: Lock, package: LockedPackage) -> None:
     )
 
 
+def _check_environments(lock: Lock, env: Mapping[str, str], problem: str, *, hint: str) -> None:
+    """Refuse a target that none of the lock's ``environments`` markers admits."""
+    if lock.environments and not any(m.evaluate(dict(env)) for m in lock.environments):
+        shown = " | ".join(str(m) for m in lock.environments)
+        raise LockError(f"{lock.filename}: the target {problem} ({shown})", hint=hint)
+
+
 def _select_uv(
     lock: Lock,
     root: NormalizedName | None,
@@ -81,12 +88,12 @@ def _select_uv(
     extras: Collection[str],
     groups: Collection[str],
 ) -> list[LockedPackage]:
-    if lock.environments and not any(m.evaluate(dict(env)) for m in lock.environments):
-        shown = " | ".join(str(m) for m in lock.environments)
-        raise LockError(
-            f"{lock.filename}: the target is outside the lock's supported environments ({shown})",
-            hint="add the image's platform to [tool.uv] environments and run 'uv lock'",
-        )
+    _check_environments(
+        lock,
+        env,
+        "is outside the lock's supported environments",
+        hint="add the image's platform to [tool.uv] environments and run 'uv lock'",
+    )
     graph = _UvGraph(lock, env)
     if root is None:
         raise LockError(
@@ -224,12 +231,9 @@ def _select_pylock(
     extras: Collection[str],
     groups: Collection[str],
 ) -> list[LockedPackage]:
-    if lock.environments and not any(m.evaluate(dict(env)) for m in lock.environments):
-        shown = " | ".join(str(m) for m in lock.environments)
-        raise LockError(
-            f"{lock.filename}: the target matches none of the lock's environments ({shown})",
-            hint="lock for the image's platform",
-        )
+    _check_environments(
+        lock, env, "matches none of the lock's environments", hint="lock for the image's platform"
+    )
     full = env["python_full_version"]
     lock_env: dict[str, str | frozenset[str]] = {
         **env,

@@ -254,14 +254,22 @@ def _optional_dependencies(
     optional: dict[NormalizedName, tuple[Requirement, ...]] = {}
     for extra, reqs in _table(f, project, "optional-dependencies").items():
         key = f"project.optional-dependencies.{extra}"
-        try:
-            canonical = canonicalize_name(extra, validate=True)
-        except InvalidName:
-            f.fail(key, f"invalid extra name {extra!r}")
-        if canonical in optional:
-            f.fail(key, f"extra {canonical!r} is defined twice")
+        canonical = _new_name(f, extra, key, "extra", optional, twice="")
         optional[canonical] = _sorted_requirements(f.requirements(reqs, key))
     return dict(sorted(optional.items()))
+
+
+def _new_name(
+    f: Fields, name: str, key: str, what: str, seen: Mapping[NormalizedName, object], *, twice: str
+) -> NormalizedName:
+    """``name`` (an extra or a group) normalised; refused if invalid or already defined."""
+    try:
+        canonical = canonicalize_name(name, validate=True)
+    except InvalidName:
+        f.fail(key, f"invalid {what} name {name!r}")
+    if canonical in seen:
+        f.fail(key, f"{what} {canonical!r} is defined twice{twice}")
+    return canonical
 
 
 def _scripts(f: Fields, project: Mapping[str, object]) -> dict[str, str]:
@@ -308,12 +316,9 @@ def _group_tables(f: Fields, raw: Mapping[str, object]) -> _GroupItems:
     by_name: _GroupItems = {}
     for group, items in raw.items():
         key = f"dependency-groups.{group}"
-        try:
-            canonical = canonicalize_name(group, validate=True)
-        except InvalidName:
-            f.fail(key, f"invalid group name {group!r}")
-        if canonical in by_name:
-            f.fail(key, f"group {canonical!r} is defined twice (names are compared normalised)")
+        canonical = _new_name(
+            f, group, key, "group", by_name, twice=" (names are compared normalised)"
+        )
         by_name[canonical] = (group, f.array(items, key))
     return by_name
 
