@@ -114,3 +114,14 @@ class Descriptor:
             size=size,
             annotations=tuple(sorted(raw_annotations.items())),
         )
+
+
+def json_object(data: bytes) -> dict[str, object]:
+    """``data`` decoded as a JSON object; ``ValueError`` says what it is instead."""
+    try:
+        obj = json.loads(data)
+    except ValueError as exc:
+        raise ValueError(f"is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("is not a JSON object")
+    return obj

@@ -28,6 +28,7 @@ from imagebuild.image.descriptor import (
     OCI_LAYER_TAR,
     OCI_LAYOUT_VERSION,
     Descriptor,
+    json_object,
 )
 
 _CHUNK = 1 << 20
@@ -138,12 +139,9 @@ def _check_blob(src: _LayoutSource, desc: Descriptor, what: str, actual: Digest,
 
 def _json_object(data: bytes, src: _LayoutSource, what: str, digest: Digest) -> dict[str, object]:
     try:
-        obj = json.loads(data)
+        return json_object(data)
     except ValueError as exc:
-        raise ImageError(f"{src.describe()}: {what} blob {digest} is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise ImageError(f"{src.describe()}: {what} blob {digest} is not a JSON object")
-    return obj
+        raise ImageError(f"{src.describe()}: {what} blob {digest} {exc}") from None
 
 
 def _validate(src: _LayoutSource) -> None:

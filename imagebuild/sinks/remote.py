@@ -30,6 +30,7 @@ from imagebuild.image.descriptor import (
     OCI_MANIFEST,
     Descriptor,
     checked_digest,
+    json_object,
 )
 from imagebuild.image.model import BaseImage, Image, ImageIndex
 from imagebuild.image.name import ImageReference
@@ -79,12 +80,9 @@ def _platform_text(platform: object) -> str:
 
 def _json_object(data: bytes, op: Op, what: str) -> dict[str, object]:
     try:
-        obj = json.loads(data)
+        return json_object(data)
     except ValueError as exc:
-        raise RegistryError(f"{op.verb} {op.ref}: {what} is not valid JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise RegistryError(f"{op.verb} {op.ref}: {what} is not a JSON object")
-    return obj
+        raise RegistryError(f"{op.verb} {op.ref}: {what} {exc}") from None
 
 
 def _descriptor(obj: object, op: Op, where: str) -> Descriptor:
