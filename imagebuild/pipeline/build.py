@@ -220,44 +220,35 @@ def _judge_lock(
     pinned: Mapping[str, Digest],
     ports: Ports,
 ) -> None:
-    """``--locked`` refuses a stale lock; by default it is built with a warning."""
+    """``--locked`` refuses a stale lock; by default it is built with a warning.
+
+    imgbuild's own pylock is judged by its recorded inputs, others as uv judges them.
+    """
     if request.lock_mode == "frozen":
         return
+    project = found.project
     try:
-        _check_lock(request, found, lock, store, pinned, ports)
+        if lock.recorded is not None:
+            _, local, _ = expand_local(project_roots(project), project, found.workspace)
+            inputs, _, _ = lock_inputs(
+                found.settings,
+                project,
+                indexes=found.indexes,
+                local=[p.project for p in local.values()],
+                registry=ports.registry,
+                store=store,
+                cache=request.cache_dir,
+                mirrors=request.mirrors,
+                pinned=pinned,
+            )
+            if check_recorded(lock.recorded, inputs, filename=lock.filename):
+                return
+        check_locked(lock, project)
     except LockError as exc:
         if request.lock_mode == "locked":
             raise
         # A stale lock is built as it is, but never silently.
         ports.reporter.warn(f"{exc}; building from the lock as it is")
-
-
-def _check_lock(
-    request: BuildRequest,
-    found: _Project,
-    lock: Lock,
-    store: BlobStore,
-    pinned: Mapping[str, Digest],
-    ports: Ports,
-) -> None:
-    """Judge the lock: imgbuild's own pylock by its recorded inputs, others as uv does."""
-    project, settings = found.project, found.settings
-    if lock.recorded is not None:
-        _, local, _ = expand_local(project_roots(project), project, found.workspace)
-        inputs, _, _ = lock_inputs(
-            settings,
-            project,
-            indexes=found.indexes,
-            local=[p.project for p in local.values()],
-            registry=ports.registry,
-            store=store,
-            cache=request.cache_dir,
-            mirrors=request.mirrors,
-            pinned=pinned,
-        )
-        if check_recorded(lock.recorded, inputs, filename=lock.filename):
-            return
-    check_locked(lock, project)
 
 
 def _base_source(
