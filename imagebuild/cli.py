@@ -67,13 +67,9 @@ def _fail(exc: ImagebuildError, verbose: bool) -> None:
 
 
 def _cache_dir(option: Path | None) -> Path:
-    import platformdirs
+    from imagebuild.cache import default_cache_root
 
-    if option is not None:
-        return option
-    env = os.environ.get("IMGBUILD_CACHE_DIR")
-    # The same place fetch.default_cache_dir names (not imported: `lock` needs none of fetch).
-    return Path(env) if env else Path(platformdirs.user_cache_dir("imgbuild", appauthor=False))
+    return option if option is not None else default_cache_root()
 
 
 def _source_date_epoch() -> int:

@@ -11,7 +11,7 @@ from installer.sources import WheelFile as InstallerWheel
 
 from imagebuild.cache import CacheLayout
 from imagebuild.errors import FetchError
-from imagebuild.install.fetch import WheelCache, default_cache_dir, fetch_wheels
+from imagebuild.install.fetch import WheelCache, fetch_wheels
 from imagebuild.lock.model import Digest, WheelFile
 from imagebuild.net.http import RetryPolicy, retrying_client
 from tests.fixtures.index_server import LocalIndex, make_wheel
@@ -236,7 +236,9 @@ def test_unsafe_filename_rejected(tmp_path: Path) -> None:
 
 
 def test_default_cache_dir() -> None:
-    assert default_cache_dir().name == "imgbuild"
+    from imagebuild.cache import default_cache_root
+
+    assert default_cache_root().name == "imgbuild"
 
 
 def test_httpx_honours_ssl_cert_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

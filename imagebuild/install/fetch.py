@@ -12,7 +12,7 @@ from urllib.request import url2pathname
 import httpx
 from filelock import FileLock
 
-from imagebuild.cache import atomic_writer, default_cache_root
+from imagebuild.cache import atomic_writer
 from imagebuild.digest import Hasher, digest_hex, parse_digest
 from imagebuild.errors import FetchError
 from imagebuild.lock.model import WheelFile
@@ -32,11 +32,6 @@ _RELOCK_HINT = (
     "the file no longer matches the lock: check the index serves the locked file, "
     "or re-lock with 'uv lock --refresh'"
 )
-
-
-def default_cache_dir() -> Path:
-    """The cache directory when none is given: ``cache.default_cache_root()`` (kept name)."""
-    return default_cache_root()
 
 
 class WheelStore(Protocol):
