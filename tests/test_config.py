@@ -28,8 +28,10 @@ def test_full_table_is_normalised() -> None:
             "labels": {"team": "data"},
             "ports": [8000, 80, 8000],
             "groups": ["prod", "prod"],
+            "max-layers": 60,
         }
     )
+    assert settings.max_layers == 60
     assert settings.python == (3, 13)
     assert settings.entrypoint == ("hello-api",)
     assert settings.user == "1000"
@@ -47,6 +49,9 @@ def test_full_table_is_normalised() -> None:
         ({"env": {"A": [1]}}, "tool.imgbuild.env.A: expected a string"),
         ({"ports": [0]}, "tool.imgbuild.ports: expected a list of port numbers"),
         ({"base": 3}, "tool.imgbuild.base: expected a string"),
+        ({"max-layers": 200}, "tool.imgbuild.max-layers: expected a whole number from 3 to 127"),
+        ({"max-layers": "50"}, "tool.imgbuild.max-layers: expected a whole number from 3 to 127"),
+        ({"max-layers": True}, "tool.imgbuild.max-layers: expected a whole number from 3 to 127"),
     ],
 )
 def test_bad_settings_name_the_key(table: dict[str, object], message: str) -> None:

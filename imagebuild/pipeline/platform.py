@@ -144,6 +144,8 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         dependencies,
         PlannedWheel(name=project.name, version=wheel.name.split("-")[1], path=wheel),
         local=members,
+        max_layers=build.settings.max_layers,
+        base_layers=len(base_image.layers),
     )
     venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
     compiler = None
@@ -214,7 +216,12 @@ def _dependencies(
     cache = CacheLayout(build.request.cache_dir)
     paths = fetch_wheels(build.ports.http, [wheel for _, wheel in chosen], WheelCache(cache.wheels))
     wheels = [
-        PlannedWheel(name=pkg.name, version=str(pkg.version), path=paths[wheel])
+        PlannedWheel(
+            name=pkg.name,
+            version=str(pkg.version),
+            path=paths[wheel],
+            size=paths[wheel].stat().st_size,
+        )
         for pkg, wheel in chosen
     ]
     for pkg in from_sdist:
@@ -234,7 +241,9 @@ def _sdist_wheel(build: PlatformBuild, pkg: LockedPackage) -> PlannedWheel:
         build.request.cache_dir,
         indexes=build.envs.indexes,
     )
-    return PlannedWheel(name=pkg.name, version=str(pkg.version), path=path)
+    return PlannedWheel(
+        name=pkg.name, version=str(pkg.version), path=path, size=path.stat().st_size
+    )
 
 
 def sort_sources(

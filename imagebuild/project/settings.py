@@ -18,6 +18,7 @@ Recognised keys (all optional)::
     extra-index-urls = []
     platforms = ["linux/amd64", "linux/arm64"]   # what imgbuild lock covers
     prereleases = false
+    max-layers = 100               # layers in the whole image, the base's included (engines: 127)
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class ImageSettings:
     """OCI platforms a lock covers."""
     prereleases: bool = False
     """Allow pre-releases everywhere when locking."""
+    max_layers: int = 100
+    """Layers the image may have in all, the base's included (engines refuse more than 127)."""
     source: str = field(default="pyproject.toml", compare=False)
     """Where settings came from, for messages."""
 
@@ -97,6 +100,7 @@ _KNOWN = frozenset(
         "extra-index-urls",
         "platforms",
         "prereleases",
+        "max-layers",
     }
 )
 _PLATFORMS = ("linux/amd64", "linux/arm64")
@@ -118,6 +122,7 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         extra_index_urls=t.strings("extra-index-urls") or (),
         platforms=_platforms(t),
         prereleases=_prereleases(t),
+        max_layers=_max_layers(t),
         base=t.string("base") or "distroless",
         python=parse_python_version(python, t.key("python")) if python else None,
         entrypoint=t.strings("entrypoint"),
@@ -204,3 +209,14 @@ def _prereleases(t: _Table) -> bool:
     if not isinstance(prereleases, bool):
         t.fail("prereleases", f"expected true or false, got {prereleases!r}")
     return prereleases
+
+
+def _max_layers(t: _Table) -> int:
+    value = t.data.get("max-layers", 100)
+    if isinstance(value, bool) or not isinstance(value, int) or not 3 <= value <= 127:
+        t.fail(
+            "max-layers",
+            f"expected a whole number from 3 to 127, got {value!r}",
+            hint="engines refuse images of more than 127 layers",
+        )
+    return value
