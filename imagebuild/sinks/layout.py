@@ -8,16 +8,15 @@ CLI makes from ``--output oci:DIR`` and ``--output oci-archive:FILE``.
 
 from __future__ import annotations
 
-import os
+import shutil
 import tarfile
-import tempfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from imagebuild.cache import write_atomic
+from imagebuild.cache import atomic_writer, write_atomic
 from imagebuild.digest import Digest, digest_hex
 from imagebuild.errors import ImageError, RegistryError
 from imagebuild.image.descriptor import (
@@ -99,18 +98,11 @@ def _write_layout(image: Image | ImageIndex, dest_dir: Path, *, ref_name: str) -
         target = blob_dir / digest_hex(desc.digest)
         if target.is_file() and target.stat().st_size == desc.size:
             continue
-        fd, tmp = tempfile.mkstemp(dir=blob_dir, prefix=".tmp-")
         try:
-            with os.fdopen(fd, "wb") as out, image.store.path(desc.digest).open("rb") as src:
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
-            os.replace(tmp, target)
+            with atomic_writer(target) as out, image.store.path(desc.digest).open("rb") as src:
+                shutil.copyfileobj(src, out, _CHUNK)
         except FileNotFoundError:
-            Path(tmp).unlink(missing_ok=True)
             raise ImageError(f"blob {desc.digest} is missing from {image.store.root}") from None
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
     write_atomic(dest_dir / "oci-layout", _OCI_LAYOUT_BYTES)
     entry = _index_entry(image, {ANNOTATION_REF_NAME: ref_name})
     write_atomic(dest_dir / "index.json", _index_json([entry]))
@@ -160,15 +152,8 @@ def _output(dest: BinaryIO | Path) -> Iterator[IO[bytes]]:
     if not isinstance(dest, Path):
         yield dest
         return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(dest) as f:
+        yield f
 
 
 def write_oci_archive(
