@@ -46,19 +46,28 @@ class ProcessFailed(Exception):
 
 
 def run_captured(
-    cmd: Sequence[str], *, cwd: str | None = None, env: Mapping[str, str] | None = None
-) -> None:
-    """Run ``cmd`` with its output captured; ``ProcessFailed`` if it exits non-zero.
+    cmd: Sequence[str],
+    *,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Run ``cmd`` with its output captured; its stdout, or ``ProcessFailed`` if it fails.
 
-    ``env`` is the whole environment (None: this process's).
+    ``env`` is the whole environment (None: this process's). A process still running after
+    ``timeout`` seconds is killed and fails with ``timed out after N s``.
     """
-    proc = subprocess.run(
-        list(cmd),
-        cwd=cwd,
-        env=None if env is None else dict(env),
-        capture_output=True,
-        check=False,
-    )
+    try:
+        proc = subprocess.run(
+            list(cmd),
+            cwd=cwd,
+            env=None if env is None else dict(env),
+            capture_output=True,
+            check=False,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ProcessFailed(cmd, -1, "", f"timed out after {exc.timeout:g} s") from None
     if proc.returncode != 0:
         raise ProcessFailed(
             cmd,
@@ -66,6 +75,7 @@ def run_captured(
             proc.stdout.decode("utf-8", "replace"),
             proc.stderr.decode("utf-8", "replace"),
         )
+    return proc.stdout.decode("utf-8", "replace")
 
 
 def hook_runner(extra_env: Mapping[str, str] | None = None) -> Runner:
