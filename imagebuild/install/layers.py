@@ -14,24 +14,26 @@ hash-based pycs, so the bytes are the same on every build (cpython#129724).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 from imagebuild.errors import LayerError
 
-# Runs inside the target interpreter. Reads "source<TAB>in-image path" lines (from the file
-# named by argv[1], else stdin), writes an unchecked-hash pyc next to each source and prints
+# Runs inside the target interpreter. Reads a JSON list of [source, in-image path] pairs (from
+# the file named by argv[1], else stdin; see compile_listing), writes an unchecked-hash pyc
+# next to each source and prints
 # how many did not compile (templates, Python 2 leftovers in some sdists are skipped, as pip
 # and uv do). Each pyc depends only on its source and the interpreter, so the files are
 # shared out over forked workers, one per CPU (up to 8), with no effect on the bytes.
 COMPILE_SCRIPT = r"""
-import importlib.util, multiprocessing, os, py_compile, sys
+import importlib.util, json, multiprocessing, os, py_compile, sys
 mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
 
 
@@ -46,8 +48,8 @@ def work(pairs):
     return failed
 
 
-lines = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
-pairs = [tuple(line.rstrip("\n").split("\t")) for line in lines]
+listing = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
+pairs = [(str(source), str(dfile)) for source, dfile in json.load(listing)]
 jobs = min(len(os.sched_getaffinity(0)), 8, max(1, len(pairs) // 100))
 if jobs > 1:
     with multiprocessing.get_context("fork").Pool(jobs) as pool:
@@ -125,11 +127,10 @@ class HostCompiler:
 
     def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
         """Compile with ``-I`` (isolated) so nothing from the host environment leaks in."""
-        lines = "".join(f"{src}\t{dst}\n" for src, dst in files)
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
         proc = subprocess.run(
             [str(self.executable), "-I", "-c", COMPILE_SCRIPT],
-            input=lines,
+            input=compile_listing((str(src), str(dst)) for src, dst in files),
             capture_output=True,
             text=True,
             env=env,
@@ -142,6 +143,16 @@ class HostCompiler:
                 hint="pass --no-compile to skip bytecode",
             )
         return int(proc.stdout.strip() or 0)
+
+
+def compile_listing(pairs: Iterable[tuple[str, str]]) -> str:
+    """The compile script's input: a JSON list of ``[source, in-image path]`` pairs.
+
+    JSON, not delimiter-joined lines, so no file name (a TAB or newline in a wheel member)
+    can split one entry into two and point a pyc at a path of its choosing. ASCII escapes
+    carry names that are not UTF-8 (surrogate escapes) through unchanged.
+    """
+    return json.dumps([[source, dfile] for source, dfile in pairs])
 
 
 def find_host_python(version: tuple[int, int]) -> Path | None:

@@ -27,7 +27,7 @@ import requests.exceptions
 
 from imagebuild.errors import DockerError, LayerError
 from imagebuild.image.model import Image
-from imagebuild.install.layers import COMPILE_SCRIPT
+from imagebuild.install.layers import COMPILE_SCRIPT, compile_listing
 from imagebuild.sinks.daemon import DockerDaemon, engine_base_tag
 from imagebuild.sinks.layout import write_docker_archive
 
@@ -226,8 +226,8 @@ def _pack_sources(
     """
     listing = _STAGING / ".imgbuild-compile"
     relative = [src.relative_to(root).as_posix() for src, _ in files]
-    text = "".join(
-        f"{_STAGING / rel}\t{dst}\n" for rel, (_, dst) in zip(relative, files, strict=True)
+    text = compile_listing(
+        (str(_STAGING / rel), str(dst)) for rel, (_, dst) in zip(relative, files, strict=True)
     )
     directories = sorted({p for rel in relative for p in PurePosixPath(rel).parents} - {_DOT})
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:

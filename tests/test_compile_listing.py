@@ -1,0 +1,85 @@
+"""The compile script's input crosses the process boundary as JSON, never as joined text.
+
+A source whose name holds a TAB and a newline (wheelcheck refuses such members; this is
+the second line of defence) gets its pyc beside it and nowhere else, and the pyc bytes are
+exactly what ``py_compile`` writes for the same source and in-image path (so image digests
+did not move when the listing changed from lines to JSON).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import py_compile
+import sys
+from pathlib import Path, PurePosixPath
+
+from imagebuild.install.layers import HostCompiler, compile_listing
+from imagebuild.sinks.engine import _pack_sources
+
+
+def _expected_pyc(source: Path, dfile: str, scratch: Path) -> bytes:
+    copy = scratch / "expected.py"
+    copy.write_bytes(source.read_bytes())
+    target = scratch / "expected.pyc"
+    py_compile.compile(
+        str(copy),
+        cfile=str(target),
+        dfile=dfile,
+        doraise=True,
+        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH,
+    )
+    return target.read_bytes()
+
+
+def test_listing_is_json_pairs_and_round_trips_hostile_names() -> None:
+    pairs = [("/s/a\tb\n/tmp/x.py", "/app/a\tb\n/tmp/x.py"), ("/s/\udcff.py", "/app/\udcff.py")]
+    text = compile_listing(pairs)
+    assert "\n" not in text and "\t" not in text
+    assert [tuple(p) for p in json.loads(text)] == pairs
+
+
+def test_host_compiler_writes_the_pyc_beside_a_tab_newline_source_only(tmp_path: Path) -> None:
+    staging = tmp_path / "staging"
+    site = staging / "app" / "site"
+    escape = tmp_path / "escape"
+    # The name the old TAB/newline listing would have split into a source and a host path.
+    evil_dir = site / f"a\t{escape}\n"
+    evil_dir.mkdir(parents=True)
+    plain = site / "plain.py"
+    plain.write_text("VALUE = {1, 2, 3}\n")
+    evil = evil_dir / "x.py"
+    evil.write_text("X = 1\n")
+    files = [
+        (plain, PurePosixPath("/app/site/plain.py")),
+        (evil, PurePosixPath("/") / evil.relative_to(staging).as_posix()),
+    ]
+    before = {p for p in tmp_path.rglob("*")}
+    failed = HostCompiler(Path(sys.executable)).compile(staging, files)
+    assert failed == 0
+    made = {p for p in tmp_path.rglob("*")} - before
+    expected = {Path(importlib.util.cache_from_source(str(src))) for src, _ in files} | {
+        Path(importlib.util.cache_from_source(str(src))).parent for src, _ in files
+    }
+    assert made == expected
+    assert not escape.exists()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    for src, dst in files:
+        pyc = Path(importlib.util.cache_from_source(str(src))).read_bytes()
+        assert pyc == _expected_pyc(src, str(dst), scratch)
+
+
+def test_engine_upload_carries_the_same_json_listing(tmp_path: Path) -> None:
+    import tarfile
+
+    root = tmp_path / "root"
+    (root / "pkg").mkdir(parents=True)
+    (root / "pkg" / "m.py").write_text("M = 1\n")
+    files = [(root / "pkg" / "m.py", PurePosixPath("/app/pkg/m.py"))]
+    listing = _pack_sources(root, files, tmp_path / "in.tar")
+    with tarfile.open(tmp_path / "in.tar") as tar:
+        member = tar.extractfile(listing.relative_to("/").as_posix())
+        assert member is not None
+        pairs = json.loads(member.read())
+    assert pairs == [["/imgbuild-staging/pkg/m.py", "/app/pkg/m.py"]]
