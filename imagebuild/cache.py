@@ -100,6 +100,11 @@ class CacheLayout:
         return self.root / "lock-hints"
 
     @property
+    def rootfs(self) -> Path:
+        """Base images' filesystems unpacked, by manifest digest (to run their Python here)."""
+        return self.root / "rootfs"
+
+    @property
     def tmp(self) -> Path:
         """Scratch space on the cache's filesystem, so staging and blobs rename into place."""
         return self.root / "tmp"

@@ -113,12 +113,16 @@ class HostCompiler:
     def __init__(self, executable: Path) -> None:
         self.executable = executable
         probe = subprocess.run(
-            [str(executable), "-I", "-c", "import sys; print(sys.version.split()[0])"],
+            [*self.command(), "-I", "-c", "import sys; print(sys.version.split()[0])"],
             capture_output=True,
             text=True,
             check=False,
         )
         self._version = probe.stdout.strip()
+
+    def command(self) -> list[str]:
+        """What runs the interpreter (its path; a subclass may put a loader in front)."""
+        return [str(self.executable)]
 
     @property
     def identity(self) -> str:
@@ -129,7 +133,7 @@ class HostCompiler:
         """Compile with ``-I`` (isolated) so nothing from the host environment leaks in."""
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
         proc = subprocess.run(
-            [str(self.executable), "-I", "-c", COMPILE_SCRIPT],
+            [*self.command(), "-I", "-c", COMPILE_SCRIPT],
             input=compile_listing((str(src), str(dst)) for src, dst in files),
             capture_output=True,
             text=True,

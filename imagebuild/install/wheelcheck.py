@@ -140,14 +140,19 @@ class _Verified(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
-        data = self._inner.read(len(buffer))
+    def read(self, size: int | None = -1) -> bytes:
+        """The next bytes, hashed on the way (no copy: installer reads in big blocks)."""
+        data = self._inner.read(-1 if size is None else size)
         if not data:
             self._check()
-            return 0
-        buffer[: len(data)] = data
+            return b""
         self._hash.update(data)
         self._read += len(data)
+        return data
+
+    def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
         return len(data)
 
     def _check(self) -> None:

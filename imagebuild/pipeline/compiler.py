@@ -42,6 +42,8 @@ class CompilerChoice:
     """Scratch directory of the build (for the base's archive)."""
     native: NativeVariant | None = None
     """Pulls the base's variant for the engine's CPU, when it differs from the target's."""
+    rootfs: Path | None = None
+    """Where bases' filesystems are unpacked to run their Python on this host (None: never)."""
 
 
 def choose_compiler(
@@ -63,6 +65,9 @@ def choose_compiler(
                 hint="install it, use --compile-with image, or pass --no-compile",
             )
         return HostCompiler(host)
+    native = _native_run(facts, base, choice, ports)
+    if native is not None:
+        return native
     try:
         engine = ports.engine()
     except DockerError as exc:
@@ -78,6 +83,24 @@ def choose_compiler(
     from imagebuild.sinks.engine import EngineCompiler
 
     return EngineCompiler(engine, tag, facts.interpreter)
+
+
+def _native_run(
+    facts: BaseFacts, base: BaseImage, choice: CompilerChoice, ports: Ports
+) -> BytecodeCompiler | None:
+    """The base's own Python run here, under its own loader, when the CPUs match."""
+    from imagebuild.image.rootfs import unpack_rootfs
+    from imagebuild.install.native import host_arch, native_compiler
+
+    arch = str(base.config.get("architecture", ""))
+    if choice.rootfs is None or host_arch() != arch:
+        return None
+    root = unpack_rootfs(base, choice.store, choice.rootfs)
+    identity = f"image:{engine_base_tag(base.manifest_digest)}:{facts.interpreter}"
+    compiler = native_compiler(root, facts.interpreter, arch=arch, identity=identity)
+    if compiler is None:
+        ports.reporter.step("compile: the base's python does not start here; using the engine")
+    return compiler
 
 
 def _without_engine(

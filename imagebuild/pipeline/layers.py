@@ -7,7 +7,9 @@ the missing ones are staged, compiled (in one compiler run for all of them) and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -70,8 +72,15 @@ def build_layers(
         job.reporter.step(f"layer {index + 1}/{len(plan.layers)}: {spec.description}")
         pending.append(_stage(index, spec, venv, record, job.work))
     _compile(pending, venv, compiler, job)
-    for staged in pending:
-        layers[staged.index] = _finish(staged, job)
+    # Tarring and compressing is mostly zlib and hashing, which run outside the GIL: the
+    # layers are written side by side, one per CPU.
+    with ThreadPoolExecutor(
+        max_workers=os.cpu_count() or 1, thread_name_prefix="imgbuild-tar"
+    ) as pool:
+        for staged, layer in zip(
+            pending, pool.map(lambda s: _finish(s, job), pending), strict=True
+        ):
+            layers[staged.index] = layer
     return [layers[index] for index in range(len(plan.layers))]
 
 

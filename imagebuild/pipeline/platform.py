@@ -278,6 +278,10 @@ def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> Bytecode
         return variant, base_facts(variant, build.store, build.request.cache_dir, arch, None)
 
     choice = CompilerChoice(
-        mode=build.request.compile_with, store=build.store, work=build.work, native=native
+        mode=build.request.compile_with,
+        store=build.store,
+        work=build.work,
+        native=native,
+        rootfs=CacheLayout(build.request.cache_dir).rootfs,
     )
     return choose_compiler(facts, base, choice, build.ports)

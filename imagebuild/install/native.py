@@ -1,0 +1,160 @@
+"""The base image's own interpreter, run on this host through the base's own dynamic loader.
+
+When the host's CPU is the target's, the base's Python needs no container: its filesystem,
+unpacked once (``image.rootfs``), holds the interpreter, its standard library, the C
+libraries it links and the dynamic loader (glibc's ``ld-linux-*`` or musl's ``ld-musl-*``)
+that finds them. Started as ``<loader> --library-path <the base's lib dirs> <python>``,
+it is the same binary with the same libraries as in the image, so it writes the same pyc
+bytes, without creating a container or sending the sources through the engine's API.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
+
+from imagebuild.install.layers import HostCompiler
+
+_MACHINES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+_TRIPLETS = {"amd64": "x86_64-linux-gnu", "arm64": "aarch64-linux-gnu"}
+_LOADERS = {
+    "amd64": ("lib64/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+              "lib/ld-musl-x86_64.so.1"),
+    "arm64": ("lib/ld-linux-aarch64.so.1", "lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
+              "lib/ld-musl-aarch64.so.1"),
+}  # fmt: skip
+_PROBE = "import importlib.util, multiprocessing, py_compile, sys; print(sys.version.split()[0])"
+
+
+class NativeCompiler(HostCompiler):
+    """Compiles with the base's interpreter under the base's loader and libraries."""
+
+    def __init__(
+        self,
+        *,
+        loader: Path,
+        library_path: Sequence[Path],
+        interpreter: Path,
+        identity: str,
+    ) -> None:
+        self.loader = loader
+        self.library_path = tuple(library_path)
+        self._identity = identity
+        super().__init__(interpreter)
+
+    def command(self) -> list[str]:
+        """The loader, told where the base's libraries are, running the base's python."""
+        libraries = ":".join(str(p) for p in self.library_path)
+        return [str(self.loader), "--library-path", libraries, str(self.executable)]
+
+    @property
+    def identity(self) -> str:
+        """The same as the engine's run of this interpreter: the bytes are the same."""
+        return self._identity
+
+    @property
+    def version(self) -> str:
+        """The interpreter's full version, as it reported it ('' if it did not start)."""
+        return self._version
+
+
+def host_arch() -> str | None:
+    """This host's CPU as an OCI architecture, if imgbuild knows it and the host is Linux."""
+    if not os.uname().sysname == "Linux":
+        return None
+    return _MACHINES.get(platform.machine())
+
+
+def native_compiler(
+    root: Path, interpreter: PurePosixPath, *, arch: str, identity: str
+) -> NativeCompiler | None:
+    """The base's interpreter under its own loader, if it starts here; else None.
+
+    It must also find what compiling imports; when it does not, the engine runs it instead.
+    """
+    if host_arch() != arch:
+        return None
+    executable = resolve_in(root, interpreter)
+    loader = next(
+        (
+            found
+            for rel in _LOADERS.get(arch, ())
+            if (found := resolve_in(root, PurePosixPath(rel)))
+        ),
+        None,
+    )
+    if executable is None or loader is None:
+        return None
+    compiler = NativeCompiler(
+        loader=loader,
+        library_path=_library_dirs(root, arch),
+        interpreter=executable,
+        identity=identity,
+    )
+    return compiler if compiler.version and _imports(compiler) else None
+
+
+def _imports(compiler: NativeCompiler) -> bool:
+    """Whether the interpreter finds its standard library (its prefix from its own path)."""
+    try:
+        proc = subprocess.run(
+            [*compiler.command(), "-I", "-c", _PROBE],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and proc.stdout.strip() == compiler.version
+
+
+def _library_dirs(root: Path, arch: str) -> list[Path]:
+    """The directories the base's loader searches by default, as host paths."""
+    triplet = _TRIPLETS[arch]
+    candidates = (
+        f"usr/local/lib/{triplet}", "usr/local/lib", f"lib/{triplet}", f"usr/lib/{triplet}",
+        "lib64", "usr/lib64", "lib", "usr/lib",
+    )  # fmt: skip
+    found: list[Path] = []
+    for rel in candidates:
+        path = resolve_in(root, PurePosixPath(rel))
+        if path is not None and path.is_dir() and path not in found:
+            found.append(path)
+    return found
+
+
+def resolve_in(root: Path, inside: PurePosixPath, *, hops: int = 40) -> Path | None:
+    """The host path ``inside`` names in the tree, following links as if ``root`` were ``/``.
+
+    None when it does not exist, or a link loops.
+    """
+    parts = list(inside.parts[1:] if inside.is_absolute() else inside.parts)
+    done: list[str] = []
+    while parts:
+        part = parts.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = root.joinpath(*done, part)
+        if here.is_symlink():
+            hops -= 1
+            if hops < 0:
+                return None
+            target = PurePosixPath(os.readlink(here))
+            if target.is_absolute():
+                done, parts = [], list(target.parts[1:]) + parts
+            else:
+                parts = list(target.parts) + parts
+            continue
+        if not here.exists():
+            return None
+        done.append(part)
+    return root.joinpath(*done)

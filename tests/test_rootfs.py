@@ -1,0 +1,109 @@
+"""A base's filesystem unpacked for its Python: layers in order, whiteouts, nothing escapes."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path, PurePosixPath
+
+from imagebuild.digest import Digest
+from imagebuild.image.descriptor import OCI_LAYER_TAR
+from imagebuild.image.model import BaseImage
+from imagebuild.image.rootfs import unpack_rootfs
+from imagebuild.image.store import BlobStore
+from imagebuild.install.native import resolve_in
+
+Entry = tuple[str, str, bytes | str]  # kind (file, dir, sym, link), name, data or target
+
+
+def _layer(store: BlobStore, entries: list[Entry]):  # type: ignore[no-untyped-def]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for kind, name, data in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+            elif kind == "sym":
+                info.type, info.linkname = tarfile.SYMTYPE, str(data)
+            elif kind == "link":
+                info.type, info.linkname = tarfile.LNKTYPE, str(data)
+            elif kind == "dev":
+                info.type = tarfile.CHRTYPE
+            else:
+                assert isinstance(data, bytes)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+                continue
+            tar.addfile(info)
+    return store.put_bytes(buf.getvalue(), media_type=OCI_LAYER_TAR)
+
+
+def _base(store: BlobStore, *layers: list[Entry]) -> BaseImage:
+    descs = tuple(_layer(store, entries) for entries in layers)
+    return BaseImage(
+        reference="test",
+        manifest_digest=Digest("sha256:" + "ab" * 32),
+        config={},
+        layers=descs,
+        diff_ids=tuple(d.digest for d in descs),
+    )
+
+
+def test_layers_apply_in_order_with_whiteouts(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    base = _base(
+        store,
+        [
+            ("dir", "usr/lib/python3.11", b""),
+            ("file", "usr/lib/python3.11/os.py", b"first"),
+            ("file", "usr/lib/python3.11/gone.py", b"x"),
+            ("file", "usr/lib/python3.11/site/old.py", b"x"),
+            ("file", "usr/bin/python3.11", b"ELF"),
+            ("file", "usr/bin/bash", b"shell"),
+            ("file", "usr/share/doc/README", b"docs"),
+            ("sym", "lib", "usr/lib"),
+            ("sym", "lib64", "/usr/lib"),
+            ("dev", "usr/lib/null", b""),
+        ],
+        [
+            ("file", "usr/lib/python3.11/os.py", b"second"),
+            ("file", "usr/lib/python3.11/.wh.gone.py", b""),
+            ("file", "usr/lib/python3.11/site/.wh..wh..opq", b""),
+            ("file", "usr/lib/python3.11/site/new.py", b"y"),
+            ("link", "usr/lib/python3.11/os-again.py", "usr/lib/python3.11/os.py"),
+            ("file", "../../escape.py", b"no"),
+            ("file", "lib64/through-an-absolute-link.py", b"no"),
+        ],
+    )
+    root = unpack_rootfs(base, store, tmp_path / "rootfs")
+    lib = root / "usr/lib/python3.11"
+    assert (lib / "os.py").read_bytes() == b"second"
+    assert (lib / "os-again.py").read_bytes() == b"second"
+    assert not (lib / "gone.py").exists()
+    assert sorted(p.name for p in (lib / "site").iterdir()) == ["new.py"]
+    assert (root / "usr/bin/python3.11").read_bytes() == b"ELF"
+    # Only what running Python needs: no shell, no docs, no devices.
+    assert not (root / "usr/bin/bash").exists() and not (root / "usr/share").exists()
+    assert not (root / "usr/lib/null").exists()
+    # Nothing lands outside the tree, not even through an absolute link.
+    assert not (tmp_path / "escape.py").exists()
+    assert not Path("/usr/lib/through-an-absolute-link.py").exists()
+    # Unpacked once: a second call finds the tree and leaves it alone.
+    (lib / "marker").write_text("kept")
+    assert unpack_rootfs(base, store, tmp_path / "rootfs") == root
+    assert (lib / "marker").read_text() == "kept"
+
+
+def test_links_resolve_inside_the_tree(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr/lib/x86_64-linux-gnu").mkdir(parents=True)
+    (root / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2").write_bytes(b"ld")
+    (root / "lib").symlink_to("usr/lib")
+    (root / "lib64").mkdir()
+    (root / "lib64/ld-linux-x86-64.so.2").symlink_to("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+    (root / "loop").symlink_to("loop")
+    found = resolve_in(root, PurePosixPath("/lib64/ld-linux-x86-64.so.2"))
+    assert found == root / "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"
+    assert resolve_in(root, PurePosixPath("/loop/x")) is None
+    assert resolve_in(root, PurePosixPath("/missing")) is None
+    assert resolve_in(root, PurePosixPath("/../../lib")) == root / "usr/lib"
