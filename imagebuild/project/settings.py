@@ -33,6 +33,9 @@ from imagebuild.project.fields import Fields
 
 DEFAULT_USER = "65532"
 _VERSION_RE = re.compile(r"^3\.(\d+)$")
+# POSIX portable user names (useradd's rule, upper case allowed); ids are 32-bit, -1 reserved.
+_USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_MAX_ID = 2**32 - 2
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -186,10 +189,26 @@ def _ports(t: _Table) -> tuple[int, ...]:
 
 
 def _user(t: _Table) -> str:
+    """``NAME``, ``UID``, or either with ``:GROUP``/``:GID``, as the engine runs it.
+
+    A TOML ``true`` is not a uid (``bool`` is an ``int`` in Python), and neither is a
+    negative number: both used to reach the image config as written.
+    """
     user = t.data.get("user", DEFAULT_USER)
-    if not isinstance(user, str | int):
-        t.fail("user", f"expected a user name or uid, got {user!r}")
-    return str(user)
+    text = str(user) if isinstance(user, int) and not isinstance(user, bool) else user
+    if not isinstance(text, str) or not all(_user_part(p) for p in text.split(":", 1)):
+        t.fail(
+            "user",
+            f"expected a user name or uid, optionally with :group, got {user!r}",
+            hint='use e.g. "65532", "65532:65532" or "nonroot"',
+        )
+    return text
+
+
+def _user_part(part: str) -> bool:
+    if part.isdecimal():
+        return part.isascii() and int(part) <= _MAX_ID
+    return _USER_NAME_RE.fullmatch(part) is not None
 
 
 def _platforms(t: _Table) -> tuple[str, ...]:
