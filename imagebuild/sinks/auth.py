@@ -17,6 +17,7 @@ import base64
 import binascii
 import json
 import re
+import ssl
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -267,10 +268,16 @@ class RegistrySession:
         self._credentials = credentials
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str], str] = {}
+        self._tls: set[str] = set()  # loopback registries found to answer only HTTPS
+
+    def base_url(self, registry: str) -> str:
+        """``registry``'s API base: ``registry_url``'s, or HTTPS for a loopback one with TLS."""
+        base = registry_url(registry)
+        return "https://" + base.partition("://")[2] if registry in self._tls else base
 
     def url(self, ref: ImageReference, path: str) -> httpx.URL:
         """The API URL of ``path`` (``manifests/<ref>``, ``blobs/<digest>``) in ``ref``'s repo."""
-        return httpx.URL(f"{registry_url(ref.registry)}/v2/{ref.repository}/{path}")
+        return httpx.URL(f"{self.base_url(ref.registry)}/v2/{ref.repository}/{path}")
 
     def send(
         self,
@@ -336,11 +343,9 @@ class RegistrySession:
             auth = self._auth_header(host, op.scope)
             if auth is not None:
                 request_headers["Authorization"] = auth
-            request = self._build(method, url, request_headers, content)
-            try:
-                resp = self._http.send(request, stream=True, follow_redirects=follow_redirects)
-            except httpx.HTTPError as exc:
-                raise self.transport_error(op, exc) from exc
+            resp = self._send_once(
+                op, method, url, request_headers, content, follow_redirects=follow_redirects
+            )
             if resp.status_code != 401 or attempt == 2:
                 return resp
             try:
@@ -356,6 +361,49 @@ class RegistrySession:
             self._challenges[host] = challenge
             self._authorize(op, host, challenge)
         raise AssertionError("unreachable")
+
+    def _send_once(
+        self,
+        op: Op,
+        method: str,
+        url: httpx.URL,
+        headers: dict[str, str],
+        content: Body | None,
+        *,
+        follow_redirects: bool,
+    ) -> httpx.Response:
+        """Send one request (over HTTPS once the loopback registry turned out to need it)."""
+        host = op.ref.registry
+        if host in self._tls and url.scheme == "http" and url.netloc.decode() == host:
+            url = url.copy_with(scheme="https")
+        request = self._build(method, url, headers, content)
+        try:
+            resp = self._http.send(request, stream=True, follow_redirects=follow_redirects)
+        except httpx.HTTPError as exc:
+            raise self.transport_error(op, exc) from exc
+        if resp.status_code == 400 and url.scheme == "http" and self._answers_https(op, url):
+            resp.close()
+            self._tls.add(host)
+            return self._send_once(
+                op, method, url, headers, content, follow_redirects=follow_redirects
+            )
+        return resp
+
+    def _answers_https(self, op: Op, url: httpx.URL) -> bool:
+        """Whether the plain-HTTP registry at ``url`` is a TLS server refusing plain HTTP.
+
+        A loopback registry is spoken to over HTTP first (as Docker treats it as insecure);
+        one serving TLS answers a plain request with a bare 400 that says so (Go's "Client
+        sent an HTTP request to an HTTPS server", nginx's "plain HTTP request was sent to
+        HTTPS port"). A HEAD has no body to tell, so ``/v2/`` is asked with a GET.
+        """
+        if url.netloc.decode() != op.ref.registry:
+            return False
+        try:
+            probe = self._http.get(url.copy_with(path="/v2/", query=None), follow_redirects=False)
+        except httpx.HTTPError:
+            return False
+        return probe.status_code == 400 and "https" in probe.text.lower()
 
     def _auth_header(self, host: str, scope: str) -> str | None:
         challenge = self._challenges.get(host)
@@ -440,7 +488,14 @@ class RegistrySession:
         self, op: Op, exc: httpx.HTTPError, *, what: str | None = None
     ) -> RegistryError:
         """One line for a request that got no answer: ``pulling REF: URL timed out``."""
-        target = what or registry_url(op.ref.registry)
+        target = what or self.base_url(op.ref.registry)
+        untrusted = _certificate_failure(exc)
+        if untrusted is not None:
+            return RegistryError(
+                f"{op.verb} {op.ref}: {target} has a TLS certificate we cannot verify "
+                f"({untrusted})",
+                hint="if a private CA signed it, point SSL_CERT_FILE at a bundle holding that CA",
+            )
         if isinstance(exc, httpx.TimeoutException):
             detail = "timed out"
         elif isinstance(exc, httpx.ConnectError):
@@ -452,6 +507,14 @@ class RegistrySession:
             hint="check the registry address, your network or proxy settings, and retry",
         )
 
+    def _refused_user(self, registry: str) -> str | None:
+        """The user whose password a Basic challenge refused (``None``: none was sent)."""
+        challenge = self._challenges.get(registry)
+        creds = self._credentials.get(registry) if self._credentials else None
+        if challenge is None or challenge.scheme != "basic" or creds is None:
+            return None
+        return None if creds.identity_token else creds.username
+
     def status_error(self, op: Op, resp: httpx.Response, what: str) -> RegistryError:
         """One line for a refusal or failure answer, with the fix its status suggests."""
         code, message = _error_body(resp)
@@ -459,6 +522,13 @@ class RegistrySession:
         detail = f"{what}: {code + ' ' if code else ''}{message}".rstrip(": ")
         registry = op.ref.registry
         if status == 401:
+            user = self._refused_user(registry)
+            if user is not None:
+                return RegistryError(
+                    f"unauthorized {op.verb} {op.ref}: the registry refused the login of "
+                    f"{user!r} ({detail})",
+                    hint=f"check the password, then log in again with docker login {registry}",
+                )
             return RegistryError(
                 f"unauthorized {op.verb} {op.ref}: {detail}",
                 hint=f"log in with docker login {registry}",
@@ -488,3 +558,15 @@ class RegistrySession:
                 hint="the registry failed; retry later",
             )
         return RegistryError(f"{op.verb} {op.ref}: HTTP {status} on {detail}")
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """The verifier's reason when ``exc`` comes from a server certificate we do not trust."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> ssl; a bound, in case a chain loops
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "certificate verify failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
