@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -40,22 +41,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class ConsoleReporter:
-    """Progress on stderr, one line per step; quiet hides steps but never warnings."""
-
-    def __init__(self, *, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def step(self, message: str) -> None:
-        """Print a progress line."""
-        if not self.quiet:
-            typer.echo(f"· {message}", err=True)
-
-    def warn(self, message: str) -> None:
-        """Print a warning line."""
-        typer.echo(f"warning: {message}", err=True)
 
 
 def _fail(exc: ImagebuildError, verbose: bool) -> None:
@@ -135,7 +120,9 @@ def _ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> 
 
 _Path = Annotated[Path, typer.Argument(help="Project directory (with pyproject.toml).")]
 _Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")]
-_Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")]
+_Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Every step on a line, tracebacks on errors.")
+]
 _Tag = Annotated[
     list[str] | None, typer.Option("--tag", "-t", help="Image reference to tag (repeatable).")
 ]
@@ -148,6 +135,9 @@ _Output = Annotated[
         "registry (push every --tag), or context:DIR (a Dockerfile and the layers, for "
         "`docker build`). Repeatable.",
     ),
+]
+_Push = Annotated[
+    bool, typer.Option("--push", help="Push every --tag: short for --output registry.")
 ]
 _Base = Annotated[
     str | None,
@@ -224,6 +214,7 @@ def build(
     path: _Path = Path("."),
     tag: _Tag = None,
     output: _Output = None,
+    push: _Push = False,
     base: _Base = None,
     python: _Python = None,
     locked: _Locked = False,
@@ -240,15 +231,16 @@ def build(
     verbose: _Verbose = False,
 ) -> None:
     """Build an image from a project and its lock (uv.lock or pylock.toml)."""
+    from imagebuild.commands.console import Verbosity, open_reporter, summary_line
     from imagebuild.net.http import http_client
     from imagebuild.pipeline.build import run_build
     from imagebuild.pipeline.outputs import make_sinks, parse_outputs
     from imagebuild.pipeline.requests import BuildRequest
 
-    reporter = ConsoleReporter(quiet=quiet)
+    started = time.monotonic()
     try:
         _check_build_options(compile_with, locked=locked, frozen=frozen, digest=expect_digest)
-        outputs = parse_outputs(output or ["docker"])
+        outputs = parse_outputs(_outputs(output, push=push))
         request = BuildRequest(
             project_dir=path.resolve(),
             tags=tuple(tag or ()),
@@ -266,15 +258,26 @@ def build(
             mirrors=_mirrors(),
             expect_digest=expect_digest,
         )
-        with http_client() as http:
+        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
             registry = _registry(http)
             sinks = make_sinks(outputs, registry=registry, engine=_engine)
-            result = run_build(request, ports=_ports(http, registry, reporter), sinks=sinks)
+            result = run_build(request, ports=_ports(http, registry, rep), sinks=sinks)
     except ImagebuildError as exc:
         _fail(exc, verbose)
         return
     for line in result.summary_lines():
         typer.echo(line)
+    if not quiet:
+        seconds = time.monotonic() - started
+        typer.echo(summary_line(result, seconds), err=True)
+
+
+def _outputs(output: list[str] | None, *, push: bool) -> list[str]:
+    """``--output`` values, with ``--push`` as ``registry`` (as docker buildx takes it)."""
+    outputs = list(output or ())
+    if push and "registry" not in outputs:
+        outputs.append("registry")
+    return outputs or ["docker"]
 
 
 def _check_build_options(
@@ -323,11 +326,11 @@ def lock(
     verbose: _Verbose = False,
 ) -> None:
     """Resolve the project for its image targets and write pylock.toml (PEP 751)."""
+    from imagebuild.commands.console import Verbosity, open_reporter
     from imagebuild.net.http import http_client
     from imagebuild.pipeline.lock import run_lock
     from imagebuild.pipeline.requests import LockRequest
 
-    reporter = ConsoleReporter(quiet=quiet)
     indexes: tuple[str, ...] = ()
     if index_url or extra_index_url:
         indexes = (index_url or "https://pypi.org/simple/", *(extra_index_url or ()))
@@ -344,8 +347,8 @@ def lock(
             python=parse_python_version(python, "--python") if python else None,
             mirrors=_mirrors(),
         )
-        with http_client() as http:
-            result = run_lock(request, ports=_ports(http, _registry(http), reporter))
+        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
+            result = run_lock(request, ports=_ports(http, _registry(http), rep))
     except ImagebuildError as exc:
         _fail(exc, verbose)
         return

@@ -124,7 +124,26 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
         written = [
             line for sink in write_order(sinks) for line in sink.write(finished, ports.reporter)
         ]
-    return BuildResult(manifest_digest=finished.image.manifest.digest, written=tuple(written))
+    return _result(finished, images, tuple(written))
+
+
+def _result(
+    finished: Finished, images: Sequence[PlatformImage], written: tuple[str, ...]
+) -> BuildResult:
+    """What the build answers: where the image went, and its size and layers for the summary."""
+    blobs = {finished.image.manifest.digest: finished.image.manifest.size}
+    for platform in images:
+        image = platform.image
+        for desc in (image.manifest, image.config, *image.layers):
+            blobs[desc.digest] = desc.size
+    return BuildResult(
+        manifest_digest=finished.image.manifest.digest,
+        written=written,
+        tag=str(finished.tags[0]),
+        size=sum(blobs.values()),
+        layers=sum(len(p.image.layers) for p in images),
+        layers_built=sum(p.built for p in images),
+    )
 
 
 def check_platforms(platforms: Sequence[str], sinks: Sequence[Sink]) -> None:

@@ -129,6 +129,8 @@ class PlatformImage:
     """imgbuild's own layers, bottom first."""
     config: ImageConfig
     """The configuration imgbuild set."""
+    built: int = 0
+    """How many of ``layers`` this build made (the others came from the layer cache)."""
 
 
 def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
@@ -158,7 +160,8 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         mtime=request.source_date_epoch,
         reporter=build.ports.reporter,
     )
-    layers = build_layers(plan, venv, compiler, job)
+    built = build_layers(plan, venv, compiler, job)
+    layers = built.layers
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
     image = build_platform_image(
         base_image,
@@ -168,7 +171,9 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         base_ref=build.base.reference,
         store=build.store,
     )
-    return PlatformImage(image=image, base=base_image, layers=tuple(layers), config=config)
+    return PlatformImage(
+        image=image, base=base_image, layers=layers, config=config, built=built.built
+    )
 
 
 def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFacts]:
@@ -214,7 +219,12 @@ def _dependencies(
     chosen, from_sdist, local = sort_sources(packages, target)
     reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
     cache = CacheLayout(build.request.cache_dir)
-    paths = fetch_wheels(build.ports.http, [wheel for _, wheel in chosen], WheelCache(cache.wheels))
+    paths = fetch_wheels(
+        build.ports.http,
+        [wheel for _, wheel in chosen],
+        WheelCache(cache.wheels),
+        reporter=reporter,
+    )
     wheels = [
         PlannedWheel(
             name=pkg.name,

@@ -62,6 +62,14 @@ class BuildResult:
     """The image manifest's digest, or the image index's for several platforms."""
     written: tuple[str, ...]
     """The lines the sinks answered: what was loaded, written or pushed."""
+    tag: str = ""
+    """The first tag the image was given."""
+    size: int = 0
+    """Bytes of its blobs as stored (compressed layers, configs, manifests), each counted once."""
+    layers: int = 0
+    """How many layers it has (summed over platforms), its base's included."""
+    layers_built: int = 0
+    """How many of those this build made; the rest were the base's or the layer cache's."""
 
     def summary_lines(self) -> list[str]:
         """Lines the CLI prints on success."""

@@ -35,6 +35,7 @@ from imagebuild.image.descriptor import (
 from imagebuild.image.model import BaseImage, Image, ImageIndex
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
+from imagebuild.report import NullReporter
 from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession
 
 if TYPE_CHECKING:
@@ -176,14 +177,21 @@ class RegistryClient:
     # -- push ----------------------------------------------------------------------------
 
     def push_image(
-        self, image: Image, ref: ImageReference, store: BlobStore | None = None
+        self,
+        image: Image,
+        ref: ImageReference,
+        store: BlobStore | None = None,
+        *,
+        reporter: Reporter | None = None,
     ) -> Digest:
         """Push ``image`` (blobs from ``store``, default ``image.store``) to ``ref``.
 
         Blobs the registry has are skipped (HEAD); the others are uploaded monolithically
         (POST, then PUT ``?digest=``). The manifest goes last, to the tag (or the pinned
         digest). Returns the manifest digest after checking the registry computed the same.
+        ``reporter`` hears ``push`` progress, one count per blob.
         """
+        report = reporter or NullReporter()
         op = Op(ref, "pushing", "pull,push")
         store = store or image.store
         if ref.digest is not None and ref.digest != image.digest:
@@ -194,15 +202,19 @@ class RegistryClient:
         blobs: dict[Digest, Descriptor] = {}
         for desc in (*image.layers, image.config):
             blobs.setdefault(desc.digest, desc)
-        for desc in blobs.values():
+        for done, desc in enumerate(blobs.values()):
+            report.progress("push", done, len(blobs), "blobs")
             if not self._blob_exists(op, desc.digest):
                 self._upload_blob(op, desc, store)
+        report.progress("push", len(blobs), len(blobs), "blobs")
         return self.push_manifest(ref, image.manifest_bytes, media_type=image.manifest.media_type)
 
-    def push_index(self, index: ImageIndex, ref: ImageReference) -> Digest:
+    def push_index(
+        self, index: ImageIndex, ref: ImageReference, *, reporter: Reporter | None = None
+    ) -> Digest:
         """Push every image of ``index`` by digest, then the index itself to ``ref``."""
         for image in index.images:
-            self.push_image(image, ref.with_digest(image.digest), index.store)
+            self.push_image(image, ref.with_digest(image.digest), index.store, reporter=reporter)
         return self.push_manifest(ref, index.manifest_bytes, media_type=index.manifest.media_type)
 
     def push_manifest(self, ref: ImageReference, data: bytes, *, media_type: str) -> Digest:
@@ -394,8 +406,8 @@ class RegistrySink:
         lines = []
         for ref in finished.tags:
             if isinstance(finished.image, ImageIndex):
-                digest = self.client.push_index(finished.image, ref)
+                digest = self.client.push_index(finished.image, ref, reporter=reporter)
             else:
-                digest = self.client.push_image(finished.image, ref)
+                digest = self.client.push_image(finished.image, ref, reporter=reporter)
             lines.append(f"pushed {ref}@{digest}")
         return tuple(lines)
