@@ -95,6 +95,11 @@ class CacheLayout:
         return self.root / "sdist-wheels"
 
     @property
+    def git(self) -> Path:
+        """Git sources: bare mirrors by URL, metadata and wheels by commit (``build.direct``)."""
+        return self.root / "git"
+
+    @property
     def lock_hints(self) -> Path:
         """The names a project's last lock needed (a prefetch hint, nothing more)."""
         return self.root / "lock-hints"
