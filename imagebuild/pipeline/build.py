@@ -299,4 +299,5 @@ def _finished(images: Sequence[PlatformImage], found: _Project, build: PlatformB
         layers=first.layers,
         config=first.config,
         title=f"{project.name} {project.version or ''}".strip(),
+        sboms=tuple((p.image.digest, p.sbom) for p in images if p.sbom is not None),
     )

@@ -15,6 +15,7 @@ from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.sdist import build_sdist_wheel
 from imagebuild.cache import CacheLayout
 from imagebuild.errors import ProjectError, TargetError
+from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
@@ -29,6 +30,7 @@ from imagebuild.pipeline.config import build_image_config, build_platform_image
 from imagebuild.pipeline.layers import LayerJob, build_layers
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
+from imagebuild.pipeline.sbom import SBOM_LAYERS, add_sbom
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.report import Reporter
@@ -131,6 +133,8 @@ class PlatformImage:
     """The configuration imgbuild set."""
     built: int = 0
     """How many of ``layers`` this build made (the others came from the layer cache)."""
+    sbom: Descriptor | None = None
+    """The image's SBOM document as a blob (``image.sbom``), for a registry referrer."""
 
 
 def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
@@ -147,7 +151,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         PlannedWheel(name=project.name, version=wheel.name.split("-")[1], path=wheel),
         local=members,
         max_layers=build.settings.max_layers,
-        base_layers=len(base_image.layers),
+        base_layers=len(base_image.layers) + SBOM_LAYERS,
     )
     venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
     compiler = None
@@ -161,7 +165,16 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         reporter=build.ports.reporter,
     )
     built = build_layers(plan, venv, compiler, job)
-    layers = built.layers
+    layers, sbom = add_sbom(
+        built.layers,
+        plan,
+        lock=build.lock,
+        project=project.name,
+        venv=venv,
+        store=build.store,
+        work=build.work,
+        epoch=request.source_date_epoch,
+    )
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
     image = build_platform_image(
         base_image,
@@ -172,7 +185,12 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         store=build.store,
     )
     return PlatformImage(
-        image=image, base=base_image, layers=layers, config=config, built=built.built
+        image=image,
+        base=base_image,
+        layers=tuple(layers),
+        config=config,
+        built=built.built,
+        sbom=sbom,
     )
 
 

@@ -37,6 +37,7 @@ from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.report import NullReporter
 from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession
+from imagebuild.sinks.referrers import attach_sboms
 
 if TYPE_CHECKING:
     from imagebuild.report import Reporter
@@ -241,6 +242,20 @@ class RegistryClient:
             )
         return digest
 
+    def fetch_optional(self, ref: ImageReference, path: str) -> bytes | None:
+        """GET ``path`` in ``ref``'s repository (a manifest, ``referrers/<digest>``).
+
+        The body, or ``None`` when the registry answers 404 (no such tag, or no such API).
+        """
+        op = Op(ref, "pulling", "pull")
+        url = self._session.url(ref, path)
+        resp = self._session.send(op, "GET", url, headers={"Accept": MANIFEST_ACCEPT})
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise self._session.status_error(op, resp, path)
+        return resp.content
+
     def fetch_manifest(self, ref: ImageReference) -> tuple[bytes, str, Digest]:
         """GET the manifest (or index) at ``ref``: ``(bytes, media type, digest of bytes)``."""
         op = Op(ref, "pulling", "pull")
@@ -410,4 +425,5 @@ class RegistrySink:
             else:
                 digest = self.client.push_image(finished.image, ref, reporter=reporter)
             lines.append(f"pushed {ref}@{digest}")
+            lines.extend(attach_sboms(self.client, ref, finished))
         return tuple(lines)
