@@ -31,7 +31,7 @@ from imagebuild.lock.staleness import check_locked, check_recorded
 from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
-from imagebuild.pipeline.locate import locate_lock, project_settings
+from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
 from imagebuild.pipeline.lock import run_lock
 from imagebuild.pipeline.outputs import write_order
 from imagebuild.pipeline.platform import (
@@ -212,6 +212,9 @@ def _find_lock(request: BuildRequest, found: _Project, ports: Ports) -> Lock:
     else:
         path = find_lock(found.project.root)
     if path is None:
+        # A workspace member: the lock uv wrote at the workspace root, as `uv sync` finds it.
+        path = workspace_lock(found.project, found.workspace)
+    if path is None:
         if request.lock_mode != "check-if-present":
             raise LockError(
                 f"{request.project_dir}: no {found.member_lock.name} or uv.lock to build from",
@@ -262,7 +265,7 @@ def _judge_lock(
             )
             if check_recorded(lock.recorded, inputs, filename=lock.filename):
                 return
-        check_locked(lock, project)
+        check_locked(lock, project, workspace=found.workspace)
     except LockError as exc:
         if request.lock_mode == "locked":
             raise
