@@ -24,6 +24,8 @@ import httpx
 import pytest
 
 from imagebuild.errors import RegistryError
+from imagebuild.image.model import ImageConfig
+from imagebuild.image.mutate import build_image
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.net.http import http_client
@@ -33,7 +35,7 @@ from tests.fixtures.pki import KeyMaterial, bcrypt_hash, make_pki
 from tests.fixtures.registry_server import LocalRegistry, run_registry
 from tests.fixtures.token_server import ISSUER, SERVICE, TokenServer, run_token_server
 from tests.integration.conftest import MakeProject, imgbuild
-from tests.test_registry import small_image
+from tests.test_registry import CREATED, small_image
 
 USER = "alice"
 PASSWORD = "correct horse battery staple"
@@ -63,7 +65,7 @@ def htpasswd_registry(
     root = tmp_path_factory.mktemp("htpasswd-registry")
     (root / "htpasswd").write_text(f"{USER}:{bcrypt_hash(PASSWORD)}\n")
     auth = f"auth:\n  htpasswd:\n    realm: imgbuild-test\n    path: {root / 'htpasswd'}\n"
-    with run_registry(root, extra_config=auth, tls=pki) as registry:
+    with run_registry(root, extra_config=auth, tls=pki, access_log=True) as registry:
         yield Secured("htpasswd", registry, pki, None)
 
 
@@ -76,7 +78,7 @@ def token_registry(pki: KeyMaterial, tmp_path_factory: pytest.TempPathFactory) -
             f"auth:\n  token:\n    realm: {tokens.realm}\n    service: {SERVICE}\n"
             f"    issuer: {ISSUER}\n    rootcertbundle: {pki.token_cert}\n"
         )
-        with run_registry(root, extra_config=auth, tls=pki) as registry:
+        with run_registry(root, extra_config=auth, tls=pki, access_log=True) as registry:
             yield Secured("token", registry, pki, tokens)
 
 
@@ -174,3 +176,77 @@ def test_untrusted_certificate_is_one_line(
     text = str(info.value)
     assert "\n" not in text
     assert "certificate" in text and "SSL_CERT_FILE" in text
+
+
+def _base_in(secured: Secured, config: Path, tmp_path: Path) -> str:
+    """Copy the test infra's Debian Python base into the secured registry; a digest reference."""
+    infra = os.environ.get("IMGBUILD_TEST_REGISTRY")
+    assert infra, "run dev/infra.sh up and source /run/imgbuild-infra/env"
+    store = BlobStore(tmp_path / "base-store")
+    with http_client() as plain:
+        source = ImageReference.parse(f"{infra}/library/python:3.11-slim-bookworm")
+        base = RegistryClient(plain).pull_image(source, store=store)
+    image = build_image(base, [], config=ImageConfig(), created=CREATED, store=store)
+    target = ImageReference.parse(f"{secured.registry.host}/bases/python:3.11-slim")
+    http, client = _client(config)
+    with http:
+        digest = client.push_image(image, target)
+    return str(target.with_digest(digest))
+
+
+def test_build_from_and_to_the_registry(
+    secured: Secured,
+    make_project: MakeProject,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A build pulls its base by digest from the secured registry and pushes there, twice."""
+    config = login(secured, tmp_path, monkeypatch)
+    base = _base_in(secured, config, tmp_path)
+    project = make_project()
+    ref = f"{secured.registry.host}/apps/demo-{secured.kind}:1"
+    args = ("build", project, "--python", "3.11", "--base", base, "--no-compile",
+            "--tag", ref, "--output", "registry", "--cache-dir", tmp_path / "cache")  # fmt: skip
+    first = imgbuild(*args)
+    assert first.exit_code == 0, first.stderr
+    digest = first.stdout.strip().splitlines()[-1].removeprefix("digest: ")
+    assert f"pushed {ref}@{digest}" in first.stdout
+    uploads = _uploads(secured, "apps/")
+    assert uploads > 0
+
+    again = imgbuild(*args)
+    assert again.exit_code == 0, again.stderr
+    assert f"pushed {ref}@{digest}" in again.stdout
+    assert _uploads(secured, "apps/") == uploads  # every blob was there: none is sent again
+
+    pulled = BlobStore(tmp_path / "pulled")
+    http, client = _client(config)
+    with http:
+        image = client.pull_image(ImageReference.parse(ref).with_digest(digest), store=pulled)
+    assert image.manifest_digest == digest
+    assert base.partition("@")[2] != digest
+
+
+def _uploads(secured: Secured, prefix: str) -> int:
+    """Blob uploads the registry's access log shows into repositories under ``prefix``."""
+    log = secured.registry.log.read_text(errors="replace")
+    return log.count(f"POST /v2/{prefix}")
+
+
+def test_build_with_a_wrong_password_fails_in_one_line(
+    secured: Secured, make_project: MakeProject, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = login(secured, tmp_path, monkeypatch)
+    base = _base_in(secured, config, tmp_path)
+    login(secured, tmp_path, monkeypatch, password="wrong password")
+    project = make_project()
+    ref = f"{secured.registry.host}/apps/refused:1"
+    args = ("build", project, "--python", "3.11", "--base", base, "--no-compile",
+            "--tag", ref, "--output", "registry", "--cache-dir", tmp_path / "cache")  # fmt: skip
+    result = imgbuild(*args)
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("error: unauthorized pulling ")
+    assert f"docker login {secured.registry.host}" in errors[0]
+    assert "wrong password" not in result.stderr
