@@ -378,3 +378,43 @@ def bases() -> None:
 def version() -> None:
     """Print imgbuild's version."""
     typer.echo(__version__)
+
+
+_Image = Annotated[
+    str, typer.Argument(help="An image reference, oci:DIR or oci-archive:FILE.", show_default=False)
+]
+_InspectPlatform = Annotated[
+    str, typer.Option("--platform", help="The image to show from an index (os/arch).")
+]
+
+
+@app.command()
+def inspect(
+    image: _Image, platform: _InspectPlatform = "linux/amd64", verbose: _Verbose = False
+) -> None:
+    """Print an existing image's layers: digest, size in bytes, and what made each."""
+    from imagebuild.commands.inspect import read_listing
+    from imagebuild.image.listing import layer_table
+    from imagebuild.net.http import http_client
+
+    try:
+        with http_client() as http:
+            listing = read_listing(image, platform, _registry(http))
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    for line in layer_table(listing):
+        typer.echo(line)
+
+
+@app.command()
+def init(path: _Path = Path("."), verbose: _Verbose = False) -> None:
+    """Add a commented [tool.imgbuild] table to pyproject.toml (the rest stays as it is)."""
+    from imagebuild.commands.init import init_settings
+
+    try:
+        written = init_settings(path)
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    typer.echo(f"added a [tool.imgbuild] table to {written}")

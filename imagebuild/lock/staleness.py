@@ -102,6 +102,8 @@ def _origin_label(origin: str) -> str:
     kind, _, name = origin.partition(":")
     if kind == "local":
         return f"local project '{name}'"
+    if kind == "sources":
+        return "tool.uv.sources"
     return f"optional dependencies '{name}'" if kind == "extra" else f"dependency group '{name}'"
 
 
@@ -124,6 +126,8 @@ def _requirements_change(
     for key in sorted(set(before) - set(after)):
         return f"dependency '{before[key]}' was removed"
     for key in sorted(set(before) & set(after)):
+        if before[key].url != after[key].url:
+            return f"'{after[key]}' was '{before[key]}'"
         was, now = before[key].specifier, after[key].specifier
         if str(was) == str(now):
             continue

@@ -240,6 +240,10 @@ def _uv_artifact_location(f: Fields, table: Mapping[str, object], where: _Where)
         if source.kind == "url":
             return filename, source.location
         f.fail(key, f"cannot locate {filename} for a {source.kind} source")
+    if source.kind in ("url", "path"):
+        # A direct archive's sdist (uv writes only its hash): the source is the file.
+        location = source.location if source.kind == "url" else file_url(lock_dir, source.location)
+        return url_filename(source.location), location
     f.fail(key, "needs 'url', 'path' or 'filename'")
 
 

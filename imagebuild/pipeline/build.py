@@ -115,6 +115,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
                 epoch=request.source_date_epoch,
                 envs=envs,
                 reporter=ports.reporter,
+                git_bucket=cache.git,
             ),
             compilers=Compilers(),
         )

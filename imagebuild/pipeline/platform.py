@@ -27,6 +27,7 @@ from imagebuild.lock.select import select_packages
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler
 from imagebuild.pipeline.config import build_image_config, build_platform_image
+from imagebuild.pipeline.direct import git_package_wheel
 from imagebuild.pipeline.layers import LayerJob, build_layers
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
@@ -56,14 +57,35 @@ class LocalWheels:
     """Workspace members and path dependencies, built from source once for every platform."""
 
     def __init__(
-        self, *, lock_dir: Path, out: Path, epoch: int, envs: BuildEnvironments, reporter: Reporter
+        self,
+        *,
+        lock_dir: Path,
+        out: Path,
+        epoch: int,
+        envs: BuildEnvironments,
+        reporter: Reporter,
+        git_bucket: Path | None = None,
     ) -> None:
         self._lock_dir, self._out, self._epoch = lock_dir, out, epoch
         self._envs, self._reporter = envs, reporter
         self._built: dict[str, PlannedWheel] = {}
+        # Where git sources are mirrored and built (``CacheLayout.git``).
+        self.git_bucket = git_bucket
 
     def get(self, pkg: LockedPackage) -> PlannedWheel:
         """The wheel of ``pkg`` (a local directory source), built the first time it is asked."""
+        if pkg.name not in self._built and pkg.source.kind == "git":
+            assert self.git_bucket is not None
+            wheel = git_package_wheel(
+                pkg,
+                bucket=self.git_bucket,
+                epoch=self._epoch,
+                envs=self._envs,
+                reporter=self._reporter,
+            )
+            self._built[pkg.name] = PlannedWheel(
+                name=pkg.name, version=wheel.name.split("-")[1], path=wheel
+            )
         if pkg.name not in self._built:
             source_dir = (self._lock_dir / pkg.source.location).resolve()
             self._reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")

@@ -147,6 +147,28 @@ class RegistryClient:
             diff_ids=diff_ids,
         )
 
+    def fetch_image_json(
+        self, ref: ImageReference, *, platform: Sequence[str] = ("linux", "amd64")
+    ) -> tuple[Digest, dict[str, object], dict[str, object]]:
+        """The manifest at ``ref`` for ``platform`` (through an index), its digest, its config.
+
+        Only the manifest and the config are read, the config checked against its digest:
+        what ``imgbuild inspect`` shows, with no layer pulled.
+        """
+        op = Op(ref, "pulling", "pull")
+        manifest, digest = self._platform_manifest(op, platform)
+        desc = _descriptor(manifest.get("config"), op, "manifest config")
+        url = self._session.url(ref, f"blobs/{desc.digest}")
+        resp = self._session.send(op, "GET", url, follow_redirects=True)
+        if resp.status_code != 200:
+            raise self._session.status_error(op, resp, f"blob {desc.digest}")
+        if digest_bytes(resp.content) != desc.digest:
+            raise RegistryError(
+                f"pulling {ref}: config blob {desc.digest} does not match its digest",
+                hint="the registry is serving bad data; retry",
+            )
+        return digest, manifest, _json_object(resp.content, op, "image config")
+
     def _platform_manifest(
         self, op: Op, platform: Sequence[str]
     ) -> tuple[dict[str, object], Digest]:
