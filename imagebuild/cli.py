@@ -52,9 +52,24 @@ def _fail(exc: ImagebuildError, verbose: bool) -> None:
 
 
 def _cache_dir(option: Path | None) -> Path:
-    from imagebuild.cache import default_cache_root
+    """The cache directory, refused in one line if it is a file or cannot be written."""
+    from imagebuild.cache import CACHE_DIR_ENV, check_cache_root, default_cache_root
 
-    return option if option is not None else default_cache_root()
+    if option is not None:
+        check_cache_root(option, "--cache-dir")
+        return option
+    root = default_cache_root()
+    check_cache_root(root, CACHE_DIR_ENV if os.environ.get(CACHE_DIR_ENV) else "the user cache")
+    return root
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM: the run unwound (temporary files removed); one line, 130 or 143."""
+    from imagebuild.commands.signals import Terminated
+
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    typer.echo(f"error: {what}; temporary files were removed, nothing was written", err=True)
+    raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
 
 
 def _source_date_epoch() -> int:
@@ -227,11 +242,14 @@ def build(
     platform: _Platform = None,
     expect_digest: _ExpectDigest = None,
     cache_dir: _BuildCacheDir = None,
+    index_url: _IndexUrl = None,
+    extra_index_url: _ExtraIndexUrl = None,
     quiet: _Quiet = False,
     verbose: _Verbose = False,
 ) -> None:
     """Build an image from a project and its lock (uv.lock or pylock.toml)."""
     from imagebuild.commands.console import Verbosity, open_reporter, summary_line
+    from imagebuild.commands.signals import sigterm_as_interrupt
     from imagebuild.net.http import http_client
     from imagebuild.pipeline.build import run_build
     from imagebuild.pipeline.outputs import make_sinks, parse_outputs
@@ -257,13 +275,21 @@ def build(
             source_date_epoch=_source_date_epoch(),
             mirrors=_mirrors(),
             expect_digest=expect_digest,
+            index_urls=_indexes(index_url, extra_index_url),
         )
-        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
+        with (
+            sigterm_as_interrupt(),
+            http_client() as http,
+            open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
+        ):
             registry = _registry(http)
             sinks = make_sinks(outputs, registry=registry, engine=_engine)
             result = run_build(request, ports=_ports(http, registry, rep), sinks=sinks)
     except ImagebuildError as exc:
         _fail(exc, verbose)
+        return
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
         return
     for line in result.summary_lines():
         typer.echo(line)
@@ -301,7 +327,20 @@ def _platforms(values: list[str] | None) -> tuple[str, ...]:
     """``--platform``, repeated or comma-separated (as docker buildx and ko take them)."""
     if not values:
         return ("linux/amd64",)
-    return tuple(p for value in values for p in value.split(",") if p)
+    platforms = tuple(p for value in values for p in value.split(",") if p)
+    if not platforms:
+        raise ProjectError(
+            f"--platform {','.join(values)!r}: names no platform",
+            hint="use linux/amd64 or linux/arm64 (several with commas)",
+        )
+    return platforms
+
+
+def _indexes(index_url: str | None, extra_index_url: list[str] | None) -> tuple[str, ...]:
+    """``--index-url`` and ``--extra-index-url`` (primary first), as lock and build take them."""
+    if index_url or extra_index_url:
+        return (index_url or "https://pypi.org/simple/", *(extra_index_url or ()))
+    return ()
 
 
 def _mirrors() -> dict[str, str]:
@@ -331,9 +370,7 @@ def lock(
     from imagebuild.pipeline.lock import run_lock
     from imagebuild.pipeline.requests import LockRequest
 
-    indexes: tuple[str, ...] = ()
-    if index_url or extra_index_url:
-        indexes = (index_url or "https://pypi.org/simple/", *(extra_index_url or ()))
+    indexes = _indexes(index_url, extra_index_url)
     try:
         request = LockRequest(
             project_dir=path.resolve(),

@@ -11,14 +11,13 @@ half-built image tagged, loaded or pushed.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
-from imagebuild.cache import CacheLayout
+from imagebuild.cache import CacheLayout, scratch_tree, sweep_scratch
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LockError, ProjectError
 from imagebuild.image.model import Image, ImageIndex
@@ -33,7 +32,7 @@ from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
 from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
 from imagebuild.pipeline.lock import run_lock
-from imagebuild.pipeline.outputs import write_order
+from imagebuild.pipeline.outputs import check_engine_answers, write_order
 from imagebuild.pipeline.platform import (
     BaseSource,
     Compilers,
@@ -49,7 +48,7 @@ from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.project.workspace import Workspace, expand_local
 from imagebuild.sinks.sink import Finished, Sink
-from imagebuild.target.choose import base_reference
+from imagebuild.target.choose import base_reference, check_python_fits
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,17 +76,18 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     # builds on the same base after its tag has moved (`imgbuild lock --upgrade` moves it).
     pinned = dict(lock.recorded.bases) if lock.recorded is not None else {}
     _judge_lock(request, found, lock, store, pinned, ports)
+    check_engine_answers(sinks)
     ports.reporter.step(f"lock: {lock.path.name}")
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
         root=cache.build_envs, indexes=found.indexes, credentials=found.credentials
     )
-    cache.tmp.mkdir(parents=True, exist_ok=True)
+    # Trees that killed builds left are removed; running builds' trees are locked.
+    sweep_scratch(cache.tmp)
     with (
-        tempfile.TemporaryDirectory(prefix="imgbuild-", dir=cache.tmp) as tmp,
+        scratch_tree(cache.tmp) as work,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-project") as pool,
     ):
-        work = Path(tmp)
         # The project's own wheel needs neither the base nor the dependencies: it is built
         # while they are pulled and fetched.
         ports.reporter.step(f"build: {found.project.name} wheel")
@@ -190,8 +190,9 @@ def _open_project(request: BuildRequest, ports: Ports) -> _Project:
         extras=request.extras,
     )
     tags = request.tags or (f"{project.name}:latest",)
+    check_python_fits(settings, project)
     # A lock records no credentials: find them again for the project's indexes.
-    indexes = lock_indexes(settings, project, workspace)
+    indexes = request.index_urls or lock_indexes(settings, project, workspace)
     credentials = IndexCredentials(index_entries(indexes, project, workspace))
     ports.http.auth = credentials
     return _Project(

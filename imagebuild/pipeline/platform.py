@@ -22,11 +22,16 @@ from imagebuild.image.store import BlobStore
 from imagebuild.install.fetch import WheelCache, fetch_wheels
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
 from imagebuild.install.plan import PlannedWheel, plan_layers
+from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage, WheelFile
 from imagebuild.lock.select import select_packages
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler
-from imagebuild.pipeline.config import build_image_config, build_platform_image
+from imagebuild.pipeline.config import (
+    build_image_config,
+    build_platform_image,
+    check_entrypoint,
+)
 from imagebuild.pipeline.direct import git_package_wheel
 from imagebuild.pipeline.layers import LayerJob, build_layers
 from imagebuild.pipeline.ports import Ports
@@ -36,6 +41,7 @@ from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.report import Reporter
 from imagebuild.target.base import BaseFacts, CatalogEntry
+from imagebuild.target.choose import check_base_python
 from imagebuild.target.platform import TargetPlatform
 
 
@@ -176,6 +182,12 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         base_layers=len(base_image.layers) + SBOM_LAYERS,
     )
     venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
+    check_entrypoint(
+        build.settings,
+        project,
+        venv,
+        lambda: scripts_of([wheel, *(w.path for w in (*dependencies, *members))]),
+    )
     compiler = None
     if request.compile_bytecode:
         compiler = build.compilers.get(arch, lambda: _choose(build, facts, base_image))
@@ -238,6 +250,8 @@ def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFact
             f"not {'.'.join(map(str, wanted))}",
             hint="pick a base with that Python or change --python",
         )
+    if base.entry is None:
+        check_base_python(build.project, facts.python_version, base=base.reference)
     return image, facts
 
 

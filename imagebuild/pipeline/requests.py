@@ -52,6 +52,9 @@ class BuildRequest:
     """Registry host -> mirror host, for pulling the base."""
     expect_digest: str | None = None
     """Refuse to send the image anywhere unless its (or its index's) digest is this."""
+    index_urls: tuple[str, ...] = ()
+    """Command-line indexes (primary first), as ``imgbuild lock`` takes them; empty means
+    the settings, then ``[[tool.uv.index]]``. ``--locked`` compares them with the lock's."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
