@@ -455,3 +455,53 @@ def init(path: _Path = Path("."), verbose: _Verbose = False) -> None:
         _fail(exc, verbose)
         return
     typer.echo(f"added a [tool.imgbuild] table to {written}")
+
+
+_Published = Annotated[
+    str, typer.Argument(help="The published image: a reference, or oci:DIR.", show_default=False)
+]
+_VerifyPlatform = Annotated[
+    str, typer.Option("--platform", help="For a single image (not an index): its os/arch.")
+]
+
+
+@app.command()
+def verify(
+    image: _Published,
+    path: _Path = Path("."),
+    platform: _VerifyPlatform = "linux/amd64",
+    package: _Package = None,
+    cache_dir: _BuildCacheDir = None,
+    quiet: _Quiet = False,
+    verbose: _Verbose = False,
+) -> None:
+    """Rebuild the project from its lock and check it is the published image (exit 0 if so)."""
+    from imagebuild.commands.console import Verbosity, open_reporter
+    from imagebuild.net.http import http_client
+    from imagebuild.pipeline.requests import BuildRequest
+    from imagebuild.pipeline.verify import run_verify
+
+    try:
+        request = BuildRequest(
+            project_dir=path.resolve(),
+            lock_mode="frozen",  # the lock as it is: that is what was published
+            package=package,
+            platforms=_platforms([platform]),
+            cache_dir=_cache_dir(cache_dir),
+            source_date_epoch=_source_date_epoch(),
+            mirrors=_mirrors(),
+        )
+        given = bool(os.environ.get("SOURCE_DATE_EPOCH", "").strip())
+        with (
+            http_client() as http,
+            open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
+        ):
+            ports = _ports(http, _registry(http), rep)
+            result = run_verify(image, request, ports=ports, epoch_given=given)
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    for line in result.report_lines(image):
+        typer.echo(line)
+    if not result.identical:
+        raise typer.Exit(1)
