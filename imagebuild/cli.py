@@ -457,20 +457,11 @@ def init(path: _Path = Path("."), verbose: _Verbose = False) -> None:
     typer.echo(f"added a [tool.imgbuild] table to {written}")
 
 
-_Published = Annotated[
-    str, typer.Argument(help="The published image: a reference, or oci:DIR.", show_default=False)
-]
-_VerifyPlatform = Annotated[
-    str, typer.Option("--platform", help="For a single image (not an index): its os/arch.")
-]
-
-
 @app.command()
 def verify(
-    image: _Published,
+    image: Annotated[str, typer.Argument(help="The published image: a reference or oci:DIR.")],
     path: _Path = Path("."),
-    platform: _VerifyPlatform = "linux/amd64",
-    package: _Package = None,
+    platform: Annotated[str, typer.Option(help="A single image's os/arch.")] = "linux/amd64",
     cache_dir: _BuildCacheDir = None,
     quiet: _Quiet = False,
     verbose: _Verbose = False,
@@ -481,27 +472,22 @@ def verify(
     from imagebuild.pipeline.requests import BuildRequest
     from imagebuild.pipeline.verify import run_verify
 
+    given = bool(os.environ.get("SOURCE_DATE_EPOCH", "").strip())
     try:
-        request = BuildRequest(
+        request = BuildRequest(  # the lock as it is (frozen): that is what was published
             project_dir=path.resolve(),
-            lock_mode="frozen",  # the lock as it is: that is what was published
-            package=package,
+            lock_mode="frozen",
             platforms=_platforms([platform]),
             cache_dir=_cache_dir(cache_dir),
             source_date_epoch=_source_date_epoch(),
             mirrors=_mirrors(),
         )
-        given = bool(os.environ.get("SOURCE_DATE_EPOCH", "").strip())
-        with (
-            http_client() as http,
-            open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
-        ):
+        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
             ports = _ports(http, _registry(http), rep)
             result = run_verify(image, request, ports=ports, epoch_given=given)
     except ImagebuildError as exc:
         _fail(exc, verbose)
         return
-    for line in result.report_lines(image):
-        typer.echo(line)
+    typer.echo("\n".join(result.report_lines(image)))
     if not result.identical:
         raise typer.Exit(1)
