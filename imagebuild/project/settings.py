@@ -19,6 +19,8 @@ Recognised keys (all optional)::
     platforms = ["linux/amd64", "linux/arm64"]   # what imgbuild lock covers
     prereleases = false
     max-layers = 100               # layers in the whole image, the base's included (engines: 127)
+    exclude = ["tests/**"]         # kept from the wheel's build, after .dockerignore (its syntax)
+    allow-secrets = ["app/demo.pem"]  # wheel paths that may ship though they look like secrets
 """
 
 from __future__ import annotations
@@ -74,6 +76,10 @@ class ImageSettings:
     """Allow pre-releases everywhere when locking."""
     max_layers: int = 100
     """Layers the image may have in all, the base's included (engines refuse more than 127)."""
+    exclude: tuple[str, ...] = ()
+    """Source patterns the project's wheel is built without (``.dockerignore`` syntax)."""
+    allow_secrets: tuple[str, ...] = ()
+    """Wheel paths or patterns that may ship though they look like secrets."""
     source: str = field(default="pyproject.toml", compare=False)
     """Where settings came from, for messages."""
 
@@ -104,6 +110,8 @@ _KNOWN = frozenset(
         "platforms",
         "prereleases",
         "max-layers",
+        "exclude",
+        "allow-secrets",
     }
 )
 _PLATFORMS = ("linux/amd64", "linux/arm64")
@@ -137,6 +145,8 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         ports=_ports(t),
         groups=tuple(sorted(set(t.strings("groups") or ()))),
         extras=tuple(sorted(set(t.strings("extras") or ()))),
+        exclude=t.strings("exclude") or (),
+        allow_secrets=t.strings("allow-secrets") or (),
         source=source,
     )
 
