@@ -31,20 +31,12 @@ def default_python(
     if pin.is_file():
         text = pin.read_text(encoding="utf-8").strip().splitlines()[0]
         return parse_python_version(".".join(text.split(".")[:2]), str(pin))
-    allowed = [
-        e.python_version
-        for e in catalog
-        if e.flavor == flavor
-        and (
-            project.requires_python is None
-            or project.requires_python.contains(".".join(map(str, e.python_version)) + ".0")
-        )
-    ]
+    allowed = [e.python_version for e in catalog if e.flavor == flavor and _fits(project, e)]
     if not allowed:
         raise ProjectError(
             f"{project.root / 'pyproject.toml'}: requires-python {project.requires_python} "
             f"allows no Python of base {flavor!r}",
-            hint="set [tool.imgbuild] base to another image",
+            hint=_another_base(project, catalog),
         )
     return max(allowed)
 
@@ -74,21 +66,25 @@ def check_base_python(project: ProjectSpec, version: tuple[int, int], *, base: s
     if same:
         fix = f"use --python {_dotted(same[-1])} (base {base} offers it)"
     else:
-        others = sorted(
-            {(e.flavor, e.python_version) for e in catalog if _fits(project, e)},
-            key=lambda item: (item[1], item[0]),
-            reverse=True,
-        )
-        fix = (
-            f'set [tool.imgbuild] base = "{others[0][0]}" with python = "{_dotted(others[0][1])}"'
-            if others
-            else "loosen requires-python; no base in the catalog fits it"
-        )
+        fix = _another_base(project, catalog)
     raise ProjectError(
         f"{project.root / 'pyproject.toml'}: requires-python {project.requires_python} "
         f"excludes Python {_dotted(version)} of base {base}",
         hint=fix,
     )
+
+
+def _another_base(project: ProjectSpec, catalog: Sequence[CatalogEntry]) -> str:
+    """The hint naming a catalog base and Python that requires-python admits (the newest)."""
+    others = sorted(
+        {(e.flavor, e.python_version) for e in catalog if _fits(project, e)},
+        key=lambda item: (item[1], item[0]),
+        reverse=True,
+    )
+    if not others:
+        return "loosen requires-python; no base in the catalog fits it"
+    flavor, version = others[0]
+    return f'set [tool.imgbuild] base = "{flavor}" with python = "{_dotted(version)}"'
 
 
 def _fits(project: ProjectSpec, target: tuple[int, int] | CatalogEntry) -> bool:
