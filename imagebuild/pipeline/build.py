@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
+from imagebuild.build.secrets import source_policy
 from imagebuild.cache import CacheLayout, scratch_tree, sweep_scratch
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LockError, ProjectError
@@ -91,13 +92,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
         # The project's own wheel needs neither the base nor the dependencies: it is built
         # while they are pulled and fetched.
         ports.reporter.step(f"build: {found.project.name} wheel")
-        project_wheel = pool.submit(
-            build_project_wheel,
-            found.project.root,
-            work / "dist",
-            source_date_epoch=request.source_date_epoch,
-            envs=envs,
-        )
+        project_wheel = pool.submit(_project_wheel, found, work / "dist", request, envs)
         build = PlatformBuild(
             request=request,
             project=found.project,
@@ -116,6 +111,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
                 envs=envs,
                 reporter=ports.reporter,
                 git_bucket=cache.git,
+                policy=source_policy(found.settings),
             ),
             compilers=Compilers(),
         )
@@ -126,6 +122,19 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             line for sink in write_order(sinks) for line in sink.write(finished, ports.reporter)
         ]
     return _result(finished, images, tuple(written))
+
+
+def _project_wheel(
+    found: _Project, out: Path, request: BuildRequest, envs: BuildEnvironments
+) -> Path:
+    """The project's wheel, from what ``.dockerignore`` and ``exclude`` keep, secrets refused."""
+    return build_project_wheel(
+        found.project.root,
+        out,
+        source_date_epoch=request.source_date_epoch,
+        envs=envs,
+        policy=source_policy(found.settings),
+    )
 
 
 def _result(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.sdist import build_sdist_wheel
+from imagebuild.build.secrets import SourcePolicy
 from imagebuild.cache import CacheLayout
 from imagebuild.errors import ProjectError, TargetError
 from imagebuild.image.descriptor import Descriptor
@@ -71,8 +72,10 @@ class LocalWheels:
         envs: BuildEnvironments,
         reporter: Reporter,
         git_bucket: Path | None = None,
+        policy: SourcePolicy | None = None,
     ) -> None:
         self._lock_dir, self._out, self._epoch = lock_dir, out, epoch
+        self._policy = policy  # .dockerignore, exclude and the secrets check (build.secrets)
         self._envs, self._reporter = envs, reporter
         self._built: dict[str, PlannedWheel] = {}
         # Where git sources are mirrored and built (``CacheLayout.git``).
@@ -96,7 +99,11 @@ class LocalWheels:
             source_dir = (self._lock_dir / pkg.source.location).resolve()
             self._reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
             wheel = build_project_wheel(
-                source_dir, self._out, source_date_epoch=self._epoch, envs=self._envs
+                source_dir,
+                self._out,
+                source_date_epoch=self._epoch,
+                envs=self._envs,
+                policy=self._policy,
             )
             self._built[pkg.name] = PlannedWheel(
                 name=pkg.name, version=wheel.name.split("-")[1], path=wheel
