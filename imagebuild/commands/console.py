@@ -56,8 +56,10 @@ def amount(done: int, unit: str) -> str:
 def summary_line(result: BuildResult, seconds: float) -> str:
     """The one line a finished build ends with: image, digest, size, layers and time."""
     reused = result.layers - result.layers_built
+    # Docker Hub's official images by their familiar name, as docker prints them.
+    tag = result.tag.removeprefix("docker.io/library/")
     return (
-        f"built {result.tag} {result.manifest_digest} ({decimal(result.size)}, "
+        f"built {tag} {result.manifest_digest} ({decimal(result.size)}, "
         f"{result.layers} layers: {result.layers_built} new, {reused} reused) in {seconds:.1f}s"
     )
 
