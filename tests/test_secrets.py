@@ -12,6 +12,7 @@ import textwrap
 import zipfile
 from pathlib import Path
 
+import httpx
 import pytest
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
@@ -22,8 +23,11 @@ from imagebuild.build.secrets import (
     source_policy,
     wheel_secrets,
 )
-from imagebuild.errors import ProjectError
+from imagebuild.errors import ProjectError, RegistryError
+from imagebuild.image.name import ImageReference
+from imagebuild.image.store import BlobStore
 from imagebuild.project.settings import parse_settings
+from imagebuild.sinks.remote import RegistryClient
 from tests.fixtures.index_server import LocalIndex, make_wheel
 
 # .dockerignore lines, a path relative to the context, whether Docker leaves it out.
@@ -284,3 +288,45 @@ def test_bad_settings(tool: str, message: str) -> None:
     with pytest.raises(ProjectError) as info:
         parse_settings(tomllib.loads(tool))
     assert message in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Credentials in URLs never reach a message
+
+REALM = "https://robot:s3cret-pass@auth.example/token"
+
+
+def _registry_answering(token_reply: httpx.Response | Exception) -> httpx.Client:
+    """A registry on registry.example whose Bearer realm carries a user and password."""
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "auth.example":
+            if isinstance(token_reply, Exception):
+                raise token_reply
+            return token_reply
+        challenge = f'Bearer realm="{REALM}",service="registry.example"'
+        return httpx.Response(401, headers={"WWW-Authenticate": challenge})
+
+    return httpx.Client(transport=httpx.MockTransport(handle))
+
+
+@pytest.mark.parametrize(
+    ("token_reply", "shown"),
+    [
+        (httpx.Response(500, text=f"upstream {REALM} failed"), "registry error pulling"),
+        (httpx.Response(401, json={"errors": [{"code": "DENIED", "message": REALM}]}), "unauth"),
+        (httpx.Response(200, json={"no": "token"}), "returned no token"),
+        (httpx.ConnectError(f"cannot reach {REALM}"), "cannot connect"),
+        (httpx.ReadError(f"reset by {REALM}"), "ReadError"),
+    ],
+)
+def test_registry_messages_redact_credentials(
+    token_reply: httpx.Response | Exception, shown: str, tmp_path: Path
+) -> None:
+    ref = ImageReference.parse("registry.example/team/app:1")
+    with _registry_answering(token_reply) as http, pytest.raises(RegistryError) as info:
+        RegistryClient(http).pull_image(ref, store=BlobStore(tmp_path / "store"))
+    text = str(info.value)
+    assert shown in text and "\n" not in text
+    assert "s3cret-pass" not in text and "robot:" not in text
+    assert "https://***@auth.example/token" in text

@@ -22,6 +22,7 @@ import httpx
 
 from imagebuild.errors import RegistryError
 from imagebuild.image.name import ImageReference, registry_url
+from imagebuild.net.transfer import redact, redact_text
 from imagebuild.sinks.logins import Credentials, CredentialStore
 
 __all__ = [
@@ -296,7 +297,7 @@ class RegistrySession:
             token = None
         if not isinstance(token, str) or not token:
             raise RegistryError(
-                f"{op.verb} {op.ref}: token service {realm} returned no token",
+                f"{op.verb} {op.ref}: token service {redact(realm)} returned no token",
                 hint="check the registry's auth service",
             )
         self._tokens[(host, op.scope)] = token
@@ -343,7 +344,8 @@ class RegistrySession:
         self, op: Op, exc: httpx.HTTPError, *, what: str | None = None
     ) -> RegistryError:
         """One line for a request that got no answer: ``pulling REF: URL timed out``."""
-        target = what or self.base_url(op.ref.registry)
+        # A realm (or a server's error text) may carry user:password: never shown.
+        target = redact_text(what or self.base_url(op.ref.registry))
         untrusted = _certificate_failure(exc)
         if untrusted is not None:
             return RegistryError(
@@ -358,7 +360,7 @@ class RegistrySession:
         else:
             detail = f"{type(exc).__name__}: {exc}"
         return RegistryError(
-            f"{op.verb} {op.ref}: {target} {detail}",
+            f"{op.verb} {op.ref}: {target} {redact_text(detail)}",
             hint="check the registry address, your network or proxy settings, and retry",
         )
 
@@ -374,7 +376,7 @@ class RegistrySession:
         """One line for a refusal or failure answer, with the fix its status suggests."""
         code, message = _error_body(resp)
         status = resp.status_code
-        detail = f"{what}: {code + ' ' if code else ''}{message}".rstrip(": ")
+        detail = redact_text(f"{what}: {code + ' ' if code else ''}{message}".rstrip(": "))
         registry = op.ref.registry
         if status == 401:
             user = self._refused_user(registry)
