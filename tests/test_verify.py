@@ -13,14 +13,14 @@ from imagebuild.image.compare import ImageView, compare_images, config_differenc
 from imagebuild.image.descriptor import OCI_LAYER_TAR
 from imagebuild.image.store import BlobStore
 from imagebuild.pipeline.requests import BuildRequest
-from imagebuild.pipeline.verify import run_verify
+from imagebuild.pipeline.verify import VerifyResult, run_verify
 from imagebuild.sinks.layout import OciLayoutSink
 from tests.test_pipeline_build import World, world  # noqa: F401 (the fixture)
 
 
-def _verify(world: World, source: str):  # type: ignore[no-untyped-def]
-    request = BuildRequest(project_dir=world.project, cache_dir=world.cache, compile_bytecode=False)
-    return run_verify(source, request, ports=world.ports(), epoch_given=False)
+def _verify(w: World, source: str) -> VerifyResult:
+    request = BuildRequest(project_dir=w.project, cache_dir=w.cache, compile_bytecode=False)
+    return run_verify(source, request, ports=w.ports(), epoch_given=False)
 
 
 def test_an_unchanged_project_is_identical_and_a_changed_file_is_named(
