@@ -102,8 +102,9 @@ class _Amount(ProgressColumn):
         done, total = int(task.completed), task.total
         if unit == "B":
             text = decimal(done) if total is None else f"{decimal(done)}/{decimal(int(total))}"
-            if task.speed and not task.finished:
-                text += f" {decimal(int(task.speed))}/s"
+            speed = task.finished_speed if task.finished else task.speed
+            if speed:
+                text += f" {decimal(int(speed))}/s"
             return Text(text, style="progress.download")
         shown = f"{done}" if total is None else f"{done}/{int(total)}"
         return Text(f"{shown} {unit}".rstrip(), style="progress.download")
