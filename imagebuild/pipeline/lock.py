@@ -84,6 +84,7 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
         cache=request.cache_dir,
         mirrors=request.mirrors,
         pinned=pinned,
+        reporter=ports.reporter,
     )
     described = tuple(t.describe() for t in targets)
     if request.check:
