@@ -34,6 +34,8 @@ _SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("platforms", '["linux/amd64", "linux/arm64"]', "what imgbuild lock covers"),
     ("prereleases", "false", ""),
     ("max-layers", "100", "layers in the image, the base's included"),
+    ("exclude", '["tests/**"]', "source left out of the project's wheel"),
+    ("allow-secrets", "[]", "wheel paths that may ship though they look like secrets"),
 )
 
 
