@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from imagebuild import __version__
+from imagebuild.commands.dockerfile import dockerfile as _dockerfile_command
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.project.settings import parse_python_version
 from imagebuild.report import Reporter
@@ -491,3 +492,6 @@ def verify(
     typer.echo("\n".join(result.report_lines(image)))
     if not result.identical:
         raise typer.Exit(1)
+
+
+app.command(name="dockerfile")(_dockerfile_command)
