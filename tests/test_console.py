@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import sys
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def test_live_output_draws_bars_with_bytes_rates_and_counts() -> None:
     assert "\x1b[" in text  # a terminal gets escape codes
     final = text.rsplit("\x1b[?25h", 1)[0]  # up to where the cursor comes back
     assert "4.0 MB/4.0 MB" in final
+    assert re.search(r"4.0 MB/4.0 MB [\d.]+ [kMG]?B/s", final)  # the average rate
     assert "3/3 layers" in final and "2/2 layers" in final
     assert "warning: careful" in text
     # The step line is transient: the last frame has the bars, not the status.

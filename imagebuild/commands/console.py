@@ -102,7 +102,11 @@ class _Amount(ProgressColumn):
         done, total = int(task.completed), task.total
         if unit == "B":
             text = decimal(done) if total is None else f"{decimal(done)}/{decimal(int(total))}"
-            speed = task.finished_speed if task.finished else task.speed
+            speed = task.speed
+            if task.finished:
+                # The average over the whole phase (rich's sampled speed may be unset).
+                took = task.finished_time or 0
+                speed = task.finished_speed or (done / took if took > 0 else None)
             if speed:
                 text += f" {decimal(int(speed))}/s"
             return Text(text, style="progress.download")
