@@ -1,9 +1,11 @@
 """Benchmark: `imgbuild lock` against `uv lock` and `pip-compile`, cold and warm, in one run.
 
-    .venv/bin/python benchmarks/lock.py [--runs N] [EXAMPLE ...]
+    .venv/bin/python benchmarks/lock.py [--runs N] [PROJECT ...]
 
-For each example project (default: every directory under examples/), each tool locks a
-fresh copy of the project:
+For each project (default: every directory under examples/, and
+benchmarks/projects/sdist-only, whose one sdist-only dependency needs a PEP 517 build for
+its metadata; a name is looked up in examples/, then in benchmarks/projects/), each tool
+locks a fresh copy of the project:
 
 - cold: an empty cache directory of its own (nothing on disk; the network is the same);
 - warm: the cache left by the cold run, with the lock file deleted before every run, so
@@ -29,6 +31,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PROJECTS = (ROOT / "examples", ROOT / "benchmarks" / "projects")
+# Run by default beside the examples: the heavy benchmark projects are asked for by name.
+DEFAULT_EXTRA = ("sdist-only",)
 IMGBUILD = [sys.executable, "-m", "imagebuild"]
 
 
@@ -49,6 +54,14 @@ def timed(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, fl
             err.seek(0)
             sys.exit(f"failed: {' '.join(command)}\n{err.read().decode()[-2000:]}")
     return elapsed, usage.ru_maxrss / 1024
+
+
+def project_dir(name: str) -> Path:
+    """The project called ``name``: examples/NAME, else benchmarks/projects/NAME."""
+    for parent in PROJECTS:
+        if (parent / name / "pyproject.toml").is_file():
+            return parent / name
+    sys.exit(f"no project {name!r} in examples/ or benchmarks/projects/")
 
 
 def fresh_copy(example: Path, into: Path) -> Path:
@@ -109,11 +122,17 @@ def pip_compile(project: Path, cache: Path) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("examples", nargs="*", help="example directory names")
+    parser.add_argument(
+        "examples", nargs="*", help="project names (examples/ or benchmarks/projects/)"
+    )
     parser.add_argument("--runs", type=int, default=3, help="warm runs per tool (median)")
     parser.add_argument("--no-pip-compile", action="store_true", help="skip pip-compile")
     args = parser.parse_args()
-    names = args.examples or sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir())
+    names = args.examples or [
+        *sorted(p.name for p in (ROOT / "examples").iterdir() if p.is_dir()),
+        *DEFAULT_EXTRA,
+    ]
+    projects = {name: project_dir(name) for name in names}
     # An installed tool has its bytecode (pip and `uv sync --compile-bytecode` write it); this
     # machine sets PYTHONDONTWRITEBYTECODE, so compile ours once rather than on every run.
     import compileall
@@ -141,9 +160,7 @@ def main() -> None:
             for label, command, lock_file in tools:
                 work = Path(tmp) / name / label.replace(" ", "-")
                 work.mkdir(parents=True)
-                results[label] = measure(
-                    label, ROOT / "examples" / name, work, args.runs, command, lock_file
-                )
+                results[label] = measure(label, projects[name], work, args.runs, command, lock_file)
             rows.append((name, results))
 
     print(f"{'example':<20} {'tool':<15} {'cold s':>8} {'warm s':>8} {'peak MiB':>9}")

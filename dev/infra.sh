@@ -35,10 +35,13 @@ readonly DOCKER=/usr/bin/docker
 readonly CUSTOMIZE=$HERE/infra/customize-rootfs.sh
 
 # docker-registry, mmdebstrap and skopeo as asked; the rest is what mmdebstrap needs
-# to build, verify and unshare on a bare machine, and curl for the readiness probes.
+# to build, verify and unshare on a bare machine, and curl for the readiness probes;
+# tmux gives the progress test a real terminal; openssl makes the registry tests' CA,
+# certificates and token signatures (tests/fixtures/pki.py).
 readonly PACKAGES=(
     docker.io docker-registry mmdebstrap skopeo
-    arch-test uidmap mount gpg debian-archive-keyring ca-certificates curl python3
+    arch-test uidmap mount gpg debian-archive-keyring ca-certificates curl python3 tmux
+    openssl
 )
 
 # ref in the registry | suite | mmdebstrap variant | flavor | python | --include list

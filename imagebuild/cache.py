@@ -1,15 +1,23 @@
-"""The cache: every bucket named once (``CacheLayout``) and the one atomic write.
+"""The cache: every bucket named once (``CacheLayout``), the one atomic write, scratch trees.
 
 Every cache record, lock file and page the stages write goes through ``write_atomic`` (or
 ``atomic_writer`` for a stream), so a killed run leaves either the old file or the new one,
 never a torn one.
+
+A build's scratch tree (``scratch_tree``) lives under the cache's ``tmp/`` and holds a lock
+file its process keeps locked (``flock``) while the build runs. The kernel drops the lock
+when the process dies, however it dies, so ``sweep_scratch`` (run as a build starts) can
+tell a tree that ``kill -9`` left behind from one a concurrent build is still using.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,8 +26,18 @@ from typing import BinaryIO
 
 import platformdirs
 
+from imagebuild.errors import ImagebuildError
+
 CACHE_DIR_ENV = "IMGBUILD_CACHE_DIR"
 """The environment variable that moves the cache (``--cache-dir`` wins over it)."""
+
+SCRATCH_PREFIX = "imgbuild-"
+"""Names of build scratch trees under ``CacheLayout.tmp`` (and of nothing else there)."""
+_NEW_PREFIX = ".new-imgbuild-"
+_OWNER = ".imgbuild-owner"
+# A tree still under its new name this long after it was made lost its process before
+# taking the lock (which takes microseconds).
+_NEW_GRACE_SECONDS = 60.0
 
 
 def default_cache_root() -> Path:
@@ -95,6 +113,11 @@ class CacheLayout:
         return self.root / "sdist-wheels"
 
     @property
+    def git(self) -> Path:
+        """Git sources: bare mirrors by URL, metadata and wheels by commit (``build.direct``)."""
+        return self.root / "git"
+
+    @property
     def lock_hints(self) -> Path:
         """The names a project's last lock needed (a prefetch hint, nothing more)."""
         return self.root / "lock-hints"
@@ -140,3 +163,104 @@ def write_atomic(path: Path, data: bytes) -> None:
 def write_json(path: Path, data: object) -> None:
     """Write a JSON record atomically, keys sorted."""
     write_atomic(path, json.dumps(data, sort_keys=True).encode("utf-8"))
+
+
+def check_cache_root(root: Path, source: str) -> None:
+    """Refuse, in one line, a cache directory that cannot be made or written.
+
+    Nothing is created: the directory itself if it exists, else its nearest existing
+    parent, gets a probe file that is removed at once. ``source`` says where the path came
+    from (``--cache-dir``, ``IMGBUILD_CACHE_DIR``, the user cache), to name what to change.
+    """
+    probe_dir = root
+    while not probe_dir.exists() and probe_dir.parent != probe_dir:
+        probe_dir = probe_dir.parent
+    hint = f"pass --cache-dir DIR with a writable directory, or set {CACHE_DIR_ENV}"
+    if not probe_dir.is_dir():
+        where = "is a file" if probe_dir == root else f"is under a file ({probe_dir})"
+        raise ImagebuildError(
+            f"cache directory {root} ({source}) {where}, not a directory", hint=hint
+        )
+    try:
+        with tempfile.TemporaryFile(dir=probe_dir, prefix=".imgbuild-probe-"):
+            pass
+    except OSError as exc:
+        where = "" if probe_dir == root else f" ({probe_dir} refuses new files)"
+        raise ImagebuildError(
+            f"cache directory {root} ({source}) is not writable{where}: {exc.strerror or exc}",
+            hint=hint,
+        ) from exc
+
+
+@contextmanager
+def scratch_tree(tmp_root: Path) -> Iterator[Path]:
+    """A fresh scratch tree under ``tmp_root``, owned (locked) until the block ends.
+
+    It is made under a name the sweep ignores, locked, then renamed to its final
+    ``imgbuild-*`` name, so no sweep ever sees it unlocked. The tree is removed on the
+    way out, whatever ends the block (an error, Ctrl-C, SIGTERM turned into one).
+    """
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=_NEW_PREFIX, dir=tmp_root))
+    fd = os.open(new / _OWNER, os.O_CREAT | os.O_RDWR, 0o600)
+    tree = tmp_root / (SCRATCH_PREFIX + new.name.removeprefix(_NEW_PREFIX))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        new.rename(tree)
+        yield tree
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+        shutil.rmtree(tree, ignore_errors=True)
+        os.close(fd)
+
+
+def sweep_scratch(tmp_root: Path) -> int:
+    """Remove scratch trees no live process owns; return how many were removed.
+
+    A tree whose owner lock can be taken, or that has no owner file (made before trees
+    had one, or half removed), was left by a killed build. Trees of running builds hold
+    their lock and are left alone, so concurrent builds on one cache never sweep each other.
+    """
+    try:
+        entries = sorted(tmp_root.iterdir())
+    except OSError:
+        return 0
+    removed = 0
+    for entry in entries:
+        if entry.name.startswith(SCRATCH_PREFIX):
+            stale = _unowned(entry)
+        elif entry.name.startswith(_NEW_PREFIX):
+            stale = _unowned(entry) and _age(entry) > _NEW_GRACE_SECONDS
+        else:
+            continue
+        if stale:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _unowned(tree: Path) -> bool:
+    """Whether no process holds ``tree``'s owner lock (taken and let go here at once)."""
+    if not tree.is_dir() or tree.is_symlink():
+        return False
+    try:
+        fd = os.open(tree / _OWNER, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except OSError:
+        return 0.0

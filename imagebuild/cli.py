@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from imagebuild import __version__
+from imagebuild.commands.dockerfile import dockerfile as _dockerfile_command
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.project.settings import parse_python_version
 from imagebuild.report import Reporter
@@ -42,22 +44,6 @@ app = typer.Typer(
 )
 
 
-class ConsoleReporter:
-    """Progress on stderr, one line per step; quiet hides steps but never warnings."""
-
-    def __init__(self, *, quiet: bool) -> None:
-        self.quiet = quiet
-
-    def step(self, message: str) -> None:
-        """Print a progress line."""
-        if not self.quiet:
-            typer.echo(f"· {message}", err=True)
-
-    def warn(self, message: str) -> None:
-        """Print a warning line."""
-        typer.echo(f"warning: {message}", err=True)
-
-
 def _fail(exc: ImagebuildError, verbose: bool) -> None:
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
@@ -67,9 +53,24 @@ def _fail(exc: ImagebuildError, verbose: bool) -> None:
 
 
 def _cache_dir(option: Path | None) -> Path:
-    from imagebuild.cache import default_cache_root
+    """The cache directory, refused in one line if it is a file or cannot be written."""
+    from imagebuild.cache import CACHE_DIR_ENV, check_cache_root, default_cache_root
 
-    return option if option is not None else default_cache_root()
+    if option is not None:
+        check_cache_root(option, "--cache-dir")
+        return option
+    root = default_cache_root()
+    check_cache_root(root, CACHE_DIR_ENV if os.environ.get(CACHE_DIR_ENV) else "the user cache")
+    return root
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C or SIGTERM: the run unwound (temporary files removed); one line, 130 or 143."""
+    from imagebuild.commands.signals import Terminated
+
+    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+    typer.echo(f"error: {what}; temporary files were removed, nothing was written", err=True)
+    raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
 
 
 def _source_date_epoch() -> int:
@@ -135,7 +136,9 @@ def _ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> 
 
 _Path = Annotated[Path, typer.Argument(help="Project directory (with pyproject.toml).")]
 _Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")]
-_Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")]
+_Verbose = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Every step on a line, tracebacks on errors.")
+]
 _Tag = Annotated[
     list[str] | None, typer.Option("--tag", "-t", help="Image reference to tag (repeatable).")
 ]
@@ -148,6 +151,9 @@ _Output = Annotated[
         "registry (push every --tag), or context:DIR (a Dockerfile and the layers, for "
         "`docker build`). Repeatable.",
     ),
+]
+_Push = Annotated[
+    bool, typer.Option("--push", help="Push every --tag: short for --output registry.")
 ]
 _Base = Annotated[
     str | None,
@@ -224,6 +230,7 @@ def build(
     path: _Path = Path("."),
     tag: _Tag = None,
     output: _Output = None,
+    push: _Push = False,
     base: _Base = None,
     python: _Python = None,
     locked: _Locked = False,
@@ -236,19 +243,23 @@ def build(
     platform: _Platform = None,
     expect_digest: _ExpectDigest = None,
     cache_dir: _BuildCacheDir = None,
+    index_url: _IndexUrl = None,
+    extra_index_url: _ExtraIndexUrl = None,
     quiet: _Quiet = False,
     verbose: _Verbose = False,
 ) -> None:
     """Build an image from a project and its lock (uv.lock or pylock.toml)."""
+    from imagebuild.commands.console import Verbosity, open_reporter, summary_line
+    from imagebuild.commands.signals import sigterm_as_interrupt
     from imagebuild.net.http import http_client
     from imagebuild.pipeline.build import run_build
     from imagebuild.pipeline.outputs import make_sinks, parse_outputs
     from imagebuild.pipeline.requests import BuildRequest
 
-    reporter = ConsoleReporter(quiet=quiet)
+    started = time.monotonic()
     try:
         _check_build_options(compile_with, locked=locked, frozen=frozen, digest=expect_digest)
-        outputs = parse_outputs(output or ["docker"])
+        outputs = parse_outputs(_outputs(output, push=push))
         request = BuildRequest(
             project_dir=path.resolve(),
             tags=tuple(tag or ()),
@@ -265,16 +276,35 @@ def build(
             source_date_epoch=_source_date_epoch(),
             mirrors=_mirrors(),
             expect_digest=expect_digest,
+            index_urls=_indexes(index_url, extra_index_url),
         )
-        with http_client() as http:
+        with (
+            sigterm_as_interrupt(),
+            http_client() as http,
+            open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
+        ):
             registry = _registry(http)
             sinks = make_sinks(outputs, registry=registry, engine=_engine)
-            result = run_build(request, ports=_ports(http, registry, reporter), sinks=sinks)
+            result = run_build(request, ports=_ports(http, registry, rep), sinks=sinks)
     except ImagebuildError as exc:
         _fail(exc, verbose)
         return
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+        return
     for line in result.summary_lines():
         typer.echo(line)
+    if not quiet:
+        seconds = time.monotonic() - started
+        typer.echo(summary_line(result, seconds), err=True)
+
+
+def _outputs(output: list[str] | None, *, push: bool) -> list[str]:
+    """``--output`` values, with ``--push`` as ``registry`` (as docker buildx takes it)."""
+    outputs = list(output or ())
+    if push and "registry" not in outputs:
+        outputs.append("registry")
+    return outputs or ["docker"]
 
 
 def _check_build_options(
@@ -298,7 +328,20 @@ def _platforms(values: list[str] | None) -> tuple[str, ...]:
     """``--platform``, repeated or comma-separated (as docker buildx and ko take them)."""
     if not values:
         return ("linux/amd64",)
-    return tuple(p for value in values for p in value.split(",") if p)
+    platforms = tuple(p for value in values for p in value.split(",") if p)
+    if not platforms:
+        raise ProjectError(
+            f"--platform {','.join(values)!r}: names no platform",
+            hint="use linux/amd64 or linux/arm64 (several with commas)",
+        )
+    return platforms
+
+
+def _indexes(index_url: str | None, extra_index_url: list[str] | None) -> tuple[str, ...]:
+    """``--index-url`` and ``--extra-index-url`` (primary first), as lock and build take them."""
+    if index_url or extra_index_url:
+        return (index_url or "https://pypi.org/simple/", *(extra_index_url or ()))
+    return ()
 
 
 def _mirrors() -> dict[str, str]:
@@ -323,14 +366,12 @@ def lock(
     verbose: _Verbose = False,
 ) -> None:
     """Resolve the project for its image targets and write pylock.toml (PEP 751)."""
+    from imagebuild.commands.console import Verbosity, open_reporter
     from imagebuild.net.http import http_client
     from imagebuild.pipeline.lock import run_lock
     from imagebuild.pipeline.requests import LockRequest
 
-    reporter = ConsoleReporter(quiet=quiet)
-    indexes: tuple[str, ...] = ()
-    if index_url or extra_index_url:
-        indexes = (index_url or "https://pypi.org/simple/", *(extra_index_url or ()))
+    indexes = _indexes(index_url, extra_index_url)
     try:
         request = LockRequest(
             project_dir=path.resolve(),
@@ -344,8 +385,8 @@ def lock(
             python=parse_python_version(python, "--python") if python else None,
             mirrors=_mirrors(),
         )
-        with http_client() as http:
-            result = run_lock(request, ports=_ports(http, _registry(http), reporter))
+        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
+            result = run_lock(request, ports=_ports(http, _registry(http), rep))
     except ImagebuildError as exc:
         _fail(exc, verbose)
         return
@@ -375,3 +416,82 @@ def bases() -> None:
 def version() -> None:
     """Print imgbuild's version."""
     typer.echo(__version__)
+
+
+_Image = Annotated[
+    str, typer.Argument(help="An image reference, oci:DIR or oci-archive:FILE.", show_default=False)
+]
+_InspectPlatform = Annotated[
+    str, typer.Option("--platform", help="The image to show from an index (os/arch).")
+]
+
+
+@app.command()
+def inspect(
+    image: _Image, platform: _InspectPlatform = "linux/amd64", verbose: _Verbose = False
+) -> None:
+    """Print an existing image's layers: digest, size in bytes, and what made each."""
+    from imagebuild.commands.inspect import read_listing
+    from imagebuild.image.listing import layer_table
+    from imagebuild.net.http import http_client
+
+    try:
+        with http_client() as http:
+            listing = read_listing(image, platform, _registry(http))
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    for line in layer_table(listing):
+        typer.echo(line)
+
+
+@app.command()
+def init(path: _Path = Path("."), verbose: _Verbose = False) -> None:
+    """Add a commented [tool.imgbuild] table to pyproject.toml (the rest stays as it is)."""
+    from imagebuild.commands.init import init_settings
+
+    try:
+        written = init_settings(path)
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    typer.echo(f"added a [tool.imgbuild] table to {written}")
+
+
+@app.command()
+def verify(
+    image: Annotated[str, typer.Argument(help="The published image: a reference or oci:DIR.")],
+    path: _Path = Path("."),
+    platform: Annotated[str, typer.Option(help="A single image's os/arch.")] = "linux/amd64",
+    cache_dir: _BuildCacheDir = None,
+    quiet: _Quiet = False,
+    verbose: _Verbose = False,
+) -> None:
+    """Rebuild the project from its lock and check it is the published image (exit 0 if so)."""
+    from imagebuild.commands.console import Verbosity, open_reporter
+    from imagebuild.net.http import http_client
+    from imagebuild.pipeline.requests import BuildRequest
+    from imagebuild.pipeline.verify import run_verify
+
+    given = bool(os.environ.get("SOURCE_DATE_EPOCH", "").strip())
+    try:
+        request = BuildRequest(  # the lock as it is (frozen): that is what was published
+            project_dir=path.resolve(),
+            lock_mode="frozen",
+            platforms=_platforms([platform]),
+            cache_dir=_cache_dir(cache_dir),
+            source_date_epoch=_source_date_epoch(),
+            mirrors=_mirrors(),
+        )
+        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
+            ports = _ports(http, _registry(http), rep)
+            result = run_verify(image, request, ports=ports, epoch_given=given)
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    typer.echo("\n".join(result.report_lines(image)))
+    if not result.identical:
+        raise typer.Exit(1)
+
+
+app.command(name="dockerfile")(_dockerfile_command)

@@ -14,6 +14,16 @@ class Reporter(Protocol):
     def warn(self, message: str) -> None:
         """Report something the user should know that does not stop the build."""
 
+    def progress(self, task: str, done: int, total: int | None, unit: str = "") -> None:
+        """Report how far a counted phase has got.
+
+        ``task`` names the phase (``download``, ``install``, ``compile``, ``compress``,
+        ``push``); ``done`` of ``total`` ``unit`` are complete (``unit`` ``"B"`` means bytes,
+        ``total`` is ``None`` while it is unknown). The caller's last call for a phase has
+        ``done == total``; a later call for the same ``task`` starts it afresh (the next
+        platform's layers). Calls may come from several threads at once.
+        """
+
 
 class NullReporter:
     """A reporter that drops everything (the default for library callers and tests)."""
@@ -23,3 +33,6 @@ class NullReporter:
 
     def warn(self, message: str) -> None:
         """Drop the warning."""
+
+    def progress(self, task: str, done: int, total: int | None, unit: str = "") -> None:
+        """Drop the progress."""

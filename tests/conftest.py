@@ -8,6 +8,7 @@ pytest_plugins = [
     "tests.fixtures.index_server",
     "tests.fixtures.registry_server",
     "tests.fixtures.docker_engine",
+    "tests.fixtures.git_server",
 ]
 
 _BEHAVIOUR_ENV = (

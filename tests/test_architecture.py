@@ -35,7 +35,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("imagebuild.image",),
     ("imagebuild.sinks",),
     ("imagebuild.pipeline",),
-    ("imagebuild.cli", "imagebuild.__main__"),
+    ("imagebuild.cli", "imagebuild.__main__", "imagebuild.commands"),
 )
 
 

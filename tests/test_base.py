@@ -29,12 +29,49 @@ GLIBC = b"\x00junk GNU C Library (Debian GLIBC 2.36-9+deb12u13) stable release v
 
 def test_catalog_has_the_three_flavors() -> None:
     catalog = load_catalog()
-    assert {e.flavor for e in catalog} == {"alpine", "debian-slim", "distroless"}
+    assert {e.flavor for e in catalog} == {
+        "alpine",
+        "debian-slim",
+        "debian-slim-trixie",
+        "distroless",
+    }
     distroless = find_entry(catalog, "distroless", (3, 11))
     assert distroless.reference == "gcr.io/distroless/python3-debian12:latest"
     assert distroless.interpreter == PurePosixPath("/usr/bin/python3.11")
     assert not distroless.shell
     assert find_entry(catalog, "alpine", None).libc == "musl"
+
+
+@pytest.mark.parametrize("minor", [12, 13, 14])
+@pytest.mark.parametrize(
+    ("flavor", "reference", "libc"),
+    [
+        ("debian-slim", "python:3.{minor}-slim-bookworm", ("glibc", (2, 36))),
+        ("debian-slim-trixie", "python:3.{minor}-slim-trixie", ("glibc", (2, 41))),
+        ("alpine", "python:3.{minor}-alpine", ("musl", (1, 2))),
+    ],
+)
+def test_catalog_is_current(
+    minor: int, flavor: str, reference: str, libc: tuple[str, tuple[int, int]]
+) -> None:
+    """Python 3.12 to 3.14 on Debian 12 and 13 slim and on Alpine, from /usr/local."""
+    entry = find_entry(load_catalog(), flavor, (3, minor))
+    assert entry.reference == reference.format(minor=minor)
+    assert entry.interpreter == PurePosixPath(f"/usr/local/bin/python3.{minor}")
+    assert (entry.libc, entry.libc_version) == libc
+    assert entry.shell
+
+
+def test_catalog_has_distroless_on_debian_12_and_13() -> None:
+    catalog = load_catalog()
+    debian12 = find_entry(catalog, "distroless", (3, 11))
+    debian13 = find_entry(catalog, "distroless", (3, 13))
+    assert debian12.reference == "gcr.io/distroless/python3-debian12:latest"
+    assert debian13.reference == "gcr.io/distroless/python3-debian13:latest"
+    assert (debian12.libc_version, debian13.libc_version) == ((2, 36), (2, 41))
+    # The newest Python each flavor offers is its default.
+    assert find_entry(catalog, "debian-slim", None).python_version == (3, 14)
+    assert find_entry(catalog, "distroless", None).python_version == (3, 13)
 
 
 def test_catalog_errors_list_choices() -> None:

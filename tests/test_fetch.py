@@ -50,6 +50,10 @@ def local(path: Path, *, url: str | None = None) -> WheelFile:
 class Steps:
     def __init__(self) -> None:
         self.messages: list[str] = []
+        self.progressed: list[tuple[str, int, int | None, str]] = []
+
+    def progress(self, task: str, done: int, total: int | None, unit: str = "") -> None:
+        self.progressed.append((task, done, total, unit))
 
     def step(self, message: str) -> None:
         self.messages.append(message)

@@ -347,11 +347,8 @@ def test_uv_wheel_paths_and_sdist(tmp_path: Path) -> None:
     ("package", "message"),
     [
         (
-            'source = { git = "https://github.com/o/dep?rev=main#0123456789abcdef0123456789abcdef01234567" }',
-            (
-                "comes from git https://github.com/o/dep?rev=main#0123456789abcdef0123456789abcdef01234567,"
-                " which imgbuild cannot install; depend on a released version"
-            ),
+            'source = { registry = "https://pypi.org/simple" }',
+            "(index https://pypi.org/simple) lists no wheel to install; re-lock",
         ),
     ],
 )
@@ -362,6 +359,16 @@ def test_uv_uninstallable(tmp_path: Path, package: str, message: str) -> None:
         select_packages(lock, target=py(11))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_uv_git_source_is_built_from_its_commit(tmp_path: Path) -> None:
+    """A git source is no longer refused: the build makes its wheel at the locked commit."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    source = f'source = {{ git = "https://github.com/o/dep?rev=main#{commit}" }}'
+    lock = write_uv(tmp_path, ROOT + f'\n[[package]]\nname = "dep"\nversion = "1.0"\n{source}\n')
+    (dep,) = select_packages(lock, target=py(11))
+    assert dep.source.kind == "git"
+    assert dep.source.location == f"https://github.com/o/dep?rev=main#{commit}"
 
 
 @pytest.mark.parametrize(

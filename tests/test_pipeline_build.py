@@ -165,12 +165,16 @@ def no_engine() -> FakeEngine:
 class RecordingReporter:
     steps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    progressed: list[tuple[str, int, int | None, str]] = field(default_factory=list)
 
     def step(self, message: str) -> None:
         self.steps.append(message)
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
+
+    def progress(self, task: str, done: int, total: int | None, unit: str = "") -> None:
+        self.progressed.append((task, done, total, unit))
 
 
 @dataclass

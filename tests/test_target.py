@@ -292,8 +292,24 @@ def test_default_python_none_allowed(tmp_path: Path) -> None:
     from imagebuild.target.choose import default_python
 
     project = _spec(tmp_path, 'requires-python = ">=4"\n')
-    with pytest.raises(ProjectError, match="allows no Python of base 'distroless'"):
+    with pytest.raises(ProjectError, match="allows no Python of base 'distroless'") as info:
         default_python(load_catalog(), "distroless", project)
+    assert info.value.hint == "loosen requires-python; no base in the catalog fits it"
+
+
+def test_default_python_names_a_base_that_fits(tmp_path: Path) -> None:
+    """distroless has 3.11 and 3.13: a project for 3.14 is told which base offers it."""
+    from imagebuild.errors import ProjectError
+    from imagebuild.target.base import load_catalog
+    from imagebuild.target.choose import default_python
+
+    project = _spec(tmp_path, 'requires-python = ">=3.14"\n')
+    with pytest.raises(ProjectError, match="allows no Python of base 'distroless'") as info:
+        default_python(load_catalog(), "distroless", project)
+    assert info.value.hint == 'set [tool.imgbuild] base = "debian-slim-trixie" with python = "3.14"'
+    # A patch-level bound admits its minor version, as uv reads requires-python.
+    patch = _spec(tmp_path, 'requires-python = ">=3.13.2,<3.14"\n')
+    assert default_python(load_catalog(), "distroless", patch) == (3, 13)
 
 
 def test_base_reference(tmp_path: Path) -> None:

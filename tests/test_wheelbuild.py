@@ -6,14 +6,16 @@ build succeeds only if its environment was installed from that index, with real 
 
 from __future__ import annotations
 
+import shutil
 import textwrap
 import zipfile
 from pathlib import Path
 
 import pytest
+from uv import find_uv_bin
 
 from imagebuild.errors import BuildError
-from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
+from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel, find_uv
 from tests.fixtures.index_server import LocalIndex
 
 # A PEP 517 backend in one module: the wheel holds the project's `<dist>.py` and a
@@ -150,3 +152,20 @@ def test_throwaway_environment_without_a_cache(fresh_index: LocalIndex, tmp_path
     project = make_project(tmp_path / "project", requires='"ib-local-backend>=1"')
     wheel = build_project_wheel(project, tmp_path / "out", source_date_epoch=0, envs=envs)
     assert built_by(wheel) == f"1.0 from {fresh_index.url}"
+
+
+def test_environments_are_made_by_the_uv_package_without_uv_on_path(
+    fresh_index: LocalIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pip-installed imgbuild has no uv on PATH: the `uv` package's binary makes the
+    environment all the same (uv writes its version into pyvenv.cfg; pip's venv does not)."""
+    serve_backend(fresh_index, "1.0")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    assert shutil.which("uv") is None
+    assert find_uv() == find_uv_bin()
+    envs = BuildEnvironments(indexes=(fresh_index.url,), root=tmp_path / "envs")
+    project = make_project(tmp_path / "project")
+    wheel = build_project_wheel(project, tmp_path / "out", source_date_epoch=0, envs=envs)
+    assert built_by(wheel) == f"1.0 from {fresh_index.url}"
+    (kept,) = [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]
+    assert "\nuv = " in "\n" + (kept / "pyvenv.cfg").read_text()

@@ -3,7 +3,9 @@
 ``build`` (pypa/build) calls the backend's hooks through ``pyproject-hooks`` with the
 interpreter of an environment that holds exactly the backend's requirements
 (``build-system.requires``, plus whatever ``get_requires_for_build_wheel`` adds). Those
-are installed with uv when it is on PATH, pip otherwise, from the same indexes the project
+are installed with uv (the binary of the ``uv`` package imgbuild depends on, so a
+pip-installed imgbuild has it too; one on PATH if that is missing; pip as the last
+resort, several times slower), from the same indexes the project
 locks from: a project that names a private index never has its build backend fetched from
 another one by name (the dependency-confusion hole), and a machine that only reaches a
 mirror can still build.
@@ -27,13 +29,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from build import BuildBackendException, BuildException, ProjectBuilder
 from filelock import FileLock
+from uv import find_uv_bin
 
 from imagebuild.build.runner import ProcessFailed, Runner, hook_runner, run_captured
-from imagebuild.errors import BuildError
+from imagebuild.build.secrets import SourcePolicy, check_wheel, filtered_copy, source_rules
+from imagebuild.errors import BuildError, ProjectError
 from imagebuild.net.credentials import IndexCredentials
 
 # Index settings of the user's shell or config that would override ours in the installer.
@@ -89,17 +92,18 @@ class BuildEnvironments:
 
     @contextmanager
     def _environment(self, requires: set[str]) -> Iterator[Path]:
-        installer: Literal["pip", "uv"] = "uv" if shutil.which("uv") else "pip"
+        uv = find_uv()
         if self.root is None:
             with tempfile.TemporaryDirectory(prefix="imgbuild-build-env-") as tmp:
                 env = Path(tmp) / "env"
-                self._create(env, requires, installer)
+                self._create(env, requires, uv)
                 yield env / "bin" / "python"
             return
-        yield self._kept(requires, installer)
+        yield self._kept(requires, uv)
 
-    def _kept(self, requires: set[str], installer: Literal["pip", "uv"]) -> Path:
+    def _kept(self, requires: set[str], uv: str | None) -> Path:
         assert self.root is not None
+        installer = "pip" if uv is None else "uv"
         key = hashlib.sha256(
             "\n".join([sys.version, installer, *self.indexes, "", *sorted(requires)]).encode()
         ).hexdigest()[:24]
@@ -114,7 +118,7 @@ class BuildEnvironments:
                 return python
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
             try:
-                self._create(staging, requires, installer)
+                self._create(staging, requires, uv)
                 (staging / ".imgbuild-ready").write_text("")
                 shutil.rmtree(env_dir, ignore_errors=True)
                 staging.rename(env_dir)
@@ -122,9 +126,8 @@ class BuildEnvironments:
                 shutil.rmtree(staging, ignore_errors=True)
         return python
 
-    def _create(self, env: Path, requires: set[str], installer: Literal["pip", "uv"]) -> None:
-        uv = shutil.which("uv") or "uv"
-        if installer == "uv":
+    def _create(self, env: Path, requires: set[str], uv: str | None) -> None:
+        if uv is not None:
             _install([uv, "venv", "--quiet", "--no-config", "--python", sys.executable, str(env)])
         else:
             _install([sys.executable, "-m", "venv", str(env)])
@@ -133,7 +136,7 @@ class BuildEnvironments:
         python = str(env / "bin" / "python")
         environ = {k: v for k, v in os.environ.items() if k not in _INDEX_VARIABLES}
         indexes = self._installer_indexes()
-        if installer == "uv":
+        if uv is not None:
             cmd = [uv, "pip", "install", "--quiet", "--no-config", "--python", python]
             # uv consults --index entries in order, then the default index.
             environ["UV_DEFAULT_INDEX"] = indexes[-1]
@@ -155,16 +158,54 @@ class BuildEnvironments:
         return tuple(self.credentials.authenticated(url) for url in self.indexes)
 
 
-def build_project_wheel(
-    project_dir: Path, out_dir: Path, *, source_date_epoch: int, envs: BuildEnvironments
-) -> Path:
-    """Build ``project_dir`` into a wheel in ``out_dir`` and return its path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    where = project_dir / "pyproject.toml"
+def find_uv() -> str | None:
+    """The uv binary: the ``uv`` package's, else one on PATH; None: make do with pip."""
+    try:
+        return find_uv_bin()
+    except FileNotFoundError:
+        # A platform the uv package ships no binary for installs it without one.
+        return shutil.which("uv")
 
+
+def build_project_wheel(
+    project_dir: Path,
+    out_dir: Path,
+    *,
+    source_date_epoch: int,
+    envs: BuildEnvironments,
+    policy: SourcePolicy | None = None,
+) -> Path:
+    """Build ``project_dir`` into a wheel in ``out_dir`` and return its path.
+
+    With a ``policy`` (``build.secrets``), the backend sees only what ``.dockerignore`` and
+    the policy's ``exclude`` keep, and a wheel that would ship a secret is refused.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if policy is None:
+        return _build_wheel(project_dir, out_dir, project_dir, source_date_epoch, envs)
+    rules = source_rules(project_dir, policy)
+    if not rules:
+        wheel = _build_wheel(project_dir, out_dir, project_dir, source_date_epoch, envs)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".source-", dir=out_dir.parent) as tmp:
+            source = filtered_copy(project_dir, Path(tmp) / project_dir.name, rules)
+            wheel = _build_wheel(source, out_dir, project_dir, source_date_epoch, envs)
+    try:
+        check_wheel(wheel, policy, source_dir=project_dir)
+    except ProjectError:
+        wheel.unlink(missing_ok=True)
+        raise
+    return wheel
+
+
+def _build_wheel(
+    source: Path, out_dir: Path, project_dir: Path, source_date_epoch: int, envs: BuildEnvironments
+) -> Path:
+    """Run the backend on ``source`` (``project_dir`` or a filtered copy of it)."""
+    where = project_dir / "pyproject.toml"
     runner = hook_runner({"SOURCE_DATE_EPOCH": str(source_date_epoch)})
     try:
-        with envs.builder(project_dir, runner) as builder:
+        with envs.builder(source, runner) as builder:
             return Path(builder.build("wheel", out_dir))
     except ProcessFailed as exc:
         raise _backend_failed(where, exc) from None

@@ -25,6 +25,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import httpx
 from build import BuildBackendException, BuildException, FailedProcessError
@@ -40,7 +42,7 @@ from packaging.version import InvalidVersion
 from imagebuild.build.pep517 import BuildEnvironments, RequirementsInstallError
 from imagebuild.build.runner import ProcessFailed, hook_runner
 from imagebuild.cache import CacheLayout, atomic_writer, write_atomic
-from imagebuild.digest import digest_hex, parse_digest
+from imagebuild.digest import Hasher, digest_hex, parse_digest
 from imagebuild.errors import BuildError, FetchError, ImagebuildError, PackageIndexError
 from imagebuild.net.credentials import AUTH_HINT, IndexCredentials
 from imagebuild.net.http import attempts
@@ -216,7 +218,12 @@ def _download(
     error: _Error,
     size: int | None = None,
 ) -> str:
-    """Stream ``url`` into ``dest``; its sha256 hex (a broken-off body is fetched again)."""
+    """Stream ``url`` into ``dest``; its sha256 hex (a broken-off body is fetched again).
+
+    A ``file://`` URL (a local sdist a lock names) is copied instead.
+    """
+    if url.startswith("file:"):
+        return _copy_local(url, dest, subject, error)
 
     def write(response: httpx.Response) -> str:
         status = response.status_code
@@ -239,6 +246,21 @@ def _download(
             f"{subject}: GET {_redact(url)} failed: {redact_text(_one_line(exc))}",
             hint=_NETWORK_HINT,
         ) from exc
+
+
+def _copy_local(url: str, dest: Path, subject: str, error: _Error) -> str:
+    source = Path(url2pathname(urlsplit(url).path))
+    hasher = Hasher()
+    try:
+        with source.open("rb") as src, dest.open("wb") as out:
+            while chunk := src.read(1 << 20):
+                hasher.update(chunk)
+                out.write(chunk)
+    except OSError as exc:
+        raise error(
+            f"{subject}: cannot read {source} ({_one_line(exc)})", hint="check the file exists"
+        ) from exc
+    return digest_hex(hasher.digest())
 
 
 def _failed(outcome: httpx.Response | httpx.TransportError) -> str:

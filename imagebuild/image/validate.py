@@ -104,6 +104,36 @@ def validate_archive(archive: Path) -> None:
         raise ImageError(f"archive {archive}: cannot read: {exc}") from exc
 
 
+class LayoutReader:
+    """Checked reads from an OCI layout (directory or archive): its index and JSON blobs."""
+
+    def __init__(self, src: _LayoutSource) -> None:
+        self._src = src
+
+    def index(self) -> dict[str, object]:
+        """``index.json``, which must be a JSON object."""
+        index = _load_json_file(self._src, "index.json")
+        if not isinstance(index, dict):
+            raise ImageError(f"{self._src.describe()}: index.json is not a JSON object")
+        return index
+
+    def json_blob(self, desc: Descriptor, what: str) -> dict[str, object]:
+        """The blob ``desc`` names, checked against its digest and size, as a JSON object."""
+        return _json_object(_read_blob(self._src, desc, what), self._src, what, desc.digest)
+
+
+@contextmanager
+def layout_reader(path: Path, *, archive: bool) -> Iterator[LayoutReader]:
+    """A reader over the layout directory ``path``, or over the tar ``path`` if ``archive``."""
+    if not archive:
+        if not path.is_dir():
+            raise ImageError(f"OCI layout {path} is not a directory")
+        yield LayoutReader(_DirSource(path))
+        return
+    with tarfile.open(path, mode="r:*") as tar:
+        yield LayoutReader(_TarSource(path, tar))
+
+
 def _load_json_file(src: _LayoutSource, name: str) -> object:
     if not src.exists(name):
         raise ImageError(f"{src.describe()}: {name} is missing")

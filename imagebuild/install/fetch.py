@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Protocol
@@ -154,9 +155,10 @@ def fetch_wheels(
         return result
     report.step(f"fetching {len(todo)} wheel(s) ({len(result)} cached)")
     base = base_dir or Path.cwd()
+    counter = _Downloaded(report, todo)
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(todo)))) as pool:
         futures: dict[Future[Path], WheelFile] = {
-            pool.submit(_fetch_one, http, wheel, cache, base): wheel for wheel in todo
+            pool.submit(_fetch_one, http, wheel, cache, base, counter): wheel for wheel in todo
         }
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         failures = [f for f in futures if f in done and f.exception() is not None]
@@ -172,13 +174,45 @@ def fetch_wheels(
         for future, wheel in futures.items():
             result[wheel] = future.result()
             report.step(f"fetched {wheel.filename}")
+    counter.finish()
     return result
 
 
-def _fetch_one(http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Path) -> Path:
+class _Downloaded:
+    """Bytes read so far by every download thread, reported as ``download`` progress."""
+
+    def __init__(self, reporter: Reporter, wheels: Sequence[WheelFile]) -> None:
+        self._reporter = reporter
+        sizes = [wheel.size for wheel in wheels]
+        self._total = None if None in sizes else sum(s or 0 for s in sizes)
+        self._done = 0
+        self._lock = threading.Lock()
+        reporter.progress("download", 0, self._total, "B")
+
+    def counted(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        """``chunks``, each counted as it passes."""
+        for chunk in chunks:
+            with self._lock:
+                self._done += len(chunk)
+                # A body fetched again counts twice: never claim the end before it comes.
+                done = (
+                    self._done if self._total is None else min(self._done, max(self._total - 1, 0))
+                )
+                self._reporter.progress("download", done, self._total, "B")
+            yield chunk
+
+    def finish(self) -> None:
+        """The last call: every wheel is stored."""
+        end = self._total if self._total is not None else self._done
+        self._reporter.progress("download", end, end, "B")
+
+
+def _fetch_one(
+    http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Path, counter: _Downloaded
+) -> Path:
     parts = urlsplit(wheel.url)
     if parts.scheme in ("http", "https"):
-        return _download(http, wheel, cache)
+        return _download(http, wheel, cache, counter)
     if parts.scheme == "file":
         path = Path(url2pathname(unquote(parts.path)))
     elif parts.scheme == "" or len(parts.scheme) == 1:  # a plain or Windows-drive path
@@ -189,7 +223,7 @@ def _fetch_one(http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Pa
         raise FetchError(f"wheel {wheel.filename}: unsupported URL scheme in {redact(wheel.url)}")
     try:
         with path.open("rb") as src:
-            return cache.store(wheel, iter(lambda: src.read(CHUNK), b""))
+            return cache.store(wheel, counter.counted(iter(lambda: src.read(CHUNK), b"")))
     except FileNotFoundError:
         raise FetchError(
             f"wheel {wheel.filename}: local file {path} does not exist",
@@ -199,7 +233,9 @@ def _fetch_one(http: httpx.Client, wheel: WheelFile, cache: WheelStore, base: Pa
         raise FetchError(f"wheel {wheel.filename}: cannot read {path}: {exc}") from exc
 
 
-def _download(http: httpx.Client, wheel: WheelFile, cache: WheelStore) -> Path:
+def _download(
+    http: httpx.Client, wheel: WheelFile, cache: WheelStore, counter: _Downloaded
+) -> Path:
     """Stream ``wheel`` into the cache, again if its body breaks off (``fetch_retrying``)."""
     url = redact(wheel.url)
 
@@ -217,7 +253,7 @@ def _download(http: httpx.Client, wheel: WheelFile, cache: WheelStore) -> Path:
             )
         # iter_bytes undoes any Content-Encoding a server or proxy applied in transit, so
         # the bytes hashed are the file's own.
-        return cache.store(wheel, response.iter_bytes(CHUNK))
+        return cache.store(wheel, counter.counted(response.iter_bytes(CHUNK)))
 
     try:
         return fetch_retrying(http, wheel.url, store, size=wheel.size)

@@ -215,6 +215,10 @@ class Lock:
     """uv.lock's ``revision`` (minor format version)."""
     root_metadata: UvProjectMetadata | None = None
     """uv: the root package's ``[package.metadata]``."""
+    local_metadata: Mapping[NormalizedName, UvProjectMetadata] = field(
+        default_factory=dict, hash=False
+    )
+    """uv: every local package's ``[package.metadata]`` (workspace members), by name."""
     manifest: Mapping[str, tuple[LockRequirement, ...]] = field(default_factory=dict, hash=False)
     """uv: ``[manifest]`` requirement lists (``constraints``, ``overrides`` …)."""
     environments: tuple[Marker, ...] = ()

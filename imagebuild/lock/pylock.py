@@ -32,6 +32,7 @@ from packaging.version import InvalidVersion, Version
 
 from imagebuild.digest import Digest, is_digest, parse_digest
 from imagebuild.errors import LockError
+from imagebuild.lock.direct import git_location
 from imagebuild.lock.model import (
     Lock,
     LockedPackage,
@@ -138,9 +139,13 @@ def _pylock_wheel(
 def _pylock_package(f: Fields, package: Package, key: str, lock_dir: Path) -> LockedPackage:
     label = f"{package.name} {package.version}" if package.version else str(package.name)
     wheels: list[WheelFile] = []
+    sdist_of_archive: SdistFile | None = None
     if package.vcs is not None:
         vcs = package.vcs
-        location = f"{vcs.url or vcs.path}@{vcs.commit_id}"
+        if vcs.type != "git":
+            f.fail(f"{key}.vcs.type", f"{vcs.type!r} is not supported (imgbuild builds git)")
+        url = vcs.url or _pylock_location(f, f"{key}.vcs", None, vcs.path, lock_dir)
+        location = git_location(url, vcs.commit_id, vcs.requested_revision, vcs.subdirectory)
         source = PackageSource(kind="git", location=location, subdirectory=vcs.subdirectory)
     elif package.directory is not None:
         kind: SourceKind = "editable" if package.directory.editable else "directory"
@@ -158,13 +163,22 @@ def _pylock_package(f: Fields, package: Package, key: str, lock_dir: Path) -> Lo
         filename = url_filename(location)
         if filename.endswith(".whl") and not archive.subdirectory:
             wheels.append(_pylock_wheel(f, archive, filename, f"{key}.archive", label, lock_dir))
+        elif filename.endswith((".tar.gz", ".zip")) and not archive.subdirectory:
+            # A direct sdist: built like an index's sdist, checked against the archive's hash.
+            archive_sdist = _pylock_wheel(f, archive, filename, f"{key}.archive", label, lock_dir)
+            sdist_of_archive = SdistFile(
+                filename=filename,
+                url=archive_sdist.url,
+                sha256=archive_sdist.sha256,
+                size=archive.size,
+            )
     else:
         source = PackageSource(kind="registry", location=package.index or "")
         for j, wheel in enumerate(package.wheels or ()):
             wheels.append(
                 _pylock_wheel(f, wheel, wheel.filename, f"{key}.wheels[{j}]", label, lock_dir)
             )
-    sdist: SdistFile | None = None
+    sdist: SdistFile | None = sdist_of_archive
     if package.sdist is not None:
         s: PackageSdist = package.sdist
         sdist = SdistFile(

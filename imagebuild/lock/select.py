@@ -61,13 +61,8 @@ def _check_installable(lock: Lock, package: LockedPackage) -> None:
     if package.wheels or package.sdist is not None:
         return
     source = package.source
-    if source.kind in ("directory", "editable"):
-        return
-    if source.kind == "git":
-        raise LockError(
-            f"{where} comes from {source.describe()}, which imgbuild cannot install",
-            hint="depend on a released version from an index instead",
-        )
+    if source.kind in ("directory", "editable", "git"):
+        return  # built from source (a git source at its locked commit)
     raise LockError(
         f"{where} ({source.describe()}) lists no wheel to install",
         hint="re-lock so the package is pinned to a wheel",

@@ -23,11 +23,13 @@ from imagebuild.errors import LockError
 from imagebuild.lock.model import RELOCK_HINT, Lock, LockInputs, RecordedLock
 from imagebuild.lock.pylock import read_recorded
 from imagebuild.lock.uvinputs import set_difference, uv_difference
+from imagebuild.lock.uvworkspace import is_workspace_lock, uv_workspace_difference
 from imagebuild.net.transfer import strip_credentials
 from imagebuild.project.spec import ProjectSpec
+from imagebuild.project.workspace import Workspace
 
 
-def check_locked(lock: Lock, project: ProjectSpec) -> None:
+def check_locked(lock: Lock, project: ProjectSpec, *, workspace: Workspace | None = None) -> None:
     """Raise ``LockError`` if ``lock`` no longer records ``project``'s inputs.
 
     For uv.lock this compares what uv records for the root package (``requires-dist``,
@@ -37,10 +39,14 @@ def check_locked(lock: Lock, project: ProjectSpec) -> None:
     by version, markers compared by meaning within ``requires-python``, duplicates merged).
     Inputs the project declares dynamic cannot be read without a build and are skipped.
     A pylock.toml records no inputs; only its declared extras and groups are compared.
+    A uv workspace's lock (``workspace`` given) is judged over every member, as uv does.
     """
-    problem = (
-        uv_difference(lock, project) if lock.kind == "uv" else _pylock_difference(lock, project)
-    )
+    if lock.kind != "uv":
+        problem = _pylock_difference(lock, project)
+    elif workspace is not None and is_workspace_lock(lock, workspace, project):
+        problem = uv_workspace_difference(lock, workspace)
+    else:
+        problem = uv_difference(lock, project)
     if problem is not None:
         raise LockError(
             f"{lock.filename} is out of date with pyproject.toml: {problem}",
@@ -96,6 +102,8 @@ def _origin_label(origin: str) -> str:
     kind, _, name = origin.partition(":")
     if kind == "local":
         return f"local project '{name}'"
+    if kind == "sources":
+        return "tool.uv.sources"
     return f"optional dependencies '{name}'" if kind == "extra" else f"dependency group '{name}'"
 
 
@@ -118,6 +126,8 @@ def _requirements_change(
     for key in sorted(set(before) - set(after)):
         return f"dependency '{before[key]}' was removed"
     for key in sorted(set(before) & set(after)):
+        if before[key].url != after[key].url:
+            return f"'{after[key]}' was '{before[key]}'"
         was, now = before[key].specifier, after[key].specifier
         if str(was) == str(now):
             continue

@@ -9,9 +9,11 @@ markers within ``requires-python``, duplicates merged.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from packaging.markers import InvalidMarker, Marker
 from packaging.requirements import Requirement
@@ -26,24 +28,40 @@ from imagebuild.project.spec import ProjectSpec
 
 def uv_difference(lock: Lock, project: ProjectSpec) -> str | None:
     """The first input of ``project`` that uv.lock ``lock`` no longer records, or None."""
+    if lock.root != project.name or lock.root_metadata is None:
+        return f"project {_q(project.name)} is not the locked project"
     return (
-        _root_difference(lock, project)
-        or _requires_python_difference(lock, project)
-        or _dependencies_difference(lock, project)
-        or _groups_difference(lock, project)
-        or _manifest_difference(lock, project)
+        local_difference(lock, project)
+        or requires_python_difference(lock, project.requires_python)
+        or package_difference(lock, project, _domain(lock, project))
+        or manifest_difference(lock, project.tool_uv, _domain(lock, project))
     )
 
 
-def _root_difference(lock: Lock, project: ProjectSpec) -> str | None:
-    """The root package: present, same version, same packaged/virtual kind."""
+def package_difference(lock: Lock, project: ProjectSpec, domain: SpecifierSet | None) -> str | None:
+    """The first of a local package's dependencies, extras and groups that ``lock`` lacks.
+
+    ``lock.local_metadata`` holds what uv recorded for the package (the root, or a member
+    of the workspace the lock is at the root of); markers are compared within ``domain``.
+    """
+    meta = lock.local_metadata.get(project.name)
+    if meta is None:
+        return f"project {_q(project.name)} is not in the lock"
+    lowering = _Lowering(project, lock.path.parent)
+    return _dependencies_difference(project, meta, domain, lowering) or _groups_difference(
+        project, meta, domain, lowering
+    )
+
+
+def local_difference(lock: Lock, project: ProjectSpec) -> str | None:
+    """A local package's entry (the root, a member): present, same version and kind."""
     roots = [
         p
         for p in lock.packages
         if p.name == project.name and p.source.kind in ("editable", "virtual", "directory")
     ]
-    if not roots or lock.root != project.name or lock.root_metadata is None:
-        return f"project {_q(project.name)} is not the locked project"
+    if not roots:
+        return f"project {_q(project.name)} is not in the lock"
     root = roots[0]
     if project.version is not None and root.version != project.version:
         was = str(root.version) if root.version is not None else "dynamic"
@@ -59,8 +77,8 @@ def _root_difference(lock: Lock, project: ProjectSpec) -> str | None:
     return None
 
 
-def _requires_python_difference(lock: Lock, project: ProjectSpec) -> str | None:
-    requires_python = project.requires_python
+def requires_python_difference(lock: Lock, requires_python: SpecifierSet | None) -> str | None:
+    """``requires-python`` (the project's, or a workspace's intersection) against the lock's."""
     if requires_python is not None and (
         lock.requires_python is None
         or not _specifiers_equivalent(requires_python, lock.requires_python)
@@ -70,14 +88,10 @@ def _requires_python_difference(lock: Lock, project: ProjectSpec) -> str | None:
     return None
 
 
-def _metadata(lock: Lock) -> UvProjectMetadata:
-    assert lock.root_metadata is not None  # _root_difference has returned None
-    return lock.root_metadata
-
-
-def _dependencies_difference(lock: Lock, project: ProjectSpec) -> str | None:
+def _dependencies_difference(
+    project: ProjectSpec, meta: UvProjectMetadata, domain: SpecifierSet | None, lowering: _Lowering
+) -> str | None:
     """Dependencies and extras (skipped where the project declares them dynamic)."""
-    meta, domain, lowering = _metadata(lock), _domain(lock, project), _Lowering(project)
     dynamic = set(project.dynamic)
     if not dynamic & {"dependencies", "optional-dependencies"}:
         ours = [lowering.lower(r) for r in project.dependencies]
@@ -93,8 +107,9 @@ def _dependencies_difference(lock: Lock, project: ProjectSpec) -> str | None:
     return None
 
 
-def _groups_difference(lock: Lock, project: ProjectSpec) -> str | None:
-    meta, domain, lowering = _metadata(lock), _domain(lock, project), _Lowering(project)
+def _groups_difference(
+    project: ProjectSpec, meta: UvProjectMetadata, domain: SpecifierSet | None, lowering: _Lowering
+) -> str | None:
     diff = set_difference(
         "dependency group", set(project.dependency_groups), set(meta.requires_dev)
     )
@@ -110,17 +125,21 @@ def _groups_difference(lock: Lock, project: ProjectSpec) -> str | None:
     return None
 
 
-def _manifest_difference(lock: Lock, project: ProjectSpec) -> str | None:
-    """``[tool.uv]`` constraints, overrides and build constraints against ``[manifest]``."""
-    domain, lowering = _domain(lock, project), _Lowering(project)
+def manifest_difference(
+    lock: Lock, tool_uv: Mapping[str, object], domain: SpecifierSet | None
+) -> str | None:
+    """``[tool.uv]`` constraints, overrides and build constraints against ``[manifest]``.
+
+    ``tool_uv`` is the workspace root's ``[tool.uv]`` (uv reads them there only).
+    """
     for manifest_key, tool_key, what in (
         ("constraints", "constraint-dependencies", "constraint"),
         ("overrides", "override-dependencies", "override"),
         ("build-constraints", "build-constraint-dependencies", "build constraint"),
     ):
-        raw = project.tool_uv.get(tool_key, [])
+        raw = tool_uv.get(tool_key, [])
         texts = [str(r) for r in raw] if isinstance(raw, list) else []
-        ours = [lowering.lower(Requirement(t), lower_sources=False) for t in texts]
+        ours = [_lower_plain(Requirement(t)) for t in texts]
         diff = _compare_requirements(what, ours, list(lock.manifest.get(manifest_key, ())), domain)
         if diff:
             return diff
@@ -148,18 +167,28 @@ def set_difference(what: str, project: Collection[str], lock: Collection[str]) -
 _WILDCARD_SOURCE = (("*", "*"),)
 
 
+def _lower_plain(req: Requirement) -> LockRequirement:
+    """A ``[tool.uv]`` constraint or override as uv records it (sources not lowered)."""
+    return LockRequirement(
+        name=canonicalize_name(req.name),
+        extras=tuple(sorted(canonicalize_name(e) for e in req.extras)),
+        specifier=_uv_specifier_text(req.specifier),
+        marker=str(req.marker) if req.marker is not None else None,
+        source=_WILDCARD_SOURCE if req.url else (),
+    )
+
+
 class _Lowering:
     """Turns pyproject requirements into uv's recorded form (``LockRequirement``)."""
 
-    def __init__(self, project: ProjectSpec) -> None:
+    def __init__(self, project: ProjectSpec, lock_dir: Path) -> None:
         raw_sources = project.tool_uv.get("sources", {})
         self.sources: Mapping[str, object] = raw_sources if isinstance(raw_sources, dict) else {}
         self.indexes = {i.name: i.url or "" for i in project.uv_indexes if i.name is not None}
         self.root = project.root
+        self.lock_dir = lock_dir
 
-    def lower(
-        self, req: Requirement, *, extra: str | None = None, lower_sources: bool = True
-    ) -> LockRequirement:
+    def lower(self, req: Requirement, *, extra: str | None = None) -> LockRequirement:
         marker = str(req.marker) if req.marker is not None else None
         if extra is not None:
             extra_marker = f"extra == '{extra}'"
@@ -168,7 +197,7 @@ class _Lowering:
         source: tuple[tuple[str, str], ...] = ()
         if req.url:
             source = _WILDCARD_SOURCE
-        elif lower_sources:
+        else:
             source = self._source(name)
         return LockRequirement(
             name=name,
@@ -192,9 +221,12 @@ class _Lowering:
             return (("index", self.indexes.get(index, index)),)
         if isinstance(entry.get("path"), str):
             path = posixpath.normpath(entry["path"])
+            kind = "directory" if (self.root / path).is_dir() else "path"
+            if self.root.resolve() != self.lock_dir.resolve():
+                # A member's path source: uv records it from the workspace root.
+                path = posixpath.normpath(os.path.relpath(self.root / path, self.lock_dir))
             if entry.get("editable") is True:
                 return (("editable", path),)
-            kind = "directory" if (self.root / path).is_dir() else "path"
             return ((kind, path),)
         if isinstance(entry.get("url"), str):
             items = [("url", entry["url"])]

@@ -58,17 +58,19 @@ def parse_uv_lock(data: Mapping[str, object], *, path: Path) -> Lock:
     lock_dir = path.parent
     packages: list[LockedPackage] = []
     root: NormalizedName | None = None
-    root_metadata: UvProjectMetadata | None = None
+    local_metadata: dict[NormalizedName, UvProjectMetadata] = {}
     for i, raw in enumerate(raw_packages):
         key = f"package[{i}]"
         table = f.table(raw, key)
         package = _uv_package(f, table, key, lock_dir)
         packages.append(package)
-        if package.source.kind in ("editable", "virtual", "directory") and (
-            posixpath.normpath(package.source.location) == "."
-        ):
-            root = package.name
-            root_metadata = _uv_metadata(f, table.get("metadata", {}), f"{key}.metadata")
+        if package.source.kind in ("editable", "virtual", "directory"):
+            # Workspace members are judged by ``--locked`` as the root is.
+            local_metadata[package.name] = _uv_metadata(
+                f, table.get("metadata", {}), f"{key}.metadata"
+            )
+            if posixpath.normpath(package.source.location) == ".":
+                root = package.name
 
     return Lock(
         kind="uv",
@@ -77,7 +79,8 @@ def parse_uv_lock(data: Mapping[str, object], *, path: Path) -> Lock:
         root=root,
         packages=sort_packages(packages),
         revision=revision,
-        root_metadata=root_metadata,
+        root_metadata=local_metadata.get(root) if root is not None else None,
+        local_metadata=dict(sorted(local_metadata.items())),
         manifest=_uv_manifest(f, data.get("manifest", {})),
         environments=environments,
     )
@@ -237,6 +240,10 @@ def _uv_artifact_location(f: Fields, table: Mapping[str, object], where: _Where)
         if source.kind == "url":
             return filename, source.location
         f.fail(key, f"cannot locate {filename} for a {source.kind} source")
+    if source.kind in ("url", "path"):
+        # A direct archive's sdist (uv writes only its hash): the source is the file.
+        location = source.location if source.kind == "url" else file_url(lock_dir, source.location)
+        return url_filename(source.location), location
     f.fail(key, "needs 'url', 'path' or 'filename'")
 
 

@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import tomlkit
 from packaging.requirements import Requirement
@@ -33,14 +35,17 @@ from imagebuild.index.model import IndexFile
 from imagebuild.lock.model import LockInputs, sort_targets
 from imagebuild.lock.pylock import INPUTS_VERSION
 from imagebuild.net.transfer import strip_credentials
+from imagebuild.project.sources import uv_direct_sources
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.platform import TargetPlatform
 
 if TYPE_CHECKING:
+    from imagebuild.lock.direct import DirectPackage
     from imagebuild.lock.resolve import Pin, Resolution
     from imagebuild.project.workspace import LocalPackage
 
 MAIN = ""  # origin of project.dependencies
+SOURCES = "sources"  # origin of [tool.uv.sources] git and archive entries (recorded only)
 
 
 def environment_marker(target: TargetPlatform) -> str:
@@ -72,7 +77,7 @@ def project_inputs(
 ) -> LockInputs:
     """The inputs of a lock of ``project`` (and the local projects it uses) for ``targets``."""
     requirements = [
-        (origin, tuple(sorted(str(r) for r in reqs)))
+        (origin, tuple(sorted(_recorded(r) for r in reqs)))
         for origin, reqs in project_roots(project).items()
     ]
     for spec in sorted(local, key=lambda p: p.name):
@@ -83,6 +88,10 @@ def project_inputs(
                 Requirement(f"{r}; extra == '{extra}'") if not r.marker else r for r in extra_reqs
             ]
         requirements.append((f"local:{spec.name}", tuple(sorted(str(r) for r in reqs))))
+    direct = uv_direct_sources(project)
+    if direct:
+        # Where git and archive sources point is an input too (never their credentials).
+        requirements.append((SOURCES, tuple(sorted(s.describe() for s in direct.values()))))
     return LockInputs(
         requires_python=str(project.requires_python) if project.requires_python else None,
         requirements=tuple(requirements),
@@ -90,6 +99,15 @@ def project_inputs(
         prereleases=prereleases,
         targets=sort_targets(targets),
     )
+
+
+def _recorded(req: Requirement) -> str:
+    """A requirement as a lock records it: a direct URL without its credentials."""
+    if not req.url:
+        return str(req)
+    copy = Requirement(str(req))
+    copy.url = strip_credentials(req.url)
+    return str(copy)
 
 
 # -- rendering --------------------------------------------------------------------------
@@ -104,6 +122,7 @@ def render_pylock(
     lock_dir: Path,
     local: Mapping[NormalizedName, LocalPackage] | None = None,
     base_digests: Mapping[str, str] | None = None,
+    direct: Sequence[DirectPackage] = (),
 ) -> str:
     """The pylock.toml text for ``resolutions`` (one per target), deterministic.
 
@@ -124,6 +143,7 @@ def render_pylock(
     all_targets = sort_targets([r.target for r in resolutions])
     doc = _header(inputs, all_targets)
     entries = _local_entries(local or {}, all_targets, lock_dir)
+    entries += [_direct_entry(p, all_targets, lock_dir) for p in direct]
     for key in sorted(pins):
         table = _pin_table(pins[key], presence[key], all_targets)
         entries.append((key[0], str(key[1]), table))
@@ -190,6 +210,51 @@ def _local_entries(
         table.add("directory", _inline({"path": Path(path).as_posix(), "editable": False}))
         entries.append((name, "", table))
     return entries
+
+
+def _direct_entry(
+    package: DirectPackage, all_targets: Sequence[TargetPlatform], lock_dir: Path
+) -> _Entry:
+    """A ``vcs`` or ``archive`` entry, with the marker of the requirements on it."""
+    presence: dict[TargetPlatform, set[str]] = {}
+    for target in all_targets:
+        env = {**target.marker_environment(), "extra": ""}
+        origins = {
+            origin
+            for origin, markers in package.markers.items()
+            if any(m is None or m.evaluate(env) for m in markers)
+        }
+        if origins:
+            presence[target] = origins
+    table = tomlkit.table()
+    table.add("name", package.name)
+    table.add("version", str(package.version))
+    marker = _package_marker(presence, all_targets) if presence else None
+    if marker:
+        table.add("marker", marker)
+    if package.requires_python is not None:
+        table.add("requires-python", str(package.requires_python))
+    source = package.source
+    if source.kind == "git":
+        vcs: dict[str, object] = {"type": "git", "url": strip_credentials(source.url)}
+        if source.revision is not None:
+            vcs["requested-revision"] = source.revision[1]
+        vcs["commit-id"] = package.commit or ""
+        if source.subdirectory:
+            vcs["subdirectory"] = source.subdirectory
+        table.add("vcs", _inline(vcs))
+    else:
+        archive: dict[str, object] = {}
+        if source.kind == "path":
+            local = Path(url2pathname(urlsplit(source.url).path))
+            archive["path"] = Path(os.path.relpath(local, lock_dir)).as_posix()
+        else:
+            archive["url"] = strip_credentials(source.url)
+        if package.size is not None:
+            archive["size"] = package.size
+        archive["hashes"] = _inline({"sha256": package.sha256 or ""})
+        table.add("archive", _inline(archive))
+    return (package.name, str(package.version), table)
 
 
 def _pin_table(

@@ -18,6 +18,7 @@ from imagebuild.errors import ProjectError
 from imagebuild.image.name import ImageReference
 from imagebuild.lock.model import LockInputs
 from imagebuild.lock.writer import project_inputs
+from imagebuild.pipeline.published import pull_published
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.base import BaseFacts, CatalogEntry, inspect_layers
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from imagebuild.image.model import BaseImage
     from imagebuild.image.store import BlobStore
     from imagebuild.pipeline.ports import Registry
+    from imagebuild.report import Reporter
 
 
 def pinned_reference(reference: str, pinned: Mapping[str, Digest]) -> ImageReference:
@@ -86,11 +88,13 @@ def lock_targets(
     cache: Path,
     mirrors: Mapping[str, str],
     pinned: Mapping[str, Digest] | None = None,
+    reporter: Reporter | None = None,
 ) -> tuple[tuple[TargetPlatform, ...], dict[str, str]]:
     """The targets a lock covers, and the base digests seen (reference -> digest).
 
     A base given by reference is pulled to learn them: at the digest in ``pinned`` (what
-    the lock recorded) when there is one, else at its tag.
+    the lock recorded) when there is one, else at its tag; only the asked platforms it
+    is published for are covered (``reporter`` hears when that is fewer).
     """
     entry, reference = base_reference(settings, project)
     archs = [p.partition("/")[2] for p in settings.platforms]
@@ -100,11 +104,13 @@ def lock_targets(
         raise ProjectError(f"base {reference!r} must be pulled to learn its Python and libc")
     ref = pinned_reference(reference, pinned or {}).with_mirrors(mirrors)
     # The digest of what the tag names (an index, for a multi-platform base), once.
-    digests: dict[str, str] = {reference: ref.digest or registry.fetch_manifest(ref)[2]}
-    found = []
-    for arch in archs:
-        base = registry.pull_image(ref, platform=("linux", arch), store=store)
-        found.append(target_of(arch, base_facts(base, store, cache, arch, None)))
+    body, _, digest = registry.fetch_manifest(ref)
+    digests: dict[str, str] = {reference: ref.digest or digest}
+    # Only the platforms the base is published for (a one-platform base: a one-platform lock).
+    pulled = pull_published(registry, ref, body=body, archs=archs, store=store, reporter=reporter)
+    found = [
+        target_of(arch, base_facts(base, store, cache, arch, None)) for arch, base in pulled.items()
+    ]
     return tuple(found), digests
 
 
@@ -119,6 +125,7 @@ def lock_inputs(
     cache: Path,
     mirrors: Mapping[str, str],
     pinned: Mapping[str, Digest],
+    reporter: Reporter | None = None,
 ) -> tuple[LockInputs, tuple[TargetPlatform, ...], dict[str, str]]:
     """What a lock of ``project`` records as its inputs, its targets, and base digests seen.
 
@@ -133,6 +140,7 @@ def lock_inputs(
         cache=cache,
         mirrors=mirrors,
         pinned=pinned,
+        reporter=reporter,
     )
     inputs = project_inputs(
         project,

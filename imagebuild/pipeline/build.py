@@ -11,14 +11,14 @@ half-built image tagged, loaded or pushed.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
-from imagebuild.cache import CacheLayout
+from imagebuild.build.secrets import source_policy
+from imagebuild.cache import CacheLayout, scratch_tree, sweep_scratch
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LockError, ProjectError
 from imagebuild.image.model import Image, ImageIndex
@@ -31,9 +31,9 @@ from imagebuild.lock.staleness import check_locked, check_recorded
 from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
-from imagebuild.pipeline.locate import locate_lock, project_settings
+from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
 from imagebuild.pipeline.lock import run_lock
-from imagebuild.pipeline.outputs import write_order
+from imagebuild.pipeline.outputs import check_engine_answers, write_order
 from imagebuild.pipeline.platform import (
     BaseSource,
     Compilers,
@@ -49,7 +49,7 @@ from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.project.workspace import Workspace, expand_local
 from imagebuild.sinks.sink import Finished, Sink
-from imagebuild.target.choose import base_reference
+from imagebuild.target.choose import base_reference, check_python_fits
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -77,27 +77,22 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     # builds on the same base after its tag has moved (`imgbuild lock --upgrade` moves it).
     pinned = dict(lock.recorded.bases) if lock.recorded is not None else {}
     _judge_lock(request, found, lock, store, pinned, ports)
+    check_engine_answers(sinks)
     ports.reporter.step(f"lock: {lock.path.name}")
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
         root=cache.build_envs, indexes=found.indexes, credentials=found.credentials
     )
-    cache.tmp.mkdir(parents=True, exist_ok=True)
+    # Trees that killed builds left are removed; running builds' trees are locked.
+    sweep_scratch(cache.tmp)
     with (
-        tempfile.TemporaryDirectory(prefix="imgbuild-", dir=cache.tmp) as tmp,
+        scratch_tree(cache.tmp) as work,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-project") as pool,
     ):
-        work = Path(tmp)
         # The project's own wheel needs neither the base nor the dependencies: it is built
         # while they are pulled and fetched.
         ports.reporter.step(f"build: {found.project.name} wheel")
-        project_wheel = pool.submit(
-            build_project_wheel,
-            found.project.root,
-            work / "dist",
-            source_date_epoch=request.source_date_epoch,
-            envs=envs,
-        )
+        project_wheel = pool.submit(_project_wheel, found, work / "dist", request, envs)
         build = PlatformBuild(
             request=request,
             project=found.project,
@@ -115,6 +110,8 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
                 epoch=request.source_date_epoch,
                 envs=envs,
                 reporter=ports.reporter,
+                git_bucket=cache.git,
+                policy=source_policy(found.settings),
             ),
             compilers=Compilers(),
         )
@@ -124,7 +121,39 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
         written = [
             line for sink in write_order(sinks) for line in sink.write(finished, ports.reporter)
         ]
-    return BuildResult(manifest_digest=finished.image.manifest.digest, written=tuple(written))
+    return _result(finished, images, tuple(written))
+
+
+def _project_wheel(
+    found: _Project, out: Path, request: BuildRequest, envs: BuildEnvironments
+) -> Path:
+    """The project's wheel, from what ``.dockerignore`` and ``exclude`` keep, secrets refused."""
+    return build_project_wheel(
+        found.project.root,
+        out,
+        source_date_epoch=request.source_date_epoch,
+        envs=envs,
+        policy=source_policy(found.settings),
+    )
+
+
+def _result(
+    finished: Finished, images: Sequence[PlatformImage], written: tuple[str, ...]
+) -> BuildResult:
+    """What the build answers: where the image went, and its size and layers for the summary."""
+    blobs = {finished.image.manifest.digest: finished.image.manifest.size}
+    for platform in images:
+        image = platform.image
+        for desc in (image.manifest, image.config, *image.layers):
+            blobs[desc.digest] = desc.size
+    return BuildResult(
+        manifest_digest=finished.image.manifest.digest,
+        written=written,
+        tag=str(finished.tags[0]),
+        size=sum(blobs.values()),
+        layers=sum(len(p.image.layers) for p in images),
+        layers_built=sum(p.built for p in images),
+    )
 
 
 def check_platforms(platforms: Sequence[str], sinks: Sequence[Sink]) -> None:
@@ -170,8 +199,9 @@ def _open_project(request: BuildRequest, ports: Ports) -> _Project:
         extras=request.extras,
     )
     tags = request.tags or (f"{project.name}:latest",)
+    check_python_fits(settings, project)
     # A lock records no credentials: find them again for the project's indexes.
-    indexes = lock_indexes(settings, project, workspace)
+    indexes = request.index_urls or lock_indexes(settings, project, workspace)
     credentials = IndexCredentials(index_entries(indexes, project, workspace))
     ports.http.auth = credentials
     return _Project(
@@ -192,6 +222,9 @@ def _find_lock(request: BuildRequest, found: _Project, ports: Ports) -> Lock:
         path = found.member_lock if found.member_lock.is_file() else None
     else:
         path = find_lock(found.project.root)
+    if path is None:
+        # A workspace member: the lock uv wrote at the workspace root, as `uv sync` finds it.
+        path = workspace_lock(found.project, found.workspace)
     if path is None:
         if request.lock_mode != "check-if-present":
             raise LockError(
@@ -243,7 +276,7 @@ def _judge_lock(
             )
             if check_recorded(lock.recorded, inputs, filename=lock.filename):
                 return
-        check_locked(lock, project)
+        check_locked(lock, project, workspace=found.workspace)
     except LockError as exc:
         if request.lock_mode == "locked":
             raise
@@ -280,4 +313,5 @@ def _finished(images: Sequence[PlatformImage], found: _Project, build: PlatformB
         layers=first.layers,
         config=first.config,
         title=f"{project.name} {project.version or ''}".strip(),
+        sboms=tuple((p.image.digest, p.sbom) for p in images if p.sbom is not None),
     )

@@ -6,7 +6,7 @@ final assembly of one platform's image with its base annotations.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -48,6 +48,39 @@ def build_entrypoint(
         f"{project.root / 'pyproject.toml'}: several [project.scripts] ({', '.join(scripts)}) "
         "and no entrypoint",
         hint='set [tool.imgbuild] entrypoint = ["NAME"]',
+    )
+
+
+def check_entrypoint(
+    settings: ImageSettings,
+    project: ProjectSpec,
+    venv: VenvLayout,
+    installed: Callable[[], Collection[str]],
+) -> None:
+    """Refuse an entrypoint whose command the image will not have.
+
+    A path (with a ``/``) is the user's to vouch for; a bare name must be one of the
+    project's ``[project.scripts]``, the venv's ``python``, or a script a locked package
+    installs (``installed`` lists those; it is asked only when the name is none of the
+    others). Else the image would build and fail at its first start.
+    """
+    if not settings.entrypoint:
+        return
+    name = settings.entrypoint[0]
+    major, minor = venv.python_version
+    if (
+        "/" in name
+        or name in project.scripts
+        or name in ("python", "python3", f"python{major}.{minor}")
+    ):
+        return
+    if name and name in installed():
+        return
+    scripts = ", ".join(sorted(project.scripts)) or "none"
+    raise ProjectError(
+        f"{project.root / 'pyproject.toml'}: tool.imgbuild.entrypoint {name!r} is neither a "
+        f"script of the project ([project.scripts]: {scripts}) or of a locked package, nor a path",
+        hint=f"name a script, or give a path such as {venv.python}",
     )
 
 

@@ -49,6 +49,16 @@ class LayerJob:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class BuiltLayers:
+    """A plan's layers and how many of them this build made (the rest came from the cache)."""
+
+    layers: tuple[Layer, ...]
+    """The layers, bottom first."""
+    built: int
+    """How many were staged and tarred now."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class _Staged:
     index: int
     spec: LayerSpec
@@ -58,30 +68,41 @@ class _Staged:
 
 def build_layers(
     plan: LayerPlan, venv: VenvLayout, compiler: BytecodeCompiler | None, job: LayerJob
-) -> list[Layer]:
+) -> BuiltLayers:
     """The layers of ``plan``, bottom first: from the cache, or staged, compiled and tarred."""
     layers: dict[int, Layer] = {}
-    pending: list[_Staged] = []
+    missing: list[tuple[int, LayerSpec, Path]] = []
     for index, spec in enumerate(plan.layers):
         compiled_by = compiler.identity if compiler is not None and spec.wheels else None
         record = job.records / f"{layer_key(spec, venv, compiled_by, job.mtime)}.json"
         cached = _cached(record, job.store)
         if cached is not None:
             layers[index] = cached
-            continue
-        job.reporter.step(f"layer {index + 1}/{len(plan.layers)}: {spec.description}")
+        else:
+            missing.append((index, spec, record))
+    report = job.reporter
+    pending: list[_Staged] = []
+    for done, (index, spec, record) in enumerate(missing):
+        report.progress("install", done, len(missing), "layers")
+        report.step(f"layer {index + 1}/{len(plan.layers)}: {spec.description}")
         pending.append(_stage(index, spec, venv, record, job.work))
+    if missing:
+        report.progress("install", len(missing), len(missing), "layers")
     _compile(pending, venv, compiler, job)
     # Tarring and compressing is mostly zlib and hashing, which run outside the GIL: the
     # layers are written side by side, one per CPU.
     with ThreadPoolExecutor(
         max_workers=os.cpu_count() or 1, thread_name_prefix="imgbuild-tar"
     ) as pool:
-        for staged, layer in zip(
-            pending, pool.map(lambda s: _finish(s, job), pending), strict=True
-        ):
+        finished = pool.map(lambda s: _finish(s, job), pending)
+        for done, (staged, layer) in enumerate(zip(pending, finished, strict=True)):
+            report.progress("compress", done, len(pending), "layers")
             layers[staged.index] = layer
-    return [layers[index] for index in range(len(plan.layers))]
+    if pending:
+        report.progress("compress", len(pending), len(pending), "layers")
+    return BuiltLayers(
+        layers=tuple(layers[index] for index in range(len(plan.layers))), built=len(pending)
+    )
 
 
 def _cached(record: Path, store: BlobStore) -> Layer | None:
@@ -109,7 +130,10 @@ def _compile(
     sources = [f for s in pending if s.spec.wheels for f in compile_sources(s.staging, venv)]
     if compiler is not None and sources:
         job.reporter.step(f"compile: {len(sources)} modules")
+        # One compiler run: its progress is its start and its end.
+        job.reporter.progress("compile", 0, len(sources), "modules")
         compiler.compile(job.work / "layers", sources)
+        job.reporter.progress("compile", len(sources), len(sources), "modules")
 
 
 def _finish(staged: _Staged, job: LayerJob) -> Layer:

@@ -18,11 +18,13 @@ from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
+from imagebuild.build.pep517 import BuildEnvironments
 from imagebuild.cache import CacheLayout, write_json
 from imagebuild.digest import Digest
 from imagebuild.errors import LockError, RegistryError
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
+from imagebuild.lock.direct import DirectPackage
 from imagebuild.lock.model import LockInputs, RecordedLock
 from imagebuild.lock.pylock import load_recorded
 from imagebuild.lock.resolve import Resolution, resolve
@@ -30,6 +32,7 @@ from imagebuild.lock.staleness import check_recorded
 from imagebuild.lock.writer import project_roots, render_pylock, write_pylock
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs
+from imagebuild.pipeline.direct import DirectLocking, lock_direct
 from imagebuild.pipeline.locate import locate_lock, project_settings
 from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import LockRequest, LockResult
@@ -81,6 +84,7 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
         cache=request.cache_dir,
         mirrors=request.mirrors,
         pinned=pinned,
+        reporter=ports.reporter,
     )
     described = tuple(t.describe() for t in targets)
     if request.check:
@@ -97,6 +101,7 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
     # The catalog base's digest is recorded for the record only: look it up beside the
     # resolution rather than before it.
     lookup = _catalog_digest(settings, project, pinned, ports.registry, request.mirrors)
+    roots, direct = lock_direct(project, roots, _direct_locking(request, indexes, ports))
     resolving = _Resolving(
         request=request,
         settings=settings,
@@ -108,7 +113,20 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
     )
     resolutions = _resolve_all(resolving, targets, ports)
     digests.update(lookup())
-    return _write(resolving, project, inputs, resolutions, local, digests, described)
+    return _write(resolving, project, inputs, resolutions, local, digests, described, direct)
+
+
+def _direct_locking(request: LockRequest, indexes: Sequence[str], ports: Ports) -> DirectLocking:
+    """Git and archive sources are read through backends from the project's indexes."""
+    credentials = ports.http.auth if isinstance(ports.http.auth, IndexCredentials) else None
+    envs = BuildEnvironments(
+        root=CacheLayout(request.cache_dir).build_envs,
+        indexes=tuple(indexes),
+        credentials=credentials,
+    )
+    return DirectLocking(
+        http=ports.http, cache_dir=request.cache_dir, envs=envs, reporter=ports.reporter
+    )
 
 
 def _existing_record(path: Path, *, upgrade: bool) -> RecordedLock | None:
@@ -237,6 +255,7 @@ def _write(
     local: Mapping[NormalizedName, LocalPackage],
     digests: Mapping[str, str],
     described: tuple[str, ...],
+    direct: Sequence[DirectPackage] = (),
 ) -> LockResult:
     """Render the pylock and write it when its text changed."""
     path = resolving.path
@@ -248,11 +267,12 @@ def _write(
         lock_dir=path.parent,
         local=local,
         base_digests=digests,
+        direct=direct,
     )
     old = path.read_text(encoding="utf-8") if path.is_file() else None
     if text != old:
         write_pylock(path, text)
-    names = {pin.name for r in resolutions for pin in r.pins}
+    names = {pin.name for r in resolutions for pin in r.pins} | {p.name for p in direct}
     return LockResult(path=path, changed=text != old, packages=len(names), targets=described)
 
 

@@ -91,3 +91,16 @@ def make_sinks(
 def write_order(sinks: Sequence[Sink]) -> list[Sink]:
     """``sinks`` in the order they are written (see the module doc); stable within a group."""
     return sorted(sinks, key=lambda sink: _WRITE_ORDER.get(sink.kind, 2))
+
+
+def check_engine_answers(sinks: Sequence[Sink]) -> None:
+    """A ``docker`` output needs an engine: ask it before the build, not after it.
+
+    ``--output oci:`` and the other file outputs need none, so they are not asked.
+    """
+    from imagebuild.sinks.engine import DockerSink
+
+    for sink in sinks:
+        if isinstance(sink, DockerSink):
+            sink.connect()
+            return

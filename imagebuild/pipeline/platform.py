@@ -13,26 +13,36 @@ from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.sdist import build_sdist_wheel
+from imagebuild.build.secrets import SourcePolicy
 from imagebuild.cache import CacheLayout
 from imagebuild.errors import ProjectError, TargetError
+from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.install.fetch import WheelCache, fetch_wheels
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
 from imagebuild.install.plan import PlannedWheel, plan_layers
+from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage, WheelFile
 from imagebuild.lock.select import select_packages
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler
-from imagebuild.pipeline.config import build_image_config, build_platform_image
+from imagebuild.pipeline.config import (
+    build_image_config,
+    build_platform_image,
+    check_entrypoint,
+)
+from imagebuild.pipeline.direct import git_package_wheel
 from imagebuild.pipeline.layers import LayerJob, build_layers
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
+from imagebuild.pipeline.sbom import SBOM_LAYERS, add_sbom
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.report import Reporter
 from imagebuild.target.base import BaseFacts, CatalogEntry
+from imagebuild.target.choose import check_base_python
 from imagebuild.target.platform import TargetPlatform
 
 
@@ -54,19 +64,46 @@ class LocalWheels:
     """Workspace members and path dependencies, built from source once for every platform."""
 
     def __init__(
-        self, *, lock_dir: Path, out: Path, epoch: int, envs: BuildEnvironments, reporter: Reporter
+        self,
+        *,
+        lock_dir: Path,
+        out: Path,
+        epoch: int,
+        envs: BuildEnvironments,
+        reporter: Reporter,
+        git_bucket: Path | None = None,
+        policy: SourcePolicy | None = None,
     ) -> None:
         self._lock_dir, self._out, self._epoch = lock_dir, out, epoch
+        self._policy = policy  # .dockerignore, exclude and the secrets check (build.secrets)
         self._envs, self._reporter = envs, reporter
         self._built: dict[str, PlannedWheel] = {}
+        # Where git sources are mirrored and built (``CacheLayout.git``).
+        self.git_bucket = git_bucket
 
     def get(self, pkg: LockedPackage) -> PlannedWheel:
         """The wheel of ``pkg`` (a local directory source), built the first time it is asked."""
+        if pkg.name not in self._built and pkg.source.kind == "git":
+            assert self.git_bucket is not None
+            wheel = git_package_wheel(
+                pkg,
+                bucket=self.git_bucket,
+                epoch=self._epoch,
+                envs=self._envs,
+                reporter=self._reporter,
+            )
+            self._built[pkg.name] = PlannedWheel(
+                name=pkg.name, version=wheel.name.split("-")[1], path=wheel
+            )
         if pkg.name not in self._built:
             source_dir = (self._lock_dir / pkg.source.location).resolve()
             self._reporter.step(f"build: {pkg.name} wheel from {pkg.source.location}")
             wheel = build_project_wheel(
-                source_dir, self._out, source_date_epoch=self._epoch, envs=self._envs
+                source_dir,
+                self._out,
+                source_date_epoch=self._epoch,
+                envs=self._envs,
+                policy=self._policy,
             )
             self._built[pkg.name] = PlannedWheel(
                 name=pkg.name, version=wheel.name.split("-")[1], path=wheel
@@ -129,6 +166,10 @@ class PlatformImage:
     """imgbuild's own layers, bottom first."""
     config: ImageConfig
     """The configuration imgbuild set."""
+    built: int = 0
+    """How many of ``layers`` this build made (the others came from the layer cache)."""
+    sbom: Descriptor | None = None
+    """The image's SBOM document as a blob (``image.sbom``), for a registry referrer."""
 
 
 def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
@@ -145,9 +186,15 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         PlannedWheel(name=project.name, version=wheel.name.split("-")[1], path=wheel),
         local=members,
         max_layers=build.settings.max_layers,
-        base_layers=len(base_image.layers),
+        base_layers=len(base_image.layers) + SBOM_LAYERS,
     )
     venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
+    check_entrypoint(
+        build.settings,
+        project,
+        venv,
+        lambda: scripts_of([wheel, *(w.path for w in (*dependencies, *members))]),
+    )
     compiler = None
     if request.compile_bytecode:
         compiler = build.compilers.get(arch, lambda: _choose(build, facts, base_image))
@@ -158,7 +205,17 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         mtime=request.source_date_epoch,
         reporter=build.ports.reporter,
     )
-    layers = build_layers(plan, venv, compiler, job)
+    built = build_layers(plan, venv, compiler, job)
+    layers, sbom = add_sbom(
+        built.layers,
+        plan,
+        lock=build.lock,
+        project=project.name,
+        venv=venv,
+        store=build.store,
+        work=build.work,
+        epoch=request.source_date_epoch,
+    )
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
     image = build_platform_image(
         base_image,
@@ -168,7 +225,14 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         base_ref=build.base.reference,
         store=build.store,
     )
-    return PlatformImage(image=image, base=base_image, layers=tuple(layers), config=config)
+    return PlatformImage(
+        image=image,
+        base=base_image,
+        layers=tuple(layers),
+        config=config,
+        built=built.built,
+        sbom=sbom,
+    )
 
 
 def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFacts]:
@@ -193,6 +257,8 @@ def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFact
             f"not {'.'.join(map(str, wanted))}",
             hint="pick a base with that Python or change --python",
         )
+    if base.entry is None:
+        check_base_python(build.project, facts.python_version, base=base.reference)
     return image, facts
 
 
@@ -214,7 +280,12 @@ def _dependencies(
     chosen, from_sdist, local = sort_sources(packages, target)
     reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
     cache = CacheLayout(build.request.cache_dir)
-    paths = fetch_wheels(build.ports.http, [wheel for _, wheel in chosen], WheelCache(cache.wheels))
+    paths = fetch_wheels(
+        build.ports.http,
+        [wheel for _, wheel in chosen],
+        WheelCache(cache.wheels),
+        reporter=reporter,
+    )
     wheels = [
         PlannedWheel(
             name=pkg.name,

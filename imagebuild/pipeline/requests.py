@@ -52,6 +52,9 @@ class BuildRequest:
     """Registry host -> mirror host, for pulling the base."""
     expect_digest: str | None = None
     """Refuse to send the image anywhere unless its (or its index's) digest is this."""
+    index_urls: tuple[str, ...] = ()
+    """Command-line indexes (primary first), as ``imgbuild lock`` takes them; empty means
+    the settings, then ``[[tool.uv.index]]``. ``--locked`` compares them with the lock's."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -62,6 +65,14 @@ class BuildResult:
     """The image manifest's digest, or the image index's for several platforms."""
     written: tuple[str, ...]
     """The lines the sinks answered: what was loaded, written or pushed."""
+    tag: str = ""
+    """The first tag the image was given."""
+    size: int = 0
+    """Bytes of its blobs as stored (compressed layers, configs, manifests), each counted once."""
+    layers: int = 0
+    """How many layers it has (summed over platforms), its base's included."""
+    layers_built: int = 0
+    """How many of those this build made; the rest were the base's or the layer cache's."""
 
     def summary_lines(self) -> list[str]:
         """Lines the CLI prints on success."""

@@ -19,6 +19,8 @@ Recognised keys (all optional)::
     platforms = ["linux/amd64", "linux/arm64"]   # what imgbuild lock covers
     prereleases = false
     max-layers = 100               # layers in the whole image, the base's included (engines: 127)
+    exclude = ["tests/**"]         # kept from the wheel's build, after .dockerignore (its syntax)
+    allow-secrets = ["app/demo.pem"]  # wheel paths that may ship though they look like secrets
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from imagebuild.project.fields import Fields
 
 DEFAULT_USER = "65532"
 _VERSION_RE = re.compile(r"^3\.(\d+)$")
+# POSIX portable user names (useradd's rule, upper case allowed); ids are 32-bit, -1 reserved.
+_USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+_MAX_ID = 2**32 - 2
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,6 +76,10 @@ class ImageSettings:
     """Allow pre-releases everywhere when locking."""
     max_layers: int = 100
     """Layers the image may have in all, the base's included (engines refuse more than 127)."""
+    exclude: tuple[str, ...] = ()
+    """Source patterns the project's wheel is built without (``.dockerignore`` syntax)."""
+    allow_secrets: tuple[str, ...] = ()
+    """Wheel paths or patterns that may ship though they look like secrets."""
     source: str = field(default="pyproject.toml", compare=False)
     """Where settings came from, for messages."""
 
@@ -101,6 +110,8 @@ _KNOWN = frozenset(
         "platforms",
         "prereleases",
         "max-layers",
+        "exclude",
+        "allow-secrets",
     }
 )
 _PLATFORMS = ("linux/amd64", "linux/arm64")
@@ -134,6 +145,8 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         ports=_ports(t),
         groups=tuple(sorted(set(t.strings("groups") or ()))),
         extras=tuple(sorted(set(t.strings("extras") or ()))),
+        exclude=t.strings("exclude") or (),
+        allow_secrets=t.strings("allow-secrets") or (),
         source=source,
     )
 
@@ -186,10 +199,26 @@ def _ports(t: _Table) -> tuple[int, ...]:
 
 
 def _user(t: _Table) -> str:
+    """``NAME``, ``UID``, or either with ``:GROUP``/``:GID``, as the engine runs it.
+
+    A TOML ``true`` is not a uid (``bool`` is an ``int`` in Python), and neither is a
+    negative number: both used to reach the image config as written.
+    """
     user = t.data.get("user", DEFAULT_USER)
-    if not isinstance(user, str | int):
-        t.fail("user", f"expected a user name or uid, got {user!r}")
-    return str(user)
+    text = str(user) if isinstance(user, int) and not isinstance(user, bool) else user
+    if not isinstance(text, str) or not all(_user_part(p) for p in text.split(":", 1)):
+        t.fail(
+            "user",
+            f"expected a user name or uid, optionally with :group, got {user!r}",
+            hint='use e.g. "65532", "65532:65532" or "nonroot"',
+        )
+    return text
+
+
+def _user_part(part: str) -> bool:
+    if part.isdecimal():
+        return part.isascii() and int(part) <= _MAX_ID
+    return _USER_NAME_RE.fullmatch(part) is not None
 
 
 def _platforms(t: _Table) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 
 from imagebuild.errors import ProjectError
+from imagebuild.project.sources import ARCHIVE_SUFFIXES
 from imagebuild.project.spec import ProjectSpec, UvIndex, load_project, parse_uv_indexes
 
 
@@ -142,23 +143,16 @@ def local_sources(project: ProjectSpec, workspace: Workspace) -> dict[Normalized
                     hint="add it to [tool.uv.workspace] members in the workspace root",
                 )
             found[name] = workspace.members[name].root
-        elif isinstance(entry.get("path"), str):
+        elif isinstance(entry.get("path"), str) and not entry["path"].endswith(ARCHIVE_SUFFIXES):
             path = (project.root / entry["path"]).resolve()
             if not (path / "pyproject.toml").is_file():
                 raise ProjectError(
                     f"{where}: {entry['path']!r} is not a project directory "
                     "(it has no pyproject.toml)",
-                    hint="point the path at a directory with a pyproject.toml "
-                    "(wheel and sdist paths are not supported)",
+                    hint="point the path at a project directory, a wheel or an sdist",
                 )
             found[name] = path
-        elif "git" in entry or "url" in entry:
-            # Resolving the name on an index instead would lock a different package.
-            kind = "git" if "git" in entry else "url"
-            raise ProjectError(
-                f"{where}: {kind} sources are not supported by imgbuild lock",
-                hint="depend on a released version from an index, or a local path",
-            )
+        # git, URL and archive sources: project.sources (fetched when locking).
     return found
 
 

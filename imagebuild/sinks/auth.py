@@ -1,185 +1,42 @@
-"""Registry logins and the distribution token flow: who we are, and how a request gets in.
-
-Logins come from an explicit ``--username``/``--password-stdin`` or from Docker's
-``config.json``; docker-py decodes its ``auths`` entries and runs its credential helpers.
+"""How a registry request gets in: the distribution token flow, over the right scheme.
 
 Authentication follows the distribution token spec: requests go out anonymously (or with a
 cached token); a 401 carries a ``WWW-Authenticate`` challenge, ``Bearer`` (fetch a token from
 the realm for the scope, with Basic credentials when known) or ``Basic`` (send credentials);
-the request is then sent once more. Tokens are cached per registry and scope.
-``RegistrySession`` does this for the client in ``sinks.remote`` and turns every failure into
-one ``RegistryError`` naming the reference, the operation and a fix.
+the request is then sent once more. Tokens are cached per registry and scope. Logins come
+from ``sinks.logins`` (re-exported here). ``RegistrySession`` does this for the client in
+``sinks.remote`` and turns every failure into one ``RegistryError`` naming the reference,
+the operation and a fix.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
-import json
 import re
-import warnings
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import docker.auth
-import docker.credentials
-import docker.errors
 import httpx
 
 from imagebuild.errors import RegistryError
-from imagebuild.image.name import DOCKER_HUB, ImageReference, normalize_registry, registry_url
+from imagebuild.image.name import ImageReference, registry_url
+from imagebuild.net.transfer import redact, redact_text
+from imagebuild.sinks.logins import Credentials, CredentialStore
+
+__all__ = [
+    "Body",
+    "Challenge",
+    "CredentialStore",
+    "Credentials",
+    "Op",
+    "RegistrySession",
+    "parse_challenge",
+]
 
 Body = Callable[[], bytes | httpx.SyncByteStream]
 """Makes a request's body afresh for each attempt: bytes, or a stream that re-reads a file."""
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Credentials:
-    """A login for one registry."""
-
-    username: str
-    """User name (``<token>`` when ``password`` is an identity token, as Docker writes it)."""
-    password: str = field(repr=False)
-    """Password or personal access token."""
-    identity_token: str | None = field(default=None, repr=False)
-    """An OAuth2 refresh token (``identitytoken`` in config.json), exchanged for access tokens."""
-
-
-def _normalize_auth_key(key: str) -> str:
-    """Docker's config keys may be hosts or URLs (``https://index.docker.io/v1/``)."""
-    host = docker.auth.convert_to_hostname(re.sub(r"^[a-z]+://", "", key.strip()))
-    return normalize_registry(host)
-
-
-def _helper_server_url(registry: str) -> str:
-    return str(docker.auth.INDEX_URL) if registry == DOCKER_HUB else registry
-
-
-def _ask_credential_helper(suffix: str, server_url: str) -> Credentials | None:
-    """Ask ``docker-credential-<suffix> get`` (docker-py runs it); ``None`` when it has nothing.
-
-    A missing or failing helper falls back to anonymous access, which then fails with an
-    "unauthorized" error naming the fix; docker-py's own resolver would raise instead.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # docker-py warns when the helper is not installed
-        store = docker.credentials.Store(suffix)
-    try:
-        reply = store.get(server_url)
-        username, secret = str(reply["Username"]), str(reply["Secret"])
-    except (docker.credentials.StoreError, ValueError, KeyError, TypeError):
-        return None
-    if username == docker.auth.TOKEN_USERNAME:
-        return Credentials(username=username, password="", identity_token=secret)
-    return Credentials(username=username, password=secret)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class CredentialStore:
-    """Registry logins: explicit ones and those from Docker's ``config.json``.
-
-    Lookup follows docker-py: ``credHelpers[host]``, then ``credsStore``, then ``auths``. The
-    CLI decides where config.json is (``$DOCKER_CONFIG`` or ``~/.docker``); this class never
-    reads the environment. The lookup is ours, not docker-py's ``AuthConfig``: that one raises
-    when a helper fails (we go anonymous), folds fewer Docker Hub aliases, and reads a broken
-    config.json silently as a legacy file (we say which file is broken).
-    """
-
-    auths: tuple[tuple[str, Credentials], ...] = ()
-    """Logins by normalised registry host (``docker.io``, ``ghcr.io``, ``127.0.0.1:5055``)."""
-    cred_helpers: tuple[tuple[str, str], ...] = ()
-    """Per-registry credential helper suffixes (``credHelpers``)."""
-    creds_store: str | None = None
-    """The default credential helper suffix (``credsStore``)."""
-    helper: Callable[[str, str], Credentials | None] = field(
-        default=_ask_credential_helper, repr=False, compare=False
-    )
-    """Runs a helper: ``(suffix, server_url) -> Credentials | None`` (tests replace it)."""
-
-    @classmethod
-    def from_login(cls, registry: str, username: str, password: str) -> CredentialStore:
-        """A store holding one explicit login (e.g. ``--username`` / ``--password-stdin``)."""
-        creds = Credentials(username=username, password=password)
-        return cls(auths=((_normalize_auth_key(registry), creds),))
-
-    @classmethod
-    def from_docker_config(cls, path: Path | None) -> CredentialStore:
-        """Read a Docker ``config.json``; a missing file (or ``None``) gives an empty store."""
-        if path is None:
-            return cls()
-        raw = _read_docker_config(path)
-        auths: dict[str, Credentials] = {}
-        raw_auths = raw.get("auths")
-        for key, entry in (raw_auths if isinstance(raw_auths, dict) else {}).items():
-            if not isinstance(entry, dict):
-                continue
-            creds = _decode_auth_entry(entry, path=path, key=str(key))
-            if creds is not None:
-                auths.setdefault(_normalize_auth_key(str(key)), creds)
-        raw_helpers = raw.get("credHelpers")
-        helpers = {
-            _normalize_auth_key(str(k)): str(v)
-            for k, v in (raw_helpers if isinstance(raw_helpers, dict) else {}).items()
-            if isinstance(v, str) and v
-        }
-        store = raw.get("credsStore")
-        return cls(
-            auths=tuple(sorted(auths.items())),
-            cred_helpers=tuple(sorted(helpers.items())),
-            creds_store=store if isinstance(store, str) and store else None,
-        )
-
-    def get(self, registry: str) -> Credentials | None:
-        """The login for ``registry`` (a normalised host), or ``None`` to go anonymous."""
-        registry = normalize_registry(registry)
-        helper = dict(self.cred_helpers).get(registry) or self.creds_store
-        if helper:
-            found = self.helper(helper, _helper_server_url(registry))
-            if found is not None:
-                return found
-        return dict(self.auths).get(registry)
-
-
-def _read_docker_config(path: Path) -> dict[str, object]:
-    """The JSON object in ``path``; empty when there is no file."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise RegistryError(
-            f"Docker config {path}: cannot read: {exc}",
-            hint="fix or remove the file, or point DOCKER_CONFIG elsewhere",
-        ) from None
-    if not isinstance(raw, dict):
-        raise RegistryError(f"Docker config {path}: expected a JSON object")
-    return raw
-
-
-def _decode_auth_entry(entry: Mapping[str, object], *, path: Path, key: str) -> Credentials | None:
-    """One ``auths`` entry as docker-py decodes it (``auth`` is base64 of ``user:password``)."""
-    try:
-        parsed = docker.auth.parse_auth({key: dict(entry)}, raise_on_error=True).get(key) or {}
-    except (ValueError, binascii.Error, UnicodeError, docker.errors.InvalidConfigFile):
-        raise RegistryError(
-            f"Docker config {path}: auths[{key!r}].auth is not base64 of user:password",
-            hint=f"run docker login {key} again",
-        ) from None
-    identity = parsed.get("IdentityToken")
-    username = parsed.get("username", entry.get("username"))
-    password = parsed.get("password", entry.get("password"))
-    if isinstance(identity, str) and identity:
-        name = entry.get("username")
-        return Credentials(
-            username=name if isinstance(name, str) else docker.auth.TOKEN_USERNAME,
-            password="",
-            identity_token=identity,
-        )
-    if isinstance(username, str) and username and isinstance(password, str):
-        return Credentials(username=username, password=password)
-    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,10 +124,16 @@ class RegistrySession:
         self._credentials = credentials
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str], str] = {}
+        self._tls: set[str] = set()  # loopback registries found to answer only HTTPS
+
+    def base_url(self, registry: str) -> str:
+        """``registry``'s API base: ``registry_url``'s, or HTTPS for a loopback one with TLS."""
+        base = registry_url(registry)
+        return "https://" + base.partition("://")[2] if registry in self._tls else base
 
     def url(self, ref: ImageReference, path: str) -> httpx.URL:
         """The API URL of ``path`` (``manifests/<ref>``, ``blobs/<digest>``) in ``ref``'s repo."""
-        return httpx.URL(f"{registry_url(ref.registry)}/v2/{ref.repository}/{path}")
+        return httpx.URL(f"{self.base_url(ref.registry)}/v2/{ref.repository}/{path}")
 
     def send(
         self,
@@ -336,11 +199,9 @@ class RegistrySession:
             auth = self._auth_header(host, op.scope)
             if auth is not None:
                 request_headers["Authorization"] = auth
-            request = self._build(method, url, request_headers, content)
-            try:
-                resp = self._http.send(request, stream=True, follow_redirects=follow_redirects)
-            except httpx.HTTPError as exc:
-                raise self.transport_error(op, exc) from exc
+            resp = self._send_once(
+                op, method, url, request_headers, content, follow_redirects=follow_redirects
+            )
             if resp.status_code != 401 or attempt == 2:
                 return resp
             try:
@@ -356,6 +217,49 @@ class RegistrySession:
             self._challenges[host] = challenge
             self._authorize(op, host, challenge)
         raise AssertionError("unreachable")
+
+    def _send_once(
+        self,
+        op: Op,
+        method: str,
+        url: httpx.URL,
+        headers: dict[str, str],
+        content: Body | None,
+        *,
+        follow_redirects: bool,
+    ) -> httpx.Response:
+        """Send one request (over HTTPS once the loopback registry turned out to need it)."""
+        host = op.ref.registry
+        if host in self._tls and url.scheme == "http" and url.netloc.decode() == host:
+            url = url.copy_with(scheme="https")
+        request = self._build(method, url, headers, content)
+        try:
+            resp = self._http.send(request, stream=True, follow_redirects=follow_redirects)
+        except httpx.HTTPError as exc:
+            raise self.transport_error(op, exc) from exc
+        if resp.status_code == 400 and url.scheme == "http" and self._answers_https(op, url):
+            resp.close()
+            self._tls.add(host)
+            return self._send_once(
+                op, method, url, headers, content, follow_redirects=follow_redirects
+            )
+        return resp
+
+    def _answers_https(self, op: Op, url: httpx.URL) -> bool:
+        """Whether the plain-HTTP registry at ``url`` is a TLS server refusing plain HTTP.
+
+        A loopback registry is spoken to over HTTP first (as Docker treats it as insecure);
+        one serving TLS answers a plain request with a bare 400 that says so (Go's "Client
+        sent an HTTP request to an HTTPS server", nginx's "plain HTTP request was sent to
+        HTTPS port"). A HEAD has no body to tell, so ``/v2/`` is asked with a GET.
+        """
+        if url.netloc.decode() != op.ref.registry:
+            return False
+        try:
+            probe = self._http.get(url.copy_with(path="/v2/", query=None), follow_redirects=False)
+        except httpx.HTTPError:
+            return False
+        return probe.status_code == 400 and "https" in probe.text.lower()
 
     def _auth_header(self, host: str, scope: str) -> str | None:
         challenge = self._challenges.get(host)
@@ -393,7 +297,7 @@ class RegistrySession:
             token = None
         if not isinstance(token, str) or not token:
             raise RegistryError(
-                f"{op.verb} {op.ref}: token service {realm} returned no token",
+                f"{op.verb} {op.ref}: token service {redact(realm)} returned no token",
                 hint="check the registry's auth service",
             )
         self._tokens[(host, op.scope)] = token
@@ -440,7 +344,15 @@ class RegistrySession:
         self, op: Op, exc: httpx.HTTPError, *, what: str | None = None
     ) -> RegistryError:
         """One line for a request that got no answer: ``pulling REF: URL timed out``."""
-        target = what or registry_url(op.ref.registry)
+        # A realm (or a server's error text) may carry user:password: never shown.
+        target = redact_text(what or self.base_url(op.ref.registry))
+        untrusted = _certificate_failure(exc)
+        if untrusted is not None:
+            return RegistryError(
+                f"{op.verb} {op.ref}: {target} has a TLS certificate we cannot verify "
+                f"({untrusted})",
+                hint="if a private CA signed it, point SSL_CERT_FILE at a bundle holding that CA",
+            )
         if isinstance(exc, httpx.TimeoutException):
             detail = "timed out"
         elif isinstance(exc, httpx.ConnectError):
@@ -448,17 +360,32 @@ class RegistrySession:
         else:
             detail = f"{type(exc).__name__}: {exc}"
         return RegistryError(
-            f"{op.verb} {op.ref}: {target} {detail}",
+            f"{op.verb} {op.ref}: {target} {redact_text(detail)}",
             hint="check the registry address, your network or proxy settings, and retry",
         )
+
+    def _refused_user(self, registry: str) -> str | None:
+        """The user whose password a Basic challenge refused (``None``: none was sent)."""
+        challenge = self._challenges.get(registry)
+        creds = self._credentials.get(registry) if self._credentials else None
+        if challenge is None or challenge.scheme != "basic" or creds is None:
+            return None
+        return None if creds.identity_token else creds.username
 
     def status_error(self, op: Op, resp: httpx.Response, what: str) -> RegistryError:
         """One line for a refusal or failure answer, with the fix its status suggests."""
         code, message = _error_body(resp)
         status = resp.status_code
-        detail = f"{what}: {code + ' ' if code else ''}{message}".rstrip(": ")
+        detail = redact_text(f"{what}: {code + ' ' if code else ''}{message}".rstrip(": "))
         registry = op.ref.registry
         if status == 401:
+            user = self._refused_user(registry)
+            if user is not None:
+                return RegistryError(
+                    f"unauthorized {op.verb} {op.ref}: the registry refused the login of "
+                    f"{user!r} ({detail})",
+                    hint=f"check the password, then log in again with docker login {registry}",
+                )
             return RegistryError(
                 f"unauthorized {op.verb} {op.ref}: {detail}",
                 hint=f"log in with docker login {registry}",
@@ -488,3 +415,15 @@ class RegistrySession:
                 hint="the registry failed; retry later",
             )
         return RegistryError(f"{op.verb} {op.ref}: HTTP {status} on {detail}")
+
+
+def _certificate_failure(exc: BaseException) -> str | None:
+    """The verifier's reason when ``exc`` comes from a server certificate we do not trust."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx -> httpcore -> ssl; a bound, in case a chain loops
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "certificate verify failed")
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import socket
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -40,6 +43,9 @@ _STAGING = PurePosixPath("/imgbuild-staging")
 # `docker info` reports the kernel's machine name.
 _OCI_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 _DOT = PurePosixPath(".")
+COMPILE_LABEL = "org.imgbuild.compile"
+"""The label on every container imgbuild runs (to compile bytecode)."""
+_FOREIGN_MAX_AGE = 24 * 3600.0
 
 
 def read_progress(stream: Iterable[dict[str, object]], action: str) -> list[str]:
@@ -75,7 +81,31 @@ class DockerEngine:
                 f"cannot reach the Docker engine ({exc})",
                 hint="start Docker or set DOCKER_HOST; or use --output oci:DIR",
             ) from exc
-        return cls(client)
+        engine = cls(client)
+        engine.sweep_compile_containers()
+        return engine
+
+    def sweep_compile_containers(self) -> int:
+        """Remove compile containers that killed builds left; return how many.
+
+        Ours are labelled (``org.imgbuild.compile``) with the host and process that made
+        them; one is stale when that process is gone from this host, or, made on another
+        host, when it is over a day old. A failure to list or remove is not the build's
+        problem: the next build sweeps again.
+        """
+        api, removed = self.client.api, 0
+        try:
+            found = api.containers(all=True, filters={"label": f"{COMPILE_LABEL}=1"})
+        except (docker.errors.APIError, requests.exceptions.RequestException):
+            return 0
+        for container in found:
+            if compile_container_is_stale(container.get("Labels") or {}, container.get("Created")):
+                try:
+                    api.remove_container(container["Id"], force=True)
+                    removed += 1
+                except (docker.errors.APIError, requests.exceptions.RequestException):
+                    pass
+        return removed
 
     def load(self, archive: Path) -> tuple[str, ...]:
         """Stream ``archive`` to ``POST /images/load`` and check every progress message."""
@@ -138,6 +168,8 @@ class DockerEngine:
                 environment={"PYTHONHASHSEED": "0"},
                 network_disabled=True,
                 host_config=api.create_host_config(network_mode="none"),
+                # Found and removed by the next build's sweep if this process is killed.
+                labels=compile_labels(),
             )["Id"]
         except docker.errors.APIError as exc:
             raise DockerError(f"docker run {image} failed: {exc.explanation}") from exc
@@ -170,6 +202,33 @@ class DockerEngine:
                 api.remove_container(container, force=True)
             except docker.errors.APIError:
                 pass  # already gone; nothing of ours is left in it
+
+
+def compile_labels() -> dict[str, str]:
+    """The labels of a container this process runs: ours, and whose (host and pid)."""
+    return {
+        COMPILE_LABEL: "1",
+        f"{COMPILE_LABEL}.host": socket.gethostname(),
+        f"{COMPILE_LABEL}.pid": str(os.getpid()),
+    }
+
+
+def compile_container_is_stale(labels: dict[str, str], created: object) -> bool:
+    """Whether a labelled container's process is gone (see ``sweep_compile_containers``)."""
+    if labels.get(f"{COMPILE_LABEL}.host") != socket.gethostname():
+        return isinstance(created, int | float) and time.time() - created > _FOREIGN_MAX_AGE
+    pid = labels.get(f"{COMPILE_LABEL}.pid", "")
+    if not pid.isdigit():
+        return True
+    if int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    return False
 
 
 class EngineCompiler:

@@ -35,7 +35,9 @@ from imagebuild.image.descriptor import (
 from imagebuild.image.model import BaseImage, Image, ImageIndex
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
+from imagebuild.report import NullReporter
 from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession
+from imagebuild.sinks.referrers import attach_sboms
 
 if TYPE_CHECKING:
     from imagebuild.report import Reporter
@@ -145,6 +147,28 @@ class RegistryClient:
             diff_ids=diff_ids,
         )
 
+    def fetch_image_json(
+        self, ref: ImageReference, *, platform: Sequence[str] = ("linux", "amd64")
+    ) -> tuple[Digest, dict[str, object], dict[str, object]]:
+        """The manifest at ``ref`` for ``platform`` (through an index), its digest, its config.
+
+        Only the manifest and the config are read, the config checked against its digest:
+        what ``imgbuild inspect`` shows, with no layer pulled.
+        """
+        op = Op(ref, "pulling", "pull")
+        manifest, digest = self._platform_manifest(op, platform)
+        desc = _descriptor(manifest.get("config"), op, "manifest config")
+        url = self._session.url(ref, f"blobs/{desc.digest}")
+        resp = self._session.send(op, "GET", url, follow_redirects=True)
+        if resp.status_code != 200:
+            raise self._session.status_error(op, resp, f"blob {desc.digest}")
+        if digest_bytes(resp.content) != desc.digest:
+            raise RegistryError(
+                f"pulling {ref}: config blob {desc.digest} does not match its digest",
+                hint="the registry is serving bad data; retry",
+            )
+        return digest, manifest, _json_object(resp.content, op, "image config")
+
     def _platform_manifest(
         self, op: Op, platform: Sequence[str]
     ) -> tuple[dict[str, object], Digest]:
@@ -176,14 +200,21 @@ class RegistryClient:
     # -- push ----------------------------------------------------------------------------
 
     def push_image(
-        self, image: Image, ref: ImageReference, store: BlobStore | None = None
+        self,
+        image: Image,
+        ref: ImageReference,
+        store: BlobStore | None = None,
+        *,
+        reporter: Reporter | None = None,
     ) -> Digest:
         """Push ``image`` (blobs from ``store``, default ``image.store``) to ``ref``.
 
         Blobs the registry has are skipped (HEAD); the others are uploaded monolithically
         (POST, then PUT ``?digest=``). The manifest goes last, to the tag (or the pinned
         digest). Returns the manifest digest after checking the registry computed the same.
+        ``reporter`` hears ``push`` progress, one count per blob.
         """
+        report = reporter or NullReporter()
         op = Op(ref, "pushing", "pull,push")
         store = store or image.store
         if ref.digest is not None and ref.digest != image.digest:
@@ -194,15 +225,19 @@ class RegistryClient:
         blobs: dict[Digest, Descriptor] = {}
         for desc in (*image.layers, image.config):
             blobs.setdefault(desc.digest, desc)
-        for desc in blobs.values():
+        for done, desc in enumerate(blobs.values()):
+            report.progress("push", done, len(blobs), "blobs")
             if not self._blob_exists(op, desc.digest):
                 self._upload_blob(op, desc, store)
+        report.progress("push", len(blobs), len(blobs), "blobs")
         return self.push_manifest(ref, image.manifest_bytes, media_type=image.manifest.media_type)
 
-    def push_index(self, index: ImageIndex, ref: ImageReference) -> Digest:
+    def push_index(
+        self, index: ImageIndex, ref: ImageReference, *, reporter: Reporter | None = None
+    ) -> Digest:
         """Push every image of ``index`` by digest, then the index itself to ``ref``."""
         for image in index.images:
-            self.push_image(image, ref.with_digest(image.digest), index.store)
+            self.push_image(image, ref.with_digest(image.digest), index.store, reporter=reporter)
         return self.push_manifest(ref, index.manifest_bytes, media_type=index.manifest.media_type)
 
     def push_manifest(self, ref: ImageReference, data: bytes, *, media_type: str) -> Digest:
@@ -228,6 +263,20 @@ class RegistryClient:
                 hint="the registry rewrote the manifest; push to a registry that keeps bytes",
             )
         return digest
+
+    def fetch_optional(self, ref: ImageReference, path: str) -> bytes | None:
+        """GET ``path`` in ``ref``'s repository (a manifest, ``referrers/<digest>``).
+
+        The body, or ``None`` when the registry answers 404 (no such tag, or no such API).
+        """
+        op = Op(ref, "pulling", "pull")
+        url = self._session.url(ref, path)
+        resp = self._session.send(op, "GET", url, headers={"Accept": MANIFEST_ACCEPT})
+        if resp.status_code == 404:
+            return None
+        if resp.status_code != 200:
+            raise self._session.status_error(op, resp, path)
+        return resp.content
 
     def fetch_manifest(self, ref: ImageReference) -> tuple[bytes, str, Digest]:
         """GET the manifest (or index) at ``ref``: ``(bytes, media type, digest of bytes)``."""
@@ -394,8 +443,9 @@ class RegistrySink:
         lines = []
         for ref in finished.tags:
             if isinstance(finished.image, ImageIndex):
-                digest = self.client.push_index(finished.image, ref)
+                digest = self.client.push_index(finished.image, ref, reporter=reporter)
             else:
-                digest = self.client.push_image(finished.image, ref)
+                digest = self.client.push_image(finished.image, ref, reporter=reporter)
             lines.append(f"pushed {ref}@{digest}")
+            lines.extend(attach_sboms(self.client, ref, finished))
         return tuple(lines)

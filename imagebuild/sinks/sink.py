@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from imagebuild.digest import Digest
+    from imagebuild.image.descriptor import Descriptor
     from imagebuild.image.model import BaseImage, Image, ImageConfig, ImageIndex, Layer
     from imagebuild.image.name import ImageReference
     from imagebuild.report import Reporter
@@ -39,6 +41,8 @@ class Finished:
     """The image configuration imgbuild set on top of the base's."""
     title: str
     """``<project> <version>``, for what a sink writes for people to read."""
+    sboms: tuple[tuple[Digest, Descriptor], ...] = ()
+    """Each image's manifest digest and its SBOM document's blob (``image.sbom``)."""
 
 
 class Sink(Protocol):

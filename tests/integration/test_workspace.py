@@ -12,7 +12,7 @@ import pytest
 from imagebuild.image.validate import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.fixtures.index_server import LocalIndex
-from tests.integration.conftest import imgbuild, uv_lock
+from tests.integration.conftest import imgbuild, index_settings, uv_lock
 
 pytestmark = pytest.mark.docker
 
@@ -179,3 +179,87 @@ def test_uv_workspace_lock_builds(
     assert built.exit_code == 0, built.stderr
     assert "lock: uv.lock" in built.stderr
     validate_layout(layout)
+
+
+def _virtual_workspace(root: Path, index_url: str) -> Path:
+    """A virtual root (no [project]); app -> lib (workspace source) -> colours (index)."""
+    root.mkdir(parents=True)
+    (root / "pyproject.toml").write_text(
+        '[tool.uv.workspace]\nmembers = ["packages/*"]\n' + index_settings(index_url)
+    )
+    backend = '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+    for name, body, code in (
+        (
+            "app",
+            'dependencies = ["lib"]\n[project.scripts]\napp = "app:main"\n'
+            "[tool.uv.sources]\nlib = { workspace = true }\n",
+            "import json, lib\n\ndef main():\n    print(json.dumps(lib.colour()))\n",
+        ),
+        (
+            "lib",
+            'dependencies = ["colours>=0.3"]\n',
+            "import colours\n\ndef colour():\n    return {'from': 'lib', 'red': colours.RED}\n",
+        ),
+        ("other", 'dependencies = ["extra-lib"]\n', "X = 1\n"),
+    ):
+        member = root / "packages" / name
+        (member / "src" / name).mkdir(parents=True)
+        (member / "pyproject.toml").write_text(
+            f'[project]\nname = "{name}"\nversion = "1.0"\nrequires-python = ">=3.11"\n'
+            + body
+            + backend
+        )
+        (member / "src" / name / "__init__.py").write_text(code)
+    uv_lock(root, index_url)
+    return root
+
+
+def test_virtual_workspace_package_from_uv_lock(
+    docker_env: TestInfra, demo_index: LocalIndex, image_cleanup: list[str], tmp_path: Path
+) -> None:
+    """`build --package app --locked` from the root uv.lock that uv wrote: the member's
+    closure (lib from source, colours and greeting from the index, not `other`'s
+    extra-lib), and its console script runs; a member's directory finds the same lock."""
+    root = _virtual_workspace(tmp_path / "ws", demo_index.url)
+    assert not list(root.rglob("pylock*.toml"))
+    cache = tmp_path / "cache"
+    tag = "imgbuild-test/virtual-workspace:1"
+    image_cleanup.append(tag)
+    layout = tmp_path / "layout"
+    built = imgbuild(
+        "build", root, "--package", "app", "--locked", "--python", "3.11", "--tag", tag,
+        "--cache-dir", cache, "--output", "docker", "--output", f"oci:{layout}",
+    )  # fmt: skip
+    assert built.exit_code == 0, built.stderr
+    assert "lock: uv.lock" in built.stderr
+    validate_layout(layout)
+    output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
+    assert json.loads(bytes(output)) == {"from": "lib", "red": "#f00"}
+    history = [h["CreatedBy"] for h in docker_env.client.api.history(tag)]
+    assert history[0] == "imgbuild: project app 1.0"
+    assert "imgbuild: local lib 1.0" in history
+    assert not any("extra-lib" in h or "other" in h for h in history)
+
+    # In the member's directory, as `uv sync` there: the same lock, the same image.
+    again = tmp_path / "again"
+    from_member = imgbuild(
+        "build", root / "packages" / "app", "--frozen", "--python", "3.11",
+        "--cache-dir", cache, "--output", f"oci:{again}",
+    )  # fmt: skip
+    assert from_member.exit_code == 0, from_member.stderr
+    index = json.loads((again / "index.json").read_text())
+    first = json.loads((layout / "index.json").read_text())
+    assert index["manifests"][0]["digest"] == first["manifests"][0]["digest"]
+
+    # A member's edit makes the workspace's lock stale for every member, as in uv.
+    other = root / "packages" / "other" / "pyproject.toml"
+    other.write_text(other.read_text().replace('["extra-lib"]', '["extra-lib", "greeting"]'))
+    stale = imgbuild(
+        "build", root, "--package", "app", "--locked", "--python", "3.11",
+        "--cache-dir", cache, "--output", f"oci:{tmp_path / 'stale'}",
+    )  # fmt: skip
+    assert stale.exit_code == 1
+    assert (
+        "error: uv.lock is out of date with pyproject.toml: member 'other' (packages/other): "
+        "dependency 'greeting' was added" in stale.stderr
+    )
