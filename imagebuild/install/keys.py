@@ -21,7 +21,7 @@ def layer_key(spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: in
     material = {
         "imgbuild": __version__,
         "kind": spec.kind,
-        "wheels": [[w.name, w.version, digest_file(w.path)] for w in spec.wheels],
+        "wheels": [[w.name, w.version, w.sha256 or digest_file(w.path)] for w in spec.wheels],
         "venv": str(venv.root),
         "interpreter": str(venv.base_interpreter),
         "python": list(venv.python_version),

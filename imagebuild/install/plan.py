@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from imagebuild.digest import Digest
 from imagebuild.errors import LayerError
 
 DEFAULT_MAX_LAYERS = 100
@@ -50,6 +51,8 @@ class PlannedWheel:
     """The wheel file on the build host (in the cache)."""
     size: int = 0
     """The wheel's size in bytes (what decides whether it gets a layer of its own)."""
+    sha256: Digest | None = None
+    """The wheel's digest when already known (the lock's, checked on download)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

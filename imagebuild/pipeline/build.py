@@ -20,7 +20,7 @@ from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.secrets import source_policy
 from imagebuild.cache import CacheLayout, scratch_tree, sweep_scratch
 from imagebuild.digest import Digest
-from imagebuild.errors import ImageError, LockError, ProjectError
+from imagebuild.errors import ImageError, LockError, ProjectError, RegistryError
 from imagebuild.image.model import Image, ImageIndex
 from imagebuild.image.mutate import build_index
 from imagebuild.image.name import ImageReference
@@ -31,6 +31,7 @@ from imagebuild.lock.staleness import check_locked, check_recorded
 from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
+from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
 from imagebuild.pipeline.lock import run_lock
 from imagebuild.pipeline.outputs import check_engine_answers, write_order
@@ -114,6 +115,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
                 policy=source_policy(found.settings),
             ),
             compilers=Compilers(),
+            remote=_layer_cache(request, found.settings, ports),
         )
         images = [build_platform(build, platform) for platform in request.platforms]
         finished = _finished(images, found, build)
@@ -154,6 +156,35 @@ def _result(
         layers=sum(len(p.image.layers) for p in images),
         layers_built=sum(p.built for p in images),
     )
+
+
+def _layer_cache(
+    request: BuildRequest, settings: ImageSettings, ports: Ports
+) -> RemoteLayers | None:
+    """The registry layer cache the command line (else ``[tool.imgbuild]``) names, if any."""
+    source = request.cache_from or settings.cache_from
+    target = request.cache_to or settings.cache_to
+    if source is None and target is None:
+        return None
+    if ports.layer_cache is None:
+        raise ProjectError("--cache-from/--cache-to need a registry client, and none was given")
+    return ports.layer_cache(
+        _cache_ref(source, "--cache-from"),
+        _cache_ref(target, "--cache-to"),
+        cache_dir=request.cache_dir,
+    )
+
+
+def _cache_ref(text: str | None, where: str) -> ImageReference | None:
+    if text is None:
+        return None
+    try:
+        return ImageReference.parse(text)
+    except RegistryError as exc:
+        raise ProjectError(
+            f"{where} {text!r}: {exc.message}",
+            hint="name a registry repository, e.g. ghcr.io/org/app-cache",
+        ) from None
 
 
 def check_platforms(platforms: Sequence[str], sinks: Sequence[Sink]) -> None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from imagebuild.cache import write_json
 from imagebuild.image.model import Layer
@@ -46,6 +47,20 @@ class LayerJob:
     """``SOURCE_DATE_EPOCH`` for every tar entry."""
     reporter: Reporter
     """Progress."""
+    remote: RemoteLayers | None = None
+    """The registry layer cache (``--cache-from``/``--cache-to``), if any."""
+
+
+class RemoteLayers(Protocol):
+    """Layers kept in a registry by cache key (``pipeline.remotecache.RegistryLayerCache``)."""
+
+    def find(self, key: str) -> Layer | None:
+        """The layer kept under ``key`` (its blob fetched into the store), or None."""
+        ...
+
+    def keep(self, kept: Sequence[tuple[str, Layer]], reporter: Reporter) -> None:
+        """Keep these layers under their keys."""
+        ...
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,17 +84,9 @@ class _Staged:
 def build_layers(
     plan: LayerPlan, venv: VenvLayout, compiler: BytecodeCompiler | None, job: LayerJob
 ) -> BuiltLayers:
-    """The layers of ``plan``, bottom first: from the cache, or staged, compiled and tarred."""
-    layers: dict[int, Layer] = {}
-    missing: list[tuple[int, LayerSpec, Path]] = []
-    for index, spec in enumerate(plan.layers):
-        compiled_by = compiler.identity if compiler is not None and spec.wheels else None
-        record = job.records / f"{layer_key(spec, venv, compiled_by, job.mtime)}.json"
-        cached = _cached(record, job.store)
-        if cached is not None:
-            layers[index] = cached
-        else:
-            missing.append((index, spec, record))
+    """The layers of ``plan``, bottom first: from the caches, or staged, compiled and tarred."""
+    found = _lookup(plan, venv, compiler, job)
+    layers, missing = found.layers, found.missing
     report = job.reporter
     pending: list[_Staged] = []
     for done, (index, spec, record) in enumerate(missing):
@@ -100,9 +107,50 @@ def build_layers(
             layers[staged.index] = layer
     if pending:
         report.progress("compress", len(pending), len(pending), "layers")
-    return BuiltLayers(
-        layers=tuple(layers[index] for index in range(len(plan.layers))), built=len(pending)
-    )
+    ordered = tuple(layers[index] for index in range(len(plan.layers)))
+    if job.remote is not None:
+        job.remote.keep(
+            [(found.keys[i], layer) for i, layer in enumerate(ordered) if i not in found.remote],
+            report,
+        )
+    return BuiltLayers(layers=ordered, built=len(pending))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Found:
+    layers: dict[int, Layer]
+    """Layers found in the local or the registry cache, by position."""
+    missing: list[tuple[int, LayerSpec, Path]]
+    """The others: position, spec, and where their record goes."""
+    keys: dict[int, str]
+    """Every layer's cache key, by position."""
+    remote: frozenset[int]
+    """Positions found in the registry cache."""
+
+
+def _lookup(
+    plan: LayerPlan, venv: VenvLayout, compiler: BytecodeCompiler | None, job: LayerJob
+) -> _Found:
+    """Each planned layer in the local cache, else in the registry cache, else missing."""
+    layers: dict[int, Layer] = {}
+    missing: list[tuple[int, LayerSpec, Path]] = []
+    keys: dict[int, str] = {}
+    remote: set[int] = set()
+    for index, spec in enumerate(plan.layers):
+        compiled_by = compiler.identity if compiler is not None and spec.wheels else None
+        keys[index] = key = layer_key(spec, venv, compiled_by, job.mtime)
+        record = job.records / f"{key}.json"
+        cached = _cached(record, job.store)
+        if cached is None and job.remote is not None:
+            cached = job.remote.find(key)
+            if cached is not None:
+                _write_record(record, cached)
+                remote.add(index)
+        if cached is not None:
+            layers[index] = cached
+        else:
+            missing.append((index, spec, record))
+    return _Found(layers=layers, missing=missing, keys=keys, remote=frozenset(remote))
 
 
 def _cached(record: Path, store: BlobStore) -> Layer | None:
@@ -142,8 +190,14 @@ def _finish(staged: _Staged, job: LayerJob) -> Layer:
         staged.staging, job.store, mtime=job.mtime, created_by=staged.spec.description
     )
     shutil.rmtree(staged.staging)
+    _write_record(staged.record, layer)
+    return layer
+
+
+def _write_record(record: Path, layer: Layer) -> None:
+    """Remember ``layer`` under its key in the local layer cache."""
     write_json(
-        staged.record,
+        record,
         {
             "digest": layer.digest,
             "diff_id": layer.diff_id,
@@ -152,4 +206,3 @@ def _finish(staged: _Staged, job: LayerJob) -> Layer:
             "created_by": layer.created_by,
         },
     )
-    return layer

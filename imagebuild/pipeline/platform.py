@@ -34,7 +34,7 @@ from imagebuild.pipeline.config import (
     check_entrypoint,
 )
 from imagebuild.pipeline.direct import git_package_wheel
-from imagebuild.pipeline.layers import LayerJob, build_layers
+from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
 from imagebuild.pipeline.sbom import SBOM_LAYERS, add_sbom
@@ -152,6 +152,8 @@ class PlatformBuild:
     """Workspace members and path dependencies."""
     compilers: Compilers
     """Bytecode compilers by architecture."""
+    remote: RemoteLayers | None = None
+    """The registry layer cache, if the build names one."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -204,6 +206,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         work=build.work,
         mtime=request.source_date_epoch,
         reporter=build.ports.reporter,
+        remote=build.remote,
     )
     built = build_layers(plan, venv, compiler, job)
     layers, sbom = add_sbom(
@@ -292,6 +295,8 @@ def _dependencies(
             version=str(pkg.version),
             path=paths[wheel],
             size=paths[wheel].stat().st_size,
+            # Checked against the file when it was fetched: no need to hash it again.
+            sha256=wheel.sha256,
         )
         for pkg, wheel in chosen
     ]

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from imagebuild.image.name import ImageReference
     from imagebuild.image.store import BlobStore
     from imagebuild.index.model import PackageIndex
+    from imagebuild.pipeline.layers import RemoteLayers
     from imagebuild.report import Reporter
     from imagebuild.sinks.daemon import Engine
 
@@ -56,6 +57,16 @@ class IndexFactory(Protocol):
         ...
 
 
+class LayerCacheFactory(Protocol):
+    """Opens a registry layer cache over a source and a target repository."""
+
+    def __call__(
+        self, source: ImageReference | None, target: ImageReference | None, *, cache_dir: Path
+    ) -> RemoteLayers:
+        """Layers are looked up in ``source`` and kept in ``target``; blobs go to the cache."""
+        ...
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Ports:
     """Everything a build or a lock reaches the world through."""
@@ -72,3 +83,5 @@ class Ports:
     """A working host interpreter of this minor version, if any (``find_host_python``)."""
     reporter: Reporter
     """Progress and warnings."""
+    layer_cache: LayerCacheFactory | None = None
+    """Opens the registry layer cache (``--cache-from``/``--cache-to``); None: no registry."""

@@ -50,6 +50,10 @@ class BuildRequest:
     """The timestamp written into layers and the config (``SOURCE_DATE_EPOCH``)."""
     mirrors: Mapping[str, str] = field(default_factory=dict)
     """Registry host -> mirror host, for pulling the base."""
+    cache_from: str | None = None
+    """``--cache-from``: a registry repository to take kept layers from (else the setting)."""
+    cache_to: str | None = None
+    """``--cache-to``: a registry repository to keep new layers in (else the setting)."""
     expect_digest: str | None = None
     """Refuse to send the image anywhere unless its (or its index's) digest is this."""
     index_urls: tuple[str, ...] = ()

@@ -21,6 +21,8 @@ Recognised keys (all optional)::
     max-layers = 100               # layers in the whole image, the base's included (engines: 127)
     exclude = ["tests/**"]         # kept from the wheel's build, after .dockerignore (its syntax)
     allow-secrets = ["app/demo.pem"]  # wheel paths that may ship though they look like secrets
+    cache-from = "ghcr.io/org/app-cache"  # a registry repository to take built layers from
+    cache-to = "ghcr.io/org/app-cache"    # and to keep newly built layers in (CI's shared cache)
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class ImageSettings:
     """Source patterns the project's wheel is built without (``.dockerignore`` syntax)."""
     allow_secrets: tuple[str, ...] = ()
     """Wheel paths or patterns that may ship though they look like secrets."""
+    cache_from: str | None = None
+    """A registry repository whose kept layers a build reuses (``--cache-from``)."""
+    cache_to: str | None = None
+    """A registry repository to keep a build's layers in (``--cache-to``)."""
     source: str = field(default="pyproject.toml", compare=False)
     """Where settings came from, for messages."""
 
@@ -112,6 +118,8 @@ _KNOWN = frozenset(
         "max-layers",
         "exclude",
         "allow-secrets",
+        "cache-from",
+        "cache-to",
     }
 )
 _PLATFORMS = ("linux/amd64", "linux/arm64")
@@ -147,6 +155,8 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         extras=tuple(sorted(set(t.strings("extras") or ()))),
         exclude=t.strings("exclude") or (),
         allow_secrets=t.strings("allow-secrets") or (),
+        cache_from=t.string("cache-from"),
+        cache_to=t.string("cache-to"),
         source=source,
     )
 

@@ -303,6 +303,16 @@ class RegistryClient:
 
     # -- blobs ---------------------------------------------------------------------------
 
+    def pull_blob(self, ref: ImageReference, desc: Descriptor, store: BlobStore) -> None:
+        """Fetch one blob of ``ref``'s repository into ``store`` (verified), unless there."""
+        self._ensure_blob(Op(ref, "pulling", "pull"), desc, store)
+
+    def push_blob(self, ref: ImageReference, desc: Descriptor, store: BlobStore) -> None:
+        """Upload one blob from ``store`` to ``ref``'s repository, unless it is there."""
+        op = Op(ref, "pushing", "pull,push")
+        if not self._blob_exists(op, desc.digest):
+            self._upload_blob(op, desc, store)
+
     def _blob_exists(self, op: Op, digest: Digest) -> bool:
         resp = self._session.send(
             op, "HEAD", self._session.url(op.ref, f"blobs/{digest}"), follow_redirects=True

@@ -1,0 +1,119 @@
+"""Layers kept in a registry by their cache key: CI's shared cache (``--cache-from/--cache-to``).
+
+A runner that starts with an empty local cache asks the registry for each layer it would
+build, by the same key the local layer cache uses (everything the layer's bytes depend
+on). Each kept layer is a one-layer OCI image tagged ``<key>`` in the cache repository,
+its manifest annotated with the layer's diff ID and history line, so a hit gives back the
+very bytes a local build would write, and the image's digest is the same either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from imagebuild.digest import Digest
+from imagebuild.errors import ImageError
+from imagebuild.image.descriptor import (
+    LAYER_TYPES,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    Descriptor,
+    canonical_json,
+    checked_digest,
+    json_object,
+)
+from imagebuild.image.model import Layer
+from imagebuild.image.name import ImageReference
+from imagebuild.image.store import BlobStore
+from imagebuild.report import Reporter
+from imagebuild.sinks.remote import RegistryClient
+
+_KEY = "org.imgbuild.cache.key"
+_DIFF_ID = "org.imgbuild.layer.diff-id"
+_CREATED_BY = "org.imgbuild.layer.created-by"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegistryLayerCache:
+    """Reads layers from ``source`` and keeps new ones in ``target`` (either may be absent)."""
+
+    client: RegistryClient
+    """The run's registry client (its logins, retries and timeouts)."""
+    store: BlobStore
+    """Where a found layer's blob is fetched to."""
+    source: ImageReference | None
+    """The repository layers are looked up in (``--cache-from``)."""
+    target: ImageReference | None
+    """The repository new layers are kept in (``--cache-to``)."""
+
+    def find(self, key: str) -> Layer | None:
+        """The layer kept under ``key``, its blob fetched and verified; None if not kept."""
+        if self.source is None:
+            return None
+        ref = self.source.with_tag(key)
+        try:
+            data = self.client.fetch_optional(ref, f"manifests/{key}")
+            if data is None:
+                return None
+            layer = _layer_of(json_object(data), key)
+        except (ValueError, ImageError):
+            return None  # not ours, or damaged: build the layer instead
+        self.client.pull_blob(ref, _descriptor(layer), self.store)
+        return layer
+
+    def keep(self, kept: Sequence[tuple[str, Layer]], reporter: Reporter) -> None:
+        """Push each ``(key, layer)`` to the target repository, a few at a time."""
+        if self.target is None or not kept:
+            return
+        reporter.step(f"cache: keeping {len(kept)} layer(s) in {self.target.name}")
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="imgbuild-cache") as pool:
+            list(pool.map(lambda item: self._keep_one(*item), kept))
+
+    def _keep_one(self, key: str, layer: Layer) -> None:
+        assert self.target is not None
+        ref = self.target.with_tag(key)
+        config = canonical_json(
+            {
+                "architecture": "unknown",
+                "os": "linux",
+                "rootfs": {"type": "layers", "diff_ids": [layer.diff_id]},
+            }
+        )
+        config_desc = self.store.put_bytes(config, media_type=OCI_CONFIG)
+        for desc in (_descriptor(layer), config_desc):
+            self.client.push_blob(ref, desc, self.store)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": config_desc.to_json(),
+            "layers": [_descriptor(layer).to_json()],
+            "annotations": {_KEY: key, _DIFF_ID: layer.diff_id, _CREATED_BY: layer.created_by},
+        }
+        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
+
+
+def _descriptor(layer: Layer) -> Descriptor:
+    return Descriptor(media_type=layer.media_type, digest=layer.digest, size=layer.size)
+
+
+def _layer_of(manifest: dict[str, object], key: str) -> Layer:
+    """The layer a cache manifest describes; ValueError when it is not one of ours for ``key``."""
+    annotations = manifest.get("annotations")
+    layers = manifest.get("layers")
+    if not isinstance(annotations, dict) or annotations.get(_KEY) != key:
+        raise ValueError("not a layer kept under this key")
+    if not isinstance(layers, list) or len(layers) != 1:
+        raise ValueError("a kept layer's manifest has one layer")
+    desc = Descriptor.from_json(layers[0], where="cached layer")
+    if desc.media_type not in LAYER_TYPES:
+        raise ValueError(f"media type {desc.media_type} is not a layer")
+    created_by = annotations.get(_CREATED_BY)
+    return Layer(
+        digest=desc.digest,
+        diff_id=Digest(checked_digest(str(annotations.get(_DIFF_ID)))),
+        size=desc.size,
+        media_type=desc.media_type,
+        created_by=created_by if isinstance(created_by, str) else "",
+    )
