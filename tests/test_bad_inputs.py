@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from imagebuild.cli import app
 from tests.fixtures.docker_engine import TestInfra
+from tests.integration.conftest import demo_index, make_project  # noqa: F401 (fixtures)
 
 TRIED: list[str] = []
 
@@ -147,6 +148,19 @@ CASES = [
         tool='\n[tool.imgbuild]\nentrypoint = ["no-such-script"]\n',
         infra=True,
     ),
+    Case(
+        "requires-python-vs-base-by-reference",
+        (
+            "--frozen",
+            "--base",
+            "{registry}/distroless/python3-debian12:latest",
+            "-o",
+            "oci:{tmp}/i",
+        ),
+        ("requires-python >=3.12 excludes Python 3.11 of base", "python3-debian12", "base = "),
+        requires=">=3.12",
+        infra=True,
+    ),
 ]
 
 
@@ -176,15 +190,16 @@ def _project(root: Path, case: Case) -> Path:
 def test_bad_input_is_one_line_and_exit_1(
     case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:
+    registry = ""
     if case.infra:
         infra: TestInfra = request.getfixturevalue("docker_env")
-        assert infra.registry
+        registry = infra.registry
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
     project = _project(tmp_path / "project", case)
     cache = case.cache(tmp_path) if case.cache else tmp_path / "cache"
     cache_args = ("--cache-dir", str(cache)) if str(cache) != "." else ()
-    args = [a.format(tmp=tmp_path) for a in case.args]
+    args = [a.format(tmp=tmp_path, registry=registry) for a in case.args]
     started = time.monotonic()
     result = CliRunner().invoke(app, ["build", str(project), *args, *cache_args])
     TRIED.append(case.name)
@@ -203,3 +218,42 @@ def test_bad_input_is_one_line_and_exit_1(
         assert not (cache / "tmp").exists() or not any((cache / "tmp").iterdir())
     if not case.infra:
         assert time.monotonic() - started < 20
+
+
+# -- what used to be refused or late, and now goes through ---------------------------------
+
+
+@pytest.mark.docker
+def test_a_lock_made_with_index_url_passes_build_locked_with_the_same_indexes(
+    docker_env: TestInfra, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    index = request.getfixturevalue("demo_index")
+    project = request.getfixturevalue("make_project")()
+    (project / "uv.lock").unlink()
+    indexes = ("--index-url", index.url, "--extra-index-url", "https://pypi.org/simple/")
+    cache = ("--cache-dir", str(tmp_path / "cache"))
+    runner = CliRunner()
+    locked = runner.invoke(app, ["lock", str(project), *indexes, *cache])
+    assert locked.exit_code == 0, locked.stderr
+    build = ["build", str(project), "--locked", "--no-compile", *cache]
+    same = runner.invoke(app, [*build, *indexes, "-o", f"oci:{tmp_path}/image"])
+    assert same.exit_code == 0, same.stderr
+    # Without them the build's indexes are the project's (PyPI): --locked says so.
+    other = runner.invoke(app, [*build, "-o", f"oci:{tmp_path}/other"])
+    assert other.exit_code == 1
+    assert "the indexes changed" in other.stderr, other.stderr
+
+
+@pytest.mark.docker
+def test_an_oci_output_needs_no_engine(
+    docker_env: TestInfra, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/imgbuild-test.sock")
+    project = _project(tmp_path / "project", Case("oci", (), ()))
+    result = CliRunner().invoke(
+        app,
+        ["build", str(project), "--frozen", "--no-compile", "-o", f"oci:{tmp_path}/image"]
+        + ["--cache-dir", str(tmp_path / "cache")],
+    )
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "image" / "index.json").is_file()

@@ -322,14 +322,15 @@ def test_docker_load_sends_only_the_layers_the_engine_lacks(
     args = ("--tag", tag, "--python", "3.11", "--cache-dir", tmp_path / "cache")
     first = imgbuild("build", project, *args)
     assert first.exit_code == 0, first.stderr
-    # The base is in the engine already (loaded to compile bytecode): not sent again.
-    assert "docker: loading (4 of 5 layers to send)" in first.stderr
+    # The base is in the engine already (loaded to compile bytecode): not sent again. The
+    # other five: venv, colours, greeting, the SBOM, the project.
+    assert "docker: loading (5 of 6 layers to send)" in first.stderr
     source = project / "src" / "demo_app" / "__init__.py"
     source.write_text(source.read_text().replace('hello("image")', 'hello("again")'))
     second = imgbuild("build", project, *args)
     assert second.exit_code == 0, second.stderr
     # The image the tag named holds every layer but the project's.
-    assert "docker: loading (1 of 5 layers to send)" in second.stderr
+    assert "docker: loading (1 of 6 layers to send)" in second.stderr
     assert json.loads(_run(docker_env, tag))["msg"] == "hello again"
     site = "/app/.venv/lib/python3.11/site-packages"
     report = json.loads(
