@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from imagebuild import __version__
+from imagebuild.commands import options as opt
 from imagebuild.commands.dockerfile import dockerfile as _dockerfile_command
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.project.settings import parse_python_version
@@ -27,7 +28,9 @@ from imagebuild.report import Reporter
 if TYPE_CHECKING:
     import httpx
 
+    from imagebuild.image.name import ImageReference
     from imagebuild.index.model import PackageIndex
+    from imagebuild.pipeline.layers import RemoteLayers
     from imagebuild.pipeline.ports import Ports
     from imagebuild.pipeline.requests import CompileWith
     from imagebuild.sinks.daemon import Engine
@@ -122,6 +125,16 @@ def _ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> 
             http, index_urls, cache_dir=cache_dir, reporter=reporter, sdist_metadata=sdist_metadata
         )
 
+    def layer_cache(
+        source: ImageReference | None, target: ImageReference | None, *, cache_dir: Path
+    ) -> RemoteLayers:
+        from imagebuild.cache import CacheLayout
+        from imagebuild.image.store import BlobStore
+        from imagebuild.pipeline.remotecache import RegistryLayerCache
+
+        store = BlobStore(CacheLayout(cache_dir).blobs)
+        return RegistryLayerCache(client=registry, store=store, source=source, target=target)
+
     return Ports(
         http=http,
         index=index,
@@ -129,124 +142,34 @@ def _ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> 
         engine=_engine,
         host_python=find_host_python,
         reporter=reporter,
+        layer_cache=layer_cache,
     )
-
-
-# -- options (as typer declares them; shared ones once) ----------------------------------
-
-_Path = Annotated[Path, typer.Argument(help="Project directory (with pyproject.toml).")]
-_Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only errors and warnings.")]
-_Verbose = Annotated[
-    bool, typer.Option("--verbose", "-v", help="Every step on a line, tracebacks on errors.")
-]
-_Tag = Annotated[
-    list[str] | None, typer.Option("--tag", "-t", help="Image reference to tag (repeatable).")
-]
-_Output = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--output",
-        "-o",
-        help="docker (load into the engine; default), oci:DIR, oci-archive:FILE, "
-        "registry (push every --tag), or context:DIR (a Dockerfile and the layers, for "
-        "`docker build`). Repeatable.",
-    ),
-]
-_Push = Annotated[
-    bool, typer.Option("--push", help="Push every --tag: short for --output registry.")
-]
-_Base = Annotated[
-    str | None,
-    typer.Option(help="Base: distroless, debian-slim, alpine, or an image reference."),
-]
-_Python = Annotated[str | None, typer.Option(help="Python minor version, e.g. 3.11.")]
-_Locked = Annotated[
-    bool, typer.Option("--locked", help="Fail if the lock does not match pyproject.toml.")
-]
-_Frozen = Annotated[
-    bool, typer.Option("--frozen", help="Use the lock as it is, without checking it.")
-]
-_Group = Annotated[
-    list[str] | None, typer.Option("--group", help="Also install this dependency group.")
-]
-_Extra = Annotated[
-    list[str] | None, typer.Option("--extra", help="Install this extra of the project.")
-]
-_Package = Annotated[
-    str | None, typer.Option(help="Build this uv workspace member (PATH is the workspace root).")
-]
-_NoCompile = Annotated[bool, typer.Option("--no-compile", help="Do not compile bytecode.")]
-_CompileWith = Annotated[
-    str,
-    typer.Option(
-        help="Which interpreter compiles bytecode: auto (the base image's own, run "
-        "through Docker; without an engine, a host python3.X of the target's minor "
-        "version, with a warning), host or image."
-    ),
-]
-_Platform = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--platform",
-        help="Target platform, e.g. linux/arm64 (default linux/amd64). Repeat it, or list "
-        "several with commas, for an image index (with --output registry, oci:DIR or "
-        "oci-archive:FILE).",
-    ),
-]
-_ExpectDigest = Annotated[
-    str | None,
-    typer.Option(
-        "--expect-digest",
-        help="Fail, before any output, unless the image (or index) has this digest: "
-        "a check that a published image is rebuilt exactly.",
-    ),
-]
-_BuildCacheDir = Annotated[
-    Path | None,
-    typer.Option(help="Cache directory (default: IMGBUILD_CACHE_DIR or the user cache)."),
-]
-_Check = Annotated[
-    bool, typer.Option("--check", help="Exit 1 if pylock.toml is out of date; write nothing.")
-]
-_Upgrade = Annotated[bool, typer.Option("--upgrade", "-U", help="Ignore the locked versions.")]
-_UpgradePackage = Annotated[
-    list[str] | None,
-    typer.Option("--upgrade-package", "-P", help="Ignore the locked version of NAME."),
-]
-_IndexUrl = Annotated[str | None, typer.Option(help="Primary index (Simple API base URL).")]
-_ExtraIndexUrl = Annotated[
-    list[str] | None, typer.Option(help="Further index, consulted after the primary.")
-]
-_LockPackage = Annotated[
-    str | None, typer.Option(help="Lock this workspace member into pylock.NAME.toml at PATH.")
-]
-_LockBase = Annotated[str | None, typer.Option(help="Base the lock is for.")]
-_LockPython = Annotated[str | None, typer.Option(help="Python minor version.")]
-_LockCacheDir = Annotated[Path | None, typer.Option(help="Cache directory.")]
 
 
 @app.command()
 def build(
-    path: _Path = Path("."),
-    tag: _Tag = None,
-    output: _Output = None,
-    push: _Push = False,
-    base: _Base = None,
-    python: _Python = None,
-    locked: _Locked = False,
-    frozen: _Frozen = False,
-    group: _Group = None,
-    extra: _Extra = None,
-    package: _Package = None,
-    no_compile: _NoCompile = False,
-    compile_with: _CompileWith = "auto",
-    platform: _Platform = None,
-    expect_digest: _ExpectDigest = None,
-    cache_dir: _BuildCacheDir = None,
-    index_url: _IndexUrl = None,
-    extra_index_url: _ExtraIndexUrl = None,
-    quiet: _Quiet = False,
-    verbose: _Verbose = False,
+    path: opt.ProjectPath = Path("."),
+    tag: opt.Tag = None,
+    output: opt.Output = None,
+    push: opt.Push = False,
+    base: opt.Base = None,
+    python: opt.Python = None,
+    locked: opt.Locked = False,
+    frozen: opt.Frozen = False,
+    group: opt.Group = None,
+    extra: opt.Extra = None,
+    package: opt.Package = None,
+    no_compile: opt.NoCompile = False,
+    compile_with: opt.CompileWith = "auto",
+    platform: opt.Platform = None,
+    expect_digest: opt.ExpectDigest = None,
+    cache_dir: opt.BuildCacheDir = None,
+    index_url: opt.IndexUrl = None,
+    extra_index_url: opt.ExtraIndexUrl = None,
+    cache_from: opt.CacheFrom = None,
+    cache_to: opt.CacheTo = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Build an image from a project and its lock (uv.lock or pylock.toml)."""
     from imagebuild.commands.console import Verbosity, open_reporter, summary_line
@@ -277,6 +200,8 @@ def build(
             mirrors=_mirrors(),
             expect_digest=expect_digest,
             index_urls=_indexes(index_url, extra_index_url),
+            cache_from=cache_from,
+            cache_to=cache_to,
         )
         with (
             sigterm_as_interrupt(),
@@ -352,18 +277,18 @@ def _mirrors() -> dict[str, str]:
 
 @app.command()
 def lock(
-    path: _Path = Path("."),
-    check: _Check = False,
-    upgrade: _Upgrade = False,
-    upgrade_package: _UpgradePackage = None,
-    index_url: _IndexUrl = None,
-    extra_index_url: _ExtraIndexUrl = None,
-    package: _LockPackage = None,
-    base: _LockBase = None,
-    python: _LockPython = None,
-    cache_dir: _LockCacheDir = None,
-    quiet: _Quiet = False,
-    verbose: _Verbose = False,
+    path: opt.ProjectPath = Path("."),
+    check: opt.Check = False,
+    upgrade: opt.Upgrade = False,
+    upgrade_package: opt.UpgradePackage = None,
+    index_url: opt.IndexUrl = None,
+    extra_index_url: opt.ExtraIndexUrl = None,
+    package: opt.LockPackage = None,
+    base: opt.LockBase = None,
+    python: opt.LockPython = None,
+    cache_dir: opt.LockCacheDir = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Resolve the project for its image targets and write pylock.toml (PEP 751)."""
     from imagebuild.commands.console import Verbosity, open_reporter
@@ -428,7 +353,7 @@ _InspectPlatform = Annotated[
 
 @app.command()
 def inspect(
-    image: _Image, platform: _InspectPlatform = "linux/amd64", verbose: _Verbose = False
+    image: _Image, platform: _InspectPlatform = "linux/amd64", verbose: opt.Verbose = False
 ) -> None:
     """Print an existing image's layers: digest, size in bytes, and what made each."""
     from imagebuild.commands.inspect import read_listing
@@ -446,7 +371,7 @@ def inspect(
 
 
 @app.command()
-def init(path: _Path = Path("."), verbose: _Verbose = False) -> None:
+def init(path: opt.ProjectPath = Path("."), verbose: opt.Verbose = False) -> None:
     """Add a commented [tool.imgbuild] table to pyproject.toml (the rest stays as it is)."""
     from imagebuild.commands.init import init_settings
 
@@ -461,11 +386,11 @@ def init(path: _Path = Path("."), verbose: _Verbose = False) -> None:
 @app.command()
 def verify(
     image: Annotated[str, typer.Argument(help="The published image: a reference or oci:DIR.")],
-    path: _Path = Path("."),
+    path: opt.ProjectPath = Path("."),
     platform: Annotated[str, typer.Option(help="A single image's os/arch.")] = "linux/amd64",
-    cache_dir: _BuildCacheDir = None,
-    quiet: _Quiet = False,
-    verbose: _Verbose = False,
+    cache_dir: opt.BuildCacheDir = None,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = False,
 ) -> None:
     """Rebuild the project from its lock and check it is the published image (exit 0 if so)."""
     from imagebuild.commands.console import Verbosity, open_reporter

@@ -1,0 +1,75 @@
+"""The registry as CI's shared cache: layers found by their key, the same digest, fewer built."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+
+from imagebuild.image.validate import validate_layout
+from tests.fixtures.docker_engine import TestInfra
+from tests.integration.conftest import MakeProject, imgbuild
+
+pytestmark = pytest.mark.docker
+
+
+def _build(project: Path, cache: Path, layout: Path, *extra: str) -> tuple[str, str]:
+    result = imgbuild(
+        "build", project, "--python", "3.11", "--cache-dir", cache,
+        "--output", f"oci:{layout}", *extra,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    validate_layout(layout)
+    return json.loads((layout / "index.json").read_text())["manifests"][0]["digest"], result.stderr
+
+
+def _tags(registry: str, repository: str) -> list[str]:
+    with httpx.Client() as http:
+        answer = http.get(f"http://{registry}/v2/{repository}/tags/list")
+    answer.raise_for_status()
+    return sorted(answer.json().get("tags") or [])
+
+
+def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
+    docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
+) -> None:
+    project = make_project()
+    repository = f"imgbuild-test/layer-cache-{uuid.uuid4().hex[:8]}"
+    cache_ref = f"{docker_env.registry}/{repository}"
+
+    # The first CI run builds everything and keeps its layers in the registry.
+    first, log = _build(project, tmp_path / "c1", tmp_path / "o1", "--cache-to", cache_ref)
+    assert "cache: keeping" in log
+    kept = _tags(docker_env.registry, repository)
+    assert kept and all(len(tag) == 64 for tag in kept)
+
+    # A second runner with an empty local cache builds nothing: every layer comes by key...
+    second, log = _build(project, tmp_path / "c2", tmp_path / "o2", "--cache-from", cache_ref)
+    assert second == first
+    assert "layer " not in log and "compile:" not in log
+
+    # ...and after a one-line change only the project's layer is built.
+    source = project / "src" / "demo_app" / "__init__.py"
+    source.write_text(source.read_text() + "\nCHANGED = True\n")
+    third, log = _build(project, tmp_path / "c3", tmp_path / "o3", "--cache-from", cache_ref)
+    built = [line for line in log.splitlines() if line.startswith("· layer ")]
+    assert third != first and len(built) == 1 and "project demo-app" in built[0]
+
+    # A cache that does not hold a key is no error: the layer is built.
+    empty = f"{docker_env.registry}/imgbuild-test/layer-cache-empty-{uuid.uuid4().hex[:8]}"
+    fourth, _ = _build(project, tmp_path / "c4", tmp_path / "o4", "--cache-from", empty)
+    assert fourth == third
+
+
+def test_a_bad_cache_reference_is_one_line(make_project: MakeProject, tmp_path: Path) -> None:
+    project = make_project()
+    result = imgbuild(
+        "build", project, "--python", "3.11", "--cache-dir", tmp_path / "c",
+        "--output", f"oci:{tmp_path / 'o'}", "--cache-from", "Not A Ref",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--cache-from 'Not A Ref'" in errors[0]
