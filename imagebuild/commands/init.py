@@ -36,6 +36,8 @@ _SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("max-layers", "100", "layers in the image, the base's included"),
     ("exclude", '["tests/**"]', "source left out of the project's wheel"),
     ("allow-secrets", "[]", "wheel paths that may ship though they look like secrets"),
+    ("cache-from", '"ghcr.io/org/app-cache"', "registry repository to take built layers from"),
+    ("cache-to", '"ghcr.io/org/app-cache"', "registry repository to keep built layers in"),
 )
 
 
