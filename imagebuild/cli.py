@@ -420,3 +420,49 @@ def verify(
 
 
 app.command(name="dockerfile")(_dockerfile_command)
+
+
+@app.command()
+def plan(
+    path: opt.ProjectPath = Path("."),
+    base: opt.Base = None,
+    python: opt.Python = None,
+    platform: Annotated[str, typer.Option(help="The platform to plan (os/arch).")] = "linux/amd64",
+    group: opt.Group = None,
+    extra: opt.Extra = None,
+    package: opt.Package = None,
+    no_compile: opt.NoCompile = False,
+    cache_dir: opt.BuildCacheDir = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="table (for people) or json.")
+    ] = "table",
+    verbose: opt.Verbose = False,
+) -> None:
+    """Show the layers a build would make: packages, sizes, and which the cache holds."""
+    from imagebuild.commands.console import Verbosity, open_reporter
+    from imagebuild.net.http import http_client
+    from imagebuild.pipeline.planning import run_plan
+    from imagebuild.pipeline.requests import BuildRequest
+
+    try:
+        if output_format not in ("table", "json"):
+            raise ProjectError(f"--format {output_format!r}: unknown", hint="use table or json")
+        request = BuildRequest(
+            project_dir=path.resolve(),
+            base=base,
+            python=parse_python_version(python, "--python") if python else None,
+            groups=tuple(group or ()),
+            extras=tuple(extra or ()),
+            package=package,
+            compile_bytecode=not no_compile,
+            platforms=_platforms([platform]),
+            cache_dir=_cache_dir(cache_dir),
+            source_date_epoch=_source_date_epoch(),
+            mirrors=_mirrors(),
+        )
+        with http_client() as http, open_reporter(Verbosity(quiet=True, verbose=verbose)) as rep:
+            result = run_plan(request, ports=_ports(http, _registry(http), rep))
+    except ImagebuildError as exc:
+        _fail(exc, verbose)
+        return
+    typer.echo(result.to_json() if output_format == "json" else "\n".join(result.table_lines()))

@@ -29,6 +29,8 @@ from imagebuild.image.store import BlobStore
 # stack spends more time compressing than anything else. It is fixed so that the compressed
 # digest only changes with the zlib build, never with a Python default.
 _GZIP_LEVEL = 1
+LAYER_FORMAT = f"pax+gzip-{_GZIP_LEVEL}"
+"""How layers are written: a layer cache key names it, so no cache mixes two formats."""
 
 
 class _Writable(Protocol):

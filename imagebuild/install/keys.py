@@ -11,11 +11,14 @@ from imagebuild.install.layers import VenvLayout
 from imagebuild.install.plan import LayerSpec
 
 
-def layer_key(spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: int) -> str:
+def layer_key(
+    spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: int, *, layer_format: str
+) -> str:
     """The hex key of the layer ``spec`` makes; equal keys give byte-equal layers.
 
     ``compiled`` is the bytecode compiler's identity (``None`` without bytecode) and
-    ``mtime`` the ``SOURCE_DATE_EPOCH`` written into the tar. imgbuild's own version is
+    ``mtime`` the ``SOURCE_DATE_EPOCH`` written into the tar, ``layer_format`` how the tar
+    is written and compressed (``image.tarball.LAYER_FORMAT``). imgbuild's own version is
     part of the key, so a new release never reuses an older one's layers.
     """
     material = {
@@ -27,5 +30,6 @@ def layer_key(spec: LayerSpec, venv: VenvLayout, compiled: str | None, mtime: in
         "python": list(venv.python_version),
         "compiled": compiled,
         "mtime": mtime,
+        "format": layer_format,
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()

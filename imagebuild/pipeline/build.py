@@ -54,7 +54,7 @@ from imagebuild.target.choose import base_reference, check_python_fits
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class _Project:
+class OpenProject:
     """The project a build starts from, as found and configured."""
 
     project: ProjectSpec
@@ -70,8 +70,8 @@ class _Project:
 def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> BuildResult:
     """Build the image described by ``request`` and send it to every sink."""
     check_platforms(request.platforms, sinks)
-    found = _open_project(request, ports)
-    lock = _find_lock(request, found, ports)
+    found = open_project(request, ports)
+    lock = find_build_lock(request, found, ports)
     cache = CacheLayout(request.cache_dir)
     store = BlobStore(cache.blobs)
     # imgbuild's own lock pins the base to the digest it was made for: the same lock
@@ -99,7 +99,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             project=found.project,
             settings=found.settings,
             lock=lock,
-            base=_base_source(found, pinned, request.mirrors),
+            base=base_source(found, pinned, request.mirrors),
             store=store,
             work=work,
             envs=envs,
@@ -127,7 +127,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
 
 
 def _project_wheel(
-    found: _Project, out: Path, request: BuildRequest, envs: BuildEnvironments
+    found: OpenProject, out: Path, request: BuildRequest, envs: BuildEnvironments
 ) -> Path:
     """The project's wheel, from what ``.dockerignore`` and ``exclude`` keep, secrets refused."""
     return build_project_wheel(
@@ -219,7 +219,7 @@ def check_expected(expected: str | None, image: Image | ImageIndex) -> None:
         )
 
 
-def _open_project(request: BuildRequest, ports: Ports) -> _Project:
+def open_project(request: BuildRequest, ports: Ports) -> OpenProject:
     """The project, its settings with the command line's, its tags and its indexes."""
     project, workspace, member_lock = locate_lock(request.project_dir, request.package)
     settings = project_settings(
@@ -235,7 +235,7 @@ def _open_project(request: BuildRequest, ports: Ports) -> _Project:
     indexes = request.index_urls or lock_indexes(settings, project, workspace)
     credentials = IndexCredentials(index_entries(indexes, project, workspace))
     ports.http.auth = credentials
-    return _Project(
+    return OpenProject(
         project=project,
         workspace=workspace,
         settings=settings,
@@ -247,7 +247,7 @@ def _open_project(request: BuildRequest, ports: Ports) -> _Project:
     )
 
 
-def _find_lock(request: BuildRequest, found: _Project, ports: Ports) -> Lock:
+def find_build_lock(request: BuildRequest, found: OpenProject, ports: Ports) -> Lock:
     """The lock to build from; without one (and unless told not to), one made first."""
     if request.package is not None:
         path = found.member_lock if found.member_lock.is_file() else None
@@ -278,7 +278,7 @@ def _find_lock(request: BuildRequest, found: _Project, ports: Ports) -> Lock:
 
 def _judge_lock(
     request: BuildRequest,
-    found: _Project,
+    found: OpenProject,
     lock: Lock,
     store: BlobStore,
     pinned: Mapping[str, Digest],
@@ -315,9 +315,10 @@ def _judge_lock(
         ports.reporter.warn(f"{exc}; building from the lock as it is")
 
 
-def _base_source(
-    found: _Project, pinned: Mapping[str, Digest], mirrors: Mapping[str, str]
+def base_source(
+    found: OpenProject, pinned: Mapping[str, Digest], mirrors: Mapping[str, str]
 ) -> BaseSource:
+    """The base as configured, and the reference to pull: pinned, through the mirrors."""
     entry, reference = base_reference(found.settings, found.project)
     return BaseSource(
         entry=entry,
@@ -327,7 +328,9 @@ def _base_source(
     )
 
 
-def _finished(images: Sequence[PlatformImage], found: _Project, build: PlatformBuild) -> Finished:
+def _finished(
+    images: Sequence[PlatformImage], found: OpenProject, build: PlatformBuild
+) -> Finished:
     """The image (an index over several platforms) and what sinks need beside it."""
     first = images[0]
     image: Image | ImageIndex = first.image

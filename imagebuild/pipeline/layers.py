@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 from imagebuild.cache import write_json
 from imagebuild.image.model import Layer
 from imagebuild.image.store import BlobStore
-from imagebuild.image.tarball import build_layer
+from imagebuild.image.tarball import LAYER_FORMAT, build_layer
 from imagebuild.install.keys import layer_key
 from imagebuild.install.layers import (
     BytecodeCompiler,
@@ -138,7 +138,7 @@ def _lookup(
     remote: set[int] = set()
     for index, spec in enumerate(plan.layers):
         compiled_by = compiler.identity if compiler is not None and spec.wheels else None
-        keys[index] = key = layer_key(spec, venv, compiled_by, job.mtime)
+        keys[index] = key = layer_key(spec, venv, compiled_by, job.mtime, layer_format=LAYER_FORMAT)
         record = job.records / f"{key}.json"
         cached = _cached(record, job.store)
         if cached is None and job.remote is not None:
