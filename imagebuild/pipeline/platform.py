@@ -200,15 +200,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     compiler = None
     if request.compile_bytecode:
         compiler = build.compilers.get(arch, lambda: _choose(build, facts, base_image))
-    job = LayerJob(
-        store=build.store,
-        records=CacheLayout(request.cache_dir).layers,
-        work=build.work,
-        mtime=request.source_date_epoch,
-        reporter=build.ports.reporter,
-        remote=build.remote,
-    )
-    built = build_layers(plan, venv, compiler, job)
+    built = build_layers(plan, venv, compiler, _layer_job(build))
     layers, sbom = add_sbom(
         built.layers,
         plan,
@@ -235,6 +227,18 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         config=config,
         built=built.built,
         sbom=sbom,
+    )
+
+
+def _layer_job(build: PlatformBuild) -> LayerJob:
+    """Where this build's layers are made and kept."""
+    return LayerJob(
+        store=build.store,
+        records=CacheLayout(build.request.cache_dir).layers,
+        work=build.work,
+        mtime=build.request.source_date_epoch,
+        reporter=build.ports.reporter,
+        remote=build.remote,
     )
 
 
