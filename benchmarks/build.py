@@ -18,7 +18,13 @@ a lock of 173 packages). Both tools build the same copy of each project on the s
    layers whose digest is not in the image built before the change;
 4. peak memory of the cold and the warm builds: resident, and charged with the page cache
    (cgroup v1 memory controllers, see MEMORY_CGROUPS below);
-5. whether the two clean builds give the same image digest.
+5. whether the two clean builds give the same image digest;
+6. the CI scenario: a runner with empty local caches whose registry holds an earlier run's
+   cache (imgbuild: ``--cache-to``/``--cache-from``; the anchor: BuildKit's inline cache,
+   ``BUILDKIT_INLINE_CACHE=1`` and ``--cache-from``), after the same one-line change: time,
+   and the layers (and bytes) that are new to the registry;
+7. one locked dependency bumped (``uv lock --upgrade-package``) and one added: how many
+   layers change, and their bytes.
 
 See benchmarks/README.md for what is and is not measured.
 """
@@ -46,6 +52,7 @@ INFRA_ENV = Path("/run/imgbuild-infra/env")
 DOCKER = "/usr/bin/docker"  # the engine's own client (the first `docker` on PATH wants buildx)
 BASE_REF = "{registry}/library/python:3.11-slim-bookworm"
 TOOLS_TAG = "imgbuild-bench-tools:latest"
+REGISTRY_CACHE = "{registry}/imgbuild-bench/cache"
 ANCHOR_REPO = "imgbuild-bench-anchor"
 
 
@@ -56,6 +63,8 @@ class Project:
     self_test: tuple[str, ...]  # its arguments for a run that proves the image works
     source: Path  # the file the one-line change edits
     change: tuple[str, str]  # that line, before and after
+    bump: tuple[str, str]  # a locked package, and an older version both tools start from
+    add: str = "tabulate"  # a dependency added to the project
 
 
 PROJECTS = {
@@ -63,14 +72,17 @@ PROJECTS = {
         Path("examples/fastapi-service"), "hello-api", ("--self-test",),
         Path("src/hello_api/main.py"),
         ('"message": f"Hello, {name}!"', '"message": f"Hi there, {name}!"'),
+        ("idna", "3.6"),
     ),
     "scientific-stack": Project(
         Path("benchmarks/projects/scientific-stack"), "sciapp", (),
         Path("src/sciapp/cli.py"), ('print(f"slope', 'print(f"fitted slope'),
+        ("packaging", "24.2"),
     ),
     "data-platform": Project(
         Path("benchmarks/projects/data-platform"), "dataplat", (),
         Path("src/dataplat/cli.py"), ('print(" ".join(', 'print("clients:", " ".join('),
+        ("idna", "3.6"),
     ),
 }  # fmt: skip
 
@@ -169,10 +181,19 @@ class ResidentSampler(threading.Thread):
 
 
 @dataclass(frozen=True)
+class Change:
+    build: Build  # the rebuild after the change
+    new: tuple[Layer, ...]  # its layers the image before it did not have (what a push sends)
+
+
+@dataclass(frozen=True)
 class Result:
     cold: tuple[Build, Build]  # two clean builds of the unchanged project
     warm: Build  # rebuild after the one-line change, caches from cold[1]
     repushed: tuple[Layer, ...]  # layers of `warm` that `cold[1]` does not have
+    ci: Change  # the one-line change again, on a runner with empty caches, registry cache
+    bump: Change  # one locked dependency moved to its newest version
+    add: Change  # one dependency added
     notes: tuple[str, ...] = ()
 
 
@@ -255,7 +276,8 @@ class Imgbuild:
         self.runs = 0
         self.cache: Path | None = None
 
-    def build(self, project: Path, *, cold: bool) -> Build:
+    def build(self, project: Path, *, cold: bool, extra: Sequence[str] = ()) -> Build:
+        """``cold``: a new, empty cache (kept for the builds after it)."""
         self.runs += 1
         if cold or self.cache is None:
             self.cache = self.workdir / f"imgbuild-cache-{self.runs}"
@@ -266,7 +288,7 @@ class Imgbuild:
         cmd = [
             str(REPO / ".venv/bin/imgbuild"), "build", str(project),
             "--base", "debian-slim", "--python", "3.11", "--locked",
-            "--cache-dir", str(self.cache), "--output", f"oci:{out}",
+            "--cache-dir", str(self.cache), "--output", f"oci:{out}", *extra,
         ]  # fmt: skip
         cgroup = MEMORY_CGROUPS / f"imgbuild-bench-{os.getpid()}-{self.runs}"
         try:
@@ -347,14 +369,14 @@ class Anchor:
             run([*self.docker, "rmi", self.base], env=self.env)
         run([*self.docker, "builder", "prune", "-af"], env=self.env)
 
-    def build(self, project: Path, *, cold: bool) -> Build:
+    def build(self, project: Path, *, cold: bool, extra: Sequence[str] = ()) -> Build:
         self.runs += 1
         tag = self.last_tag = f"{ANCHOR_REPO}:{self.runs}"
         if cold:
             self.make_cold()
         cmd = [
             *self.docker, "build", "--network", "host", "--progress", "plain",
-            "-f", str(self.dockerfile), "-t", tag, str(project),
+            "-f", str(self.dockerfile), "-t", tag, *extra, str(project),
         ]  # fmt: skip
         reset_peak(BUILDKIT_CGROUP)
         sampler = ResidentSampler(BUILDKIT_CGROUP)
@@ -378,6 +400,19 @@ class Anchor:
                 layers.append(Layer("sha256:" + hashlib.sha256(data).hexdigest(), gzip_size(data)))
         archive.unlink()
         return tuple(layers)
+
+    def push(self, tag: str, ref: str) -> None:
+        """Tag ``tag`` as ``ref`` and push it (the registry then holds its inline cache)."""
+        run([*self.docker, "tag", tag, ref], env=self.env)
+        run([*self.docker, "push", ref], env=self.env)
+        self.tags.append(ref)
+
+    def forget(self, ref: str) -> None:
+        """Drop ``ref`` from the engine (a CI runner starts without it)."""
+        if self._exists(ref):
+            run([*self.docker, "rmi", ref], env=self.env)
+        if ref in self.tags:
+            self.tags.remove(ref)
 
     def images_sharing_base(self, build: Build) -> list[str]:
         """Other local images holding the base layer: then a cold build does not pull it."""
@@ -413,15 +448,23 @@ class Anchor:
 
 
 def measure(tool: Imgbuild | Anchor, spec: Project, workdir: Path, name: str) -> Result:
-    """Two clean builds of a copy of the project, then a warm rebuild after a one-line change."""
+    """Two clean builds of a copy of the project, then a warm rebuild after a one-line change,
+    the same change on a CI runner with empty caches and the registry as its cache, and then
+    one dependency bumped and one added."""
     project = copy_project(REPO / spec.path, workdir / f"{name}-project")
+    relock(project, "--upgrade-package", f"{spec.bump[0]}=={spec.bump[1]}")
     cold = (tool.build(project, cold=True), tool.build(project, cold=True))
     print(f"  {name}: cold builds {cold[0].seconds:.1f}s, {cold[1].seconds:.1f}s", file=sys.stderr)
+    seeded, ci_args = seed_registry_cache(tool, project, name)
     make_one_line_change(project, spec)
     warm = tool.build(project, cold=False)
     print(f"  {name}: warm rebuild {warm.seconds:.1f}s", file=sys.stderr)
-    before = {layer.digest for layer in cold[1].layers}
-    repushed = tuple(layer for layer in warm.layers if layer.digest not in before)
+    ci = ci_run(tool, project, ci_args)
+    print(f"  {name}: CI run with the registry cache {ci.seconds:.1f}s", file=sys.stderr)
+    relock(project, "--upgrade-package", spec.bump[0])
+    bumped = tool.build(project, cold=False)
+    add_dependency(project, spec.add)
+    added = tool.build(project, cold=False)
     notes = []
     if isinstance(tool, Anchor):
         tool.self_test(tool.last_tag)
@@ -431,7 +474,63 @@ def measure(tool: Imgbuild | Anchor, spec: Project, workdir: Path, name: str) ->
                 f" store through {', '.join(sharing)} (not ours to delete); imgbuild's cold"
                 " builds do fetch it from the registry"
             )
-    return Result(cold, warm, repushed, tuple(notes))
+    return Result(
+        cold,
+        warm,
+        new_layers(warm, cold[1]),
+        Change(ci, new_layers(ci, seeded)),
+        Change(bumped, new_layers(bumped, ci)),
+        Change(added, new_layers(added, bumped)),
+        tuple(notes),
+    )
+
+
+def new_layers(after: Build, before: Build) -> tuple[Layer, ...]:
+    known = {layer.digest for layer in before.layers}
+    return tuple(layer for layer in after.layers if layer.digest not in known)
+
+
+def relock(project: Path, *args: str) -> None:
+    """``uv lock`` in the project (other pins kept), as a developer would change the lock."""
+    subprocess.run(
+        [str(uv_binary()), "lock", "--quiet", *args],
+        cwd=project, check=True, capture_output=True, timeout=600,
+    )  # fmt: skip
+
+
+def add_dependency(project: Path, requirement: str) -> None:
+    pyproject = project / "pyproject.toml"
+    text = pyproject.read_text()
+    if "dependencies = [\n" not in text:
+        sys.exit(f"{pyproject}: expected a multi-line dependencies list")
+    pyproject.write_text(
+        text.replace("dependencies = [\n", f'dependencies = [\n    "{requirement}",\n', 1)
+    )
+    relock(project)
+
+
+def seed_registry_cache(
+    tool: Imgbuild | Anchor, project: Path, name: str
+) -> tuple[Build, list[str]]:
+    """An earlier CI run that left its cache in the registry; the arguments that use it."""
+    ref = f"{REGISTRY_CACHE.format(registry=tool.env['IMGBUILD_TEST_REGISTRY'])}-{name}"
+    ref += f"-{os.getpid()}"
+    if isinstance(tool, Imgbuild):
+        seeded = tool.build(project, cold=False, extra=["--cache-to", ref])
+        return seeded, ["--cache-from", ref]
+    inline = ["--build-arg", "BUILDKIT_INLINE_CACHE=1"]
+    seeded = tool.build(project, cold=False, extra=inline)
+    tool.push(tool.last_tag, f"{ref}:seed")
+    return seeded, ["--cache-from", f"{ref}:seed", *inline]
+
+
+def ci_run(tool: Imgbuild | Anchor, project: Path, ci_args: list[str]) -> Build:
+    """A runner with empty local caches and the registry cache of an earlier run."""
+    if isinstance(tool, Imgbuild):
+        return tool.build(project, cold=True, extra=ci_args)
+    tool.make_cold()
+    tool.forget(ci_args[1])
+    return tool.build(project, cold=False, extra=ci_args)
 
 
 def human(n: float) -> str:
@@ -470,6 +569,21 @@ def ratio(a: float, b: float) -> str:
     return f"{a / b:.2g} (1/{b / a:.0f})" if 0 < a / b < 0.1 else f"{a / b:.2f}"
 
 
+def change_row(label: str, ours: Change, anchor: Change) -> tuple[str, str, str, str]:
+    """A change's new layers: how many of the image's, and their (compressed) bytes."""
+
+    def cell(change: Change) -> str:
+        size = sum(layer.size for layer in change.new)
+        return f"{len(change.new)}/{len(change.build.layers)} ({human(size)})"
+
+    return (
+        label,
+        cell(ours),
+        cell(anchor),
+        ratio(sum(x.size for x in ours.new), sum(x.size for x in anchor.new)),
+    )
+
+
 def report(ours: Result, anchor: Result) -> str:
     def cold_mean(r: Result) -> float:
         return (r.cold[0].seconds + r.cold[1].seconds) / 2
@@ -500,6 +614,15 @@ def report(ours: Result, anchor: Result) -> str:
             f"{human(pushed(anchor))} ({len(anchor.repushed)}/{len(anchor.warm.layers)} layers)",
             ratio(pushed(ours), pushed(anchor)),
         ),
+        (
+            "CI run (empty caches, registry cache), s",
+            f"{ours.ci.build.seconds:.2f}",
+            f"{anchor.ci.build.seconds:.2f}",
+            ratio(ours.ci.build.seconds, anchor.ci.build.seconds),
+        ),
+        change_row("CI run: new layers, bytes", ours.ci, anchor.ci),
+        change_row("1 dependency bumped: new layers", ours.bump, anchor.bump),
+        change_row("1 dependency added: new layers", ours.add, anchor.add),
         *memory_rows(ours, anchor, "resident", "peak resident memory"),
         *memory_rows(ours, anchor, "memory", "peak charged incl. page cache"),
         ("same digest from 2 clean builds", same(ours), same(anchor), ""),
