@@ -215,6 +215,17 @@ def timed(cmd: Sequence[str], *, env: dict[str, str] | None = None) -> tuple[flo
     return time.perf_counter() - start, out
 
 
+def compile_imgbuild(env: dict[str, str]) -> None:
+    """Give imgbuild's environment its bytecode, as ``pip install`` would.
+
+    A shell with ``PYTHONDONTWRITEBYTECODE`` set (this one has it) would otherwise compile
+    every module imgbuild imports on every run, which no installed tool does.
+    """
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    site = next((REPO / ".venv/lib").glob("python3.*/site-packages"))
+    run([sys.executable, "-m", "compileall", "-q", "-j0", str(site), str(REPO / "imagebuild")])
+
+
 def infra_env() -> dict[str, str]:
     """os.environ plus /run/imgbuild-infra/env (``export K=V`` lines) and DOCKER_HOST."""
     env = dict(os.environ)
@@ -693,6 +704,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     env = infra_env()
+    compile_imgbuild(env)
     print(describe_setup())
     for name in args.project or list(PROJECTS):
         print(f"\n## {name}\n")
