@@ -102,9 +102,23 @@ _LIB_DIRS = frozenset({"lib", "lib32", "lib64", "libx32"})
 _BIN_DIRS = frozenset({("bin",), ("usr", "bin"), ("usr", "local", "bin")})
 
 
+# Parts of library trees no Python compiling bytecode loads: perl, iconv modules, PAM,
+# terminal and locale data, init units, and the standard library's tests and GUIs. Writing
+# files is most of an unpack's time, and these are half of a slim base's.
+_SKIPPED = frozenset(
+    {
+        "perl", "perl5", "perl-base", "gconv", "security", "terminfo", "locale", "systemd",
+        "udev", "apt", "dpkg", "test", "idlelib", "tkinter", "turtledemo", "ensurepip",
+        "lib2to3", "pydoc_data",
+    }
+)  # fmt: skip
+
+
 def _wanted(path: PurePosixPath) -> bool:
     """Library trees (with whiteouts in them), and python files of the bin directories."""
     parts = path.parts
+    if _SKIPPED.intersection(parts[1:]):
+        return False
     if parts[0] in _LIB_DIRS:
         return True
     if parts[0] == "usr" and len(parts) > 1:

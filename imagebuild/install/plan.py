@@ -90,15 +90,17 @@ def plan_layers(
     max_layers: int = DEFAULT_MAX_LAYERS,
     base_layers: int = 0,
     big: int = BIG_WHEEL,
+    project_later: bool = False,
 ) -> LayerPlan:
     """Plan the venv, dependency, local-package and project layers within ``max_layers``.
 
     ``base_layers`` is how many layers the base image already has: they count against
-    ``max_layers`` too. Raises ``LayerError`` when the budget leaves no room for the
-    dependencies.
+    ``max_layers`` too. With ``project_later``, the project's layer is counted in the
+    budget but left out of the plan: it is added on top once its wheel is built. Raises
+    ``LayerError`` when the budget leaves no room for the dependencies.
     """
     members = sorted(local, key=lambda w: w.name)
-    fixed = 1 + len(members) + (project is not None)
+    fixed = 1 + len(members) + (project is not None or project_later)
     budget = max_layers - base_layers - fixed
     if budget < 1:
         raise LayerError(

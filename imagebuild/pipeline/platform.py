@@ -7,7 +7,7 @@ they build once for all (local wheels, a compiler per CPU) sits in two small mem
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.install.fetch import WheelCache, fetch_wheels
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
-from imagebuild.install.plan import PlannedWheel, plan_layers
+from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage, WheelFile
 from imagebuild.lock.select import select_packages
@@ -179,30 +179,33 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     request, project = build.request, build.project
     arch = platform.partition("/")[2]
     base_image, facts = _pull_base(build, platform)
-    target = target_of(arch, facts)
-    dependencies, local = _dependencies(build, target)
+    dependencies, local, compiler = _wheels_and_compiler(build, arch, base_image, facts)
     members = [build.local_wheels.get(pkg) for pkg in local]
-    wheel = build.project_wheel.result()
-    plan = plan_layers(
+    # The project's wheel may still be building: everything below it is built meanwhile.
+    below = plan_layers(
         dependencies,
-        PlannedWheel(name=project.name, version=wheel.name.split("-")[1], path=wheel),
+        None,
         local=members,
         max_layers=build.settings.max_layers,
         base_layers=len(base_image.layers) + SBOM_LAYERS,
+        project_later=True,
     )
     venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
     check_entrypoint(
         build.settings,
         project,
         venv,
-        lambda: scripts_of([wheel, *(w.path for w in (*dependencies, *members))]),
+        lambda: scripts_of(
+            [build.project_wheel.result(), *(w.path for w in (*dependencies, *members))]
+        ),
     )
-    compiler = None
-    if request.compile_bytecode:
-        compiler = build.compilers.get(arch, lambda: _choose(build, facts, base_image))
-    built = build_layers(plan, venv, compiler, _layer_job(build))
+    job = _layer_job(build)
+    lower = build_layers(below, venv, compiler, job)
+    top = _project_plan(project.name, build.project_wheel.result())
+    upper = build_layers(top, venv, compiler, job)
+    plan = LayerPlan(layers=below.layers + top.layers)
     layers, sbom = add_sbom(
-        built.layers,
+        lower.layers + upper.layers,
         plan,
         lock=build.lock,
         project=project.name,
@@ -225,9 +228,33 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         base=base_image,
         layers=tuple(layers),
         config=config,
-        built=built.built,
+        built=lower.built + upper.built,
         sbom=sbom,
     )
+
+
+def _wheels_and_compiler(
+    build: PlatformBuild, arch: str, base: BaseImage, facts: BaseFacts
+) -> tuple[list[PlannedWheel], list[LockedPackage], BytecodeCompiler | None]:
+    """The dependencies' wheels fetched, while the compiler is readied beside them.
+
+    Readying it (unpacking the base's Python, or loading the base into the engine) then
+    costs nothing the downloads did not already wait for.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-compiler") as pool:
+        choosing = (
+            pool.submit(build.compilers.get, arch, lambda: _choose(build, facts, base))
+            if build.request.compile_bytecode
+            else None
+        )
+        dependencies, local = _dependencies(build, target_of(arch, facts))
+        return dependencies, local, choosing.result() if choosing is not None else None
+
+
+def _project_plan(name: str, wheel: Path) -> LayerPlan:
+    """The project's own layer, alone on top."""
+    planned = PlannedWheel(name=name, version=wheel.name.split("-")[1], path=wheel)
+    return LayerPlan(layers=(LayerSpec(kind="project", wheels=(planned,)),))
 
 
 def _layer_job(build: PlatformBuild) -> LayerJob:
