@@ -154,6 +154,23 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def copy_atomic(source: Path, dest: Path) -> None:
+    """Copy ``source`` to ``dest`` through a temporary file and a rename (in-kernel copy).
+
+    For outputs (an OCI layout's blobs), not cache entries: nothing is flushed to disk
+    first, which costs as much as the copy itself on a layout of hundreds of MB.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".part")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (creating its directory); OSError propagates."""
     with atomic_writer(path) as out:

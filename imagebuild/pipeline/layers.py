@@ -196,13 +196,15 @@ def _finish(staged: _Staged, job: LayerJob) -> Layer:
 
 def _write_record(record: Path, layer: Layer) -> None:
     """Remember ``layer`` under its key in the local layer cache."""
-    write_json(
-        record,
-        {
-            "digest": layer.digest,
-            "diff_id": layer.diff_id,
-            "size": layer.size,
-            "media_type": layer.media_type,
-            "created_by": layer.created_by,
-        },
-    )
+    write_json(record, layer_json(layer))
+
+
+def layer_json(layer: Layer) -> dict[str, object]:
+    """A layer as its cache record keeps it (``Layer(**record)`` reads it back)."""
+    return {
+        "digest": layer.digest,
+        "diff_id": layer.diff_id,
+        "size": layer.size,
+        "media_type": layer.media_type,
+        "created_by": layer.created_by,
+    }

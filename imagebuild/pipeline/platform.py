@@ -213,6 +213,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         store=build.store,
         work=build.work,
         epoch=request.source_date_epoch,
+        records=CacheLayout(request.cache_dir).layers,
     )
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
     image = build_platform_image(

@@ -8,7 +8,6 @@ CLI makes from ``--output oci:DIR`` and ``--output oci-archive:FILE``.
 
 from __future__ import annotations
 
-import shutil
 import tarfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from imagebuild.cache import atomic_writer, write_atomic
+from imagebuild.cache import atomic_writer, copy_atomic, write_atomic
 from imagebuild.digest import Digest, digest_hex
 from imagebuild.errors import ImageError, RegistryError
 from imagebuild.image.descriptor import (
@@ -99,8 +98,7 @@ def _write_layout(image: Image | ImageIndex, dest_dir: Path, *, ref_name: str) -
         if target.is_file() and target.stat().st_size == desc.size:
             continue
         try:
-            with atomic_writer(target) as out, image.store.path(desc.digest).open("rb") as src:
-                shutil.copyfileobj(src, out, _CHUNK)
+            copy_atomic(image.store.path(desc.digest), target)
         except FileNotFoundError:
             raise ImageError(f"blob {desc.digest} is missing from {image.store.root}") from None
     write_atomic(dest_dir / "oci-layout", _OCI_LAYOUT_BYTES)
