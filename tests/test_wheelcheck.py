@@ -134,3 +134,24 @@ def test_a_file_that_is_not_a_zip_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(LayerError) as caught:
         install_wheel(fake, tmp_path / "staging", VENV)
     assert str(caught.value).startswith("wheel fake-1.0-py3-none-any.whl: cannot install")
+
+
+def test_a_data_script_is_checked_though_its_shebang_is_reread(tmp_path: Path) -> None:
+    # installer reads a script's first line, seeks back and reads it again to put the venv's
+    # interpreter in its shebang (real wheels: jsonpointer, many command-line tools).
+    script = "#!python\nprint('hello')\n"
+    wheel = make_wheel(
+        tmp_path / "dist", "tool", "1.0", files={"tool-1.0.data/scripts/tool": script}
+    )
+    staging = tmp_path / "staging"
+    install_wheel(wheel, staging, VENV)
+    installed = (staging / "app/.venv/bin/tool").read_text()
+    assert installed == "#!/app/.venv/bin/python\nprint('hello')\n"
+
+    def tamper(members: list[Member]) -> list[Member]:
+        return [(i, b"#!python\nprint('owned')\n" if i.filename.endswith("/tool") else d)
+                for i, d in members]  # fmt: skip
+
+    with pytest.raises(LayerError) as caught:
+        install_wheel(_rewrite(wheel, tamper), tmp_path / "staging-2", VENV)
+    assert "does not match its RECORD line" in str(caught.value)

@@ -150,6 +150,27 @@ class _Verified(io.RawIOBase):
         self._read += len(data)
         return data
 
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._read
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Go back (installer rereads a script's first line): hash again from the start."""
+        if whence not in (io.SEEK_SET, io.SEEK_CUR):
+            raise io.UnsupportedOperation("seek from the end")
+        target = offset if whence == io.SEEK_SET else self._read + offset
+        if target < 0:
+            raise ValueError(f"negative position {target}")
+        self._inner.seek(0)
+        self._hash = hashlib.new(self._algorithm)
+        self._read, self._checked = 0, False
+        while self._read < target:
+            if not self.read(min(target - self._read, 1 << 20)):
+                break
+        return self._read
+
     def readinto(self, buffer: memoryview | bytearray) -> int:  # type: ignore[override]
         data = self.read(len(buffer))
         buffer[: len(data)] = data
