@@ -372,7 +372,7 @@ def inspect(
 
 @app.command()
 def init(path: opt.ProjectPath = Path("."), verbose: opt.Verbose = False) -> None:
-    """Add a commented [tool.imgbuild] table to pyproject.toml (the rest stays as it is)."""
+    """Add a commented tool.imgbuild table to pyproject.toml (the rest stays as it is)."""
     from imagebuild.commands.init import init_settings
 
     try:
