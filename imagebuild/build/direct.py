@@ -19,13 +19,12 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import httpx
-from build import BuildBackendException, BuildException
 from filelock import FileLock
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from imagebuild.build.git import GitMirrors
-from imagebuild.build.pep517 import BuildEnvironments, RequirementsInstallError, build_project_wheel
-from imagebuild.build.runner import ProcessFailed, hook_runner
+from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
+from imagebuild.build.sdist import run_backend
 from imagebuild.cache import atomic_writer, write_atomic
 from imagebuild.digest import digest_file, digest_hex
 from imagebuild.errors import BuildError, FetchError
@@ -120,23 +119,7 @@ def _cached_wheel(entry: Path) -> Path | None:
 
 def _prepare_metadata(source: Path, out: Path, where: str, envs: BuildEnvironments) -> bytes:
     hint = "run 'python -m build --wheel' in a checkout of the revision to see why"
-    try:
-        with envs.builder(source, hook_runner({"SOURCE_DATE_EPOCH": "0"})) as builder:
-            dist_info = Path(builder.metadata_path(out))
-    except RequirementsInstallError as exc:
-        raise BuildError(
-            f"{where}: installing its build requirements failed: {redact_text(str(exc))}",
-            hint=hint,
-        ) from exc
-    except BuildBackendException as exc:
-        cause = exc.exception
-        detail = cause.last_line() if isinstance(cause, ProcessFailed) else str(exc)
-        raise BuildError(
-            f"{where}: the build backend failed to prepare metadata: {redact_text(detail)}",
-            hint=hint,
-        ) from exc
-    except (BuildException, ProcessFailed, OSError) as exc:
-        raise BuildError(f"{where}: cannot prepare its metadata: {exc}", hint=hint) from exc
+    dist_info = run_backend(source, out, where, BuildError, "metadata", envs, hint=hint)
     try:
         return (dist_info / "METADATA").read_bytes()
     except OSError:

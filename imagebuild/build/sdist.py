@@ -330,14 +330,21 @@ def _check_member(name: str, subject: str, error: _Error) -> None:
 # -- PEP 517 -------------------------------------------------------------------------------
 
 
-def _with_backend(
+def run_backend(
     source: Path,
     out: Path,
     subject: str,
     error: _Error,
     action: Literal["metadata", "wheel"],
     envs: BuildEnvironments,
+    *,
+    hint: str = _BUILD_HINT,
 ) -> Path:
+    """Ask ``source``'s PEP 517 backend for its metadata directory or a wheel, under ``out``.
+
+    Every failure (build requirements, the backend, the process) is one ``error`` naming
+    ``subject``, with credentials hidden from what the installer or backend said.
+    """
     what = "metadata" if action == "metadata" else "a wheel"
     try:
         with envs.builder(source, _HOOK_RUNNER) as builder:
@@ -348,19 +355,19 @@ def _with_backend(
         raise error(
             # The installer was given URLs with credentials: its own words may quote them.
             f"{subject}: installing its build requirements failed: {redact_text(_one_line(exc))}",
-            hint=_BUILD_HINT,
+            hint=hint,
         ) from exc
     except BuildBackendException as exc:
         cause = exc.exception
         detail = cause.last_line() if isinstance(cause, ProcessFailed) else _one_line(exc)
         raise error(
             f"{subject}: the build backend failed to make {what}: {redact_text(_one_line(detail))}",
-            hint=_BUILD_HINT,
+            hint=hint,
         ) from exc
     except (BuildException, FailedProcessError, ProcessFailed, OSError) as exc:
         raise error(
             f"{subject}: cannot build {what}: {_one_line(exc) or type(exc).__name__}",
-            hint=_BUILD_HINT,
+            hint=hint,
         ) from exc
 
 
@@ -376,7 +383,7 @@ def _envs(cache_dir: Path, indexes: Sequence[str], http: httpx.Client) -> BuildE
 def _prepare_metadata(
     source: Path, out: Path, subject: str, error: _Error, envs: BuildEnvironments
 ) -> bytes:
-    dist_info = _with_backend(source, out, subject, error, "metadata", envs)
+    dist_info = run_backend(source, out, subject, error, "metadata", envs)
     data = _read(dist_info / "METADATA")
     if data is None:
         raise error(f"{subject}: the build backend wrote no METADATA", hint=_BUILD_HINT)
@@ -384,7 +391,7 @@ def _prepare_metadata(
 
 
 def _build_wheel(source: Path, out: Path, subject: str, envs: BuildEnvironments) -> Path:
-    wheel = _with_backend(source, out, subject, BuildError, "wheel", envs)
+    wheel = run_backend(source, out, subject, BuildError, "wheel", envs)
     if wheel.suffix != ".whl" or not wheel.is_file():
         raise BuildError(f"{subject}: the build backend made no wheel", hint=_BUILD_HINT)
     return wheel

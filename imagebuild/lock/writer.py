@@ -26,6 +26,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import tomlkit
+from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
@@ -189,16 +190,7 @@ def _local_entries(
     """``directory`` entries for the local projects needed on some target."""
     entries: list[_Entry] = []
     for name, package in sorted(local.items()):
-        presence_local: dict[TargetPlatform, set[str]] = {}
-        for target in all_targets:
-            env = {**target.marker_environment(), "extra": ""}
-            origins = {
-                origin
-                for origin, markers in package.markers.items()
-                if any(m is None or m.evaluate(env) for m in markers)
-            }
-            if origins:
-                presence_local[target] = origins
+        presence_local = _presence(package.markers, all_targets)
         if not presence_local:
             continue
         table = tomlkit.table()
@@ -212,20 +204,28 @@ def _local_entries(
     return entries
 
 
-def _direct_entry(
-    package: DirectPackage, all_targets: Sequence[TargetPlatform], lock_dir: Path
-) -> _Entry:
-    """A ``vcs`` or ``archive`` entry, with the marker of the requirements on it."""
+def _presence(
+    markers: Mapping[str, Sequence[Marker | None]], all_targets: Sequence[TargetPlatform]
+) -> dict[TargetPlatform, set[str]]:
+    """For each target, the origins (extras, groups) whose requirement markers hold there."""
     presence: dict[TargetPlatform, set[str]] = {}
     for target in all_targets:
         env = {**target.marker_environment(), "extra": ""}
         origins = {
             origin
-            for origin, markers in package.markers.items()
-            if any(m is None or m.evaluate(env) for m in markers)
+            for origin, found in markers.items()
+            if any(m is None or m.evaluate(env) for m in found)
         }
         if origins:
             presence[target] = origins
+    return presence
+
+
+def _direct_entry(
+    package: DirectPackage, all_targets: Sequence[TargetPlatform], lock_dir: Path
+) -> _Entry:
+    """A ``vcs`` or ``archive`` entry, with the marker of the requirements on it."""
+    presence = _presence(package.markers, all_targets)
     table = tomlkit.table()
     table.add("name", package.name)
     table.add("version", str(package.version))

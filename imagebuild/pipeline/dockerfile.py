@@ -12,23 +12,20 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-import jinja2
-
 from imagebuild import __version__
-from imagebuild.errors import ImageError, ProjectError
+from imagebuild.cache import write_atomic
+from imagebuild.errors import ProjectError
 from imagebuild.image.name import ImageReference
 from imagebuild.install.layers import VenvLayout
 from imagebuild.lock.model import UV_LOCK
 from imagebuild.pipeline.config import build_entrypoint, build_labels
 from imagebuild.pipeline.locate import project_settings
 from imagebuild.project.spec import load_project
-from imagebuild.sinks.context import TEMPLATE_DIRS
+from imagebuild.sinks.context import dockerfile_template
 from imagebuild.target.choose import base_reference
 
 TEMPLATE = "uv.Dockerfile.j2"
@@ -97,42 +94,10 @@ def render_uv_dockerfile(request: DockerfileRequest) -> str:
 
 
 def _render(**values: object) -> str:
-    for name, value in [*values["env"], *values["labels"]]:  # type: ignore[misc]
-        if "\n" in name or "\n" in value or "\r" in value:
-            raise ImageError(
-                f"{name!r}: a value with a line break cannot be written into a Dockerfile",
-                hint="remove the line break from [tool.imgbuild] env/labels or the description",
-            )
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS if d.is_dir()]),
-        autoescape=False,  # a Dockerfile, not HTML: values are quoted by the dq filter
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    environment.filters["dq"] = _double_quoted
-    environment.filters["tojson"] = lambda value: json.dumps(list(value), ensure_ascii=False)
-    try:
-        template = environment.get_template(TEMPLATE)
-    except jinja2.TemplateNotFound as exc:
-        raise ImageError(f"the template {TEMPLATE} is missing", hint="reinstall imgbuild") from exc
-    return template.render(**values)
-
-
-def _double_quoted(value: str) -> str:
-    """A Dockerfile double-quoted word: no variable expansion, backslashes kept."""
-    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
-    return f'"{escaped}"'
+    pairs = [*values["env"], *values["labels"]]  # type: ignore[misc]
+    return dockerfile_template(TEMPLATE, pairs).render(**values)
 
 
 def write_dockerfile(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically (a temporary file beside it, then renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    write_atomic(path, text.encode("utf-8"))

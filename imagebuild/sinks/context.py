@@ -146,27 +146,7 @@ def _render(
     layers: Sequence[ContextLayer],
     config: ImageConfig,
 ) -> str:
-    for name, value in [*config.env, *config.labels]:
-        if "\n" in name or "\n" in value or "\r" in value:
-            raise ImageError(
-                f"{name!r}: a value with a line break cannot be written into a Dockerfile",
-                hint="remove the line break from [tool.imgbuild] env/labels or the project's "
-                "description",
-            )
-    environment = jinja2.Environment(
-        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS if d.is_dir()]),
-        autoescape=False,  # a Dockerfile, not HTML: values are quoted by the dq filter
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    environment.filters["dq"] = _double_quoted
-    environment.filters["tojson"] = lambda value: json.dumps(list(value), ensure_ascii=False)
-    try:
-        template = environment.get_template("Dockerfile.j2")
-    except jinja2.TemplateNotFound as exc:
-        raise ImageError("the Dockerfile template is missing", hint="reinstall imgbuild") from exc
+    template = dockerfile_template("Dockerfile.j2", [*config.env, *config.labels])
     return template.render(
         version=__version__,
         title=title,
@@ -181,6 +161,35 @@ def _render(
         entrypoint=config.entrypoint,
         cmd=config.cmd,
     )
+
+
+def dockerfile_template(name: str, pairs: Sequence[tuple[str, str]]) -> jinja2.Template:
+    """The Dockerfile template ``name`` of ``templates/``, its values checked for line breaks.
+
+    ``pairs`` are the env and label names and values the Dockerfile will carry: a line
+    break in one would end its instruction and start another.
+    """
+    for key, value in pairs:
+        if "\n" in key or "\n" in value or "\r" in value:
+            raise ImageError(
+                f"{key!r}: a value with a line break cannot be written into a Dockerfile",
+                hint="remove the line break from [tool.imgbuild] env/labels or the project's "
+                "description",
+            )
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader([str(d) for d in TEMPLATE_DIRS if d.is_dir()]),
+        autoescape=False,  # a Dockerfile, not HTML: values are quoted by the dq filter
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    environment.filters["dq"] = _double_quoted
+    environment.filters["tojson"] = lambda value: json.dumps(list(value), ensure_ascii=False)
+    try:
+        return environment.get_template(name)
+    except jinja2.TemplateNotFound as exc:
+        raise ImageError(f"the template {name} is missing", hint="reinstall imgbuild") from exc
 
 
 def _double_quoted(value: str) -> str:
