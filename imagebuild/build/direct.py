@@ -24,7 +24,7 @@ from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from imagebuild.build.git import GitMirrors
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
-from imagebuild.build.sdist import run_backend
+from imagebuild.build.sdist import cached_wheel, run_backend
 from imagebuild.cache import atomic_writer, write_atomic
 from imagebuild.digest import digest_file, digest_hex
 from imagebuild.errors import BuildError, FetchError
@@ -82,12 +82,12 @@ def git_wheel(
     the wheel is of another project than the lock says.
     """
     entry = bucket / "wheels" / f"{commit.key}-{epoch}"
-    built = _cached_wheel(entry)
+    built = cached_wheel(entry)
     if built is not None:
         return built
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
-        built = _cached_wheel(entry)
+        built = cached_wheel(entry)
         if built is not None:
             return built
         mirrors = GitMirrors(bucket)
@@ -107,14 +107,6 @@ def git_wheel(
             with wheel.open("rb") as src, atomic_writer(final) as out:
                 shutil.copyfileobj(src, out)
     return final
-
-
-def _cached_wheel(entry: Path) -> Path | None:
-    try:
-        wheels = [p for p in entry.iterdir() if p.suffix == ".whl" and not p.name.startswith(".")]
-    except OSError:
-        return None
-    return wheels[0] if len(wheels) == 1 else None
 
 
 def _prepare_metadata(source: Path, out: Path, where: str, envs: BuildEnvironments) -> bytes:

@@ -129,12 +129,12 @@ def build_sdist_wheel(
     _plain_name(filename, subject, FetchError)
     expected = _hex(sha256, subject)
     entry = CacheLayout(cache_dir).sdist_wheels / expected
-    built = _cached_wheel(entry)
+    built = cached_wheel(entry)
     if built is not None:
         return built
     entry.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(entry) + ".lock"):
-        built = _cached_wheel(entry)  # another process may have built it meanwhile
+        built = cached_wheel(entry)  # another process may have built it meanwhile
         if built is not None:
             return built
         with tempfile.TemporaryDirectory(prefix="imgbuild-sdist-") as tmp:
@@ -179,7 +179,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
         pass
 
 
-def _cached_wheel(entry: Path) -> Path | None:
+def cached_wheel(entry: Path) -> Path | None:
+    """The one wheel a cache entry directory holds, if it holds exactly one."""
     try:
         wheels = [p for p in entry.iterdir() if p.suffix == ".whl" and not p.name.startswith(".")]
     except OSError:
