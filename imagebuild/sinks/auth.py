@@ -22,6 +22,12 @@ import httpx
 
 from imagebuild.errors import RegistryError
 from imagebuild.image.name import ImageReference, registry_url
+from imagebuild.net.http import (
+    Deadline,
+    TransferDeadlineExceeded,
+    client_policy,
+    with_deadline,
+)
 from imagebuild.net.transfer import redact, redact_text
 from imagebuild.sinks.logins import Credentials, CredentialStore
 
@@ -165,14 +171,22 @@ class RegistrySession:
         headers: Mapping[str, str] | None = None,
         content: Body | None = None,
         follow_redirects: bool = True,
+        size: int | None = None,
     ) -> Iterator[httpx.Response]:
         """Like ``send`` but yields the response with its body unread, closing it after.
 
         Redirects (blob downloads to a CDN) are followed by httpx, which drops the
-        ``Authorization`` header when the redirect leaves the registry's origin.
+        ``Authorization`` header when the redirect leaves the registry's origin. ``size``
+        (a blob's, from its descriptor) widens the transfer's deadline.
         """
         resp = self._open(
-            op, method, url, headers=headers, content=content, follow_redirects=follow_redirects
+            op,
+            method,
+            url,
+            headers=headers,
+            content=content,
+            follow_redirects=follow_redirects,
+            size=size,
         )
         try:
             yield resp
@@ -188,6 +202,7 @@ class RegistrySession:
         headers: Mapping[str, str] | None,
         content: Body | None,
         follow_redirects: bool,
+        size: int | None = None,
     ) -> httpx.Response:
         host = op.ref.registry
         known = self._challenges.get(host)
@@ -200,8 +215,9 @@ class RegistrySession:
             if auth is not None:
                 request_headers["Authorization"] = auth
             resp = self._send_once(
-                op, method, url, request_headers, content, follow_redirects=follow_redirects
-            )
+                op, method, url, request_headers, content, follow_redirects=follow_redirects,
+                size=size,
+            )  # fmt: skip
             if resp.status_code != 401 or attempt == 2:
                 return resp
             try:
@@ -227,12 +243,22 @@ class RegistrySession:
         content: Body | None,
         *,
         follow_redirects: bool,
+        size: int | None = None,
     ) -> httpx.Response:
-        """Send one request (over HTTPS once the loopback registry turned out to need it)."""
+        """Send one request (over HTTPS once the loopback registry turned out to need it).
+
+        Every request carries a deadline (the client's per-transfer budget, widened by the
+        blob's size when known), so a registry that trickles bytes cannot hang a build.
+        """
         host = op.ref.registry
         if host in self._tls and url.scheme == "http" and url.netloc.decode() == host:
             url = url.copy_with(scheme="https")
         request = self._build(method, url, headers, content)
+        length = headers.get("Content-Length")
+        budget = client_policy(self._http)[1].budget(
+            size if size is not None else int(length) if length and length.isdigit() else None
+        )
+        request.extensions = with_deadline(request.extensions, Deadline(budget))
         try:
             resp = self._http.send(request, stream=True, follow_redirects=follow_redirects)
         except httpx.HTTPError as exc:
@@ -241,7 +267,7 @@ class RegistrySession:
             resp.close()
             self._tls.add(host)
             return self._send_once(
-                op, method, url, headers, content, follow_redirects=follow_redirects
+                op, method, url, headers, content, follow_redirects=follow_redirects, size=size
             )
         return resp
 
@@ -353,7 +379,9 @@ class RegistrySession:
                 f"({untrusted})",
                 hint="if a private CA signed it, point SSL_CERT_FILE at a bundle holding that CA",
             )
-        if isinstance(exc, httpx.TimeoutException):
+        if isinstance(exc, TransferDeadlineExceeded):
+            detail = str(exc)
+        elif isinstance(exc, httpx.TimeoutException):
             detail = "timed out"
         elif isinstance(exc, httpx.ConnectError):
             detail = f"cannot connect ({exc})"

@@ -327,7 +327,7 @@ class RegistryClient:
         if store.has(desc.digest):
             return
         url = self._session.url(op.ref, f"blobs/{desc.digest}")
-        with self._session.stream(op, "GET", url) as resp:
+        with self._session.stream(op, "GET", url, size=desc.size) as resp:
             if resp.status_code != 200:
                 resp.read()
                 raise self._session.status_error(op, resp, f"blob {desc.digest}")
