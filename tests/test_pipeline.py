@@ -8,7 +8,7 @@ import pytest
 
 from imagebuild.errors import ProjectError
 from imagebuild.pipeline.outputs import make_sinks, parse_outputs, write_order
-from imagebuild.project.indexes import PYPI, lock_indexes
+from imagebuild.project.indexes import lock_indexes
 from imagebuild.project.settings import parse_settings
 from imagebuild.project.spec import load_project
 
@@ -16,39 +16,6 @@ from imagebuild.project.spec import load_project
 def _project(tmp_path: Path, tool: str) -> Path:
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "p"\nversion = "1"\n' + tool)
     return tmp_path
-
-
-def test_default_index_is_pypi(tmp_path: Path) -> None:
-    project = load_project(_project(tmp_path, ""))
-    assert lock_indexes(parse_settings({}), project) == (PYPI,)
-
-
-def test_uv_indexes_are_taken_in_uv_order(tmp_path: Path) -> None:
-    project = load_project(
-        _project(
-            tmp_path,
-            """
-[[tool.uv.index]]
-name = "internal"
-url = "https://pkgs.example/simple/"
-
-[[tool.uv.index]]
-name = "torch"
-url = "https://torch.example/simple/"
-explicit = true
-
-[[tool.uv.index]]
-name = "mirror"
-url = "https://mirror.example/simple/"
-default = true
-""",
-        )
-    )
-    # Declared indexes first, explicit ones only for pinned sources, the default last.
-    assert lock_indexes(parse_settings({}), project) == (
-        "https://pkgs.example/simple/",
-        "https://mirror.example/simple/",
-    )
 
 
 def test_imgbuild_index_settings_win(tmp_path: Path) -> None:
