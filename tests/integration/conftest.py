@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from imagebuild.cli import app
+from imagebuild.image.validate import validate_layout
 from tests.fixtures.index_server import LocalIndex
 
 UV = shutil.which("uv")
@@ -35,6 +36,18 @@ def imgbuild(*args: str | Path) -> CliResult:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return CliResult(result.exit_code, result.stdout, result.stderr)
+
+
+def build_layout(root: Path, cache: Path, layout: Path, *extra: str | Path) -> CliResult:
+    """``build --locked --python 3.11`` into the OCI layout ``layout`` (plus ``extra``),
+    checked to succeed and to write a valid layout."""
+    built = imgbuild(
+        "build", root, "--locked", "--python", "3.11", "--cache-dir", cache,
+        "--output", f"oci:{layout}", *extra,
+    )  # fmt: skip
+    assert built.exit_code == 0, built.stderr
+    validate_layout(layout)
+    return built
 
 
 def index_settings(index_url: str) -> str:

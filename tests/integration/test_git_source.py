@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.image.validate import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.fixtures.git_server import GitDaemon, GitProject
 from tests.fixtures.index_server import LocalIndex
-from tests.integration.conftest import imgbuild, index_settings, uv_lock
+from tests.integration.conftest import build_layout, imgbuild, index_settings, uv_lock
 
 pytestmark = pytest.mark.docker
 
@@ -50,26 +49,6 @@ def _project(root: Path, git_url: str, index_url: str) -> Path:
     return root
 
 
-def _build(root: Path, cache: Path, layout: Path, tag: str) -> None:
-    built = imgbuild(
-        "build",
-        root,
-        "--locked",
-        "--python",
-        "3.11",
-        "--tag",
-        tag,
-        "--cache-dir",
-        cache,
-        "--output",
-        "docker",
-        "--output",
-        f"oci:{layout}",
-    )
-    assert built.exit_code == 0, built.stderr
-    validate_layout(layout)
-
-
 def test_git_dependency_runs_in_the_image(
     docker_env: TestInfra,
     demo_index: LocalIndex,
@@ -91,7 +70,7 @@ def test_git_dependency_runs_in_the_image(
 
     tag = "imgbuild-test/git-source:1"
     image_cleanup.append(tag)
-    _build(root, cache, tmp_path / "layout", tag)
+    build_layout(root, cache, tmp_path / "layout", "--tag", tag, "--output", "docker")
     output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
     assert json.loads(bytes(output)) == {"from": "git", "red": "#f00"}
     history = [h["CreatedBy"] for h in docker_env.client.api.history(tag)]
@@ -105,6 +84,6 @@ def test_git_dependency_runs_in_the_image(
     uv_lock(root, demo_index.url)
     uv_tag = "imgbuild-test/git-source:uv"
     image_cleanup.append(uv_tag)
-    _build(root, cache, tmp_path / "layout-uv", uv_tag)
+    build_layout(root, cache, tmp_path / "layout-uv", "--tag", uv_tag, "--output", "docker")
     output = docker_env.client.containers.run(uv_tag, network_mode="none", remove=True)
     assert json.loads(bytes(output)) == {"from": "git", "red": "#f00"}

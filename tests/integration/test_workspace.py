@@ -12,7 +12,7 @@ import pytest
 from imagebuild.image.validate import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.fixtures.index_server import LocalIndex
-from tests.integration.conftest import imgbuild, index_settings, uv_lock
+from tests.integration.conftest import build_layout, imgbuild, index_settings, uv_lock
 
 pytestmark = pytest.mark.docker
 
@@ -91,23 +91,7 @@ def test_workspace_lock_and_build(
     tag = "imgbuild-test/workspace:1"
     image_cleanup.append(tag)
     layout = tmp_path / "layout"
-    built = imgbuild(
-        "build",
-        root,
-        "--locked",
-        "--python",
-        "3.11",
-        "--tag",
-        tag,
-        "--cache-dir",
-        cache,
-        "--output",
-        "docker",
-        "--output",
-        f"oci:{layout}",
-    )
-    assert built.exit_code == 0, built.stderr
-    validate_layout(layout)
+    build_layout(root, cache, layout, "--tag", tag, "--output", "docker")
     output = docker_env.client.containers.run(tag, network_mode="none", remove=True)
     assert json.loads(bytes(output)) == {"from": "greeter", "red": "#f00"}
     history = [h["CreatedBy"] for h in docker_env.client.api.history(tag)]
@@ -138,21 +122,7 @@ def test_member_lock_and_build_with_package(
     }
     assert entries["colours"]["index"] == demo_index.url
     layout = tmp_path / "layout"
-    built = imgbuild(
-        "build",
-        root,
-        "--package",
-        "greeter",
-        "--locked",
-        "--python",
-        "3.11",
-        "--cache-dir",
-        cache,
-        "--output",
-        f"oci:{layout}",
-    )
-    assert built.exit_code == 0, built.stderr
-    validate_layout(layout)
+    build_layout(root, cache, layout, "--package", "greeter")
     unknown = imgbuild("lock", root, "--package", "nope")
     assert unknown.exit_code == 1
     assert "no workspace member named 'nope'" in unknown.stderr
@@ -165,20 +135,8 @@ def test_uv_workspace_lock_builds(
     root = _workspace(tmp_path / "ws", demo_index.url)
     uv_lock(root, demo_index.url)
     layout = tmp_path / "layout"
-    built = imgbuild(
-        "build",
-        root,
-        "--locked",
-        "--python",
-        "3.11",
-        "--cache-dir",
-        tmp_path / "cache",
-        "--output",
-        f"oci:{layout}",
-    )
-    assert built.exit_code == 0, built.stderr
+    built = build_layout(root, tmp_path / "cache", layout)
     assert "lock: uv.lock" in built.stderr
-    validate_layout(layout)
 
 
 def _virtual_workspace(root: Path, index_url: str) -> Path:
