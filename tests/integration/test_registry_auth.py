@@ -37,6 +37,9 @@ from tests.fixtures.token_server import ISSUER, SERVICE, TokenServer, run_token_
 from tests.integration.conftest import MakeProject, imgbuild
 from tests.test_registry import CREATED, small_image
 
+# The real registry binary and the engine's test infrastructure (dev/infra.sh).
+pytestmark = pytest.mark.docker
+
 USER = "alice"
 PASSWORD = "correct horse battery staple"
 
