@@ -83,6 +83,12 @@ class CacheLayout:
         return self.root / "bases"
 
     @property
+    def debian(self) -> Path:
+        """Debian archive files: verified Release files, Packages and Contents indexes, .debs
+        (each by its sha256)."""
+        return self.root / "debian"
+
+    @property
     def build_envs(self) -> Path:
         """Kept PEP 517 build environments, by their requirements."""
         return self.root / "build-envs"

@@ -33,6 +33,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("imagebuild.build",),
     ("imagebuild.install",),
     ("imagebuild.image",),
+    ("imagebuild.debian",),
     ("imagebuild.sinks",),
     ("imagebuild.pipeline",),
     ("imagebuild.cli", "imagebuild.__main__", "imagebuild.commands"),
