@@ -13,6 +13,7 @@ message (and hint) on one line of stderr and exits 1. Anything else escaping is 
     ├── BuildError          the project's PEP 517 backend failed
     ├── LayerError          installing wheels or compiling bytecode failed
     ├── ImageError          OCI config/manifest/layout problems
+    ├── DebianError         a Debian-built base: archive, signature, closure, .deb, library
     ├── RegistryError       registry protocol, auth or transport failure
     └── DockerError         the Docker engine refused or failed
 """
@@ -68,6 +69,10 @@ class LayerError(ImagebuildError):
 
 class ImageError(ImagebuildError):
     """An OCI image, layout or archive is invalid or cannot be written."""
+
+
+class DebianError(ImagebuildError):
+    """A base built from Debian packages: the archive, a package's closure, a .deb, a library."""
 
 
 class RegistryError(ImagebuildError):
