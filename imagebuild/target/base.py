@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from imagebuild.errors import TargetError
+from imagebuild.target.recipe import DebianRecipe, read_recipe
 
 CATALOG_DIRS = (
     Path(__file__).resolve().parents[1] / "_data" / "base-images",  # installed wheel
@@ -49,6 +50,17 @@ class CatalogEntry:
     """Whether ``/bin/sh`` exists."""
     user: str
     """The user the image runs as by default."""
+    recipe: DebianRecipe | None = None
+    """How imgbuild builds this base from Debian packages; None for a base that is pulled."""
+
+    @property
+    def built(self) -> bool:
+        """Whether imgbuild builds this base itself (nothing is pulled)."""
+        return self.recipe is not None
+
+
+BUILT_REGISTRY = "imgbuild.invalid"
+"""The registry named in built bases' references: reserved (RFC 2606), so never pulled."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,19 +97,26 @@ def load_catalog(dirs: Iterable[Path] = CATALOG_DIRS) -> tuple[CatalogEntry, ...
     for path in sorted(directory.glob("*.toml")):
         data = tomllib.loads(path.read_text(encoding="utf-8"))
         for index, python in enumerate(data["python"]):
+            recipe = read_recipe(data, python, path=path, index=index)
             try:
                 major, minor = (int(p) for p in python["version"].split("."))
                 lmaj, lmin = (int(p) for p in python["libc-version"].split("."))
+                reference = (
+                    python["reference"]
+                    if recipe is None
+                    else f"{BUILT_REGISTRY}/{data['name']}:{major}.{minor}-{recipe.suite}"
+                )
                 entries.append(
                     CatalogEntry(
                         flavor=data["name"],
                         python_version=(major, minor),
-                        reference=python["reference"],
+                        reference=reference,
                         interpreter=PurePosixPath(python["interpreter"]),
                         libc=python["libc"],
                         libc_version=(lmaj, lmin),
                         shell=bool(data["shell"]),
                         user=str(data["user"]),
+                        recipe=recipe,
                     )
                 )
             except (KeyError, ValueError) as exc:
