@@ -10,7 +10,7 @@ import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from packaging.markers import Marker
@@ -280,6 +280,9 @@ class RecordedLock:
     """Locked versions per package name."""
     bases: Mapping[str, Digest] = field(default_factory=dict)
     """Base image reference (as configured) -> the digest the lock was made for."""
+    debian: Mapping[str, Any] | None = None
+    """A built base's lock (``[tool.imgbuild.debian]``), as decoded TOML: the debian stage
+    reads it (``imagebuild.debian.baselock``)."""
 
     def preferences(self) -> dict[NormalizedName, Version]:
         """The newest locked version of each package, for keeping pins when re-locking."""

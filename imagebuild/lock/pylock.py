@@ -213,6 +213,7 @@ def parse_recorded(data: Mapping[str, Any], *, path: Path) -> RecordedLock | Non
             inputs=_recorded_inputs(ours),
             pins=_recorded_pins(data.get("packages", [])),
             bases=_recorded_bases(ours.get("bases", {})),
+            debian=dict(ours["debian"]) if isinstance(ours.get("debian"), dict) else None,
         )
     except (KeyError, TypeError, ValueError, InvalidVersion, AttributeError) as exc:
         raise LockError(

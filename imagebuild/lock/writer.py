@@ -21,7 +21,7 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -124,12 +124,14 @@ def render_pylock(
     local: Mapping[NormalizedName, LocalPackage] | None = None,
     base_digests: Mapping[str, str] | None = None,
     direct: Sequence[DirectPackage] = (),
+    base_lock: Mapping[str, Any] | None = None,
 ) -> str:
     """The pylock.toml text for ``resolutions`` (one per target), deterministic.
 
     ``roots`` are what was resolved (origin -> requirements, local projects already
     replaced by their requirements); ``local`` the local projects, written as
-    ``directory`` entries relative to ``lock_dir``.
+    ``directory`` entries relative to ``lock_dir``; ``base_lock`` a built base's packages
+    (``[tool.imgbuild.debian]``, rendered by the debian stage).
     """
     # (name, version) -> target -> origins that reach it on that target
     presence: dict[tuple[NormalizedName, Version], dict[TargetPlatform, set[str]]] = {}
@@ -157,7 +159,7 @@ def render_pylock(
     for _, _, table in sorted(entries, key=lambda e: (e[0], e[1])):
         packages.append(table)
     doc.add("packages", packages)
-    doc.add("tool", _tool_table(inputs, base_digests or {}))
+    doc.add("tool", _tool_table(inputs, base_digests or {}, base_lock))
     return tomlkit.dumps(doc)
 
 
@@ -374,7 +376,9 @@ def _array(values: Sequence[str]) -> tomlkit.items.Array:
     return array
 
 
-def _tool_table(inputs: LockInputs, base_digests: Mapping[str, str]) -> tomlkit.items.Table:
+def _tool_table(
+    inputs: LockInputs, base_digests: Mapping[str, str], base_lock: Mapping[str, Any] | None
+) -> tomlkit.items.Table:
     tool = tomlkit.table()
     ours = tomlkit.table()
     ours.add("inputs-version", INPUTS_VERSION)
@@ -403,5 +407,26 @@ def _tool_table(inputs: LockInputs, base_digests: Mapping[str, str]) -> tomlkit.
         for ref, digest in sorted(base_digests.items()):
             bases.add(ref, digest)
         ours.add("bases", bases)
+    if base_lock:
+        ours.add("debian", _base_lock_table(base_lock))
     tool.add("imgbuild", ours)
     return tool
+
+
+def _base_lock_table(base_lock: Mapping[str, Any]) -> tomlkit.items.Table:
+    """``[tool.imgbuild.debian]``: its lists on one line each, its rows as ``[[debs]]``."""
+    table = tomlkit.table()
+    for key, value in base_lock.items():
+        if key == "debs":
+            rows = tomlkit.aot()
+            for row in value:
+                item = tomlkit.table()
+                for field_name, field_value in row.items():
+                    item.add(field_name, field_value)
+                rows.append(item)
+            table.add(key, rows)
+        elif isinstance(value, list):
+            table.add(key, _array(value))
+        else:
+            table.add(key, value)
+    return table

@@ -23,6 +23,9 @@ Recognised keys (all optional)::
     allow-secrets = ["app/demo.pem"]  # wheel paths that may ship though they look like secrets
     cache-from = "ghcr.io/org/app-cache"  # a registry repository to take built layers from
     cache-to = "ghcr.io/org/app-cache"    # and to keep newly built layers in (CI's shared cache)
+    system-packages = ["libmagic1"]        # Debian packages in a layer of their own, below Python
+    debian-mirror = "https://snapshot.debian.org/archive/debian/20260101T000000Z"
+    debian-security-mirror = "https://snapshot.debian.org/archive/debian-security/20260101T000000Z"
 """
 
 from __future__ import annotations
@@ -86,6 +89,12 @@ class ImageSettings:
     """A registry repository whose kept layers a build reuses (``--cache-from``)."""
     cache_to: str | None = None
     """A registry repository to keep a build's layers in (``--cache-to``)."""
+    system_packages: tuple[str, ...] = ()
+    """Debian packages (with their Depends) installed in a layer below the Python layers."""
+    debian_mirror: str | None = None
+    """The Debian archive root bases are built from (None: the recipe's, deb.debian.org)."""
+    debian_security_mirror: str | None = None
+    """The Debian security archive root (None: the recipe's)."""
     source: str = field(default="pyproject.toml", compare=False)
     """Where settings came from, for messages."""
 
@@ -120,6 +129,9 @@ _KNOWN = frozenset(
         "allow-secrets",
         "cache-from",
         "cache-to",
+        "system-packages",
+        "debian-mirror",
+        "debian-security-mirror",
     }
 )
 _PLATFORMS = ("linux/amd64", "linux/arm64")
@@ -157,6 +169,9 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         allow_secrets=t.strings("allow-secrets") or (),
         cache_from=t.string("cache-from"),
         cache_to=t.string("cache-to"),
+        system_packages=_system_packages(t),
+        debian_mirror=_mirror(t, "debian-mirror"),
+        debian_security_mirror=_mirror(t, "debian-security-mirror"),
         source=source,
     )
 
@@ -259,3 +274,28 @@ def _max_layers(t: _Table) -> int:
             hint="engines refuse images of more than 127 layers",
         )
     return value
+
+
+_DEB_NAME_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+
+
+def _system_packages(t: _Table) -> tuple[str, ...]:
+    """Debian package names (policy: lower case, digits, ``+ - .``), sorted and deduplicated."""
+    names = t.strings("system-packages") or ()
+    for name in names:
+        if not _DEB_NAME_RE.fullmatch(name):
+            t.fail(
+                "system-packages",
+                f"{name!r} is not a Debian package name",
+                hint='name binary packages as apt does, e.g. "libgomp1"',
+            )
+    return tuple(sorted(set(names)))
+
+
+def _mirror(t: _Table, name: str) -> str | None:
+    url = t.string(name)
+    if url is not None and not url.startswith(("http://", "https://", "file://")):
+        t.fail(
+            name, f"{url!r} is not an http(s) or file URL", hint="e.g. http://deb.debian.org/debian"
+        )
+    return url.rstrip("/") if url else None
