@@ -13,7 +13,7 @@ import io
 import os
 import stat
 import tarfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -158,30 +158,50 @@ def build_layer(
     """
     if isinstance(mtime, bool) or not isinstance(mtime, int) or mtime < 0:
         raise LayerError(f"layer mtime must be a non-negative integer epoch, got {mtime!r}")
+
+    def fill(tar: tarfile.TarFile) -> None:
+        for entry in entries:
+            _add_entry(tar, entry, mtime=mtime)
+
     try:
         entries = _scan_staging(staging, prefix_dirs)
-        with store.temp_file() as tmp:
-            with tmp.open("wb") as out:
-                compressed = _HashingWriter(out)
-                with gzip.GzipFile(
-                    filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=_GZIP_LEVEL
-                ) as gz:
-                    uncompressed = _HashingWriter(gz)
-                    with tarfile.open(
-                        fileobj=uncompressed,
-                        mode="w|",
-                        format=tarfile.PAX_FORMAT,
-                        encoding="utf-8",
-                    ) as tar:
-                        for entry in entries:
-                            _add_entry(tar, entry, mtime=mtime)
-            digest = compressed.digest
-            dest = store.path(digest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(tmp, dest)
+        return write_layer(store, fill, created_by=created_by)
     except OSError as exc:
         where = exc.filename or staging
         raise LayerError(f"layer from {staging}: {where}: {exc.strerror or exc}") from exc
+
+
+def write_layer(
+    store: BlobStore,
+    fill: Callable[[tarfile.TarFile], None],
+    *,
+    created_by: str = "imgbuild: layer",
+) -> Layer:
+    """Write the entries ``fill`` adds to a PAX tar, gzipped, into ``store``: the ``Layer``.
+
+    ``fill`` adds entries in the order they belong (sorted, fixed metadata: ``tar_info``);
+    this function owns the format. Gzip has mtime 0, no file name and a fixed level, and
+    ``diff_id`` and ``digest`` are computed in the same streaming pass that writes the blob,
+    so the layer is never held in memory. ``OSError`` passes through for the caller to name.
+    """
+    with store.temp_file() as tmp:
+        with tmp.open("wb") as out:
+            compressed = _HashingWriter(out)
+            with gzip.GzipFile(
+                filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=_GZIP_LEVEL
+            ) as gz:
+                uncompressed = _HashingWriter(gz)
+                with tarfile.open(
+                    fileobj=uncompressed,
+                    mode="w|",
+                    format=tarfile.PAX_FORMAT,
+                    encoding="utf-8",
+                ) as tar:
+                    fill(tar)
+        digest = compressed.digest
+        dest = store.path(digest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, dest)
     return Layer(
         digest=digest,
         diff_id=uncompressed.digest,
