@@ -11,6 +11,7 @@ import tarfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import httpx
 import pytest
 
 from imagebuild.debian.assemble import (
@@ -20,11 +21,11 @@ from imagebuild.debian.assemble import (
     RootfsSpec,
     assemble_layer,
 )
-from imagebuild.debian.model import LockedDeb
+from imagebuild.debian.model import IndexedPackage, LockedDeb
 from imagebuild.digest import Digest
 from imagebuild.errors import DebianError
 from imagebuild.image.store import BlobStore
-from tests.debian.test_deb import Member, make_deb, real_debs
+from tests.debian.test_deb import FetchReal, Member, make_deb, real_debs
 
 BASE = (
     "base-files",
@@ -42,8 +43,6 @@ ACCOUNTS = (
 )
 GROUPS = (Group(name="root", gid=0), Group(name="nonroot", gid=65532))
 MTIME = 1_700_000_000
-
-FetchReal = Callable[[str, str, tuple[str, ...]], list[tuple[LockedDeb, Path]]]
 
 
 def spec(arch: str, **changes: object) -> RootfsSpec:
@@ -115,10 +114,12 @@ def check_layer_form(tree: Tree) -> None:
 
 
 @pytest.fixture(scope="session")
-def fetch_real(tmp_path_factory: pytest.TempPathFactory) -> FetchReal:
-    """Real .debs, in the folder test_deb.py's fixture fills too (each is fetched once)."""
-    base = tmp_path_factory.getbasetemp() / "real-debs"
-    return lambda suite, arch, names: real_debs(base, suite, arch, names)
+def fetch_real(
+    debian_http: httpx.Client,
+    debian_cache: Path,
+    debian_packages: Callable[[str, str], tuple[IndexedPackage, ...]],
+) -> FetchReal:
+    return real_debs(debian_http, debian_cache, debian_packages)
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,11 @@ import pytest
 import zstandard
 from debian import deb822
 
+from imagebuild.debian.archive import fetch_deb
+from imagebuild.debian.closure import to_locked
 from imagebuild.debian.deb import DebFile, read_control
-from imagebuild.debian.model import LockedDeb
-from imagebuild.digest import Digest
+from imagebuild.debian.model import IndexedPackage, LockedDeb
 from imagebuild.errors import DebianError
-
-MIRROR = "http://deb.debian.org/debian"
 
 # A member of a synthetic data.tar: bytes (a file), None (a directory), ("->", target)
 # (a symlink), ("=>", target) (a hard link), or a TarInfo to add as it is.
@@ -332,66 +331,38 @@ def test_a_corrupt_xz_part_fails_in_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(caught.value)
 
 
-# Real .debs: found in the live Packages index, downloaded once per session, sha256-checked.
+# Real .debs: from the live archive through the stage's own fetchers (conftest's session
+# cache), each checked against the sha256 its verified Packages index gives.
 
-
-_INDEXES: dict[Path, dict[str, bytes]] = {}  # package -> its paragraph, read once per run
+FetchReal = Callable[[str, str, tuple[str, ...]], list[tuple[LockedDeb, Path]]]
 
 
 def real_debs(
-    base: Path, suite: str, arch: str, names: tuple[str, ...]
-) -> list[tuple[LockedDeb, Path]]:
-    """``names`` from the live archive's ``suite`` main index for ``arch``, each checked."""
-    folder = base / f"{suite}-{arch}"
-    folder.mkdir(parents=True, exist_ok=True)
-    index = folder / "Packages.xz"
-    with httpx.Client(timeout=60) as http:
-        if not index.exists():
-            url = f"{MIRROR}/dists/{suite}/main/binary-{arch}/Packages.xz"
-            index.write_bytes(http.get(url).raise_for_status().content)
-        if index not in _INDEXES:
-            # Split into paragraphs and parse only the ones asked for: deb822 over all
-            # sixty thousand takes seconds.
-            with lzma.open(index) as raw:
-                chunks = raw.read().split(b"\n\n")
-            _INDEXES[index] = {
-                c[len(b"Package: ") : c.index(b"\n")].decode(): c
-                for c in chunks
-                if c.startswith(b"Package: ")
-            }
-        found = []
-        for name in names:
-            paragraph = deb822.Packages(_INDEXES[index][name].decode())
-            locked = LockedDeb(
-                name=name,
-                version=paragraph["Version"],
-                architecture=paragraph["Architecture"],
-                url=f"{MIRROR}/{paragraph['Filename']}",
-                sha256=Digest("sha256:" + paragraph["SHA256"]),
-                size=int(paragraph["Size"]),
-            )
-            path = folder / Path(paragraph["Filename"]).name
-            if not path.exists():
-                body = http.get(locked.url).raise_for_status().content
-                assert "sha256:" + hashlib.sha256(body).hexdigest() == locked.sha256
-                path.write_bytes(body)
-            found.append((locked, path))
-    return found
+    debian_http: httpx.Client,
+    debian_cache: Path,
+    debian_packages: Callable[[str, str], tuple[IndexedPackage, ...]],
+) -> FetchReal:
+    """``get(suite, arch, names)``: those packages' .debs, fetched once per session."""
+
+    def get(suite: str, arch: str, names: tuple[str, ...]) -> list[tuple[LockedDeb, Path]]:
+        index = {p.name: p for p in debian_packages(suite, arch)}
+        locked = [to_locked(index[name]) for name in names]
+        return [(deb, fetch_deb(debian_http, deb, cache=debian_cache)) for deb in locked]
+
+    return get
 
 
 @pytest.fixture(scope="session")
 def fetch_real(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Callable[[str, str, tuple[str, ...]], list[tuple[LockedDeb, Path]]]:
-    """``get(suite, arch, names)``: real .debs, in a folder every test module of the run shares."""
-    base = tmp_path_factory.getbasetemp() / "real-debs"
-    return lambda suite, arch, names: real_debs(base, suite, arch, names)
+    debian_http: httpx.Client,
+    debian_cache: Path,
+    debian_packages: Callable[[str, str], tuple[IndexedPackage, ...]],
+) -> FetchReal:
+    return real_debs(debian_http, debian_cache, debian_packages)
 
 
 @pytest.mark.debian
-def test_a_real_deb_streams_what_its_md5sums_lists(
-    fetch_real: Callable[..., list[tuple[LockedDeb, Path]]],
-) -> None:
+def test_a_real_deb_streams_what_its_md5sums_lists(fetch_real: FetchReal) -> None:
     ((locked, path),) = fetch_real("bookworm", "amd64", ("zlib1g",))
 
     control = read_control(path)
