@@ -84,9 +84,13 @@ class CacheLayout:
 
     @property
     def debian(self) -> Path:
-        """Debian archive files: verified Release files, Packages and Contents indexes, .debs
-        (each by its sha256)."""
+        """Debian archive files: Release files, Packages and Contents indexes, .debs."""
         return self.root / "debian"
+
+    @property
+    def elf(self) -> Path:
+        """The libraries ELF files need and provide, read off wheels and base layers."""
+        return self.root / "elf"
 
     @property
     def build_envs(self) -> Path:

@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
-import traceback
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -20,21 +16,37 @@ import typer
 
 from imagebuild import __version__
 from imagebuild.commands import options as opt
+from imagebuild.commands.base import base_app
 from imagebuild.commands.dockerfile import dockerfile as _dockerfile_command
+from imagebuild.commands.wiring import (
+    cache_dir as _cache_dir,
+)
+from imagebuild.commands.wiring import (
+    engine as _engine,
+)
+from imagebuild.commands.wiring import (
+    fail as _fail,
+)
+from imagebuild.commands.wiring import (
+    interrupted as _interrupted,
+)
+from imagebuild.commands.wiring import (
+    mirrors as _mirrors,
+)
+from imagebuild.commands.wiring import (
+    platforms as _platforms,
+)
+from imagebuild.commands.wiring import (
+    ports as _ports,
+)
+from imagebuild.commands.wiring import (
+    registry as _registry,
+)
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.project.settings import parse_python_version
-from imagebuild.report import Reporter
 
 if TYPE_CHECKING:
-    import httpx
-
-    from imagebuild.image.name import ImageReference
-    from imagebuild.index.model import PackageIndex
-    from imagebuild.pipeline.layers import RemoteLayers
-    from imagebuild.pipeline.ports import Ports
     from imagebuild.pipeline.requests import CompileWith
-    from imagebuild.sinks.daemon import Engine
-    from imagebuild.sinks.remote import RegistryClient
 
 _COMPILE_WITH: dict[str, CompileWith] = {"auto": "auto", "host": "host", "image": "image"}
 
@@ -47,35 +59,6 @@ app = typer.Typer(
 )
 
 
-def _fail(exc: ImagebuildError, verbose: bool) -> None:
-    if verbose:
-        traceback.print_exception(exc, file=sys.stderr)
-    # One line: what, where, and (after "; ") how to fix it.
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(1)
-
-
-def _cache_dir(option: Path | None) -> Path:
-    """The cache directory, refused in one line if it is a file or cannot be written."""
-    from imagebuild.cache import CACHE_DIR_ENV, check_cache_root, default_cache_root
-
-    if option is not None:
-        check_cache_root(option, "--cache-dir")
-        return option
-    root = default_cache_root()
-    check_cache_root(root, CACHE_DIR_ENV if os.environ.get(CACHE_DIR_ENV) else "the user cache")
-    return root
-
-
-def _interrupted(exc: KeyboardInterrupt) -> None:
-    """Ctrl-C or SIGTERM: the run unwound (temporary files removed); one line, 130 or 143."""
-    from imagebuild.commands.signals import Terminated
-
-    what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-    typer.echo(f"error: {what}; temporary files were removed, nothing was written", err=True)
-    raise typer.Exit(143 if isinstance(exc, Terminated) else 130)
-
-
 def _source_date_epoch() -> int:
     value = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
     if not value:
@@ -86,64 +69,6 @@ def _source_date_epoch() -> int:
             hint="set it to an integer, e.g. $(git log -1 --format=%ct)",
         )
     return int(value)
-
-
-def _docker_config_path() -> Path:
-    root = os.environ.get("DOCKER_CONFIG")
-    return Path(root) / "config.json" if root else Path.home() / ".docker" / "config.json"
-
-
-def _registry(http: httpx.Client) -> RegistryClient:
-    """The registry client, with the logins of Docker's config.json."""
-    from imagebuild.sinks.auth import CredentialStore
-    from imagebuild.sinks.remote import RegistryClient
-
-    return RegistryClient(
-        http, credentials=CredentialStore.from_docker_config(_docker_config_path())
-    )
-
-
-def _engine() -> Engine:
-    """The Docker engine as the docker CLI would reach it (``DOCKER_HOST``, TLS variables)."""
-    from imagebuild.sinks.engine import DockerEngine
-
-    return DockerEngine.from_env()
-
-
-def _ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> Ports:
-    """The real ports: the run's HTTP client, ``SimpleIndex``, the registry, the engine."""
-    from imagebuild.install.layers import find_host_python
-    from imagebuild.pipeline.ports import Ports
-
-    def index(
-        index_urls: Sequence[str], *, cache_dir: Path, reporter: Reporter
-    ) -> AbstractContextManager[PackageIndex]:
-        from imagebuild.build.sdist import sdist_metadata
-        from imagebuild.index.simple import SimpleIndex
-
-        return SimpleIndex(
-            http, index_urls, cache_dir=cache_dir, reporter=reporter, sdist_metadata=sdist_metadata
-        )
-
-    def layer_cache(
-        source: ImageReference | None, target: ImageReference | None, *, cache_dir: Path
-    ) -> RemoteLayers:
-        from imagebuild.cache import CacheLayout
-        from imagebuild.image.store import BlobStore
-        from imagebuild.pipeline.remotecache import RegistryLayerCache
-
-        store = BlobStore(CacheLayout(cache_dir).blobs)
-        return RegistryLayerCache(client=registry, store=store, source=source, target=target)
-
-    return Ports(
-        http=http,
-        index=index,
-        registry=registry,
-        engine=_engine,
-        host_python=find_host_python,
-        reporter=reporter,
-        layer_cache=layer_cache,
-    )
 
 
 @app.command()
@@ -202,6 +127,7 @@ def build(
             index_urls=_indexes(index_url, extra_index_url),
             cache_from=cache_from,
             cache_to=cache_to,
+            default_output=not output and not push,
         )
         with (
             sigterm_as_interrupt(),
@@ -249,30 +175,11 @@ def _check_build_options(
         )
 
 
-def _platforms(values: list[str] | None) -> tuple[str, ...]:
-    """``--platform``, repeated or comma-separated (as docker buildx and ko take them)."""
-    if not values:
-        return ("linux/amd64",)
-    platforms = tuple(p for value in values for p in value.split(",") if p)
-    if not platforms:
-        raise ProjectError(
-            f"--platform {','.join(values)!r}: names no platform",
-            hint="use linux/amd64 or linux/arm64 (several with commas)",
-        )
-    return platforms
-
-
 def _indexes(index_url: str | None, extra_index_url: list[str] | None) -> tuple[str, ...]:
     """``--index-url`` and ``--extra-index-url`` (primary first), as lock and build take them."""
     if index_url or extra_index_url:
         return (index_url or "https://pypi.org/simple/", *(extra_index_url or ()))
     return ()
-
-
-def _mirrors() -> dict[str, str]:
-    from imagebuild.image.name import parse_mirrors
-
-    return parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", ""))
 
 
 @app.command()
@@ -420,6 +327,7 @@ def verify(
 
 
 app.command(name="dockerfile")(_dockerfile_command)
+app.add_typer(base_app, name="base")
 
 
 @app.command()

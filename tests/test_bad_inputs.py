@@ -137,7 +137,7 @@ CASES = [
     ),
     Case(
         "docker-output-no-engine",
-        ("--frozen",),
+        ("--frozen", "--output", "docker"),
         ("error: cannot reach the Docker engine", "use --output oci:DIR"),
         env={"DOCKER_HOST": "unix:///nonexistent/imgbuild-test.sock"},
     ),

@@ -27,14 +27,27 @@ def _layer(path: Path, files: dict[str, bytes], *, compress: bool = True) -> Pat
 GLIBC = b"\x00junk GNU C Library (Debian GLIBC 2.36-9+deb12u13) stable release version 2.36.\n"
 
 
-def test_catalog_has_the_three_flavors() -> None:
+def test_catalog_has_the_pulled_and_the_built_flavors() -> None:
     catalog = load_catalog()
     assert {e.flavor for e in catalog} == {
         "alpine",
+        "debian",
+        "debian-shell",
         "debian-slim",
         "debian-slim-trixie",
         "distroless",
     }
+    built = {(e.flavor, e.python_version, e.recipe.suite) for e in catalog if e.recipe}
+    assert built == {
+        ("debian", (3, 11), "bookworm"),
+        ("debian", (3, 13), "trixie"),
+        ("debian-shell", (3, 11), "bookworm"),
+        ("debian-shell", (3, 13), "trixie"),
+    }
+    shell_less = find_entry(catalog, "debian", (3, 11))
+    assert shell_less.reference == "imgbuild.invalid/debian:3.11-bookworm"
+    assert not shell_less.shell and find_entry(catalog, "debian-shell", (3, 13)).shell
+    assert shell_less.recipe is not None and "python3.11-minimal" in shell_less.recipe.packages
     distroless = find_entry(catalog, "distroless", (3, 11))
     assert distroless.reference == "gcr.io/distroless/python3-debian12:latest"
     assert distroless.interpreter == PurePosixPath("/usr/bin/python3.11")

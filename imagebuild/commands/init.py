@@ -38,6 +38,9 @@ _SETTINGS: tuple[tuple[str, str, str], ...] = (
     ("allow-secrets", "[]", "wheel paths that may ship though they look like secrets"),
     ("cache-from", '"ghcr.io/org/app-cache"', "registry repository to take built layers from"),
     ("cache-to", '"ghcr.io/org/app-cache"', "registry repository to keep built layers in"),
+    ("system-packages", "[]", 'Debian packages for a built base, e.g. ["libmagic1"]'),
+    ("debian-mirror", '"http://deb.debian.org/debian"', "a snapshot mirror rebuilds old locks"),
+    ("debian-security-mirror", '"http://deb.debian.org/debian-security"', ""),
 )
 
 

@@ -52,14 +52,17 @@ class BaseLock:
             for name in ("flavor", "suite", "packages", "system_packages", "exclude"):
                 was, now = getattr(self.inputs, name), getattr(inputs, name)
                 if was != now:
-                    return f"its base {name.replace('_', '-')} {_show(was)} are now {_show(now)}"
+                    key = name.replace("_", "-")
+                    return f"its base {key} were {_show(was)}, are now {_show(now)}"
         if arch not in self.platforms:
             return f"it has no base packages for {arch}"
         return None
 
 
 def _show(value: object) -> str:
-    return ", ".join(value) if isinstance(value, tuple) else str(value)
+    if isinstance(value, tuple):
+        return ", ".join(value) if value else "none"
+    return str(value)
 
 
 def render_base_lock(lock: BaseLock) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class IndexedPackage:
 
     @property
     def url(self) -> str:
+        """Where the .deb is fetched."""
         return f"{self.mirror}/{self.filename}"
 
 

@@ -31,6 +31,7 @@ from imagebuild.lock.staleness import check_locked, check_recorded
 from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
+from imagebuild.pipeline.debbase import BuiltBases, base_recipe
 from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
 from imagebuild.pipeline.lock import run_lock
@@ -78,7 +79,8 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     # builds on the same base after its tag has moved (`imgbuild lock --upgrade` moves it).
     pinned = dict(lock.recorded.bases) if lock.recorded is not None else {}
     _judge_lock(request, found, lock, store, pinned, ports)
-    check_engine_answers(sinks)
+    fallback = found.project.root / "dist" if request.default_output else None
+    sinks = check_engine_answers(sinks, fallback=fallback, reporter=ports.reporter)
     ports.reporter.step(f"lock: {lock.path.name}")
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
@@ -99,7 +101,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             project=found.project,
             settings=found.settings,
             lock=lock,
-            base=base_source(found, pinned, request.mirrors),
+            base=base_source(found, pinned, request, lock, ports, store),
             store=store,
             work=work,
             envs=envs,
@@ -316,15 +318,33 @@ def _judge_lock(
 
 
 def base_source(
-    found: OpenProject, pinned: Mapping[str, Digest], mirrors: Mapping[str, str]
+    found: OpenProject,
+    pinned: Mapping[str, Digest],
+    request: BuildRequest,
+    lock: Lock,
+    ports: Ports,
+    store: BlobStore,
 ) -> BaseSource:
-    """The base as configured, and the reference to pull: pinned, through the mirrors."""
+    """The base as configured: what to pull (pinned, through the mirrors) or build."""
     entry, reference = base_reference(found.settings, found.project)
+    built = None
+    if entry is not None and entry.built:
+        built = BuiltBases(
+            base_recipe(entry, found.settings),
+            settings=found.settings,
+            lock=lock,
+            lock_mode=request.lock_mode,
+            http=ports.http,
+            cache=CacheLayout(request.cache_dir),
+            store=store,
+            reporter=ports.reporter,
+        )
     return BaseSource(
         entry=entry,
         reference=reference,
-        pull=pinned_reference(reference, pinned).with_mirrors(mirrors),
-        pinned=reference in pinned,
+        pull=pinned_reference(reference, pinned).with_mirrors(request.mirrors),
+        pinned=reference in pinned or built is not None,
+        built=built,
     )
 
 

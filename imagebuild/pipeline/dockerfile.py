@@ -67,6 +67,12 @@ def render_uv_dockerfile(request: DockerfileRequest) -> str:
         )
     settings = project_settings(project, base=request.base, python=request.python)
     entry, reference = base_reference(settings, project)
+    if entry is not None and entry.built:
+        raise ProjectError(
+            f"base {entry.flavor!r} is built by imgbuild from Debian packages, so a Dockerfile "
+            "cannot start FROM it",
+            hint="pass --base distroless or --base debian-slim (bases pulled from a registry)",
+        )
     base = str(ImageReference.parse(reference).with_mirrors(request.mirrors))
     interpreter = entry.interpreter if entry is not None else PurePosixPath("python3")
     version = entry.python_version if entry is not None else settings.python or (3, 0)

@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packaging.requirements import Requirement
 from packaging.utils import NormalizedName, canonicalize_name
@@ -32,6 +33,7 @@ from imagebuild.lock.staleness import check_recorded
 from imagebuild.lock.writer import project_roots, render_pylock, write_pylock
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs
+from imagebuild.pipeline.debbase import base_lock_problem, base_lock_table
 from imagebuild.pipeline.direct import DirectLocking, lock_direct
 from imagebuild.pipeline.locate import locate_lock, project_settings
 from imagebuild.pipeline.ports import Ports, Registry
@@ -87,16 +89,15 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
         reporter=ports.reporter,
     )
     described = tuple(t.describe() for t in targets)
+    base_problem = base_lock_problem(settings, project, recorded, path.name)
     if request.check:
-        return _check_only(path, recorded, inputs, described)
-    if not request.upgrade and not request.upgrade_packages and _current(path, recorded, inputs):
+        return _check_only(path, recorded, inputs, described, base_problem)
+    fits = _current(path, recorded, inputs) and base_problem is None
+    if not request.upgrade and not request.upgrade_packages and fits:
         ports.reporter.step(f"lock: {path.name} is up to date")
         assert recorded is not None  # a current lock is imgbuild's
         return LockResult(
-            path=path,
-            changed=False,
-            packages=len(recorded.preferences()),
-            targets=described,
+            path=path, changed=False, packages=len(recorded.preferences()), targets=described
         )
     # The catalog base's digest is recorded for the record only: look it up beside the
     # resolution rather than before it.
@@ -113,7 +114,13 @@ def run_lock(request: LockRequest, *, ports: Ports) -> LockResult:
     )
     resolutions = _resolve_all(resolving, targets, ports)
     digests.update(lookup())
-    return _write(resolving, project, inputs, resolutions, local, digests, described, direct)
+    written = _Written(
+        local=local,
+        digests=digests,
+        direct=direct,
+        base_lock=_base_lock(request, settings, project, recorded, ports),
+    )
+    return _write(resolving, project, inputs, resolutions, written, described)
 
 
 def _direct_locking(request: LockRequest, indexes: Sequence[str], ports: Ports) -> DirectLocking:
@@ -140,11 +147,17 @@ def _existing_record(path: Path, *, upgrade: bool) -> RecordedLock | None:
 
 
 def _check_only(
-    path: Path, recorded: RecordedLock | None, inputs: LockInputs, described: tuple[str, ...]
+    path: Path,
+    recorded: RecordedLock | None,
+    inputs: LockInputs,
+    described: tuple[str, ...],
+    base_problem: str | None,
 ) -> LockResult:
-    """``--check``: the lock must exist, be imgbuild's, and fit its inputs."""
+    """``--check``: the lock must exist, be imgbuild's, and fit its inputs and base."""
     if not path.is_file():
         raise LockError(f"{path.parent}: no {path.name}", hint="run 'imgbuild lock'")
+    if base_problem is not None:
+        raise LockError(base_problem, hint="run 'imgbuild lock'")
     if not check_recorded(recorded, inputs, filename=path.name):
         raise LockError(
             f"{path}: not written by imgbuild, so it cannot be checked",
@@ -176,6 +189,8 @@ def _catalog_digest(
 ) -> Callable[[], dict[str, str]]:
     """The catalog base's digest to record: pinned, or looked up in the background."""
     entry, reference = base_reference(settings, project)
+    if entry is not None and entry.built:
+        return dict  # built, not pulled: its packages are recorded instead
     if entry is not None and reference in pinned:
         known = {reference: pinned[reference]}
         return lambda: dict(known)
@@ -247,27 +262,56 @@ def _resolve_all(
     return resolutions
 
 
+def _base_lock(
+    request: LockRequest,
+    settings: ImageSettings,
+    project: ProjectSpec,
+    recorded: RecordedLock | None,
+    ports: Ports,
+) -> dict[str, Any] | None:
+    """A built base's packages for the lock (None for a pulled base)."""
+    return base_lock_table(
+        settings,
+        project,
+        recorded,
+        upgrade=request.upgrade,
+        http=ports.http,
+        cache=CacheLayout(request.cache_dir),
+        reporter=ports.reporter,
+    )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Written:
+    """What a pylock records beside the resolutions."""
+
+    local: Mapping[NormalizedName, LocalPackage]
+    digests: Mapping[str, str]
+    direct: Sequence[DirectPackage]
+    base_lock: Mapping[str, Any] | None
+
+
 def _write(
     resolving: _Resolving,
     project: ProjectSpec,
     inputs: LockInputs,
     resolutions: Sequence[Resolution],
-    local: Mapping[NormalizedName, LocalPackage],
-    digests: Mapping[str, str],
+    written: _Written,
     described: tuple[str, ...],
-    direct: Sequence[DirectPackage] = (),
 ) -> LockResult:
     """Render the pylock and write it when its text changed."""
     path = resolving.path
+    direct = written.direct
     text = render_pylock(
         project,
         inputs,
         resolutions,
         roots=resolving.roots,
         lock_dir=path.parent,
-        local=local,
-        base_digests=digests,
+        local=written.local,
+        base_digests=written.digests,
         direct=direct,
+        base_lock=written.base_lock,
     )
     old = path.read_text(encoding="utf-8") if path.is_file() else None
     if text != old:

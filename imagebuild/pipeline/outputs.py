@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagebuild.errors import ProjectError
+from imagebuild.errors import DockerError, ProjectError
 
 if TYPE_CHECKING:
+    from imagebuild.report import Reporter
     from imagebuild.sinks.daemon import DockerDaemon
     from imagebuild.sinks.remote import RegistryClient
     from imagebuild.sinks.sink import Sink
@@ -93,14 +94,28 @@ def write_order(sinks: Sequence[Sink]) -> list[Sink]:
     return sorted(sinks, key=lambda sink: _WRITE_ORDER.get(sink.kind, 2))
 
 
-def check_engine_answers(sinks: Sequence[Sink]) -> None:
+def check_engine_answers(
+    sinks: Sequence[Sink], *, fallback: Path | None = None, reporter: Reporter | None = None
+) -> tuple[Sink, ...]:
     """A ``docker`` output needs an engine: ask it before the build, not after it.
 
-    ``--output oci:`` and the other file outputs need none, so they are not asked.
+    ``--output oci:`` and the other file outputs need none, so they are not asked. With
+    ``fallback`` (no output was asked for), an engine that does not answer is replaced by
+    an archive ``docker load`` takes, written in that directory.
     """
     from imagebuild.sinks.engine import DockerSink
+    from imagebuild.sinks.layout import DockerArchiveSink
 
-    for sink in sinks:
+    for index, sink in enumerate(sinks):
         if isinstance(sink, DockerSink):
-            sink.connect()
-            return
+            try:
+                sink.connect()
+            except DockerError as exc:
+                if fallback is None:
+                    raise
+                if reporter is not None:
+                    reporter.warn(f"{exc}: the image is written as an archive in {fallback}")
+                replaced = DockerArchiveSink(directory=fallback)
+                return (*sinks[:index], replaced, *sinks[index + 1 :])
+            break
+    return tuple(sinks)

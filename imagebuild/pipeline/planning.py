@@ -107,10 +107,10 @@ def run_plan(request: BuildRequest, *, ports: Ports) -> PlanResult:
     cache = CacheLayout(request.cache_dir)
     store = BlobStore(cache.blobs)
     pinned = dict(lock.recorded.bases) if lock.recorded is not None else {}
-    base = base_source(found, pinned, request.mirrors)
+    base = base_source(found, pinned, request, lock, ports, store)
     platform = request.platforms[0]
-    os_name, _, arch = platform.partition("/")
-    image = ports.registry.pull_image(base.pull, platform=(os_name, arch), store=store)
+    arch = platform.partition("/")[2]
+    image = base.image(ports.registry, arch, store)
     facts = base_facts(image, store, request.cache_dir, arch, base.entry)
     target = target_of(arch, facts)
     settings = found.settings

@@ -33,9 +33,11 @@ from imagebuild.pipeline.config import (
     build_platform_image,
     check_entrypoint,
 )
+from imagebuild.pipeline.debbase import BuiltBases
 from imagebuild.pipeline.direct import git_package_wheel
 from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers
-from imagebuild.pipeline.ports import Ports
+from imagebuild.pipeline.links import check_image_links
+from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import BuildRequest
 from imagebuild.pipeline.sbom import SBOM_LAYERS, add_sbom
 from imagebuild.project.settings import ImageSettings
@@ -58,6 +60,14 @@ class BaseSource:
     """What is pulled: at its pinned digest, through the mirrors."""
     pinned: bool
     """Whether the lock pins it to a digest."""
+    built: BuiltBases | None = None
+    """For a base imgbuild builds from Debian packages: the bases, per architecture."""
+
+    def image(self, registry: Registry, arch: str, store: BlobStore) -> BaseImage:
+        """The base for ``arch``: built, or pulled through ``registry``."""
+        if self.built is not None:
+            return self.built.get(arch)
+        return registry.pull_image(self.pull, platform=("linux", arch), store=store)
 
 
 class LocalWheels:
@@ -199,9 +209,11 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
             [build.project_wheel.result(), *(w.path for w in (*dependencies, *members))]
         ),
     )
+    _check_links(build, arch, base_image, [*dependencies, *members])
     job = _layer_job(build)
     lower = build_layers(below, venv, compiler, job)
     top = _project_plan(project.name, build.project_wheel.result())
+    _check_links(build, arch, base_image, top.layers[0].wheels)
     upper = build_layers(top, venv, compiler, job)
     plan = LayerPlan(layers=below.layers + top.layers)
     layers, sbom = add_sbom(
@@ -231,6 +243,21 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         config=config,
         built=lower.built + upper.built,
         sbom=sbom,
+    )
+
+
+def _check_links(
+    build: PlatformBuild, arch: str, base: BaseImage, wheels: Sequence[PlannedWheel]
+) -> None:
+    """Refuse wheels whose ELF files need a library the image will not have."""
+    check_image_links(
+        wheels,
+        base,
+        arch=arch,
+        store=build.store,
+        cache=CacheLayout(build.request.cache_dir),
+        http=build.ports.http,
+        recipe=build.base.built.base if build.base.built is not None else None,
     )
 
 
@@ -272,7 +299,7 @@ def _layer_job(build: PlatformBuild) -> LayerJob:
 
 def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFacts]:
     """The base for ``platform``, and its facts (its Python checked against the settings)."""
-    os_name, _, arch = platform.partition("/")
+    arch = platform.partition("/")[2]
     base, lock = build.base, build.lock
     if base.pinned:
         note = f" (pinned by {lock.filename})"
@@ -282,8 +309,9 @@ def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFact
         )
     else:
         note = ""
-    build.ports.reporter.step(f"base: {base.pull} for {platform}{note}")
-    image = build.ports.registry.pull_image(base.pull, platform=(os_name, arch), store=build.store)
+    if base.built is None:
+        build.ports.reporter.step(f"base: {base.pull} for {platform}{note}")
+    image = base.image(build.ports.registry, arch, build.store)
     facts = base_facts(image, build.store, build.request.cache_dir, arch, base.entry)
     wanted = build.settings.python
     if wanted is not None and facts.python_version != wanted:
@@ -380,9 +408,7 @@ def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> Bytecode
     """The compiler for this base; a base for another CPU runs as the engine's variant."""
 
     def native(arch: str) -> tuple[BaseImage, BaseFacts]:
-        variant = build.ports.registry.pull_image(
-            build.base.pull, platform=("linux", arch), store=build.store
-        )
+        variant = build.base.image(build.ports.registry, arch, build.store)
         return variant, base_facts(variant, build.store, build.request.cache_dir, arch, None)
 
     choice = CompilerChoice(

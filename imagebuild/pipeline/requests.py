@@ -59,6 +59,9 @@ class BuildRequest:
     index_urls: tuple[str, ...] = ()
     """Command-line indexes (primary first), as ``imgbuild lock`` takes them; empty means
     the settings, then ``[[tool.uv.index]]``. ``--locked`` compares them with the lock's."""
+    default_output: bool = False
+    """No output was asked for: load into Docker, or, with no engine, write an archive of
+    the image to the project's ``dist/`` and say how to load it."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

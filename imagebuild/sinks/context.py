@@ -31,6 +31,7 @@ from imagebuild.errors import ImageError
 from imagebuild.image.model import ImageConfig, Layer
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
+from imagebuild.target.base import BUILT_REGISTRY
 
 if TYPE_CHECKING:
     from imagebuild.report import Reporter
@@ -66,6 +67,12 @@ class ContextSink:
     def write(self, finished: Finished, reporter: Reporter) -> tuple[str, ...]:
         """Write the context for ``finished``'s first image, pinned to the base's digest."""
         pulled = finished.base_pulled
+        if pulled.registry == BUILT_REGISTRY:
+            raise ImageError(
+                f"--output context:{self.path}: base {finished.base_upstream} is built by "
+                "imgbuild, not pulled, so a Dockerfile cannot start FROM it",
+                hint="use --output oci-archive:FILE, or a base from a registry (--base distroless)",
+            )
         # Through a mirror, the Dockerfile names the upstream base beside the pulled one.
         mirrored = pulled.name != ImageReference.parse(finished.base_upstream).name
         write_docker_context(

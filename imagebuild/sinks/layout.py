@@ -258,3 +258,30 @@ class OciArchiveSink:
         """Write the archive; one line naming it."""
         write_oci_archive(finished.image, self.path, ref_name=_ref_name(finished))
         return (f"wrote OCI archive {self.path}",)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DockerArchiveSink:
+    """The image as an archive ``docker load`` takes, for a build whose engine did not answer.
+
+    With no ``--output``, a build loads into Docker; on a machine without an engine it
+    writes this archive instead (``<dir>/<repository>.tar``) and says how to load it.
+    """
+
+    directory: Path
+    """Where the archive is written."""
+    kind: str = field(default="docker", init=False)
+    """Written where the engine's load would have been."""
+    takes_index: bool = field(default=False, init=False)
+    """Stands in for an engine, which loads one image."""
+
+    def write(self, finished: Finished, reporter: Reporter) -> tuple[str, ...]:
+        """Write the archive; one line naming it and the command that loads it."""
+        image = finished.image
+        assert isinstance(image, Image), "one platform only (the pipeline refuses more)"
+        first = finished.tags[0] if finished.tags else None
+        name = first.repository.rsplit("/", 1)[-1] if first is not None else "image"
+        path = self.directory / f"{name}.tar"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_docker_archive(image, path, repo_tags=[str(ref) for ref in finished.tags])
+        return (f"wrote {path} (no Docker engine answered); load it with: docker load -i {path}",)

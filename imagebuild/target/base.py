@@ -93,37 +93,45 @@ def load_catalog(dirs: Iterable[Path] = CATALOG_DIRS) -> tuple[CatalogEntry, ...
             break
     else:
         raise TargetError("base image catalog not found", hint="reinstall imgbuild")
-    entries: list[CatalogEntry] = []
-    for path in sorted(directory.glob("*.toml")):
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        for index, python in enumerate(data["python"]):
-            recipe = read_recipe(data, python, path=path, index=index)
-            try:
-                major, minor = (int(p) for p in python["version"].split("."))
-                lmaj, lmin = (int(p) for p in python["libc-version"].split("."))
-                reference = (
-                    python["reference"]
-                    if recipe is None
-                    else f"{BUILT_REGISTRY}/{data['name']}:{major}.{minor}-{recipe.suite}"
-                )
-                entries.append(
-                    CatalogEntry(
-                        flavor=data["name"],
-                        python_version=(major, minor),
-                        reference=reference,
-                        interpreter=PurePosixPath(python["interpreter"]),
-                        libc=python["libc"],
-                        libc_version=(lmaj, lmin),
-                        shell=bool(data["shell"]),
-                        user=str(data["user"]),
-                        recipe=recipe,
-                    )
-                )
-            except (KeyError, ValueError) as exc:
-                raise TargetError(
-                    f"{path}: python[{index}]: invalid catalog entry ({exc})"
-                ) from exc
+    entries = [entry for path in sorted(directory.glob("*.toml")) for entry in read_entries(path)]
     return tuple(sorted(entries, key=lambda e: (e.flavor, e.python_version)))
+
+
+def read_entries(path: Path) -> list[CatalogEntry]:
+    """The entries of one catalog file (a project's own base definition is one too)."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise TargetError(f"{path}: cannot read the base definition ({exc})") from exc
+    entries: list[CatalogEntry] = []
+    for index, python in enumerate(data.get("python", [])):
+        recipe = read_recipe(data, python, path=path, index=index)
+        try:
+            major, minor = (int(p) for p in python["version"].split("."))
+            lmaj, lmin = (int(p) for p in python["libc-version"].split("."))
+            reference = (
+                python["reference"]
+                if recipe is None
+                else f"{BUILT_REGISTRY}/{data['name']}:{major}.{minor}-{recipe.suite}"
+            )
+            entries.append(
+                CatalogEntry(
+                    flavor=data["name"],
+                    python_version=(major, minor),
+                    reference=reference,
+                    interpreter=PurePosixPath(python["interpreter"]),
+                    libc=python["libc"],
+                    libc_version=(lmaj, lmin),
+                    shell=bool(data["shell"]),
+                    user=str(data["user"]),
+                    recipe=recipe,
+                )
+            )
+        except (KeyError, ValueError) as exc:
+            raise TargetError(f"{path}: python[{index}]: invalid catalog entry ({exc})") from exc
+    if not entries:
+        raise TargetError(f"{path}: no [[python]] entry", hint="see base-images/debian.toml")
+    return entries
 
 
 def find_entry(

@@ -7,13 +7,22 @@ from collections.abc import Sequence
 from imagebuild.errors import ProjectError
 from imagebuild.project.settings import ImageSettings, parse_python_version
 from imagebuild.project.spec import ProjectSpec
-from imagebuild.target.base import CatalogEntry, find_entry, load_catalog
+from imagebuild.target.base import CatalogEntry, find_entry, load_catalog, read_entries
 
 
 def base_reference(
     settings: ImageSettings, project: ProjectSpec
 ) -> tuple[CatalogEntry | None, str]:
-    """The catalog entry (for a flavor name) and the reference to pull."""
+    """The catalog entry (for a flavor name) and the reference to pull.
+
+    A base ending in ``.toml`` is a base definition of the project's own (a path from the
+    project directory), read as one more catalog file.
+    """
+    if settings.base.endswith(".toml"):
+        own = read_entries(project.root / settings.base)
+        python = settings.python or default_python(own, own[0].flavor, project)
+        entry = find_entry(own, own[0].flavor, python)
+        return entry, entry.reference
     catalog = load_catalog()
     flavors = {entry.flavor for entry in catalog}
     if settings.base not in flavors:

@@ -89,7 +89,10 @@ def read_recipe(
     key = f"python[{index}]"
     shared = _strings(fields, build.get("packages", []), "build.packages")
     own = _strings(fields, python.get("packages", []), f"{key}.packages")
-    links = fields.table(python.get("symlinks", {}), f"{key}.symlinks")
+    links = {
+        **fields.table(build.get("symlinks", {}), "build.symlinks"),
+        **fields.table(python.get("symlinks", {}), f"{key}.symlinks"),
+    }
     env = fields.table(build.get("env", {}), "build.env")
     return DebianRecipe(
         suite=fields.string(python.get("suite"), f"{key}.suite"),
