@@ -29,6 +29,9 @@ import platformdirs
 from imagebuild.errors import ImagebuildError
 
 CACHE_DIR_ENV = "IMGBUILD_CACHE_DIR"
+DEBIAN_CACHE_ENV = "IMGBUILD_DEBIAN_CACHE"
+"""Where Debian archive files are kept when set (else ``<cache>/debian``): everything in it
+is named by its sha256 or checked against a signed Release, so caches may share one."""
 """The environment variable that moves the cache (``--cache-dir`` wins over it)."""
 
 SCRATCH_PREFIX = "imgbuild-"
@@ -84,8 +87,12 @@ class CacheLayout:
 
     @property
     def debian(self) -> Path:
-        """Debian archive files: Release files, Packages and Contents indexes, .debs."""
-        return self.root / "debian"
+        """Debian archive files: Release files, Packages and Contents indexes, .debs.
+
+        ``IMGBUILD_DEBIAN_CACHE`` when set: content-addressed, so caches may share one.
+        """
+        shared = os.environ.get(DEBIAN_CACHE_ENV)
+        return Path(shared) if shared else self.root / "debian"
 
     @property
     def elf(self) -> Path:

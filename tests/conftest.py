@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = [
@@ -21,8 +23,16 @@ _BEHAVIOUR_ENV = (
 )
 
 
+@pytest.fixture(scope="session")
+def shared_debian_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One Debian archive cache for the session: every build on a built base (the default)
+    reads the same indexes and .debs, as users' caches do, instead of one download per test."""
+    return tmp_path_factory.mktemp("debian-archive")
+
+
 @pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+def clean_environ(monkeypatch: pytest.MonkeyPatch, shared_debian_cache: Path) -> None:
     """Tests start without variables that change imgbuild's behaviour (httpx's clean_environ)."""
     for name in _BEHAVIOUR_ENV:
         monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("IMGBUILD_DEBIAN_CACHE", str(shared_debian_cache))

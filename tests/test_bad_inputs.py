@@ -125,7 +125,7 @@ CASES = [
     Case(
         "requires-python-vs---python",
         ("--python", "3.11"),
-        ("requires-python >=3.12 excludes Python 3.11 of base distroless", "--python 3.1"),
+        ("requires-python >=3.12 excludes Python 3.11 of base debian", "--python 3.13"),
         requires=">=3.12",
     ),
     Case(

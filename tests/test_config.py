@@ -8,11 +8,12 @@ from imagebuild.project.settings import ImageSettings, parse_python_version, par
 from imagebuild.errors import ProjectError
 
 
-def test_defaults_run_as_nonroot_on_distroless() -> None:
+def test_defaults_run_as_nonroot_on_the_built_debian_base() -> None:
     settings = parse_settings({})
     assert settings == ImageSettings()
     assert settings.user == "65532"
-    assert settings.base == "distroless"
+    assert settings.base == "debian"
+    assert settings.system_packages == ()
     assert settings.workdir == "/app"
 
 

@@ -319,7 +319,8 @@ def test_base_reference(tmp_path: Path) -> None:
 
     project = _spec(tmp_path)
     entry, reference = base_reference(parse_settings({"python": "3.11"}), project)
-    assert entry == find_entry(load_catalog(), "distroless", (3, 11))
-    assert reference == entry.reference
+    assert entry == find_entry(load_catalog(), "debian", (3, 11))
+    assert reference == entry.reference == "imgbuild.invalid/debian:3.11-bookworm"
+    assert entry.built
     custom = parse_settings({"base": "registry.example/py:3"})
     assert base_reference(custom, project) == (None, "registry.example/py:3")

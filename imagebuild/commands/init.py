@@ -18,7 +18,11 @@ from imagebuild.errors import ProjectError
 # (key, example value, what it does): every setting, commented out, at its default or an
 # example; the README's settings reference says the same.
 _SETTINGS: tuple[tuple[str, str, str], ...] = (
-    ("base", '"distroless"', "distroless (default), debian-slim, alpine, a reference"),
+    (
+        "base",
+        '"debian"',
+        "debian (default), debian-shell, distroless, debian-slim, alpine, a reference",
+    ),
     ("python", '"3.12"', "else .python-version, else the base's newest"),
     ("entrypoint", '["my-app"]', "default: the one [project.scripts] entry"),
     ("cmd", "[]", "arguments to the entrypoint"),

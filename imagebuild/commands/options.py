@@ -33,7 +33,10 @@ Push = Annotated[
 ]
 Base = Annotated[
     str | None,
-    typer.Option(help="Base: distroless, debian-slim, alpine, or an image reference."),
+    typer.Option(
+        help="Base: debian (built from Debian packages; the default), debian-shell, "
+        "distroless, debian-slim, alpine, an image reference, or a base definition (.toml)."
+    ),
 ]
 Python = Annotated[str | None, typer.Option(help="Python minor version, e.g. 3.11.")]
 Locked = Annotated[

@@ -26,6 +26,7 @@ from imagebuild.pipeline.config import build_entrypoint, build_labels
 from imagebuild.pipeline.locate import project_settings
 from imagebuild.project.spec import load_project
 from imagebuild.sinks.context import dockerfile_template
+from imagebuild.target.base import find_entry, load_catalog
 from imagebuild.target.choose import base_reference
 
 TEMPLATE = "uv.Dockerfile.j2"
@@ -68,11 +69,10 @@ def render_uv_dockerfile(request: DockerfileRequest) -> str:
     settings = project_settings(project, base=request.base, python=request.python)
     entry, reference = base_reference(settings, project)
     if entry is not None and entry.built:
-        raise ProjectError(
-            f"base {entry.flavor!r} is built by imgbuild from Debian packages, so a Dockerfile "
-            "cannot start FROM it",
-            hint="pass --base distroless or --base debian-slim (bases pulled from a registry)",
-        )
+        # A built base has no image to start FROM: uv's documented Dockerfile uses
+        # python:3.X-slim, the pulled flavor with the same Python.
+        entry = find_entry(load_catalog(), "debian-slim", entry.python_version)
+        reference = entry.reference
     base = str(ImageReference.parse(reference).with_mirrors(request.mirrors))
     interpreter = entry.interpreter if entry is not None else PurePosixPath("python3")
     version = entry.python_version if entry is not None else settings.python or (3, 0)

@@ -3,7 +3,9 @@
 Recognised keys (all optional)::
 
     [tool.imgbuild]
-    base = "distroless"            # catalog flavor (distroless, debian-slim, alpine) or a reference
+    base = "debian"                # built from Debian packages (debian, debian-shell), a pulled
+                                   # flavor (distroless, debian-slim, alpine), a reference, or
+                                   # a base definition of the project's own ("base.toml")
     python = "3.11"                # Python minor version of the base (catalog flavors only)
     entrypoint = ["hello-api"]     # a console script name or a path, plus arguments
     cmd = ["--port", "8000"]
@@ -39,6 +41,8 @@ from imagebuild.errors import ProjectError
 from imagebuild.project.fields import Fields
 
 DEFAULT_USER = "65532"
+DEFAULT_BASE = "debian"
+"""Built by imgbuild from Debian packages: nothing is pulled, and the lock pins it."""
 _VERSION_RE = re.compile(r"^3\.(\d+)$")
 # POSIX portable user names (useradd's rule, upper case allowed); ids are 32-bit, -1 reserved.
 _USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
@@ -49,7 +53,7 @@ _MAX_ID = 2**32 - 2
 class ImageSettings:
     """Everything about the image that is not in the lock."""
 
-    base: str = "distroless"
+    base: str = DEFAULT_BASE
     """Catalog flavor or image reference."""
     python: tuple[int, int] | None = None
     """Requested Python minor version; None picks from the catalog and requires-python."""
@@ -154,7 +158,7 @@ def parse_settings(table: Mapping[str, Any], *, source: str = "pyproject.toml") 
         platforms=_platforms(t),
         prereleases=_prereleases(t),
         max_layers=_max_layers(t),
-        base=t.string("base") or "distroless",
+        base=t.string("base") or DEFAULT_BASE,
         python=parse_python_version(python, t.key("python")) if python else None,
         entrypoint=t.strings("entrypoint"),
         cmd=t.strings("cmd"),
