@@ -185,6 +185,8 @@ def _from_record(record: Path, base: BaseRecipe, store: BlobStore) -> BaseImage 
     """The base a cache record names, if every blob of it is still in ``store``."""
     try:
         data = json.loads(record.read_text(encoding="utf-8"))
+        if not store.has(Digest(data["manifest"])):
+            return None  # assembled into another cache's store (a shared Debian cache)
         manifest = json_object(store.read_bytes(Digest(data["manifest"])))
         config_desc = Descriptor.from_json(manifest["config"])
         layers = tuple(Descriptor.from_json(d) for d in data["layers"])

@@ -322,9 +322,9 @@ def test_docker_load_sends_only_the_layers_the_engine_lacks(
     args = ("--tag", tag, "--python", "3.11", "--cache-dir", tmp_path / "cache")
     first = imgbuild("build", project, *args)
     assert first.exit_code == 0, first.stderr
-    # The base is in the engine already (loaded to compile bytecode): not sent again. The
-    # other five: venv, colours, greeting, the SBOM, the project.
-    assert "docker: loading (5 of 6 layers to send)" in first.stderr
+    # The built base's layer, the venv, colours, greeting, the SBOM and the project: the
+    # engine has none of them yet (the base's own Python compiled bytecode, no engine).
+    assert "docker: loading (6 of 6 layers to send)" in first.stderr
     source = project / "src" / "demo_app" / "__init__.py"
     source.write_text(source.read_text().replace('hello("image")', 'hello("again")'))
     second = imgbuild("build", project, *args)

@@ -63,7 +63,8 @@ def test_docker_build_of_the_context_gives_the_same_files_and_config(
     docker_env: TestInfra, make_project: MakeProject, image_cleanup: list[str], tmp_path: Path
 ) -> None:
     project = make_project(
-        tool='\n[tool.imgbuild]\nports = [8000]\nenv = { GREETING = "a $HOME \\"b\\"" }\n'
+        tool='\n[tool.imgbuild]\nbase = "distroless"\nports = [8000]\n'
+        'env = { GREETING = "a $HOME \\"b\\"" }\n'
     )
     ours, theirs = "imgbuild-test/context:ours", "imgbuild-test/context:docker-build"
     image_cleanup.extend([ours, theirs])
@@ -108,7 +109,7 @@ def test_docker_build_of_the_context_gives_the_same_files_and_config(
 def test_context_refuses_a_directory_it_did_not_write(
     docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
 ) -> None:
-    project = make_project()
+    project = make_project(tool='\n[tool.imgbuild]\nbase = "distroless"\n')
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine\n")
@@ -124,3 +125,20 @@ def test_context_refuses_a_directory_it_did_not_write(
         )
     ]
     assert sorted(p.name for p in busy.iterdir()) == ["notes.txt"]
+
+
+def test_context_of_a_built_base_is_refused_in_one_line(
+    docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
+) -> None:
+    # The default base is built from Debian packages: no registry holds it to start FROM.
+    project = make_project()
+    context = tmp_path / "context"
+    result = imgbuild(
+        "build", project, "--python", "3.11", "--output", f"context:{context}",
+        "--cache-dir", tmp_path / "cache",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "is built by imgbuild, not pulled" in errors[0] and "oci-archive" in errors[0]
+    assert not context.exists()

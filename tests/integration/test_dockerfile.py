@@ -52,7 +52,10 @@ def _tools_image(infra: TestInfra, work: Path) -> None:
 def test_the_rendered_dockerfile_builds_and_runs_as_the_image_would(
     docker_env: TestInfra, make_project: MakeProject, image_cleanup: list[str], tmp_path: Path
 ) -> None:
-    project = make_project(tool='\n[tool.imgbuild]\nenv = { GREETING = "hi $USER" }\n')
+    # A Dockerfile starts FROM a pulled base (the infra's distroless-like one).
+    project = make_project(
+        tool='\n[tool.imgbuild]\nbase = "distroless"\nenv = { GREETING = "hi $USER" }\n'
+    )
     _tools_image(docker_env, tmp_path)
     image_cleanup.append(TOOLS)
     dockerfile = tmp_path / "Dockerfile"
