@@ -234,12 +234,15 @@ def bases() -> None:
     """List the base images imgbuild knows."""
     from imagebuild.target.base import load_catalog
 
-    for entry in load_catalog():
+    catalog = load_catalog()
+    width = max(len(entry.flavor) for entry in catalog)
+    for entry in catalog:
         version = ".".join(map(str, entry.python_version))
         shell = "shell" if entry.shell else "no shell"
         libc = f"{entry.libc} {'.'.join(map(str, entry.libc_version))}"
+        source = f"built from Debian {entry.recipe.suite}" if entry.recipe else entry.reference
         typer.echo(
-            f"{entry.flavor:<12} {version:<5} {entry.reference:<45} {entry.interpreter}  "
+            f"{entry.flavor:<{width}} {version:<5} {source:<42} {str(entry.interpreter):<26} "
             f"{libc}, {shell}"
         )
 

@@ -43,7 +43,9 @@ SecurityMirror = Annotated[
 
 @base_app.command("build")
 def build_base(
-    flavor: Annotated[str, typer.Argument(help="debian or debian-shell.")] = "debian",
+    flavor: Annotated[
+        str, typer.Argument(help="debian, debian-shell, or a base definition file (.toml).")
+    ] = "debian",
     python: opt.Python = None,
     platform: opt.Platform = None,
     system_package: SystemPackage = None,

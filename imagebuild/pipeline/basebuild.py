@@ -25,7 +25,7 @@ from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildResult
 from imagebuild.project.settings import ImageSettings
 from imagebuild.sinks.sink import Finished, Sink
-from imagebuild.target.base import find_entry, load_catalog
+from imagebuild.target.base import find_entry, load_catalog, read_entries
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -33,7 +33,7 @@ class BaseBuildRequest:
     """What ``imgbuild base build`` was asked for."""
 
     flavor: str
-    """A catalog base imgbuild builds (``debian``, ``debian-shell``)."""
+    """A catalog base imgbuild builds (``debian``, ``debian-shell``), or a definition file."""
     python: tuple[int, int] | None
     """Its Python (None: the newest the flavor offers)."""
     platforms: tuple[str, ...]
@@ -54,7 +54,11 @@ def run_base_build(
     request: BaseBuildRequest, *, ports: Ports, sinks: Sequence[Sink]
 ) -> BuildResult:
     """Build the base of ``request`` and hand it to every sink."""
-    entry = find_entry(load_catalog(), request.flavor, request.python)
+    if request.flavor.endswith(".toml"):
+        own = read_entries(Path(request.flavor))
+        entry = find_entry(own, own[0].flavor, request.python)
+    else:
+        entry = find_entry(load_catalog(), request.flavor, request.python)
     if entry.recipe is None:
         raise ProjectError(
             f"base {request.flavor!r} is pulled from a registry, not built by imgbuild",
