@@ -158,8 +158,8 @@ def test_a_lock_fits_its_own_inputs_on_each_locked_architecture() -> None:
 @pytest.mark.parametrize(
     ("change", "why"),
     [
-        ({"flavor": "debian-shell"}, "its base flavor were debian, are now debian-shell"),
-        ({"suite": "trixie"}, "its base suite were bookworm, are now trixie"),
+        ({"flavor": "debian-shell"}, "its base flavor was debian, is now debian-shell"),
+        ({"suite": "trixie"}, "its base suite was bookworm, is now trixie"),
         (
             {"packages": ("base-files", "tzdata")},
             "its base packages were base-files, libpython3.11-stdlib, python3.11-minimal, "
@@ -221,7 +221,7 @@ def broken(edit: str) -> dict[str, Any]:
         ("size", "'big'"),
         ("no url", "'url'"),
         ("row", "string indices"),
-        ("packages", "not iterable"),
+        ("packages", "packages must be a list of package names"),
     ],
 )
 def test_a_malformed_table_is_one_lock_error(edit: str, detail: str) -> None:
@@ -233,10 +233,6 @@ def test_a_malformed_table_is_one_lock_error(edit: str, detail: str) -> None:
     assert exc.value.hint == "run 'imgbuild lock'"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_base_lock takes a string as its list: packages = 'tzdata' reads as t, z, d...",
-)
 def test_a_list_written_as_a_string_is_malformed() -> None:
     table = render_base_lock(LOCK)
     table["packages"] = "tzdata"

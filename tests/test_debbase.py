@@ -294,7 +294,7 @@ def test_get_assembles_each_architecture_once(
     for thread in threads:
         thread.join()
     assert len(images) == 2 and images[0] is images[1]
-    assert reporter.steps == ["base: assembling debian (bookworm, amd64) from 1 .debs"]
+    assert reporter.steps == ["base: assembling debian (bookworm, amd64) from 1 .deb"]
     assert resolver.calls == []
     image = images[0]
     assert image.reference == "imgbuild.invalid/debian:3.11-bookworm"
@@ -437,7 +437,7 @@ def test_base_lock_problem_names_what_does_not_fit(tmp_path: Path) -> None:
     trixie = parse_settings({"python": "3.13"})
     assert base_lock_problem(trixie, project, fits, "pylock.toml") == (
         "pylock.toml: the built base's packages are stale: "
-        "its base suite were bookworm, are now trixie"
+        "its base suite was bookworm, is now trixie"
     )
     none = recorded(make_lock(tmp_path))
     assert base_lock_problem(both, project, none, "pylock.toml") == (

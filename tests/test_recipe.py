@@ -175,10 +175,6 @@ def test_a_malformed_recipe_is_one_line_naming_the_key(
     assert one_line(exc).startswith(f"{path}: {where}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="recipe._list reads a non-array accounts/groups as none: a base without users",
-)
 def test_accounts_that_are_not_an_array_are_refused(tmp_path: Path) -> None:
     text = OWN_BASE.replace("[[build.accounts]]", "[build.accounts]", 1)
     path = write(tmp_path / "base.toml", text)
@@ -187,10 +183,6 @@ def test_accounts_that_are_not_an_array_are_refused(tmp_path: Path) -> None:
         read_entries(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="read_recipe takes mirror/security-mirror/keyring through str(): a number passes",
-)
 def test_a_mirror_that_is_not_a_string_is_refused(tmp_path: Path) -> None:
     path = write(tmp_path / "base.toml", OWN_BASE.replace('"http://mirror.example/debian/"', "5"))
     with pytest.raises(TargetError, match=r"build\.mirror"):

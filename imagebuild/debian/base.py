@@ -127,7 +127,7 @@ def assemble_base(
         return cached
     count = len(debs.base) + len(debs.system)
     where = f"{base.flavor} ({base.recipe.suite}, {arch})"
-    reporter.step(f"base: assembling {where} from {count} .debs")
+    reporter.step(f"base: assembling {where} from {count} .deb{'s' if count != 1 else ''}")
     paths = _fetch_all(http, [*debs.base, *debs.system], base.recipe, cache)
     base_paths = [(deb, paths[deb.sha256]) for deb in debs.base]
     layers = [

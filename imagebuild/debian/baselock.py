@@ -53,7 +53,8 @@ class BaseLock:
                 was, now = getattr(self.inputs, name), getattr(inputs, name)
                 if was != now:
                     key = name.replace("_", "-")
-                    return f"its base {key} were {_show(was)}, are now {_show(now)}"
+                    was_, is_ = ("were", "are") if isinstance(was, tuple) else ("was", "is")
+                    return f"its base {key} {was_} {_show(was)}, {is_} now {_show(now)}"
         if arch not in self.platforms:
             return f"it has no base packages for {arch}"
         return None
@@ -101,9 +102,9 @@ def parse_base_lock(table: Mapping[str, Any], *, source: str) -> BaseLock:
         inputs = BaseInputs(
             flavor=str(table["flavor"]),
             suite=str(table["suite"]),
-            packages=tuple(map(str, table["packages"])),
-            system_packages=tuple(map(str, table["system-packages"])),
-            exclude=tuple(map(str, table["exclude"])),
+            packages=_names(table["packages"], "packages"),
+            system_packages=_names(table["system-packages"], "system-packages"),
+            exclude=_names(table["exclude"], "exclude"),
         )
         grouped: dict[str, dict[str, list[LockedDeb]]] = {}
         for row in table["debs"]:
@@ -116,7 +117,7 @@ def parse_base_lock(table: Mapping[str, Any], *, source: str) -> BaseLock:
                 architecture=str(row["architecture"]),
                 url=str(row["url"]),
                 sha256=parse_digest(str(row["sha256"]), bare_hex=True),
-                size=int(row["size"]),
+                size=_size(row["size"]),
             )
             grouped.setdefault(str(row["arch"]), {}).setdefault(layer, []).append(deb)
     except (KeyError, TypeError, ValueError) as exc:
@@ -130,6 +131,19 @@ def parse_base_lock(table: Mapping[str, Any], *, source: str) -> BaseLock:
             for arch, g in grouped.items()
         },
     )
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    """A list of package names, or ValueError naming ``key``."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of package names")
+    return tuple(value)
+
+
+def _size(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"size {value!r} is not a byte count")
+    return value
 
 
 def merge_platforms(locks: Sequence[tuple[str, PlatformDebs]], inputs: BaseInputs) -> BaseLock:

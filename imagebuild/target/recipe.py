@@ -98,11 +98,15 @@ def read_recipe(
         suite=fields.string(python.get("suite"), f"{key}.suite"),
         packages=tuple(dict.fromkeys((*own, *shared))),
         exclude=_strings(fields, build.get("exclude", []), "build.exclude"),
-        mirror=str(build.get("mirror", DEFAULT_MIRROR)).rstrip("/"),
-        security_mirror=str(build.get("security-mirror", DEFAULT_SECURITY_MIRROR)).rstrip("/"),
-        keyring=str(build.get("keyring", DEFAULT_KEYRING)),
-        accounts=tuple(_account(fields, a, i) for i, a in enumerate(_list(build, "accounts"))),
-        groups=tuple(_group(fields, g, i) for i, g in enumerate(_list(build, "groups"))),
+        mirror=fields.string(build.get("mirror", DEFAULT_MIRROR), "build.mirror").rstrip("/"),
+        security_mirror=fields.string(
+            build.get("security-mirror", DEFAULT_SECURITY_MIRROR), "build.security-mirror"
+        ).rstrip("/"),
+        keyring=fields.string(build.get("keyring", DEFAULT_KEYRING), "build.keyring"),
+        accounts=tuple(
+            _account(fields, a, i) for i, a in enumerate(_list(fields, build, "accounts"))
+        ),
+        groups=tuple(_group(fields, g, i) for i, g in enumerate(_list(fields, build, "groups"))),
         symlinks=tuple(
             sorted((p, fields.string(t, f"{key}.symlinks.{p}")) for p, t in links.items())
         ),
@@ -110,9 +114,8 @@ def read_recipe(
     )
 
 
-def _list(build: Mapping[str, object], key: str) -> list[object]:
-    value = build.get(key, [])
-    return value if isinstance(value, list) else []
+def _list(fields: Fields, build: Mapping[str, object], key: str) -> list[object]:
+    return fields.array(build.get(key, []), f"build.{key}")
 
 
 def _strings(fields: Fields, value: object, key: str) -> tuple[str, ...]:
