@@ -1,0 +1,1 @@
+"""Name a file's type from its bytes, with libmagic."""
