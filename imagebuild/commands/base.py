@@ -1,8 +1,8 @@
 """``imgbuild base``: bases imgbuild builds from Debian packages, on their own.
 
-``imgbuild base build debian --python 3.11 -o oci-archive:base.tar`` assembles the base a
-project build would use, with no project: to push it to a registry other tools pull from,
-to load it into an engine, or to keep it as a file.
+``imgbuild base build debian --python 3.11 --push -t REF`` assembles the base a project
+build would use, with no project: to push it to a registry other tools pull from, to load
+it into an engine (``-o docker``), or to keep it as a file (``-o oci-archive:FILE``).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ from imagebuild.image.store import BlobStore
 from imagebuild.report import Reporter
 from imagebuild.target.recipe import DebianRecipe
 
-ASSEMBLY_VERSION = 1
+ASSEMBLY_VERSION = 2
 """Bumped when assembly changes what a set of .debs becomes (invalidates cached bases)."""
 EPOCH = 0
 """Every built base's file times and config date: a base depends on its packages only."""
@@ -136,7 +136,8 @@ def assemble_base(
             spec=_rootfs_spec(base, arch),
             store=store,
             mtime=EPOCH,
-            created_by=f"imgbuild: debian {base.recipe.suite} base ({len(debs.base)} packages)",
+            created_by=f"imgbuild: {base.flavor} base, Debian {base.recipe.suite} "
+            f"({len(debs.base)} packages)",
         ).layer
     ]
     if debs.system:

@@ -8,6 +8,7 @@ CLI makes from ``--output oci:DIR`` and ``--output oci-archive:FILE``.
 
 from __future__ import annotations
 
+import os
 import tarfile
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -151,6 +152,11 @@ def _output(dest: BinaryIO | Path) -> Iterator[IO[bytes]]:
         yield dest
         return
     with atomic_writer(dest) as f:
+        # An output, not a cache entry: readable as a file the user made would be
+        # (mkstemp's 0600 would keep CI artifact steps and other users out).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(f.fileno(), 0o666 & ~umask)
         yield f
 
 

@@ -261,7 +261,9 @@ def test_each_definition_is_reproducible_and_runs(
     assert docker_env.client.images.get(tag).id == layout.config_digest
     assert layout.config["config"]["User"] == "65532"
     (created_by,) = layout.history
-    counted = re.fullmatch(rf"imgbuild: debian {suite} base \((\d+) packages\)", created_by)
+    counted = re.fullmatch(
+        rf"imgbuild: {flavor} base, Debian {suite} \((\d+) packages\)", created_by
+    )
     assert counted is not None, created_by
 
     interpreter = f"/usr/bin/python{python}"

@@ -111,7 +111,7 @@ def test_an_extension_missing_a_library_is_refused_until_it_is_added(
     built = imgbuild("build", root, *args)
     assert built.exit_code == 0, built.stderr
     image = read_layout(layout)
-    assert image.history[0].startswith("imgbuild: debian bookworm base ("), image.history
+    assert image.history[0].startswith("imgbuild: mini base, Debian bookworm ("), image.history
     assert image.history[1] == "imgbuild: system packages libstdc++6", image.history
     status, out = run_in_image(docker_env, tag, "-c", SWITCH, entrypoint="/app/.venv/bin/python")
     assert status == 0, out
