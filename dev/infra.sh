@@ -4,9 +4,10 @@
 # usage: dev/infra.sh up | down | env
 #
 #   up    Install the Debian packages this needs, start dockerd and docker-registry on
-#         loopback, build the base images from Debian packages with mmdebstrap, push them
-#         into the registry and write /run/imgbuild-infra/env. Safe to run again: what is
-#         already running or already pushed is left alone.
+#         loopback, build the base images the tests pull from Debian packages with
+#         `imgbuild base build` (imgbuild's own assembly: no daemon, no mmdebstrap), push
+#         them into the registry and write /run/imgbuild-infra/env. Safe to run again:
+#         what is already running or already pushed is left alone.
 #   down  Stop what `up` started. Caches, the engine's data and the registry's storage stay.
 #   env   Print the env file that `up` wrote (shell `export` lines).
 #
@@ -32,33 +33,33 @@ readonly REGISTRY=127.0.0.1:5055
 # /usr/local/bin/docker, first on PATH, is a newer client that wants a buildx plugin;
 # the engine's own 20.10 client lives here.
 readonly DOCKER=/usr/bin/docker
-readonly CUSTOMIZE=$HERE/infra/customize-rootfs.sh
+ROOT=$(cd "$HERE/.." && pwd)
+readonly ROOT
 
-# docker-registry, mmdebstrap and skopeo as asked; the rest is what mmdebstrap needs
-# to build, verify and unshare on a bare machine, and curl for the readiness probes;
-# tmux gives the progress test a real terminal; openssl makes the registry tests' CA,
+# docker.io and docker-registry as asked; gpgv and the archive keyring verify the Debian
+# archive's signatures when imgbuild builds the bases; curl for the readiness probes; tmux
+# gives the progress test a real terminal; openssl makes the registry tests' CA,
 # certificates and token signatures (tests/fixtures/pki.py).
 readonly PACKAGES=(
-    docker.io docker-registry mmdebstrap skopeo
-    arch-test uidmap mount gpg debian-archive-keyring ca-certificates curl python3 tmux
+    docker.io docker-registry gpgv debian-archive-keyring ca-certificates curl python3 tmux
     openssl
 )
 
-# ref in the registry | suite | mmdebstrap variant | flavor | python | --include list
+# ref in the registry | what imgbuild base build makes (catalog flavor or file) | python |
+# platforms
 #
-# Beyond Python, ca-certificates and tzdata, each list carries what the real image has
-# and wheels rely on: manylinux wheels link the system libstdc++ (numpy, pandas), which
-# distroless/python3 gets from distroless/cc (with libgomp) and python:slim from apt's
-# dependencies; netbase gives /etc/services and /etc/protocols; base-files /etc/os-release.
-readonly DISTROLESS_EXTRA=ca-certificates,tzdata,netbase,base-files,libstdc++6,libgomp1
+# The tests pull these through IMGBUILD_REGISTRY_MIRRORS in place of gcr.io's distroless
+# and Docker Hub's python:slim, which this machine cannot reach: imgbuild's own debian base
+# (Debian's CPython, libstdc++, libgomp, CA certificates, tzdata, netbase, no shell) and a
+# slim stand-in with a shell and /usr/local/bin/python3.11 (dev/infra/python-slim.toml).
 readonly IMAGES=(
-    "distroless/python3-debian12:latest|bookworm|extract|distroless|3.11|python3.11-minimal,libpython3.11-stdlib,$DISTROLESS_EXTRA"
-    "library/python:3.11-slim-bookworm|bookworm|essential|slim|3.11|python3.11-minimal,libpython3.11-stdlib,ca-certificates,tzdata,netbase,libstdc++6"
-    "distroless/python3-debian13:latest|trixie|extract|distroless|3.13|python3.13-minimal,libpython3.13-stdlib,$DISTROLESS_EXTRA"
+    "distroless/python3-debian12:latest|debian|3.11|linux/amd64"
+    "library/python:3.11-slim-bookworm|$HERE/infra/python-slim.toml|3.11|linux/amd64"
+    "distroless/python3-debian13:latest|debian|3.13|linux/amd64"
+    "imgbuild-test/python3-multi:latest|debian|3.11|linux/amd64,linux/arm64"
 )
-# Bump when the way images are assembled changes, so cached tarballs are rebuilt.
-readonly RECIPE=1
-readonly DEFAULT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# Bump when the way images are made here changes, so they are pushed again.
+readonly RECIPE=2
 
 # Loopback traffic must never go through a proxy that happens to be in the environment.
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
@@ -261,8 +262,8 @@ apt_sources() {
     done
 }
 
-# Set MIRROR and SECURITY_MIRROR from the machine's apt sources, so mmdebstrap fetches
-# from the same archive (and through the same proxy) that apt-get uses here.
+# Set MIRROR and SECURITY_MIRROR from the machine's apt sources, so imgbuild fetches
+# from the same archive that apt-get uses here.
 find_mirrors() {
     local codename sources
     # shellcheck source=/dev/null
@@ -272,11 +273,6 @@ find_mirrors() {
     SECURITY_MIRROR=$(awk -v s="$codename-security" '$2 == s { print $1; exit }' <<<"$sources")
     MIRROR=${MIRROR:-http://deb.debian.org/debian}
     SECURITY_MIRROR=${SECURITY_MIRROR:-http://deb.debian.org/debian-security}
-    MMDEBSTRAP_APTOPTS=()
-    local http_proxy_opt https_proxy_opt
-    eval "$(apt-config shell http_proxy_opt Acquire::http::Proxy https_proxy_opt Acquire::https::Proxy)"
-    [[ -n ${http_proxy_opt:-} ]] && MMDEBSTRAP_APTOPTS+=("--aptopt=Acquire::http::Proxy \"$http_proxy_opt\"")
-    [[ -n ${https_proxy_opt:-} ]] && MMDEBSTRAP_APTOPTS+=("--aptopt=Acquire::https::Proxy \"$https_proxy_opt\"")
     log "apt mirror: $MIRROR (security: $SECURITY_MIRROR)"
 }
 
@@ -292,133 +288,57 @@ registry_digest() {
         awk 'tolower($1) == "docker-content-digest:" { sub(/\r$/, "", $2); print $2 }' || true
 }
 
-# build_rootfs SUITE VARIANT FLAVOR PYTHON PACKAGES TARBALL META [ARCH]
-build_rootfs() {
-    local suite=$1 variant=$2 flavor=$3 python=$4 packages=$5 tarball=$6 meta=$7 arch=${8:-}
-    local stem partial=${tarball%.tar}.partial.tar
-    stem=$(basename "${tarball%-*}")
-    local log=$LOGS/mmdebstrap-$stem.log
-    local hook="\"$CUSTOMIZE\" \"\$1\" $flavor $python \"$meta.partial\""
-    local args=(--mode=root --format=tar --variant="$variant" --include="$packages" --skip=output/dev)
-    # A foreign architecture needs no emulator in the extract variant: nothing is run.
-    [[ -n $arch ]] && args+=(--architectures="$arch")
-    args+=(${MMDEBSTRAP_APTOPTS[@]+"${MMDEBSTRAP_APTOPTS[@]}"})
-    if [[ $variant == extract ]]; then
-        # No maintainer scripts run in the extract variant, so the hook goes right after
-        # extraction (customize hooks are skipped for this variant).
-        args+=(--extract-hook="$hook")
-    else
-        # Merged /usr via symlinks, as debootstrap does; otherwise usrmerge drags in perl.
-        args+=(--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr --customize-hook="$hook")
-    fi
-    log "mmdebstrap: $suite/$variant ($packages)"
-    rm -f "$partial" "$meta.partial"
-    if ! mmdebstrap "${args[@]}" "$suite" "$partial" \
-        "deb $MIRROR $suite main" \
-        "deb $MIRROR $suite-updates main" \
-        "deb $SECURITY_MIRROR $suite-security main" >"$log" 2>&1; then
-        tail -n 30 "$log" >&2
-        rm -f "$partial" "$meta.partial"
-        die "mmdebstrap failed for $suite/$flavor; log in $log"
-    fi
-    mv "$meta.partial" "$meta"
-    mv "$partial" "$tarball"
-    # Tarballs of older recipes for this image are never read again.
-    find "$CACHE" -maxdepth 1 -regextype posix-extended -regex ".*/$stem-[0-9a-f]{16}\.(tar|meta)" \
-        ! -name "$(basename "${tarball%.tar}").*" -delete
+# What an image is made from: this recipe, its definition, and imgbuild's assembly code.
+image_key() {
+    local definition=$1 python=$2 platforms=$3 file=$1
+    [[ $definition == *.toml ]] || file=$ROOT/base-images/$definition.toml
+    {
+        printf '%s\n' "$RECIPE" "$definition" "$python" "$platforms" "$MIRROR" "$SECURITY_MIRROR"
+        cat "$file" "$ROOT"/imagebuild/debian/*.py
+    } | sha256sum | cut -c1-16
 }
 
-# Import TARBALL as REF into the engine, smoke-test it, push it, drop the local copy.
-push_rootfs() {
-    local ref=$1 flavor=$2 python=$3 tarball=$4 meta=$5 full=$REGISTRY/$1
-    local python_version changes=(--change "ENV PATH=$DEFAULT_PATH" --change "ENV LANG=C.UTF-8")
-    python_version=$(sed -n 's/^python_version=//p' "$meta")
-    if [[ $flavor == distroless ]]; then
-        changes+=(--change "ENTRYPOINT [\"/usr/bin/python$python\"]")
-    else
-        changes+=(--change "ENV PYTHON_VERSION=$python_version" --change "CMD [\"python$python\"]")
-    fi
-    log "push: $full (Python $python_version)"
-    dk import "${changes[@]}" "$tarball" "$full" >/dev/null
-    # Fail here rather than in a test: nonroot must be able to start Python with TLS.
-    dk run --rm --network none --user 65532 --entrypoint "/usr/bin/python$python" "$full" \
-        -c 'import ctypes, ssl, json, socket, sqlite3, zoneinfo
-ssl.create_default_context(); zoneinfo.ZoneInfo("Europe/Paris")
-ctypes.CDLL("libstdc++.so.6"); socket.getservbyname("https")' ||
-        die "smoke test failed for $full"
-    dk push "$full" >>"$LOGS/push.log" 2>&1 || {
-        tail -n 10 "$LOGS/push.log" >&2
-        die "push failed for $full"
-    }
-    dk image rm "$full" >/dev/null
-}
-
+# Build REF with `imgbuild base build` and push it, unless the registry still holds what
+# was pushed from the same key; then smoke-test it as nonroot in the engine.
 ensure_image() {
-    local ref suite variant flavor python packages
-    IFS='|' read -r ref suite variant flavor python packages <<<"$1"
-    local name=${ref%:*} tag=${ref##*:} key
-    key=$(printf '%s\n' "$RECIPE" "$suite" "$variant" "$flavor" "$python" "$packages" \
-        "$(sha256sum <"$CUSTOMIZE")" | sha256sum | cut -c1-16)
-    local tarball=$CACHE/$suite-$flavor-$key.tar meta=$CACHE/$suite-$flavor-$key.meta
-    local marker=$STATE/pushed/${ref//[\/:]/_} digest
-    digest=$(registry_digest "$name" "$tag")
-    # Skip only when the registry still holds what we pushed from this recipe; a test
-    # that overwrote or deleted the tag gets it back from the cached tarball.
+    local ref definition python platforms
+    IFS='|' read -r ref definition python platforms <<<"$1"
+    local name=${ref%:*} tag=${ref##*:} key digest
+    local marker=$STATE/pushed/${ref//[\/:]/_}
+    local index=application/vnd.oci.image.index.v1+json
+    key=$(image_key "$definition" "$python" "$platforms")
+    digest=$(registry_digest "$name" "$tag" "$index")
+    # A test that overwrote or deleted the tag gets it back.
     if [[ -n $digest && -f $marker && $(<"$marker") == "$key $digest" ]]; then
         log "image: $REGISTRY/$ref present ($digest)"
         return
     fi
-    if [[ -s $tarball && -s $meta ]]; then
-        log "rootfs: cached $tarball"
-    else
-        build_rootfs "$suite" "$variant" "$flavor" "$python" "$packages" "$tarball" "$meta"
-    fi
-    push_rootfs "$ref" "$flavor" "$python" "$tarball" "$meta"
-    digest=$(registry_digest "$name" "$tag")
+    log "build: $REGISTRY/$ref ($definition, Python $python, $platforms)"
+    (cd "$ROOT" && uv run --locked --quiet imgbuild base build "$definition" --python "$python" \
+        --platform "$platforms" --tag "$REGISTRY/$ref" --push --cache-dir "$CACHE/imgbuild" \
+        --debian-mirror "$MIRROR" --debian-security-mirror "$SECURITY_MIRROR" --quiet) \
+        >>"$LOGS/build.log" 2>&1 || {
+        tail -n 10 "$LOGS/build.log" >&2
+        die "imgbuild base build failed for $ref; log in $LOGS/build.log"
+    }
+    digest=$(registry_digest "$name" "$tag" "$index")
     [[ -n $digest ]] || die "registry has no manifest for $ref after the push"
+    smoke_test "$REGISTRY/$ref" "$python"
     mkdir -p "$STATE/pushed"
     echo "$key $digest" >"$marker"
     log "image: $REGISTRY/$ref pushed ($digest)"
 }
 
-# A two-platform index (linux/amd64, linux/arm64) of the distroless-like bookworm base, for
-# multi-platform builds; pushed with skopeo from an OCI layout dev/infra/oci-index.py writes.
-readonly MULTI_REF=imgbuild-test/python3-multi:latest
-readonly MULTI_ARCHS=(amd64 arm64)
-readonly MULTI_PACKAGES=python3.11-minimal,libpython3.11-stdlib,$DISTROLESS_EXTRA
-
-ensure_multiarch_image() {
-    local name=${MULTI_REF%:*} tag=${MULTI_REF##*:} arch key keys="" digest pairs=()
-    local marker=$STATE/pushed/${MULTI_REF//[\/:]/_}
-    for arch in "${MULTI_ARCHS[@]}"; do
-        key=$(printf '%s\n' "$RECIPE" bookworm extract distroless 3.11 "$MULTI_PACKAGES" "$arch" \
-            "$(sha256sum <"$CUSTOMIZE")" "$(sha256sum <"$HERE/infra/oci-index.py")" |
-            sha256sum | cut -c1-16)
-        keys+="$key"
-        local tarball=$CACHE/multi-bookworm-$arch-$key.tar meta=$CACHE/multi-bookworm-$arch-$key.meta
-        if [[ ! -s $tarball || ! -s $meta ]]; then
-            build_rootfs bookworm extract distroless 3.11 "$MULTI_PACKAGES" "$tarball" "$meta" "$arch"
-        fi
-        pairs+=("$arch=$tarball")
-    done
-    digest=$(registry_digest "$name" "$tag" 'application/vnd.oci.image.index.v1+json')
-    if [[ -n $digest && -f $marker && $(<"$marker") == "$keys $digest" ]]; then
-        log "image: $REGISTRY/$MULTI_REF present ($digest)"
-        return
-    fi
-    log "push: $REGISTRY/$MULTI_REF (${MULTI_ARCHS[*]})"
-    python3 "$HERE/infra/oci-index.py" "$STATE/multi-layout" /usr/bin/python3.11 "${pairs[@]}"
-    skopeo copy --quiet --all --dest-tls-verify=false "oci:$STATE/multi-layout:latest" \
-        "docker://$REGISTRY/$MULTI_REF" >>"$LOGS/push.log" 2>&1 || {
-        tail -n 10 "$LOGS/push.log" >&2
-        die "push failed for $MULTI_REF"
-    }
-    rm -rf "$STATE/multi-layout"
-    digest=$(registry_digest "$name" "$tag" 'application/vnd.oci.image.index.v1+json')
-    [[ -n $digest ]] || die "registry has no index for $MULTI_REF after the push"
-    mkdir -p "$STATE/pushed"
-    echo "$keys $digest" >"$marker"
-    log "image: $REGISTRY/$MULTI_REF pushed ($digest)"
+# Fail here rather than in a test: nonroot must be able to start Python with TLS.
+smoke_test() {
+    local full=$1 python=$2
+    dk pull "$full" >/dev/null || die "cannot pull $full back from the registry"
+    dk run --rm --network none --user 65532 --entrypoint "/usr/bin/python$python" "$full" \
+        -c 'import ctypes, ssl, json, socket, sqlite3, zoneinfo
+ssl.create_default_context(); zoneinfo.ZoneInfo("Europe/Paris")
+ctypes.CDLL("libstdc++.so.6"); socket.getservbyname("https")' ||
+        die "smoke test failed for $full"
+    dk image rm "$full" >/dev/null
 }
 
 write_env() {
@@ -439,10 +359,10 @@ cmd_up() {
     start_registry
     find_mirrors
     mkdir -p "$CACHE"
+    command -v uv >/dev/null 2>&1 || python3 -m pip install --quiet uv
     for spec in "${IMAGES[@]}"; do
         ensure_image "$spec"
     done
-    ensure_multiarch_image
     write_env
     log "up in $((SECONDS - started))s"
 }
