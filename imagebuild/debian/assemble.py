@@ -190,14 +190,16 @@ def assemble_layer(
     store: BlobStore,
     mtime: int,
     created_by: str,
+    status_file: bool = True,
 ) -> AssembledLayer:
     """One deterministic gzip layer from ``debs`` (each a locked package and its .deb file).
 
     ``spec`` is given for a base's bottom layer (accounts, ``/tmp``, CA bundle, local time,
     merged-/usr symlinks, extra symlinks) and None for a layer of system packages on top of
     it. ``below`` are the .debs of the layers underneath: ``/var/lib/dpkg/status`` lists
-    their packages with this layer's. The same .debs, spec and ``mtime`` give the same
-    digest. Raises ``DebianError`` naming the .deb, member or path that cannot be assembled.
+    their packages with this layer's (without ``status_file`` only ``status.d`` is written:
+    a pulled base keeps its own status file). The same .debs, spec and ``mtime`` give the
+    same digest. Raises ``DebianError`` naming the .deb, member or path that cannot be assembled.
     """
     if isinstance(mtime, bool) or not isinstance(mtime, int) or mtime < 0:
         raise DebianError(f"layer mtime must be a non-negative integer epoch, got {mtime!r}")
@@ -213,7 +215,7 @@ def assemble_layer(
             items = _without_dropped(items, spec.drop if spec else DEFAULT_DROP)
             if spec is not None:
                 items.update(_rootfs(spec, items, packages))
-            items.update(_dpkg_view(packages, below))
+            items.update(_dpkg_view(packages, below if status_file else None))
             files = {"/" + n: i.package for n, i in items.items() if i.package and i.kind != "dir"}
             entries = sorted(_with_parents(items).items(), key=lambda kv: os.fsencode(kv[0]))
             layer = write_layer(
@@ -443,11 +445,11 @@ def _resolve(items: Mapping[str, _Item], name: str) -> _Item | None:
     return None
 
 
-def _dpkg_view(packages: Sequence[_Package], below: Sequence[Path]) -> dict[str, _Item]:
-    """``status.d/<package>`` (and ``.md5sums``) for this layer, ``status`` for all layers."""
+def _dpkg_view(packages: Sequence[_Package], below: Sequence[Path] | None) -> dict[str, _Item]:
+    """``status.d/<package>`` (and ``.md5sums``) here; ``status`` too unless ``below`` is None."""
     made: dict[str, _Item] = {}
     paragraphs: dict[str, str] = {}
-    for path in below:
+    for path in below or ():
         control = read_control(path)
         paragraphs[control.fields["Package"]] = control.status_paragraph()
     for package in packages:
@@ -456,7 +458,8 @@ def _dpkg_view(packages: Sequence[_Package], below: Sequence[Path]) -> dict[str,
         made[f"{_STATUS_DIR}/{package.name}"] = _text([paragraph])
         if package.control.md5sums is not None:
             made[f"{_STATUS_DIR}/{package.name}.md5sums"] = _text([package.control.md5sums])
-    made[_STATUS] = _text(paragraphs[name] + "\n" for name in sorted(paragraphs))
+    if below is not None:
+        made[_STATUS] = _text(paragraphs[name] + "\n" for name in sorted(paragraphs))
     return made
 
 

@@ -128,7 +128,7 @@ def assemble_base(
     count = len(debs.base) + len(debs.system)
     where = f"{base.flavor} ({base.recipe.suite}, {arch})"
     reporter.step(f"base: assembling {where} from {count} .deb{'s' if count != 1 else ''}")
-    paths = _fetch_all(http, [*debs.base, *debs.system], base.recipe, cache)
+    paths = fetch_deb_files(http, [*debs.base, *debs.system], base.recipe, cache)
     base_paths = [(deb, paths[deb.sha256]) for deb in debs.base]
     layers = [
         assemble_layer(
@@ -204,7 +204,7 @@ def _from_record(record: Path, base: BaseRecipe, store: BlobStore) -> BaseImage 
     )
 
 
-def _fetch_all(
+def fetch_deb_files(
     http: httpx.Client, debs: Sequence[LockedDeb], recipe: DebianRecipe, cache: Path
 ) -> dict[Digest, Path]:
     """Every .deb, four at a time (sha256-checked, cached), from the configured mirrors.

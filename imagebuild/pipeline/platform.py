@@ -40,6 +40,7 @@ from imagebuild.pipeline.links import check_image_links
 from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import BuildRequest
 from imagebuild.pipeline.sbom import SBOM_LAYERS, add_sbom
+from imagebuild.pipeline.syspkgs import with_system_packages
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.report import Reporter
@@ -322,6 +323,16 @@ def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFact
         )
     if base.entry is None:
         check_base_python(build.project, facts.python_version, base=base.reference)
+    if base.built is None:  # a built base carries its system packages already
+        image = with_system_packages(
+            image,
+            arch=arch,
+            settings=build.settings,
+            store=build.store,
+            cache=CacheLayout(build.request.cache_dir),
+            http=build.ports.http,
+            reporter=build.ports.reporter,
+        )
     return image, facts
 
 
