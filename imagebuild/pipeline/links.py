@@ -10,6 +10,7 @@ package that ships it. Wheels' and bases' facts are cached, so a warm build read
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,10 +27,12 @@ from imagebuild.debian.linkcheck import (
     missing_line,
     scan_wheel,
 )
+from imagebuild.debian.release import read_release
 from imagebuild.errors import DebianError
 from imagebuild.image.model import BaseImage
 from imagebuild.image.store import BlobStore
 from imagebuild.install.plan import PlannedWheel
+from imagebuild.target.base import find_entry, load_catalog
 
 
 def check_image_links(
@@ -44,8 +47,8 @@ def check_image_links(
 ) -> None:
     """Refuse the image if an ELF file of ``wheels`` needs a library it will not have.
 
-    ``recipe`` is the built base's (None for a pulled base): it names the Debian release
-    whose Contents index says which package to add.
+    ``recipe`` is the built base's (None for a pulled base, whose os-release is read then):
+    it names the Debian release whose Contents index says which package to add.
     """
     scanned = [
         (
@@ -59,6 +62,7 @@ def check_image_links(
     missing = check_links(scanned, index, arch=arch)
     if not missing:
         return
+    recipe = recipe or _pulled_debian(base, store)
     providers = _providers(missing, arch=arch, http=http, cache=cache.debian, recipe=recipe)
     first = missing[0]
     owner = first.provider.package if first.provider is not None else None
@@ -67,6 +71,21 @@ def check_image_links(
     if others:
         line += f" (also missing: {', '.join(others)})"
     raise DebianError(line)
+
+
+def _pulled_debian(base: BaseImage, store: BlobStore) -> BaseRecipe | None:
+    """The debian recipe at a pulled base's release, if the base is Debian."""
+    release = read_release([store.path(d.digest) for d in base.layers])
+    entry = find_entry(load_catalog(), "debian", None)
+    if release.id != "debian" or not release.codename or entry.recipe is None:
+        return None
+    return BaseRecipe(
+        flavor=entry.flavor,
+        reference=base.reference,
+        interpreter=entry.interpreter,
+        user=entry.user,
+        recipe=dataclasses.replace(entry.recipe, suite=release.codename),
+    )
 
 
 def _providers(
