@@ -17,18 +17,16 @@ processes from fetching one entry twice.
 from __future__ import annotations
 
 import gzip
-import io
-import json
 import lzma
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import httpx
 from debian import deb822
@@ -37,6 +35,13 @@ from filelock import FileLock
 from imagebuild.build.runner import ProcessFailed, run_captured
 from imagebuild.cache import atomic_writer, write_atomic
 from imagebuild.debian.model import ArchiveSource, IndexedPackage, LockedDeb
+from imagebuild.debian.packages import (
+    MIRROR_HINT,
+    from_row,
+    load_rows,
+    parse_packages,
+    store_rows,
+)
 from imagebuild.digest import Digest, Hasher, digest_bytes, digest_hex, parse_digest
 from imagebuild.errors import DebianError
 from imagebuild.net.http import attempts
@@ -48,9 +53,7 @@ GPGV_TIMEOUT = 60.0
 """Seconds gpgv may take to check one InRelease."""
 
 _T = TypeVar("_T")
-_PACKAGES_FORMAT = 2  # bump when the parsed-index JSON changes shape
 _NETWORK_HINT = "check the network and the mirror URL"
-_MIRROR_HINT = "the mirror is inconsistent or was tampered with: retry later or use another mirror"
 _RELOCK_HINT = (
     "the mirror serves other bytes than the lock records: use the mirror the base was locked "
     "from (or a snapshot mirror), or re-lock the base"
@@ -206,9 +209,7 @@ def verify_clearsigned(
     """
     framed = data.strip()
     if not framed.startswith(_BEGIN) or not framed.endswith(b"-----END PGP SIGNATURE-----"):
-        raise DebianError(
-            f"InRelease at {redact(url)} is not a clearsigned file", hint=_MIRROR_HINT
-        )
+        raise DebianError(f"InRelease at {redact(url)} is not a clearsigned file", hint=MIRROR_HINT)
     with tempfile.TemporaryDirectory(prefix="imgbuild-gpgv-") as tmp:
         signed, output = Path(tmp, "InRelease"), Path(tmp, "signed")
         signed.write_bytes(data)
@@ -227,7 +228,7 @@ def verify_clearsigned(
         signers, problem = _signers(status)
         if problem or not signers:
             what = problem or "no signature by a key of the keyring"
-            hint = _MIRROR_HINT if problem else _KEYRING_HINT
+            hint = MIRROR_HINT if problem else _KEYRING_HINT
             raise DebianError(f"InRelease at {redact(url)}: {what} (keyring {keyring})", hint=hint)
         text = output.read_bytes().decode("utf-8")
     return text, signers
@@ -262,7 +263,7 @@ def parse_release(
             table[entry["name"]] = (digest, size)
         except (KeyError, ValueError) as exc:
             raise DebianError(
-                f"Release of {source.suite}: unreadable SHA256 line {entry!r}", hint=_MIRROR_HINT
+                f"Release of {source.suite}: unreadable SHA256 line {entry!r}", hint=MIRROR_HINT
             ) from exc
     if not table:
         raise DebianError(
@@ -289,7 +290,7 @@ def _date(value: str | None, source: ArchiveSource, field: str) -> datetime | No
         when = parsedate_to_datetime(value) if value else None
     except (TypeError, ValueError) as exc:
         raise DebianError(
-            f"Release of {source.suite}: unreadable {field} {value!r}", hint=_MIRROR_HINT
+            f"Release of {source.suite}: unreadable {field} {value!r}", hint=MIRROR_HINT
         ) from exc
     return when.replace(tzinfo=when.tzinfo or UTC) if when else None
 
@@ -307,7 +308,7 @@ def fetch_packages(
     digest, _ = release.sha256[path]
     parsed = cache / "packages" / f"{digest_hex(digest)}.json"
     with FileLock(f"{parsed}.lock"):
-        rows = _load_rows(parsed)
+        rows = load_rows(parsed)
         if rows is None:
             raw = cache / "packages" / f"{digest_hex(digest)}.raw"
             fetch_index(http, release, path, dest=raw)
@@ -317,9 +318,9 @@ def fetch_packages(
                     packages = parse_packages(stream, mirror=release.source.mirror)
             finally:
                 raw.unlink(missing_ok=True)
-            _store_rows(parsed, packages)
+            store_rows(parsed, packages)
             return packages
-    return tuple(_from_row(row, release.source.mirror) for row in rows)
+    return tuple(from_row(row, release.source.mirror) for row in rows)
 
 
 def _index_path(release: Release, component: str, arch: str) -> str:
@@ -335,58 +336,6 @@ def _index_path(release: Release, component: str, arch: str) -> str:
     )
 
 
-# Packages field -> IndexedPackage attribute; rows of the parsed cache keep this order.
-# fmt: off
-_COLUMNS = (
-    ("Package", "name"), ("Version", "version"), ("Architecture", "architecture"),
-    ("Filename", "filename"), ("SHA256", "sha256"), ("Size", "size"), ("Depends", "depends"),
-    ("Pre-Depends", "pre_depends"), ("Provides", "provides"), ("Essential", "essential"),
-    ("Multi-Arch", "multi_arch"), ("Source", "source"),
-)
-# fmt: on
-_REQUIRED = ("Package", "Version", "Architecture", "Filename", "SHA256", "Size")
-
-
-def parse_packages(stream: io.BufferedIOBase, *, mirror: str) -> tuple[IndexedPackage, ...]:
-    """The paragraphs of a Packages index as values, sorted by name, architecture, version."""
-    found = []
-    fields = [field for field, _ in _COLUMNS]
-    for paragraph in deb822.Packages.iter_paragraphs(stream, fields=fields, use_apt_pkg=False):
-        values: dict[str, Any] = {attr: paragraph.get(field, "") for field, attr in _COLUMNS}
-        try:
-            missing = next((field for field in _REQUIRED if not paragraph.get(field)), None)
-            if missing:
-                raise ValueError(f"no {missing} field")
-            values["sha256"] = parse_digest(values["sha256"], bare_hex=True)
-            values["size"] = int(values["size"])
-        except ValueError as exc:
-            raise DebianError(
-                f"Packages index from {mirror}: package {values['name'] or '?'} is unusable: {exc}",
-                hint=_MIRROR_HINT,
-            ) from exc
-        values["essential"] = values["essential"].strip() == "yes"
-        found.append(IndexedPackage(mirror=mirror, **values))
-    return tuple(sorted(found, key=lambda p: (p.name, p.architecture, p.version)))
-
-
-def _store_rows(path: Path, packages: Sequence[IndexedPackage]) -> None:
-    rows = [[getattr(p, attr) for _, attr in _COLUMNS] for p in packages]
-    data = json.dumps({"format": _PACKAGES_FORMAT, "packages": rows}, separators=(",", ":"))
-    write_atomic(path, data.encode("utf-8"))
-
-
-def _load_rows(path: Path) -> list[list[Any]] | None:
-    try:
-        record = json.loads(path.read_bytes())
-        return list(record["packages"]) if record["format"] == _PACKAGES_FORMAT else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _from_row(row: list[Any], mirror: str) -> IndexedPackage:
-    return IndexedPackage(mirror=mirror, **dict(zip((a for _, a in _COLUMNS), row, strict=True)))
-
-
 def fetch_index(http: httpx.Client, release: Release, path: str, *, dest: Path) -> None:
     """Download index ``path`` of ``release`` to ``dest``, checked against the Release.
 
@@ -395,14 +344,14 @@ def fetch_index(http: httpx.Client, release: Release, path: str, *, dest: Path) 
     """
     digest, size = release.sha256[path]
     subject = f"index {path} of {release.source.suite}"
-    write = _checked_writer(dest, digest=digest, size=size, subject=subject, hint=_MIRROR_HINT)
+    write = _checked_writer(dest, digest=digest, size=size, subject=subject, hint=MIRROR_HINT)
     *by_hash, plain = release.index_urls(path)
     for url in by_hash:
         try:
-            return _get(http, url, write, subject=subject, size=size, missing=_MIRROR_HINT)
+            return _get(http, url, write, subject=subject, size=size, missing=MIRROR_HINT)
         except _NotFound:
             pass
-    _get(http, plain, write, subject=subject, size=size, missing=_MIRROR_HINT)
+    _get(http, plain, write, subject=subject, size=size, missing=MIRROR_HINT)
 
 
 def fetch_deb(
