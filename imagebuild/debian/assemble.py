@@ -53,6 +53,7 @@ from imagebuild.errors import DebianError
 from imagebuild.image.model import Layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import tar_info, write_layer
+from imagebuild.target.recipe import Account, Group
 
 MERGED_USR = ("bin", "sbin", "lib", "lib64")
 """Top-level directories that are symlinks into ``usr/`` on a merged-/usr system."""
@@ -75,27 +76,6 @@ _CA_BUNDLE = "etc/ssl/certs/ca-certificates.crt"
 _NO_HOME = frozenset({"/", "/nonexistent"})
 _CHUNK = 1 << 20
 _READERS = 2  # .debs read at once: most of reading one is decompression, outside the GIL
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Account:
-    """A user of the image, written to ``/etc/passwd``."""
-
-    name: str
-    uid: int
-    gid: int
-    home: str
-    """Absolute; made (0700, owned by the account) unless ``/`` or ``/nonexistent``."""
-    shell: str
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Group:
-    """A group of the image, written to ``/etc/group``."""
-
-    name: str
-    gid: int
-    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -21,7 +21,7 @@ import httpx
 
 from imagebuild.cache import write_json
 from imagebuild.debian.archive import Release, fetch_deb, fetch_packages, fetch_release
-from imagebuild.debian.assemble import Account, Group, RootfsSpec, assemble_layer
+from imagebuild.debian.assemble import RootfsSpec, assemble_layer
 from imagebuild.debian.baselock import BaseInputs, PlatformDebs
 from imagebuild.debian.closure import resolve_closure, to_locked
 from imagebuild.debian.model import ArchiveSource, LockedDeb
@@ -226,11 +226,8 @@ def _rootfs_spec(base: BaseRecipe, arch: str) -> RootfsSpec:
     recipe = base.recipe
     return RootfsSpec(
         arch=arch,
-        accounts=tuple(
-            Account(name=a.name, uid=a.uid, gid=a.gid, home=a.home, shell=a.shell)
-            for a in recipe.accounts
-        ),
-        groups=tuple(Group(name=g.name, gid=g.gid) for g in recipe.groups),
+        accounts=recipe.accounts,
+        groups=recipe.groups,
         symlinks=recipe.symlinks,
     )
 
@@ -244,7 +241,7 @@ def _assembly_key(base: BaseRecipe, debs: PlatformDebs, arch: str) -> str:
         "reference": base.reference,
         "interpreter": str(base.interpreter),
         "user": base.user,
-        "accounts": [list(vars_of(a)) for a in recipe.accounts],
+        "accounts": [[a.name, a.uid, a.gid, a.home, a.shell] for a in recipe.accounts],
         "groups": [[g.name, g.gid] for g in recipe.groups],
         "symlinks": [list(link) for link in recipe.symlinks],
         "env": [list(pair) for pair in recipe.env],
@@ -253,8 +250,3 @@ def _assembly_key(base: BaseRecipe, debs: PlatformDebs, arch: str) -> str:
     }
     text = json.dumps(material, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def vars_of(account: object) -> tuple[object, ...]:
-    """An account's fields in order (for the assembly key)."""
-    return tuple(getattr(account, name) for name in ("name", "uid", "gid", "home", "shell"))

@@ -9,12 +9,12 @@ against that release, leaving out what it has.
 
 from __future__ import annotations
 
-import gzip
 import re
-import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from imagebuild.target.base import open_layer
 
 _OS_RELEASE = ("etc/os-release", "usr/lib/os-release")
 _STATUS = "var/lib/dpkg/status"
@@ -39,7 +39,7 @@ def read_release(layers: Sequence[Path]) -> InstalledRelease:
     files: dict[str, bytes] = {}
     status_d: dict[str, bytes] = {}
     for path in layers:
-        with _open(path) as tar:
+        with open_layer(path) as tar:
             for member in tar:
                 name = member.name.removeprefix("./")
                 wanted = name in _OS_RELEASE or name == _STATUS or name.startswith(_STATUS_D)
@@ -82,11 +82,3 @@ def _installed(status: bytes, status_d: dict[str, bytes]) -> set[str]:
         if found:
             names.add(found[1])
     return names
-
-
-def _open(path: Path) -> tarfile.TarFile:
-    with path.open("rb") as probe:
-        magic = probe.read(2)
-    if magic == b"\x1f\x8b":
-        return tarfile.open(fileobj=gzip.open(path, "rb"), mode="r|")
-    return tarfile.open(path, mode="r|")

@@ -169,7 +169,7 @@ def inspect_layers(
     complete = False
     for index, path in enumerate(layer_paths):
         last = index == len(layer_paths) - 1
-        with _open_layer(path) as tar:
+        with open_layer(path) as tar:
             for member in tar:
                 # In the top layer, nothing later can hide what was found: once the catalog's
                 # interpreter and the libc are seen, the rest need not be decompressed.
@@ -255,7 +255,8 @@ def _libc(scan: _Scan, expected: CatalogEntry | None) -> tuple[str, tuple[int, i
     )
 
 
-def _open_layer(path: Path) -> tarfile.TarFile:
+def open_layer(path: Path) -> tarfile.TarFile:
+    """A layer tar (gzip or plain) opened for one streaming pass."""
     with path.open("rb") as probe:
         magic = probe.read(2)
     if magic == b"\x1f\x8b":

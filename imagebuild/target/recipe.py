@@ -23,21 +23,23 @@ DEFAULT_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Account:
-    """A user of the image's ``/etc/passwd``."""
+    """A user of the image, written to ``/etc/passwd``."""
 
     name: str
     uid: int
     gid: int
     home: str
+    """Absolute; made (0700, owned by the account) unless ``/`` or ``/nonexistent``."""
     shell: str = "/sbin/nologin"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Group:
-    """A group of the image's ``/etc/group``."""
+    """A group of the image, written to ``/etc/group``."""
 
     name: str
     gid: int
+    members: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
