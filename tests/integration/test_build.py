@@ -8,6 +8,7 @@ real uv against the local package index.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import docker.errors
@@ -322,9 +323,11 @@ def test_docker_load_sends_only_the_layers_the_engine_lacks(
     args = ("--tag", tag, "--python", "3.11", "--cache-dir", tmp_path / "cache")
     first = imgbuild("build", project, *args)
     assert first.exit_code == 0, first.stderr
-    # The built base's layer, the venv, colours, greeting, the SBOM and the project: the
-    # engine has none of them yet (the base's own Python compiled bytecode, no engine).
-    assert "docker: loading (6 of 6 layers to send)" in first.stderr
+    # The venv, colours, greeting, the SBOM and the project are new to the engine; the built
+    # base's layer is too, unless an earlier image on the same base brought it (the infra's
+    # distroless stand-in is this very base, byte for byte).
+    sent = re.search(r"docker: loading \((\d) of 6 layers to send\)", first.stderr)
+    assert sent is not None and sent[1] in ("5", "6"), first.stderr
     source = project / "src" / "demo_app" / "__init__.py"
     source.write_text(source.read_text().replace('hello("image")', 'hello("again")'))
     second = imgbuild("build", project, *args)
