@@ -258,7 +258,7 @@ def test_a_uv_lock_resolves_the_base_and_says_it_cannot_record_it(
     assert bases._packages("arm64") == RESOLVED
     assert reporter.steps == [
         "base: resolving debian (bookworm, arm64) from file:///srv/debian "
-        "(uv.lock cannot record it)"
+        "(uv.lock cannot record it; 'imgbuild lock' writes a pylock.toml that does)"
     ]
     assert resolver.calls[0]["arch"] == "arm64"
 

@@ -114,7 +114,11 @@ class BuiltBases:
         self._reporter.step(
             f"base: resolving {self.base.flavor} ({self.base.recipe.suite}, {arch}) "
             f"from {self.base.recipe.mirror}"
-            + ("" if self._lock.kind == "pylock" else f" ({name} cannot record it)")
+            + (
+                ""
+                if self._lock.kind == "pylock"
+                else f" ({name} cannot record it; 'imgbuild lock' writes a pylock.toml that does)"
+            )
         )
         return resolve_platform(
             self._http,
