@@ -40,6 +40,7 @@ from imagebuild.pipeline.links import check_image_links
 from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import BuildRequest
 from imagebuild.pipeline.sbom import SBOM_LAYERS, add_sbom
+from imagebuild.pipeline.stdlib import with_stdlib_bytecode
 from imagebuild.pipeline.syspkgs import with_system_packages
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
@@ -191,6 +192,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     arch = platform.partition("/")[2]
     base_image, facts = _pull_base(build, platform)
     dependencies, local, compiler = _wheels_and_compiler(build, arch, base_image, facts)
+    base_image = _stdlib_bytecode(build, base_image, facts, compiler)
     members = [build.local_wheels.get(pkg) for pkg in local]
     # The project's wheel may still be building: everything below it is built meanwhile.
     below = plan_layers(
@@ -244,6 +246,23 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         config=config,
         built=lower.built + upper.built,
         sbom=sbom,
+    )
+
+
+def _stdlib_bytecode(
+    build: PlatformBuild, base: BaseImage, facts: BaseFacts, compiler: BytecodeCompiler | None
+) -> BaseImage:
+    """A built base with its standard library's pycs (Debian's postinst would write them)."""
+    if build.base.built is None or compiler is None:
+        return base
+    return with_stdlib_bytecode(
+        base,
+        python=facts.python_version,
+        compiler=compiler,
+        store=build.store,
+        cache=CacheLayout(build.request.cache_dir),
+        work=build.work,
+        reporter=build.ports.reporter,
     )
 
 

@@ -1,0 +1,100 @@
+"""Bytecode for a built base's standard library, compiled like the venv's.
+
+Debian's Python packages ship no ``.pyc``: their postinst compiles the standard library,
+and no maintainer script runs in a built base. Without pycs every container start compiles
+what it imports, in memory (nonroot cannot write them), about a quarter of a second for
+json, ssl, asyncio and the like. So a build on a built base adds one layer of the standard
+library's pycs, written by the compiler that compiles the venv (the base's own interpreter,
+unchecked-hash pycs, the same bytes on every machine), and kept in the layer cache under the
+base's digest and that interpreter.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path, PurePosixPath
+
+from imagebuild.cache import CacheLayout, write_json
+from imagebuild.image.descriptor import json_object
+from imagebuild.image.model import BaseImage, ImageConfig, Layer
+from imagebuild.image.mutate import build_image
+from imagebuild.image.store import BlobStore
+from imagebuild.image.tarball import LAYER_FORMAT, build_layer
+from imagebuild.install.layers import BytecodeCompiler
+from imagebuild.pipeline.layers import layer_json
+from imagebuild.report import Reporter
+from imagebuild.target.base import open_layer
+
+STDLIB_VERSION = 1
+"""Bumped when what the layer holds changes (invalidates kept layers)."""
+_CREATED = "1970-01-01T00:00:00Z"
+
+
+def with_stdlib_bytecode(
+    base: BaseImage,
+    *,
+    python: tuple[int, int],
+    compiler: BytecodeCompiler,
+    store: BlobStore,
+    cache: CacheLayout,
+    work: Path,
+    reporter: Reporter,
+) -> BaseImage:
+    """``base`` with a layer of its standard library's pycs on top."""
+    stdlib = f"usr/lib/python{python[0]}.{python[1]}/"
+    key = f"stdlib-{STDLIB_VERSION}-{LAYER_FORMAT}-{base.manifest_digest[7:]}-{compiler.identity}"
+    record = cache.layers / f"{key.replace(':', '_').replace('/', '_')}.json"
+    layer = _kept(record, store)
+    if layer is None:
+        staging = work / f"stdlib-{base.manifest_digest[7:19]}"
+        files = _sources(base, store, staging, stdlib)
+        reporter.step(f"compile: {len(files)} modules of the base's standard library")
+        compiler.compile(staging, files)
+        for source, _ in files:
+            source.unlink()
+        layer = build_layer(
+            staging,
+            store,
+            mtime=0,
+            created_by=f"imgbuild: bytecode of /{stdlib.rstrip('/')}",
+        )
+        shutil.rmtree(staging, ignore_errors=True)
+        write_json(record, layer_json(layer))
+    image = build_image(base, [layer], config=ImageConfig(), created=_CREATED, store=store)
+    return BaseImage(
+        reference=base.reference,
+        manifest_digest=image.digest,
+        config=json_object(store.read_bytes(image.config.digest)),
+        layers=(*base.layers, layer.descriptor),
+        diff_ids=(*base.diff_ids, layer.diff_id),
+    )
+
+
+def _sources(
+    base: BaseImage, store: BlobStore, staging: Path, stdlib: str
+) -> list[tuple[Path, PurePosixPath]]:
+    """The standard library's ``.py`` files, copied out of the base's layers into ``staging``."""
+    found: dict[str, Path] = {}
+    for desc in base.layers:
+        with open_layer(store.path(desc.digest)) as tar:
+            for member in tar:
+                name = member.name.removeprefix("./")
+                if not (name.startswith(stdlib) and name.endswith(".py") and member.isfile()):
+                    continue
+                target = staging / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                stream = tar.extractfile(member)
+                if stream is not None:
+                    with target.open("wb") as out:
+                        shutil.copyfileobj(stream, out)
+                    found[name] = target
+    return [(found[name], PurePosixPath("/" + name)) for name in sorted(found)]
+
+
+def _kept(record: Path, store: BlobStore) -> Layer | None:
+    try:
+        layer = Layer(**json.loads(record.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    return layer if store.has(layer.digest) else None
