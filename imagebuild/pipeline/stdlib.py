@@ -12,6 +12,7 @@ base's digest and that interpreter.
 from __future__ import annotations
 
 import json
+import posixpath
 import shutil
 from pathlib import Path, PurePosixPath
 
@@ -26,7 +27,7 @@ from imagebuild.pipeline.layers import layer_json
 from imagebuild.report import Reporter
 from imagebuild.target.base import open_layer
 
-STDLIB_VERSION = 1
+STDLIB_VERSION = 2
 """Bumped when what the layer holds changes (invalidates kept layers)."""
 _CREATED = "1970-01-01T00:00:00Z"
 
@@ -74,22 +75,38 @@ def with_stdlib_bytecode(
 def _sources(
     base: BaseImage, store: BlobStore, staging: Path, stdlib: str
 ) -> list[tuple[Path, PurePosixPath]]:
-    """The standard library's ``.py`` files, copied out of the base's layers into ``staging``."""
-    found: dict[str, Path] = {}
+    """The standard library's ``.py`` files, copied out of the base's layers into ``staging``.
+
+    A source that is a link (``sitecustomize.py`` points into ``/etc``) is copied as the
+    file it points to: its pyc sits beside the link and hashes the target's bytes.
+    """
+    contents: dict[str, bytes] = {}
+    links: dict[str, str] = {}
     for desc in base.layers:
         with open_layer(store.path(desc.digest)) as tar:
             for member in tar:
                 name = member.name.removeprefix("./")
-                if not (name.startswith(stdlib) and name.endswith(".py") and member.isfile()):
+                if not name.endswith(".py"):
                     continue
-                target = staging / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                stream = tar.extractfile(member)
-                if stream is not None:
-                    with target.open("wb") as out:
-                        shutil.copyfileobj(stream, out)
-                    found[name] = target
-    return [(found[name], PurePosixPath("/" + name)) for name in sorted(found)]
+                if member.issym() and name.startswith(stdlib):
+                    links[name] = member.linkname
+                elif member.isfile() and (stream := tar.extractfile(member)) is not None:
+                    contents[name] = stream.read()
+    for name, target in links.items():
+        resolved = posixpath.normpath(
+            target.lstrip("/")
+            if target.startswith("/")
+            else posixpath.join(posixpath.dirname(name), target)
+        )
+        if resolved in contents:
+            contents[name] = contents[resolved]
+    files = []
+    for name in sorted(n for n in contents if n.startswith(stdlib)):
+        dest = staging / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(contents[name])
+        files.append((dest, PurePosixPath("/" + name)))
+    return files
 
 
 def _kept(record: Path, store: BlobStore) -> Layer | None:
