@@ -263,6 +263,7 @@ def _stdlib_bytecode(
         cache=CacheLayout(build.request.cache_dir),
         work=build.work,
         reporter=build.ports.reporter,
+        remote=build.remote,
     )
 
 

@@ -11,6 +11,7 @@ base's digest and that interpreter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import shutil
@@ -23,7 +24,7 @@ from imagebuild.image.mutate import build_image
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import LAYER_FORMAT, build_layer
 from imagebuild.install.layers import BytecodeCompiler
-from imagebuild.pipeline.layers import layer_json
+from imagebuild.pipeline.layers import RemoteLayers, layer_json
 from imagebuild.report import Reporter
 from imagebuild.target.base import open_layer
 
@@ -41,12 +42,22 @@ def with_stdlib_bytecode(
     cache: CacheLayout,
     work: Path,
     reporter: Reporter,
+    remote: RemoteLayers | None = None,
 ) -> BaseImage:
-    """``base`` with a layer of its standard library's pycs on top."""
+    """``base`` with a layer of its standard library's pycs on top.
+
+    The layer is looked up in the local layer cache, then in the registry cache (``remote``,
+    ``--cache-from``), and kept in both when it is made.
+    """
     stdlib = f"usr/lib/python{python[0]}.{python[1]}/"
-    key = f"stdlib-{STDLIB_VERSION}-{LAYER_FORMAT}-{base.manifest_digest[7:]}-{compiler.identity}"
-    record = cache.layers / f"{key.replace(':', '_').replace('/', '_')}.json"
+    material = f"stdlib {STDLIB_VERSION} {LAYER_FORMAT} {base.manifest_digest} {compiler.identity}"
+    key = hashlib.sha256(material.encode()).hexdigest()
+    record = cache.layers / f"{key}.json"
     layer = _kept(record, store)
+    if layer is None and remote is not None:
+        layer = remote.find(key)
+        if layer is not None:
+            write_json(record, layer_json(layer))
     if layer is None:
         staging = work / f"stdlib-{base.manifest_digest[7:19]}"
         files = _sources(base, store, staging, stdlib)
@@ -62,6 +73,8 @@ def with_stdlib_bytecode(
         )
         shutil.rmtree(staging, ignore_errors=True)
         write_json(record, layer_json(layer))
+        if remote is not None:
+            remote.keep([(key, layer)], reporter)
     image = build_image(base, [layer], config=ImageConfig(), created=_CREATED, store=store)
     return BaseImage(
         reference=base.reference,
