@@ -34,6 +34,9 @@ from imagebuild.commands.wiring import (
     mirrors as _mirrors,
 )
 from imagebuild.commands.wiring import (
+    output_values as _outputs,
+)
+from imagebuild.commands.wiring import (
     platforms as _platforms,
 )
 from imagebuild.commands.wiring import (
@@ -148,14 +151,6 @@ def build(
     if not quiet:
         seconds = time.monotonic() - started
         typer.echo(summary_line(result, seconds), err=True)
-
-
-def _outputs(output: list[str] | None, *, push: bool) -> list[str]:
-    """``--output`` values, with ``--push`` as ``registry`` (as docker buildx takes it)."""
-    outputs = list(output or ())
-    if push and "registry" not in outputs:
-        outputs.append("registry")
-    return outputs or ["docker"]
 
 
 def _check_build_options(

@@ -17,6 +17,7 @@ from imagebuild.commands.wiring import (
     engine,
     fail,
     interrupted,
+    output_values,
     platforms,
     ports,
     registry,
@@ -65,9 +66,6 @@ def build_base(
     from imagebuild.pipeline.outputs import make_sinks, parse_outputs
 
     try:
-        outputs = list(output or ())
-        if push and "registry" not in outputs:
-            outputs.append("registry")
         request = BaseBuildRequest(
             flavor=flavor,
             python=parse_python_version(python, "--python") if python else None,
@@ -80,7 +78,9 @@ def build_base(
         )
         with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
             client = registry(http)
-            sinks = make_sinks(parse_outputs(outputs or ["docker"]), registry=client, engine=engine)
+            sinks = make_sinks(
+                parse_outputs(output_values(output, push=push)), registry=client, engine=engine
+            )
             result = run_base_build(request, ports=ports(http, client, rep), sinks=sinks)
     except ImagebuildError as exc:
         fail(exc, verbose)

@@ -138,3 +138,11 @@ def mirrors() -> dict[str, str]:
     from imagebuild.image.name import parse_mirrors
 
     return parse_mirrors(os.environ.get("IMGBUILD_REGISTRY_MIRRORS", ""))
+
+
+def output_values(output: list[str] | None, *, push: bool) -> list[str]:
+    """``--output`` values, with ``--push`` as ``registry`` (as docker buildx takes it)."""
+    outputs = list(output or ())
+    if push and "registry" not in outputs:
+        outputs.append("registry")
+    return outputs or ["docker"]

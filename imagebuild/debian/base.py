@@ -28,6 +28,7 @@ from imagebuild.debian.model import ArchiveSource, LockedDeb
 from imagebuild.digest import Digest
 from imagebuild.image.descriptor import Descriptor, json_object
 from imagebuild.image.model import BaseImage, ImageConfig, Layer
+from imagebuild.image.mutate import EPOCH as EPOCH_DATE
 from imagebuild.image.mutate import build_image
 from imagebuild.image.store import BlobStore
 from imagebuild.report import Reporter
@@ -37,7 +38,6 @@ ASSEMBLY_VERSION = 2
 """Bumped when assembly changes what a set of .debs becomes (invalidates cached bases)."""
 EPOCH = 0
 """Every built base's file times and config date: a base depends on its packages only."""
-_CREATED = "1970-01-01T00:00:00Z"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -171,7 +171,7 @@ def _image_of(base: BaseRecipe, layers: Sequence[Layer], arch: str, store: BlobS
         user=base.user,
     )
     image = build_image(
-        None, layers, config=config, created=_CREATED, store=store, platform=("linux", arch)
+        None, layers, config=config, created=EPOCH_DATE, store=store, platform=("linux", arch)
     )
     return BaseImage(
         reference=base.reference,

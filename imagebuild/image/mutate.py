@@ -18,6 +18,7 @@ from imagebuild.image.descriptor import (
     OCI_MANIFEST,
     Descriptor,
     canonical_json,
+    json_object,
 )
 from imagebuild.image.model import BaseImage, Image, ImageConfig, ImageIndex, Layer
 from imagebuild.image.store import BlobStore
@@ -216,3 +217,24 @@ def platform_entry(image: Image) -> dict[str, object]:
     """The ``platform`` member of ``image``'s entry in an index."""
     os_name, arch = image.platform
     return {"platform": {"architecture": arch, "os": os_name}}
+
+
+EPOCH = "1970-01-01T00:00:00Z"
+"""The date of images that depend on their contents only (built bases and what is stacked
+on them before the project's layers)."""
+
+
+def stack_layer(base: BaseImage, layer: Layer, store: BlobStore) -> BaseImage:
+    """``base`` with ``layer`` on top, as a base the rest of a build starts from.
+
+    Its config and manifest are stored (dated ``EPOCH``), so it has a manifest digest of its
+    own, derived only from ``base`` and ``layer``.
+    """
+    image = build_image(base, [layer], config=ImageConfig(), created=EPOCH, store=store)
+    return BaseImage(
+        reference=base.reference,
+        manifest_digest=image.digest,
+        config=json_object(store.read_bytes(image.config.digest)),
+        layers=(*base.layers, layer.descriptor),
+        diff_ids=(*base.diff_ids, layer.diff_id),
+    )

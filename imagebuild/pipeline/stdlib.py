@@ -18,9 +18,8 @@ import shutil
 from pathlib import Path, PurePosixPath
 
 from imagebuild.cache import CacheLayout, write_json
-from imagebuild.image.descriptor import json_object
-from imagebuild.image.model import BaseImage, ImageConfig, Layer
-from imagebuild.image.mutate import build_image
+from imagebuild.image.model import BaseImage, Layer
+from imagebuild.image.mutate import stack_layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import LAYER_FORMAT, build_layer
 from imagebuild.install.layers import BytecodeCompiler
@@ -30,7 +29,6 @@ from imagebuild.target.base import open_layer
 
 STDLIB_VERSION = 2
 """Bumped when what the layer holds changes (invalidates kept layers)."""
-_CREATED = "1970-01-01T00:00:00Z"
 
 
 def with_stdlib_bytecode(
@@ -75,14 +73,7 @@ def with_stdlib_bytecode(
         write_json(record, layer_json(layer))
         if remote is not None:
             remote.keep([(key, layer)], reporter)
-    image = build_image(base, [layer], config=ImageConfig(), created=_CREATED, store=store)
-    return BaseImage(
-        reference=base.reference,
-        manifest_digest=image.digest,
-        config=json_object(store.read_bytes(image.config.digest)),
-        layers=(*base.layers, layer.descriptor),
-        diff_ids=(*base.diff_ids, layer.diff_id),
-    )
+    return stack_layer(base, layer, store)
 
 
 def _sources(

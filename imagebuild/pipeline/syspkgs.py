@@ -14,23 +14,22 @@ digest, not these packages); on a built base they are locked with the base's
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import httpx
 
-from imagebuild.cache import CacheLayout
+from imagebuild.cache import CacheLayout, write_json
 from imagebuild.debian.assemble import assemble_layer
 from imagebuild.debian.base import fetch_deb_files, resolve_platform
-from imagebuild.debian.release import read_release
+from imagebuild.debian.release import InstalledRelease, read_release
+from imagebuild.digest import digest_hex
 from imagebuild.errors import ProjectError
-from imagebuild.image.descriptor import json_object
-from imagebuild.image.model import BaseImage, ImageConfig
-from imagebuild.image.mutate import build_image
+from imagebuild.image.model import BaseImage
+from imagebuild.image.mutate import stack_layer
 from imagebuild.image.store import BlobStore
 from imagebuild.project.settings import ImageSettings
 from imagebuild.report import Reporter
 from imagebuild.target.base import find_entry, load_catalog
-
-_CREATED = "1970-01-01T00:00:00Z"
 
 
 def with_system_packages(
@@ -47,7 +46,7 @@ def with_system_packages(
     wanted = settings.system_packages
     if not wanted:
         return base
-    release = read_release([store.path(d.digest) for d in base.layers])
+    release = _release(base, store, cache)
     if release.id != "debian" or not release.codename:
         what = f"{release.id} {release.codename}".strip() or "not a Debian image"
         raise ProjectError(
@@ -76,11 +75,22 @@ def with_system_packages(
         created_by="imgbuild: system packages " + " ".join(sorted(d.name for d in debs.system)),
         status_file=False,
     ).layer
-    image = build_image(base, [layer], config=ImageConfig(), created=_CREATED, store=store)
-    return BaseImage(
-        reference=base.reference,
-        manifest_digest=image.digest,
-        config=json_object(store.read_bytes(image.config.digest)),
-        layers=(*base.layers, layer.descriptor),
-        diff_ids=(*base.diff_ids, layer.diff_id),
+    return stack_layer(base, layer, store)
+
+
+def _release(base: BaseImage, store: BlobStore, cache: CacheLayout) -> InstalledRelease:
+    """The base's release and packages, read off its layers once per manifest digest."""
+    record = cache.bases / f"release-{digest_hex(base.manifest_digest)}.json"
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        return InstalledRelease(
+            id=data["id"], codename=data["codename"], packages=frozenset(data["packages"])
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    release = read_release([store.path(d.digest) for d in base.layers])
+    write_json(
+        record,
+        {"id": release.id, "codename": release.codename, "packages": sorted(release.packages)},
     )
+    return release
