@@ -25,7 +25,7 @@ from imagebuild.debian.assemble import RootfsSpec, assemble_layer
 from imagebuild.debian.baselock import BaseInputs, PlatformDebs
 from imagebuild.debian.closure import resolve_closure, to_locked
 from imagebuild.debian.model import ArchiveSource, LockedDeb
-from imagebuild.digest import Digest
+from imagebuild.digest import Digest, parse_digest
 from imagebuild.image.descriptor import Descriptor, json_object
 from imagebuild.image.model import BaseImage, ImageConfig, Layer
 from imagebuild.image.mutate import EPOCH as EPOCH_DATE
@@ -35,6 +35,8 @@ from imagebuild.report import Reporter
 from imagebuild.target.recipe import DebianRecipe
 
 ASSEMBLY_VERSION = 2
+RESOLUTION_VERSION = 1
+"""Bumped when the closure rules change what a recorded resolution would be."""
 """Bumped when assembly changes what a set of .debs becomes (invalidates cached bases)."""
 EPOCH = 0
 """Every built base's file times and config date: a base depends on its packages only."""
@@ -95,6 +97,10 @@ def resolve_platform(
     already chose is kept, and the system layer holds only what the base lacks.
     """
     releases = releases if releases is not None else fetch_releases(http, recipe, cache)
+    record = cache / "resolved" / f"{_resolution_key(releases, recipe, arch, system_packages)}.json"
+    kept = _kept_resolution(record)
+    if kept is not None:
+        return kept
     indexes = [
         fetch_packages(http, release, component="main", arch=arch, cache=cache)
         for release in releases
@@ -106,7 +112,51 @@ def resolve_platform(
         full = resolve_closure(indexes, wanted, arch=arch, exclude=recipe.exclude)
         have = {pkg.name for pkg in base}
         system = tuple(to_locked(pkg) for pkg in full if pkg.name not in have)
-    return PlatformDebs(base=tuple(to_locked(pkg) for pkg in base), system=system)
+    debs = PlatformDebs(base=tuple(to_locked(pkg) for pkg in base), system=system)
+    write_json(record, {"base": _rows(debs.base), "system": _rows(debs.system)})
+    return debs
+
+
+def _resolution_key(
+    releases: Sequence[Release], recipe: DebianRecipe, arch: str, system: Sequence[str]
+) -> str:
+    """What a resolution depends on: the signed Releases (the archive as it was) and the ask.
+
+    A warm build whose archive has not moved reads one small record instead of three parsed
+    Packages indexes and two closures.
+    """
+    material = {
+        "version": RESOLUTION_VERSION,
+        "releases": [release.inrelease for release in releases],
+        "packages": list(recipe.packages),
+        "exclude": sorted(recipe.exclude),
+        "system": sorted(system),
+        "arch": arch,
+    }
+    text = json.dumps(material, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _rows(debs: Sequence[LockedDeb]) -> list[list[object]]:
+    return [[d.name, d.version, d.architecture, d.url, d.sha256, d.size] for d in debs]
+
+
+def _kept_resolution(record: Path) -> PlatformDebs | None:
+    """A resolution recorded by ``resolve_platform``, or None (absent or unreadable)."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+        base, system = (
+            tuple(
+                LockedDeb(
+                    name=n, version=v, architecture=a, url=u, sha256=parse_digest(h), size=int(z)
+                )
+                for n, v, a, u, h, z in data[group]
+            )
+            for group in ("base", "system")
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return PlatformDebs(base=base, system=system)
 
 
 def assemble_base(
