@@ -1,19 +1,20 @@
 """The distribution client: pull a base image, push images and indexes, and the registry sink.
 
 Pulls resolve an index to one platform's manifest and verify every blob while it streams into
-the ``BlobStore``. Pushes send blobs the registry lacks (HEAD, then a monolithic POST + PUT),
-then child manifests by digest, then the tag: a push cut short leaves only complete,
-digest-checked blobs and manifests behind, so pushing again picks up where it stopped. Every
-body is replayable (bytes, or a stream that re-reads its file), so the shared client's retry
-transport can send a request again after a 429 or a 5xx. Auth lives in ``sinks.auth``.
+the ``BlobStore``. Pushes send the blobs the registry lacks (``sinks.upload``: skipped when
+there, mounted from another repository when the client saw them there, whole or in chunks, a
+few at a time), then child manifests by digest, then the tag: a push cut short leaves only
+complete, digest-checked blobs and manifests behind, so pushing again picks up where it
+stopped. Every body is replayable (bytes, or a stream that re-reads its file), so the shared
+client's retry transport can send a request again after a 429 or a 5xx. Auth lives in
+``sinks.auth``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -35,9 +36,11 @@ from imagebuild.image.descriptor import (
 from imagebuild.image.model import BaseImage, Image, ImageIndex
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
+from imagebuild.net.http import client_policy
 from imagebuild.report import NullReporter
 from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession
 from imagebuild.sinks.referrers import attach_sboms
+from imagebuild.sinks.upload import BlobOrigins, BlobUploader
 
 if TYPE_CHECKING:
     from imagebuild.report import Reporter
@@ -46,29 +49,6 @@ if TYPE_CHECKING:
 MANIFEST_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST_LIST}, {DOCKER_MANIFEST}"
 
 _CHUNK = 1 << 20
-# Blobs up to this size go up as bytes in memory; larger ones as a stream re-reading the file.
-_IN_MEMORY = 8 << 20
-
-
-class _FileBody(httpx.ByteStream):
-    """A blob file as a request body that reads the file afresh each time it is sent.
-
-    It is an ``httpx.ByteStream`` because that is what the retry transport (``net.http``)
-    knows it may send twice; unlike one, it never holds the file in memory.
-    """
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(b"")
-        self._path = path
-
-    def __iter__(self) -> Iterator[bytes]:
-        with self._path.open("rb") as f:
-            while chunk := f.read(_CHUNK):
-                yield chunk
-
-
-def _blob_body(path: Path, size: int) -> bytes | httpx.SyncByteStream:
-    return path.read_bytes() if size <= _IN_MEMORY else _FileBody(path)
 
 
 def _platform_text(platform: object) -> str:
@@ -105,6 +85,10 @@ class RegistryClient:
 
     def __init__(self, http: httpx.Client, *, credentials: CredentialStore | None = None) -> None:
         self._session = RegistrySession(http, credentials=credentials)
+        self._policy = client_policy(http)[0]
+        # Where each blob was seen (pulled or pushed): a push to another repository of the
+        # same registry mounts it from there instead of sending its bytes.
+        self._origins = BlobOrigins()
 
     # -- pull ----------------------------------------------------------------------------
 
@@ -209,10 +193,11 @@ class RegistryClient:
     ) -> Digest:
         """Push ``image`` (blobs from ``store``, default ``image.store``) to ``ref``.
 
-        Blobs the registry has are skipped (HEAD); the others are uploaded monolithically
-        (POST, then PUT ``?digest=``). The manifest goes last, to the tag (or the pinned
-        digest). Returns the manifest digest after checking the registry computed the same.
-        ``reporter`` hears ``push`` progress, one count per blob.
+        Blobs the repository has are skipped; the others are mounted or uploaded
+        (``sinks.upload``), the layers a few at a time, then the config. The manifest goes
+        last, to the tag (or the pinned digest), only once every blob is in: a failed blob
+        leaves nothing tagged. Returns the manifest digest after checking the registry
+        computed the same. ``reporter`` hears ``push`` progress, one count per blob.
         """
         report = reporter or NullReporter()
         op = Op(ref, "pushing", "pull,push")
@@ -222,14 +207,16 @@ class RegistryClient:
                 f"pushing {ref}: the image's digest is {image.digest}",
                 hint="push to a tag, or to the image's own digest",
             )
-        blobs: dict[Digest, Descriptor] = {}
-        for desc in (*image.layers, image.config):
-            blobs.setdefault(desc.digest, desc)
-        for done, desc in enumerate(blobs.values()):
-            report.progress("push", done, len(blobs), "blobs")
-            if not self._blob_exists(op, desc.digest):
-                self._upload_blob(op, desc, store)
-        report.progress("push", len(blobs), len(blobs), "blobs")
+        unique = {d.digest: d for d in image.layers}.values()
+        layers = [d for d in unique if d.digest != image.config.digest]
+        total = len(layers) + 1
+        report.progress("push", 0, total, "blobs")
+        uploader = self._uploader(op, store)
+        uploader.push_all(layers, lambda done: report.progress("push", done, total, "blobs"))
+        # The config (a few hundred bytes) goes once the layers are in, so a registry always
+        # sees layers, then the config, then the manifest.
+        uploader.push(image.config)
+        report.progress("push", total, total, "blobs")
         return self.push_manifest(ref, image.manifest_bytes, media_type=image.manifest.media_type)
 
     def push_index(
@@ -309,21 +296,24 @@ class RegistryClient:
 
     def push_blob(self, ref: ImageReference, desc: Descriptor, store: BlobStore) -> None:
         """Upload one blob from ``store`` to ``ref``'s repository, unless it is there."""
-        op = Op(ref, "pushing", "pull,push")
-        if not self._blob_exists(op, desc.digest):
-            self._upload_blob(op, desc, store)
+        self._uploader(Op(ref, "pushing", "pull,push"), store).push(desc)
 
-    def _blob_exists(self, op: Op, digest: Digest) -> bool:
-        resp = self._session.send(
-            op, "HEAD", self._session.url(op.ref, f"blobs/{digest}"), follow_redirects=True
-        )
-        if resp.status_code == 200:
-            return True
-        if resp.status_code == 404:
-            return False
-        raise self._session.status_error(op, resp, f"blob {digest} check")
+    def push_blobs(
+        self, ref: ImageReference, blobs: Sequence[Descriptor], store: BlobStore
+    ) -> None:
+        """Upload several blobs from ``store`` to ``ref``'s repository, a few at a time.
+
+        Those there are skipped; the first failure stops the others and is raised.
+        """
+        unique = list({desc.digest: desc for desc in blobs}.values())
+        self._uploader(Op(ref, "pushing", "pull,push"), store).push_all(unique)
+
+    def _uploader(self, op: Op, store: BlobStore) -> BlobUploader:
+        return BlobUploader(self._session, op, store, origins=self._origins, policy=self._policy)
 
     def _ensure_blob(self, op: Op, desc: Descriptor, store: BlobStore) -> None:
+        # The repository's manifest lists it: a later push may mount it from here.
+        self._origins.remember(op.ref, desc.digest)
         if store.has(desc.digest):
             return
         url = self._session.url(op.ref, f"blobs/{desc.digest}")
@@ -345,42 +335,6 @@ class RegistryClient:
                 ) from None
             except httpx.HTTPError as exc:
                 raise self._session.transport_error(op, exc) from exc
-
-    def _upload_blob(self, op: Op, desc: Descriptor, store: BlobStore) -> None:
-        path = store.path(desc.digest)
-        if not path.is_file():
-            raise RegistryError(
-                f"pushing {op.ref}: blob {desc.digest} is missing from {store.root}",
-                hint="rebuild the image",
-            )
-        start = self._session.send(
-            op,
-            "POST",
-            self._session.url(op.ref, "blobs/uploads/"),
-            headers={"Content-Length": "0"},
-        )
-        if start.status_code not in (201, 202):
-            raise self._session.status_error(op, start, f"upload of blob {desc.digest}")
-        location = start.headers.get("Location")
-        if not location:
-            raise RegistryError(f"pushing {op.ref}: upload started without a Location header")
-        # Location may be relative and may carry session state in its query: keep it.
-        target = start.url.join(location).copy_add_param("digest", desc.digest)
-
-        done = self._session.send(
-            op,
-            "PUT",
-            target,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(desc.size)},
-            content=lambda: _blob_body(path, desc.size),
-        )
-        if done.status_code in (201, 204):
-            return
-        # A registry that failed after storing the blob (or a retried PUT whose first attempt
-        # got through, its upload session now gone) has the blob: only a missing one is lost.
-        retried = done.status_code in (404, 408, 429) or done.status_code >= 500
-        if not retried or not self._blob_exists(op, desc.digest):
-            raise self._session.status_error(op, done, f"upload of blob {desc.digest}")
 
     def _select_platform(
         self, op: Op, index: Mapping[str, object], platform: Sequence[str]
