@@ -150,7 +150,8 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     name = f"{dist}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
         for path, data in files.items():
-            zf.writestr(path, data)
+            # A fixed time, as a reproducible backend writes (a name alone takes the clock).
+            zf.writestr(zipfile.ZipInfo(path, date_time=(1980, 1, 1, 0, 0, 0)), data)
     return name
 """
 
