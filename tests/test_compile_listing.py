@@ -34,9 +34,9 @@ def _expected_pyc(source: Path, dfile: str, scratch: Path) -> bytes:
 
 def test_listing_is_json_pairs_and_round_trips_hostile_names() -> None:
     pairs = [("/s/a\tb\n/tmp/x.py", "/app/a\tb\n/tmp/x.py"), ("/s/\udcff.py", "/app/\udcff.py")]
-    text = compile_listing(pairs)
+    text = compile_listing([pairs])
     assert "\n" not in text and "\t" not in text
-    assert [tuple(p) for p in json.loads(text)] == pairs
+    assert [[tuple(p) for p in group] for group in json.loads(text)] == [pairs]
 
 
 def test_host_compiler_writes_the_pyc_beside_a_tab_newline_source_only(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_host_compiler_writes_the_pyc_beside_a_tab_newline_source_only(tmp_path:
         (evil, PurePosixPath("/") / evil.relative_to(staging).as_posix()),
     ]
     before = {p for p in tmp_path.rglob("*")}
-    failed = HostCompiler(Path(sys.executable)).compile(staging, files)
+    failed = HostCompiler(Path(sys.executable)).compile(staging, [files])
     assert failed == 0
     made = {p for p in tmp_path.rglob("*")} - before
     expected = {Path(importlib.util.cache_from_source(str(src))) for src, _ in files} | {
@@ -77,9 +77,36 @@ def test_engine_upload_carries_the_same_json_listing(tmp_path: Path) -> None:
     (root / "pkg").mkdir(parents=True)
     (root / "pkg" / "m.py").write_text("M = 1\n")
     files = [(root / "pkg" / "m.py", PurePosixPath("/app/pkg/m.py"))]
-    listing = _pack_sources(root, files, tmp_path / "in.tar")
+    listing = _pack_sources(root, [files], tmp_path / "in.tar")
     with tarfile.open(tmp_path / "in.tar") as tar:
         member = tar.extractfile(listing.relative_to("/").as_posix())
         assert member is not None
-        pairs = json.loads(member.read())
-    assert pairs == [["/imgbuild-staging/pkg/m.py", "/app/pkg/m.py"]]
+        groups = json.loads(member.read())
+    assert groups == [[["/imgbuild-staging/pkg/m.py", "/app/pkg/m.py"]]]
+
+
+def test_a_groups_pycs_do_not_depend_on_the_groups_beside_it(tmp_path: Path) -> None:
+    """Each group (a layer's sources) is compiled by a process of its own."""
+    staging = tmp_path / "staging"
+    site = staging / "app" / "site"
+    site.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (site / f"{name}.py").write_text(
+            f"NAME = {name!r}\nSHARED = ('shared', 'tuple')\ndef f():\n    return NAME, SHARED\n"
+        )
+    pairs = {n: (site / f"{n}.py", PurePosixPath(f"/app/site/{n}.py")) for n in ("a", "b", "c")}
+    compiler = HostCompiler(Path(sys.executable))
+
+    def pycs() -> dict[str, bytes]:
+        found = sorted(staging.rglob("*.pyc"))
+        return {p.name: p.read_bytes() for p in found}
+
+    assert compiler.compile(staging, [[pairs["c"]]], jobs=1) == 0
+    alone = pycs()
+    assert compiler.compile(staging, [[pairs["a"], pairs["b"]], [pairs["c"]]], jobs=1) == 0
+    beside = pycs()
+    assert compiler.compile(staging, [[pairs["a"], pairs["b"]], [pairs["c"]]]) == 0
+    assert beside == pycs() and beside["c.cpython-311.pyc"] == alone["c.cpython-311.pyc"]
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert alone["c.cpython-311.pyc"] == _expected_pyc(pairs["c"][0], "/app/site/c.py", scratch)

@@ -18,7 +18,6 @@ from imagebuild.image.descriptor import OCI_INDEX, OCI_MANIFEST, Descriptor
 from imagebuild.image.model import Image
 from imagebuild.image.name import ImageReference
 from imagebuild.image.sbom import (
-    SBOM_LAYER,
     SBOM_MEDIA_TYPE,
     SbomPackage,
     render_sbom,
@@ -90,14 +89,15 @@ def _read_layout_sbom(layout: Path) -> tuple[dict[str, object], list[str]]:
     manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
     config = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())
     history = [h["created_by"] for h in config["history"]]
-    # Counted from the top: the base's layers may have no history entries.
-    layer = manifest["layers"][history.index(SBOM_LAYER) - len(history)]
+    # The document is a file of the project's layer, the top one.
+    layer = manifest["layers"][-1]
     with tarfile.open(
         fileobj=io.BytesIO(gzip.decompress((blobs / layer["digest"][7:]).read_bytes()))
     ) as tar:
         files = [m.name for m in tar if m.isfile()]
-        assert files == ["app/.venv/sbom.cdx.json"]
-        extracted = tar.extractfile(files[0])
+        assert "app/.venv/sbom.cdx.json" in files
+        assert all(f.startswith("app/.venv/lib/") for f in files if not f.endswith(".cdx.json"))
+        extracted = tar.extractfile("app/.venv/sbom.cdx.json")
         assert extracted is not None
         return json.loads(extracted.read()), history
 
@@ -110,8 +110,9 @@ def test_the_image_lists_every_locked_package_with_the_lock_hash(
     first = world.build(OciLayoutSink(path=world.root / "one"))
     validate_layout(world.root / "one")
     doc, history = _read_layout_sbom(world.root / "one")
-    # The SBOM layer sits just below the project's, which stays on top.
-    assert history[-2:] == [SBOM_LAYER, "imgbuild: project app 1.0"]
+    # No layer of its own: the project's, on top, holds it.
+    assert history[-1] == "imgbuild: project app 1.0"
+    assert not any("sbom" in line for line in history)
 
     lock = tomllib.loads((world.project / "pylock.toml").read_text())
     expected = {

@@ -74,8 +74,7 @@ def scan_wheel(path: Path, *, cache: Path, sha256: Digest | None = None) -> tupl
     The answer is kept in ``cache/<sha256 hex>.json``, so a wheel is read once: pass the
     wheel's ``sha256`` when it is known (the lock has it), else the file is hashed.
     """
-    key = sha256 or digest_file(path)
-    record = cache / f"{digest_hex(key)}.json"
+    record = scan_record(cache, sha256 or digest_file(path))
     cached = _load_scan(record)
     if cached is not None:
         return cached
@@ -97,6 +96,25 @@ def scan_wheel(path: Path, *, cache: Path, sha256: Digest | None = None) -> tupl
     members = [{"path": elf.path, "elf": render_elf_info(elf.info)} for elf in found]
     write_json(record, {"format": _FORMAT, "members": members})
     return tuple(found)
+
+
+def scan_record(cache: Path, sha256: Digest) -> Path:
+    """Where the ELF scan of the wheel whose digest is ``sha256`` is kept."""
+    return cache / f"{digest_hex(sha256)}.json"
+
+
+def base_record(cache: Path, layers: Sequence[Digest]) -> Path:
+    """Where the library index of the image made of ``layers`` (base layer first) is kept."""
+    return cache / f"{digest_hex(digest_bytes(chr(10).join(layers).encode()))}.json"
+
+
+def usable_record(data: bytes) -> bool:
+    """Whether ``data`` is a record of this format (a scan or an index), as kept on disk."""
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return False
+    return isinstance(parsed, dict) and parsed.get("format") == _FORMAT
 
 
 def _load_scan(record: Path) -> tuple[WheelElf, ...] | None:
@@ -167,8 +185,7 @@ def index_base(layers: Sequence[tuple[Digest, Path]], *, cache: Path) -> Library
     those ``/etc/ld.so.conf`` names (with its includes), and musl's. The answer is kept in
     ``cache`` under a name made of the layers' digests, so a base is read once.
     """
-    key = digest_bytes("\n".join(digest for digest, _ in layers).encode())
-    record = cache / f"{digest_hex(key)}.json"
+    record = base_record(cache, [digest for digest, _ in layers])
     cached = _load_index(record)
     if cached is not None:
         return cached

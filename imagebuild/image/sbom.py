@@ -21,7 +21,7 @@ import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from cyclonedx.contrib.license.factories import LicenseFactory
 from cyclonedx.model import HashAlgorithm, HashType
@@ -37,9 +37,6 @@ from imagebuild import __version__
 from imagebuild.digest import Digest
 from imagebuild.errors import LayerError
 from imagebuild.image.descriptor import canonical_json
-from imagebuild.image.model import Layer
-from imagebuild.image.store import BlobStore
-from imagebuild.image.tarball import build_layer
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.lock.model import Lock
 
@@ -47,8 +44,6 @@ SBOM_FILE = "sbom.cdx.json"
 """The document's file name, in the image's virtual environment directory."""
 SBOM_MEDIA_TYPE = "application/vnd.cyclonedx+json"
 """The media type of the document (as a referrer's artifact type and its blob)."""
-SBOM_LAYER = "imgbuild: sbom (CycloneDX)"
-"""The SBOM layer's ``created_by``."""
 _LONG_LICENSE = 100  # a License field longer than this is the licence's text, not its name
 
 
@@ -177,14 +172,3 @@ def _licenses(values: Sequence[str]) -> list[License]:
     # Several classifiers: names side by side (CycloneDX takes a list of licences, or one
     # expression, never both).
     return [DisjunctiveLicense(name=value) for value in values]
-
-
-def build_sbom_layer(
-    document: bytes, venv_root: PurePosixPath, store: BlobStore, work: Path, *, mtime: int
-) -> Layer:
-    """A layer holding only ``document`` at ``<venv_root>/sbom.cdx.json``."""
-    staging = work / "sbom-layer" / hashlib.sha256(document).hexdigest()[:16]
-    target = staging / venv_root.relative_to("/") / SBOM_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(document)
-    return build_layer(staging, store, mtime=mtime, created_by=SBOM_LAYER)

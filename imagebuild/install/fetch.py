@@ -67,7 +67,8 @@ class WheelCache:
         hexdigest = _hex(wheel)
         return self.root / "sha256" / hexdigest[:2] / hexdigest
 
-    def _final(self, wheel: WheelFile) -> Path:
+    def final_path(self, wheel: WheelFile) -> Path:
+        """Where ``wheel`` is kept once fetched (whether it is there yet or not)."""
         name = Path(wheel.filename).name
         if name != wheel.filename or name in ("", ".", ".."):
             raise FetchError(f"wheel {wheel.filename!r}: not a plain file name")
@@ -75,7 +76,7 @@ class WheelCache:
 
     def path_for(self, wheel: WheelFile) -> Path | None:
         """The cached file for ``wheel``, or ``None`` (a size that disagrees counts as absent)."""
-        path = self._final(wheel)
+        path = self.final_path(wheel)
         try:
             size = path.stat().st_size
         except FileNotFoundError:
@@ -86,7 +87,7 @@ class WheelCache:
 
     def store(self, wheel: WheelFile, chunks: Iterable[bytes]) -> Path:
         """Verify and store ``chunks`` as ``wheel``; a concurrent writer's result is reused."""
-        final = self._final(wheel)
+        final = self.final_path(wheel)
         final.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(final.parent) + ".lock"):
             existing = self.path_for(wheel)

@@ -32,4 +32,8 @@ def layer_key(
         "mtime": mtime,
         "format": layer_format,
     }
+    if spec.files:
+        material["files"] = [
+            [str(path), hashlib.sha256(data).hexdigest()] for path, data in spec.files
+        ]
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()

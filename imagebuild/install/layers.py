@@ -26,12 +26,18 @@ from typing import Protocol
 
 from imagebuild.errors import LayerError
 
-# Runs inside the target interpreter. Reads a JSON list of [source, in-image path] pairs (from
-# the file named by argv[1], else stdin; see compile_listing), writes an unchecked-hash pyc
-# next to each source and prints
-# how many did not compile (templates, Python 2 leftovers in some sdists are skipped, as pip
-# and uv do). Each pyc depends only on its source and the interpreter, so the files are
-# shared out over forked workers, one per CPU (up to 8), with no effect on the bytes.
+Sources = list[tuple[Path, PurePosixPath]]
+"""Sources to compile, sorted: each with its path in the image (its pyc's ``co_filename``)."""
+
+# Runs inside the target interpreter. Reads a JSON list of groups of [source, in-image path]
+# pairs (from the file named by argv[1], else stdin; see compile_listing), writes an
+# unchecked-hash pyc next to each source and prints how many did not compile (templates,
+# Python 2 leftovers in some sdists are skipped, as pip and uv do). A pyc's bytes depend on
+# what the same process compiled before it (marshal marks objects other live references share,
+# and interned strings outlive the module that made them), so each group, one layer's
+# sources, is compiled in order by a fresh process forked for it alone: a layer's pycs are
+# the same whichever layers are compiled beside it and however the groups are shared out
+# over the workers (one per CPU, up to 8).
 COMPILE_SCRIPT = r"""
 import importlib.util, json, multiprocessing, os, py_compile, sys
 mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
@@ -49,13 +55,11 @@ def work(pairs):
 
 
 listing = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
-pairs = [(str(source), str(dfile)) for source, dfile in json.load(listing)]
-jobs = min(len(os.sched_getaffinity(0)), 8, max(1, len(pairs) // 100))
-if jobs > 1:
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
-        print(sum(pool.map(work, [pairs[i::jobs] for i in range(jobs)])))
-else:
-    print(work(pairs))
+groups = [[(str(source), str(dfile)) for source, dfile in group] for group in json.load(listing)]
+jobs = int(os.environ.get("IMGBUILD_COMPILE_JOBS") or 0) or min(
+    len(os.sched_getaffinity(0)), 8, max(1, len(groups)))
+with multiprocessing.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+    print(sum(pool.map(work, groups, chunksize=1)))
 """
 
 
@@ -100,10 +104,12 @@ class BytecodeCompiler(Protocol):
     def identity(self) -> str:
         """Names the exact interpreter: layers compiled by different ones are not shared."""
 
-    def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
+    def compile(self, root: Path, groups: Sequence[Sources]) -> int:
         """Write a pyc beside each ``(host path, in-image path)``; return how many failed.
 
-        Every host path lies below ``root``, so one call can cover several staging trees.
+        Each group (one layer's sources) is compiled by a fresh process of its own, so its
+        pycs do not depend on the other groups. Every host path lies below ``root``, so one
+        call can cover several staging trees.
         """
 
 
@@ -129,12 +135,17 @@ class HostCompiler:
         """``host:`` and the interpreter's full version (pyc bytes follow patch releases)."""
         return f"host:{self._version}"
 
-    def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
-        """Compile with ``-I`` (isolated) so nothing from the host environment leaks in."""
+    def compile(self, root: Path, groups: Sequence[Sources], *, jobs: int = 0) -> int:
+        """Compile with ``-I`` (isolated) so nothing from the host environment leaks in.
+
+        ``jobs`` is how many worker processes share the groups (0: one per CPU, up to 8).
+        """
         env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
+        if jobs:
+            env["IMGBUILD_COMPILE_JOBS"] = str(jobs)
         proc = subprocess.run(
             [*self.command(), "-I", "-c", COMPILE_SCRIPT],
-            input=compile_listing((str(src), str(dst)) for src, dst in files),
+            input=compile_listing([[(str(s), str(d)) for s, d in group] for group in groups]),
             capture_output=True,
             text=True,
             env=env,
@@ -149,14 +160,14 @@ class HostCompiler:
         return int(proc.stdout.strip() or 0)
 
 
-def compile_listing(pairs: Iterable[tuple[str, str]]) -> str:
-    """The compile script's input: a JSON list of ``[source, in-image path]`` pairs.
+def compile_listing(groups: Iterable[Iterable[tuple[str, str]]]) -> str:
+    """The compile script's input: a JSON list of groups of ``[source, in-image path]`` pairs.
 
     JSON, not delimiter-joined lines, so no file name (a TAB or newline in a wheel member)
     can split one entry into two and point a pyc at a path of its choosing. ASCII escapes
     carry names that are not UTF-8 (surrogate escapes) through unchanged.
     """
-    return json.dumps([[source, dfile] for source, dfile in pairs])
+    return json.dumps([[[source, dfile] for source, dfile in group] for group in groups])
 
 
 def find_host_python(version: tuple[int, int]) -> Path | None:
@@ -248,7 +259,7 @@ def install_wheel(wheel: Path, staging: Path, venv: VenvLayout) -> None:
         ) from exc
 
 
-def compile_sources(staging: Path, venv: VenvLayout) -> list[tuple[Path, PurePosixPath]]:
+def compile_sources(staging: Path, venv: VenvLayout) -> Sources:
     """Every ``.py`` under the staged site-packages, sorted, with its path in the image."""
     site = _host_path(staging, venv.site_packages)
     files: list[tuple[Path, PurePosixPath]] = []
@@ -263,7 +274,7 @@ def compile_sources(staging: Path, venv: VenvLayout) -> list[tuple[Path, PurePos
 def compile_tree(staging: Path, venv: VenvLayout, compiler: BytecodeCompiler) -> int:
     """Compile every ``.py`` under the staged site-packages; return how many failed."""
     files = compile_sources(staging, venv)
-    return compiler.compile(staging, files) if files else 0
+    return compiler.compile(staging, [files]) if files else 0
 
 
 def _host_path(staging: Path, inside: PurePosixPath) -> Path:

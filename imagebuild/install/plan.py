@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from imagebuild.digest import Digest
 from imagebuild.errors import LayerError
@@ -64,6 +64,8 @@ class LayerSpec:
     ``project``."""
     wheels: tuple[PlannedWheel, ...]
     """Wheels installed into this layer, sorted by name."""
+    files: tuple[tuple[PurePosixPath, bytes], ...] = ()
+    """Files written into the layer beside the wheels: path in the image, bytes (the SBOM)."""
 
     @property
     def description(self) -> str:

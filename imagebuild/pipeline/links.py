@@ -11,27 +11,33 @@ package that ships it. Wheels' and bases' facts are cached, so a warm build read
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 
-from imagebuild.cache import CacheLayout
+from imagebuild.cache import CacheLayout, write_atomic
 from imagebuild.debian.base import BaseRecipe, fetch_releases
 from imagebuild.debian.contents import find_providers
 from imagebuild.debian.linkcheck import (
     Missing,
+    base_record,
     check_links,
     index_base,
     index_wheels,
     missing_line,
+    scan_record,
     scan_wheel,
+    usable_record,
 )
 from imagebuild.debian.release import read_release
 from imagebuild.errors import DebianError
 from imagebuild.image.model import BaseImage
 from imagebuild.image.store import BlobStore
 from imagebuild.install.plan import PlannedWheel
+from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.target.base import find_entry, load_catalog
 
 
@@ -44,21 +50,35 @@ def check_image_links(
     cache: CacheLayout,
     http: httpx.Client,
     recipe: BaseRecipe | None,
+    fetch: Callable[[Sequence[PlannedWheel]], None] | None = None,
+    remote: RemoteLayers | None = None,
 ) -> None:
     """Refuse the image if an ELF file of ``wheels`` needs a library it will not have.
 
     ``recipe`` is the built base's (None for a pulled base, whose os-release is read then):
-    it names the Debian release whose Contents index says which package to add.
+    it names the Debian release whose Contents index says which package to add. The
+    wheels' scans and the base's index are records: in the local cache, else in the
+    registry cache (``remote``), else worked out (the wheels ``fetch``ed first) and kept
+    in both, so a CI runner with an empty cache reads no ELF file the registry describes.
     """
-    scanned = [
-        (
-            f"{wheel.name} {wheel.version}",
-            scan_wheel(wheel.path, cache=cache.elf, sha256=wheel.sha256),
-        )
-        for wheel in wheels
-    ]
+    base_index = base_record(cache.elf, [d.digest for d in base.layers])
+    scans = {wheel.sha256: scan_record(cache.elf, wheel.sha256) for wheel in wheels if wheel.sha256}
+    made = _missing_records([base_index, *scans.values()], remote)
     layers = [(d.digest, store.path(d.digest)) for d in base.layers]
-    index = index_base(layers, cache=cache.elf).merged(index_wheels(scanned))
+    # The base is read (when no record has its index) while the wheels come in.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-base-index") as pool:
+        indexing = pool.submit(index_base, layers, cache=cache.elf)
+        if fetch is not None:
+            fetch([w for w in wheels if w.sha256 is None or scans[w.sha256] in made])
+        scanned = [
+            (
+                f"{wheel.name} {wheel.version}",
+                scan_wheel(wheel.path, cache=cache.elf, sha256=wheel.sha256),
+            )
+            for wheel in wheels
+        ]
+        index = indexing.result().merged(index_wheels(scanned))
+    _keep_records(made, remote)
     missing = check_links(scanned, index, arch=arch)
     if not missing:
         return
@@ -71,6 +91,45 @@ def check_image_links(
     if others:
         line += f" (also missing: {', '.join(others)})"
     raise DebianError(line)
+
+
+def _missing_records(records: Sequence[Path], remote: RemoteLayers | None) -> set[Path]:
+    """Those of ``records`` neither on disk nor in the registry cache (found ones are written)."""
+    absent = [record for record in records if not _usable(record)]
+    if remote is None or not absent:
+        return set(absent)
+    finder = remote
+    with ThreadPoolExecutor(max_workers=8, thread_name_prefix="imgbuild-records") as pool:
+        found = list(pool.map(lambda r: finder.find_record(_remote_key(r)), absent))
+    made = set()
+    for record, data in zip(absent, found, strict=True):
+        if data is not None and usable_record(data):
+            write_atomic(record, data)
+        else:
+            made.add(record)
+    return made
+
+
+def _keep_records(records: set[Path], remote: RemoteLayers | None) -> None:
+    """Keep the records this build worked out in the registry cache, for the next runner."""
+    if remote is None:
+        return
+    keeper = remote
+    kept = sorted(record for record in records if _usable(record))
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="imgbuild-records") as pool:
+        list(pool.map(lambda r: keeper.keep_record(_remote_key(r), r.read_bytes()), kept))
+
+
+def _usable(record: Path) -> bool:
+    try:
+        return usable_record(record.read_bytes())
+    except OSError:
+        return False
+
+
+def _remote_key(record: Path) -> str:
+    """The registry cache's name for a record of the ELF bucket (its file name is a digest)."""
+    return hashlib.sha256(f"imgbuild elf {record.name}".encode()).hexdigest()
 
 
 def _pulled_debian(base: BaseImage, store: BlobStore) -> BaseRecipe | None:

@@ -27,7 +27,7 @@ from imagebuild.pipeline.build import base_source, find_build_lock, open_project
 from imagebuild.pipeline.platform import sort_sources
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
-from imagebuild.pipeline.sbom import SBOM_LAYERS
+from imagebuild.pipeline.stdlib import stdlib_layers
 from imagebuild.sinks.daemon import engine_base_tag
 
 
@@ -54,7 +54,8 @@ class PlanResult:
     platform: str
     """``os/arch``."""
     base_layers: int
-    """Layers of the base (and imgbuild's SBOM layer), counted against ``max_layers``."""
+    """Layers of the base (and of its standard library's bytecode), counted against
+    ``max_layers``."""
     max_layers: int
     """The budget (``[tool.imgbuild] max-layers``)."""
     layers: tuple[PlannedLayer, ...]
@@ -65,7 +66,7 @@ class PlanResult:
         total = self.base_layers + len(self.layers)
         lines = [
             f"{self.platform}: {len(self.layers)} layers on {self.base_layers} "
-            f"(base and SBOM), {total} of at most {self.max_layers}",
+            f"(base), {total} of at most {self.max_layers}",
             f"{'#':>3}  {'kind':<12}  {'size':>10}  {'cached':<6}  packages",
         ]
         for layer in self.layers:
@@ -134,12 +135,13 @@ def run_plan(request: BuildRequest, *, ports: Ports) -> PlanResult:
     ]
     built = [_from_source(pkg) for pkg in (*from_sdist, *local)]
     project = found.project
+    stdlib = stdlib_layers(base.built is not None, request.compile_bytecode)
     plan = plan_layers(
         [*wheels, *built[: len(from_sdist)]],
         PlannedWheel(name=project.name, version=str(project.version or ""), path=project.root),
         local=built[len(from_sdist) :],
         max_layers=settings.max_layers,
-        base_layers=len(image.layers) + SBOM_LAYERS,
+        base_layers=len(image.layers) + stdlib,
     )
     venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
     compiled = (
@@ -150,7 +152,7 @@ def run_plan(request: BuildRequest, *, ports: Ports) -> PlanResult:
     keyed = _Keyed(venv=venv, compiled=compiled, mtime=request.source_date_epoch, cache=cache)
     return PlanResult(
         platform=platform,
-        base_layers=len(image.layers) + SBOM_LAYERS,
+        base_layers=len(image.layers) + stdlib,
         max_layers=settings.max_layers,
         layers=_layers(plan, keyed, store),
     )

@@ -6,7 +6,7 @@ they build once for all (local wheels, a compiler per CPU) sits in two small mem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,7 @@ from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
-from imagebuild.install.fetch import WheelCache, fetch_wheels
+from imagebuild.install.fetch import WheelCache
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
 from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.install.scripts import scripts_of
@@ -39,9 +39,10 @@ from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers
 from imagebuild.pipeline.links import check_image_links
 from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import BuildRequest
-from imagebuild.pipeline.sbom import SBOM_LAYERS, add_sbom
-from imagebuild.pipeline.stdlib import with_stdlib_bytecode
+from imagebuild.pipeline.sbom import sbom_document, sbom_file
+from imagebuild.pipeline.stdlib import stdlib_layers, with_stdlib_bytecode
 from imagebuild.pipeline.syspkgs import with_system_packages
+from imagebuild.pipeline.wheels import LazyWheels
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.report import Reporter
@@ -187,49 +188,23 @@ class PlatformImage:
 
 
 def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
-    """Pull the base for ``platform``, pick and fetch its wheels, and build its image."""
+    """Pull the base for ``platform``, plan its wheels, and build its image.
+
+    Wheels are fetched only where something reads them (``pipeline.wheels``): a layer or
+    record the caches hold needs no download.
+    """
     request, project = build.request, build.project
     arch = platform.partition("/")[2]
     base_image, facts = _pull_base(build, platform)
-    dependencies, local, compiler = _wheels_and_compiler(build, arch, base_image, facts)
+    prepared = _prepare(build, arch, base_image, facts)
+    venv, compiler, wheels = prepared.venv, prepared.compiler, prepared.wheels
     base_image = _stdlib_bytecode(build, base_image, facts, compiler)
-    members = [build.local_wheels.get(pkg) for pkg in local]
+    job = _layer_job(build, wheels)
     # The project's wheel may still be building: everything below it is built meanwhile.
-    below = plan_layers(
-        dependencies,
-        None,
-        local=members,
-        max_layers=build.settings.max_layers,
-        base_layers=len(base_image.layers) + SBOM_LAYERS,
-        project_later=True,
-    )
-    venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
-    check_entrypoint(
-        build.settings,
-        project,
-        venv,
-        lambda: scripts_of(
-            [build.project_wheel.result(), *(w.path for w in (*dependencies, *members))]
-        ),
-    )
-    _check_links(build, arch, base_image, [*dependencies, *members])
-    job = _layer_job(build)
-    lower = build_layers(below, venv, compiler, job)
-    top = _project_plan(project.name, build.project_wheel.result())
-    _check_links(build, arch, base_image, top.layers[0].wheels)
+    lower = build_layers(prepared.below, venv, compiler, job)
+    top, sbom = _project_top(build, prepared, arch, base_image)
     upper = build_layers(top, venv, compiler, job)
-    plan = LayerPlan(layers=below.layers + top.layers)
-    layers, sbom = add_sbom(
-        lower.layers + upper.layers,
-        plan,
-        lock=build.lock,
-        project=project.name,
-        venv=venv,
-        store=build.store,
-        work=build.work,
-        epoch=request.source_date_epoch,
-        records=CacheLayout(request.cache_dir).layers,
-    )
+    layers = [*lower.layers, *upper.layers]
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
     image = build_platform_image(
         base_image,
@@ -247,6 +222,93 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         built=lower.built + upper.built,
         sbom=sbom,
     )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Prepared:
+    """A platform's plan below the project, checked, and what builds it."""
+
+    below: LayerPlan
+    """The layers below the project's."""
+    venv: VenvLayout
+    """The venv, with the base's interpreter."""
+    compiler: BytecodeCompiler | None
+    """The bytecode compiler (None: no bytecode)."""
+    wheels: LazyWheels
+    """Fetches the locked wheels when they are read."""
+
+
+def _prepare(build: PlatformBuild, arch: str, base: BaseImage, facts: BaseFacts) -> _Prepared:
+    """Plan the layers below the project's and check their wheels' scripts and ELF links.
+
+    The compiler is readied (the base's Python unpacked, or the base loaded into the engine)
+    meanwhile, on a thread of its own.
+    """
+    request = build.request
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-compiler") as pool:
+        choosing = (
+            pool.submit(build.compilers.get, arch, lambda: _choose(build, facts, base))
+            if request.compile_bytecode
+            else None
+        )
+        dependencies, local, wheels = _dependencies(build, target_of(arch, facts))
+        members = [build.local_wheels.get(pkg) for pkg in local]
+        stdlib = stdlib_layers(build.base.built is not None, request.compile_bytecode)
+        below = plan_layers(
+            dependencies,
+            None,
+            local=members,
+            max_layers=build.settings.max_layers,
+            base_layers=len(base.layers) + stdlib,
+            project_later=True,
+        )
+        venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
+        check_entrypoint(
+            build.settings,
+            build.project,
+            venv,
+            lambda: _scripts(build, wheels, dependencies, members),
+        )
+        _check_links(build, arch, base, [*dependencies, *members], wheels)
+        compiler = choosing.result() if choosing is not None else None
+    return _Prepared(below=below, venv=venv, compiler=compiler, wheels=wheels)
+
+
+def _project_top(
+    build: PlatformBuild, prepared: _Prepared, arch: str, base: BaseImage
+) -> tuple[LayerPlan, Descriptor]:
+    """The project's layer, alone on top: its wheel and the SBOM (what changes with it)."""
+    request = build.request
+    project_wheel = _planned(build.project.name, build.project_wheel.result())
+    _check_links(build, arch, base, [project_wheel], prepared.wheels)
+    sbom = sbom_document(
+        [w for spec in prepared.below.layers for w in spec.wheels] + [project_wheel],
+        lock=build.lock,
+        project=build.project.name,
+        venv=prepared.venv,
+        store=build.store,
+        epoch=request.source_date_epoch,
+        records=CacheLayout(request.cache_dir).layers,
+        remote=build.remote,
+        fetch=prepared.wheels.ensure,
+    )
+    spec = LayerSpec(
+        kind="project",
+        wheels=(project_wheel,),
+        files=(sbom_file(prepared.venv, sbom, build.store),),
+    )
+    return LayerPlan(layers=(spec,)), sbom
+
+
+def _scripts(
+    build: PlatformBuild,
+    wheels: LazyWheels,
+    dependencies: Sequence[PlannedWheel],
+    members: Sequence[PlannedWheel],
+) -> Collection[str]:
+    """The console scripts the image's wheels install (they are fetched to be read)."""
+    wheels.ensure(dependencies)
+    return scripts_of([build.project_wheel.result(), *(w.path for w in (*dependencies, *members))])
 
 
 def _stdlib_bytecode(
@@ -268,12 +330,18 @@ def _stdlib_bytecode(
 
 
 def _check_links(
-    build: PlatformBuild, arch: str, base: BaseImage, wheels: Sequence[PlannedWheel]
+    build: PlatformBuild,
+    arch: str,
+    base: BaseImage,
+    wheels: Sequence[PlannedWheel],
+    lazy: LazyWheels,
 ) -> None:
     """Refuse wheels whose ELF files need a library the image will not have."""
     check_image_links(
         wheels,
         base,
+        fetch=lazy.ensure,
+        remote=build.remote,
         arch=arch,
         store=build.store,
         cache=CacheLayout(build.request.cache_dir),
@@ -282,33 +350,15 @@ def _check_links(
     )
 
 
-def _wheels_and_compiler(
-    build: PlatformBuild, arch: str, base: BaseImage, facts: BaseFacts
-) -> tuple[list[PlannedWheel], list[LockedPackage], BytecodeCompiler | None]:
-    """The dependencies' wheels fetched, while the compiler is readied beside them.
-
-    Readying it (unpacking the base's Python, or loading the base into the engine) then
-    costs nothing the downloads did not already wait for.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-compiler") as pool:
-        choosing = (
-            pool.submit(build.compilers.get, arch, lambda: _choose(build, facts, base))
-            if build.request.compile_bytecode
-            else None
-        )
-        dependencies, local = _dependencies(build, target_of(arch, facts))
-        return dependencies, local, choosing.result() if choosing is not None else None
+def _planned(name: str, wheel: Path) -> PlannedWheel:
+    """The project's wheel, as planned."""
+    return PlannedWheel(name=name, version=wheel.name.split("-")[1], path=wheel)
 
 
-def _project_plan(name: str, wheel: Path) -> LayerPlan:
-    """The project's own layer, alone on top."""
-    planned = PlannedWheel(name=name, version=wheel.name.split("-")[1], path=wheel)
-    return LayerPlan(layers=(LayerSpec(kind="project", wheels=(planned,)),))
-
-
-def _layer_job(build: PlatformBuild) -> LayerJob:
+def _layer_job(build: PlatformBuild, wheels: LazyWheels) -> LayerJob:
     """Where this build's layers are made and kept."""
     return LayerJob(
+        fetch=wheels.ensure,
         store=build.store,
         records=CacheLayout(build.request.cache_dir).layers,
         work=build.work,
@@ -358,10 +408,11 @@ def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFact
 
 def _dependencies(
     build: PlatformBuild, target: TargetPlatform
-) -> tuple[list[PlannedWheel], list[LockedPackage]]:
-    """The locked dependencies' wheels for ``target``, and the local directory packages.
+) -> tuple[list[PlannedWheel], list[LockedPackage], LazyWheels]:
+    """The dependencies' wheels for ``target``, the local packages, and the wheels' fetcher.
 
-    Wheels are fetched into the cache, or built from a locked sdist when no wheel fits.
+    A locked wheel is fetched when it is read (``LazyWheels``); a package with no wheel for
+    the target is built from its locked sdist now.
     """
     settings, reporter = build.settings, build.ports.reporter
     packages = select_packages(
@@ -373,27 +424,13 @@ def _dependencies(
     )
     chosen, from_sdist, local = sort_sources(packages, target)
     reporter.step(f"fetch: {len(chosen)} wheels for {target.describe()}")
-    cache = CacheLayout(build.request.cache_dir)
-    paths = fetch_wheels(
-        build.ports.http,
-        [wheel for _, wheel in chosen],
-        WheelCache(cache.wheels),
-        reporter=reporter,
+    lazy = LazyWheels(
+        build.ports.http, WheelCache(CacheLayout(build.request.cache_dir).wheels), reporter
     )
-    wheels = [
-        PlannedWheel(
-            name=pkg.name,
-            version=str(pkg.version),
-            path=paths[wheel],
-            size=paths[wheel].stat().st_size,
-            # Checked against the file when it was fetched: no need to hash it again.
-            sha256=wheel.sha256,
-        )
-        for pkg, wheel in chosen
-    ]
+    wheels = lazy.plan(chosen)
     for pkg in from_sdist:
         wheels.append(_sdist_wheel(build, pkg))
-    return wheels, local
+    return wheels, local, lazy
 
 
 def _sdist_wheel(build: PlatformBuild, pkg: LockedPackage) -> PlannedWheel:

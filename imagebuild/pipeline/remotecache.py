@@ -31,6 +31,8 @@ from imagebuild.report import Reporter
 from imagebuild.sinks.remote import RegistryClient
 
 _KEY = "org.imgbuild.cache.key"
+_RECORD = "application/vnd.imgbuild.cache.record.v1+json"
+"""The config media type of a kept record: a manifest with no layers, the record its config."""
 _DIFF_ID = "org.imgbuild.layer.diff-id"
 _CREATED_BY = "org.imgbuild.layer.created-by"
 
@@ -62,6 +64,40 @@ class RegistryLayerCache:
             return None  # not ours, or damaged: build the layer instead
         self.client.pull_blob(ref, _descriptor(layer), self.store)
         return layer
+
+    def find_record(self, key: str) -> bytes | None:
+        """The record kept under ``key`` (bytes verified against their digest), or None."""
+        if self.source is None:
+            return None
+        tag = f"record-{key}"
+        ref = self.source.with_tag(tag)
+        try:
+            data = self.client.fetch_optional(ref, f"manifests/{tag}")
+            if data is None:
+                return None
+            config = _record_of(json_object(data), key)
+            self.client.pull_blob(ref, config, self.store)
+        except (ValueError, ImageError):
+            return None  # not ours, or damaged: work the record out instead
+        return self.store.read_bytes(config.digest)
+
+    def keep_record(self, key: str, data: bytes) -> None:
+        """Keep ``data`` under ``key``: a manifest with no layers whose config is the record."""
+        if self.target is None:
+            return
+        tag = f"record-{key}"
+        ref = self.target.with_tag(tag)
+        config = self.store.put_bytes(data, media_type=_RECORD)
+        self.client.push_blob(ref, config, self.store)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": _RECORD,
+            "config": config.to_json(),
+            "layers": [],
+            "annotations": {_KEY: key},
+        }
+        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
 
     def keep(self, kept: Sequence[tuple[str, Layer]], reporter: Reporter) -> None:
         """Push each ``(key, layer)`` to the target repository, a few at a time."""
@@ -96,6 +132,21 @@ class RegistryLayerCache:
 
 def _descriptor(layer: Layer) -> Descriptor:
     return Descriptor(media_type=layer.media_type, digest=layer.digest, size=layer.size)
+
+
+def _record_of(manifest: dict[str, object], key: str) -> Descriptor:
+    """The config of a record's manifest; ValueError when it is not one of ours for ``key``."""
+    annotations = manifest.get("annotations")
+    if not isinstance(annotations, dict) or annotations.get(_KEY) != key:
+        raise ValueError("not a record kept under this key")
+    config = Descriptor.from_json(manifest.get("config"), where="cached record")
+    if config.media_type != _RECORD or config.size > _RECORD_LIMIT:
+        raise ValueError(f"a record's config is {config.media_type} of {config.size} bytes")
+    return config
+
+
+_RECORD_LIMIT = 16 << 20
+"""The largest record taken from a registry (a record is read into memory)."""
 
 
 def _layer_of(manifest: dict[str, object], key: str) -> Layer:

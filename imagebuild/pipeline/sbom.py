@@ -1,9 +1,15 @@
-"""The SBOM step of a platform's build: the document, its layer below the project's, its blob.
+"""The SBOM step of a platform's build: the document, kept as a record, and its blob.
 
-The document lists what the plan installs (``image.sbom``); its layer goes just below the
-project's, so the project stays alone on top and a code change leaves the SBOM layer as it
-was. The document is also stored as a blob of its own, for the registry sink to attach to
-the pushed image as an OCI referrer.
+The document lists what the plan installs (``image.sbom``). It goes into the image as a
+file of the project's layer (``<venv>/sbom.cdx.json``), the layer that changes whenever
+what is installed does (a dependency bumped or added changes its own layer and this one:
+two layers, not three). It is also stored as a blob of its own, for the registry sink to
+attach to the pushed image as an OCI referrer.
+
+The document depends only on what is installed, each locked wheel by its digest (a wheel
+built here by its METADATA). It is kept under that key in the local cache and in the
+registry cache, so a code change, or a CI runner with an empty cache, neither reads the
+wheels' licences nor renders it again.
 """
 
 from __future__ import annotations
@@ -11,80 +17,75 @@ from __future__ import annotations
 import hashlib
 import json
 import zipfile
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
+from pathlib import Path, PurePosixPath
 
 from imagebuild import __version__
 from imagebuild.cache import write_json
 from imagebuild.digest import Digest, digest_bytes
+from imagebuild.errors import ImageError
 from imagebuild.image.descriptor import Descriptor
-from imagebuild.image.model import Layer
 from imagebuild.image.store import BlobStore
 from imagebuild.install.layers import VenvLayout
-from imagebuild.install.plan import LayerPlan, PlannedWheel
+from imagebuild.install.plan import PlannedWheel
 from imagebuild.lock.model import Lock
-from imagebuild.pipeline.layers import layer_json
-
-SBOM_LAYERS = 1
-"""Layers the SBOM adds (counted against ``max-layers`` like the base's)."""
+from imagebuild.pipeline.layers import RemoteLayers
 
 
-def add_sbom(
-    layers: Sequence[Layer],
-    plan: LayerPlan,
+def sbom_document(
+    wheels: Sequence[PlannedWheel],
     *,
     lock: Lock,
     project: str,
     venv: VenvLayout,
     store: BlobStore,
-    work: Path,
     epoch: int,
     records: Path,
-) -> tuple[list[Layer], Descriptor]:
-    """``layers`` with the SBOM layer below the project's; the document's blob descriptor.
+    remote: RemoteLayers | None = None,
+    fetch: Callable[[Sequence[PlannedWheel]], None] | None = None,
+) -> Descriptor:
+    """The SBOM of an image installing ``wheels``, as a blob in ``store``.
 
-    The document depends only on what is installed (each locked wheel by its digest, a
-    wheel built here by its METADATA), so it is kept in the layer cache under that: a code
-    change finds it there and neither reads the wheels nor renders it again.
+    From the local record, else the registry cache's, else rendered from the wheels
+    (``fetch``ed first: their METADATA states the licences) and kept in both.
     """
-    wheels = [wheel for spec in plan.layers for wheel in spec.wheels]
-    record = records / f"sbom-{_key(project, venv, epoch, wheels)}.json"
+    key = _key(project, venv, epoch, wheels)
+    record = records / f"sbom-{key}.json"
     kept = _kept(record, store)
     if kept is not None:
-        layer, blob = kept
-    else:
-        layer, blob = _render(lock, wheels, project, venv, store, work, epoch)
-        write_json(record, {"layer": layer_json(layer), "blob": blob.to_json()})
-    out = list(layers)
-    top = len(out) - 1 if plan.layers and plan.layers[-1].kind == "project" else len(out)
-    out.insert(top, layer)
-    return out, blob
+        return kept
+    # The SBOM media type is imported with the CycloneDX library, only when one is needed.
+    from imagebuild.image.sbom import SBOM_MEDIA_TYPE
+
+    document = remote.find_record(f"sbom-{key}") if remote is not None else None
+    rendered = document is None
+    if document is None:
+        if fetch is not None:
+            fetch(wheels)
+        document = _render(lock, wheels, project, epoch)
+    blob = store.put_bytes(document, media_type=SBOM_MEDIA_TYPE)
+    write_json(record, {"blob": blob.to_json()})
+    if rendered and remote is not None:
+        remote.keep_record(f"sbom-{key}", document)
+    return blob
 
 
-def _render(
-    lock: Lock,
-    wheels: Sequence[PlannedWheel],
-    project: str,
-    venv: VenvLayout,
-    store: BlobStore,
-    work: Path,
-    epoch: int,
-) -> tuple[Layer, Descriptor]:
+def sbom_file(venv: VenvLayout, blob: Descriptor, store: BlobStore) -> tuple[PurePosixPath, bytes]:
+    """The document as a file of the project's layer: its path in the image and its bytes."""
+    from imagebuild.image.sbom import SBOM_FILE
+
+    return venv.root / SBOM_FILE, store.read_bytes(blob.digest)
+
+
+def _render(lock: Lock, wheels: Sequence[PlannedWheel], project: str, epoch: int) -> bytes:
     # The CycloneDX library is imported only when a document is written.
-    from imagebuild.image.sbom import (
-        SBOM_MEDIA_TYPE,
-        build_sbom_layer,
-        load_sbom_packages,
-        render_sbom,
-    )
+    from imagebuild.image.sbom import load_sbom_packages, render_sbom
 
-    document = render_sbom(load_sbom_packages(lock, wheels), subject=project, epoch=epoch)
-    layer = build_sbom_layer(document, venv.root, store, work, mtime=epoch)
-    return layer, store.put_bytes(document, media_type=SBOM_MEDIA_TYPE)
+    return render_sbom(load_sbom_packages(lock, wheels), subject=project, epoch=epoch)
 
 
 def _key(project: str, venv: VenvLayout, epoch: int, wheels: Sequence[PlannedWheel]) -> str:
-    """Everything the document and its layer depend on."""
+    """Everything the document depends on."""
     material = {
         "imgbuild": __version__,
         "project": project,
@@ -102,10 +103,9 @@ def _metadata_digest(wheel: Path) -> Digest:
         return digest_bytes(archive.read(name))
 
 
-def _kept(record: Path, store: BlobStore) -> tuple[Layer, Descriptor] | None:
+def _kept(record: Path, store: BlobStore) -> Descriptor | None:
     try:
-        data = json.loads(record.read_text(encoding="utf-8"))
-        layer, blob = Layer(**data["layer"]), Descriptor.from_json(data["blob"])
-    except (OSError, ValueError, KeyError, TypeError):
+        blob = Descriptor.from_json(json.loads(record.read_text(encoding="utf-8"))["blob"])
+    except (OSError, ValueError, KeyError, TypeError, ImageError):
         return None
-    return (layer, blob) if store.has(layer.digest) and store.has(blob.digest) else None
+    return blob if store.has(blob.digest) else None

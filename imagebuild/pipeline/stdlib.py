@@ -31,6 +31,11 @@ STDLIB_VERSION = 2
 """Bumped when what the layer holds changes (invalidates kept layers)."""
 
 
+def stdlib_layers(built_base: bool, compile_bytecode: bool) -> int:
+    """How many layers the standard library's bytecode adds to a base (for the layer budget)."""
+    return 1 if built_base and compile_bytecode else 0
+
+
 def with_stdlib_bytecode(
     base: BaseImage,
     *,
@@ -60,7 +65,7 @@ def with_stdlib_bytecode(
         staging = work / f"stdlib-{base.manifest_digest[7:19]}"
         files = _sources(base, store, staging, stdlib)
         reporter.step(f"compile: {len(files)} modules of the base's standard library")
-        compiler.compile(staging, files)
+        compiler.compile(staging, [files])
         for source, _ in files:
             source.unlink()
         layer = build_layer(

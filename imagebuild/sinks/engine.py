@@ -30,7 +30,7 @@ import requests.exceptions
 
 from imagebuild.errors import DockerError, LayerError
 from imagebuild.image.model import Image
-from imagebuild.install.layers import COMPILE_SCRIPT, compile_listing
+from imagebuild.install.layers import COMPILE_SCRIPT, Sources, compile_listing
 from imagebuild.sinks.daemon import DockerDaemon, engine_base_tag
 from imagebuild.sinks.layout import write_docker_archive
 
@@ -248,11 +248,11 @@ class EngineCompiler:
         """``image:`` and the image the interpreter comes from."""
         return f"image:{self.image}:{self.interpreter}"
 
-    def compile(self, root: Path, files: Sequence[tuple[Path, PurePosixPath]]) -> int:
+    def compile(self, root: Path, groups: Sequence[Sources]) -> int:
         """Send the sources under ``root``, compile them there, write the pycs back."""
         with tempfile.TemporaryDirectory(prefix="imgbuild-compile-", dir=root.parent) as tmp:
             upload, download = Path(tmp) / "in.tar", Path(tmp) / "out.tar"
-            listing = _pack_sources(root, files, upload)
+            listing = _pack_sources(root, groups, upload)
             try:
                 output = self.engine.run(
                     self.image,
@@ -276,17 +276,17 @@ class EngineCompiler:
         return int(lines[-1])
 
 
-def _pack_sources(
-    root: Path, files: Sequence[tuple[Path, PurePosixPath]], dest: Path
-) -> PurePosixPath:
+def _pack_sources(root: Path, groups: Sequence[Sources], dest: Path) -> PurePosixPath:
     """A tar of the sources under ``/imgbuild-staging`` and the compile listing.
 
     Returns the listing's path in the container.
     """
     listing = _STAGING / ".imgbuild-compile"
+    files = [pair for group in groups for pair in group]
     relative = [src.relative_to(root).as_posix() for src, _ in files]
     text = compile_listing(
-        (str(_STAGING / rel), str(dst)) for rel, (_, dst) in zip(relative, files, strict=True)
+        [(str(_STAGING / src.relative_to(root).as_posix()), str(dst)) for src, dst in group]
+        for group in groups
     )
     directories = sorted({p for rel in relative for p in PurePosixPath(rel).parents} - {_DOT})
     with tarfile.open(dest, "w", format=tarfile.PAX_FORMAT) as tar:

@@ -85,8 +85,8 @@ def test_docker_build_of_the_context_gives_the_same_files_and_config(
     assert f"wrote Docker build context {context}" in result.stdout
 
     dockerfile = (context / "Dockerfile").read_text()
-    # venv, colours, greeting, the SBOM, the project
-    assert dockerfile.count("\nCOPY layers/") == 5
+    # venv, colours, greeting, the project (with the SBOM)
+    assert dockerfile.count("\nCOPY layers/") == 4
     assert "\nFROM 127.0.0.1:5055/distroless/python3-debian13@sha256:" in dockerfile
 
     docker_env.client.images.build(path=str(context), tag=theirs, rm=True, forcerm=True)

@@ -42,14 +42,19 @@ def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
 
     # The first CI run builds everything and keeps its layers in the registry.
     first, log = _build(project, tmp_path / "c1", tmp_path / "o1", "--cache-to", cache_ref)
-    assert "cache: keeping" in log
+    assert "cache: keeping" in log and "fetching " in log
     kept = _tags(docker_env.registry, repository)
-    assert kept and all(len(tag) == 64 for tag in kept)
+    layers = [tag for tag in kept if not tag.startswith("record-")]
+    assert layers and all(len(tag) == 64 for tag in layers)
+    # Beside them, the records: each wheel's ELF scan, the base's library index, the SBOM.
+    assert len(kept) - len(layers) >= 3
 
-    # A second runner with an empty local cache builds nothing: every layer comes by key...
+    # A second runner with an empty local cache builds nothing: every layer comes by key,
+    # and no wheel is downloaded (the records say what reading them would)...
     second, log = _build(project, tmp_path / "c2", tmp_path / "o2", "--cache-from", cache_ref)
     assert second == first
-    assert "layer " not in log and "compile:" not in log
+    assert "layer " not in log and "compile:" not in log and "fetching " not in log
+    assert not list((tmp_path / "c2").rglob("*.whl"))
 
     # ...and after a one-line change only the project's layer is built.
     source = project / "src" / "demo_app" / "__init__.py"
@@ -57,6 +62,7 @@ def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
     third, log = _build(project, tmp_path / "c3", tmp_path / "o3", "--cache-from", cache_ref)
     built = [line for line in log.splitlines() if line.startswith("· layer ")]
     assert third != first and len(built) == 1 and "project demo-app" in built[0]
+    assert "fetching " not in log
 
     # A cache that does not hold a key is no error: the layer is built.
     empty = f"{docker_env.registry}/imgbuild-test/layer-cache-empty-{uuid.uuid4().hex[:8]}"

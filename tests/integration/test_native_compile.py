@@ -61,7 +61,7 @@ def test_the_native_run_writes_the_engines_bytes(infra: TestInfra, tmp_path: Pat
     assert native is not None and native.version.startswith("3.11.")
 
     here, there = tmp_path / "native", tmp_path / "engine"
-    assert native.compile(here, _tree(here)) == 1  # broken.py
+    assert native.compile(here, [_tree(here)]) == 1  # broken.py
     engine = DockerEngine(infra.client)
     # No rootfs directory: the choice falls to the engine, as on a host of another CPU.
     choice = CompilerChoice(mode="image", store=store, work=tmp_path)
@@ -76,5 +76,5 @@ def test_the_native_run_writes_the_engines_bytes(infra: TestInfra, tmp_path: Pat
         )
         compiler = choose_compiler(facts, base, choice, ports)
     assert isinstance(compiler, EngineCompiler) and compiler.identity == native.identity
-    assert compiler.compile(there, _tree(there)) == 1
+    assert compiler.compile(there, [_tree(there)]) == 1
     assert _pycs(here) == _pycs(there) and len(_pycs(here)) == 2
