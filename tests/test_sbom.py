@@ -14,15 +14,10 @@ from pathlib import Path
 import pytest
 
 from imagebuild.digest import Digest, digest_bytes
-from imagebuild.image.descriptor import OCI_INDEX, OCI_MANIFEST, Descriptor
+from imagebuild.image.descriptor import OCI_INDEX, OCI_MANIFEST, SBOM_MEDIA_TYPE, Descriptor
 from imagebuild.image.model import Image
 from imagebuild.image.name import ImageReference
-from imagebuild.image.sbom import (
-    SBOM_MEDIA_TYPE,
-    SbomPackage,
-    render_sbom,
-    wheel_licenses,
-)
+from imagebuild.image.sbom import SbomPackage, render_sbom, wheel_licenses
 from imagebuild.image.store import BlobStore
 from imagebuild.image.validate import validate_layout
 from imagebuild.sinks.layout import OciLayoutSink

@@ -13,6 +13,10 @@ from imagebuild.digest import Digest, parse_digest
 from imagebuild.errors import ImageError
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+SBOM_MEDIA_TYPE = "application/vnd.cyclonedx+json"
+"""The media type of the SBOM document (as a referrer's artifact type and its blob)."""
+SBOM_FILE = "sbom.cdx.json"
+"""The SBOM document's file name, in the image's virtual environment directory."""
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER_TAR = "application/vnd.oci.image.layer.v1.tar"

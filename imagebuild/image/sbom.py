@@ -40,10 +40,6 @@ from imagebuild.image.descriptor import canonical_json
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.lock.model import Lock
 
-SBOM_FILE = "sbom.cdx.json"
-"""The document's file name, in the image's virtual environment directory."""
-SBOM_MEDIA_TYPE = "application/vnd.cyclonedx+json"
-"""The media type of the document (as a referrer's artifact type and its blob)."""
 _LONG_LICENSE = 100  # a License field longer than this is the licence's text, not its name
 
 

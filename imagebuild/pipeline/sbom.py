@@ -24,7 +24,7 @@ from imagebuild import __version__
 from imagebuild.cache import write_json
 from imagebuild.digest import Digest, digest_bytes
 from imagebuild.errors import ImageError
-from imagebuild.image.descriptor import Descriptor
+from imagebuild.image.descriptor import SBOM_FILE, SBOM_MEDIA_TYPE, Descriptor
 from imagebuild.image.store import BlobStore
 from imagebuild.install.layers import VenvLayout
 from imagebuild.install.plan import PlannedWheel
@@ -54,9 +54,6 @@ def sbom_document(
     kept = _kept(record, store)
     if kept is not None:
         return kept
-    # The SBOM media type is imported with the CycloneDX library, only when one is needed.
-    from imagebuild.image.sbom import SBOM_MEDIA_TYPE
-
     document = remote.find_record(f"sbom-{key}") if remote is not None else None
     rendered = document is None
     if document is None:
@@ -72,8 +69,6 @@ def sbom_document(
 
 def sbom_file(venv: VenvLayout, blob: Descriptor, store: BlobStore) -> tuple[PurePosixPath, bytes]:
     """The document as a file of the project's layer: its path in the image and its bytes."""
-    from imagebuild.image.sbom import SBOM_FILE
-
     return venv.root / SBOM_FILE, store.read_bytes(blob.digest)
 
 

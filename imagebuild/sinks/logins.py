@@ -15,10 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import docker.auth
-import docker.credentials
-import docker.errors
-
+# docker-py (docker.auth, docker.credentials, docker.errors) is imported where a login is
+# read: most builds have none to read, and importing it costs a tenth of a second.
 from imagebuild.errors import RegistryError
 from imagebuild.image.name import DOCKER_HUB, normalize_registry
 
@@ -37,11 +35,15 @@ class Credentials:
 
 def _normalize_auth_key(key: str) -> str:
     """Docker's config keys may be hosts or URLs (``https://index.docker.io/v1/``)."""
+    import docker.auth
+
     host = docker.auth.convert_to_hostname(re.sub(r"^[a-z]+://", "", key.strip()))
     return normalize_registry(host)
 
 
 def _helper_server_url(registry: str) -> str:
+    import docker.auth
+
     return str(docker.auth.INDEX_URL) if registry == DOCKER_HUB else registry
 
 
@@ -51,6 +53,9 @@ def _ask_credential_helper(suffix: str, server_url: str) -> Credentials | None:
     A missing or failing helper falls back to anonymous access, which then fails with an
     "unauthorized" error naming the fix; docker-py's own resolver would raise instead.
     """
+    import docker.auth
+    import docker.credentials
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # docker-py warns when the helper is not installed
         store = docker.credentials.Store(suffix)
@@ -148,6 +153,9 @@ def _read_docker_config(path: Path) -> dict[str, object]:
 
 def _decode_auth_entry(entry: Mapping[str, object], *, path: Path, key: str) -> Credentials | None:
     """One ``auths`` entry as docker-py decodes it (``auth`` is base64 of ``user:password``)."""
+    import docker.auth
+    import docker.errors
+
     try:
         parsed = docker.auth.parse_auth({key: dict(entry)}, raise_on_error=True).get(key) or {}
     except (ValueError, binascii.Error, UnicodeError, docker.errors.InvalidConfigFile):
