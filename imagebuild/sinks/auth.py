@@ -95,11 +95,13 @@ class Op:
     """``pulling`` or ``pushing``."""
     actions: str
     """Token scope actions: ``pull`` or ``pull,push``."""
+    also: tuple[str, ...] = ()
+    """Further scopes the token must carry (``repository:<from>:pull`` to mount a blob)."""
 
     @property
     def scope(self) -> str:
-        """The token scope this operation needs."""
-        return f"repository:{self.ref.repository}:{self.actions}"
+        """The token scope this operation needs, and the others it asks for, space-separated."""
+        return " ".join((f"repository:{self.ref.repository}:{self.actions}", *self.also))
 
 
 def _error_body(resp: httpx.Response) -> tuple[str, str]:
@@ -307,10 +309,12 @@ class RegistrySession:
         realm = challenge.get("realm")
         if not realm:
             raise RegistryError(f"{op.verb} {op.ref}: Bearer challenge without a realm")
-        scopes = [op.scope]
-        challenge_scope = challenge.get("scope")
-        if challenge_scope and challenge_scope not in scopes:
-            scopes.append(challenge_scope)
+        scopes = op.scope.split()
+        # A challenge may name several scopes in one parameter, space-separated; the token
+        # service takes each as a `scope` parameter of its own.
+        for extra in (challenge.get("scope") or "").split():
+            if extra not in scopes:
+                scopes.append(extra)
         resp = self._request_token(op, host, realm, scopes, challenge.get("service"))
         if resp.status_code in (401, 403):
             raise self.status_error(op, resp, f"token from {realm}")

@@ -31,7 +31,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -265,7 +265,11 @@ class BlobUploader:
         headers = {"Content-Length": "0"}
         if source is not None:
             query = {"mount": desc.digest, "from": source}
-            resp = self._session.send(op, "POST", url.copy_merge_params(query), headers=headers)
+            # The token must let us read the source too, or the registry declines the mount.
+            mounting = replace(op, also=(f"repository:{source}:pull",))
+            resp = self._session.send(
+                mounting, "POST", url.copy_merge_params(query), headers=headers
+            )
             if resp.status_code == 201:
                 return None
             if resp.status_code == 202:
