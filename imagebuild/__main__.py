@@ -2,4 +2,6 @@
 
 from imagebuild.cli import app
 
-app()
+# Guarded: a layer worker process (``pipeline.layerwork``) imports this module again.
+if __name__ == "__main__":
+    app()

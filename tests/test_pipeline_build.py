@@ -492,3 +492,43 @@ def test_several_platforms_are_refused_by_one_image_sinks_before_any_work(
         )
     assert world.registry.pulls == [] and world.log == []
     assert not (world.project / "pylock.toml").exists()
+
+
+# -- what a dependency change touches -------------------------------------------------------
+
+
+def _layer_digests(world: World) -> list[str]:
+    (_, finished) = world.log[-1]
+    image = finished.image
+    assert isinstance(image, Image)
+    return [layer.digest for layer in image.layers]
+
+
+def test_a_dependency_bumped_or_added_changes_two_layers_and_the_sbom_goes_with_the_project(
+    world: World,
+) -> None:
+    world.depend_on("tinydep", "otherdep")
+    world.lock()
+    world.build()
+    before = _layer_digests(world)
+
+    # Bumped: its own layer, and the project's (whose SBOM lists the new version).
+    world.index.add_wheel("tinydep", "1.1", files={"tinydep/__init__.py": "VALUE = 11\n"})
+    run_lock(
+        LockRequest(project_dir=world.project, cache_dir=world.cache, upgrade=True),
+        ports=world.ports(),
+    )
+    world.build()
+    bumped = _layer_digests(world)
+    assert len(bumped) == len(before)
+    changed = [i for i, (a, b) in enumerate(zip(before, bumped, strict=True)) if a != b]
+    assert len(changed) == 2 and changed[-1] == len(bumped) - 1
+
+    # Added: the layer it joins (or its own), and the project's (its requirement, the SBOM).
+    world.index.add_wheel("thirddep", "3.0", files={"thirddep/__init__.py": "VALUE = 3\n"})
+    world.depend_on("tinydep", "otherdep", "thirddep")
+    world.lock()
+    world.build()
+    added = _layer_digests(world)
+    assert len(set(added) - set(bumped)) == 2 and added[-1] not in bumped
+    assert len(set(bumped) - set(added)) <= 2

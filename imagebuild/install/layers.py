@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -54,12 +55,20 @@ def work(pairs):
     return failed
 
 
-listing = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
-groups = [[(str(source), str(dfile)) for source, dfile in group] for group in json.load(listing)]
-jobs = int(os.environ.get("IMGBUILD_COMPILE_JOBS") or 0) or min(
-    len(os.sched_getaffinity(0)), 8, max(1, len(groups)))
-with multiprocessing.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
-    print(sum(pool.map(work, groups, chunksize=1)))
+def compile_groups(listing, jobs):
+    groups = [[(str(source), str(dfile)) for source, dfile in group] for group in listing]
+    jobs = jobs or min(len(os.sched_getaffinity(0)), 8, max(1, len(groups)))
+    with multiprocessing.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+        return sum(pool.map(work, groups, chunksize=1))
+
+
+jobs = int(os.environ.get("IMGBUILD_COMPILE_JOBS") or 0)
+if sys.argv[1:] == ["--serve"]:  # a listing a line, each answered with a line
+    for line in sys.stdin:
+        print(compile_groups(json.loads(line), jobs), flush=True)
+else:
+    listing = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
+    print(compile_groups(json.load(listing), jobs))
 """
 
 
@@ -140,15 +149,12 @@ class HostCompiler:
 
         ``jobs`` is how many worker processes share the groups (0: one per CPU, up to 8).
         """
-        env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
-        if jobs:
-            env["IMGBUILD_COMPILE_JOBS"] = str(jobs)
         proc = subprocess.run(
             [*self.command(), "-I", "-c", COMPILE_SCRIPT],
             input=compile_listing([[(str(s), str(d)) for s, d in group] for group in groups]),
             capture_output=True,
             text=True,
-            env=env,
+            env=_compile_env(jobs),
             check=False,
         )
         if proc.returncode != 0:
@@ -158,6 +164,76 @@ class HostCompiler:
                 hint="pass --no-compile to skip bytecode",
             )
         return int(proc.stdout.strip() or 0)
+
+    def serve(self) -> CompileServer:
+        """A running interpreter that compiles one listing after another (one worker each)."""
+        return CompileServer([*self.command(), "-I", "-c", COMPILE_SCRIPT, "--serve"], self)
+
+
+def _compile_env(jobs: int) -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"}
+    if jobs:
+        env["IMGBUILD_COMPILE_JOBS"] = str(jobs)
+    return env
+
+
+class CompileServer:
+    """The compile script kept running: a listing a line, its failures counted back.
+
+    Starting the target's interpreter costs about a twentieth of a second; a build of many
+    small layers would pay it once per layer. Each group is still compiled by a process
+    forked for it alone, as in a one-off run, so the pycs are the same bytes.
+    """
+
+    def __init__(self, command: list[str], compiler: HostCompiler) -> None:
+        self._compiler = compiler
+        # Compile warnings (SyntaxWarning and the like) go to a file: a pipe nobody reads
+        # could fill up and stall the server.
+        self._stderr = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=_compile_env(1),
+        )
+
+    def compile(self, groups: Sequence[Sources]) -> int:
+        """Write a pyc beside each source of ``groups``; return how many failed."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        listing = compile_listing([[(str(s), str(d)) for s, d in group] for group in groups])
+        try:
+            self._proc.stdin.write(listing + "\n")
+            self._proc.stdin.flush()
+            answer = self._proc.stdout.readline()
+        except OSError:
+            answer = ""
+        if not answer.strip().isdigit():
+            self._stderr.seek(0)
+            lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+            raise LayerError(
+                f"compiling bytecode with {self._compiler.executable} failed: "
+                f"{lines[-1] if lines else 'the compiler stopped'}",
+                hint="pass --no-compile to skip bytecode",
+            )
+        return int(answer)
+
+    def close(self) -> None:
+        """Stop the interpreter (end of its input) and wait for it."""
+        if self._proc.stdin is not None:
+            try:
+                self._proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+        self._stderr.close()
 
 
 def compile_listing(groups: Iterable[Iterable[tuple[str, str]]]) -> str:

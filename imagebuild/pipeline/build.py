@@ -11,14 +11,15 @@ half-built image tagged, loaded or pushed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.secrets import source_policy
-from imagebuild.cache import CacheLayout, scratch_tree, sweep_scratch
+from imagebuild.cache import CacheLayout, memory_scratch_root, scratch_tree, sweep_scratch
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LockError, ProjectError, RegistryError
 from imagebuild.image.model import Image, ImageIndex
@@ -86,10 +87,8 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     envs = BuildEnvironments(
         root=cache.build_envs, indexes=found.indexes, credentials=found.credentials
     )
-    # Trees that killed builds left are removed; running builds' trees are locked.
-    sweep_scratch(cache.tmp)
     with (
-        scratch_tree(cache.tmp) as work,
+        _scratch(cache) as (work, staging),
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-project") as pool,
     ):
         # The project's own wheel needs neither the base nor the dependencies: it is built
@@ -104,6 +103,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             base=base_source(found, pinned, request, lock, ports, store),
             store=store,
             work=work,
+            staging=staging,
             envs=envs,
             ports=ports,
             project_wheel=project_wheel,
@@ -158,6 +158,24 @@ def _result(
         layers=sum(len(p.image.layers) for p in images),
         layers_built=sum(p.built for p in images),
     )
+
+
+@contextmanager
+def _scratch(cache: CacheLayout) -> Iterator[tuple[Path, Path]]:
+    """The build's scratch tree, and where its layers are staged (in memory when it can).
+
+    Trees that killed builds left are removed first; running builds' trees are locked.
+    """
+    sweep_scratch(cache.tmp)
+    memory = memory_scratch_root()
+    if memory is not None:
+        sweep_scratch(memory)
+    with scratch_tree(cache.tmp) as work:
+        if memory is None:
+            yield work, work
+            return
+        with scratch_tree(memory) as staging:
+            yield work, staging
 
 
 def _layer_cache(

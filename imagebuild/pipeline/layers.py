@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -24,11 +23,15 @@ from imagebuild.install.keys import layer_key
 from imagebuild.install.layers import (
     BytecodeCompiler,
     HostCompiler,
-    Sources,
     VenvLayout,
     compile_sources,
-    install_wheel,
-    stage_venv,
+)
+from imagebuild.pipeline.layerwork import (
+    LayerTask,
+    layer_json,
+    make_layer,
+    stage_layer,
+    worker_context,
 )
 
 if TYPE_CHECKING:
@@ -119,45 +122,25 @@ def build_layers(
 
 
 class _Progress:
-    """The three phases' counts, as layers move through them on several threads.
+    """The three phases' counts, as layers come back from the workers.
 
-    The number of modules to compile is known once every layer is staged; until then the
-    compile phase's total is reported as unknown.
+    A worker stages, compiles and tars a layer in one go: each layer counts in all three
+    phases when it comes back. How many modules there are is known once every layer has.
     """
 
     def __init__(self, reporter: Reporter, layers: int) -> None:
-        self._reporter, self._lock, self._layers = reporter, threading.Lock(), layers
-        self._done = {"install": 0, "compile": 0, "compress": 0}
-        self.modules = 0
-        reporter.progress("install", 0, layers, "layers")
-        reporter.progress("compress", 0, layers, "layers")
+        self._reporter, self._layers, self._done, self.modules = reporter, layers, 0, 0
+        for task, unit in (("install", "layers"), ("compile", "modules"), ("compress", "layers")):
+            reporter.progress(task, 0, layers if unit == "layers" else None, unit)
 
-    def staged(self, modules: int) -> None:
-        """One more layer staged, with ``modules`` sources to compile."""
-        with self._lock:
-            self.modules += modules
-            self._bump("install", 1, self._layers)
-            self._bump("compile", 0, self._modules_total())
-
-    def compiled(self, modules: int) -> None:
-        """``modules`` more sources compiled."""
-        with self._lock:
-            self._bump("compile", modules, self._modules_total())
-
-    def tarred(self) -> None:
-        """One more layer in the store."""
-        with self._lock:
-            self._bump("compress", 1, self._layers)
-
-    def _modules_total(self) -> int | None:
-        return self.modules if self._done["install"] == self._layers else None
-
-    def _bump(self, task: str, count: int, total: int | None) -> None:
-        self._done[task] += count
-        self._reporter.progress(task, self._done[task], total, _UNITS[task])
-
-
-_UNITS = {"install": "layers", "compile": "modules", "compress": "layers"}
+    def made(self, modules: int) -> None:
+        """One more layer back, with ``modules`` sources compiled."""
+        self._done += 1
+        self.modules += modules
+        last = self._done == self._layers
+        self._reporter.progress("install", self._done, self._layers, "layers")
+        self._reporter.progress("compile", self.modules, self.modules if last else None, "modules")
+        self._reporter.progress("compress", self._done, self._layers, "layers")
 
 
 def _build_overlapped(
@@ -166,35 +149,38 @@ def _build_overlapped(
     compiler: HostCompiler | None,
     job: LayerJob,
 ) -> dict[int, Layer]:
-    """Each missing layer staged, then compiled and tarred while the next ones are staged.
+    """Each missing layer made by a worker process: staged, compiled and tarred there.
 
-    Staging is Python that holds the GIL, so layers are staged one at a time, here; each
-    staged layer is handed to a worker that compiles it (a subprocess) and tars it (mostly
-    zlib and hashing, outside the GIL), so the other CPUs work while the next layer is
-    staged instead of one phase waiting for the whole of another. The biggest layers go
-    first, so none is left compressing alone at the end. A layer's bytes depend only on its
-    own inputs: the order changes nothing.
+    Workers run side by side, one per CPU and one more (a worker waiting for its compile
+    server leaves its CPU to another); the biggest layers go first, so none is left running
+    alone at the end (``pipeline.layerwork``).
     """
     if not missing:
         return {}
     progress = _Progress(job.reporter, len(missing))
     biggest_first = sorted(missing, key=lambda m: -sum(w.size or 0 for w in m[1].wheels))
+    tasks = [
+        LayerTask(
+            index=index,
+            spec=spec,
+            venv=venv,
+            compiler=compiler,
+            store=job.store.root,
+            record=record,
+            work=job.work,
+            mtime=job.mtime,
+        )
+        for index, spec, record in biggest_first
+    ]
     made: dict[int, Layer] = {}
-    with ThreadPoolExecutor(
-        max_workers=os.cpu_count() or 1, thread_name_prefix="imgbuild-layer"
-    ) as pool:
-        futures: list[Future[tuple[int, Layer]]] = []
+    workers = min(len(tasks), (os.cpu_count() or 1) + 1)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
+        futures = [pool.submit(make_layer, task) for task in tasks]
         try:
-            for index, spec, record in biggest_first:
-                staged = _stage(index, spec, venv, record, job.work)
-                sources = compile_sources(staged.staging, venv) if compiler and spec.wheels else []
-                progress.staged(len(sources))
-                futures.append(
-                    pool.submit(_compile_and_tar, staged, sources, compiler, job, progress)
-                )
             for future in as_completed(futures):
-                index, layer = future.result()
-                made[index] = layer
+                answer = future.result()
+                made[answer.index] = answer.layer
+                progress.made(answer.modules)
         except BaseException:
             for future in futures:
                 future.cancel()
@@ -202,23 +188,6 @@ def _build_overlapped(
     if progress.modules:
         job.reporter.step(f"compile: {progress.modules} modules, layer by layer")
     return made
-
-
-def _compile_and_tar(
-    staged: _Staged,
-    sources: Sources,
-    compiler: HostCompiler | None,
-    job: LayerJob,
-    progress: _Progress,
-) -> tuple[int, Layer]:
-    """A staged layer's bytecode (one process of its own), then its blob and cache record."""
-    if compiler is not None and sources:
-        # One process per layer: the layers compiled side by side already fill the CPUs.
-        compiler.compile(staged.staging, [sources], jobs=1)
-        progress.compiled(len(sources))
-    layer = _finish(staged, job)
-    progress.tarred()
-    return staged.index, layer
 
 
 def _build_in_phases(
@@ -308,16 +277,7 @@ def _cached(record: Path, store: BlobStore) -> Layer | None:
 
 
 def _stage(index: int, spec: LayerSpec, venv: VenvLayout, record: Path, work: Path) -> _Staged:
-    staging = work / "layers" / str(index)
-    staging.mkdir(parents=True)
-    if spec.kind == "venv":
-        stage_venv(staging, venv)
-    for wheel in spec.wheels:
-        install_wheel(wheel.path, staging, venv)
-    for inside, data in spec.files:
-        target = staging / str(inside).lstrip("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(data)
+    staging = stage_layer(index, spec, venv, work)
     return _Staged(index=index, spec=spec, staging=staging, record=record)
 
 
@@ -349,14 +309,3 @@ def _finish(staged: _Staged, job: LayerJob) -> Layer:
 def _write_record(record: Path, layer: Layer) -> None:
     """Remember ``layer`` under its key in the local layer cache."""
     write_json(record, layer_json(layer))
-
-
-def layer_json(layer: Layer) -> dict[str, object]:
-    """A layer as its cache record keeps it (``Layer(**record)`` reads it back)."""
-    return {
-        "digest": layer.digest,
-        "diff_id": layer.diff_id,
-        "size": layer.size,
-        "media_type": layer.media_type,
-        "created_by": layer.created_by,
-    }

@@ -63,7 +63,8 @@ def check_image_links(
     """
     base_index = base_record(cache.elf, [d.digest for d in base.layers])
     scans = {wheel.sha256: scan_record(cache.elf, wheel.sha256) for wheel in wheels if wheel.sha256}
-    made = _missing_records([base_index, *scans.values()], remote)
+    records = [base_index, *scans.values()]
+    made, fetched = _missing_records(records, remote)
     layers = [(d.digest, store.path(d.digest)) for d in base.layers]
     # The base is read (when no record has its index) while the wheels come in.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-base-index") as pool:
@@ -78,7 +79,9 @@ def check_image_links(
             for wheel in wheels
         ]
         index = indexing.result().merged(index_wheels(scanned))
-    _keep_records(made, remote)
+    # Kept whether worked out now or read from the local cache (a runner seeding the
+    # registry has them on disk); not those the registry just gave.
+    _keep_records(set(records) - fetched, remote)
     missing = check_links(scanned, index, arch=arch)
     if not missing:
         return
@@ -93,25 +96,28 @@ def check_image_links(
     raise DebianError(line)
 
 
-def _missing_records(records: Sequence[Path], remote: RemoteLayers | None) -> set[Path]:
-    """Those of ``records`` neither on disk nor in the registry cache (found ones are written)."""
+def _missing_records(
+    records: Sequence[Path], remote: RemoteLayers | None
+) -> tuple[set[Path], set[Path]]:
+    """Records on neither disk nor registry, and those the registry gave (now on disk)."""
     absent = [record for record in records if not _usable(record)]
     if remote is None or not absent:
-        return set(absent)
+        return set(absent), set()
     finder = remote
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="imgbuild-records") as pool:
         found = list(pool.map(lambda r: finder.find_record(_remote_key(r)), absent))
-    made = set()
+    made, fetched = set(), set()
     for record, data in zip(absent, found, strict=True):
         if data is not None and usable_record(data):
             write_atomic(record, data)
+            fetched.add(record)
         else:
             made.add(record)
-    return made
+    return made, fetched
 
 
 def _keep_records(records: set[Path], remote: RemoteLayers | None) -> None:
-    """Keep the records this build worked out in the registry cache, for the next runner."""
+    """Keep ``records`` in the registry cache (``--cache-to``), for the next runner."""
     if remote is None:
         return
     keeper = remote

@@ -167,6 +167,9 @@ class PlatformBuild:
     """Bytecode compilers by architecture."""
     remote: RemoteLayers | None = None
     """The registry layer cache, if the build names one."""
+    staging: Path | None = None
+    """Where layer trees are staged: a tree in memory (``cache.memory_scratch_root``), or
+    None for ``work``."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -361,7 +364,7 @@ def _layer_job(build: PlatformBuild, wheels: LazyWheels) -> LayerJob:
         fetch=wheels.ensure,
         store=build.store,
         records=CacheLayout(build.request.cache_dir).layers,
-        work=build.work,
+        work=build.staging or build.work,
         mtime=build.request.source_date_epoch,
         reporter=build.ports.reporter,
         remote=build.remote,

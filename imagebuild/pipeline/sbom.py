@@ -53,6 +53,8 @@ def sbom_document(
     record = records / f"sbom-{key}.json"
     kept = _kept(record, store)
     if kept is not None:
+        if remote is not None:  # a runner seeding the registry cache has it on disk
+            remote.keep_record(f"sbom-{key}", store.read_bytes(kept.digest))
         return kept
     document = remote.find_record(f"sbom-{key}") if remote is not None else None
     rendered = document is None

@@ -23,7 +23,8 @@ from imagebuild.image.mutate import stack_layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import LAYER_FORMAT, build_layer
 from imagebuild.install.layers import BytecodeCompiler
-from imagebuild.pipeline.layers import RemoteLayers, layer_json
+from imagebuild.pipeline.layers import RemoteLayers
+from imagebuild.pipeline.layerwork import layer_json
 from imagebuild.report import Reporter
 from imagebuild.target.base import open_layer
 
@@ -57,6 +58,9 @@ def with_stdlib_bytecode(
     key = hashlib.sha256(material.encode()).hexdigest()
     record = cache.layers / f"{key}.json"
     layer = _kept(record, store)
+    if layer is not None and remote is not None:
+        # A runner seeding the registry cache keeps what it has, not only what it makes.
+        remote.keep([(key, layer)], reporter)
     if layer is None and remote is not None:
         layer = remote.find(key)
         if layer is not None:

@@ -1,0 +1,131 @@
+"""Layers built in worker processes: each one staged, compiled and tarred by one worker.
+
+Staging a layer (``installer`` spreading wheels) and writing its tar are Python code that
+holds the GIL; in threads of one process they took turns, and a lock of many small
+packages spent most of its cold build waiting for the lock rather than for a CPU. Each
+worker process has its own interpreter and its own compile server (the target's Python,
+kept running), so the CPUs are all at work from the first layer to the last.
+
+A worker gets everything as plain values (paths, the layer's spec, the venv's layout, the
+compiler's executable): the blob store is a directory any process may write to, and the
+layer's cache record is written by the worker that made it. A layer's bytes depend only on
+its own inputs, so which worker makes it, and in what order, changes nothing.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import shutil
+from dataclasses import dataclass
+from multiprocessing.util import Finalize
+from pathlib import Path
+
+from imagebuild.cache import write_json
+from imagebuild.image.model import Layer
+from imagebuild.image.store import BlobStore
+from imagebuild.image.tarball import build_layer
+from imagebuild.install.layers import (
+    CompileServer,
+    HostCompiler,
+    VenvLayout,
+    compile_sources,
+    install_wheel,
+    stage_venv,
+)
+from imagebuild.install.plan import LayerSpec
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerTask:
+    """One layer for a worker to make."""
+
+    index: int
+    """Its place in the plan (names its staging directory)."""
+    spec: LayerSpec
+    """What goes into it."""
+    venv: VenvLayout
+    """The venv's layout in the image."""
+    compiler: HostCompiler | None
+    """The target's interpreter for bytecode (None: no bytecode)."""
+    store: Path
+    """The blob store's root: the layer's blob goes there."""
+    record: Path
+    """Its layer cache record, written once the blob is in."""
+    work: Path
+    """The build's scratch directory (staging trees under ``work/layers``)."""
+    mtime: int
+    """``SOURCE_DATE_EPOCH`` for every tar entry."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LayerMade:
+    """A worker's answer: the layer, and how many modules it compiled."""
+
+    index: int
+    """The task's ``index``."""
+    layer: Layer
+    """The layer, its blob in the store."""
+    modules: int
+    """Sources compiled into it."""
+
+
+def worker_context() -> multiprocessing.context.SpawnContext:
+    """How workers start: fresh interpreters, not forks of this process.
+
+    The build's own threads (downloads, the project's wheel) may hold locks a forked child
+    would inherit held.
+    """
+    return multiprocessing.get_context("spawn")
+
+
+_server: CompileServer | None = None  # this worker's, started on its first layer
+
+
+def make_layer(task: LayerTask) -> LayerMade:
+    """Stage ``task``'s layer, compile its sources, tar it into the store, record it."""
+    staging = stage_layer(task.index, task.spec, task.venv, task.work)
+    sources = compile_sources(staging, task.venv) if task.compiler and task.spec.wheels else []
+    if task.compiler is not None and sources:
+        _compile_server(task.compiler).compile([sources])
+    layer = build_layer(
+        staging, BlobStore(task.store), mtime=task.mtime, created_by=task.spec.description
+    )
+    shutil.rmtree(staging)
+    write_json(task.record, layer_json(layer))
+    return LayerMade(index=task.index, layer=layer, modules=len(sources))
+
+
+def stage_layer(index: int, spec: LayerSpec, venv: VenvLayout, work: Path) -> Path:
+    """The layer's tree as it goes into the image, under ``work/layers/<index>``."""
+    staging = work / "layers" / str(index)
+    staging.mkdir(parents=True)
+    if spec.kind == "venv":
+        stage_venv(staging, venv)
+    for wheel in spec.wheels:
+        install_wheel(wheel.path, staging, venv)
+    for inside, data in spec.files:
+        target = staging / str(inside).lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+    return staging
+
+
+def layer_json(layer: Layer) -> dict[str, object]:
+    """A layer as its cache record keeps it (``Layer(**record)`` reads it back)."""
+    return {
+        "digest": layer.digest,
+        "diff_id": layer.diff_id,
+        "size": layer.size,
+        "media_type": layer.media_type,
+        "created_by": layer.created_by,
+    }
+
+
+def _compile_server(compiler: HostCompiler) -> CompileServer:
+    """This worker's compile server: one interpreter start for all the layers it makes."""
+    global _server
+    if _server is None:
+        _server = compiler.serve()
+        # Stopped when the worker process ends (its pool shut down).
+        Finalize(_server, _server.close, exitpriority=10)
+    return _server
