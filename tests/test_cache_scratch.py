@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.cache import scratch_tree, sweep_scratch
+from imagebuild.cache import memory_scratch_root, scratch_tree, sweep_scratch
 from imagebuild.commands.signals import Terminated, sigterm_as_interrupt
 
 HOLDER = """
@@ -76,3 +76,21 @@ def test_sigterm_raises_terminated_and_the_handler_is_restored() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_layers_are_staged_in_memory_when_it_has_room_and_on_disk_when_told(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    mounts = Path("/proc/self/mounts").read_text()
+    shm_is_tmpfs = any(line.split()[1:3] == ["/dev/shm", "tmpfs"] for line in mounts.splitlines())
+    root = memory_scratch_root()
+    if shm_is_tmpfs and os.statvfs("/dev/shm").f_bavail * os.statvfs("/dev/shm").f_frsize > 2 << 30:
+        assert root == Path(f"/dev/shm/imgbuild-{os.getuid()}") and root.is_dir()
+        # A tree there is swept like the cache's own once its build is gone.
+        with scratch_tree(root) as tree:
+            assert tree.parent == root and sweep_scratch(root) == 0
+        assert not tree.exists()
+    else:
+        assert root is None
+    monkeypatch.setenv("IMGBUILD_MEMORY_STAGING", "0")
+    assert memory_scratch_root() is None
