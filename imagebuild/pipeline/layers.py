@@ -173,6 +173,10 @@ def _build_overlapped(
         for index, spec, record in biggest_first
     ]
     made: dict[int, Layer] = {}
+    if len(tasks) == 1:  # a code change: starting a worker would cost more than it saves
+        answer = make_layer(tasks[0], in_worker=False)
+        progress.made(answer.modules)
+        return {answer.index: answer.layer}
     workers = min(len(tasks), (os.cpu_count() or 1) + 1)
     with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
         futures = [pool.submit(make_layer, task) for task in tasks]

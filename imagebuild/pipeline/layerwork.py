@@ -81,12 +81,19 @@ def worker_context() -> multiprocessing.context.SpawnContext:
 _server: CompileServer | None = None  # this worker's, started on its first layer
 
 
-def make_layer(task: LayerTask) -> LayerMade:
-    """Stage ``task``'s layer, compile its sources, tar it into the store, record it."""
+def make_layer(task: LayerTask, *, in_worker: bool = True) -> LayerMade:
+    """Stage ``task``'s layer, compile its sources, tar it into the store, record it.
+
+    In a worker, sources go to the worker's compile server; ``in_worker=False`` (one layer
+    made in the build's own process: a code change's) runs the compiler once instead.
+    """
     staging = stage_layer(task.index, task.spec, task.venv, task.work)
     sources = compile_sources(staging, task.venv) if task.compiler and task.spec.wheels else []
     if task.compiler is not None and sources:
-        _compile_server(task.compiler).compile([sources])
+        if in_worker:
+            _compile_server(task.compiler).compile([sources])
+        else:
+            task.compiler.compile(staging, [sources], jobs=1)
     layer = build_layer(
         staging, BlobStore(task.store), mtime=task.mtime, created_by=task.spec.description
     )
