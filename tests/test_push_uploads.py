@@ -36,6 +36,7 @@ from imagebuild.net.http import RetryPolicy, retrying_client
 from imagebuild.sinks import upload
 from imagebuild.sinks.remote import RegistryClient
 from imagebuild.sinks.upload import BlobOrigins
+from tests.fixtures.replies import send_reply
 
 CREATED = "2024-01-01T00:00:00Z"
 
@@ -203,13 +204,7 @@ def fake() -> Iterator[FakeRegistry]:
                 if fault is not None and fault.kind == "after":
                     status, extra, payload = fault.status, fault.headers, b""
             registry.seen.append((request, status))
-            self.send_response(status)
-            for key, value in extra.items():
-                self.send_header(key, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(payload)
+            send_reply(self, status, extra, payload)
 
         do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = _handle
 

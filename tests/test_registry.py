@@ -34,6 +34,7 @@ from imagebuild.sinks.auth import Credentials, CredentialStore, parse_challenge
 from imagebuild.sinks.layout import write_oci_layout
 from imagebuild.sinks.remote import MANIFEST_ACCEPT, RegistryClient, RegistrySink
 from tests.fixtures.registry_server import LocalRegistry
+from tests.fixtures.replies import send_reply
 from tests.test_oci import finished_for
 
 CREATED = "2024-01-01T00:00:00Z"
@@ -439,13 +440,7 @@ def serve() -> Iterator[Callable[[Callable[[Seen], Reply]], FakeServer]]:
                 )
                 fake.seen.append(seen)
                 status, headers, payload = fake.handler(seen)
-                self.send_response(status)
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(payload)
+                send_reply(self, status, headers, payload)
 
             do_GET = do_HEAD = do_PUT = do_POST = do_PATCH = _handle
 

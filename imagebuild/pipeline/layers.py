@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 from imagebuild.cache import write_json
 from imagebuild.image.model import Layer
 from imagebuild.image.store import BlobStore
-from imagebuild.image.tarball import LAYER_FORMAT, build_layer
+from imagebuild.image.tarball import LAYER_FORMAT
 from imagebuild.install.keys import layer_key
 from imagebuild.install.layers import (
     BytecodeCompiler,
@@ -28,6 +27,7 @@ from imagebuild.install.layers import (
 )
 from imagebuild.pipeline.layerwork import (
     LayerTask,
+    finish_layer,
     layer_json,
     make_layer,
     stage_layer,
@@ -302,12 +302,7 @@ def _compile(
 
 def _finish(staged: _Staged, job: LayerJob) -> Layer:
     """Tar a staged tree into the store and record it in the layer cache."""
-    layer = build_layer(
-        staged.staging, job.store, mtime=job.mtime, created_by=staged.spec.description
-    )
-    shutil.rmtree(staged.staging)
-    _write_record(staged.record, layer)
-    return layer
+    return finish_layer(staged.staging, staged.spec, job.store, staged.record, job.mtime)
 
 
 def _write_record(record: Path, layer: Layer) -> None:

@@ -94,12 +94,18 @@ def make_layer(task: LayerTask, *, in_worker: bool = True) -> LayerMade:
             _compile_server(task.compiler).compile([sources])
         else:
             task.compiler.compile(staging, [sources], jobs=1)
-    layer = build_layer(
-        staging, BlobStore(task.store), mtime=task.mtime, created_by=task.spec.description
-    )
-    shutil.rmtree(staging)
-    write_json(task.record, layer_json(layer))
+    layer = finish_layer(staging, task.spec, BlobStore(task.store), task.record, task.mtime)
     return LayerMade(index=task.index, layer=layer, modules=len(sources))
+
+
+def finish_layer(
+    staging: Path, spec: LayerSpec, store: BlobStore, record: Path, mtime: int
+) -> Layer:
+    """Tar a staged tree into the store, remove the tree, and record the layer in the cache."""
+    layer = build_layer(staging, store, mtime=mtime, created_by=spec.description)
+    shutil.rmtree(staging)
+    write_json(record, layer_json(layer))
+    return layer
 
 
 def stage_layer(index: int, spec: LayerSpec, venv: VenvLayout, work: Path) -> Path:
