@@ -171,17 +171,24 @@ def atomic_writer(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
-def copy_atomic(source: Path, dest: Path) -> None:
-    """Copy ``source`` to ``dest`` through a temporary file and a rename (in-kernel copy).
+def link_or_copy_atomic(source: Path, dest: Path) -> None:
+    """Put ``source``'s bytes at ``dest`` through a temporary name and a rename.
 
-    For outputs (an OCI layout's blobs), not cache entries: nothing is flushed to disk
-    first, which costs as much as the copy itself on a layout of hundreds of MB.
+    For outputs (an OCI layout's blobs), not cache entries. A hard link when both sit on
+    one file system: a blob is named by its digest and never written again, so the layout
+    and the blob store can share it, and a code change's layout of hundreds of MB costs
+    no copy (uv links its cache into environments the same way). Otherwise an in-kernel
+    copy, flushed by nobody: a flush costs as much as the copy itself.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-", suffix=".part")
     os.close(fd)
     try:
-        shutil.copyfile(source, tmp)
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:  # another file system, or one without hard links
+            shutil.copyfile(source, tmp)
         os.replace(tmp, dest)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -32,9 +32,9 @@ from imagebuild.debian.base import (
     assemble_base,
 )
 from imagebuild.debian.baselock import BaseLock, PlatformDebs, render_base_lock
-from imagebuild.debian.elf import ElfInfo, read_elf
+from imagebuild.debian.elf import read_elf
 from imagebuild.debian.linkcheck import ARCH_MACHINES
-from imagebuild.debian.model import ArchiveSource, LockedDeb
+from imagebuild.debian.model import ArchiveSource, ElfInfo, LockedDeb
 from imagebuild.digest import digest_bytes, digest_hex
 from imagebuild.errors import DebianError, LockError
 from imagebuild.image.descriptor import OCI_LAYER_GZIP

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -604,6 +605,30 @@ def finished_for(image: Image | ImageIndex, store: BlobStore, work: Path, *tags:
         config=APP_CONFIG,
         title="app 1.0",
     )
+
+
+def test_layout_blobs_are_linked_to_the_store_on_its_file_system_and_copied_elsewhere(
+    real_image: Image, tmp_path: Path
+) -> None:
+    """A code change's layout of hundreds of MB costs no copy when it can share the store's
+    blobs; across file systems (tmpfs here) it is copied, and valid either way."""
+    near = tmp_path / "layout"
+    write_oci_layout(real_image, near, ref_name="1.0")
+    validate_layout(near)
+    for layer in real_image.layers:
+        blob = near / "blobs/sha256" / digest_hex(layer.digest)
+        assert blob.stat().st_ino == real_image.store.path(layer.digest).stat().st_ino
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.fail("this test needs /dev/shm on a file system of its own (a tmpfs)")
+    with tempfile.TemporaryDirectory(dir=shm) as far_root:
+        far = Path(far_root) / "layout"
+        write_oci_layout(real_image, far, ref_name="1.0")
+        validate_layout(far)
+        for layer in real_image.layers:
+            blob = far / "blobs/sha256" / digest_hex(layer.digest)
+            assert blob.read_bytes() == real_image.store.read_bytes(layer.digest)
+            assert blob.stat().st_dev != real_image.store.path(layer.digest).stat().st_dev
 
 
 def test_layout_sinks_write_the_first_tag(

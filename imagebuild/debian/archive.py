@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
-from debian import deb822
 from filelock import FileLock
 
 from imagebuild.build.runner import ProcessFailed, run_captured
@@ -255,6 +254,8 @@ def parse_release(
     text: str, *, source: ArchiveSource, inrelease: Digest, signers: tuple[str, ...]
 ) -> Release:
     """The Release value of a Release file's (signed) text."""
+    from debian import deb822  # python-debian: only a cold base reads a Release file
+
     paragraph = deb822.Release(text)
     table: dict[str, tuple[Digest, int]] = {}
     for entry in paragraph.get("SHA256", []):

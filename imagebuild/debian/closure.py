@@ -27,7 +27,6 @@ from collections import deque
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
-from debian.deb822 import PkgRelation
 from debian.debian_support import version_compare
 
 from imagebuild.debian.model import IndexedPackage, LockedDeb
@@ -57,6 +56,8 @@ def _relations(text: str, owner: IndexedPackage) -> list[list[_Atom]]:
     """A Depends-style field of ``owner`` as groups of alternatives."""
     if not text.strip():
         return []
+    from debian.deb822 import PkgRelation  # python-debian's deb822: see ``deb``
+
     groups = []
     for group in PkgRelation.parse_relations(text):
         atoms = []

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import zstandard
 
-from imagebuild.debian.elf import SMALLEST_ELF, ElfInfo, read_elf_stream
+from imagebuild.debian.elf import SMALLEST_ELF, read_elf_stream
+from imagebuild.debian.model import ElfInfo
 from imagebuild.errors import DebianError
 
 

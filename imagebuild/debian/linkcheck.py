@@ -28,14 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from imagebuild.cache import write_json
-from imagebuild.debian.elf import (
-    SMALLEST_ELF,
-    ElfInfo,
-    parse_elf_info,
-    read_elf_stream,
-    render_elf_info,
-)
+from imagebuild.debian.elf import SMALLEST_ELF, parse_elf_info, read_elf_stream, render_elf_info
 from imagebuild.debian.libdirs import library_files
+from imagebuild.debian.model import ElfInfo
 from imagebuild.digest import Digest, digest_bytes, digest_file, digest_hex
 from imagebuild.errors import DebianError
 

@@ -68,3 +68,40 @@ class LockedDeb:
         """The part of ``url`` below the mirror root (``pool/...``)."""
         index = self.url.find("/pool/")
         return self.url[index + 1 :] if index >= 0 else self.url
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class VersionNeed:
+    """The symbol versions a file needs from one library (``.gnu.version_r``)."""
+
+    library: str
+    """The needed library's file name, as in DT_NEEDED (``libc.so.6``)."""
+    versions: tuple[str, ...]
+    """Version names the loader insists on, sorted (``GLIBC_2.34``, ``GLIBCXX_3.4.30``).
+    Weak needs (``VER_FLG_WEAK``) are left out: the loader only warns when they are absent."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ElfInfo:
+    """What the dynamic loader needs to load one ELF file."""
+
+    machine: str
+    """The CPU it runs on, as ``uname -m`` names it: ``x86_64``, ``aarch64``, ``ppc64le``, ..."""
+    elf_class: int
+    """32 or 64."""
+    shared: bool
+    """An ``ET_DYN`` object: a shared library, an extension module or a PIE executable."""
+    interpreter: str | None = None
+    """The PT_INTERP path of an executable (``/lib64/ld-linux-x86-64.so.2``), else None."""
+    soname: str | None = None
+    """DT_SONAME, when set."""
+    needed: tuple[str, ...] = ()
+    """DT_NEEDED entries in file order (the order the loader searches them in)."""
+    rpath: tuple[str, ...] = ()
+    """DT_RPATH directories in order (``$ORIGIN`` left as written)."""
+    runpath: tuple[str, ...] = ()
+    """DT_RUNPATH directories in order."""
+    version_needs: tuple[VersionNeed, ...] = ()
+    """Symbol versions needed, one entry per library, sorted by library."""
+    version_defs: tuple[str, ...] = ()
+    """Symbol versions this file defines, sorted (the base entry, its own soname, left out)."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 
-from imagebuild.cache import atomic_writer, copy_atomic, write_atomic
+from imagebuild.cache import atomic_writer, link_or_copy_atomic, write_atomic
 from imagebuild.digest import Digest, digest_hex
 from imagebuild.errors import ImageError, RegistryError
 from imagebuild.image.descriptor import (
@@ -99,7 +99,7 @@ def _write_layout(image: Image | ImageIndex, dest_dir: Path, *, ref_name: str) -
         if target.is_file() and target.stat().st_size == desc.size:
             continue
         try:
-            copy_atomic(image.store.path(desc.digest), target)
+            link_or_copy_atomic(image.store.path(desc.digest), target)
         except FileNotFoundError:
             raise ImageError(f"blob {desc.digest} is missing from {image.store.root}") from None
     write_atomic(dest_dir / "oci-layout", _OCI_LAYOUT_BYTES)

@@ -17,14 +17,8 @@ import pytest
 
 from imagebuild.debian import elf
 from imagebuild.debian.archive import fetch_deb
-from imagebuild.debian.elf import (
-    ElfInfo,
-    parse_elf_info,
-    read_elf,
-    read_elf_stream,
-    render_elf_info,
-)
-from imagebuild.debian.model import IndexedPackage, LockedDeb
+from imagebuild.debian.elf import parse_elf_info, read_elf, read_elf_stream, render_elf_info
+from imagebuild.debian.model import ElfInfo, IndexedPackage, LockedDeb
 from imagebuild.net.http import http_client
 
 # Small real wheels, pinned: greenlet's extension is C++ (libstdc++, libgcc_s), MarkupSafe's

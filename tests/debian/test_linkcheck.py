@@ -18,7 +18,7 @@ import pytest
 import zstandard
 
 from imagebuild.debian.assemble import Account, Group, RootfsSpec, assemble_layer
-from imagebuild.debian.elf import ElfInfo, VersionNeed, read_elf
+from imagebuild.debian.elf import read_elf
 from imagebuild.debian.libdirs import library_files
 from imagebuild.debian.linkcheck import (
     LibraryIndex,
@@ -31,7 +31,7 @@ from imagebuild.debian.linkcheck import (
     missing_line,
     scan_wheel,
 )
-from imagebuild.debian.model import IndexedPackage, LockedDeb
+from imagebuild.debian.model import ElfInfo, IndexedPackage, LockedDeb, VersionNeed
 from imagebuild.digest import Digest, digest_file
 from imagebuild.image.store import BlobStore
 from tests.debian.test_elf import GREENLET_SO, debian_deb, debian_lib, pypi_wheel
