@@ -111,6 +111,52 @@ def test_backend_comes_from_the_project_index_and_the_environment_is_kept(
     assert len([p for p in (tmp_path / "envs").iterdir() if p.is_dir()]) == 1
 
 
+# The same backend with a get_requires_for_build_wheel that logs each call in the source.
+_ASKING = """
+def get_requires_for_build_wheel(config_settings=None):
+    with open("requires-asked.log", "a") as f:
+        f.write("asked\\n")
+    return []
+"""
+
+
+def test_dynamic_requirements_are_asked_again_only_when_the_build_config_changes(
+    fresh_index: LocalIndex, tmp_path: Path
+) -> None:
+    """A code change skips the backend's get_requires process; a pyproject change does not."""
+    fresh_index.add_wheel(
+        "ib-local-backend",
+        "1.1",
+        files={"ib_local_backend.py": _BACKEND.format(release="1.1") + _ASKING},
+    )
+    envs = BuildEnvironments(indexes=(fresh_index.url,), root=tmp_path / "envs")
+    project = make_project(tmp_path / "project")
+    log = project / "requires-asked.log"
+
+    def build(n: int) -> str:
+        wheel = build_project_wheel(project, tmp_path / f"out{n}", source_date_epoch=0, envs=envs)
+        with zipfile.ZipFile(wheel) as zf:
+            return zf.read("uses_local_backend.py").decode()
+
+    assert build(1) == "VALUE = 1\n"
+    assert log.read_text() == "asked\n"
+    (project / "uses_local_backend.py").write_text("VALUE = 2\n")
+    assert build(2) == "VALUE = 2\n"
+    assert log.read_text() == "asked\n"
+    pyproject = project / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + "\n[tool.other]\nx = 1\n")
+    assert build(3) == "VALUE = 2\n"
+    assert log.read_text() == "asked\nasked\n"
+    # A throwaway environment has nowhere to keep the answer: it asks every time.
+    build_project_wheel(
+        project,
+        tmp_path / "out4",
+        source_date_epoch=0,
+        envs=BuildEnvironments(indexes=(fresh_index.url,)),
+    )
+    assert log.read_text() == "asked\nasked\nasked\n"
+
+
 def test_first_index_that_has_the_backend_wins(
     fresh_index: LocalIndex, other_index: LocalIndex, tmp_path: Path
 ) -> None:

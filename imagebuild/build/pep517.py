@@ -14,11 +14,18 @@ Environments are kept under a cache directory, keyed by interpreter, installer, 
 and requirements, and reused by every later build with the same backend (as uv keeps its
 build environments): setting one up costs more than the build itself. Each is made aside
 and renamed into place whole, so a killed build never leaves a half-made one.
+
+Beside a kept environment, ``get_requires_for_build_wheel``'s answer is kept too, keyed by
+the environment and by the files backends compute it from (``pyproject.toml``,
+``setup.py``, ``setup.cfg``): asking costs a process and the backend's import, about a
+third of the project's build on a code change, and a code change does not alter the
+answer. Each hook still runs in a fresh process of its own.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -36,6 +43,7 @@ from uv import find_uv_bin
 
 from imagebuild.build.runner import ProcessFailed, Runner, hook_runner, run_captured
 from imagebuild.build.secrets import SourcePolicy, check_wheel, filtered_copy, source_rules
+from imagebuild.cache import write_json
 from imagebuild.errors import BuildError, ProjectError
 from imagebuild.net.credentials import IndexCredentials
 
@@ -53,6 +61,8 @@ _INDEX_VARIABLES = frozenset(
         "PIP_NO_INDEX",
     }
 )
+# The files the usual backends derive dynamic build requirements from.
+_REQUIRES_INPUTS = ("pyproject.toml", "setup.py", "setup.cfg")
 _DECORATION = re.compile(r"^(?:[×╰─▶│\s]+|(?:caused by|cause):\s*)+", re.IGNORECASE)
 
 
@@ -81,7 +91,7 @@ class BuildEnvironments:
         requires = ProjectBuilder(source, runner=runner).build_system_requires
         with self._environment(requires) as python:
             builder = ProjectBuilder(source, python_executable=str(python), runner=runner)
-            extra = builder.get_requires_for_build("wheel") - requires
+            extra = self._dynamic_requires(builder, source, python) - requires
             if not extra:
                 yield builder
                 return
@@ -89,6 +99,32 @@ class BuildEnvironments:
         # a kept environment always holds exactly what its key says.
         with self._environment(requires | extra) as python:
             yield ProjectBuilder(source, python_executable=str(python), runner=runner)
+
+    def _dynamic_requires(self, builder: ProjectBuilder, source: Path, python: Path) -> set[str]:
+        """``get_requires_for_build_wheel`` of ``source`` in the environment of ``python``.
+
+        In a kept environment the answer is kept (see the module doc); a record that does
+        not read back as a list of strings is asked again.
+        """
+        if self.root is None:
+            return builder.get_requires_for_build("wheel")
+        key = hashlib.sha256()
+        for name in _REQUIRES_INPUTS:
+            path = source / name
+            key.update(f"\0{name}\0".encode())
+            if path.is_file():
+                key.update(path.read_bytes())
+        # Kept inside the environment (``<env>/bin/python``): they go when it goes.
+        record = python.parent.parent / ".imgbuild-requires" / f"{key.hexdigest()[:32]}.json"
+        try:
+            kept = json.loads(record.read_text())
+        except (OSError, ValueError):
+            kept = None
+        if isinstance(kept, list) and all(isinstance(item, str) for item in kept):
+            return set(kept)
+        answer = builder.get_requires_for_build("wheel")
+        write_json(record, sorted(answer))
+        return answer
 
     @contextmanager
     def _environment(self, requires: set[str]) -> Iterator[Path]:
