@@ -9,12 +9,14 @@ import json
 import os
 import tarfile
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from imagebuild.digest import Digest, digest_bytes, digest_file, digest_hex
 from imagebuild.errors import ImageError, LayerError
+from imagebuild.image import store as store_module
 from imagebuild.image.descriptor import (
     ANNOTATION_REF_NAME,
     DOCKER_LAYER_GZIP,
@@ -28,7 +30,7 @@ from imagebuild.image.descriptor import (
 from imagebuild.image.model import BaseImage, Image, ImageConfig, ImageIndex, Layer
 from imagebuild.image.mutate import build_image, build_index
 from imagebuild.image.name import ImageReference
-from imagebuild.image.store import BlobStore
+from imagebuild.image.store import BlobStore, PlainLayers
 from imagebuild.image.tarball import build_layer
 from imagebuild.image.validate import validate_archive, validate_layout
 from imagebuild.report import NullReporter
@@ -605,6 +607,38 @@ def finished_for(image: Image | ImageIndex, store: BlobStore, work: Path, *tags:
         config=APP_CONFIG,
         title="app 1.0",
     )
+
+
+def test_plain_layers_inflate_a_gzip_layer_once_for_every_reader(
+    store: BlobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build's three readers of a base layer share one decompression; a plain blob and a
+    damaged one are handed over as stored (the reader then names the damage)."""
+    tar_bytes = io.BytesIO()
+    with tarfile.open(fileobj=tar_bytes, mode="w") as tar:
+        info = tarfile.TarInfo("usr/lib/libx.so.1")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    gz = store.put_bytes(gzip.compress(tar_bytes.getvalue(), mtime=0)).digest
+    plain_blob = store.put_bytes(tar_bytes.getvalue()).digest
+    damaged = store.put_bytes(gzip.compress(tar_bytes.getvalue(), mtime=0)[:40]).digest
+    opened: list[object] = []
+    real_open = gzip.open
+
+    def counting_open(*args: object, **kwargs: object) -> object:
+        opened.append(args[0])
+        return real_open(*args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(store_module.gzip, "open", counting_open)
+    layers = PlainLayers(store, tmp_path / "plain")
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        paths = list(pool.map(lambda _: layers.path(gz), range(8)))
+    assert len(set(paths)) == 1 and paths[0] != store.path(gz)
+    assert paths[0].read_bytes() == tar_bytes.getvalue()
+    assert opened == [store.path(gz)]
+    assert layers.path(plain_blob) == store.path(plain_blob)
+    assert layers.path(damaged) == store.path(damaged)
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [paths[0].name]
 
 
 def test_layout_blobs_are_linked_to_the_store_on_its_file_system_and_copied_elsewhere(

@@ -22,13 +22,13 @@ from pathlib import Path, PurePosixPath
 from imagebuild.digest import digest_hex
 from imagebuild.errors import ImageError
 from imagebuild.image.model import BaseImage
-from imagebuild.image.store import BlobStore
+from imagebuild.image.store import LayerFiles
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 
 
-def unpack_rootfs(base: BaseImage, store: BlobStore, into: Path) -> Path:
+def unpack_rootfs(base: BaseImage, store: LayerFiles, into: Path) -> Path:
     """The base's filesystem under ``into/<manifest hex>``, unpacked once and kept."""
     root = into / digest_hex(base.manifest_digest)
     if root.is_dir():

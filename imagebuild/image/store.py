@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import shutil
 import tempfile
+import threading
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from imagebuild.digest import Digest, digest_file, digest_hex
 from imagebuild.errors import ImageError
 from imagebuild.image.descriptor import OCTET_STREAM, Descriptor, checked_digest
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_PLAIN_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,3 +113,52 @@ class BlobStore:
             yield path
         finally:
             path.unlink(missing_ok=True)
+
+
+class LayerFiles(Protocol):
+    """Where a layer's tar can be read whole (``BlobStore`` as stored, or ``PlainLayers``)."""
+
+    def path(self, digest: Digest) -> Path:
+        """A file holding the layer named ``digest``: gzip or plain tar."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PlainLayers:
+    """A build's base layers decompressed once, for the readers that each walk them whole.
+
+    A cold build reads the base three times: for its facts, for the library index of the
+    link check and to unpack the base's Python for the native compiler. Each gzip pass over
+    a 30 MB python:slim layer costs 0.3 s of inflating, and the three ran side by side on
+    two cores; decompressed once into ``scratch`` (a build's scratch tree, removed with it),
+    they read plain tars. Blobs that are not gzip are read as stored. A blob that does not
+    inflate is handed over as stored too, so its reader reports the damage in its own words.
+    """
+
+    store: BlobStore
+    scratch: Path
+    _locks: dict[Digest, threading.Lock] = field(default_factory=dict)
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def path(self, digest: Digest) -> Path:
+        """The layer ``digest`` as a plain tar (decompressed on the first call)."""
+        blob = self.store.path(digest)
+        with self._guard:
+            lock = self._locks.setdefault(digest, threading.Lock())
+        with lock:
+            plain = self.scratch / f"{digest_hex(digest)}.tar"
+            if plain.is_file():
+                return plain
+            try:
+                with blob.open("rb") as head:
+                    if head.read(2) != _GZIP_MAGIC:
+                        return blob
+                self.scratch.mkdir(parents=True, exist_ok=True)
+                part = plain.with_suffix(".part")
+                with gzip.open(blob, "rb") as source, part.open("wb") as out:
+                    shutil.copyfileobj(source, out, _PLAIN_CHUNK)
+                part.rename(plain)
+            except (OSError, EOFError, zlib.error):
+                plain.with_suffix(".part").unlink(missing_ok=True)
+                return blob
+            return plain

@@ -27,7 +27,7 @@ from imagebuild.target.platform import TargetPlatform
 
 if TYPE_CHECKING:
     from imagebuild.image.model import BaseImage
-    from imagebuild.image.store import BlobStore
+    from imagebuild.image.store import BlobStore, LayerFiles
     from imagebuild.pipeline.ports import Registry
     from imagebuild.report import Reporter
 
@@ -50,7 +50,7 @@ def target_of(arch: str, facts: BaseFacts | CatalogEntry) -> TargetPlatform:
 
 
 def base_facts(
-    base: BaseImage, store: BlobStore, cache: Path, arch: str, entry: CatalogEntry | None
+    base: BaseImage, store: LayerFiles, cache: Path, arch: str, entry: CatalogEntry | None
 ) -> BaseFacts:
     """Inspect the base once per manifest digest; the answer is cached as JSON."""
     record = CacheLayout(cache).bases / f"{digest_hex(base.manifest_digest)}.json"

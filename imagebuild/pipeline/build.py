@@ -25,7 +25,7 @@ from imagebuild.errors import ImageError, LockError, ProjectError, RegistryError
 from imagebuild.image.model import Image, ImageIndex
 from imagebuild.image.mutate import build_index
 from imagebuild.image.name import ImageReference
-from imagebuild.image.store import BlobStore
+from imagebuild.image.store import BlobStore, PlainLayers
 from imagebuild.lock.load import find_lock, load_lock
 from imagebuild.lock.model import Lock
 from imagebuild.lock.staleness import check_locked, check_recorded
@@ -102,6 +102,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             lock=lock,
             base=base_source(found, pinned, request, lock, ports, store),
             store=store,
+            layer_files=PlainLayers(store, staging / "base-layers"),
             work=work,
             staging=staging,
             envs=envs,

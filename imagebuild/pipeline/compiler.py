@@ -20,7 +20,7 @@ from imagebuild.sinks.daemon import engine_base_tag
 
 if TYPE_CHECKING:
     from imagebuild.image.model import BaseImage
-    from imagebuild.image.store import BlobStore
+    from imagebuild.image.store import BlobStore, LayerFiles
     from imagebuild.pipeline.ports import Ports
     from imagebuild.pipeline.requests import CompileWith
     from imagebuild.sinks.daemon import Engine
@@ -38,6 +38,8 @@ class CompilerChoice:
     """``auto``, ``host`` or ``image`` (``--compile-with``)."""
     store: BlobStore
     """Where the base's blobs are (to load it into the engine)."""
+    layers: LayerFiles | None = None
+    """The base's layers to unpack (decompressed once per build); None: ``store``'s."""
     work: Path
     """Scratch directory of the build (for the base's archive)."""
     native: NativeVariant | None = None
@@ -95,7 +97,7 @@ def _native_run(
     arch = str(base.config.get("architecture", ""))
     if choice.rootfs is None or host_arch() != arch:
         return None
-    root = unpack_rootfs(base, choice.store, choice.rootfs)
+    root = unpack_rootfs(base, choice.layers or choice.store, choice.rootfs)
     identity = f"image:{engine_base_tag(base.manifest_digest)}:{facts.interpreter}"
     compiler = native_compiler(root, facts.interpreter, arch=arch, identity=identity)
     if compiler is None:

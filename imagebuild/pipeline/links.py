@@ -35,7 +35,7 @@ from imagebuild.debian.linkcheck import (
 from imagebuild.debian.release import read_release
 from imagebuild.errors import DebianError
 from imagebuild.image.model import BaseImage
-from imagebuild.image.store import BlobStore
+from imagebuild.image.store import LayerFiles
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.target.base import find_entry, load_catalog
@@ -46,7 +46,7 @@ def check_image_links(
     base: BaseImage,
     *,
     arch: str,
-    store: BlobStore,
+    store: LayerFiles,
     cache: CacheLayout,
     http: httpx.Client,
     recipe: BaseRecipe | None,
@@ -138,7 +138,7 @@ def _remote_key(record: Path) -> str:
     return hashlib.sha256(f"imgbuild elf {record.name}".encode()).hexdigest()
 
 
-def _pulled_debian(base: BaseImage, store: BlobStore) -> BaseRecipe | None:
+def _pulled_debian(base: BaseImage, store: LayerFiles) -> BaseRecipe | None:
     """The debian recipe at a pulled base's release, if the base is Debian."""
     release = read_release([store.path(d.digest) for d in base.layers])
     entry = find_entry(load_catalog(), "debian", None)

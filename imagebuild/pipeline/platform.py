@@ -19,7 +19,7 @@ from imagebuild.errors import ProjectError, TargetError
 from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.name import ImageReference
-from imagebuild.image.store import BlobStore
+from imagebuild.image.store import BlobStore, LayerFiles
 from imagebuild.install.fetch import WheelCache
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
 from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
@@ -153,6 +153,8 @@ class PlatformBuild:
     """The base."""
     store: BlobStore
     """Blobs: the base's, the layers', the image's."""
+    layer_files: LayerFiles
+    """The base's layers for the readers that walk them whole (``PlainLayers``)."""
     work: Path
     """Scratch directory of the build."""
     envs: BuildEnvironments
@@ -346,7 +348,7 @@ def _check_links(
         fetch=lazy.ensure,
         remote=build.remote,
         arch=arch,
-        store=build.store,
+        store=build.layer_files,
         cache=CacheLayout(build.request.cache_dir),
         http=build.ports.http,
         recipe=build.base.built.base if build.base.built is not None else None,
@@ -386,7 +388,7 @@ def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFact
     if base.built is None:
         build.ports.reporter.step(f"base: {base.pull} for {platform}{note}")
     image = base.image(build.ports.registry, arch, build.store)
-    facts = base_facts(image, build.store, build.request.cache_dir, arch, base.entry)
+    facts = base_facts(image, build.layer_files, build.request.cache_dir, arch, base.entry)
     wanted = build.settings.python
     if wanted is not None and facts.python_version != wanted:
         raise ProjectError(
@@ -480,11 +482,12 @@ def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> Bytecode
 
     def native(arch: str) -> tuple[BaseImage, BaseFacts]:
         variant = build.base.image(build.ports.registry, arch, build.store)
-        return variant, base_facts(variant, build.store, build.request.cache_dir, arch, None)
+        return variant, base_facts(variant, build.layer_files, build.request.cache_dir, arch, None)
 
     choice = CompilerChoice(
         mode=build.request.compile_with,
         store=build.store,
+        layers=build.layer_files,
         work=build.work,
         native=native,
         rootfs=CacheLayout(build.request.cache_dir).rootfs,
