@@ -107,3 +107,32 @@ def test_links_resolve_inside_the_tree(tmp_path: Path) -> None:
     assert resolve_in(root, PurePosixPath("/loop/x")) is None
     assert resolve_in(root, PurePosixPath("/missing")) is None
     assert resolve_in(root, PurePosixPath("/../../lib")) == root / "usr/lib"
+
+
+def test_a_directory_turned_into_a_link_leading_out_is_not_written_through(
+    tmp_path: Path,
+) -> None:
+    """Where a member may go is worked out once per directory: a directory that a later
+    member (or layer) replaces by a link out of the tree is asked again, not remembered."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    store = BlobStore(tmp_path / "blobs")
+    base = _base(
+        store,
+        [
+            ("file", "usr/lib/d/a.py", b"a"),
+            ("file", "usr/lib/e/a.py", b"a"),
+            ("file", "usr/lib/e/.wh..wh..opq", b""),
+            ("sym", "usr/lib/e", str(outside)),
+            ("file", "usr/lib/e/same-layer.py", b"no"),
+        ],
+        [
+            ("file", "usr/lib/.wh.d", b""),
+            ("sym", "usr/lib/d", str(outside)),
+            ("file", "usr/lib/d/next-layer.py", b"no"),
+            ("file", "usr/lib/f/kept.py", b"yes"),
+        ],
+    )
+    root = unpack_rootfs(base, store, tmp_path / "rootfs")
+    assert list(outside.iterdir()) == []
+    assert (root / "usr/lib/f/kept.py").read_bytes() == b"yes"

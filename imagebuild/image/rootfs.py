@@ -36,8 +36,9 @@ def unpack_rootfs(base: BaseImage, store: LayerFiles, into: Path) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=into))
     try:
+        tree = _Tree(staging)
         for layer in base.layers:
-            _apply(store.path(layer.digest), staging)
+            _apply(store.path(layer.digest), tree)
         try:
             staging.rename(root)
         except OSError:
@@ -49,12 +50,41 @@ def unpack_rootfs(base: BaseImage, store: LayerFiles, into: Path) -> Path:
     return root
 
 
-def _apply(blob: Path, root: Path) -> None:
-    """Apply one layer tar (gzip or plain) over ``root``."""
+class _Tree:
+    """The tree being unpacked, and which of its directories resolve inside it.
+
+    Resolving every member's directory cost an unpack a sixth of its time, so each answer
+    is kept until something that could change it happens under that directory: a link made
+    or a path removed (a directory replaced by a link out of the tree is asked again).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.real = root.resolve()
+        self._inside: dict[Path, bool] = {}
+
+    def inside(self, directory: Path) -> bool:
+        """Whether ``directory`` resolves inside the tree (no link leads out)."""
+        known = self._inside.get(directory)
+        if known is None:
+            known = self._inside[directory] = _inside(self.real, directory)
+        return known
+
+    def changed(self, path: Path) -> None:
+        """``path`` became a link or went away: forget what resolved through it."""
+        self._inside = {
+            directory: known
+            for directory, known in self._inside.items()
+            if directory != path and path not in directory.parents
+        }
+
+
+def _apply(blob: Path, tree: _Tree) -> None:
+    """Apply one layer tar (gzip or plain) over ``tree``."""
     try:
         with _open(blob) as tar:
             for member in tar:
-                _apply_member(tar, member, root)
+                _apply_member(tar, member, tree)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ImageError(f"base layer {blob.name}: cannot unpack ({exc})") from exc
 
@@ -67,32 +97,39 @@ def _open(blob: Path) -> tarfile.TarFile:
     return tarfile.open(blob, mode="r|")
 
 
-def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, root: Path) -> None:
+def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree) -> None:
     path = PurePosixPath(member.name.lstrip("/"))
     if not path.parts or ".." in path.parts or path.is_absolute() or not _wanted(path):
         return
+    root = tree.root
     parent, name = root.joinpath(*path.parts[:-1]), path.name
-    if not _inside(root, parent):
+    if not tree.inside(parent):
         return
     if name == _OPAQUE:
         _empty(parent)
+        tree.changed(parent)
         return
     if name.startswith(_WHITEOUT):
         _remove(parent / name[len(_WHITEOUT) :])
+        tree.changed(parent / name[len(_WHITEOUT) :])
         return
     target = parent / name
     if member.isdir():
         if target.is_symlink() or (target.exists() and not target.is_dir()):
             _remove(target)
+            tree.changed(target)
         target.mkdir(parents=True, exist_ok=True)
         return
     parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.is_dir():
+        tree.changed(target)
     _remove(target)
     if member.issym():
         target.symlink_to(member.linkname)
+        tree.changed(target)
     elif member.islnk():
         source = root / member.linkname.lstrip("/")
-        if _inside(root, source) and source.is_file():
+        if _inside(tree.real, source) and source.is_file():
             os.link(source, target)
     elif member.isfile():
         _write_file(tar, member, target)
@@ -141,10 +178,10 @@ def _write_file(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> 
     target.chmod(member.mode & 0o755 | 0o600)
 
 
-def _inside(root: Path, path: Path) -> bool:
-    """Whether ``path``'s real location stays inside ``root`` (no link leads out)."""
+def _inside(real_root: Path, path: Path) -> bool:
+    """Whether ``path``'s real location stays inside ``real_root`` (resolved already)."""
     try:
-        path.resolve().relative_to(root.resolve())
+        path.resolve().relative_to(real_root)
     except ValueError:
         return False
     return True
