@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import re
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,15 +172,18 @@ def _provider_key(provider: Provider) -> tuple[str, str, str]:
     return (provider.name, provider.path, provider.machine)
 
 
-def index_base(layers: Sequence[tuple[Digest, Path]], *, cache: Path) -> LibraryIndex:
-    """The libraries the image made of ``layers`` (digest and blob path, base layer first).
+def index_base(
+    layers: Sequence[Digest], *, blobs: Callable[[Digest], Path], cache: Path
+) -> LibraryIndex:
+    """The libraries the image made of ``layers`` (base layer first), read from ``blobs``.
 
     The layers are read as an engine applies them (later ones override, whiteouts remove),
     and a library counts when it is in a directory the loader searches: the default ones,
     those ``/etc/ld.so.conf`` names (with its includes), and musl's. The answer is kept in
-    ``cache`` under a name made of the layers' digests, so a base is read once.
+    ``cache`` under a name made of the layers' digests, so a base is read once; ``blobs``
+    is asked for the layers' files only when no record holds the answer.
     """
-    record = base_record(cache, [digest for digest, _ in layers])
+    record = base_record(cache, layers)
     cached = _load_index(record)
     if cached is not None:
         return cached
@@ -193,7 +196,7 @@ def index_base(layers: Sequence[tuple[Digest, Path]], *, cache: Path) -> Library
                 versions=lib.info.version_defs,
                 package=lib.package,
             )
-            for lib in library_files([blob for _, blob in layers])
+            for lib in library_files([blobs(digest) for digest in layers])
         ),
         key=_provider_key,
     )

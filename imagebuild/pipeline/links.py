@@ -65,10 +65,10 @@ def check_image_links(
     scans = {wheel.sha256: scan_record(cache.elf, wheel.sha256) for wheel in wheels if wheel.sha256}
     records = [base_index, *scans.values()]
     made, fetched = _missing_records(records, remote)
-    layers = [(d.digest, store.path(d.digest)) for d in base.layers]
+    layers = [d.digest for d in base.layers]
     # The base is read (when no record has its index) while the wheels come in.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-base-index") as pool:
-        indexing = pool.submit(index_base, layers, cache=cache.elf)
+        indexing = pool.submit(index_base, layers, blobs=store.path, cache=cache.elf)
         if fetch is not None:
             fetch([w for w in wheels if w.sha256 is None or scans[w.sha256] in made])
         scanned = [

@@ -140,6 +140,11 @@ def scanned(wheel: Path, cache: Path) -> tuple[WheelElf, ...]:
     return scan_wheel(wheel, cache=cache)
 
 
+def index_of(layers: Sequence[tuple[Digest, Path]], *, cache: Path) -> LibraryIndex:
+    """``index_base`` of layers given as (digest, blob path) pairs."""
+    return index_base([digest for digest, _ in layers], blobs=dict(layers).__getitem__, cache=cache)
+
+
 # --- Real wheels against real Debian libraries ---
 
 
@@ -151,7 +156,7 @@ def test_cxx_extension_is_refused_without_libstdcxx_and_passes_with_it(
     debian_base: Callable[[str, str, Sequence[str]], list[tuple[Digest, Path]]],
 ) -> None:
     greenlet = [("greenlet 3.1.1", scanned(pypi_wheel("greenlet-x86_64"), tmp_path / "scan"))]
-    bare = index_base(debian_base("bookworm", "amd64", ["libc6"]), cache=tmp_path / "idx")
+    bare = index_of(debian_base("bookworm", "amd64", ["libc6"]), cache=tmp_path / "idx")
     missing = check_links(greenlet, bare, arch="amd64")
     assert {(m.member, m.library) for m in missing} == {
         (GREENLET_SO, "libstdc++.so.6"),
@@ -166,7 +171,7 @@ def test_cxx_extension_is_refused_without_libstdcxx_and_passes_with_it(
         'system-packages = ["libstdc++6"]'
     )
     packages = ["libc6", "libgcc-s1", "libstdc++6"]
-    full = index_base(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
+    full = index_of(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
     assert check_links(greenlet, full, arch="amd64") == ()
     libstdcxx = full.find("libstdc++.so.6", "x86_64")
     assert [(p.path, p.package) for p in libstdcxx] == [
@@ -185,7 +190,7 @@ def test_a_glibc_version_newer_than_the_base_is_caught(
     # Shipped in a wheel, as a manylinux_2_38 wheel's library would be.
     newer = debian_lib("trixie", "amd64", "libuuid1", "libuuid.so.1")
     older = debian_lib("bookworm", "amd64", "libuuid1", "libuuid.so.1")
-    base = index_base(debian_base("bookworm", "amd64", ["libc6"]), cache=tmp_path / "idx")
+    base = index_of(debian_base("bookworm", "amd64", ["libc6"]), cache=tmp_path / "idx")
     new_wheel = make_wheel(tmp_path / "new.whl", {"uuidx/libuuid.so.1": newer})
     old_wheel = make_wheel(tmp_path / "old.whl", {"uuidx/libuuid.so.1": older})
     missing = check_links([("uuidx 2.0", scanned(new_wheel, tmp_path / "s"))], base, arch="amd64")
@@ -210,7 +215,7 @@ def test_libraries_wheels_bundle_count_as_provided(
 ) -> None:
     wheels = [("pyzmq 26.2.0", scanned(pypi_wheel("pyzmq-x86_64"), tmp_path / "scan"))]
     packages = ["libc6", "libgcc-s1", "libstdc++6"]
-    base = index_base(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
+    base = index_of(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
     alone = check_links(wheels, base, arch="amd64")
     assert sorted(m.library.split("-")[0] for m in alone) == ["libsodium", "libzmq"]
     assert check_links(wheels, base.merged(index_wheels(wheels)), arch="amd64") == ()
@@ -224,17 +229,17 @@ def test_an_aarch64_wheel_is_checked_against_arm64_libraries(
     debian_base: Callable[[str, str, Sequence[str]], list[tuple[Digest, Path]]],
 ) -> None:
     wheels = [("greenlet 3.1.1", scanned(pypi_wheel("greenlet-aarch64"), tmp_path / "scan"))]
-    bare = index_base(debian_base("bookworm", "arm64", ["libc6"]), cache=tmp_path / "idx")
+    bare = index_of(debian_base("bookworm", "arm64", ["libc6"]), cache=tmp_path / "idx")
     assert {m.library for m in check_links(wheels, bare, arch="arm64")} == {
         "libstdc++.so.6",
         "libgcc_s.so.1",
     }
     packages = ["libc6", "libgcc-s1", "libstdc++6"]
-    full = index_base(debian_base("bookworm", "arm64", packages), cache=tmp_path / "idx")
+    full = index_of(debian_base("bookworm", "arm64", packages), cache=tmp_path / "idx")
     assert check_links(wheels, full, arch="arm64") == ()
     assert full.find("libc.so.6", "aarch64")[0].path == "/usr/lib/aarch64-linux-gnu/libc.so.6"
     # amd64 libraries do not serve an arm64 image, and amd64 files are not checked for one.
-    amd64 = index_base(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
+    amd64 = index_of(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
     assert {m.library for m in check_links(wheels, amd64, arch="arm64")} >= {"libc.so.6"}
     assert check_links(wheels, amd64, arch="amd64") == ()
 
@@ -249,13 +254,13 @@ def test_numpy_on_a_full_base_has_no_false_missing(
     wheels = [("numpy 2.1.3", scanned(pypi_wheel("numpy-x86_64"), tmp_path / "scan"))]
     provided = index_wheels(wheels)
     packages = ["libc6", "libgcc-s1", "libgomp1", "libstdc++6"]
-    base = index_base(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
+    base = index_of(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
     # numpy's bundled libgfortran links zlib: a base without zlib1g really lacks it.
     missing = check_links(wheels, base.merged(provided), arch="amd64")
     assert {(m.member.split("-")[0], m.library) for m in missing} == {
         ("numpy.libs/libgfortran", "libz.so.1")
     }
-    with_zlib = index_base(
+    with_zlib = index_of(
         debian_base("bookworm", "amd64", [*packages, "zlib1g"]), cache=tmp_path / "idx"
     )
     assert check_links(wheels, with_zlib.merged(provided), arch="amd64") == ()
@@ -286,7 +291,7 @@ def test_a_base_assembled_from_debs_is_indexed_with_its_packages(
     root = Account(name="root", uid=0, gid=0, home="/root", shell="/sbin/nologin")
     spec = RootfsSpec(arch="amd64", accounts=(root,), groups=(Group(name="root", gid=0),))
     layer = assemble_layer(debs, spec=spec, store=store, mtime=0, created_by="test").layer
-    index = index_base([(layer.digest, store.path(layer.digest))], cache=tmp_path / "idx")
+    index = index_of([(layer.digest, store.path(layer.digest))], cache=tmp_path / "idx")
     owners = {p.path: p.package for p in index.providers}
     assert owners["/usr/lib/x86_64-linux-gnu/libc.so.6"] == "libc6"
     assert owners["/usr/lib/x86_64-linux-gnu/libstdc++.so.6"] == "libstdc++6"
@@ -425,12 +430,18 @@ def test_musl_search_path(tmp_path: Path) -> None:
 def test_the_base_index_is_cached_by_layer_digests(tmp_path: Path) -> None:
     layer = write_layer(tmp_path / "0.tar.gz", [("usr/lib/libfoo.so.1", HOST_SO)])
     layers = layers_of([layer])
-    first = index_base(layers, cache=tmp_path / "idx")
+    first = index_of(layers, cache=tmp_path / "idx")
     assert [p.name for p in first.providers] == ["libfoo.so.1"]
     layer.unlink()
-    assert index_base(layers, cache=tmp_path / "idx") == first
+    assert index_of(layers, cache=tmp_path / "idx") == first
+
+    def unread(digest: Digest) -> Path:
+        raise AssertionError(f"{digest} was asked for, but the record holds the index")
+
+    digests = [digest for digest, _ in layers]
+    assert index_base(digests, blobs=unread, cache=tmp_path / "idx") == first
     other = write_layer(tmp_path / "1.tar.gz", [("usr/lib/libbar.so.2", HOST_SO)])
-    assert [p.name for p in index_base(layers_of([other]), cache=tmp_path / "idx").providers] == [
+    assert [p.name for p in index_of(layers_of([other]), cache=tmp_path / "idx").providers] == [
         "libbar.so.2"
     ]
 
