@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import py_compile
+import re
 import sys
 from pathlib import Path, PurePosixPath
 
@@ -110,3 +111,27 @@ def test_a_groups_pycs_do_not_depend_on_the_groups_beside_it(tmp_path: Path) -> 
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     assert alone["c.cpython-311.pyc"] == _expected_pyc(pairs["c"][0], "/app/site/c.py", scratch)
+
+
+def test_a_native_interpreter_counts_only_when_one_start_runs_and_imports(tmp_path: Path) -> None:
+    """The base's python under the host's loader is probed once: it must start, import what
+    compiling needs and print its version; anything else leaves the engine to compile."""
+    from imagebuild.install.native import NativeCompiler
+
+    loader = Path("/lib64/ld-linux-x86-64.so.2")
+    libs = [Path(p) for p in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu")]
+
+    def probe(interpreter: Path) -> str:
+        return NativeCompiler(
+            loader=loader, library_path=libs, interpreter=interpreter, identity="test"
+        ).version
+
+    # The host's python (its libpython may come from the library path: any 3.x.y will do).
+    assert re.fullmatch(r"3\.\d+\.\d+", probe(Path(sys.executable)))
+    assert probe(Path("/bin/false")) == ""
+    assert probe(tmp_path / "missing") == ""
+    # Starts and prints, but cannot import what compiling needs.
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho {sys.version.split()[0]}; exit 1\n")
+    fake.chmod(0o755)
+    assert probe(fake) == ""

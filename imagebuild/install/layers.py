@@ -122,18 +122,31 @@ class BytecodeCompiler(Protocol):
         """
 
 
+VERSION_PROBE = "import sys; print(sys.version.split()[0])"
+
+
 class HostCompiler:
     """A host interpreter of the target's minor version, run as a fresh subprocess."""
 
-    def __init__(self, executable: Path) -> None:
+    def __init__(self, executable: Path, *, probe: str = VERSION_PROBE) -> None:
+        """Start it once with ``probe``, a script that prints the full version last.
+
+        ``version`` is empty when it did not start, failed, or took over a minute.
+        """
         self.executable = executable
-        probe = subprocess.run(
-            [*self.command(), "-I", "-c", "import sys; print(sys.version.split()[0])"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        self._version = probe.stdout.strip()
+        try:
+            proc = subprocess.run(
+                [*self.command(), "-I", "-c", probe],
+                capture_output=True,
+                text=True,
+                env=_compile_env(1),
+                timeout=60,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            self._version = ""
+            return
+        self._version = proc.stdout.strip() if proc.returncode == 0 else ""
 
     def command(self) -> list[str]:
         """What runs the interpreter (its path; a subclass may put a loader in front)."""

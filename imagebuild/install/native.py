@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import platform
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
@@ -43,7 +42,8 @@ class NativeCompiler(HostCompiler):
         self.loader = loader
         self.library_path = tuple(library_path)
         self._identity = identity
-        super().__init__(interpreter)
+        # One start tells both that it runs here and that it finds what compiling imports.
+        super().__init__(interpreter, probe=_PROBE)
 
     def command(self) -> list[str]:
         """The loader, told where the base's libraries are, running the base's python."""
@@ -94,23 +94,7 @@ def native_compiler(
         interpreter=executable,
         identity=identity,
     )
-    return compiler if compiler.version and _imports(compiler) else None
-
-
-def _imports(compiler: NativeCompiler) -> bool:
-    """Whether the interpreter finds its standard library (its prefix from its own path)."""
-    try:
-        proc = subprocess.run(
-            [*compiler.command(), "-I", "-c", _PROBE],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={"PATH": "/usr/bin:/bin"},
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return proc.returncode == 0 and proc.stdout.strip() == compiler.version
+    return compiler if compiler.version else None
 
 
 def _library_dirs(root: Path, arch: str) -> list[Path]:
