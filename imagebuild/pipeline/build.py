@@ -12,10 +12,11 @@ half-built image tagged, loaded or pushed.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.secrets import source_policy
@@ -32,19 +33,8 @@ from imagebuild.lock.staleness import check_locked, check_recorded
 from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
-from imagebuild.pipeline.debbase import BuiltBases, base_recipe
-from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
-from imagebuild.pipeline.lock import run_lock
 from imagebuild.pipeline.outputs import check_engine_answers, write_order
-from imagebuild.pipeline.platform import (
-    BaseSource,
-    Compilers,
-    LocalWheels,
-    PlatformBuild,
-    PlatformImage,
-    build_platform,
-)
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest, BuildResult, LockRequest
 from imagebuild.project.indexes import index_entries, lock_indexes
@@ -53,6 +43,14 @@ from imagebuild.project.spec import ProjectSpec
 from imagebuild.project.workspace import Workspace, expand_local
 from imagebuild.sinks.sink import Finished, Sink
 from imagebuild.target.choose import base_reference, check_python_fits
+
+if TYPE_CHECKING:
+    from imagebuild.pipeline.layers import RemoteLayers
+    from imagebuild.pipeline.platform import BaseSource, PlatformBuild, PlatformImage
+
+# The stages past the lock (``pipeline.platform`` and what it imports: a third of a build's
+# start-up) are imported once the project's wheel is building, so they load while its
+# backend runs: a code change waits for that wheel and little else.
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -95,30 +93,10 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
         # while they are pulled and fetched.
         ports.reporter.step(f"build: {found.project.name} wheel")
         project_wheel = pool.submit(_project_wheel, found, work / "dist", request, envs)
-        build = PlatformBuild(
-            request=request,
-            project=found.project,
-            settings=found.settings,
-            lock=lock,
-            base=base_source(found, pinned, request, lock, ports, store),
-            store=store,
-            layer_files=PlainLayers(store, staging / "base-layers"),
-            work=work,
-            staging=staging,
-            envs=envs,
-            ports=ports,
-            project_wheel=project_wheel,
-            local_wheels=LocalWheels(
-                lock_dir=lock.path.parent,
-                out=work / "dist-local",
-                epoch=request.source_date_epoch,
-                envs=envs,
-                reporter=ports.reporter,
-                git_bucket=cache.git,
-                policy=source_policy(found.settings),
-            ),
-            compilers=Compilers(),
-            remote=_layer_cache(request, found.settings, ports),
+        from imagebuild.pipeline.platform import build_platform
+
+        build = _platform_build(
+            request, found, lock, pinned, ports, (store, work, staging), envs, project_wheel
         )
         images = [build_platform(build, platform) for platform in request.platforms]
         finished = _finished(images, found, build)
@@ -127,6 +105,47 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             line for sink in write_order(sinks) for line in sink.write(finished, ports.reporter)
         ]
     return _result(finished, images, tuple(written))
+
+
+def _platform_build(
+    request: BuildRequest,
+    found: OpenProject,
+    lock: Lock,
+    pinned: Mapping[str, Digest],
+    ports: Ports,
+    places: tuple[BlobStore, Path, Path],
+    envs: BuildEnvironments,
+    project_wheel: Future[Path],
+) -> PlatformBuild:
+    """What every platform's image is made from; ``places``: the store, scratch and staging."""
+    from imagebuild.pipeline.platform import Compilers, LocalWheels, PlatformBuild
+
+    store, work, staging = places
+    return PlatformBuild(
+        request=request,
+        project=found.project,
+        settings=found.settings,
+        lock=lock,
+        base=base_source(found, pinned, request, lock, ports, store),
+        store=store,
+        layer_files=PlainLayers(store, staging / "base-layers"),
+        work=work,
+        staging=staging,
+        envs=envs,
+        ports=ports,
+        project_wheel=project_wheel,
+        local_wheels=LocalWheels(
+            lock_dir=lock.path.parent,
+            out=work / "dist-local",
+            epoch=request.source_date_epoch,
+            envs=envs,
+            reporter=ports.reporter,
+            git_bucket=CacheLayout(request.cache_dir).git,
+            policy=source_policy(found.settings),
+        ),
+        compilers=Compilers(),
+        remote=_layer_cache(request, found.settings, ports),
+    )
 
 
 def _project_wheel(
@@ -284,6 +303,8 @@ def find_build_lock(request: BuildRequest, found: OpenProject, ports: Ports) -> 
                 hint="run 'imgbuild lock' (or 'uv lock'), or drop --locked/--frozen",
             )
         # Like `uv run`: no lock yet, so make one first.
+        from imagebuild.pipeline.lock import run_lock
+
         ports.reporter.step("lock: no lock file, locking first")
         made = LockRequest(
             project_dir=request.project_dir,
@@ -345,6 +366,9 @@ def base_source(
     store: BlobStore,
 ) -> BaseSource:
     """The base as configured: what to pull (pinned, through the mirrors) or build."""
+    from imagebuild.pipeline.debbase import BuiltBases, base_recipe
+    from imagebuild.pipeline.platform import BaseSource
+
     entry, reference = base_reference(found.settings, found.project)
     built = None
     if entry is not None and entry.built:
