@@ -639,6 +639,13 @@ def test_plain_layers_inflate_a_gzip_layer_once_for_every_reader(
     assert layers.path(plain_blob) == store.path(plain_blob)
     assert layers.path(damaged) == store.path(damaged)
     assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [paths[0].name]
+    # Small layers are inflated in memory when there is a place for them; big ones on disk.
+    layers = PlainLayers(store, tmp_path / "disk", memory=tmp_path / "memory")
+    assert layers.path(gz).parent == tmp_path / "memory"
+    monkeypatch.setattr(store_module, "MEMORY_LAYER", 10)
+    layers = PlainLayers(store, tmp_path / "disk", memory=tmp_path / "memory2")
+    assert layers.path(gz).parent == tmp_path / "disk"
+    assert layers.path(gz).read_bytes() == tar_bytes.getvalue()
 
 
 def test_layout_blobs_are_linked_to_the_store_on_its_file_system_and_copied_elsewhere(

@@ -21,6 +21,8 @@ from imagebuild.image.descriptor import OCTET_STREAM, Descriptor, checked_digest
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _PLAIN_CHUNK = 1 << 20
+MEMORY_LAYER = 128 << 20
+"""Compressed bytes of the largest layer ``PlainLayers`` inflates into memory."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +133,16 @@ class PlainLayers:
     link check and to unpack the base's Python for the native compiler. Each gzip pass over
     a 30 MB python:slim layer costs 0.3 s of inflating, and the three ran side by side on
     two cores; decompressed once into ``scratch`` (a build's scratch tree, removed with it),
-    they read plain tars. Blobs that are not gzip are read as stored. A blob that does not
-    inflate is handed over as stored too, so its reader reports the damage in its own words.
+    they read plain tars. A layer of up to ``MEMORY_LAYER`` compressed bytes goes to
+    ``memory`` (the tmpfs layers are staged in) when there is one, a bigger one to
+    ``scratch`` on disk: a base of several GB must not fill the tmpfs. Blobs that are not
+    gzip are read as stored. A blob that does not inflate (or finds no room) is handed over
+    as stored too, so its reader reports the damage in its own words.
     """
 
     store: BlobStore
     scratch: Path
+    memory: Path | None = None
     _locks: dict[Digest, threading.Lock] = field(default_factory=dict)
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -146,14 +152,14 @@ class PlainLayers:
         with self._guard:
             lock = self._locks.setdefault(digest, threading.Lock())
         with lock:
-            plain = self.scratch / f"{digest_hex(digest)}.tar"
+            plain = self._place(blob) / f"{digest_hex(digest)}.tar"
             if plain.is_file():
                 return plain
             try:
                 with blob.open("rb") as head:
                     if head.read(2) != _GZIP_MAGIC:
                         return blob
-                self.scratch.mkdir(parents=True, exist_ok=True)
+                plain.parent.mkdir(parents=True, exist_ok=True)
                 part = plain.with_suffix(".part")
                 with gzip.open(blob, "rb") as source, part.open("wb") as out:
                     shutil.copyfileobj(source, out, _PLAIN_CHUNK)
@@ -162,3 +168,10 @@ class PlainLayers:
                 plain.with_suffix(".part").unlink(missing_ok=True)
                 return blob
             return plain
+
+    def _place(self, blob: Path) -> Path:
+        try:
+            small = blob.stat().st_size <= MEMORY_LAYER
+        except OSError:
+            small = False
+        return self.memory if self.memory is not None and small else self.scratch

@@ -128,7 +128,7 @@ def _platform_build(
         lock=lock,
         base=base_source(found, pinned, request, lock, ports, store),
         store=store,
-        layer_files=PlainLayers(store, staging / "base-layers"),
+        layer_files=PlainLayers(store, work / "base-layers", memory=staging / "base-layers"),
         work=work,
         staging=staging,
         envs=envs,
