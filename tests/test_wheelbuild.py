@@ -157,6 +157,22 @@ def test_dynamic_requirements_are_asked_again_only_when_the_build_config_changes
     assert log.read_text() == "asked\nasked\nasked\n"
 
 
+def test_the_backends_bytecode_is_kept_in_its_environment_not_in_the_project(
+    fresh_index: LocalIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the shell says not to write bytecode (CI often does), the kept environment
+    still gets its backend's pycs, under the environment: none land in the source tree."""
+    serve_backend(fresh_index, "1.0")
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    envs = BuildEnvironments(indexes=(fresh_index.url,), root=tmp_path / "envs")
+    project = make_project(tmp_path / "project")
+    build_project_wheel(project, tmp_path / "out", source_date_epoch=0, envs=envs)
+    (env,) = [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]
+    kept = sorted(p.name for p in (env / ".pycache").rglob("*.pyc"))
+    assert any(name.startswith("ib_local_backend.") for name in kept)
+    assert not list(project.rglob("__pycache__")) and not list(project.rglob("*.pyc"))
+
+
 def test_first_index_that_has_the_backend_wins(
     fresh_index: LocalIndex, other_index: LocalIndex, tmp_path: Path
 ) -> None:
