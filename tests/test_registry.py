@@ -10,7 +10,9 @@ import base64
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,7 +32,13 @@ from imagebuild.image.tarball import build_layer
 from imagebuild.image.validate import validate_layout
 from imagebuild.net.http import RetryPolicy, retrying_client
 from imagebuild.report import NullReporter
-from imagebuild.sinks.auth import Credentials, CredentialStore, parse_challenge
+from imagebuild.sinks.auth import (
+    Credentials,
+    CredentialStore,
+    Op,
+    RegistrySession,
+    parse_challenge,
+)
 from imagebuild.sinks.layout import write_oci_layout
 from imagebuild.sinks.remote import MANIFEST_ACCEPT, RegistryClient, RegistrySink
 from tests.fixtures.registry_server import LocalRegistry
@@ -529,6 +537,43 @@ def test_bearer_token_flow(
         for s in fake.seen[3:]
         if s.path != "/token"
     )
+
+
+@pytest.mark.parametrize("expired", [False, True])
+def test_uploads_that_meet_one_challenge_together_fetch_one_token(
+    serve: Callable[[Callable[[Seen], Reply]], FakeServer], http: httpx.Client, expired: bool
+) -> None:
+    """Blobs go up four at a time: their first requests meet the same 401 together, and the
+    token service (slow here, as a remote one is) is asked once. With ``expired``, the
+    session starts with a token the registry no longer takes: it is not reused."""
+    holder: list[FakeServer] = []
+    issued = iter(f"tok-{n}" for n in range(1, 100))
+    lock = threading.Lock()
+
+    def handle(seen: Seen) -> Reply:
+        if seen.path == "/token":
+            time.sleep(0.3)
+            with lock:
+                return _json(200, {"token": next(issued)})
+        if seen.headers.get("authorization") not in ("Bearer tok-1", "Bearer tok-2"):
+            realm = f"{holder[0].url}/token"
+            scope = "repository:acme/app:pull,push"
+            challenge = f'Bearer realm="{realm}",service="reg",scope="{scope}"'
+            return 401, {"WWW-Authenticate": challenge}, _errors("UNAUTHORIZED", "token")
+        return 404, {}, _errors("BLOB_UNKNOWN", "no such blob")
+
+    fake = serve(handle)
+    holder.append(fake)
+    session = RegistrySession(http)
+    ref = ImageReference.parse(f"{fake.host}/acme/app:1")
+    op = Op(ref=ref, verb="pushing", actions="pull,push")
+    if expired:
+        session._tokens[(fake.host, op.scope)] = "tok-0"  # noqa: SLF001 - a stale cache entry
+    urls = [session.url(ref, f"blobs/sha256:{n:064x}") for n in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        answers = list(pool.map(lambda url: session.send(op, "HEAD", url), urls))
+    assert [a.status_code for a in answers] == [404] * 4
+    assert len([s for s in fake.seen if s.path == "/token"]) == 1
 
 
 def test_bearer_token_refused(

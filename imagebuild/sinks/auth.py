@@ -3,8 +3,9 @@
 Authentication follows the distribution token spec: requests go out anonymously (or with a
 cached token); a 401 carries a ``WWW-Authenticate`` challenge, ``Bearer`` (fetch a token from
 the realm for the scope, with Basic credentials when known) or ``Basic`` (send credentials);
-the request is then sent once more. Tokens are cached per registry and scope. Logins come
-from ``sinks.logins`` (re-exported here). ``RegistrySession`` does this for the client in
+the request is then sent once more. Tokens are cached per registry and scope, and fetched
+once when parallel uploads meet the same challenge together. Logins come from
+``sinks.logins`` (re-exported here). ``RegistrySession`` does this for the client in
 ``sinks.remote`` and turns every failure into one ``RegistryError`` naming the reference,
 the operation and a fix.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import base64
 import re
 import ssl
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -132,6 +134,9 @@ class RegistrySession:
         self._credentials = credentials
         self._challenges: dict[str, Challenge] = {}
         self._tokens: dict[tuple[str, str], str] = {}
+        self._answered: dict[tuple[str, str], Challenge] = {}  # what each token was got for
+        self._token_locks: dict[tuple[str, str], threading.Lock] = {}
+        self._locks_guard = threading.Lock()
         self._tls: set[str] = set()  # loopback registries found to answer only HTTPS
 
     def base_url(self, registry: str) -> str:
@@ -210,7 +215,9 @@ class RegistrySession:
         known = self._challenges.get(host)
         if known is not None and known.scheme == "bearer" and (host, op.scope) not in self._tokens:
             # Same registry, new scope (e.g. pull then push): get its token up front.
-            self._authorize(op, host, known)
+            with self._token_lock((host, op.scope)):
+                if (host, op.scope) not in self._tokens:  # or another upload just got it
+                    self._authorize(op, host, known)
         for attempt in (1, 2):
             request_headers = dict(headers or {})
             auth = self._auth_header(host, op.scope)
@@ -233,7 +240,7 @@ class RegistrySession:
                 return resp
             # A fresh challenge, or our token was refused (expired, or lacks the scope).
             self._challenges[host] = challenge
-            self._authorize(op, host, challenge)
+            self._renew(op, host, challenge, refused=request_headers.get("Authorization"))
         raise AssertionError("unreachable")
 
     def _send_once(
@@ -302,6 +309,25 @@ class RegistrySession:
         token = self._tokens.get((host, scope))
         return f"Bearer {token}" if token else None
 
+    def _token_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._locks_guard:
+            return self._token_locks.setdefault(key, threading.Lock())
+
+    def _renew(self, op: Op, host: str, challenge: Challenge, *, refused: str | None) -> None:
+        """Answer ``challenge`` once, however many requests met it at the same time.
+
+        Blobs go up four at a time, and each upload's first request meets the same 401:
+        a token another one got meanwhile, for this very challenge, is used; the one that
+        was just refused (``refused``, the header sent) never is.
+        """
+        key = (host, op.scope)
+        with self._token_lock(key):
+            current = self._tokens.get(key)
+            fresh = current is not None and f"Bearer {current}" != refused
+            if fresh and self._answered.get(key) == challenge:
+                return
+            self._authorize(op, host, challenge)
+
     def _authorize(self, op: Op, host: str, challenge: Challenge) -> None:
         """Obtain what ``_auth_header`` will send next, for a fresh challenge."""
         if challenge.scheme == "basic":
@@ -331,6 +357,7 @@ class RegistrySession:
                 hint="check the registry's auth service",
             )
         self._tokens[(host, op.scope)] = token
+        self._answered[(host, op.scope)] = challenge
 
     def _request_token(
         self, op: Op, host: str, realm: str, scopes: list[str], service: str | None
