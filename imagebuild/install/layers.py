@@ -139,7 +139,7 @@ class HostCompiler:
                 [*self.command(), "-I", "-c", probe],
                 capture_output=True,
                 text=True,
-                env=_compile_env(1),
+                env=_compile_env(0),
                 timeout=60,
                 check=False,
             )

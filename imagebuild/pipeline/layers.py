@@ -6,7 +6,6 @@ the missing ones are staged, compiled (in one compiler run for all of them) and 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from imagebuild.cache import write_json
 from imagebuild.image.model import Layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import LAYER_FORMAT
@@ -28,10 +26,11 @@ from imagebuild.install.layers import (
 from imagebuild.pipeline.layerwork import (
     LayerTask,
     finish_layer,
-    layer_json,
     make_layer,
+    read_layer_record,
     stage_layer,
     worker_context,
+    write_layer_record,
 )
 
 if TYPE_CHECKING:
@@ -254,7 +253,7 @@ def _lookup(
         compiled_by = compiler.identity if compiler is not None and spec.wheels else None
         keys[index] = key = layer_key(spec, venv, compiled_by, job.mtime, layer_format=LAYER_FORMAT)
         records[index] = job.records / f"{key}.json"
-        cached = _cached(records[index], job.store)
+        cached = read_layer_record(records[index], job.store)
         if cached is not None:
             layers[index] = cached
     asked = [index for index in keys if index not in layers]
@@ -265,19 +264,11 @@ def _lookup(
             answers = pool.map(lambda i: finder.find(keys[i]), asked)
             for index, found in zip(asked, answers, strict=True):
                 if found is not None:
-                    _write_record(records[index], found)
+                    write_layer_record(records[index], found)
                     layers[index] = found
                     remote.add(index)
     missing = [(i, plan.layers[i], records[i]) for i in keys if i not in layers]
     return _Found(layers=layers, missing=missing, keys=keys, remote=frozenset(remote))
-
-
-def _cached(record: Path, store: BlobStore) -> Layer | None:
-    """The layer a record names, if its blob is still in the store."""
-    if not record.is_file():
-        return None
-    data = json.loads(record.read_text(encoding="utf-8"))
-    return Layer(**data) if store.has(data["digest"]) else None
 
 
 def _stage(index: int, spec: LayerSpec, venv: VenvLayout, record: Path, work: Path) -> _Staged:
@@ -303,8 +294,3 @@ def _compile(
 def _finish(staged: _Staged, job: LayerJob) -> Layer:
     """Tar a staged tree into the store and record it in the layer cache."""
     return finish_layer(staged.staging, staged.spec, job.store, staged.record, job.mtime)
-
-
-def _write_record(record: Path, layer: Layer) -> None:
-    """Remember ``layer`` under its key in the local layer cache."""
-    write_json(record, layer_json(layer))

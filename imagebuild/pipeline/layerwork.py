@@ -14,6 +14,7 @@ its own inputs, so which worker makes it, and in what order, changes nothing.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import shutil
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def finish_layer(
     """Tar a staged tree into the store, remove the tree, and record the layer in the cache."""
     layer = build_layer(staging, store, mtime=mtime, created_by=spec.description)
     shutil.rmtree(staging)
-    write_json(record, layer_json(layer))
+    write_layer_record(record, layer)
     return layer
 
 
@@ -121,6 +122,20 @@ def stage_layer(index: int, spec: LayerSpec, venv: VenvLayout, work: Path) -> Pa
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
     return staging
+
+
+def write_layer_record(record: Path, layer: Layer) -> None:
+    """Remember ``layer`` under its key in the local layer cache."""
+    write_json(record, layer_json(layer))
+
+
+def read_layer_record(record: Path, store: BlobStore) -> Layer | None:
+    """The layer a cache record names, if it reads back and its blob is still in the store."""
+    try:
+        layer = Layer(**json.loads(record.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+    return layer if store.has(layer.digest) else None
 
 
 def layer_json(layer: Layer) -> dict[str, object]:

@@ -24,6 +24,7 @@ from imagebuild.lock.model import LockedPackage
 from imagebuild.lock.select import select_packages
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.build import base_source, find_build_lock, open_project
+from imagebuild.pipeline.layerwork import read_layer_record
 from imagebuild.pipeline.platform import sort_sources
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
@@ -192,14 +193,7 @@ def _known(spec: LayerSpec) -> bool:
 def _cached(spec: LayerSpec, keyed: _Keyed, store: BlobStore) -> bool:
     compiled = keyed.compiled if spec.wheels else None
     key = layer_key(spec, keyed.venv, compiled, keyed.mtime, layer_format=LAYER_FORMAT)
-    record = keyed.cache.layers / f"{key}.json"
-    if not record.is_file():
-        return False
-    try:
-        digest = json.loads(record.read_text(encoding="utf-8"))["digest"]
-    except (OSError, ValueError, KeyError):
-        return False
-    return store.has(digest)
+    return read_layer_record(keyed.cache.layers / f"{key}.json", store) is not None
 
 
 def _human(size: int) -> str:

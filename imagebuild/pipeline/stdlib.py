@@ -12,19 +12,18 @@ base's digest and that interpreter.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import shutil
 from pathlib import Path, PurePosixPath
 
-from imagebuild.cache import CacheLayout, write_json
-from imagebuild.image.model import BaseImage, Layer
+from imagebuild.cache import CacheLayout
+from imagebuild.image.model import BaseImage
 from imagebuild.image.mutate import stack_layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import LAYER_FORMAT, build_layer
 from imagebuild.install.layers import BytecodeCompiler
 from imagebuild.pipeline.layers import RemoteLayers
-from imagebuild.pipeline.layerwork import layer_json
+from imagebuild.pipeline.layerwork import read_layer_record, write_layer_record
 from imagebuild.report import Reporter
 from imagebuild.target.base import open_layer
 
@@ -57,14 +56,14 @@ def with_stdlib_bytecode(
     material = f"stdlib {STDLIB_VERSION} {LAYER_FORMAT} {base.manifest_digest} {compiler.identity}"
     key = hashlib.sha256(material.encode()).hexdigest()
     record = cache.layers / f"{key}.json"
-    layer = _kept(record, store)
+    layer = read_layer_record(record, store)
     if layer is not None and remote is not None:
         # A runner seeding the registry cache keeps what it has, not only what it makes.
         remote.keep([(key, layer)], reporter)
     if layer is None and remote is not None:
         layer = remote.find(key)
         if layer is not None:
-            write_json(record, layer_json(layer))
+            write_layer_record(record, layer)
     if layer is None:
         staging = work / f"stdlib-{base.manifest_digest[7:19]}"
         files = _sources(base, store, staging, stdlib)
@@ -79,7 +78,7 @@ def with_stdlib_bytecode(
             created_by=f"imgbuild: bytecode of /{stdlib.rstrip('/')}",
         )
         shutil.rmtree(staging, ignore_errors=True)
-        write_json(record, layer_json(layer))
+        write_layer_record(record, layer)
         if remote is not None:
             remote.keep([(key, layer)], reporter)
     return stack_layer(base, layer, store)
@@ -120,11 +119,3 @@ def _sources(
         dest.write_bytes(contents[name])
         files.append((dest, PurePosixPath("/" + name)))
     return files
-
-
-def _kept(record: Path, store: BlobStore) -> Layer | None:
-    try:
-        layer = Layer(**json.loads(record.read_text(encoding="utf-8")))
-    except (OSError, ValueError, TypeError):
-        return None
-    return layer if store.has(layer.digest) else None

@@ -215,9 +215,7 @@ class RegistrySession:
         known = self._challenges.get(host)
         if known is not None and known.scheme == "bearer" and (host, op.scope) not in self._tokens:
             # Same registry, new scope (e.g. pull then push): get its token up front.
-            with self._token_lock((host, op.scope)):
-                if (host, op.scope) not in self._tokens:  # or another upload just got it
-                    self._authorize(op, host, known)
+            self._renew(op, host, known, refused=None)
         for attempt in (1, 2):
             request_headers = dict(headers or {})
             auth = self._auth_header(host, op.scope)
