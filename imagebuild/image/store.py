@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shutil
 import tempfile
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
+
+from isal import igzip, isal_zlib
 
 from imagebuild.digest import Digest, digest_file, digest_hex
 from imagebuild.errors import ImageError
@@ -21,6 +21,8 @@ from imagebuild.image.descriptor import OCTET_STREAM, Descriptor, checked_digest
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _PLAIN_CHUNK = 1 << 20
+# What a damaged gzip stream raises (isal's stub declares the class as an instance).
+_INFLATE_ERROR = cast("type[Exception]", isal_zlib.error)
 MEMORY_LAYER = 128 << 20
 """Compressed bytes of the largest layer ``PlainLayers`` inflates into memory."""
 
@@ -130,14 +132,14 @@ class PlainLayers:
     """A build's base layers decompressed once, for the readers that each walk them whole.
 
     A cold build reads the base three times: for its facts, for the library index of the
-    link check and to unpack the base's Python for the native compiler. Each gzip pass over
-    a 30 MB python:slim layer costs 0.3 s of inflating, and the three ran side by side on
-    two cores; decompressed once into ``scratch`` (a build's scratch tree, removed with it),
-    they read plain tars. A layer of up to ``MEMORY_LAYER`` compressed bytes goes to
-    ``memory`` (the tmpfs layers are staged in) when there is one, a bigger one to
-    ``scratch`` on disk: a base of several GB must not fill the tmpfs. Blobs that are not
-    gzip are read as stored. A blob that does not inflate (or finds no room) is handed over
-    as stored too, so its reader reports the damage in its own words.
+    link check and to unpack the base's Python for the native compiler. Each zlib pass over
+    a 30 MB python:slim layer cost 0.3 s of inflating (ISA-L's, used here, 0.16 s), and the
+    three ran side by side on two cores; decompressed once into ``scratch`` (a build's
+    scratch tree, removed with it), they read plain tars. A layer of up to ``MEMORY_LAYER``
+    compressed bytes goes to ``memory`` (the tmpfs layers are staged in) when there is one,
+    a bigger one to ``scratch`` on disk: a base of several GB must not fill the tmpfs. Blobs
+    that are not gzip are read as stored. A blob that does not inflate (or finds no room) is
+    handed over as stored too, so its reader reports the damage in its own words.
     """
 
     store: BlobStore
@@ -161,10 +163,11 @@ class PlainLayers:
                         return blob
                 plain.parent.mkdir(parents=True, exist_ok=True)
                 part = plain.with_suffix(".part")
-                with gzip.open(blob, "rb") as source, part.open("wb") as out:
+                # igzip is gzip's own reader over ISA-L (multi-member streams too); untyped.
+                with igzip.open(blob, "rb") as source, part.open("wb") as out:  # type: ignore[no-untyped-call]
                     shutil.copyfileobj(source, out, _PLAIN_CHUNK)
                 part.rename(plain)
-            except (OSError, EOFError, zlib.error):
+            except (OSError, EOFError, _INFLATE_ERROR):
                 plain.with_suffix(".part").unlink(missing_ok=True)
                 return blob
             return plain
