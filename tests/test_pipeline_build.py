@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import sys
 import tarfile
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 
@@ -35,6 +37,7 @@ from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.index.simple import SimpleIndex
 from imagebuild.pipeline.build import run_build
+from imagebuild.pipeline.layerwork import worker_context
 from imagebuild.pipeline.lock import run_lock
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest, BuildResult, LockRequest
@@ -532,3 +535,14 @@ def test_a_dependency_bumped_or_added_changes_two_layers_and_the_sbom_goes_with_
     added = _layer_digests(world)
     assert len(set(added) - set(bumped)) == 2 and added[-1] not in bumped
     assert len(set(bumped) - set(added)) <= 2
+
+
+def test_layer_workers_are_forked_by_one_server_not_spawned_by_the_build() -> None:
+    """Workers come from a fork server that imported their modules once: their parent is
+    that server (one for all of them), not the build's process, whose threads may hold locks
+    a forked child would inherit held."""
+    context = worker_context()
+    assert context.get_start_method() == "forkserver"
+    with ProcessPoolExecutor(max_workers=3, mp_context=context) as pool:
+        parents = {pool.submit(os.getppid).result() for _ in range(6)}
+    assert len(parents) == 1 and os.getpid() not in parents
