@@ -118,7 +118,8 @@ def _platform_build(
     project_wheel: Future[Path],
 ) -> PlatformBuild:
     """What every platform's image is made from; ``places``: the store, scratch and staging."""
-    from imagebuild.pipeline.platform import Compilers, LocalWheels, PlatformBuild
+    from imagebuild.pipeline.local import LocalWheels
+    from imagebuild.pipeline.platform import Compilers, PlatformBuild
 
     store, work, staging = places
     return PlatformBuild(
