@@ -1,7 +1,7 @@
 """Entry point for ``python -m imagebuild``."""
 
-from imagebuild.cli import app
+from imagebuild.cli import main
 
 # Guarded: a layer worker process (``pipeline.layerwork``) imports this module again.
 if __name__ == "__main__":
-    app()
+    main()

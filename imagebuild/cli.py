@@ -6,8 +6,11 @@ the one that builds the real ports (HTTP client, index, registry, engine) the pi
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -372,3 +375,35 @@ def plan(
         _fail(exc, verbose)
         return
     typer.echo(result.to_json() if output_format == "json" else "\n".join(result.table_lines()))
+
+
+def main() -> None:
+    """The ``imgbuild`` command: run it, then leave without tearing the interpreter down.
+
+    Once the command is done, its output flushed and the ``atexit`` handlers run (the
+    layer workers' fork server stopped, temporary files removed), tearing down a build's
+    modules and objects one by one only cost each run about 60 ms (a tenth of a warm
+    build). That is skipped when the main thread is the only one left; when any other
+    is still running, the interpreter exits as usual and waits for it.
+    """
+    try:
+        app()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if threading.active_count() > 1:
+        raise SystemExit(code)
+    atexit._run_exitfuncs()
+    os._exit(exit_status(code))
+
+
+def exit_status(code: object) -> int:
+    """The process status ``SystemExit(code)`` stands for (a message is printed: status 1)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1

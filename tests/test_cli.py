@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+from imagebuild import cli
 from imagebuild.cli import app
 
 
@@ -87,3 +89,46 @@ def test_bases_lists_the_catalog() -> None:
     assert result.exit_code == 0
     assert "gcr.io/distroless/python3-debian12:latest" in result.stdout
     assert "python:3.12-alpine" in result.stdout
+
+
+def _exits(monkeypatch: pytest.MonkeyPatch, code: object) -> list[str]:
+    """Run ``cli.main`` over a command that ends with ``SystemExit(code)``; what it did."""
+    done: list[str] = []
+
+    def command() -> None:
+        raise SystemExit(code)
+
+    def leave(status: int) -> None:
+        done.append(f"_exit {status}")
+        raise SystemExit(status)  # os._exit would end pytest itself
+
+    monkeypatch.setattr(cli, "app", command)
+    monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: done.append("atexit"))
+    monkeypatch.setattr(cli.os, "_exit", leave)
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    done.append(f"status {ended.value.code}")
+    return done
+
+
+def test_main_leaves_at_once_after_the_exit_handlers_when_no_other_thread_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _exits(monkeypatch, 3) == ["atexit", "_exit 3", "status 3"]
+    assert _exits(monkeypatch, None) == ["atexit", "_exit 0", "status 0"]
+    assert _exits(monkeypatch, "no such project") == ["atexit", "_exit 1", "status 1"]
+    assert capsys.readouterr().err == "no such project\n"
+
+
+def test_main_exits_as_usual_while_another_thread_still_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    try:
+        # The interpreter's own exit then waits for the thread: no handler is run early.
+        assert _exits(monkeypatch, 2) == ["status 2"]
+    finally:
+        release.set()
+        worker.join()
