@@ -1,6 +1,6 @@
 """No image ships an extension module that cannot load: the ELF link check of a build.
 
-Before any layer is made, every ELF file of the wheels going into the image (extension
+Before the image is assembled, every ELF file of the wheels going into it (extension
 modules, bundled libraries, programs) is read, and what each needs (libraries and their
 symbol versions) is looked up among the base's libraries, the system packages' and the
 ones wheels bundle. A library nothing provides refuses the build in one line naming the
@@ -41,6 +41,40 @@ from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.target.base import find_entry, load_catalog
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class LinkRecords:
+    """The records a link check reads, and which of them it must work out itself."""
+
+    records: tuple[Path, ...]
+    """The base's library index, then each wheel's scan (``debian.linkcheck``)."""
+    made: frozenset[Path]
+    """Those on neither disk nor registry: worked out from the base and the wheels."""
+    fetched: frozenset[Path]
+    """Those the registry cache just gave (not kept there again)."""
+
+
+def gather_link_records(
+    wheels: Sequence[PlannedWheel],
+    base: BaseImage,
+    *,
+    cache: CacheLayout,
+    fetch: Callable[[Sequence[PlannedWheel]], None] | None = None,
+    remote: RemoteLayers | None = None,
+) -> LinkRecords:
+    """The network half of a link check: its records and the wheels they need.
+
+    Records come from the registry cache when the local one lacks them; the wheels no
+    record describes are ``fetch``ed, so the check itself only reads and compares.
+    """
+    base_index = base_record(cache.elf, [d.digest for d in base.layers])
+    scans = {wheel.sha256: scan_record(cache.elf, wheel.sha256) for wheel in wheels if wheel.sha256}
+    records = (base_index, *scans.values())
+    made, fetched = _missing_records(records, remote)
+    if fetch is not None:
+        fetch([w for w in wheels if w.sha256 is None or scans[w.sha256] in made])
+    return LinkRecords(records=records, made=frozenset(made), fetched=frozenset(fetched))
+
+
 def check_image_links(
     wheels: Sequence[PlannedWheel],
     base: BaseImage,
@@ -52,6 +86,7 @@ def check_image_links(
     recipe: BaseRecipe | None,
     fetch: Callable[[Sequence[PlannedWheel]], None] | None = None,
     remote: RemoteLayers | None = None,
+    gathered: LinkRecords | None = None,
 ) -> None:
     """Refuse the image if an ELF file of ``wheels`` needs a library it will not have.
 
@@ -60,17 +95,14 @@ def check_image_links(
     wheels' scans and the base's index are records: in the local cache, else in the
     registry cache (``remote``), else worked out (the wheels ``fetch``ed first) and kept
     in both, so a CI runner with an empty cache reads no ELF file the registry describes.
+    ``gathered`` is ``gather_link_records``' answer when the caller got it earlier.
     """
-    base_index = base_record(cache.elf, [d.digest for d in base.layers])
-    scans = {wheel.sha256: scan_record(cache.elf, wheel.sha256) for wheel in wheels if wheel.sha256}
-    records = [base_index, *scans.values()]
-    made, fetched = _missing_records(records, remote)
+    if gathered is None:
+        gathered = gather_link_records(wheels, base, cache=cache, fetch=fetch, remote=remote)
     layers = [d.digest for d in base.layers]
-    # The base is read (when no record has its index) while the wheels come in.
+    # The base is read (when no record has its index) while the wheels are.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-base-index") as pool:
         indexing = pool.submit(index_base, layers, blobs=store.path, cache=cache.elf)
-        if fetch is not None:
-            fetch([w for w in wheels if w.sha256 is None or scans[w.sha256] in made])
         scanned = [
             (
                 f"{wheel.name} {wheel.version}",
@@ -81,7 +113,7 @@ def check_image_links(
         index = indexing.result().merged(index_wheels(scanned))
     # Kept whether worked out now or read from the local cache (a runner seeding the
     # registry has them on disk); not those the registry just gave.
-    _keep_records(set(records) - fetched, remote)
+    _keep_records(set(gathered.records) - gathered.fetched, remote)
     missing = check_links(scanned, index, arch=arch)
     if not missing:
         return

@@ -34,7 +34,7 @@ from imagebuild.pipeline.config import (
 )
 from imagebuild.pipeline.debbase import BuiltBases
 from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers
-from imagebuild.pipeline.links import check_image_links
+from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_link_records
 from imagebuild.pipeline.local import LocalWheels
 from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import BuildRequest
@@ -203,12 +203,12 @@ def _prepare(
     facts: BaseFacts,
     checks: ThreadPoolExecutor,
 ) -> _Prepared:
-    """Plan the layers below the project's, check their wheels' scripts, start the link check.
+    """Plan the layers below the project's, check their wheels' scripts, ready the compiler.
 
     The compiler is readied (the base's Python unpacked, or the base loaded into the engine)
-    meanwhile, on a thread of its own; the ELF link check runs on ``checks``: reading a
-    scientific stack's extension modules took a cold build 1.3 s on one core while the
-    other idled.
+    meanwhile, on a thread of its own. The ELF link check is then started on ``checks``, to
+    run beside the layers: reading a scientific stack's extension modules took a cold build
+    1.3 s on one core while the other idled.
     """
     request = build.request
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-compiler") as pool:
@@ -235,8 +235,21 @@ def _prepare(
             venv,
             lambda: _scripts(build, wheels, dependencies, members),
         )
-        links = checks.submit(_check_links, build, arch, base, [*dependencies, *members], wheels)
+        below_wheels = [*dependencies, *members]
+        # The check's records and wheels are asked for at once (the network), the check
+        # itself once the compiler is ready: the base's library index and the unpacking of
+        # its Python are both Python code, and side by side on one GIL they held the first
+        # layer back.
+        gathering = checks.submit(
+            gather_link_records,
+            below_wheels,
+            base,
+            cache=CacheLayout(build.request.cache_dir),
+            fetch=wheels.ensure,
+            remote=build.remote,
+        )
         compiler = choosing.result() if choosing is not None else None
+    links = checks.submit(_check_links, build, arch, base, below_wheels, wheels, gathering)
     return _Prepared(below=below, venv=venv, compiler=compiler, wheels=wheels, links=links)
 
 
@@ -301,11 +314,16 @@ def _check_links(
     base: BaseImage,
     wheels: Sequence[PlannedWheel],
     lazy: LazyWheels,
+    gathering: Future[LinkRecords] | None = None,
 ) -> None:
-    """Refuse wheels whose ELF files need a library the image will not have."""
+    """Refuse wheels whose ELF files need a library the image will not have.
+
+    ``gathering`` brings the check's records and wheels when they were asked for earlier.
+    """
     check_image_links(
         wheels,
         base,
+        gathered=gathering.result() if gathering is not None else None,
         fetch=lazy.ensure,
         remote=build.remote,
         arch=arch,
