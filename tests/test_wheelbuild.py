@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from uv import find_uv_bin
 
-from imagebuild.errors import BuildError
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel, find_uv
+from imagebuild.errors import BuildError
 from tests.fixtures.index_server import LocalIndex
 
 # A PEP 517 backend in one module: the wheel holds the project's `<dist>.py` and a
@@ -231,3 +231,29 @@ def test_environments_are_made_by_the_uv_package_without_uv_on_path(
     assert built_by(wheel) == f"1.0 from {fresh_index.url}"
     (kept,) = [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]
     assert "\nuv = " in "\n" + (kept / "pyvenv.cfg").read_text()
+
+
+def test_processes_started_at_background_priority_run_nicer_and_the_rest_does_not() -> None:
+    """The project's backend yields the CPUs to what a cold build waits for: a process
+    started from a thread at background priority has its niceness; the caller's does not."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from imagebuild.build.runner import BACKGROUND_NICENESS, background_priority
+
+    probe = [sys.executable, "-c", "import os; print(os.getpriority(os.PRIO_PROCESS, 0))"]
+    seen: list[int] = []
+
+    def in_background() -> None:
+        background_priority()
+        seen.append(int(subprocess.run(probe, capture_output=True, check=True).stdout))
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.Thread(target=in_background)
+    thread.start()
+    thread.join()
+    assert seen == [max(before, BACKGROUND_NICENESS)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    assert int(subprocess.run(probe, capture_output=True, check=True).stdout) == before

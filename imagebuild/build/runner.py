@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -44,6 +45,25 @@ class ProcessFailed(Exception):
             if lines:
                 return lines[-1]
         return f"exit {self.returncode}"
+
+
+BACKGROUND_NICENESS = 10
+"""The niceness ``background_priority`` gives (0 is the default, 19 the lowest priority)."""
+
+
+def background_priority() -> None:
+    """Run this thread, and every process it starts from now on, at background priority.
+
+    Linux keeps a niceness per thread, and a process starts with that of the thread that
+    started it. Where the thread cannot be named so (another system), or a niceness already
+    above it was set, nothing changes.
+    """
+    try:
+        thread = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, thread) < BACKGROUND_NICENESS:
+            os.setpriority(os.PRIO_PROCESS, thread, BACKGROUND_NICENESS)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_captured(
