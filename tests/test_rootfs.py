@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
+import time
 from pathlib import Path, PurePosixPath
 
+import pytest
+
+from imagebuild import cache
 from imagebuild.digest import Digest
 from imagebuild.image.descriptor import OCI_LAYER_TAR
 from imagebuild.image.model import BaseImage
@@ -136,3 +141,48 @@ def test_a_directory_turned_into_a_link_leading_out_is_not_written_through(
     root = unpack_rootfs(base, store, tmp_path / "rootfs")
     assert list(outside.iterdir()) == []
     assert (root / "usr/lib/f/kept.py").read_bytes() == b"yes"
+
+
+def test_a_base_is_unpacked_in_memory_when_there_is_room_else_on_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On ext4 an unpack's file creation cost a cold build 0.2-0.4 s of its critical path;
+    where the memory staging root has room the tree goes there, and a tree already on disk
+    (unpacked before, or where there was no room) is used where it is."""
+    disk, memory = tmp_path / "cache/rootfs", tmp_path / "shm"
+    memory.mkdir()
+    monkeypatch.setattr(cache, "memory_scratch_root", lambda: memory)
+    assert cache.rootfs_home(disk, "ab" * 32) == memory / "rootfs"
+    (disk / ("cd" * 32)).mkdir(parents=True)
+    assert cache.rootfs_home(disk, "cd" * 32) == disk
+    monkeypatch.setattr(cache, "memory_scratch_root", lambda: None)
+    assert cache.rootfs_home(disk, "ab" * 32) == disk
+
+
+def test_trees_in_memory_no_build_used_for_a_day_go_when_another_is_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = tmp_path / "shm"
+    monkeypatch.setattr(cache, "memory_scratch_root", lambda: memory)
+    store = BlobStore(tmp_path / "blobs")
+    base = _base(store, [("file", "usr/bin/python3.11", b"ELF")])
+    home = memory / "rootfs"
+    old, recent = home / "old", home / "recent"
+    for tree in (old, recent):
+        (tree / "usr/bin").mkdir(parents=True)
+    two_days = time.time() - 2 * cache.ROOTFS_IDLE
+    os.utime(old, (two_days, two_days))
+    os.utime(recent, (time.time() - cache.ROOTFS_IDLE / 2,) * 2)
+    disk_old = tmp_path / "cache/rootfs/old"
+    disk_old.mkdir(parents=True)
+    os.utime(disk_old, (two_days, two_days))
+
+    root = unpack_rootfs(base, store, home, made=cache.forget_idle_trees)
+    assert (root / "usr/bin/python3.11").read_bytes() == b"ELF"
+    assert sorted(p.name for p in home.iterdir()) == sorted([root.name, "recent"])
+    cache.forget_idle_trees(disk_old.parent)  # the disk cache's trees are not memory's to drop
+    assert disk_old.is_dir()
+    # A build that uses a kept tree marks it used, so another's sweep leaves it alone.
+    os.utime(root, (two_days, two_days))
+    assert unpack_rootfs(base, store, home) == root
+    assert root.stat().st_mtime > time.time() - 60

@@ -17,6 +17,7 @@ import os
 import shutil
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
 from imagebuild.digest import digest_hex
@@ -28,10 +29,21 @@ _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
 
 
-def unpack_rootfs(base: BaseImage, store: LayerFiles, into: Path) -> Path:
-    """The base's filesystem under ``into/<manifest hex>``, unpacked once and kept."""
+def unpack_rootfs(
+    base: BaseImage,
+    store: LayerFiles,
+    into: Path,
+    *,
+    made: Callable[[Path], None] | None = None,
+) -> Path:
+    """The base's filesystem under ``into/<manifest hex>``, unpacked once and kept.
+
+    Each use touches the tree's time (what ``cache.forget_idle_trees`` goes by); ``made``
+    is called with ``into`` after an unpack.
+    """
     root = into / digest_hex(base.manifest_digest)
     if root.is_dir():
+        _touch(root)
         return root
     into.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=into))
@@ -47,7 +59,17 @@ def unpack_rootfs(base: BaseImage, store: LayerFiles, into: Path) -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+    _touch(root)
+    if made is not None:
+        made(into)
     return root
+
+
+def _touch(root: Path) -> None:
+    try:
+        os.utime(root)
+    except OSError:
+        pass
 
 
 class _Tree:

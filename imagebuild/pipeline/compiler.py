@@ -45,7 +45,8 @@ class CompilerChoice:
     native: NativeVariant | None = None
     """Pulls the base's variant for the engine's CPU, when it differs from the target's."""
     rootfs: Path | None = None
-    """Where bases' filesystems are unpacked to run their Python on this host (None: never)."""
+    """Where bases' filesystems are unpacked to run their Python on this host, on disk (None:
+    never); in memory instead when there is room (``cache.rootfs_home``)."""
 
 
 def choose_compiler(
@@ -91,13 +92,16 @@ def _native_run(
     facts: BaseFacts, base: BaseImage, choice: CompilerChoice, ports: Ports
 ) -> BytecodeCompiler | None:
     """The base's own Python run here, under its own loader, when the CPUs match."""
+    from imagebuild.cache import forget_idle_trees, rootfs_home
+    from imagebuild.digest import digest_hex
     from imagebuild.image.rootfs import unpack_rootfs
     from imagebuild.install.native import host_arch, native_compiler
 
     arch = str(base.config.get("architecture", ""))
     if choice.rootfs is None or host_arch() != arch:
         return None
-    root = unpack_rootfs(base, choice.layers or choice.store, choice.rootfs)
+    home = rootfs_home(choice.rootfs, digest_hex(base.manifest_digest))
+    root = unpack_rootfs(base, choice.layers or choice.store, home, made=forget_idle_trees)
     identity = f"image:{engine_base_tag(base.manifest_digest)}:{facts.interpreter}"
     compiler = native_compiler(root, facts.interpreter, arch=arch, identity=identity)
     if compiler is None:
