@@ -278,6 +278,15 @@ def gzip_size(data: bytes) -> int:
 # -- imgbuild ----------------------------------------------------------------------------------
 
 
+def forget_memory_trees() -> None:
+    """Remove the bases imgbuild keeps unpacked in memory (``cache.rootfs_home``).
+
+    They are kept outside the cache directory, by base, for every later build of the user:
+    a cold build, or a fresh CI runner, starts without them.
+    """
+    shutil.rmtree(Path("/dev/shm") / f"imgbuild-{os.getuid()}" / "rootfs", ignore_errors=True)
+
+
 class Imgbuild:
     """imgbuild with its own cache directory (and uv cache, for the project's wheel build)."""
 
@@ -292,6 +301,7 @@ class Imgbuild:
         self.runs += 1
         if cold or self.cache is None:
             self.cache = self.workdir / f"imgbuild-cache-{self.runs}"
+            forget_memory_trees()
         out = self.workdir / f"imgbuild-oci-{self.runs}"
         # The project's wheel is built through `build` with uv installing hatchling: keep that
         # cache next to imgbuild's, so a cold build really starts from nothing.
