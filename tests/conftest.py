@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from imagebuild.cache import memory_scratch_root
 
 pytest_plugins = [
     "tests.fixtures.index_server",
@@ -28,6 +32,19 @@ def shared_debian_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One Debian archive cache for the session: every build on a built base (the default)
     reads the same indexes and .debs, as users' caches do, instead of one download per test."""
     return tmp_path_factory.mktemp("debian-archive")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def memory_trees_left_as_found() -> Iterator[None]:
+    """The bases the session's builds unpack in memory (``cache.rootfs_home``) are removed
+    when it ends: they would hold the machine's memory until it restarts."""
+    memory = memory_scratch_root()
+    home = memory / "rootfs" if memory is not None else None
+    before = set(home.iterdir()) if home is not None and home.is_dir() else set()
+    yield
+    if home is not None and home.is_dir():
+        for tree in set(home.iterdir()) - before:
+            shutil.rmtree(tree, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
