@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -91,9 +90,11 @@ def test_bases_lists_the_catalog() -> None:
     assert "python:3.12-alpine" in result.stdout
 
 
-def _exits(monkeypatch: pytest.MonkeyPatch, code: object) -> list[str]:
-    """Run ``cli.main`` over a command that ends with ``SystemExit(code)``; what it did."""
+def _exits(monkeypatch: pytest.MonkeyPatch, code: object, *, threads: int = 1) -> list[str]:
+    """Run ``cli.main`` over a command that ends with ``SystemExit(code)`` while ``threads``
+    threads run (the session's servers are not counted); what it did."""
     done: list[str] = []
+    monkeypatch.setattr(cli.threading, "active_count", lambda: threads)
 
     def command() -> None:
         raise SystemExit(code)
@@ -123,12 +124,5 @@ def test_main_leaves_at_once_after_the_exit_handlers_when_no_other_thread_runs(
 def test_main_exits_as_usual_while_another_thread_still_runs(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    release = threading.Event()
-    worker = threading.Thread(target=release.wait)
-    worker.start()
-    try:
-        # The interpreter's own exit then waits for the thread: no handler is run early.
-        assert _exits(monkeypatch, 2) == ["status 2"]
-    finally:
-        release.set()
-        worker.join()
+    # The interpreter's own exit then waits for the thread: no handler is run early.
+    assert _exits(monkeypatch, 2, threads=2) == ["status 2"]
