@@ -48,11 +48,11 @@ class ProcessFailed(Exception):
 
 
 BACKGROUND_NICENESS = 10
-"""The niceness ``background_priority`` gives (0 is the default, 19 the lowest priority)."""
+"""The niceness ``background_priority`` gives by default (0 is the default, 19 the lowest)."""
 
 
-def background_priority() -> None:
-    """Run this thread, and every process it starts from now on, at background priority.
+def background_priority(niceness: int = BACKGROUND_NICENESS) -> None:
+    """Run this thread, and every process it starts from now on, at ``niceness``.
 
     Linux keeps a niceness per thread, and a process starts with that of the thread that
     started it. Where the thread cannot be named so (another system), or a niceness already
@@ -60,8 +60,8 @@ def background_priority() -> None:
     """
     try:
         thread = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, thread) < BACKGROUND_NICENESS:
-            os.setpriority(os.PRIO_PROCESS, thread, BACKGROUND_NICENESS)
+        if os.getpriority(os.PRIO_PROCESS, thread) < niceness:
+            os.setpriority(os.PRIO_PROCESS, thread, niceness)
     except (OSError, AttributeError):
         pass
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments
+from imagebuild.build.runner import background_priority
 from imagebuild.build.sdist import build_sdist_wheel
 from imagebuild.cache import CacheLayout
 from imagebuild.errors import ProjectError, TargetError
@@ -249,7 +250,7 @@ def _prepare(
             remote=build.remote,
         )
         compiler = choosing.result() if choosing is not None else None
-    links = checks.submit(_check_links, build, arch, base, below_wheels, wheels, gathering)
+    links = checks.submit(_check_links_behind, build, arch, base, below_wheels, wheels, gathering)
     return _Prepared(below=below, venv=venv, compiler=compiler, wheels=wheels, links=links)
 
 
@@ -332,6 +333,22 @@ def _check_links(
         http=build.ports.http,
         recipe=build.base.built.base if build.base.built is not None else None,
     )
+
+
+def _check_links_behind(
+    build: PlatformBuild,
+    arch: str,
+    base: BaseImage,
+    wheels: Sequence[PlannedWheel],
+    lazy: LazyWheels,
+    gathering: Future[LinkRecords],
+) -> None:
+    """``_check_links`` at background priority, beside the layers: its answer is needed last.
+
+    At the layers' priority it slowed them (FastAPI cold: 4.5% slower, 10 paired runs).
+    """
+    background_priority()
+    _check_links(build, arch, base, wheels, lazy, gathering)
 
 
 def _planned(name: str, wheel: Path) -> PlannedWheel:
