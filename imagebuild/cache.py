@@ -274,8 +274,9 @@ ROOTFS_IDLE = 24 * 3600
 def rootfs_home(disk: Path, name: str) -> Path:
     """Where the base named ``name`` (its manifest digest's hex) is, or is to be, unpacked.
 
-    In memory (``<memory staging root>/rootfs``) when there is room there, and on disk
-    (``disk``, the cache's ``rootfs``) otherwise or when the tree is already there. An
+    In memory (``<memory staging root>/rootfs``) when there is room there and programs may
+    run from it, and on disk (``disk``, the cache's ``rootfs``) otherwise or when the tree
+    is already there. An
     unpack creates hundreds of files, and on ext4 the kernel's share of that took a cold
     build's critical path 0.2-0.4 s, on tmpfs 0.1 s. A tree in memory lasts until the
     machine restarts (the next build unpacks it again from the base's blob, kept on disk),
@@ -285,7 +286,31 @@ def rootfs_home(disk: Path, name: str) -> Path:
     if (disk / name).is_dir():
         return disk
     memory = memory_scratch_root()
-    return disk if memory is None else memory / "rootfs"
+    if memory is None or not _allows_exec(_SHM):
+        return disk  # a noexec /dev/shm (hardened hosts) could not start the base's loader
+    return memory / "rootfs"
+
+
+def _allows_exec(mount_point: Path) -> bool:
+    """Whether programs may run from the file system mounted at ``mount_point``."""
+    try:
+        mounts = Path("/proc/self/mounts").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return mount_allows_exec(mounts, mount_point)
+
+
+def mount_allows_exec(mounts: str, mount_point: Path) -> bool:
+    """Whether ``mounts`` (``/proc/self/mounts``) mounts ``mount_point`` without ``noexec``.
+
+    The last line for that point counts, as the last mount there hides the others.
+    """
+    options = None
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 4 and fields[1] == str(mount_point):
+            options = fields[3].split(",")
+    return options is not None and "noexec" not in options
 
 
 def forget_idle_trees(home: Path, *, idle: float = ROOTFS_IDLE) -> None:

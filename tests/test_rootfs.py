@@ -152,11 +152,27 @@ def test_a_base_is_unpacked_in_memory_when_there_is_room_else_on_disk(
     disk, memory = tmp_path / "cache/rootfs", tmp_path / "shm"
     memory.mkdir()
     monkeypatch.setattr(cache, "memory_scratch_root", lambda: memory)
+    monkeypatch.setattr(cache, "_allows_exec", lambda _: True)
     assert cache.rootfs_home(disk, "ab" * 32) == memory / "rootfs"
     (disk / ("cd" * 32)).mkdir(parents=True)
     assert cache.rootfs_home(disk, "cd" * 32) == disk
+    # A noexec /dev/shm (hardened hosts) could not start the base's loader.
+    monkeypatch.setattr(cache, "_allows_exec", lambda _: False)
+    assert cache.rootfs_home(disk, "ab" * 32) == disk
+    monkeypatch.setattr(cache, "_allows_exec", lambda _: True)
     monkeypatch.setattr(cache, "memory_scratch_root", lambda: None)
     assert cache.rootfs_home(disk, "ab" * 32) == disk
+
+
+def test_only_a_file_system_mounted_without_noexec_runs_programs() -> None:
+    shm = Path("/dev/shm")
+    exec_ok = "tmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0\n"
+    hardened = "tmpfs /dev/shm tmpfs rw,nosuid,nodev,noexec,relatime,size=65536k 0 0\n"
+    assert cache.mount_allows_exec(exec_ok, shm)
+    assert not cache.mount_allows_exec(hardened, shm)
+    assert not cache.mount_allows_exec(exec_ok + hardened, shm)  # the last mount hides others
+    assert cache.mount_allows_exec(hardened + exec_ok, shm)
+    assert not cache.mount_allows_exec("proc /proc proc rw 0 0\n", shm)  # not mounted
 
 
 def test_trees_in_memory_no_build_used_for_a_day_go_when_another_is_unpacked(
