@@ -274,14 +274,13 @@ ROOTFS_IDLE = 24 * 3600
 def rootfs_home(disk: Path, name: str) -> Path:
     """Where the base named ``name`` (its manifest digest's hex) is, or is to be, unpacked.
 
-    In memory (``<memory staging root>/rootfs``) when there is room there and programs may
-    run from it, and on disk (``disk``, the cache's ``rootfs``) otherwise or when the tree
-    is already there. An
-    unpack creates hundreds of files, and on ext4 the kernel's share of that took a cold
-    build's critical path 0.2-0.4 s, on tmpfs 0.1 s. A tree in memory lasts until the
-    machine restarts (the next build unpacks it again from the base's blob, kept on disk),
-    and trees no build has used for ``ROOTFS_IDLE`` seconds are removed when another is
-    unpacked there (``forget_idle_trees``), so memory does not fill with old bases.
+    In memory (``<memory staging root>/rootfs``) when there is room there and programs may run
+    from it, and on disk (``disk``, the cache's ``rootfs``) otherwise or when the tree is
+    already there. An unpack creates hundreds of files, and on ext4 the kernel's share of that
+    took a cold build's critical path 0.2-0.4 s, on tmpfs 0.1 s. A tree in memory lasts until
+    the machine restarts (the next build unpacks it again from the base's blob, kept on disk),
+    and trees no build has used for ``ROOTFS_IDLE`` seconds are removed when another is unpacked
+    there (``forget_idle_trees``), so memory does not fill with old bases.
     """
     if (disk / name).is_dir():
         return disk

@@ -380,11 +380,12 @@ def plan(
 def main() -> None:
     """The ``imgbuild`` command: run it, then leave without tearing the interpreter down.
 
-    Once the command is done, its output flushed and the ``atexit`` handlers run (the
-    layer workers' fork server stopped, temporary files removed), tearing down a build's
-    modules and objects one by one only cost each run about 60 ms (a tenth of a warm
-    build). That is skipped when the main thread is the only one left; when any other
-    is still running, the interpreter exits as usual and waits for it.
+    Once the command is done, its output flushed and the ``atexit`` handlers run
+    (multiprocessing's and tempfile's clean-ups), tearing down a build's modules and objects one
+    by one only cost each run about 60 ms (a tenth of a warm build); the layer workers' fork
+    server ends by itself once this process is gone. The teardown is skipped only when the main
+    thread is the only one left; while any other runs, the interpreter exits as usual and waits
+    for it.
     """
     try:
         app()
