@@ -201,7 +201,22 @@ def test_replayable_requests() -> None:
 
 
 def test_the_client_honours_ssl_cert_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """A proxy's CA comes from SSL_CERT_FILE: the run's client must read it (trust_env)."""
+    """A proxy's CA comes from SSL_CERT_FILE: the run's client must read it (trust_env), when
+    it first sends a request; a file that is missing fails that request in one line, at once."""
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
-    with pytest.raises(OSError):
-        http_client()
+    waits: list[float] = []
+    with http_client(retry=RetryPolicy(attempts=3, sleep=waits.append)) as client:
+        with pytest.raises(httpx.ConnectError) as info:
+            client.get("https://127.0.0.1:9/")
+    assert waits == []  # not retried: the file will not appear
+    message = str(info.value)
+    assert "\n" not in message
+    assert "SSL_CERT_FILE" in message and "missing-ca.pem" in message
+
+
+def test_a_run_that_sends_nothing_never_loads_the_certificates(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
+    with http_client():
+        pass

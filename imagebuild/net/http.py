@@ -29,6 +29,8 @@ build.
 from __future__ import annotations
 
 import email.utils
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -305,11 +307,64 @@ class _RetryingClient(httpx.Client):
         super().__init__(timeout=timeouts.httpx_timeout(), **kwargs)
 
     def _init_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
-        return RetryTransport(super()._init_transport(*args, **kwargs), policy=self._retry_policy)
+        make = super()._init_transport
+        if kwargs.get("transport") is not None:
+            return RetryTransport(make(*args, **kwargs), policy=self._retry_policy)
+        return _LazyTransport(
+            lambda: RetryTransport(make(*args, **kwargs), policy=self._retry_policy)
+        )
 
     def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
-        inner = super()._init_proxy_transport(*args, **kwargs)
-        return RetryTransport(inner, policy=self._retry_policy)
+        make = super()._init_proxy_transport
+        return _LazyTransport(
+            lambda: RetryTransport(make(*args, **kwargs), policy=self._retry_policy)
+        )
+
+
+class _LazyTransport(httpx.BaseTransport):
+    """A transport made when its first request comes.
+
+    A run that sends none (a rebuild from the cache) never loads the CA certificates,
+    which costs a warm build about 40 ms.
+
+    Certificates that cannot be loaded (``SSL_CERT_FILE`` naming no file, say) fail that
+    request with a ``ConnectError`` saying so, not retried: every later one would fail alike.
+    """
+
+    def __init__(self, make: Callable[[], httpx.BaseTransport]) -> None:
+        self._make = make
+        self._made: httpx.BaseTransport | None = None
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` through the transport, made now if this is the first."""
+        return self._transport(request).handle_request(request)
+
+    def _transport(self, request: httpx.Request) -> httpx.BaseTransport:
+        with self._lock:
+            if self._made is None:
+                try:
+                    self._made = self._make()
+                except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                    # httpx read them from these variables (trust_env): name what they say.
+                    given = [
+                        f"{name}={os.environ[name]}"
+                        for name in ("SSL_CERT_FILE", "SSL_CERT_DIR")
+                        if os.environ.get(name)
+                    ]
+                    raise httpx.ConnectError(
+                        f"cannot load the TLS certificates to trust "
+                        f"({', '.join(given) or 'the system store'}): {exc}; "
+                        "check SSL_CERT_FILE and SSL_CERT_DIR",
+                        request=request,
+                    ) from exc
+            return self._made
+
+    def close(self) -> None:
+        """Close the transport, if a request made it."""
+        with self._lock:
+            if self._made is not None:
+                self._made.close()
 
 
 def http_client(
