@@ -21,6 +21,7 @@ from imagebuild import __version__
 from imagebuild.commands import options as opt
 from imagebuild.commands.base import base_app
 from imagebuild.commands.dockerfile import dockerfile as _dockerfile_command
+from imagebuild.commands.server import server_app
 from imagebuild.commands.wiring import (
     cache_dir as _cache_dir,
 )
@@ -329,6 +330,7 @@ def verify(
 
 app.command(name="dockerfile")(_dockerfile_command)
 app.add_typer(base_app, name="base")
+app.add_typer(server_app, name="server")
 
 
 @app.command()
@@ -387,17 +389,24 @@ def main() -> None:
     thread is the only one left; while any other runs, the interpreter exits as usual and waits
     for it.
     """
+    status = run_command()
+    if threading.active_count() > 1:
+        raise SystemExit(status)
+    atexit._run_exitfuncs()
+    os._exit(status)
+
+
+def run_command() -> int:
+    """Run the command ``sys.argv`` names; its exit status, its output flushed."""
     try:
         app()
         code: object = 0
     except SystemExit as exc:
         code = exc.code
+    status = exit_status(code)
     sys.stdout.flush()
     sys.stderr.flush()
-    if threading.active_count() > 1:
-        raise SystemExit(code)
-    atexit._run_exitfuncs()
-    os._exit(exit_status(code))
+    return status
 
 
 def exit_status(code: object) -> int:

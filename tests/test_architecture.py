@@ -36,7 +36,13 @@ STAGES: tuple[tuple[str, ...], ...] = (
     ("imagebuild.debian",),
     ("imagebuild.sinks",),
     ("imagebuild.pipeline",),
-    ("imagebuild.cli", "imagebuild.__main__", "imagebuild.commands"),
+    (
+        "imagebuild.cli",
+        "imagebuild.__main__",
+        "imagebuild.commands",
+        "imagebuild.launch",
+        "imagebuild.server",
+    ),
 )
 
 
