@@ -64,6 +64,10 @@ _REQUEST_SECONDS = 5.0
 """How long the server waits for a connection's request before dropping it."""
 
 
+_serving: list[Path] = []
+"""In a build a server forked: the server's directory (the list is empty elsewhere)."""
+
+
 class ServerUnavailable(Exception):
     """No server can be used here (the reason is the message)."""
 
@@ -122,6 +126,11 @@ def identity() -> str:
         except OSError:
             continue
     return digest.hexdigest()[:16]
+
+
+def serving_home() -> Path | None:
+    """The server's directory in a build it runs (resident hook processes live there)."""
+    return _serving[0] if _serving else None
 
 
 def socket_path(where: Path, ident: str) -> Path:
@@ -258,6 +267,7 @@ def serve(idle: float, run: Callable[[], int]) -> None:
     """
     where = home()
     ident = identity()
+    _serving[:] = [where]  # what the forked builds see; no build runs in the server itself
     lock = open(where / f"server-{ident}.lock", "w")  # noqa: SIM115  # held for life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -297,6 +307,21 @@ def serve(idle: float, run: Callable[[], int]) -> None:
         except OSError:
             pass
         Path(lock.name).unlink(missing_ok=True)
+        _stop_resident_hooks(where)
+
+
+def _stop_resident_hooks(where: Path) -> None:
+    """Ask the resident backend processes builds started here to leave (``build.resident``)."""
+    for path in sorted(where.glob("hooks-*.sock")):
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        conn.settimeout(1.0)
+        try:
+            conn.connect(str(path))
+            conn.sendall(json.dumps({"op": "stop"}).encode() + b"\n")
+        except OSError:
+            pass
+        finally:
+            conn.close()
 
 
 def _preload() -> None:

@@ -80,6 +80,8 @@ class BuildEnvironments:
     """Directory of kept environments; None makes a throwaway one per build."""
     credentials: IndexCredentials | None = None
     """The indexes' credentials, put into their URLs only for the installer process."""
+    resident: Path | None = None
+    """Where resident backend processes listen (``build.resident``); None: none is used."""
 
     @contextmanager
     def builder(self, source: Path, runner: Runner) -> Iterator[ProjectBuilder]:
@@ -239,7 +241,9 @@ def _build_wheel(
 ) -> Path:
     """Run the backend on ``source`` (``project_dir`` or a filtered copy of it)."""
     where = project_dir / "pyproject.toml"
-    runner = hook_runner({"SOURCE_DATE_EPOCH": str(source_date_epoch)})
+    # A filtered copy is a new directory each build: no resident backend would serve twice.
+    resident = envs.resident if source == project_dir else None
+    runner = hook_runner({"SOURCE_DATE_EPOCH": str(source_date_epoch)}, resident=resident)
     try:
         with envs.builder(source, runner) as builder:
             return Path(builder.build("wheel", out_dir))

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from imagebuild.build.resident import NotServed, run_resident
+
 
 class Runner(Protocol):
     """pypa/build's subprocess runner (``ProjectBuilder(runner=...)``)."""
@@ -99,8 +101,13 @@ def run_captured(
     return proc.stdout.decode("utf-8", "replace")
 
 
-def hook_runner(extra_env: Mapping[str, str] | None = None) -> Runner:
+def hook_runner(
+    extra_env: Mapping[str, str] | None = None, *, resident: Path | None = None
+) -> Runner:
     """A pypa/build runner that captures output as ``run_captured`` does.
+
+    With ``resident`` (the resident server's directory), a hook is forked from a resident
+    process that imported the backend (``build.resident``), when one answers.
 
     The environment is this process's, then pypa/build's additions, then ``extra_env``
     (``SOURCE_DATE_EPOCH``) over both. Bytecode goes under the build environment (the
@@ -117,6 +124,15 @@ def hook_runner(extra_env: Mapping[str, str] | None = None) -> Runner:
         env = {**os.environ, **(extra_environ or {}), **fixed}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(Path(cmd[0]).parent.parent / ".pycache")
+        if resident is not None and cwd is not None:
+            try:
+                status, stdout, stderr = run_resident(resident, cmd, cwd, env)
+            except NotServed:
+                pass
+            else:
+                if status != 0:
+                    raise ProcessFailed(cmd, status, stdout, stderr)
+                return
         run_captured(cmd, cwd=cwd, env=env)
 
     return runner

@@ -19,6 +19,7 @@ import typer
 
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.report import Reporter
+from imagebuild.server import serving_home
 
 if TYPE_CHECKING:
     import httpx
@@ -117,6 +118,7 @@ def ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> P
         host_python=find_host_python,
         reporter=reporter,
         layer_cache=layer_cache,
+        resident_hooks=serving_home(),
     )
 
 

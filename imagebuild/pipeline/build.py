@@ -84,7 +84,10 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     ports.reporter.step(f"lock: {lock.path.name}")
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
-        root=cache.build_envs, indexes=found.indexes, credentials=found.credentials
+        root=cache.build_envs,
+        indexes=found.indexes,
+        credentials=found.credentials,
+        resident=ports.resident_hooks,
     )
     with (
         _scratch(cache) as (work, staging),

@@ -85,3 +85,6 @@ class Ports:
     """Progress and warnings."""
     layer_cache: LayerCacheFactory | None = None
     """Opens the registry layer cache (``--cache-from``/``--cache-to``); None: no registry."""
+    resident_hooks: Path | None = None
+    """Where the project's PEP 517 hooks find resident backend processes (the resident
+    server's directory, in a build it runs); None: each hook in a new process."""

@@ -59,7 +59,7 @@ def test_a_build_through_the_server_makes_the_same_image(
         assert _imgbuild(served, "server", "start").returncode == 0
         digests = []
         for env, name in ((alone, "alone"), (served, "served"), (served, "again")):
-            cache = tmp_path / f"cache-{name}"
+            cache = tmp_path / ("cache-alone" if name == "alone" else "cache-served")
             result = _imgbuild(
                 env, "build", str(project), "--cache-dir", str(cache),
                 "-o", f"oci:{tmp_path / name}",
@@ -70,8 +70,16 @@ def test_a_build_through_the_server_makes_the_same_image(
             digests.append(match[1])
         assert _builds(served) == 2
         assert digests[0] == digests[1] == digests[2]
+        # The served builds' project wheel: the second was forked from the resident backend
+        # process the first started (one process: same environment, directory and backend);
+        # stopping the server stops it too.
+        assert len(list(where.glob("hooks-*.sock"))) == 1
     finally:
         _imgbuild(served, "server", "stop")
+    deadline = time.monotonic() + 30
+    while list(where.glob("hooks-*.sock")):
+        assert time.monotonic() < deadline, "a resident backend process outlived the server"
+        time.sleep(0.05)
 
 
 def test_sigterm_to_the_caller_unwinds_the_build_in_the_server(
