@@ -42,6 +42,7 @@ STAGES: tuple[tuple[str, ...], ...] = (
         "imagebuild.commands",
         "imagebuild.launch",
         "imagebuild.server",
+        "imagebuild.client",
     ),
 )
 

@@ -4,7 +4,7 @@ when it leaves, and where it refuses to live."""
 
 from __future__ import annotations
 
-import json
+import marshal
 import os
 import signal
 import socket
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild import server
+from imagebuild import client
 
 _WAIT = 60.0
 
@@ -239,15 +239,27 @@ def test_a_directory_others_may_enter_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_request_that_is_not_one_leaves_the_server_serving(serving: dict[str, str]) -> None:
-    path = server.socket_path(Path(serving["IMGBUILD_SERVER_DIR"]), _identity(serving))
-    for junk in (b"not json\n", b"[1, 2]\n", json.dumps({"op": "run"}).encode() + b"\n", b""):
+    path = client.socket_path(serving["IMGBUILD_SERVER_DIR"], _identity(serving))
+    junks = [
+        b"not a message at all",
+        (5).to_bytes(4, "big") + b"12",  # cut short
+        _message([1, 2]),  # not a mapping
+        _message({"op": "run"}),  # no streams passed with it
+        b"",
+    ]
+    for junk in junks:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.connect(str(path))
+            conn.connect(path)
             conn.sendall(junk)
             conn.shutdown(socket.SHUT_WR)
             conn.settimeout(_WAIT)
             assert conn.recv(100) == b""  # dropped, no build forked
     assert _status(serving)["builds"] == 0  # type: ignore[index]
+
+
+def _message(value: object) -> bytes:
+    data = marshal.dumps(value)
+    return len(data).to_bytes(4, "big") + data
 
 
 def _identity(env: dict[str, str]) -> str:
@@ -265,11 +277,11 @@ def test_the_name_follows_the_package_files(
     module = package / "cli.py"
     module.write_text("x = 1\n")
     (package / "notes.txt").write_text("not a module")
-    monkeypatch.setattr(server, "__file__", str(package / "server.py"))
-    first = server.identity()
-    assert server.identity() == first
+    monkeypatch.setattr(client, "__file__", str(package / "client.py"))
+    first = client.identity()
+    assert client.identity() == first
     (package / "notes.txt").write_text("still not a module")
-    assert server.identity() == first
+    assert client.identity() == first
     module.write_text("x = 2\n")
     os.utime(module, ns=(1, 1))
-    assert server.identity() != first
+    assert client.identity() != first

@@ -12,7 +12,7 @@ from typing import NoReturn
 
 import typer
 
-from imagebuild import server
+from imagebuild import client
 from imagebuild.commands.wiring import fail
 from imagebuild.errors import ImagebuildError
 
@@ -31,7 +31,7 @@ def start() -> None:
     answer = _control("status")
     if answer is None:
         try:
-            server.start_in_background()
+            client.start_in_background()
         except OSError as exc:
             _refuse(f"cannot start the server: {exc}", f"see {_home()}/server.log")
         deadline = time.monotonic() + _START_SECONDS
@@ -69,15 +69,15 @@ def _running(answer: dict[str, object]) -> str:
 
 def _control(op: str) -> dict[str, object] | None:
     try:
-        return server.control(op)
-    except server.ServerUnavailable as exc:
-        _refuse(f"no server here: {exc}", f"set {server.DIR_ENV} to a private directory")
+        return client.control(op)
+    except client.ServerUnavailable as exc:
+        _refuse(f"no server here: {exc}", f"set {client.DIR_ENV} to a private directory")
 
 
 def _home() -> str:
     try:
-        return str(server.home())
-    except server.ServerUnavailable:
+        return client.home()
+    except client.ServerUnavailable:
         return "its directory"
 
 
