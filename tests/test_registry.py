@@ -374,6 +374,23 @@ def test_index_platform_selection(
         == arm.digest
     )
 
+    # Manifests named by digest are kept: a tag costs one request (its index), a base
+    # pinned by digest none once kept; a store without them asks again.
+    methods: list[str] = []
+    http.event_hooks["request"] = [lambda request: methods.append(request.url.path)]
+    again = client.pull_image(index_ref, platform=("linux", "arm64"), store=pulled)
+    assert (again.manifest_digest, again.config) == (arm.digest, base.config)
+    assert methods == ["/v2/test/multi/manifests/multi"]
+    pinned = index_ref.with_digest(digest_bytes(index))
+    for expected in ([f"/v2/test/multi/manifests/{digest_bytes(index)}"], []):
+        methods.clear()
+        assert client.pull_image(pinned, store=pulled).manifest_digest == amd.digest
+        assert methods == expected
+    methods.clear()
+    client.pull_image(pinned, store=BlobStore(tmp_path / "empty"))
+    assert len([m for m in methods if "/manifests/" in m]) == 2
+    http.event_hooks["request"] = []
+
     with pytest.raises(RegistryError) as info:
         client.pull_image(index_ref, platform=("linux", "s390x"), store=pulled)
     assert str(info.value).startswith(

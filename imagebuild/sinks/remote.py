@@ -103,10 +103,12 @@ class RegistryClient:
 
         An index or manifest list is resolved to the first entry for the platform. Blobs
         already in ``store`` are not downloaded again; the others are verified while they
-        stream in. A digest-pinned reference must match the bytes received.
+        stream in. A digest-pinned reference must match the bytes received. Manifests named
+        by digest (the platform's, below an index; a pinned reference's) are kept in
+        ``store`` too and read from there: a tag costs one request, a pinned base none.
         """
         op = Op(ref, "pulling", "pull")
-        obj, digest = self._platform_manifest(op, platform)
+        obj, digest = self._platform_manifest(op, platform, store)
         config_desc = _descriptor(obj.get("config"), op, "manifest config")
         if config_desc.media_type not in CONFIG_TYPES:
             raise RegistryError(
@@ -154,11 +156,15 @@ class RegistryClient:
         return digest, manifest, _json_object(resp.content, op, "image config")
 
     def _platform_manifest(
-        self, op: Op, platform: Sequence[str]
+        self, op: Op, platform: Sequence[str], store: BlobStore | None = None
     ) -> tuple[dict[str, object], Digest]:
-        """The image manifest at ``op.ref`` for ``platform`` (through an index) and its digest."""
+        """The image manifest at ``op.ref`` for ``platform`` (through an index) and its digest.
+
+        With a ``store``, manifests named by digest come from it when it holds them, and go
+        into it when fetched.
+        """
         ref = op.ref
-        data, media_type, digest = self.fetch_manifest(ref)
+        data, media_type, digest = self._manifest(ref, None, store)
         if ref.digest is not None and digest != ref.digest:
             raise RegistryError(
                 f"pulling {ref}: manifest hashes to {digest}, not the pinned digest",
@@ -167,7 +173,9 @@ class RegistryClient:
         obj = _json_object(data, op, "manifest")
         if media_type in INDEX_TYPES:
             entry = self._select_platform(op, obj, platform)
-            data, media_type, digest = self.fetch_manifest(ref.with_digest(entry.digest))
+            data, media_type, digest = self._manifest(
+                ref.with_digest(entry.digest), entry.media_type, store
+            )
             if digest != entry.digest:
                 raise RegistryError(
                     f"pulling {ref}: platform manifest hashes to {digest}, "
@@ -264,6 +272,30 @@ class RegistryClient:
         if resp.status_code != 200:
             raise self._session.status_error(op, resp, path)
         return resp.content
+
+    def _manifest(
+        self, ref: ImageReference, media_type: str | None, store: BlobStore | None
+    ) -> tuple[bytes, str, Digest]:
+        """``fetch_manifest``, through ``store`` for a reference by digest.
+
+        A kept manifest's media type is ``media_type`` (its index's word for it), else the one
+        it names itself; one that names none is fetched again.
+        """
+        if store is None or ref.digest is None or not store.has(ref.digest):
+            fetched = self.fetch_manifest(ref)
+            if store is not None and ref.digest is not None and fetched[2] == ref.digest:
+                store.put_bytes(fetched[0])
+            return fetched
+        data = store.read_bytes(ref.digest)
+        if media_type is None:
+            try:
+                named = json.loads(data).get("mediaType")
+            except (ValueError, AttributeError):
+                named = None
+            media_type = named if isinstance(named, str) and named else None
+        if media_type is None:
+            return self.fetch_manifest(ref)
+        return data, media_type, ref.digest
 
     def fetch_manifest(self, ref: ImageReference) -> tuple[bytes, str, Digest]:
         """GET the manifest (or index) at ``ref``: ``(bytes, media type, digest of bytes)``."""
