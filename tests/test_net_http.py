@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import struct
 import threading
@@ -11,6 +13,7 @@ from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import certifi
 import httpx
 import pytest
 
@@ -21,6 +24,7 @@ from imagebuild.net.http import (
     is_replayable,
     retry_after,
     retrying_client,
+    trusted_context,
 )
 
 # One scripted fault per request, in order; "ok" once the script runs out.
@@ -220,3 +224,25 @@ def test_a_run_that_sends_nothing_never_loads_the_certificates(
     monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
     with http_client():
         pass
+
+
+def test_the_trusted_context_is_made_once_per_certificates(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The resident server makes it before forking builds: made again only when the
+    variables name other files, or the files changed."""
+    bundle = tmp_path / "ca.pem"
+    shutil.copy(certifi.where(), bundle)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    first = trusted_context()
+    assert trusted_context() is first
+    os.utime(bundle, ns=(1, 1))
+    changed = trusted_context()
+    assert changed is not first
+    other = tmp_path / "other.pem"
+    shutil.copy(bundle, other)
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    assert trusted_context() not in (first, changed)
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    assert trusted_context() is changed
