@@ -35,6 +35,7 @@ from imagebuild.pipeline.config import (
 )
 from imagebuild.pipeline.debbase import BuiltBases
 from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers
+from imagebuild.pipeline.layerwork import start_compile_server
 from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_link_records
 from imagebuild.pipeline.local import LocalWheels
 from imagebuild.pipeline.ports import Ports, Registry
@@ -488,4 +489,8 @@ def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> Bytecode
         native=native,
         rootfs=CacheLayout(build.request.cache_dir).rootfs,
     )
-    return choose_compiler(facts, base, choice, build.ports)
+    compiler = choose_compiler(facts, base, choice, build.ports)
+    # The layers made in this process (the project's, at least) start its interpreter now,
+    # while the project's wheel is built.
+    start_compile_server(compiler)
+    return compiler
