@@ -135,3 +135,36 @@ def test_a_native_interpreter_counts_only_when_one_start_runs_and_imports(tmp_pa
     fake.write_text(f"#!/bin/sh\necho {sys.version.split()[0]}; exit 1\n")
     fake.chmod(0o755)
     assert probe(fake) == ""
+
+
+def test_a_served_listing_compiles_the_bytes_a_one_off_run_does(tmp_path: Path) -> None:
+    """The compile server (one interpreter, a pool made ahead of each listing) writes the
+    same pycs as a run of its own, listing after listing, and answers every one."""
+    staging = tmp_path / "staging"
+    site = staging / "app" / "site"
+    site.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        (site / f"{name}.py").write_text(
+            f"NAME = {name!r}\nSHARED = ('shared', 'tuple')\ndef f():\n    return NAME, SHARED\n"
+        )
+    pairs = [(site / f"{n}.py", PurePosixPath(f"/app/site/{n}.py")) for n in ("a", "b", "c")]
+    groups = [pairs[:2], pairs[2:]]
+    compiler = HostCompiler(Path(sys.executable))
+
+    def taken() -> dict[str, bytes]:
+        found = sorted(staging.rglob("*.pyc"))
+        out = {p.name: p.read_bytes() for p in found}
+        for path in found:
+            path.unlink()
+        return out
+
+    assert compiler.compile(staging, groups, jobs=1) == 0
+    expected = taken()
+    assert len(expected) == 3
+    server = compiler.serve()
+    try:
+        for _ in range(25):
+            assert server.compile(groups) == 0
+            assert taken() == expected
+    finally:
+        server.close()

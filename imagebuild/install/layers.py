@@ -55,17 +55,47 @@ def work(pairs):
     return failed
 
 
+def groups_of(listing):
+    return [[(str(source), str(dfile)) for source, dfile in group] for group in listing]
+
+
+def pool_of(size):
+    return multiprocessing.get_context("fork").Pool(size, maxtasksperchild=1)
+
+
 def compile_groups(listing, jobs):
-    groups = [[(str(source), str(dfile)) for source, dfile in group] for group in listing]
-    jobs = jobs or min(len(os.sched_getaffinity(0)), 8, max(1, len(groups)))
-    with multiprocessing.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:
+    groups = groups_of(listing)
+    with pool_of(jobs or min(len(os.sched_getaffinity(0)), 8, max(1, len(groups)))) as pool:
         return sum(pool.map(work, groups, chunksize=1))
+
+
+def lines():
+    # os.read, not sys.stdin: a pool forking while this thread held stdin's lock in a read
+    # would leave the child (which closes its stdin) waiting on that lock for ever.
+    pending = b""
+    while chunk := os.read(0, 1 << 16):
+        *done, pending = (pending + chunk).split(b"\n")
+        yield from done
+
+
+def serve(size):
+    # Each listing's pool is made before the listing comes, after the last answer: a listing
+    # does not wait for its workers to start (a tenth of a code change's rebuild through
+    # imgbuild's server). Still a fresh process forked for each group (maxtasksperchild=1),
+    # and the pool closed after its listing, so no worker is forked while a line is read.
+    pool = pool_of(size)
+    for line in lines():
+        failed = sum(pool.map(work, groups_of(json.loads(line)), chunksize=1))
+        pool.close()
+        pool.join()
+        print(failed, flush=True)
+        pool = pool_of(size)
+    pool.terminate()
 
 
 jobs = int(os.environ.get("IMGBUILD_COMPILE_JOBS") or 0)
 if sys.argv[1:] == ["--serve"]:  # a listing a line, each answered with a line
-    for line in sys.stdin:
-        print(compile_groups(json.loads(line), jobs), flush=True)
+    serve(jobs or min(len(os.sched_getaffinity(0)), 8))
 else:
     listing = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
     print(compile_groups(json.load(listing), jobs))
@@ -128,12 +158,18 @@ VERSION_PROBE = "import sys; print(sys.version.split()[0])"
 class HostCompiler:
     """A host interpreter of the target's minor version, run as a fresh subprocess."""
 
-    def __init__(self, executable: Path, *, probe: str = VERSION_PROBE) -> None:
+    def __init__(
+        self, executable: Path, *, probe: str = VERSION_PROBE, known: str | None = None
+    ) -> None:
         """Start it once with ``probe``, a script that prints the full version last.
 
-        ``version`` is empty when it did not start, failed, or took over a minute.
+        ``version`` is empty when it did not start, failed, or took over a minute. ``known``:
+        the version an earlier probe of the same command printed (it is not started then).
         """
         self.executable = executable
+        if known:
+            self._version = known
+            return
         try:
             proc = subprocess.run(
                 [*self.command(), "-I", "-c", probe],

@@ -10,11 +10,13 @@ bytes, without creating a container or sending the sources through the engine's 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
+from imagebuild.cache import write_atomic
 from imagebuild.install.layers import HostCompiler
 
 _MACHINES = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
@@ -38,12 +40,13 @@ class NativeCompiler(HostCompiler):
         library_path: Sequence[Path],
         interpreter: Path,
         identity: str,
+        known: str | None = None,
     ) -> None:
         self.loader = loader
         self.library_path = tuple(library_path)
         self._identity = identity
         # One start tells both that it runs here and that it finds what compiling imports.
-        super().__init__(interpreter, probe=_PROBE)
+        super().__init__(interpreter, probe=_PROBE, known=known)
 
     def command(self) -> list[str]:
         """The loader, told where the base's libraries are, running the base's python."""
@@ -88,12 +91,26 @@ def native_compiler(
     )
     if executable is None or loader is None:
         return None
+    library_path = _library_dirs(root, arch)
+    # An unpacked tree never changes: what its interpreter answered once, it answers again.
+    command = "\0".join(map(str, (loader, *library_path, executable, _PROBE)))
+    record = root / f".imgbuild-probe-{hashlib.sha256(command.encode()).hexdigest()[:16]}"
+    try:
+        known = record.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        known = None
     compiler = NativeCompiler(
         loader=loader,
-        library_path=_library_dirs(root, arch),
+        library_path=library_path,
         interpreter=executable,
         identity=identity,
+        known=known,
     )
+    if compiler.version and known is None:
+        try:
+            write_atomic(record, compiler.version.encode())
+        except OSError:
+            pass  # asked again next time
     return compiler if compiler.version else None
 
 

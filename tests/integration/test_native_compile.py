@@ -11,6 +11,7 @@ from imagebuild.image.name import ImageReference
 from imagebuild.image.rootfs import unpack_rootfs
 from imagebuild.image.store import BlobStore
 from imagebuild.index.simple import SimpleIndex
+from imagebuild.install import layers
 from imagebuild.install.native import host_arch, native_compiler
 from imagebuild.pipeline.bases import base_facts
 from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler
@@ -46,7 +47,9 @@ def _pycs(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.pyc"))}
 
 
-def test_the_native_run_writes_the_engines_bytes(infra: TestInfra, tmp_path: Path) -> None:
+def test_the_native_run_writes_the_engines_bytes(
+    infra: TestInfra, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert host_arch() == "amd64", "the test engine and this host are amd64"
     store = BlobStore(tmp_path / "blobs")
     ref = ImageReference.parse(f"{infra.registry}/library/python:3.11-slim-bookworm")
@@ -59,6 +62,12 @@ def test_the_native_run_writes_the_engines_bytes(infra: TestInfra, tmp_path: Pat
     identity = f"image:{engine_base_tag(base.manifest_digest)}:{facts.interpreter}"
     native = native_compiler(root, facts.interpreter, arch="amd64", identity=identity)
     assert native is not None and native.version.startswith("3.11.")
+    # Its answer is kept in the tree (which never changes): the next choice does not start it.
+    assert [r.read_text() for r in root.glob(".imgbuild-probe-*")] == [native.version]
+    with monkeypatch.context() as patched:
+        patched.setattr(layers.subprocess, "run", _no_process)
+        again = native_compiler(root, facts.interpreter, arch="amd64", identity=identity)
+    assert again is not None and again.version == native.version
 
     here, there = tmp_path / "native", tmp_path / "engine"
     assert native.compile(here, [_tree(here)]) == 1  # broken.py
@@ -78,3 +87,16 @@ def test_the_native_run_writes_the_engines_bytes(infra: TestInfra, tmp_path: Pat
     assert isinstance(compiler, EngineCompiler) and compiler.identity == native.identity
     assert compiler.compile(there, [_tree(there)]) == 1
     assert _pycs(here) == _pycs(there) and len(_pycs(here)) == 2
+    # Its compile server (a listing at a time, each one's pool made ahead of it): the same.
+    server = native.serve()
+    try:
+        for round in range(3):
+            served = tmp_path / f"served-{round}"
+            assert server.compile([_tree(served)]) == 1
+            assert _pycs(served) == _pycs(there)
+    finally:
+        server.close()
+
+
+def _no_process(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the interpreter was started again")
