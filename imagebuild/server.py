@@ -138,12 +138,16 @@ def _preload() -> None:
     for module in pkgutil.walk_packages(imagebuild.__path__, "imagebuild."):
         if module.name != "imagebuild.__main__":
             importlib.import_module(module.name)
+    import httpx
+
     from imagebuild.net.http import trusted_context
 
     try:  # for builds whose certificates are the server's (``trusted_context``)
-        trusted_context()
+        context = trusted_context()
     except (OSError, ValueError):
-        pass  # a build that needs them reports it
+        return  # a build that needs them reports it
+    # httpx imports its connection pool (httpcore, h11) when it makes its first transport.
+    httpx.HTTPTransport(verify=context).close()
 
 
 def _take(
