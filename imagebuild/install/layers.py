@@ -85,10 +85,9 @@ def serve(size):
     # and the pool closed after its listing, so no worker is forked while a line is read.
     pool = pool_of(size)
     for line in lines():
-        failed = sum(pool.map(work, groups_of(json.loads(line)), chunksize=1))
+        print(sum(pool.map(work, groups_of(json.loads(line)), chunksize=1)), flush=True)
         pool.close()
         pool.join()
-        print(failed, flush=True)
         pool = pool_of(size)
     pool.terminate()
 
