@@ -13,7 +13,9 @@ a lock of 173 packages). Both tools build the same copy of each project on the s
 
 1. cold build time: empty caches (a fresh imgbuild --cache-dir and uv cache;
    ``docker builder prune -af`` for the anchor), measured on two clean builds;
-2. warm rebuild time after a one-line change in the project's source;
+2. warm rebuild time after a one-line change in the project's source; for imgbuild also
+   through its resident server (``IMGBUILD_SERVER=1``: started, two earlier changes built
+   through it, then the change, against the anchor's same warm rebuild);
 3. bytes that would be re-pushed after that change: the summed (compressed) sizes of the
    layers whose digest is not in the image built before the change;
 4. peak memory of the cold and the warm builds: resident, and charged with the page cache
@@ -195,6 +197,7 @@ class Result:
     bump: Change  # one locked dependency moved to its newest version
     add: Change  # one dependency added
     notes: tuple[str, ...] = ()
+    served: Build | None = None  # imgbuild: the change again, through the resident server
 
 
 def run(cmd: Sequence[str], *, env: dict[str, str] | None = None, quiet: bool = True) -> str:
@@ -296,8 +299,18 @@ class Imgbuild:
         self.runs = 0
         self.cache: Path | None = None
 
-    def build(self, project: Path, *, cold: bool, extra: Sequence[str] = ()) -> Build:
-        """``cold``: a new, empty cache (kept for the builds after it)."""
+    def build(
+        self,
+        project: Path,
+        *,
+        cold: bool,
+        extra: Sequence[str] = (),
+        served: bool = False,
+        server: Path | None = None,
+    ) -> Build:
+        """``cold``: a new, empty cache (kept for the builds after it). ``served``: through
+        the resident server (``served``); ``server``: its cgroup, whose memory is then the
+        build's."""
         self.runs += 1
         if cold or self.cache is None:
             self.cache = self.workdir / f"imgbuild-cache-{self.runs}"
@@ -305,7 +318,7 @@ class Imgbuild:
         out = self.workdir / f"imgbuild-oci-{self.runs}"
         # The project's wheel is built through `build` with uv installing hatchling: keep that
         # cache next to imgbuild's, so a cold build really starts from nothing.
-        env = {**self.env, "UV_CACHE_DIR": str(self.cache / "uv")}
+        env = {**self.env, "UV_CACHE_DIR": str(self.cache / "uv"), **self.server_env(served)}
         cmd = [
             str(REPO / ".venv/bin/imgbuild"), "build", str(project),
             "--base", "debian-slim", "--python", "3.11", "--locked",
@@ -318,18 +331,67 @@ class Imgbuild:
             cmd = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup), *cmd]
         except OSError:
             cgroup = None  # type: ignore[assignment]  # no cgroup v1 memory controller here
-        sampler = ResidentSampler(cgroup) if cgroup is not None else None
+        # Served, the build runs in the server's processes: its memory is counted there.
+        measured = server if server is not None else cgroup
+        if server is not None:
+            reset_peak(server)
+        sampler = ResidentSampler(measured) if measured is not None else None
         if sampler is not None:
             sampler.start()
         seconds, stdout = timed(cmd, env=env)
         memory = resident = None
-        if cgroup is not None and sampler is not None:
+        if measured is not None and sampler is not None:
             resident = sampler.stop()
-            memory = read_peak(cgroup)
+            memory = read_peak(measured)
+        if cgroup is not None:
             reset_peak(cgroup)
             cgroup.rmdir()
         digest = stdout.strip().splitlines()[-1].removeprefix("digest: ")
         return Build(seconds, digest, self.layers(out, digest), memory, resident)
+
+    def server_env(self, served: bool) -> dict[str, str]:
+        """What sends builds to the resident server (its directory in the work directory)."""
+        if not served:
+            return {"IMGBUILD_SERVER": "0"}
+        return {"IMGBUILD_SERVER": "1", "IMGBUILD_SERVER_DIR": str(self.workdir / "server")}
+
+    def served(self, project: Path, spec: Project) -> Build:
+        """A one-line change built through the resident server (``IMGBUILD_SERVER=1``), as a
+        developer rebuilding in a terminal has it: started, then two earlier changes built
+        through it (the first starts the backend's resident process, the second teaches it
+        what the backend imports). The project is left as it was."""
+        cgroup = MEMORY_CGROUPS / f"imgbuild-bench-server-{os.getpid()}"
+        env = {**self.env, **self.server_env(True)}
+        imgbuild = str(REPO / ".venv/bin/imgbuild")
+        try:
+            cgroup.mkdir()
+            # The server joins the cgroup, with every process a build of its starts.
+            start = ["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(cgroup)]
+        except OSError:
+            cgroup, start = None, []  # type: ignore[assignment]
+        run([*start, imgbuild, "server", "start"], env=env)
+        source = project / spec.source
+        text = source.read_text()
+        try:
+            for n in (1, 2):
+                source.write_text(f"{text}# an earlier change, {n}\n")
+                self.build(project, cold=False, served=True, server=cgroup)
+            old, new = spec.change
+            source.write_text(text.replace(new, old))  # the same line, changed back
+            return self.build(project, cold=False, served=True, server=cgroup)
+        finally:
+            source.write_text(text)
+            run([imgbuild, "server", "stop"], env=env)
+            if cgroup is not None:
+                deadline = time.monotonic() + 30
+                while (cgroup / "cgroup.procs").read_text().strip():
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+                try:
+                    cgroup.rmdir()
+                except OSError:
+                    pass
 
     @staticmethod
     def layers(layout: Path, digest: str) -> tuple[Layer, ...]:
@@ -480,6 +542,9 @@ def measure(tool: Imgbuild | Anchor, spec: Project, workdir: Path, name: str) ->
     make_one_line_change(project, spec)
     warm = tool.build(project, cold=False)
     print(f"  {name}: warm rebuild {warm.seconds:.1f}s", file=sys.stderr)
+    served = tool.served(project, spec) if isinstance(tool, Imgbuild) else None
+    if served is not None:
+        print(f"  {name}: warm rebuild through the server {served.seconds:.2f}s", file=sys.stderr)
     ci = ci_run(tool, project, ci_args)
     print(f"  {name}: CI run with the registry cache {ci.seconds:.1f}s", file=sys.stderr)
     relock(project, "--upgrade-package", spec.bump[0])
@@ -503,6 +568,7 @@ def measure(tool: Imgbuild | Anchor, spec: Project, workdir: Path, name: str) ->
         Change(bumped, new_layers(bumped, ci)),
         Change(added, new_layers(added, bumped)),
         tuple(notes),
+        served,
     )
 
 
@@ -579,6 +645,11 @@ def memory_rows(
     for name, mine, theirs in (
         ("cold", cold(ours), cold(anchor)),
         ("warm", getattr(ours.warm, field), getattr(anchor.warm, field)),
+        *(
+            [("warm, server", getattr(ours.served, field), getattr(anchor.warm, field))]
+            if ours.served is not None
+            else []
+        ),
     ):
         rows.append((f"{label}, {name}", mib(mine), mib(theirs), ratio(mine or 0, theirs or 0)))
     return rows
@@ -629,6 +700,18 @@ def report(ours: Result, anchor: Result) -> str:
             f"{anchor.warm.seconds:.2f}",
             ratio(ours.warm.seconds, anchor.warm.seconds),
         ),
+        *(
+            [
+                (
+                    "  the same, resident server (IMGBUILD_SERVER=1), s",
+                    f"{ours.served.seconds:.2f}",
+                    f"{anchor.warm.seconds:.2f}",
+                    ratio(ours.served.seconds, anchor.warm.seconds),
+                )
+            ]
+            if ours.served is not None
+            else []
+        ),
         (
             "re-pushed after 1-line change",
             f"{human(pushed(ours))} ({len(ours.repushed)}/{len(ours.warm.layers)} layers)",
@@ -669,7 +752,14 @@ def report(ours: Result, anchor: Result) -> str:
             " anchor's RUN steps in BuildKit's (the engine itself and imgbuild's compile"
             " container are outside both); resident = anonymous + mapped files, sampled every"
             " 10 ms; charged = the controller's peak, which also counts the page cache of"
-            " every file written (imgbuild writes the whole OCI layout each time)"
+            " every file written (imgbuild writes the whole OCI layout each time); through the"
+            " resident server, the server's cgroup (the server itself, the build it forked, the"
+            " backend and compile processes it started)"
+        ),
+        (
+            "resident server: started, two earlier one-line changes built through it (the"
+            " backend's resident process starts and learns its imports), then the measured"
+            " change; the caller's imgbuild process is what is timed"
         ),
         "clean-build digests:",
         f"  imgbuild (manifest) {ours.cold[0].digest}",
