@@ -140,6 +140,11 @@ class CacheLayout:
         return self.root / "lock-hints"
 
     @property
+    def compiler_hints(self) -> Path:
+        """The compiler each base's last build ran (started early next time: a hint only)."""
+        return self.root / "compiler-hints"
+
+    @property
     def rootfs(self) -> Path:
         """Base images' filesystems unpacked, by manifest digest (to run their Python here)."""
         return self.root / "rootfs"

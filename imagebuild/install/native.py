@@ -64,6 +64,39 @@ class NativeCompiler(HostCompiler):
         return self._version
 
 
+def native_hint(compiler: NativeCompiler) -> dict[str, object]:
+    """What starts ``compiler`` again without looking for it or probing it (``from_hint``)."""
+    return {
+        "loader": str(compiler.loader),
+        "library_path": [str(p) for p in compiler.library_path],
+        "interpreter": str(compiler.executable),
+        "identity": compiler.identity,
+        "version": compiler.version,
+    }
+
+
+def from_hint(hint: object) -> NativeCompiler | None:
+    """The compiler ``native_hint`` described, if it reads back and its files are there."""
+    if not isinstance(hint, dict):
+        return None
+    strings = [hint.get(k) for k in ("loader", "interpreter", "identity", "version")]
+    paths = hint.get("library_path")
+    if not all(isinstance(s, str) and s for s in strings) or not isinstance(paths, list):
+        return None
+    loader, interpreter, identity, version = (str(s) for s in strings)
+    if not all(isinstance(p, str) for p in paths):
+        return None
+    if not (Path(loader).is_file() and Path(interpreter).is_file()):
+        return None  # the tree was removed (idle, or the machine restarted)
+    return NativeCompiler(
+        loader=Path(loader),
+        library_path=[Path(p) for p in paths],
+        interpreter=Path(interpreter),
+        identity=identity,
+        known=version,
+    )
+
+
 def host_arch() -> str | None:
     """This host's CPU as an OCI architecture, if imgbuild knows it and the host is Linux."""
     if not os.uname().sysname == "Linux":

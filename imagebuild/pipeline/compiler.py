@@ -8,23 +8,75 @@ the fallback (``auto``, with a warning) or the explicit choice (``host``).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from imagebuild.cache import CacheLayout, write_json
 from imagebuild.errors import DockerError, LayerError
 from imagebuild.install.layers import BytecodeCompiler, HostCompiler
+from imagebuild.install.native import NativeCompiler, from_hint, native_hint
 from imagebuild.pipeline.config import rfc3339
+from imagebuild.pipeline.layerwork import start_compile_server
 from imagebuild.sinks.daemon import engine_base_tag
 
 if TYPE_CHECKING:
     from imagebuild.image.model import BaseImage
     from imagebuild.image.store import BlobStore, LayerFiles
     from imagebuild.pipeline.ports import Ports
-    from imagebuild.pipeline.requests import CompileWith
+    from imagebuild.pipeline.requests import BuildRequest, CompileWith
     from imagebuild.sinks.daemon import Engine
     from imagebuild.target.base import BaseFacts
+
+
+def prestart(request: BuildRequest, base: str, arch: str) -> None:
+    """Start the compile server of the compiler the last build of ``base`` ran, if it can.
+
+    The build calls it before the base is resolved: the base's interpreter starts (about
+    35 ms) while the tag is looked up and the project's wheel built, not when the project's
+    layer waits for it. When the compiler then chosen is another (the tag moved), its own
+    server replaces this one (``keep_compiler``).
+    """
+    if not request.compile_bytecode:
+        return
+    try:
+        hint = _hint(request, base, arch).read_text(encoding="utf-8")
+        compiler = from_hint(json.loads(hint))
+    except (OSError, ValueError):
+        return
+    if compiler is not None:
+        start_compile_server(compiler)
+
+
+def keep_compiler(
+    request: BuildRequest, base: str, arch: str, compiler: BytecodeCompiler | None
+) -> None:
+    """Start ``compiler``'s server for the layers made in this process (the project's).
+
+    A base's interpreter run here is also named for the next build's ``prestart``.
+    """
+    start_compile_server(compiler)
+    if not isinstance(compiler, NativeCompiler):
+        return
+    hint, data = _hint(request, base, arch), native_hint(compiler)
+    try:
+        if json.loads(hint.read_text(encoding="utf-8")) == data:
+            return
+    except (OSError, ValueError):
+        pass
+    try:
+        write_json(hint, data)
+    except OSError:
+        pass  # a hint only
+
+
+def _hint(request: BuildRequest, base: str, arch: str) -> Path:
+    key = hashlib.sha256(f"{base}\0{arch}\0{request.compile_with}".encode()).hexdigest()[:24]
+    return CacheLayout(request.cache_dir).compiler_hints / f"{key}.json"
+
 
 NativeVariant = Callable[[str], "tuple[BaseImage, BaseFacts]"]
 """The base's variant for an architecture (the engine's own), pulled and inspected."""

@@ -27,7 +27,7 @@ from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage, WheelFile
 from imagebuild.lock.select import select_packages
 from imagebuild.pipeline.bases import base_facts, target_of
-from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler
+from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler, keep_compiler, prestart
 from imagebuild.pipeline.config import (
     build_image_config,
     build_platform_image,
@@ -35,7 +35,6 @@ from imagebuild.pipeline.config import (
 )
 from imagebuild.pipeline.debbase import BuiltBases
 from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers
-from imagebuild.pipeline.layerwork import start_compile_server
 from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_link_records
 from imagebuild.pipeline.local import LocalWheels
 from imagebuild.pipeline.ports import Ports, Registry
@@ -151,6 +150,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     """
     request, project = build.request, build.project
     arch = platform.partition("/")[2]
+    prestart(request, str(build.base.pull), arch)  # the last build's compiler, meanwhile
     base_image, facts = _pull_base(build, platform)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-links") as checks:
         prepared = _prepare(build, arch, base_image, facts, checks)
@@ -490,7 +490,6 @@ def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> Bytecode
         rootfs=CacheLayout(build.request.cache_dir).rootfs,
     )
     compiler = choose_compiler(facts, base, choice, build.ports)
-    # The layers made in this process (the project's, at least) start its interpreter now,
-    # while the project's wheel is built.
-    start_compile_server(compiler)
+    arch = str(base.config.get("architecture", ""))
+    keep_compiler(build.request, str(build.base.pull), arch, compiler)
     return compiler
