@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from imagebuild.cache import memory_scratch_root, scratch_tree, sweep_scratch
+from imagebuild import cache as cache_module
+from imagebuild.cache import memory_scratch_root, scratch_tree, sweep_scratch, write_atomic
 from imagebuild.commands.signals import Terminated, sigterm_as_interrupt
 
 HOLDER = """
@@ -94,3 +95,21 @@ def test_layers_are_staged_in_memory_when_it_has_room_and_on_disk_when_told(
         assert root is None
     monkeypatch.setenv("IMGBUILD_MEMORY_STAGING", "0")
     assert memory_scratch_root() is None
+
+
+def test_an_interruption_just_after_the_temporary_file_is_made_leaves_no_part(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM is raised as an exception wherever the main thread is: also between the
+    temporary file's creation and the first line that knows its name."""
+    real_open = os.open
+
+    def interrupted(path: object, flags: int, mode: int = 0o777) -> int:
+        real_open(path, flags, mode)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_module.os, "open", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "entry", b"data")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

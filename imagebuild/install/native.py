@@ -141,7 +141,7 @@ def native_compiler(
     )
     if compiler.version and known is None:
         try:
-            write_atomic(record, compiler.version.encode())
+            write_atomic(record, compiler.version.encode(), durable=False)  # or probed again
         except OSError:
             pass  # asked again next time
     return compiler if compiler.version else None

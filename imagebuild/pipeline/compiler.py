@@ -68,7 +68,7 @@ def keep_compiler(
     except (OSError, ValueError):
         pass
     try:
-        write_json(hint, data)
+        write_json(hint, data, durable=False)  # read back or ignored
     except OSError:
         pass  # a hint only
 

@@ -134,8 +134,12 @@ def stage_layer(index: int, spec: LayerSpec, venv: VenvLayout, work: Path) -> Pa
 
 
 def write_layer_record(record: Path, layer: Layer) -> None:
-    """Remember ``layer`` under its key in the local layer cache."""
-    write_json(record, layer_json(layer))
+    """Remember ``layer`` under its key in the local layer cache.
+
+    Not flushed to disk: ``read_layer_record`` takes a record that does not read back, or
+    whose blob is gone, as none.
+    """
+    write_json(record, layer_json(layer), durable=False)
 
 
 def read_layer_record(record: Path, store: BlobStore) -> Layer | None:
