@@ -82,12 +82,14 @@ def serve(size):
     # Each listing's pool is made before the listing comes, after the last answer: a listing
     # does not wait for its workers to start (a tenth of a code change's rebuild through
     # imgbuild's server). Still a fresh process forked for each group (maxtasksperchild=1),
-    # and the pool closed after its listing, so no worker is forked while a line is read.
+    # and the pool ended after its listing, so no worker is forked while a line is read.
+    # Ended with terminate(), as a pool's with-block ends: close() and join() after a
+    # maxtasksperchild worker's last task hung now and then (one close in ten waited for
+    # ever), holding a build for the 30 s its caller waits.
     pool = pool_of(size)
     for line in lines():
         print(sum(pool.map(work, groups_of(json.loads(line)), chunksize=1)), flush=True)
-        pool.close()
-        pool.join()
+        pool.terminate()
         pool = pool_of(size)
     pool.terminate()
 
