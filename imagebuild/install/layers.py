@@ -269,19 +269,13 @@ class CompileServer:
             )
         return int(answer)
 
-    def close(self, *, wait: bool = True) -> None:
-        """Stop the interpreter (end of its input) and wait for it.
-
-        ``wait=False``, for a process about to exit: the interpreter ends by itself once its
-        input has, a few ms later, and the process's exit is not held for it.
-        """
+    def close(self) -> None:
+        """Stop the interpreter (end of its input) and wait for it."""
         if self._proc.stdin is not None:
             try:
                 self._proc.stdin.close()
             except OSError:
                 pass
-        if not wait:
-            return
         try:
             self._proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

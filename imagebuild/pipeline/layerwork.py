@@ -180,7 +180,6 @@ def _compile_server(compiler: HostCompiler) -> CompileServer:
         if _server is not None:
             _server.close()
         _server, _server_of = compiler.serve(), compiler.identity
-        # Told to stop when the process ends (a worker: its pool shut down), not waited for:
-        # it ends by itself, and the exit (a served build's answer) is not held for it.
-        Finalize(_server, _server.close, kwargs={"wait": False}, exitpriority=10)
+        # Stopped when the process ends (a worker: its pool shut down).
+        Finalize(_server, _server.close, exitpriority=10)
     return _server
