@@ -24,7 +24,6 @@ from __future__ import annotations
 import atexit
 import fcntl
 import importlib
-import json
 import marshal
 import os
 import pkgutil
@@ -39,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from imagebuild.build.resident import stop_residents
 from imagebuild.client import CONTROL_SECONDS, home, identity, send, socket_path
 
 IDLE_SECONDS = 3 * 3600
@@ -90,7 +90,7 @@ def serve(idle: float, run: Callable[[], int]) -> None:
         except OSError:
             pass
         Path(lock.name).unlink(missing_ok=True)
-        _stop_resident_hooks(where)
+        stop_residents(where)  # the backend processes its builds started
 
 
 def _loop(
@@ -111,20 +111,6 @@ def _loop(
             return
         if state["builds"] != builds:  # asking for the status is no use
             last = time.monotonic()
-
-
-def _stop_resident_hooks(where: Path) -> None:
-    """Ask the resident backend processes builds started here to leave (``build.resident``)."""
-    for path in sorted(where.glob("hooks-*.sock")):
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        conn.settimeout(1.0)
-        try:
-            conn.connect(str(path))
-            conn.sendall(json.dumps({"op": "stop"}).encode() + b"\n")
-        except OSError:
-            pass
-        finally:
-            conn.close()
 
 
 def _preload() -> None:

@@ -87,16 +87,21 @@ def test_engine_upload_carries_the_same_json_listing(tmp_path: Path) -> None:
     assert groups == [[["/imgbuild-staging/pkg/m.py", "/app/pkg/m.py"]]]
 
 
-def test_a_groups_pycs_do_not_depend_on_the_groups_beside_it(tmp_path: Path) -> None:
-    """Each group (a layer's sources) is compiled by a process of its own."""
-    staging = tmp_path / "staging"
+def _three_modules(staging: Path) -> list[tuple[Path, PurePosixPath]]:
+    """Modules a, b and c under ``staging``'s /app/site, sharing constants: (source, in image)."""
     site = staging / "app" / "site"
     site.mkdir(parents=True)
     for name in ("a", "b", "c"):
         (site / f"{name}.py").write_text(
             f"NAME = {name!r}\nSHARED = ('shared', 'tuple')\ndef f():\n    return NAME, SHARED\n"
         )
-    pairs = {n: (site / f"{n}.py", PurePosixPath(f"/app/site/{n}.py")) for n in ("a", "b", "c")}
+    return [(site / f"{n}.py", PurePosixPath(f"/app/site/{n}.py")) for n in ("a", "b", "c")]
+
+
+def test_a_groups_pycs_do_not_depend_on_the_groups_beside_it(tmp_path: Path) -> None:
+    """Each group (a layer's sources) is compiled by a process of its own."""
+    staging = tmp_path / "staging"
+    pairs = dict(zip("abc", _three_modules(staging), strict=True))
     compiler = HostCompiler(Path(sys.executable))
 
     def pycs() -> dict[str, bytes]:
@@ -142,13 +147,7 @@ def test_a_served_listing_compiles_the_bytes_a_one_off_run_does(tmp_path: Path) 
     """The compile server (one interpreter, a pool made ahead of each listing) writes the
     same pycs as a run of its own, listing after listing, and answers every one."""
     staging = tmp_path / "staging"
-    site = staging / "app" / "site"
-    site.mkdir(parents=True)
-    for name in ("a", "b", "c"):
-        (site / f"{name}.py").write_text(
-            f"NAME = {name!r}\nSHARED = ('shared', 'tuple')\ndef f():\n    return NAME, SHARED\n"
-        )
-    pairs = [(site / f"{n}.py", PurePosixPath(f"/app/site/{n}.py")) for n in ("a", "b", "c")]
+    pairs = _three_modules(staging)
     groups = [pairs[:2], pairs[2:]]
     compiler = HostCompiler(Path(sys.executable))
 

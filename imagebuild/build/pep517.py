@@ -41,6 +41,7 @@ from build import BuildBackendException, BuildException, ProjectBuilder
 from filelock import FileLock
 from uv import find_uv_bin
 
+from imagebuild.build.resident import READY_MARKER
 from imagebuild.build.runner import ProcessFailed, Runner, hook_runner, run_captured
 from imagebuild.build.secrets import SourcePolicy, check_wheel, filtered_copy, source_rules
 from imagebuild.cache import write_json
@@ -147,7 +148,7 @@ class BuildEnvironments:
         ).hexdigest()[:24]
         env_dir = self.root / key
         python = env_dir / "bin" / "python"
-        ready = env_dir / ".imgbuild-ready"
+        ready = env_dir / READY_MARKER
         if ready.is_file():
             return python
         self.root.mkdir(parents=True, exist_ok=True)
@@ -157,7 +158,7 @@ class BuildEnvironments:
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
             try:
                 self._create(staging, requires, uv)
-                (staging / ".imgbuild-ready").write_text("")
+                (staging / READY_MARKER).write_text("")
                 shutil.rmtree(env_dir, ignore_errors=True)
                 staging.rename(env_dir)
             finally:

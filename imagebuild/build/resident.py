@@ -32,6 +32,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+READY_MARKER = ".imgbuild-ready"
+"""The file a kept build environment gets once whole (``pep517``): when it was made."""
 IDLE_SECONDS = 1800
 """How long a resident backend process waits for a hook before it leaves."""
 
@@ -152,7 +154,7 @@ def resident_name(cmd: Sequence[str], cwd: str | None, env: Mapping[str, str]) -
         return None
     python = Path(cmd[0])
     try:
-        made = (python.parent.parent / ".imgbuild-ready").stat().st_mtime_ns
+        made = (python.parent.parent / READY_MARKER).stat().st_mtime_ns
     except OSError:
         return None  # not a kept environment: a throwaway one is gone after this build
     digest = hashlib.sha256()
@@ -233,6 +235,12 @@ def _send(where: Path, message: dict[str, Any]) -> None:
             conn.sendall(json.dumps(message).encode())
         except OSError:
             pass
+
+
+def stop_residents(home: Path) -> None:
+    """Ask every resident backend process listening in ``home`` to leave."""
+    for where in sorted(home.glob("hooks-*.sock")):
+        _send(where, {"op": "stop"})
 
 
 def _start(where: Path, cmd: Sequence[str], cwd: str, env: Mapping[str, str]) -> None:

@@ -83,4 +83,3 @@ def _home() -> str:
 
 def _refuse(message: str, hint: str) -> NoReturn:
     fail(ImagebuildError(message, hint=hint), verbose=False)
-    raise AssertionError("fail exits")

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from imagebuild.sinks.remote import RegistryClient
 
 
-def fail(exc: ImagebuildError, verbose: bool) -> None:
+def fail(exc: ImagebuildError, verbose: bool) -> NoReturn:
     """Print ``exc`` as one line (a traceback first with ``--verbose``) and exit 1."""
     if verbose:
         traceback.print_exception(exc, file=sys.stderr)
