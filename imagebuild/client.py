@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from typing import Any
 
 SERVER_ENV = "IMGBUILD_SERVER"
-"""``1``: builds go through the server (and start it); anything else: they do not."""
+"""``1``: builds go through the server (and start it); ``0`` (anything else): they do not;
+unset or empty: they do at an interactive terminal outside CI (``wanted``)."""
 DIR_ENV = "IMGBUILD_SERVER_DIR"
 """Where sockets go, instead of the runtime directory."""
 IDLE_ENV = "IMGBUILD_SERVER_IDLE"
@@ -47,9 +48,20 @@ class ServerUnavailable(Exception):
     """No server can be used here (the reason is the message)."""
 
 
-def wanted(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether ``IMGBUILD_SERVER`` asks for the server."""
-    return environ.get(SERVER_ENV, "").strip() == "1"
+def wanted(environ: Mapping[str, str] = os.environ, streams: tuple[int, ...] = (0, 2)) -> bool:
+    """Whether builds go through the server: as ``IMGBUILD_SERVER`` says, else by default.
+
+    By default only a developer's builds do, as a build tool's daemon is on for them and
+    off for machines: the standard input and the error stream (``streams``) are terminals,
+    and ``CI`` is not set (CI services set it; a runner's builds would only pay for a
+    server that its next job never meets). Scripts, pipes and tests get no server unasked.
+    """
+    value = environ.get(SERVER_ENV, "").strip()
+    if value:
+        return value == "1"
+    if environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        return False
+    return all(os.isatty(fd) for fd in streams)
 
 
 def served(argv: list[str]) -> bool:
@@ -237,16 +249,33 @@ def control(op: str) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
-def start_in_background() -> None:
-    """Start this imgbuild's server, detached, unless one already listens."""
+def start_for_next_builds() -> None:
+    """At the exit of a build that ran itself: start the server for the builds after it.
+
+    Starting one is said in a line of its own, since a process is left running.
+    """
+    try:
+        started = start_in_background()
+    except OSError as exc:
+        sys.stderr.write(f"imgbuild: could not start the build server: {exc}\n")
+        return
+    if started:
+        sys.stderr.write(
+            "imgbuild: started a build server for the builds after this one "
+            "(IMGBUILD_SERVER=0 turns it off; 'imgbuild server stop' ends it)\n"
+        )
+
+
+def start_in_background() -> bool:
+    """Start this imgbuild's server, detached, unless one already listens (then False)."""
     import subprocess
 
     try:
         where = home()
         connect(socket_path(where, identity()), CONTROL_SECONDS).close()
-        return  # one runs
+        return False  # one runs
     except ServerUnavailable:
-        return
+        return False
     except OSError:
         pass
     with open(os.path.join(where, "server.log"), "ab") as log:
@@ -260,3 +289,4 @@ def start_in_background() -> None:
             start_new_session=True,
             close_fds=True,
         )
+    return True

@@ -1,4 +1,4 @@
-"""The ``imgbuild`` console script: a build asked to use the server is handed to it first.
+"""The ``imgbuild`` console script: a build meant for the server is handed to it first.
 
 Only ``imagebuild.client`` (the standard library's cheapest parts) is imported before that,
 so a build the server takes never imports imgbuild's command line in this process.
@@ -27,7 +27,7 @@ def main() -> None:
         import atexit
 
         # cli.main runs the exit handlers before it leaves: the server starts after the build.
-        atexit.register(client.start_in_background)
+        atexit.register(client.start_for_next_builds)
     from imagebuild.cli import main as run_here
 
     run_here()

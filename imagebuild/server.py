@@ -1,8 +1,9 @@
 """A resident imgbuild that builds start from: imports done once, a process forked per build.
 
-Asked for with ``IMGBUILD_SERVER=1``. A build then goes to a server of the user's that has
-imported imgbuild and its dependencies once: starting Python and importing them is about
-half of a small project's rebuild after a code change. Where none runs yet, the build runs
+Used at an interactive terminal, or with ``IMGBUILD_SERVER=1`` (``client.wanted``). A build
+then goes to a server of the user's that has imported imgbuild and its dependencies once:
+starting Python and importing them is about half of a small project's rebuild after a code
+change. Where none runs yet, the build runs
 in its own process as always, and starts one as it leaves, for the builds after it.
 
 Each build runs in a process forked from the server, so builds share nothing but the

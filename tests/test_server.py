@@ -1,11 +1,12 @@
-"""The resident server (``IMGBUILD_SERVER=1``), as real processes: what a build handed to it
-keeps of its caller (directory, environment, streams, signals, exit status), how it starts,
-when it leaves, and where it refuses to live."""
+"""The resident server, as real processes: what a build handed to it keeps of its caller
+(directory, environment, streams, signals, exit status), who uses it by default, how it
+starts, when it leaves, and where it refuses to live."""
 
 from __future__ import annotations
 
 import marshal
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -201,6 +202,103 @@ def test_a_caller_that_is_killed_ends_its_build(serving: dict[str, str], tmp_pat
             caller.wait(timeout=_WAIT)
             _until(lambda: not _alive(builds[0]), "the build outlived its caller")
     assert _alive(pid)  # the server itself stays
+
+
+@pytest.fixture
+def terminal() -> Iterator[tuple[int, int]]:
+    """A pseudo-terminal: (its controlling side, the side a program sees as its terminal)."""
+    controller, program = os.openpty()
+    yield controller, program
+    for fd in (controller, program):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_by_default_only_an_interactive_terminal_outside_ci_uses_the_server(
+    terminal: tuple[int, int],
+) -> None:
+    tty = terminal[1]
+    read, write = os.pipe()
+    try:
+        at_terminal, piped, stdin_only = (tty, tty), (read, write), (tty, write)
+        cases = [
+            ({}, at_terminal, True),
+            ({"CI": "true"}, at_terminal, False),
+            ({"CI": "1"}, at_terminal, False),
+            ({"CI": "false"}, at_terminal, True),
+            ({"IMGBUILD_SERVER": "  "}, at_terminal, True),
+            ({}, piped, False),
+            ({}, stdin_only, False),  # the error stream captured: a script or a test
+            ({"IMGBUILD_SERVER": "0"}, at_terminal, False),
+            ({"IMGBUILD_SERVER": "no"}, at_terminal, False),
+            ({"IMGBUILD_SERVER": "1"}, piped, True),
+            ({"IMGBUILD_SERVER": "1", "CI": "true"}, piped, True),
+        ]
+        for environ, streams, expected in cases:
+            assert client.wanted(environ, streams) is expected, (environ, streams)
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def _at_terminal(env: dict[str, str], terminal: tuple[int, int], *args: str) -> tuple[int, str]:
+    """``imgbuild *args`` with its standard input and error on ``terminal``: status, error text."""
+    controller, program = terminal
+    result = subprocess.run(
+        [sys.executable, "-m", "imagebuild", *args],
+        env=env, stdin=program, stdout=subprocess.PIPE, stderr=program, timeout=_WAIT,
+        check=False,
+    )  # fmt: skip
+    os.close(program)
+    text = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: nothing more, the other side is closed
+            break
+        if not chunk:
+            break
+        text += chunk
+    return result.returncode, text.decode().replace("\r\n", "\n")
+
+
+def _plain(text: str) -> str:
+    """Terminal output without its control sequences, and with the lines they left empty."""
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "\n", text.replace("\r", "\n"))
+    return "\n".join(line for line in text.splitlines() if line.strip())
+
+
+def test_a_build_at_a_terminal_starts_the_server_and_says_so(
+    where: Path, tmp_path: Path, terminal: tuple[int, int]
+) -> None:
+    env = {k: v for k, v in _env(where).items() if k not in ("IMGBUILD_SERVER", "CI")}
+    status, text = _at_terminal(env, terminal, "build", str(tmp_path / "missing"))
+    assert status == 1
+    # At a terminal the progress display draws first; the last lines are what is said.
+    assert _plain(text).splitlines()[-2:] == [
+        f"error: no pyproject.toml in {tmp_path / 'missing'}; run imgbuild in a directory "
+        "with a pyproject.toml",
+        "imgbuild: started a build server for the builds after this one "
+        "(IMGBUILD_SERVER=0 turns it off; 'imgbuild server stop' ends it)",
+    ]
+    _until(lambda: _status(_env(where)) is not None, "the terminal's build left no server")
+
+
+def test_a_build_at_a_terminal_in_ci_starts_no_server(
+    where: Path, tmp_path: Path, terminal: tuple[int, int]
+) -> None:
+    env = {k: v for k, v in _env(where).items() if k != "IMGBUILD_SERVER"}
+    status, text = _at_terminal({**env, "CI": "true"}, terminal, "build", str(tmp_path / "m"))
+    assert status == 1
+    assert _plain(text).splitlines()[-1] == (
+        f"error: no pyproject.toml in {tmp_path / 'm'}; run imgbuild in a directory "
+        "with a pyproject.toml"
+    )
+    assert "build server" not in text
+    time.sleep(0.5)
+    assert _status(_env(where)) is None
 
 
 def test_an_idle_server_leaves_and_removes_its_socket(where: Path) -> None:

@@ -1,6 +1,6 @@
 """PEP 517 hooks forked from a resident process that has imported the backend already.
 
-Only under imgbuild's resident server (``IMGBUILD_SERVER=1``), where builds follow each
+Only under imgbuild's resident server (``imagebuild.server``), where builds follow each
 other in the same terminal: a code change's wheel otherwise pays for a new interpreter
 and the backend's imports (hatchling: about 0.1 s, most of a small project's wheel).
 

@@ -1,4 +1,4 @@
-"""``imgbuild server``: the resident process builds start from (``IMGBUILD_SERVER=1``).
+"""``imgbuild server``: the resident process builds start from (``client.wanted``).
 
 ``start`` starts it (a build asked to use it starts it too), ``status`` says whether it
 runs, ``stop`` ends it. Each speaks of the server of this imgbuild (interpreter and
@@ -17,7 +17,10 @@ from imagebuild.commands.wiring import fail
 from imagebuild.errors import ImagebuildError
 
 server_app = typer.Typer(
-    help="The resident process builds start from, with IMGBUILD_SERVER=1.",
+    help=(
+        "The resident process builds start from: at a terminal, or with IMGBUILD_SERVER=1 "
+        "(IMGBUILD_SERVER=0: never)."
+    ),
     no_args_is_help=True,
 )
 
