@@ -140,6 +140,21 @@ def choose_compiler(
     return EngineCompiler(engine, tag, facts.interpreter)
 
 
+def expected_identity(base: BaseImage, facts: BaseFacts, mode: CompileWith) -> str | None:
+    """The identity the compiler ``choose_compiler`` is about to give will most likely have.
+
+    The base's own Python, run here or in the engine, compiles under the same name; None
+    for ``host``. Only a guess for looking ahead: a fallback to a host Python, or to the
+    base's variant for the engine's CPU, is named otherwise.
+    """
+    return None if mode == "host" else _image_identity(base, facts)
+
+
+def _image_identity(base: BaseImage, facts: BaseFacts) -> str:
+    """The name of the base's own interpreter, the same as ``EngineCompiler.identity``."""
+    return f"image:{engine_base_tag(base.manifest_digest)}:{facts.interpreter}"
+
+
 def _native_run(
     facts: BaseFacts, base: BaseImage, choice: CompilerChoice, ports: Ports
 ) -> BytecodeCompiler | None:
@@ -154,7 +169,7 @@ def _native_run(
         return None
     home = rootfs_home(choice.rootfs, digest_hex(base.manifest_digest))
     root = unpack_rootfs(base, choice.layers or choice.store, home, made=forget_idle_trees)
-    identity = f"image:{engine_base_tag(base.manifest_digest)}:{facts.interpreter}"
+    identity = _image_identity(base, facts)
     compiler = native_compiler(root, facts.interpreter, arch=arch, identity=identity)
     if compiler is None:
         ports.reporter.step("compile: the base's python does not start here; using the engine")

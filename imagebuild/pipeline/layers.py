@@ -61,6 +61,10 @@ class LayerJob:
 class RemoteLayers(Protocol):
     """Layers kept in a registry by cache key (``pipeline.remotecache.RegistryLayerCache``)."""
 
+    def ask(self, keys: Sequence[str]) -> None:
+        """Start looking for ``keys``: a later ``find`` of one of them takes that answer."""
+        ...
+
     def find(self, key: str) -> Layer | None:
         """The layer kept under ``key`` (its blob fetched into the store), or None."""
         ...
@@ -246,14 +250,11 @@ def _lookup(
     The registry is asked about several layers at once (each answer is a manifest and a
     blob), as a runner with an empty local cache asks about all of them.
     """
-    keys: dict[int, str] = {}
-    records: dict[int, Path] = {}
+    keys = _keys(plan, venv, compiler.identity if compiler is not None else None, job)
+    records = {index: job.records / f"{key}.json" for index, key in keys.items()}
     layers: dict[int, Layer] = {}
-    for index, spec in enumerate(plan.layers):
-        compiled_by = compiler.identity if compiler is not None and spec.wheels else None
-        keys[index] = key = layer_key(spec, venv, compiled_by, job.mtime, layer_format=LAYER_FORMAT)
-        records[index] = job.records / f"{key}.json"
-        cached = read_layer_record(records[index], job.store)
+    for index, record in records.items():
+        cached = read_layer_record(record, job.store)
         if cached is not None:
             layers[index] = cached
     asked = [index for index in keys if index not in layers]
@@ -269,6 +270,35 @@ def _lookup(
                     remote.add(index)
     missing = [(i, plan.layers[i], records[i]) for i in keys if i not in layers]
     return _Found(layers=layers, missing=missing, keys=keys, remote=frozenset(remote))
+
+
+def look_ahead(plan: LayerPlan, venv: VenvLayout, compiled_by: str | None, job: LayerJob) -> None:
+    """Ask the registry cache now for the layers of ``plan`` the local cache lacks.
+
+    They are keyed as if compiled by ``compiled_by``: the compiler expected, before it is
+    ready. A runner with an empty local cache then fetches them while the base's Python is
+    unpacked. A guess that proves wrong costs only those lookups.
+    """
+    if job.remote is None:
+        return
+    keys = _keys(plan, venv, compiled_by, job)
+    job.remote.ask([key for key in keys.values() if not (job.records / f"{key}.json").is_file()])
+
+
+def _keys(
+    plan: LayerPlan, venv: VenvLayout, compiled_by: str | None, job: LayerJob
+) -> dict[int, str]:
+    """Each planned layer's cache key, by position (a layer with no wheels has no bytecode)."""
+    return {
+        index: layer_key(
+            spec,
+            venv,
+            compiled_by if spec.wheels else None,
+            job.mtime,
+            layer_format=LAYER_FORMAT,
+        )
+        for index, spec in enumerate(plan.layers)
+    }
 
 
 def _stage(index: int, spec: LayerSpec, venv: VenvLayout, record: Path, work: Path) -> _Staged:

@@ -27,14 +27,20 @@ from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage, WheelFile
 from imagebuild.lock.select import select_packages
 from imagebuild.pipeline.bases import base_facts, target_of
-from imagebuild.pipeline.compiler import CompilerChoice, choose_compiler, keep_compiler, prestart
+from imagebuild.pipeline.compiler import (
+    CompilerChoice,
+    choose_compiler,
+    expected_identity,
+    keep_compiler,
+    prestart,
+)
 from imagebuild.pipeline.config import (
     build_image_config,
     build_platform_image,
     check_entrypoint,
 )
 from imagebuild.pipeline.debbase import BuiltBases
-from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers
+from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers, look_ahead
 from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_link_records
 from imagebuild.pipeline.local import LocalWheels
 from imagebuild.pipeline.ports import Ports, Registry
@@ -154,9 +160,8 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     base_image, facts = _pull_base(build, platform)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-links") as checks:
         prepared = _prepare(build, arch, base_image, facts, checks)
-        venv, compiler, wheels = prepared.venv, prepared.compiler, prepared.wheels
+        venv, compiler, job = prepared.venv, prepared.compiler, prepared.job
         base_image = _stdlib_bytecode(build, base_image, facts, compiler)
-        job = _layer_job(build, wheels)
         # The project's wheel may still be building: everything below it is built meanwhile.
         lower = build_layers(prepared.below, venv, compiler, job)
         prepared.links.result()
@@ -194,6 +199,8 @@ class _Prepared:
     """The bytecode compiler (None: no bytecode)."""
     wheels: LazyWheels
     """Fetches the locked wheels when they are read."""
+    job: LayerJob
+    """Where the layers are made and kept."""
     links: Future[None]
     """The link check of the wheels below the project (raises what it refuses)."""
 
@@ -231,6 +238,16 @@ def _prepare(
             project_later=True,
         )
         venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
+        job = _layer_job(build, wheels)
+        # A runner with an empty cache fetches the registry cache's layers while the
+        # compiler is readied (their keys name it: the one expected is asked for).
+        expected = (
+            expected_identity(base, facts, request.compile_with)
+            if request.compile_bytecode
+            else None
+        )
+        if expected is not None or not request.compile_bytecode:
+            look_ahead(below, venv, expected, job)
         check_entrypoint(
             build.settings,
             build.project,
@@ -252,7 +269,7 @@ def _prepare(
         )
         compiler = choosing.result() if choosing is not None else None
     links = checks.submit(_check_links_behind, build, arch, base, below_wheels, wheels, gathering)
-    return _Prepared(below=below, venv=venv, compiler=compiler, wheels=wheels, links=links)
+    return _Prepared(below=below, venv=venv, compiler=compiler, wheels=wheels, job=job, links=links)
 
 
 def _project_top(

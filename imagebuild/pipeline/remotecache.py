@@ -10,8 +10,8 @@ very bytes a local build would write, and the image's digest is the same either 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError
@@ -50,8 +50,25 @@ class RegistryLayerCache:
     target: ImageReference | None
     """The repository new layers are kept in (``--cache-to``)."""
 
+    asked: dict[str, Future[Layer | None]] = field(default_factory=dict)
+    """Lookups started ahead by ``ask``, by key."""
+
+    def ask(self, keys: Sequence[str]) -> None:
+        """Start looking for ``keys`` now, a few at a time; ``find`` then takes the answers."""
+        keys = [key for key in keys if key not in self.asked]
+        if self.source is None or not keys:
+            return
+        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imgbuild-ahead")
+        for key in keys:
+            self.asked[key] = pool.submit(self._find, key)
+        pool.shutdown(wait=False)  # its threads end with the last lookup
+
     def find(self, key: str) -> Layer | None:
         """The layer kept under ``key``, its blob fetched and verified; None if not kept."""
+        ahead = self.asked.pop(key, None)
+        return ahead.result() if ahead is not None else self._find(key)
+
+    def _find(self, key: str) -> Layer | None:
         if self.source is None:
             return None
         ref = self.source.with_tag(key)
