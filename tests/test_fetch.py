@@ -8,12 +8,16 @@ from pathlib import Path
 import httpx
 import pytest
 from installer.sources import WheelFile as InstallerWheel
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from imagebuild.cache import CacheLayout
 from imagebuild.errors import FetchError
 from imagebuild.install.fetch import WheelCache, fetch_wheels
-from imagebuild.lock.model import Digest, WheelFile
+from imagebuild.install.plan import PlannedWheel
+from imagebuild.lock.model import Digest, LockedPackage, PackageSource, WheelFile
 from imagebuild.net.http import RetryPolicy, retrying_client
+from imagebuild.pipeline.wheels import LazyWheels
 from tests.fixtures.index_server import LocalIndex, make_wheel
 
 NO_WAIT = RetryPolicy(backoff=0.0, max_wait=0.0)
@@ -323,3 +327,80 @@ def test_make_wheel_is_valid(tmp_path: Path) -> None:
         entry_points={"console_scripts": {"my-pkg": "my_pkg:main"}},
     )
     assert again.read_bytes() == path.read_bytes()
+
+
+class _Held(Steps):
+    """A reporter that holds the first fetch at its start until ``go`` (or fails it)."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        super().__init__()
+        self.started, self.go, self.fail, self.first = (
+            threading.Event(),
+            threading.Event(),
+            fail,
+            True,
+        )
+
+    def step(self, message: str) -> None:
+        super().step(message)
+        if message.startswith("fetching ") and self.first:
+            self.first = False
+            self.started.set()
+            assert self.go.wait(30)
+            if self.fail:
+                raise FetchError("the first fetch failed")
+
+
+def _asking_at_once(
+    index: LocalIndex, http: httpx.Client, tmp_path: Path, steps: _Held
+) -> tuple[list[PlannedWheel], list[BaseException]]:
+    """Two threads ensure the same two wheels; the second asks while the first fetches."""
+    chosen = [(_package(name), served(index, name)) for name in ("fa", "fb")]
+    lazy = LazyWheels(http, WheelCache(CacheLayout(tmp_path / "cache").wheels), steps)
+    planned = lazy.plan(chosen)
+    errors: list[BaseException] = []
+
+    def ensure() -> None:
+        try:
+            lazy.ensure(planned)
+        except BaseException as exc:  # noqa: BLE001 (handed to the test)
+            errors.append(exc)
+
+    first = threading.Thread(target=ensure)
+    first.start()
+    assert steps.started.wait(30)
+    second = threading.Thread(target=ensure)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()  # waiting for the first, not fetching
+    assert index.count("/files/") == 0
+    steps.go.set()
+    first.join(30)
+    second.join(30)
+    return planned, errors
+
+
+def _package(name: str) -> LockedPackage:
+    return LockedPackage(
+        name=canonicalize_name(name),
+        version=Version("1.0"),
+        source=PackageSource(kind="registry", location="https://pypi.org/simple"),
+    )
+
+
+def test_wheels_asked_for_by_two_threads_at_once_are_fetched_once(
+    fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
+) -> None:
+    planned, errors = _asking_at_once(fresh_index, http, tmp_path, _Held())
+    assert errors == []
+    assert fresh_index.count("/files/") == 2
+    assert all(wheel.path.is_file() for wheel in planned)
+
+
+def test_a_wheel_whose_fetch_failed_in_another_thread_is_fetched_by_the_waiting_one(
+    fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
+) -> None:
+    planned, errors = _asking_at_once(fresh_index, http, tmp_path, _Held(fail=True))
+    assert [str(e) for e in errors] == ["the first fetch failed"]
+    assert fresh_index.count("/files/") == 2
+    assert all(wheel.path.is_file() for wheel in planned)

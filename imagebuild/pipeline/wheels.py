@@ -9,6 +9,7 @@ record downloads no wheel at all.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 
 import httpx
@@ -25,6 +26,8 @@ class LazyWheels:
     def __init__(self, http: httpx.Client, cache: WheelCache, reporter: Reporter) -> None:
         self._http, self._cache, self._reporter = http, cache, reporter
         self._files: dict[str, WheelFile] = {}  # by the planned path
+        self._fetching: dict[str, threading.Event] = {}  # by path: set when fetched (or not)
+        self._guard = threading.Lock()
 
     def plan(self, chosen: Sequence[tuple[LockedPackage, WheelFile]]) -> list[PlannedWheel]:
         """The planned wheels of ``chosen``; those whose size the lock lacks are fetched now.
@@ -54,7 +57,32 @@ class LazyWheels:
         self.ensure_files([self._files[str(w.path)] for w in wheels if str(w.path) in self._files])
 
     def ensure_files(self, files: Sequence[WheelFile]) -> None:
-        """Fetch ``files`` that are not in the cache yet (all at once, in parallel)."""
-        missing = [wheel for wheel in files if self._cache.path_for(wheel) is None]
-        if missing:
-            fetch_wheels(self._http, missing, self._cache, reporter=self._reporter)
+        """Fetch ``files`` that are not in the cache yet (all at once, in parallel).
+
+        Threads of a build ask at once (the link check, the layers): a wheel another one is
+        fetching is waited for, not fetched twice; if that fetch failed, it is fetched here.
+        """
+        done = threading.Event()
+        with self._guard:
+            missing = [w for w in files if self._cache.path_for(w) is None]
+            waits = {
+                self._fetching[self._name(w)] for w in missing if self._name(w) in self._fetching
+            }
+            mine = [w for w in missing if self._name(w) not in self._fetching]
+            for wheel in mine:
+                self._fetching[self._name(wheel)] = done
+        try:
+            if mine:
+                fetch_wheels(self._http, mine, self._cache, reporter=self._reporter)
+        finally:
+            with self._guard:
+                for wheel in mine:
+                    del self._fetching[self._name(wheel)]
+            done.set()
+        for other in waits:
+            other.wait()
+        if waits:
+            self.ensure_files([w for w in missing if self._cache.path_for(w) is None])
+
+    def _name(self, wheel: WheelFile) -> str:
+        return str(self._cache.final_path(wheel))
