@@ -18,9 +18,8 @@ from imagebuild.cli import app
 from imagebuild.errors import BuildError
 from imagebuild.lock.load import load_lock
 from imagebuild.lock.model import LockedPackage
-from imagebuild.lock.select import select_packages
+from imagebuild.lock.select import select_packages, sort_sources
 from imagebuild.pipeline.direct import git_package_wheel
-from imagebuild.pipeline.platform import sort_sources
 from imagebuild.report import NullReporter
 from imagebuild.target.platform import TargetPlatform
 from tests.fixtures.git_server import GitDaemon, GitProject, git

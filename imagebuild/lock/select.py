@@ -2,16 +2,25 @@
 
 uv.lock is a graph, walked from the root through the requested extras and groups along
 edges whose markers hold; pylock.toml is a flat list, filtered by each entry's marker.
+Each package selected then installs from a wheel for the target, else its sdist, else a
+local directory (``sort_sources``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
 from packaging.utils import NormalizedName, canonicalize_name
 
-from imagebuild.errors import LockError
-from imagebuild.lock.model import RELOCK_HINT, Dependency, Lock, LockedPackage, sort_packages
+from imagebuild.errors import LockError, TargetError
+from imagebuild.lock.model import (
+    RELOCK_HINT,
+    Dependency,
+    Lock,
+    LockedPackage,
+    WheelFile,
+    sort_packages,
+)
 from imagebuild.target.platform import TargetPlatform
 
 
@@ -258,3 +267,25 @@ def _select_pylock(
             )
         selected[package.name] = package
     return [p for name, p in selected.items() if name != root]
+
+
+def sort_sources(
+    packages: Sequence[LockedPackage], target: TargetPlatform
+) -> tuple[list[tuple[LockedPackage, WheelFile]], list[LockedPackage], list[LockedPackage]]:
+    """Split the selection: a wheel for the target, else the sdist, else a local directory."""
+    wheels: list[tuple[LockedPackage, WheelFile]] = []
+    sdists: list[LockedPackage] = []
+    local: list[LockedPackage] = []
+    for pkg in packages:
+        if pkg.wheels:
+            try:
+                wheels.append((pkg, target.choose_wheel(pkg.name, pkg.wheels)))
+                continue
+            except TargetError:
+                if pkg.sdist is None:
+                    raise
+        if pkg.sdist is not None:
+            sdists.append(pkg)
+        else:
+            local.append(pkg)
+    return wheels, sdists, local

@@ -21,11 +21,10 @@ from imagebuild.install.keys import layer_key
 from imagebuild.install.layers import VenvLayout
 from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.lock.model import LockedPackage
-from imagebuild.lock.select import select_packages
+from imagebuild.lock.select import select_packages, sort_sources
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.build import base_source, find_build_lock, open_project
 from imagebuild.pipeline.layerwork import read_layer_record
-from imagebuild.pipeline.platform import sort_sources
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
 from imagebuild.pipeline.stdlib import stdlib_layers

@@ -15,7 +15,7 @@ from imagebuild.build.pep517 import BuildEnvironments
 from imagebuild.build.runner import background_priority
 from imagebuild.build.sdist import build_sdist_wheel
 from imagebuild.cache import CacheLayout
-from imagebuild.errors import ProjectError, TargetError
+from imagebuild.errors import ProjectError
 from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.name import ImageReference
@@ -24,8 +24,8 @@ from imagebuild.install.fetch import WheelCache
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
 from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.install.scripts import scripts_of
-from imagebuild.lock.model import Lock, LockedPackage, WheelFile
-from imagebuild.lock.select import select_packages
+from imagebuild.lock.model import Lock, LockedPackage
+from imagebuild.lock.select import select_packages, sort_sources
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.compiler import (
     CompilerChoice,
@@ -467,28 +467,6 @@ def _sdist_wheel(build: PlatformBuild, pkg: LockedPackage) -> PlannedWheel:
     return PlannedWheel(
         name=pkg.name, version=str(pkg.version), path=path, size=path.stat().st_size
     )
-
-
-def sort_sources(
-    packages: Sequence[LockedPackage], target: TargetPlatform
-) -> tuple[list[tuple[LockedPackage, WheelFile]], list[LockedPackage], list[LockedPackage]]:
-    """Split the selection: a wheel for the target, else the sdist, else a local directory."""
-    wheels: list[tuple[LockedPackage, WheelFile]] = []
-    sdists: list[LockedPackage] = []
-    local: list[LockedPackage] = []
-    for pkg in packages:
-        if pkg.wheels:
-            try:
-                wheels.append((pkg, target.choose_wheel(pkg.name, pkg.wheels)))
-                continue
-            except TargetError:
-                if pkg.sdist is None:
-                    raise
-        if pkg.sdist is not None:
-            sdists.append(pkg)
-        else:
-            local.append(pkg)
-    return wheels, sdists, local
 
 
 def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> BytecodeCompiler:
