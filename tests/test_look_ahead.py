@@ -4,7 +4,7 @@ compiler will give them, and the lookup after it takes those answers."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
@@ -60,6 +60,12 @@ class _Remote:
         return None
 
     def keep_record(self, key: str, data: bytes) -> None:
+        pass
+
+    def find_file(self, key: str, media_type: str) -> Path | None:
+        return None
+
+    def keep_file(self, key: str, media_type: str, make: Callable[[Path], None]) -> None:
         pass
 
 

@@ -20,6 +20,11 @@ the environment and by the files backends compute it from (``pyproject.toml``,
 ``setup.py``, ``setup.cfg``): asking costs a process and the backend's import, about a
 third of the project's build on a code change, and a code change does not alter the
 answer. Each hook still runs in a fresh process of its own.
+
+With a ``shared`` store (the registry cache of ``--cache-from``/``--cache-to``), a runner
+that starts with an empty cache takes a kept environment's installed packages (their
+bytecode and kept answers with them) instead of resolving and downloading the backend
+again: a fresh venv of its own is made, and only the packages are unpacked into it.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from build import BuildBackendException, BuildException, ProjectBuilder
 from filelock import FileLock
@@ -67,6 +73,21 @@ _REQUIRES_INPUTS = ("pyproject.toml", "setup.py", "setup.cfg")
 _DECORATION = re.compile(r"^(?:[×╰─▶│\s]+|(?:caused by|cause):\s*)+", re.IGNORECASE)
 
 
+class SharedEnvironments(Protocol):
+    """Where build environments' packages are kept for other machines (``pipeline.buildenvs``)."""
+
+    def fetch(self, key: str, env: Path, home: Path) -> bool:
+        """Unpack what is kept under ``key`` into the fresh venv ``env``; False: nothing is.
+
+        ``env`` is then moved to ``home``, where its bytecode is looked for.
+        """
+        ...
+
+    def keep(self, key: str, env: Path) -> None:
+        """Keep the packages of the venv ``env`` under ``key``, unless they are kept already."""
+        ...
+
+
 class RequirementsInstallError(Exception):
     """Installing build requirements failed; the message is the installer's last line."""
 
@@ -83,6 +104,10 @@ class BuildEnvironments:
     """The indexes' credentials, put into their URLs only for the installer process."""
     resident: Path | None = None
     """Where resident backend processes listen (``build.resident``); None: none is used."""
+    shared: SharedEnvironments | None = None
+    """Environments kept for other machines, taken before one is made here; None: none."""
+    used: dict[str, Path] = field(default_factory=dict)
+    """The kept environments this build used, by key (what ``share`` keeps)."""
 
     @contextmanager
     def builder(self, source: Path, runner: Runner) -> Iterator[ProjectBuilder]:
@@ -149,6 +174,7 @@ class BuildEnvironments:
         env_dir = self.root / key
         python = env_dir / "bin" / "python"
         ready = env_dir / READY_MARKER
+        self.used[key] = env_dir
         if ready.is_file():
             return python
         self.root.mkdir(parents=True, exist_ok=True)
@@ -157,7 +183,9 @@ class BuildEnvironments:
                 return python
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
             try:
-                self._create(staging, requires, uv)
+                self._venv(staging, uv)
+                if self.shared is None or not self.shared.fetch(key, staging, env_dir):
+                    self._install_requires(staging, requires, uv)
                 (staging / READY_MARKER).write_text("")
                 shutil.rmtree(env_dir, ignore_errors=True)
                 staging.rename(env_dir)
@@ -165,11 +193,26 @@ class BuildEnvironments:
                 shutil.rmtree(staging, ignore_errors=True)
         return python
 
+    def share(self) -> None:
+        """Keep the environments this build used for other machines (``shared``)."""
+        if self.shared is None:
+            return
+        for key, env in sorted(self.used.items()):
+            if (env / READY_MARKER).is_file():
+                self.shared.keep(key, env)
+
     def _create(self, env: Path, requires: set[str], uv: str | None) -> None:
+        self._venv(env, uv)
+        self._install_requires(env, requires, uv)
+
+    @staticmethod
+    def _venv(env: Path, uv: str | None) -> None:
         if uv is not None:
             _install([uv, "venv", "--quiet", "--no-config", "--python", sys.executable, str(env)])
         else:
             _install([sys.executable, "-m", "venv", str(env)])
+
+    def _install_requires(self, env: Path, requires: set[str], uv: str | None) -> None:
         if not requires:
             return
         python = str(env / "bin" / "python")

@@ -34,6 +34,7 @@ from imagebuild.lock.staleness import check_locked, check_recorded
 from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
+from imagebuild.pipeline.buildenvs import RegistryEnvironments
 from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
 from imagebuild.pipeline.outputs import check_engine_answers, write_order
 from imagebuild.pipeline.ports import Ports
@@ -82,12 +83,14 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     fallback = found.project.root / "dist" if request.default_output else None
     sinks = check_engine_answers(sinks, fallback=fallback, reporter=ports.reporter)
     ports.reporter.step(f"lock: {lock.path.name}")
+    remote = _layer_cache(request, found.settings, ports)
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
         root=cache.build_envs,
         indexes=found.indexes,
         credentials=found.credentials,
         resident=ports.resident_hooks,
+        shared=RegistryEnvironments(remote=remote) if remote is not None else None,
     )
     with (
         _scratch(cache) as (work, staging),
@@ -100,9 +103,18 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
         from imagebuild.pipeline.platform import build_platform
 
         build = _platform_build(
-            request, found, lock, pinned, ports, (store, work, staging), envs, project_wheel
+            request,
+            found,
+            lock,
+            pinned,
+            ports,
+            (store, work, staging),
+            envs,
+            project_wheel,
+            remote,
         )
         images = [build_platform(build, platform) for platform in request.platforms]
+        envs.share()  # with --cache-to: the backends' environments, for the next runner
         finished = _finished(images, found, build)
         check_expected(request.expect_digest, finished.image)
         written = [
@@ -120,6 +132,7 @@ def _platform_build(
     places: tuple[BlobStore, Path, Path],
     envs: BuildEnvironments,
     project_wheel: Future[Path],
+    remote: RemoteLayers | None,
 ) -> PlatformBuild:
     """What every platform's image is made from; ``places``: the store, scratch and staging."""
     from imagebuild.pipeline.local import LocalWheels
@@ -149,7 +162,7 @@ def _platform_build(
             policy=source_policy(found.settings),
         ),
         compilers=Compilers(),
-        remote=_layer_cache(request, found.settings, ports),
+        remote=remote,
     )
 
 

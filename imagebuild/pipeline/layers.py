@@ -81,6 +81,14 @@ class RemoteLayers(Protocol):
         """Keep the record ``data`` under ``key``."""
         ...
 
+    def find_file(self, key: str, media_type: str) -> Path | None:
+        """A file of ``media_type`` kept under ``key`` (fetched into the store), or None."""
+        ...
+
+    def keep_file(self, key: str, media_type: str, make: Callable[[Path], None]) -> None:
+        """Keep the file ``make`` writes at the path it is given, unless one is kept."""
+        ...
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class BuiltLayers:

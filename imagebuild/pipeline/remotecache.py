@@ -9,9 +9,10 @@ very bytes a local build would write, and the image's digest is the same either 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError
@@ -28,6 +29,7 @@ from imagebuild.image.model import Layer
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.report import Reporter
+from imagebuild.sinks.referrers import OCI_EMPTY
 from imagebuild.sinks.remote import RegistryClient
 
 _KEY = "org.imgbuild.cache.key"
@@ -116,6 +118,49 @@ class RegistryLayerCache:
         }
         self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
 
+    def find_file(self, key: str, media_type: str) -> Path | None:
+        """The file of ``media_type`` kept under ``key`` (in the store, verified), or None."""
+        if self.source is None:
+            return None
+        tag = f"file-{key}"
+        ref = self.source.with_tag(tag)
+        try:
+            data = self.client.fetch_optional(ref, f"manifests/{tag}")
+            if data is None:
+                return None
+            blob = _file_of(json_object(data), key, media_type)
+            self.client.pull_blob(ref, blob, self.store)
+        except (ValueError, ImageError):
+            return None  # not ours, or damaged: do without it
+        return self.store.path(blob.digest)
+
+    def keep_file(self, key: str, media_type: str, make: Callable[[Path], None]) -> None:
+        """Keep the file ``make`` writes (given a path) under ``key``, unless one is kept.
+
+        The registry is asked first, so a file kept already is not made again.
+        """
+        if self.target is None:
+            return
+        tag = f"file-{key}"
+        ref = self.target.with_tag(tag)
+        if self.client.fetch_optional(ref, f"manifests/{tag}") is not None:
+            return
+        with self.store.temp_file() as out:
+            make(out)
+            blob = self.store.put_file(out, media_type=media_type)
+        config = self.store.put_bytes(b"{}", media_type=OCI_EMPTY)
+        for desc in (blob, config):
+            self.client.push_blob(ref, desc, self.store)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": media_type,
+            "config": config.to_json(),
+            "layers": [blob.to_json()],
+            "annotations": {_KEY: key},
+        }
+        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
+
     def keep(self, kept: Sequence[tuple[str, Layer]], reporter: Reporter) -> None:
         """Push each ``(key, layer)`` to the target repository, a few at a time."""
         if self.target is None or not kept:
@@ -149,6 +194,20 @@ class RegistryLayerCache:
 
 def _descriptor(layer: Layer) -> Descriptor:
     return Descriptor(media_type=layer.media_type, digest=layer.digest, size=layer.size)
+
+
+def _file_of(manifest: dict[str, object], key: str, media_type: str) -> Descriptor:
+    """The one blob of a kept file's manifest; ValueError when it is not one for ``key``."""
+    annotations = manifest.get("annotations")
+    layers = manifest.get("layers")
+    if not isinstance(annotations, dict) or annotations.get(_KEY) != key:
+        raise ValueError("not a file kept under this key")
+    if not isinstance(layers, list) or len(layers) != 1:
+        raise ValueError("a kept file has one blob")
+    blob = Descriptor.from_json(layers[0], where="cached file")
+    if blob.media_type != media_type:
+        raise ValueError(f"a kept file is {blob.media_type}, not {media_type}")
+    return blob
 
 
 def _record_of(manifest: dict[str, object], key: str) -> Descriptor:

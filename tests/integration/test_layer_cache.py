@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -48,10 +49,12 @@ def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
     seeded, log = _build(project, tmp_path / "c1", tmp_path / "o1b", "--cache-to", cache_ref)
     assert seeded == first and "cache: keeping" in log
     kept = _tags(docker_env.registry, repository)
-    layers = [tag for tag in kept if not tag.startswith("record-")]
+    layers = [tag for tag in kept if not tag.startswith(("record-", "file-"))]
     assert layers and all(len(tag) == 64 for tag in layers)
-    # Beside them, the records: each wheel's ELF scan, the base's library index, the SBOM.
-    assert len(kept) - len(layers) >= 3
+    # Beside them, the records: each wheel's ELF scan, the base's library index, the SBOM;
+    # and the project's build environment (its backend's packages and their bytecode).
+    assert len([tag for tag in kept if tag.startswith("record-")]) >= 3
+    assert len([tag for tag in kept if tag.startswith("file-")]) == 1
 
     # A second runner with an empty local cache builds nothing: every layer comes by key,
     # and no wheel is downloaded (the records say what reading them would)...
@@ -63,10 +66,16 @@ def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
     # ...and after a one-line change only the project's layer is built.
     source = project / "src" / "demo_app" / "__init__.py"
     source.write_text(source.read_text() + "\nCHANGED = True\n")
+    started = time.time()
     third, log = _build(project, tmp_path / "c3", tmp_path / "o3", "--cache-from", cache_ref)
     built = [line for line in log.splitlines() if line.startswith("· layer ")]
     assert third != first and len(built) == 1 and "project demo-app" in built[0]
     assert "fetching " not in log
+    # Its wheel was built in the environment the registry kept, with the bytecode written
+    # by an earlier run's hooks (older than this build: none was compiled again).
+    (env,) = [p for p in (tmp_path / "c3" / "build-envs").iterdir() if p.is_dir()]
+    pycs = list((env / ".pycache" / str(env).lstrip("/")).rglob("*.pyc"))
+    assert pycs and all(p.stat().st_mtime < started for p in pycs)
 
     # A cache that does not hold a key is no error: the layer is built.
     empty = f"{docker_env.registry}/imgbuild-test/layer-cache-empty-{uuid.uuid4().hex[:8]}"

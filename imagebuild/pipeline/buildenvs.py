@@ -1,0 +1,119 @@
+"""Build environments kept in the registry cache, for runners that start with an empty cache.
+
+A kept environment is its installed packages (the venv's ``lib`` tree), the answers kept
+beside them (``.imgbuild-requires``) and the bytecode its hooks wrote: for the packages,
+and for the standard library modules they imported. That bytecode lives under the
+environment's ``.pycache``, named by each source's absolute path (``build.runner``), so
+the packages' part is kept relative to the environment and put back under the path the
+environment has where it is unpacked; the standard library's keeps its absolute name and
+serves a runner whose interpreter sits at the same place (elsewhere, Python finds no pyc
+for it and compiles as before: a pyc is only taken for a source of the same time and
+size). Files keep their times for that reason.
+
+It is kept as a gzip tar under a key in the registry cache (``RemoteLayers.keep_file``);
+the venv itself (its interpreter link, ``pyvenv.cfg``) is always made on the machine that
+uses it. The key names the environment's own key (interpreter, installer, indexes,
+requirements) and the platform its packages were installed for.
+
+Unpacking refuses what does not belong there: links that lead out, device files, absolute
+names (``tarfile``'s ``data`` filter). A kept tar that fails is no error: the environment
+is then made as it would be without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import shutil
+import sys
+import sysconfig
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from isal import igzip
+
+if TYPE_CHECKING:
+    from imagebuild.pipeline.layers import RemoteLayers
+
+MEDIA_TYPE = "application/vnd.imgbuild.build-env.v1.tar+gzip"
+_SHARED = ("lib", ".imgbuild-requires")
+"""What of a venv is kept as it is: its packages and imgbuild's answers beside them."""
+_BYTECODE = ".pycache"
+"""Where the hooks' bytecode goes (``build.runner``)."""
+_OWN_BYTECODE = ".imgbuild-own-bytecode"
+"""In the tar: the bytecode of the environment's own files, by path inside it."""
+_LEVEL = 3
+_FORMAT = 2
+"""Named in the key: a runner never unpacks a tar laid out otherwise."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RegistryEnvironments:
+    """``build.pep517.SharedEnvironments`` over the registry layer cache."""
+
+    remote: RemoteLayers
+
+    def fetch(self, key: str, env: Path, home: Path) -> bool:
+        """Unpack what is kept under ``key`` into the fresh venv ``env`` (moved to ``home``)."""
+        kept = self.remote.find_file(_registry_key(key), MEDIA_TYPE)
+        if kept is None:
+            return False
+        try:
+            with (
+                igzip.open(kept, "rb") as stream,  # type: ignore[no-untyped-call]
+                tarfile.open(fileobj=stream, mode="r|") as tar,
+            ):
+                tar.extractall(env, filter="data")
+            own = env / _OWN_BYTECODE
+            if own.is_dir():
+                where = env / _BYTECODE / _relative(home)
+                where.parent.mkdir(parents=True, exist_ok=True)
+                own.rename(where)
+        except (OSError, EOFError, tarfile.TarError, igzip.BadGzipFile):
+            _clear(env)
+            return False  # a damaged tar: make the environment instead
+        return True
+
+    def keep(self, key: str, env: Path) -> None:
+        """Keep what ``env`` holds under ``key`` (unless the registry has it already)."""
+        self.remote.keep_file(_registry_key(key), MEDIA_TYPE, lambda out: _pack(env, out))
+
+
+def _registry_key(key: str) -> str:
+    platform_tag = f"{sysconfig.get_platform()} {'-'.join(platform.libc_ver())}"
+    material = (
+        f"imgbuild build-env {_FORMAT}\n{key}\n{sys.implementation.cache_tag}\n{platform_tag}"
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def _relative(path: Path) -> Path:
+    """``path`` made absolute, as a relative path (how a pycache prefix names a source)."""
+    return Path(str(path.absolute()).lstrip("/"))
+
+
+def _clear(env: Path) -> None:
+    """Remove what an unpack left in ``env`` (the venv's own files stay)."""
+    for name in (*_SHARED, _BYTECODE, _OWN_BYTECODE):
+        shutil.rmtree(env / name, ignore_errors=True)
+
+
+def _pack(env: Path, out: Path) -> None:
+    """What is kept of ``env``, as a gzip tar at ``out``, each tree in name order."""
+    bytecode = env / _BYTECODE
+    trees = [(env / name, name) for name in _SHARED]
+    trees.append((bytecode / _relative(env), _OWN_BYTECODE))
+    for stdlib in sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}):
+        source = _relative(Path(stdlib))
+        trees.append((bytecode / source, f"{_BYTECODE}/{source}"))
+    with (
+        igzip.open(out, "wb", compresslevel=_LEVEL) as stream,  # type: ignore[no-untyped-call]
+        tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+    ):
+        for top, name in trees:
+            if not top.is_dir():
+                continue
+            for path in [top, *sorted(top.rglob("*"))]:
+                tar.add(path, arcname=str(Path(name) / path.relative_to(top)), recursive=False)
