@@ -16,7 +16,8 @@ from pathlib import Path
 
 METRICS = (
     ("cold build, s (mean of 2)", "cold build"),
-    ("warm rebuild after 1-line change, s", "1-line change"),
+    ("warm rebuild after 1-line change (no server), s", "1-line change, no server"),
+    ("  the same, at a terminal (resident server), s", "1-line change, at a terminal"),
     ("CI run (empty caches, registry cache), s", "CI run, registry cache"),
 )
 WIDTH, BAR, GAP, LEFT, SCALE_WIDTH = 760, 12, 10, 230, 470

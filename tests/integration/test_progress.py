@@ -57,8 +57,10 @@ def test_a_terminal_gets_bars_and_ends_with_the_summary(
     done = tmp_path / "done"
     env = _env(docker_env)
     # The pane runs the build itself (no shell prompt); a tmux server that is already up
-    # keeps its own environment, so the variables go on the command line.
+    # keeps its own environment, so the variables go on the command line. A terminal's
+    # build would start the resident server: this one runs on its own and leaves nothing.
     variables = [f"{k}={env[k]}" for k in ("DOCKER_HOST", "IMGBUILD_REGISTRY_MIRRORS", "NO_PROXY")]
+    variables.append("IMGBUILD_SERVER=0")
     build = _build_args(project, docker_env, tmp_path / "cache", "progress-tty")
     command = (
         shlex.join(["env", "TERM=xterm-256color", *variables, *build])
