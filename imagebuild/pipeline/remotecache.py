@@ -86,53 +86,20 @@ class RegistryLayerCache:
 
     def find_record(self, key: str) -> bytes | None:
         """The record kept under ``key`` (bytes verified against their digest), or None."""
-        if self.source is None:
-            return None
-        tag = f"record-{key}"
-        ref = self.source.with_tag(tag)
-        try:
-            data = self.client.fetch_optional(ref, f"manifests/{tag}")
-            if data is None:
-                return None
-            config = _record_of(json_object(data), key)
-            self.client.pull_blob(ref, config, self.store)
-        except (ValueError, ImageError):
-            return None  # not ours, or damaged: work the record out instead
-        return self.store.read_bytes(config.digest)
+        config = self._fetch_kept(f"record-{key}", lambda manifest: _record_of(manifest, key))
+        return self.store.read_bytes(config.digest) if config is not None else None
 
     def keep_record(self, key: str, data: bytes) -> None:
         """Keep ``data`` under ``key``: a manifest with no layers whose config is the record."""
         if self.target is None:
             return
-        tag = f"record-{key}"
-        ref = self.target.with_tag(tag)
         config = self.store.put_bytes(data, media_type=_RECORD)
-        self.client.push_blob(ref, config, self.store)
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "artifactType": _RECORD,
-            "config": config.to_json(),
-            "layers": [],
-            "annotations": {_KEY: key},
-        }
-        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
+        self._push_kept(f"record-{key}", key, _RECORD, config, [])
 
     def find_file(self, key: str, media_type: str) -> Path | None:
         """The file of ``media_type`` kept under ``key`` (in the store, verified), or None."""
-        if self.source is None:
-            return None
-        tag = f"file-{key}"
-        ref = self.source.with_tag(tag)
-        try:
-            data = self.client.fetch_optional(ref, f"manifests/{tag}")
-            if data is None:
-                return None
-            blob = _file_of(json_object(data), key, media_type)
-            self.client.pull_blob(ref, blob, self.store)
-        except (ValueError, ImageError):
-            return None  # not ours, or damaged: do without it
-        return self.store.path(blob.digest)
+        blob = self._fetch_kept(f"file-{key}", lambda manifest: _file_of(manifest, key, media_type))
+        return self.store.path(blob.digest) if blob is not None else None
 
     def keep_file(self, key: str, media_type: str, make: Callable[[Path], None]) -> None:
         """Keep the file ``make`` writes (given a path) under ``key``, unless one is kept.
@@ -142,21 +109,53 @@ class RegistryLayerCache:
         if self.target is None:
             return
         tag = f"file-{key}"
-        ref = self.target.with_tag(tag)
-        if self.client.fetch_optional(ref, f"manifests/{tag}") is not None:
+        if self.client.fetch_optional(self.target.with_tag(tag), f"manifests/{tag}") is not None:
             return
         with self.store.temp_file() as out:
             make(out)
             blob = self.store.put_file(out, media_type=media_type)
         config = self.store.put_bytes(b"{}", media_type=OCI_EMPTY)
-        for desc in (blob, config):
+        self._push_kept(tag, key, media_type, config, [blob])
+
+    def _fetch_kept(
+        self, tag: str, blob_of: Callable[[dict[str, object]], Descriptor]
+    ) -> Descriptor | None:
+        """The blob the manifest tagged ``tag`` names (``blob_of``), fetched into the store.
+
+        None when nothing is kept under the tag, or what is kept is not ours or is damaged.
+        """
+        if self.source is None:
+            return None
+        ref = self.source.with_tag(tag)
+        try:
+            data = self.client.fetch_optional(ref, f"manifests/{tag}")
+            if data is None:
+                return None
+            blob = blob_of(json_object(data))
+            self.client.pull_blob(ref, blob, self.store)
+        except (ValueError, ImageError):
+            return None  # do without it: work it out, or build it, instead
+        return blob
+
+    def _push_kept(
+        self,
+        tag: str,
+        key: str,
+        artifact_type: str,
+        config: Descriptor,
+        layers: Sequence[Descriptor],
+    ) -> None:
+        """Push ``layers`` and ``config`` (in the store) and a manifest of them, tagged ``tag``."""
+        assert self.target is not None
+        ref = self.target.with_tag(tag)
+        for desc in (*layers, config):
             self.client.push_blob(ref, desc, self.store)
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "artifactType": media_type,
+            "artifactType": artifact_type,
             "config": config.to_json(),
-            "layers": [blob.to_json()],
+            "layers": [desc.to_json() for desc in layers],
             "annotations": {_KEY: key},
         }
         self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
@@ -196,15 +195,25 @@ def _descriptor(layer: Layer) -> Descriptor:
     return Descriptor(media_type=layer.media_type, digest=layer.digest, size=layer.size)
 
 
-def _file_of(manifest: dict[str, object], key: str, media_type: str) -> Descriptor:
-    """The one blob of a kept file's manifest; ValueError when it is not one for ``key``."""
+def _one_blob(
+    manifest: dict[str, object], key: str, what: str
+) -> tuple[dict[str, object], Descriptor]:
+    """The annotations and the one blob of a manifest kept under ``key``.
+
+    ValueError when the manifest is not one of ours for ``key`` (``what``: a layer, a file).
+    """
     annotations = manifest.get("annotations")
     layers = manifest.get("layers")
     if not isinstance(annotations, dict) or annotations.get(_KEY) != key:
-        raise ValueError("not a file kept under this key")
+        raise ValueError(f"not a {what} kept under this key")
     if not isinstance(layers, list) or len(layers) != 1:
-        raise ValueError("a kept file has one blob")
-    blob = Descriptor.from_json(layers[0], where="cached file")
+        raise ValueError(f"a kept {what}'s manifest has one blob")
+    return annotations, Descriptor.from_json(layers[0], where=f"cached {what}")
+
+
+def _file_of(manifest: dict[str, object], key: str, media_type: str) -> Descriptor:
+    """The one blob of a kept file's manifest; ValueError when it is not one for ``key``."""
+    _, blob = _one_blob(manifest, key, "file")
     if blob.media_type != media_type:
         raise ValueError(f"a kept file is {blob.media_type}, not {media_type}")
     return blob
@@ -227,13 +236,7 @@ _RECORD_LIMIT = 16 << 20
 
 def _layer_of(manifest: dict[str, object], key: str) -> Layer:
     """The layer a cache manifest describes; ValueError when it is not one of ours for ``key``."""
-    annotations = manifest.get("annotations")
-    layers = manifest.get("layers")
-    if not isinstance(annotations, dict) or annotations.get(_KEY) != key:
-        raise ValueError("not a layer kept under this key")
-    if not isinstance(layers, list) or len(layers) != 1:
-        raise ValueError("a kept layer's manifest has one layer")
-    desc = Descriptor.from_json(layers[0], where="cached layer")
+    annotations, desc = _one_blob(manifest, key, "layer")
     if desc.media_type not in LAYER_TYPES:
         raise ValueError(f"media type {desc.media_type} is not a layer")
     created_by = annotations.get(_CREATED_BY)
