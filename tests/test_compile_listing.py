@@ -14,8 +14,13 @@ import py_compile
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
+import pytest
+
+from imagebuild.errors import LayerError
+from imagebuild.install import layers
 from imagebuild.install.layers import HostCompiler, compile_listing
 from imagebuild.sinks.engine import _pack_sources
 
@@ -185,3 +190,36 @@ def test_a_compile_server_ends_at_once_when_its_input_ends(tmp_path: Path) -> No
         server.close()
         slowest = max(slowest, time.monotonic() - started)
     assert slowest < 5.0
+
+
+class _Hanging(HostCompiler):
+    """An interpreter that never answers (a compiler stuck on something)."""
+
+    def command(self) -> list[str]:
+        return [str(self.executable), "-c", "import time; time.sleep(120)"]
+
+
+def test_a_compiler_that_hangs_is_stopped_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layers, "COMPILE_SECONDS", 1.0)
+    source = tmp_path / "m.py"
+    source.write_text("X = 1\n")
+    group = [(source, PurePosixPath("/app/m.py"))]
+    hanging = _Hanging(Path(sys.executable), known="3.11.7")
+    expected = (
+        f"compiling bytecode with {sys.executable} took over 1 s; it was stopped "
+        "(pass --no-compile to skip bytecode, or --compile-with to choose the compiler)"
+    )
+    server = hanging.serve()
+    runs: list[Callable[[], int]] = [
+        lambda: hanging.compile(tmp_path, [group]),  # a run of its own
+        lambda: server.compile([group]),  # the compile server
+    ]
+    for run in runs:
+        started = time.monotonic()
+        with pytest.raises(LayerError) as caught:
+            run()
+        assert time.monotonic() - started < 10
+        assert f"{caught.value.message} ({caught.value.hint})" == expected
+    server.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -154,6 +155,9 @@ class BytecodeCompiler(Protocol):
 
 
 VERSION_PROBE = "import sys; print(sys.version.split()[0])"
+COMPILE_SECONDS = 600.0
+"""How long one compile (a layer's sources, or a build's) may take before it is given up:
+a compiler that hangs must not hold a build, or a CI job, forever."""
 
 
 class HostCompiler:
@@ -199,14 +203,18 @@ class HostCompiler:
 
         ``jobs`` is how many worker processes share the groups (0: one per CPU, up to 8).
         """
-        proc = subprocess.run(
-            [*self.command(), "-I", "-c", COMPILE_SCRIPT],
-            input=compile_listing([[(str(s), str(d)) for s, d in group] for group in groups]),
-            capture_output=True,
-            text=True,
-            env=_compile_env(jobs),
-            check=False,
-        )
+        try:
+            proc = subprocess.run(
+                [*self.command(), "-I", "-c", COMPILE_SCRIPT],
+                input=compile_listing([[(str(s), str(d)) for s, d in group] for group in groups]),
+                capture_output=True,
+                text=True,
+                env=_compile_env(jobs),
+                timeout=COMPILE_SECONDS,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            raise _timed_out(self.executable) from None
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
             raise LayerError(
@@ -218,6 +226,13 @@ class HostCompiler:
     def serve(self) -> CompileServer:
         """A running interpreter that compiles one listing after another (one worker each)."""
         return CompileServer([*self.command(), "-I", "-c", COMPILE_SCRIPT, "--serve"], self)
+
+
+def _timed_out(executable: Path) -> LayerError:
+    return LayerError(
+        f"compiling bytecode with {executable} took over {COMPILE_SECONDS:.0f} s; it was stopped",
+        hint="pass --no-compile to skip bytecode, or --compile-with to choose the compiler",
+    )
 
 
 def _compile_env(jobs: int) -> dict[str, str]:
@@ -256,6 +271,11 @@ class CompileServer:
         try:
             self._proc.stdin.write(listing + "\n")
             self._proc.stdin.flush()
+            # Nothing is buffered before the answer: the pipe itself says when it comes.
+            ready, _, _ = select.select([self._proc.stdout], [], [], COMPILE_SECONDS)
+            if not ready:
+                self._proc.kill()
+                raise _timed_out(self._compiler.executable)
             answer = self._proc.stdout.readline()
         except OSError:
             answer = ""
