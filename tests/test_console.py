@@ -30,10 +30,7 @@ def test_plain_output_is_one_line_per_step_and_per_finished_phase() -> None:
     reporter.progress("install", 2, 2, "layers")
     reporter.warn("the lock is stale")
     assert out.getvalue() == (
-        "· fetch: 2 wheels\n"
-        "· download: 3.0 MB\n"
-        "· install: 2 layers\n"
-        "warning: the lock is stale\n"
+        "· fetch: 2 wheels\n· download: 3.0 MB\n· install: 2 layers\nwarning: the lock is stale\n"
     )
     quiet = io.StringIO()
     reporter = PlainReporter(Verbosity(quiet=True), quiet)
@@ -55,6 +52,11 @@ def test_live_output_draws_bars_with_bytes_rates_and_counts() -> None:
     live.progress("install", 3, 3, "layers")
     live.progress("install", 0, 2, "layers")  # the next platform: a bar of its own
     live.progress("install", 2, 2, "layers")
+    # A phase whose size is known only at its end (compile) gets a bar of its own too.
+    live.progress("compile", 0, None, "modules")
+    live.progress("compile", 365, 365, "modules")
+    live.progress("compile", 0, None, "modules")  # the project's layer
+    live.progress("compile", 2, 2, "modules")
     live.warn("careful")
     live.stop()
     text = out.getvalue()
@@ -63,6 +65,7 @@ def test_live_output_draws_bars_with_bytes_rates_and_counts() -> None:
     assert "4.0 MB/4.0 MB" in final
     assert re.search(r"4.0 MB/4.0 MB [\d.]+ [kMG]?B/s", final)  # the average rate
     assert "3/3 layers" in final and "2/2 layers" in final
+    assert "365/365 modules" in final and "2/2 modules" in final
     assert "warning: careful" in text
     # The step line is transient: the last frame has the bars, not the status.
     last = final.rsplit("\x1b[2K", 1)[-1] if "\x1b[2K" in final else final

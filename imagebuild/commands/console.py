@@ -169,9 +169,9 @@ class LiveReporter:
         """Move ``task``'s bar; a phase that ended and starts again gets a new bar."""
         with self._lock:
             current = self._tasks.get(task)
-            if current is None or (
-                self._progress.tasks[self._index(current)].finished and done < (total or 0)
-            ):
+            # A phase of unknown size (compile, in modules) starts again at 0 of None.
+            again = done < total if total is not None else done == 0
+            if current is None or (self._progress.tasks[self._index(current)].finished and again):
                 current = self._progress.add_task(task, total=total, unit=unit)
                 self._tasks[task] = current
         self._progress.update(current, completed=done, total=total)
