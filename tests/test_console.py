@@ -30,7 +30,10 @@ def test_plain_output_is_one_line_per_step_and_per_finished_phase() -> None:
     reporter.progress("install", 2, 2, "layers")
     reporter.warn("the lock is stale")
     assert out.getvalue() == (
-        "· fetch: 2 wheels\n· download: 3.0 MB\n· install: 2 layers\nwarning: the lock is stale\n"
+        "· fetch: 2 wheels\n"
+        "· download: 3.0 MB\n"
+        "· install: 2 layers\n"
+        "warning: the lock is stale\n"
     )
     quiet = io.StringIO()
     reporter = PlainReporter(Verbosity(quiet=True), quiet)
