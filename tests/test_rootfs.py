@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import os
 import tarfile
@@ -202,3 +204,73 @@ def test_trees_in_memory_no_build_used_for_a_day_go_when_another_is_unpacked(
     os.utime(root, (two_days, two_days))
     assert unpack_rootfs(base, store, home) == root
     assert root.stat().st_mtime > time.time() - 60
+
+
+def _listing(root: Path) -> dict[str, str]:
+    """Each path below ``root``: a link's target, a file's bytes, or ``dir``."""
+    found: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            found[name] = "-> " + os.readlink(path)
+        elif path.is_dir():
+            found[name] = "dir"
+        else:
+            found[name] = path.read_text()
+    return found
+
+
+@pytest.mark.parametrize("form", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_plain_layer_unpacks_as_its_gzip_does(tmp_path: Path, form: int) -> None:
+    """The plain tar's walk steps over what is surely not wanted, and nothing else: long
+    names (ustar prefixes, PAX and GNU headers), links and whiteouts come out the same."""
+    long = "d" * 60 + "/" + "n" * 90
+    entries: list[tuple[str, str, str]] = [("dir", "./usr", ""), ("dir", "./usr/lib", "")]
+    for i in range(40):  # what a slim base is mostly made of: not wanted
+        entries.append(("file", f"./usr/share/doc/pkg{i}/copyright", f"licence {i}"))
+        entries.append(("file", f"./etc/junk{i}.conf", "x"))
+    entries += [
+        ("file", f"./usr/share/{long}.txt", "long and not wanted"),
+        ("file", f"usr/lib/python3.11/{long}.py", "long and wanted"),
+        ("file", "usr/lib/x86_64-linux-gnu/libz.so.1.2.13", "zlib"),
+        ("sym", "usr/lib/x86_64-linux-gnu/libz.so.1", "libz.so.1.2.13"),
+        ("sym", "lib", "usr/lib"),
+        ("file", "usr/local/bin/python3.11", "python"),
+        ("link", "usr/local/bin/python3", "usr/local/bin/python3.11"),
+        ("file", "usr/local/bin/pip", "not python"),
+        ("file", "usr/lib/python3.11/gone.py", "removed below"),
+        ("file", "usr/lib/python3.11/.wh.gone.py", ""),
+        ("file", "./usr/lib/python3.11/os.py", "import sys"),
+    ]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=form) as tar:
+        for kind, name, data in entries:
+            info = tarfile.TarInfo(name)
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif kind in ("sym", "link"):
+                info.type = tarfile.SYMTYPE if kind == "sym" else tarfile.LNKTYPE
+                info.linkname = data
+                tar.addfile(info)
+            else:
+                info.size = len(data.encode())
+                tar.addfile(info, io.BytesIO(data.encode()))
+    store = BlobStore(tmp_path / "blobs")
+    trees: dict[str, dict[str, str]] = {}
+    for packed, blob in (("plain", buf.getvalue()), ("gzip", gzip.compress(buf.getvalue()))):
+        desc = store.put_bytes(blob, media_type=OCI_LAYER_TAR)
+        base = BaseImage(
+            reference="test",
+            manifest_digest=Digest("sha256:" + hashlib.sha256(blob).hexdigest()),
+            config={},
+            layers=(desc,),
+            diff_ids=(desc.digest,),
+        )
+        trees[packed] = _listing(unpack_rootfs(base, store, tmp_path / packed))
+    assert trees["plain"] == trees["gzip"]
+    assert trees["plain"][f"usr/lib/python3.11/{long}.py"] == "long and wanted"
+    assert trees["plain"]["usr/local/bin/python3"] == "python"
+    assert "usr/lib/python3.11/gone.py" not in trees["plain"]
+    assert not [name for name in trees["plain"] if name.startswith(("etc", "usr/share"))]
+    assert "usr/local/bin/pip" not in trees["plain"]

@@ -17,7 +17,7 @@ import os
 import shutil
 import tarfile
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from imagebuild.digest import digest_hex
@@ -104,19 +104,86 @@ class _Tree:
 def _apply(blob: Path, tree: _Tree) -> None:
     """Apply one layer tar (gzip or plain) over ``tree``."""
     try:
-        with _open(blob) as tar:
-            for member in tar:
-                _apply_member(tar, member, tree)
+        with blob.open("rb") as head:
+            gzipped = head.read(2) == b"\x1f\x8b"
+        if gzipped:
+            with tarfile.open(fileobj=gzip.open(blob, "rb"), mode="r|") as tar:
+                for member in tar:
+                    _apply_member(tar, member, tree)
+        else:
+            with tarfile.open(blob, mode="r:") as tar:
+                for member in _maybe_wanted(tar):
+                    _apply_member(tar, member, tree)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise ImageError(f"base layer {blob.name}: cannot unpack ({exc})") from exc
 
 
-def _open(blob: Path) -> tarfile.TarFile:
-    with blob.open("rb") as head:
-        gzipped = head.read(2) == b"\x1f\x8b"
-    if gzipped:
-        return tarfile.open(fileobj=gzip.open(blob, "rb"), mode="r|")
-    return tarfile.open(blob, mode="r|")
+_BLOCK = 512
+_DATA_KINDS = frozenset(b"0\x007")
+"""Header types whose data follows them (``tarfile``'s regular files)."""
+_PLAIN_KINDS = _DATA_KINDS | frozenset(b"123456")
+"""Header types a member has alone: no extended header (PAX, GNU long names) before it."""
+
+
+def _maybe_wanted(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of a plain tar opened for random access, less those surely not wanted.
+
+    Walking a slim base's 3,000 headers through ``tarfile`` was a third of an unpack. A
+    plain header's name and size are read off its bytes, and a member whose first names
+    no library or ``bin`` directory is stepped over; every other member (and every one
+    behind an extended header) is ``tarfile``'s to read, checksum included, and then
+    ``_apply_member``'s to judge.
+    """
+    stream = tar.fileobj
+    assert stream is not None
+    offset = 0
+    while True:
+        stream.seek(offset)
+        header = stream.read(_BLOCK)
+        if len(header) < _BLOCK or not header.strip(b"\0"):
+            return
+        kind = header[156]
+        size = _octal(header[124:136]) if kind in _DATA_KINDS else 0
+        if kind in _PLAIN_KINDS and size is not None:
+            if not _may_be_wanted(_header_name(header, tar)):
+                offset += _BLOCK + -(-size // _BLOCK) * _BLOCK
+                continue
+        stream.seek(offset)
+        member = tarfile.TarInfo.fromtarfile(tar)
+        yield member
+        offset = tar.offset
+
+
+def _header_name(header: bytes, tar: tarfile.TarFile) -> str:
+    """A plain header's path, as ``tarfile`` reads it (the ustar prefix before the name)."""
+    name = _field(header[0:100]).decode(tar.encoding or "utf-8", tar.errors)
+    prefix = _field(header[345:500]).decode(tar.encoding or "utf-8", tar.errors)
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _field(data: bytes) -> bytes:
+    """A header field up to its first NUL."""
+    return data.split(b"\0", 1)[0]
+
+
+def _octal(data: bytes) -> int | None:
+    """A size field in octal digits; None for any other encoding (``tarfile`` reads those)."""
+    try:
+        return int(_field(data).decode("ascii").strip() or "0", 8)
+    except ValueError:
+        return None
+
+
+def _may_be_wanted(name: str) -> bool:
+    """False only for a path ``_wanted`` refuses for its first names alone."""
+    parts = [part for part in name.split("/") if part and part != "."]
+    if not parts:
+        return True
+    if parts[0] in _LIB_DIRS or parts[0] == "bin":
+        return True
+    if parts[0] != "usr":
+        return False
+    return len(parts) < 2 or parts[1] in _LIB_DIRS or parts[1] in ("local", "bin")
 
 
 def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree) -> None:
