@@ -16,8 +16,9 @@ uses it. The key names the environment's own key (interpreter, installer, indexe
 requirements) and the platform its packages were installed for.
 
 Unpacking refuses what does not belong there: links that lead out, device files, absolute
-names (``tarfile``'s ``data`` filter). A kept tar that fails is no error: the environment
-is then made as it would be without one.
+names (``tarfile``'s ``data`` filter). It happens beside the venv, which takes the result
+only whole: a kept tar that fails is no error, and the environment is then made as it
+would be without one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import shutil
 import sys
 import sysconfig
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,20 +62,25 @@ class RegistryEnvironments:
         kept = self.remote.find_file(_registry_key(key), MEDIA_TYPE)
         if kept is None:
             return False
-        try:
-            with (
-                igzip.open(kept, "rb") as stream,  # type: ignore[no-untyped-call]
-                tarfile.open(fileobj=stream, mode="r|") as tar,
-            ):
-                tar.extractall(env, filter="data")
-            own = env / _OWN_BYTECODE
-            if own.is_dir():
+        # Unpacked beside the venv, and moved into it whole: a damaged tar leaves it as made.
+        with tempfile.TemporaryDirectory(prefix=".kept-", dir=env.parent) as aside:
+            unpacked = Path(aside)
+            try:
+                with (
+                    igzip.open(kept, "rb") as stream,  # type: ignore[no-untyped-call]
+                    tarfile.open(fileobj=stream, mode="r|") as tar,
+                ):
+                    tar.extractall(unpacked, filter="data")
+            except (OSError, EOFError, tarfile.TarError, igzip.BadGzipFile):
+                return False  # make the environment instead
+            for name in (*_SHARED, _BYTECODE):
+                if (unpacked / name).exists():
+                    shutil.rmtree(env / name, ignore_errors=True)
+                    (unpacked / name).rename(env / name)
+            if (unpacked / _OWN_BYTECODE).is_dir():
                 where = env / _BYTECODE / _relative(home)
                 where.parent.mkdir(parents=True, exist_ok=True)
-                own.rename(where)
-        except (OSError, EOFError, tarfile.TarError, igzip.BadGzipFile):
-            _clear(env)
-            return False  # a damaged tar: make the environment instead
+                (unpacked / _OWN_BYTECODE).rename(where)
         return True
 
     def keep(self, key: str, env: Path) -> None:
@@ -92,12 +99,6 @@ def _registry_key(key: str) -> str:
 def _relative(path: Path) -> Path:
     """``path`` made absolute, as a relative path (how a pycache prefix names a source)."""
     return Path(str(path.absolute()).lstrip("/"))
-
-
-def _clear(env: Path) -> None:
-    """Remove what an unpack left in ``env`` (the venv's own files stay)."""
-    for name in (*_SHARED, _BYTECODE, _OWN_BYTECODE):
-        shutil.rmtree(env / name, ignore_errors=True)
 
 
 def _pack(env: Path, out: Path) -> None:

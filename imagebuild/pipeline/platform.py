@@ -241,12 +241,9 @@ def _prepare(
         job = _layer_job(build, wheels)
         # A runner with an empty cache fetches the registry cache's layers while the
         # compiler is readied (their keys name it: the one expected is asked for).
-        expected = (
-            expected_identity(base, facts, request.compile_with)
-            if request.compile_bytecode
-            else None
-        )
-        if expected is not None or not request.compile_bytecode:
+        if not request.compile_bytecode:
+            look_ahead(below, venv, None, job)
+        elif (expected := expected_identity(base, facts, request.compile_with)) is not None:
             look_ahead(below, venv, expected, job)
         check_entrypoint(
             build.settings,

@@ -52,7 +52,7 @@ class RegistryLayerCache:
     target: ImageReference | None
     """The repository new layers are kept in (``--cache-to``)."""
 
-    asked: dict[str, Future[Layer | None]] = field(default_factory=dict)
+    asked: dict[str, Future[Layer | None]] = field(default_factory=dict, init=False, repr=False)
     """Lookups started ahead by ``ask``, by key."""
 
     def ask(self, keys: Sequence[str]) -> None:
