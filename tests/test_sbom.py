@@ -201,3 +201,20 @@ def test_referrer_with_the_api_pushes_no_fallback_tag(tmp_path: Path) -> None:
     attach_referrer(registry, ImageReference.parse("r.test/app:1"), subject, sbom, store)
     assert fallback_tag(subject.digest) not in registry.manifests
     assert len(registry.manifests) == 1
+
+
+def test_the_renderer_is_readied_while_dependencies_layers_are_made(
+    world: World,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import imagebuild.pipeline.platform as platform
+
+    readied: list[bool] = []
+    monkeypatch.setattr(platform, "ready_renderer", lambda: readied.append(True))
+    world.depend_on("tinydep", "otherdep")
+    world.lock()
+    world.build(OciLayoutSink(path=world.root / "one"))
+    assert readied == [True]  # once, though two layers were made
+    # Every layer below the project's from the cache: no document is likely new.
+    world.build(OciLayoutSink(path=world.root / "two"))
+    assert readied == [True]

@@ -109,11 +109,21 @@ class _Staged:
 
 
 def build_layers(
-    plan: LayerPlan, venv: VenvLayout, compiler: BytecodeCompiler | None, job: LayerJob
+    plan: LayerPlan,
+    venv: VenvLayout,
+    compiler: BytecodeCompiler | None,
+    job: LayerJob,
+    *,
+    building: Callable[[], None] | None = None,
 ) -> BuiltLayers:
-    """The layers of ``plan``, bottom first: from the caches, or staged, compiled and tarred."""
+    """The layers of ``plan``, bottom first: from the caches, or staged, compiled and tarred.
+
+    ``building`` is called once some layer is found in no cache, before any is made.
+    """
     found = _lookup(plan, venv, compiler, job)
     layers, missing = found.layers, found.missing
+    if missing and building is not None:
+        building()
     report = job.reporter
     for index, spec, _ in missing:
         report.step(f"layer {index + 1}/{len(plan.layers)}: {spec.description}")

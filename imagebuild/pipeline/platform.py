@@ -45,7 +45,7 @@ from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_lin
 from imagebuild.pipeline.local import LocalWheels
 from imagebuild.pipeline.ports import Ports, Registry
 from imagebuild.pipeline.requests import BuildRequest
-from imagebuild.pipeline.sbom import sbom_document, sbom_file
+from imagebuild.pipeline.sbom import ready_renderer, sbom_document, sbom_file
 from imagebuild.pipeline.stdlib import stdlib_layers, with_stdlib_bytecode
 from imagebuild.pipeline.syspkgs import with_system_packages
 from imagebuild.pipeline.wheels import LazyWheels
@@ -163,7 +163,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         venv, compiler, job = prepared.venv, prepared.compiler, prepared.job
         base_image = _stdlib_bytecode(build, base_image, facts, compiler)
         # The project's wheel may still be building: everything below it is built meanwhile.
-        lower = build_layers(prepared.below, venv, compiler, job)
+        lower = build_layers(prepared.below, venv, compiler, job, building=ready_renderer)
         prepared.links.result()
     top, sbom = _project_top(build, prepared, arch, base_image)
     upper = build_layers(top, venv, compiler, job)

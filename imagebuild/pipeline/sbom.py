@@ -15,7 +15,10 @@ wheels' licences nor renders it again.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import sys
+import threading
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
@@ -74,8 +77,24 @@ def sbom_file(venv: VenvLayout, blob: Descriptor, store: BlobStore) -> tuple[Pur
     return venv.root / SBOM_FILE, store.read_bytes(blob.digest)
 
 
+_RENDERER = "imagebuild.image.sbom"
+
+
+def ready_renderer() -> None:
+    """Import the renderer (the CycloneDX library: 0.14 s) on a thread of its own, now.
+
+    For a build whose dependencies' layers are being made, and so whose document is most
+    likely new: imported while the layers are, on two busy cores, rather than at the end,
+    where the project's layer waits for the document and one core idles.
+    """
+    if _RENDERER not in sys.modules:
+        threading.Thread(
+            target=importlib.import_module, args=(_RENDERER,), name="imgbuild-sbom", daemon=True
+        ).start()
+
+
 def _render(lock: Lock, wheels: Sequence[PlannedWheel], project: str, epoch: int) -> bytes:
-    # The CycloneDX library is imported only when a document is written.
+    # The CycloneDX library is imported only when a document is written (or soon will be).
     from imagebuild.image.sbom import load_sbom_packages, render_sbom
 
     return render_sbom(load_sbom_packages(lock, wheels), subject=project, epoch=epoch)
