@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import lzma
 import shutil
 import tarfile
 import threading
@@ -67,6 +68,8 @@ def write_layer(path: Path, entries: Sequence[Entry], *, compression: str = "gzi
         data = gzip.compress(data)
     elif compression == "zstd":
         data = zstandard.ZstdCompressor().compress(data)
+    elif compression == "xz":
+        data = lzma.compress(data)
     path.write_bytes(data)
     return path
 
@@ -402,6 +405,29 @@ def test_a_directory_only_ld_so_conf_names_is_searched(tmp_path: Path) -> None:
     assert [(f.path, f.info.machine) for f in files] == [
         ("/opt/vendor/stubs/libstub.so.1", HOST_MACHINE)
     ]
+
+
+@pytest.mark.parametrize("compression", ["none", "xz", "zstd"])
+def test_a_layer_is_indexed_alike_plain_or_compressed(tmp_path: Path, compression: str) -> None:
+    # A plain tar is read by seeking, the others as streams: the same libraries either way,
+    # links followed, and a directory only ld.so.conf names read in a second pass.
+    entries: list[Entry] = [
+        ("usr/lib/x86_64-linux-gnu", None),
+        ("lib", "usr/lib"),
+        ("lib/x86_64-linux-gnu/libfoo.so.1", HOST_SO),
+        ("usr/lib/x86_64-linux-gnu/libfoo.so", "libfoo.so.1"),
+        ("usr/lib/x86_64-linux-gnu/libbar.so.3", HOST_SO),
+        ("etc/ld.so.conf", b"/opt/vendor/stubs\n"),
+        ("opt/vendor/stubs/libstub.so.1", HOST_SO),
+        ("usr/lib/x86_64-linux-gnu/notes.txt", b"not a library"),
+    ]
+    expected = library_files([write_layer(tmp_path / "0.tar.gz", entries)])
+    assert {f.name for f in expected} == {
+        "libbar.so.3", "libfoo.so", "libfoo.so.1", "libstub.so.1"
+    }  # fmt: skip
+    assert all(f.info is not None for f in expected)
+    layer = write_layer(tmp_path / f"0.{compression}", entries, compression=compression)
+    assert library_files([layer]) == expected
 
 
 def test_musl_search_path(tmp_path: Path) -> None:
