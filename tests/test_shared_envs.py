@@ -18,6 +18,7 @@ from isal import igzip
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
+from imagebuild.pipeline import buildenvs
 from imagebuild.pipeline.buildenvs import MEDIA_TYPE, RegistryEnvironments, _registry_key
 from imagebuild.pipeline.remotecache import RegistryLayerCache
 from imagebuild.sinks.remote import RegistryClient
@@ -180,3 +181,37 @@ def test_a_kept_environment_that_would_write_outside_is_refused(
     assert RegistryEnvironments(remote=remote).fetch("k2", env, tmp_path / "home") is False
     assert list((tmp_path / "outside").iterdir()) == []
     assert not (env / "lib").exists()  # what was unpacked is cleared: the env is made instead
+
+
+def test_an_unpacking_that_hangs_is_given_up_and_the_environment_made(
+    local_registry: LocalRegistry,
+    requests: tuple[httpx.Client, list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    http, _ = requests
+    ref = ImageReference.parse(f"{local_registry.host}/test/shared-envs-hang")
+
+    def kept(out: Path) -> None:
+        with igzip.open(out, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:  # type: ignore[no-untyped-call]
+            data = b"print('hello')\n"
+            member = tarfile.TarInfo("lib/python3.11/site-packages/mod.py")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+    remote = RegistryLayerCache(
+        client=RegistryClient(http), store=BlobStore(tmp_path / "blobs"), source=ref, target=ref
+    )
+    remote.keep_file(_registry_key("k3"), MEDIA_TYPE, kept)
+    shared = RegistryEnvironments(remote=remote)
+    env = tmp_path / "env"
+    env.mkdir()
+    assert shared.fetch("k3", env, tmp_path / "home") is True  # it unpacks, in its own process
+    assert (env / "lib/python3.11/site-packages/mod.py").read_bytes() == b"print('hello')\n"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.setattr(buildenvs, "_UNPACK", "import time; time.sleep(60)")
+    monkeypatch.setattr(buildenvs, "UNPACK_SECONDS", 0.5)
+    assert shared.fetch("k3", other, tmp_path / "home") is False
+    assert not (other / "lib").exists()
