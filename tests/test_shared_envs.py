@@ -5,10 +5,12 @@ of installing the backend again (real uv, a real local index, a real registry)."
 from __future__ import annotations
 
 import io
+import json
 import os
 import sysconfig
 import tarfile
 from collections.abc import Iterator
+from importlib.util import cache_from_source
 from pathlib import Path
 
 import httpx
@@ -100,6 +102,12 @@ def test_a_runner_takes_the_backend_environment_another_kept(
         assert abs(taken.stat().st_mtime_ns - kept.stat().st_mtime_ns) < 10**6
         assert taken.read_bytes() == kept.read_bytes()
     assert (env / "bin" / "python").is_symlink()  # its own venv, made here
+    # The hooks took the standard library's own pycs, linked there: none was compiled.
+    source = Path(json.__file__)
+    linked = (
+        env / ".pycache" / str(source.parent).lstrip("/") / Path(cache_from_source(source)).name
+    )
+    assert linked.samefile(cache_from_source(source))  # a link to the stdlib's own
 
 
 def _fake_env(root: Path) -> Path:
@@ -142,12 +150,11 @@ def test_what_is_kept_is_the_packages_and_their_bytecode_once(
     assert taker.fetch("k1", fresh, home)
     assert taker.fetch("another", fresh, home) is False
     found = sorted(str(p.relative_to(fresh)) for p in fresh.rglob("*") if p.is_file())
-    stdlib = sysconfig.get_paths()["stdlib"].lstrip("/")
     own = f".pycache/{str(home).lstrip('/')}/lib/python3.11/site-packages/pkg/m.cpython-311.pyc"
+    # Not the standard library's bytecode: each machine links its own interpreter's.
     assert found == sorted(
         [
             ".imgbuild-requires/answer.json",
-            f".pycache/{stdlib}/m.cpython-311.pyc",
             own,
             "lib/python3.11/site-packages/pkg/__init__.py",
         ]

@@ -6,15 +6,22 @@ build succeeds only if its environment was installed from that index, with real 
 
 from __future__ import annotations
 
+import json
+import json.decoder
+import os
 import shutil
+import subprocess
+import sys
 import textwrap
 import zipfile
+from importlib.util import cache_from_source
 from pathlib import Path
 
 import pytest
 from uv import find_uv_bin
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel, find_uv
+from imagebuild.build.runner import seed_standard_bytecode
 from imagebuild.errors import BuildError
 from tests.fixtures.index_server import LocalIndex
 
@@ -257,3 +264,27 @@ def test_processes_started_at_background_priority_run_nicer_and_the_rest_does_no
     assert seen == [max(before, BACKGROUND_NICENESS)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == before
     assert int(subprocess.run(probe, capture_output=True, check=True).stdout) == before
+
+
+def test_the_standard_librarys_bytecode_is_linked_for_the_hooks(tmp_path: Path) -> None:
+    env = tmp_path / "env"
+    seed_standard_bytecode(env)
+    prefix = env / ".pycache" / str(Path(json.__file__).parent).lstrip("/")
+    names = sorted(p.name for p in prefix.iterdir())
+    assert "__init__.cpython-311.pyc" in names and "decoder.cpython-311.pyc" in names
+    assert not [n for n in names if ".opt-" in n]
+    assert (prefix / "decoder.cpython-311.pyc").samefile(cache_from_source(json.decoder.__file__))
+    # A hook's interpreter with that prefix takes them: it writes nothing there.
+    before = {p: p.stat().st_ino for p in (env / ".pycache").rglob("*")}
+    subprocess.run(
+        [sys.executable, "-c", "import json.decoder"],
+        env={**os.environ, "PYTHONPYCACHEPREFIX": str(env / ".pycache")},
+        check=True,
+    )
+    assert {p: p.stat().st_ino for p in (env / ".pycache").rglob("*")} == before
+    # Where nothing can be linked (the prefix is a file), nothing is, and no error.
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / ".pycache").write_text("")
+    seed_standard_bytecode(blocked)
+    assert (blocked / ".pycache").is_file()

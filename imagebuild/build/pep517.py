@@ -48,7 +48,13 @@ from filelock import FileLock
 from uv import find_uv_bin
 
 from imagebuild.build.resident import READY_MARKER
-from imagebuild.build.runner import ProcessFailed, Runner, hook_runner, run_captured
+from imagebuild.build.runner import (
+    ProcessFailed,
+    Runner,
+    hook_runner,
+    run_captured,
+    seed_standard_bytecode,
+)
 from imagebuild.build.secrets import SourcePolicy, check_wheel, filtered_copy, source_rules
 from imagebuild.cache import write_json
 from imagebuild.errors import BuildError, ProjectError
@@ -186,6 +192,7 @@ class BuildEnvironments:
                 self._venv(staging, uv)
                 if self.shared is None or not self.shared.fetch(key, staging, env_dir):
                     self._install_requires(staging, requires, uv)
+                seed_standard_bytecode(staging)
                 (staging / READY_MARKER).write_text("")
                 shutil.rmtree(env_dir, ignore_errors=True)
                 staging.rename(env_dir)
@@ -204,6 +211,7 @@ class BuildEnvironments:
     def _create(self, env: Path, requires: set[str], uv: str | None) -> None:
         self._venv(env, uv)
         self._install_requires(env, requires, uv)
+        seed_standard_bytecode(env)
 
     @staticmethod
     def _venv(env: Path, uv: str | None) -> None:

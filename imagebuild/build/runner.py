@@ -7,8 +7,11 @@ runner does the same). ``hook_runner`` gives pypa/build a runner of that kind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sys
+import sysconfig
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -123,7 +126,7 @@ def hook_runner(
     ) -> None:
         env = {**os.environ, **(extra_environ or {}), **fixed}
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(Path(cmd[0]).parent.parent / ".pycache")
+        env["PYTHONPYCACHEPREFIX"] = str(bytecode_prefix(Path(cmd[0]).parent.parent))
         if resident is not None and cwd is not None:
             try:
                 status, stdout, stderr = run_resident(resident, cmd, cwd, env)
@@ -136,3 +139,44 @@ def hook_runner(
         run_captured(cmd, cwd=cwd, env=env)
 
     return runner
+
+
+BYTECODE_DIR = ".pycache"
+"""Where a build environment's hooks write bytecode: ``PYTHONPYCACHEPREFIX``."""
+_SKIPPED_STDLIB = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
+
+
+def bytecode_prefix(env: Path) -> Path:
+    """The ``PYTHONPYCACHEPREFIX`` of the hooks run by the environment ``env``."""
+    return env / BYTECODE_DIR
+
+
+def seed_standard_bytecode(env: Path) -> None:
+    """Hard-link the standard library's own pycs under ``env``'s bytecode prefix.
+
+    With a prefix set, Python looks for every module's pyc under it only, the standard
+    library's too: a new environment's first hook compiled the 80 standard modules
+    hatchling imports (0.23 s of a FastAPI wheel's 0.38 s). The environment's interpreter
+    is this one's (a venv of it), so its standard library's ``__pycache__`` serves. A hard
+    link costs 15 microseconds here (a symbolic link, a new inode, 250); Python replaces a
+    stale pyc by renaming a new file over the link, never writing into it. Where no link
+    can be made (another filesystem, a protected owner's files), none is: the hooks then
+    compile as before.
+    """
+    tag = f".{sys.implementation.cache_tag}.pyc"
+    prefix = bytecode_prefix(env)
+    paths = sysconfig.get_paths()
+    for stdlib in sorted({paths["stdlib"], paths["platstdlib"]}):
+        for directory, children, files in os.walk(stdlib):
+            children[:] = sorted(c for c in children if c not in _SKIPPED_STDLIB)
+            if os.path.basename(directory) != "__pycache__":
+                continue
+            target = prefix / os.path.dirname(directory).lstrip(os.sep)
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+                for name in files:
+                    if name.endswith(tag) and ".opt-" not in name:
+                        with contextlib.suppress(FileExistsError):
+                            os.link(os.path.join(directory, name), target / name)
+            except OSError:
+                return

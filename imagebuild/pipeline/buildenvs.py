@@ -1,14 +1,12 @@
 """Build environments kept in the registry cache, for runners that start with an empty cache.
 
 A kept environment is its installed packages (the venv's ``lib`` tree), the answers kept
-beside them (``.imgbuild-requires``) and the bytecode its hooks wrote: for the packages,
-and for the standard library modules they imported. That bytecode lives under the
-environment's ``.pycache``, named by each source's absolute path (``build.runner``), so
-the packages' part is kept relative to the environment and put back under the path the
-environment has where it is unpacked; the standard library's keeps its absolute name and
-serves a runner whose interpreter sits at the same place (elsewhere, Python finds no pyc
-for it and compiles as before: a pyc is only taken for a source of the same time and
-size). Files keep their times for that reason.
+beside them (``.imgbuild-requires``) and the bytecode its hooks wrote for the packages.
+That bytecode lives under the environment's ``.pycache``, named by each source's absolute
+path (``build.runner``), so it is kept relative to the environment and put back under the
+path the environment has where it is unpacked (a pyc is only taken for a source of the
+same time and size: files keep their times). The standard library's bytecode is not
+kept: each machine links its own interpreter's there (``build.runner``).
 
 It is kept as a gzip tar under a key in the registry cache (``RemoteLayers.keep_file``);
 the venv itself (its interpreter link, ``pyvenv.cfg``) is always made on the machine that
@@ -37,13 +35,15 @@ from typing import TYPE_CHECKING
 
 from isal import igzip
 
+from imagebuild.build.runner import BYTECODE_DIR
+
 if TYPE_CHECKING:
     from imagebuild.pipeline.layers import RemoteLayers
 
 MEDIA_TYPE = "application/vnd.imgbuild.build-env.v1.tar+gzip"
 _SHARED = ("lib", ".imgbuild-requires")
 """What of a venv is kept as it is: its packages and imgbuild's answers beside them."""
-_BYTECODE = ".pycache"
+_BYTECODE = BYTECODE_DIR
 """Where the hooks' bytecode goes (``build.runner``)."""
 _OWN_BYTECODE = ".imgbuild-own-bytecode"
 """In the tar: the bytecode of the environment's own files, by path inside it."""
@@ -125,9 +125,6 @@ def _pack(env: Path, out: Path) -> None:
     bytecode = env / _BYTECODE
     trees = [(env / name, name) for name in _SHARED]
     trees.append((bytecode / _relative(env), _OWN_BYTECODE))
-    for stdlib in sorted({sysconfig.get_paths()["stdlib"], sysconfig.get_paths()["platstdlib"]}):
-        source = _relative(Path(stdlib))
-        trees.append((bytecode / source, f"{_BYTECODE}/{source}"))
     with (
         igzip.open(out, "wb", compresslevel=_LEVEL) as stream,  # type: ignore[no-untyped-call]
         tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
