@@ -149,8 +149,8 @@ def test_a_native_interpreter_counts_only_when_one_start_runs_and_imports(tmp_pa
 
 
 def test_a_served_listing_compiles_the_bytes_a_one_off_run_does(tmp_path: Path) -> None:
-    """The compile server (one interpreter, a pool made ahead of each listing) writes the
-    same pycs as a run of its own, listing after listing, and answers every one."""
+    """The compile server (one interpreter, a fork per group) writes the same pycs as a run
+    of its own, listing after listing, and answers every one."""
     staging = tmp_path / "staging"
     pairs = _three_modules(staging)
     groups = [pairs[:2], pairs[2:]]
@@ -175,9 +175,52 @@ def test_a_served_listing_compiles_the_bytes_a_one_off_run_does(tmp_path: Path) 
         server.close()
 
 
+def test_a_pyc_whose_bytes_follow_interned_names_is_the_same_served_or_not(
+    tmp_path: Path,
+) -> None:
+    """A frozenset of names is shared by the functions using it, or each gets a copy when
+    the names are interned already, held by a module the compiling process has loaded
+    (scipy's and scikit-learn's pycs changed when the compile script stopped importing
+    multiprocessing): a pyc's bytes follow the modules the process holds. Each group is
+    compiled by a fork of the same state, so ``n`` is the same bytes alone, beside another
+    group, through the server or in a run of its own."""
+    staging = tmp_path / "staging"
+    site = staging / "app" / "site"
+    site.mkdir(parents=True)
+    (site / "n.py").write_text(
+        "def f(v):\n    return v in {'uniform', 'distance'} or v in {'loads', 'dumps'}\n"
+        "def g(v):\n    return v in {'uniform', 'distance'} or v in {'loads', 'dumps'}\n"
+    )
+    (site / "u.py").write_text("def uniform():\n    pass\ndistance = 1\n")
+    n = (site / "n.py", PurePosixPath("/app/site/n.py"))
+    u = (site / "u.py", PurePosixPath("/app/site/u.py"))
+    pyc = Path(importlib.util.cache_from_source(str(n[0])))
+    compiler = HostCompiler(Path(sys.executable))
+    seen: list[bytes] = []
+    for groups, jobs in (([[n]], 1), ([[u], [n]], 1), ([[u], [n]], 2), ([[n], [u]], 0)):
+        assert compiler.compile(staging, groups, jobs=jobs) == 0
+        seen.append(pyc.read_bytes())
+    server = compiler.serve()
+    try:
+        for groups in ([[u], [n]], [[n]]):
+            assert server.compile(groups) == 0
+            seen.append(pyc.read_bytes())
+    finally:
+        server.close()
+    assert len(set(seen)) == 1
+
+
+def test_a_worker_that_fails_fails_the_compile_in_one_line(tmp_path: Path) -> None:
+    missing = (tmp_path / "gone.py", PurePosixPath("/app/gone.py"))
+    with pytest.raises(LayerError) as caught:
+        HostCompiler(Path(sys.executable)).compile(tmp_path, [[missing]])
+    assert str(caught.value).startswith(f"compiling bytecode with {sys.executable} failed: ")
+    assert "a compile worker failed" in str(caught.value)
+
+
 def test_a_compile_server_ends_at_once_when_its_input_ends(tmp_path: Path) -> None:
-    """Its pools ended with close() and join() after a listing hung one time in ten (a race
-    of multiprocessing's with maxtasksperchild), holding each build 30 s at its exit."""
+    """Its pools (multiprocessing's, before its workers were plain forks) once ended with
+    close() and join(), which hung one time in ten, holding each build 30 s at its exit."""
     source = tmp_path / "m.py"
     source.write_text("VALUE = 1\n")
     compiler = HostCompiler(Path(sys.executable))

@@ -40,19 +40,88 @@ Sources = list[tuple[Path, PurePosixPath]]
 # sources, is compiled in order by a fresh process forked for it alone: a layer's pycs are
 # the same whichever layers are compiled beside it and however the groups are shared out
 # over the workers (one per CPU, up to 8).
+#
+# It imports next to nothing: a base's Python ships without bytecode for its standard
+# library (the python images delete it), so each module the script imports is compiled
+# before the first source is, on every cold build's critical path (multiprocessing and
+# py_compile took 0.11 s of a FastAPI build). A pyc is written as py_compile writes it, with
+# the same import-system functions py_compile calls (the frozen _bootstrap_external, always
+# loaded), and workers are plain forks. An interpreter without those functions (a future
+# release) gets py_compile itself: the same bytes.
 COMPILE_SCRIPT = r"""
-import importlib.util, json, multiprocessing, os, py_compile, sys
-mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
+import _imp, json, os, sys
+
+try:
+    from _frozen_importlib_external import (
+        _RAW_MAGIC_NUMBER, _calc_mode, _code_to_hash_pyc, _write_atomic, cache_from_source,
+    )
+except ImportError:
+    import py_compile
+
+    def write_pyc(source, dfile):
+        try:
+            py_compile.compile(source, dfile=dfile, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        except py_compile.PyCompileError:
+            return False
+        return True
+else:
+    def write_pyc(source, dfile):
+        # py_compile.compile(source, dfile=dfile, doraise=True, UNCHECKED_HASH), step by step.
+        cfile = cache_from_source(source)
+        if os.path.islink(cfile) or (os.path.exists(cfile) and not os.path.isfile(cfile)):
+            raise FileExistsError(f"{cfile} is a link or not a regular file")
+        with open(source, "rb") as stream:
+            data = stream.read()
+        try:
+            code = compile(data, dfile, "exec", dont_inherit=True, optimize=-1)
+        except Exception:
+            return False
+        os.makedirs(os.path.dirname(cfile), exist_ok=True)
+        pyc = _code_to_hash_pyc(code, _imp.source_hash(_RAW_MAGIC_NUMBER, data), False)
+        _write_atomic(cfile, pyc, _calc_mode(source))
+        return True
 
 
 def work(pairs):
-    failed = 0
-    for source, dfile in pairs:
-        try:
-            py_compile.compile(source, cfile=importlib.util.cache_from_source(source),
-                               dfile=dfile, doraise=True, invalidation_mode=mode)
-        except (py_compile.PyCompileError, SyntaxError, ValueError):
-            failed += 1
+    return sum(not write_pyc(source, dfile) for source, dfile in pairs)
+
+
+def compile_groups(groups, size):
+    # One fork per group, at most size at once; each sends back its count of failures.
+    running, failed = {}, 0
+
+    def reap():
+        nonlocal failed
+        pid, status = os.wait()
+        reader = running.pop(pid)
+        answer = os.read(reader, 32)
+        os.close(reader)
+        if status != 0 or not answer:
+            raise SystemExit(f"a compile worker failed (wait status {status})")
+        failed += int(answer)
+
+    for group in groups:
+        while len(running) >= size:
+            reap()
+        reader, writer = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                os.close(reader)
+                os.write(writer, str(work(group)).encode())
+                status = 0
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        os.close(writer)
+        running[pid] = reader
+    while running:
+        reap()
     return failed
 
 
@@ -60,47 +129,23 @@ def groups_of(listing):
     return [[(str(source), str(dfile)) for source, dfile in group] for group in listing]
 
 
-def pool_of(size):
-    return multiprocessing.get_context("fork").Pool(size, maxtasksperchild=1)
-
-
-def compile_groups(listing, jobs):
-    groups = groups_of(listing)
-    with pool_of(jobs or min(len(os.sched_getaffinity(0)), 8, max(1, len(groups)))) as pool:
-        return sum(pool.map(work, groups, chunksize=1))
-
-
 def lines():
-    # os.read, not sys.stdin: a pool forking while this thread held stdin's lock in a read
-    # would leave the child (which closes its stdin) waiting on that lock for ever.
     pending = b""
     while chunk := os.read(0, 1 << 16):
         *done, pending = (pending + chunk).split(b"\n")
         yield from done
 
 
-def serve(size):
-    # Each listing's pool is made before the listing comes, after the last answer: a listing
-    # does not wait for its workers to start (a tenth of a code change's rebuild through
-    # imgbuild's server). Still a fresh process forked for each group (maxtasksperchild=1),
-    # and the pool ended after its listing, so no worker is forked while a line is read.
-    # Ended with terminate(), as a pool's with-block ends: close() and join() after a
-    # maxtasksperchild worker's last task hung now and then (one close in ten waited for
-    # ever), holding a build for the 30 s its caller waits.
-    pool = pool_of(size)
-    for line in lines():
-        print(sum(pool.map(work, groups_of(json.loads(line)), chunksize=1)), flush=True)
-        pool.terminate()
-        pool = pool_of(size)
-    pool.terminate()
-
-
+# Both ways read bytes and decode JSON alike: the workers fork from the same state.
 jobs = int(os.environ.get("IMGBUILD_COMPILE_JOBS") or 0)
+size = jobs or min(len(os.sched_getaffinity(0)), 8)
 if sys.argv[1:] == ["--serve"]:  # a listing a line, each answered with a line
-    serve(jobs or min(len(os.sched_getaffinity(0)), 8))
+    for line in lines():
+        print(compile_groups(groups_of(json.loads(line)), size), flush=True)
 else:
-    listing = open(sys.argv[1], encoding="utf-8") if len(sys.argv) > 1 else sys.stdin
-    print(compile_groups(json.load(listing), jobs))
+    with open(sys.argv[1], "rb") if len(sys.argv) > 1 else sys.stdin.buffer as listing:
+        groups = groups_of(json.loads(listing.read()))
+    print(compile_groups(groups, jobs or min(size, max(1, len(groups)))))
 """
 
 
