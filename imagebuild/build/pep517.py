@@ -157,7 +157,7 @@ class BuildEnvironments:
         if isinstance(kept, list) and all(isinstance(item, str) for item in kept):
             return set(kept)
         answer = builder.get_requires_for_build("wheel")
-        write_json(record, sorted(answer))
+        write_json(record, sorted(answer), durable=False)  # asked again unless whole
         return answer
 
     @contextmanager

@@ -89,7 +89,7 @@ def scan_wheel(path: Path, *, cache: Path, sha256: Digest | None = None) -> tupl
             hint="the file is damaged: delete it (from the cache, if it is there) and build again",
         ) from exc
     members = [{"path": elf.path, "elf": render_elf_info(elf.info)} for elf in found]
-    write_json(record, {"format": _FORMAT, "members": members})
+    write_json(record, {"format": _FORMAT, "members": members}, durable=False)  # see _load_record
     return tuple(found)
 
 
@@ -201,7 +201,8 @@ def index_base(
         key=_provider_key,
     )
     index = LibraryIndex(providers=tuple(providers))
-    write_json(record, {"format": _FORMAT, "providers": [_render_provider(p) for p in providers]})
+    record_data = {"format": _FORMAT, "providers": [_render_provider(p) for p in providers]}
+    write_json(record, record_data, durable=False)  # see _load_record
     return index
 
 

@@ -141,7 +141,7 @@ def _missing_records(
     made, fetched = set(), set()
     for record, data in zip(absent, found, strict=True):
         if data is not None and usable_record(data):
-            write_atomic(record, data)
+            write_atomic(record, data, durable=False)  # read as a miss unless whole
             fetched.add(record)
         else:
             made.add(record)

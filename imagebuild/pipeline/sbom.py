@@ -66,7 +66,7 @@ def sbom_document(
             fetch(wheels)
         document = _render(lock, wheels, project, epoch)
     blob = store.put_bytes(document, media_type=SBOM_MEDIA_TYPE)
-    write_json(record, {"blob": blob.to_json()})
+    write_json(record, {"blob": blob.to_json()}, durable=False)  # see _kept
     if rendered and remote is not None:
         remote.keep_record(f"sbom-{key}", document)
     return blob

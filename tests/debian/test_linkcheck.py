@@ -322,6 +322,10 @@ def test_a_warm_scan_reads_the_cache_not_the_wheel(
     shutil.copy(pypi_wheel("greenlet-x86_64"), wheel)
     assert scan_wheel(wheel, cache=tmp_path / "scan", sha256=sha256) == cold
     assert json.loads(record.read_text())["members"][0]["path"] == cold[0].path
+    # Nor does an empty one (records are not flushed to disk: what a power cut can leave).
+    record.write_bytes(b"")
+    assert scan_wheel(wheel, cache=tmp_path / "scan", sha256=sha256) == cold
+    assert json.loads(record.read_text())["format"] == 1
 
 
 def test_scan_skips_non_elf_and_broken_members(tmp_path: Path) -> None:
