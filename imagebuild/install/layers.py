@@ -47,7 +47,8 @@ Sources = list[tuple[Path, PurePosixPath]]
 # py_compile took 0.11 s of a FastAPI build). A pyc is written as py_compile writes it, with
 # the same import-system functions py_compile calls (the frozen _bootstrap_external, always
 # loaded), and workers are plain forks. An interpreter without those functions (a future
-# release) gets py_compile itself: the same bytes.
+# release) gets py_compile itself, whose imports hold other names interned (a pyc's bytes
+# can follow them: see tests/test_compile_listing.py).
 COMPILE_SCRIPT = r"""
 import _imp, json, os, sys
 

@@ -87,7 +87,7 @@ def test_the_native_run_writes_the_engines_bytes(
     assert isinstance(compiler, EngineCompiler) and compiler.identity == native.identity
     assert compiler.compile(there, [_tree(there)]) == 1
     assert _pycs(here) == _pycs(there) and len(_pycs(here)) == 2
-    # Its compile server (a listing at a time, each one's pool made ahead of it): the same.
+    # Its compile server (a listing at a time, each group in a fork of it): the same.
     server = native.serve()
     try:
         for round in range(3):
