@@ -266,3 +266,27 @@ def test_a_compiler_that_hangs_is_stopped_with_one_line(
         assert time.monotonic() - started < 10
         assert f"{caught.value.message} ({caught.value.hint})" == expected
     server.close()
+
+
+def test_a_layer_compiled_by_another_compile_script_is_another_cache_entry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cache (local, or a registry's) holding layers the last script compiled must not
+    hand them to this one: their pycs may be other bytes, and the image another digest."""
+    from imagebuild.install import keys
+    from imagebuild.install.layers import VenvLayout
+    from imagebuild.install.plan import LayerSpec, PlannedWheel
+
+    wheel = PlannedWheel(
+        name="pkg", version="1.0", path=Path("/w.whl"), sha256="sha256:" + "a" * 64
+    )
+    spec = LayerSpec(kind="dependency", wheels=(wheel,))
+    venv = VenvLayout(base_interpreter=PurePosixPath("/usr/bin/python3.11"), python_version=(3, 11))
+
+    def key(compiled: str | None) -> str:
+        return keys.layer_key(spec, venv, compiled, 0, layer_format="f")
+
+    compiled, plain = key("image:x"), key(None)
+    monkeypatch.setattr(keys, "COMPILE_SCRIPT_ID", "another script")
+    assert key("image:x") != compiled
+    assert key(None) == plain  # a layer without bytecode owes the script nothing

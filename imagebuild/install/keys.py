@@ -7,7 +7,7 @@ import json
 
 from imagebuild import __version__
 from imagebuild.digest import digest_file
-from imagebuild.install.layers import VenvLayout
+from imagebuild.install.layers import COMPILE_SCRIPT_ID, VenvLayout
 from imagebuild.install.plan import LayerSpec
 
 
@@ -16,10 +16,11 @@ def layer_key(
 ) -> str:
     """The hex key of the layer ``spec`` makes; equal keys give byte-equal layers.
 
-    ``compiled`` is the bytecode compiler's identity (``None`` without bytecode) and
-    ``mtime`` the ``SOURCE_DATE_EPOCH`` written into the tar, ``layer_format`` how the tar
-    is written and compressed (``image.tarball.LAYER_FORMAT``). imgbuild's own version is
-    part of the key, so a new release never reuses an older one's layers.
+    ``compiled`` is the bytecode compiler's identity (``None`` without bytecode; the compile
+    script's ``COMPILE_SCRIPT_ID`` goes with it), ``mtime`` the ``SOURCE_DATE_EPOCH`` written
+    into the tar, ``layer_format`` how the tar is written and compressed
+    (``image.tarball.LAYER_FORMAT``). imgbuild's own version is part of the key, so a new
+    release never reuses an older one's layers.
     """
     material = {
         "imgbuild": __version__,
@@ -28,7 +29,7 @@ def layer_key(
         "venv": str(venv.root),
         "interpreter": str(venv.base_interpreter),
         "python": list(venv.python_version),
-        "compiled": compiled,
+        "compiled": None if compiled is None else f"{compiled} {COMPILE_SCRIPT_ID}",
         "mtime": mtime,
         "format": layer_format,
     }

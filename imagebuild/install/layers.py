@@ -14,6 +14,7 @@ hash-based pycs, so the bytes are the same on every build (cpython#129724).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import select
@@ -148,6 +149,11 @@ else:
         groups = groups_of(json.loads(listing.read()))
     print(compile_groups(groups, jobs or min(size, max(1, len(groups)))))
 """
+
+COMPILE_SCRIPT_ID = hashlib.sha256(COMPILE_SCRIPT.encode()).hexdigest()[:16]
+"""Names the compile script in the keys of compiled layers: another script's pycs may be
+other bytes (a pyc follows the names the compiling process holds interned), so a layer a
+cache holds from one is never taken for the other's."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -21,7 +21,7 @@ from imagebuild.image.model import BaseImage
 from imagebuild.image.mutate import stack_layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import LAYER_FORMAT, build_layer
-from imagebuild.install.layers import BytecodeCompiler
+from imagebuild.install.layers import COMPILE_SCRIPT_ID, BytecodeCompiler
 from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.pipeline.layerwork import read_layer_record, write_layer_record
 from imagebuild.report import Reporter
@@ -53,7 +53,10 @@ def with_stdlib_bytecode(
     ``--cache-from``), and kept in both when it is made.
     """
     stdlib = f"usr/lib/python{python[0]}.{python[1]}/"
-    material = f"stdlib {STDLIB_VERSION} {LAYER_FORMAT} {base.manifest_digest} {compiler.identity}"
+    material = (
+        f"stdlib {STDLIB_VERSION} {LAYER_FORMAT} {base.manifest_digest} {compiler.identity}"
+        f" {COMPILE_SCRIPT_ID}"
+    )
     key = hashlib.sha256(material.encode()).hexdigest()
     record = cache.layers / f"{key}.json"
     layer = read_layer_record(record, store)
