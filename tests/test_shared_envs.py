@@ -162,30 +162,39 @@ def test_what_is_kept_is_the_packages_and_their_bytecode_once(
     assert (fresh / own).stat().st_mtime_ns == 10**18  # times kept: the pycs stay valid
 
 
+def _keep_tar(
+    shared: RegistryEnvironments, key: str, members: list[tuple[tarfile.TarInfo, bytes | None]]
+) -> None:
+    """Keep a gzip tar of ``members`` (each with its data, or None) as the environment ``key``."""
+
+    def write(out: Path) -> None:
+        with igzip.open(out, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:  # type: ignore[no-untyped-call]
+            for info, data in members:
+                if data is not None:
+                    info.size = len(data)
+                tar.addfile(info, None if data is None else io.BytesIO(data))
+
+    shared.remote.keep_file(_registry_key(key), MEDIA_TYPE, write)
+
+
 def test_a_kept_environment_that_would_write_outside_is_refused(
     local_registry: LocalRegistry, requests: tuple[httpx.Client, list[str]], tmp_path: Path
 ) -> None:
     http, _ = requests
     ref = ImageReference.parse(f"{local_registry.host}/test/shared-envs-hostile")
 
-    def hostile(out: Path) -> None:
-        with igzip.open(out, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:  # type: ignore[no-untyped-call]
-            link = tarfile.TarInfo("lib/escape")
-            link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path / "outside")
-            tar.addfile(link)
-            data = b"written through the link"
-            member = tarfile.TarInfo("lib/escape/file")
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-
-    remote = RegistryLayerCache(
-        client=RegistryClient(http), store=BlobStore(tmp_path / "blobs"), source=ref, target=ref
+    link = tarfile.TarInfo("lib/escape")
+    link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path / "outside")
+    shared = _shared(http, tmp_path / "blobs", source=ref, target=ref)
+    _keep_tar(
+        shared,
+        "k2",
+        [(link, None), (tarfile.TarInfo("lib/escape/file"), b"written through the link")],
     )
-    remote.keep_file(_registry_key("k2"), MEDIA_TYPE, hostile)
     (tmp_path / "outside").mkdir()
     env = tmp_path / "env"
     env.mkdir()
-    assert RegistryEnvironments(remote=remote).fetch("k2", env, tmp_path / "home") is False
+    assert shared.fetch("k2", env, tmp_path / "home") is False
     assert list((tmp_path / "outside").iterdir()) == []
     assert not (env / "lib").exists()  # what was unpacked is cleared: the env is made instead
 
@@ -199,18 +208,9 @@ def test_an_unpacking_that_hangs_is_given_up_and_the_environment_made(
     http, _ = requests
     ref = ImageReference.parse(f"{local_registry.host}/test/shared-envs-hang")
 
-    def kept(out: Path) -> None:
-        with igzip.open(out, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:  # type: ignore[no-untyped-call]
-            data = b"print('hello')\n"
-            member = tarfile.TarInfo("lib/python3.11/site-packages/mod.py")
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-
-    remote = RegistryLayerCache(
-        client=RegistryClient(http), store=BlobStore(tmp_path / "blobs"), source=ref, target=ref
-    )
-    remote.keep_file(_registry_key("k3"), MEDIA_TYPE, kept)
-    shared = RegistryEnvironments(remote=remote)
+    shared = _shared(http, tmp_path / "blobs", source=ref, target=ref)
+    module = tarfile.TarInfo("lib/python3.11/site-packages/mod.py")
+    _keep_tar(shared, "k3", [(module, b"print('hello')\n")])
     env = tmp_path / "env"
     env.mkdir()
     assert shared.fetch("k3", env, tmp_path / "home") is True  # it unpacks, in its own process

@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 MEDIA_TYPE = "application/vnd.imgbuild.build-env.v1.tar+gzip"
 _SHARED = ("lib", ".imgbuild-requires")
 """What of a venv is kept as it is: its packages and imgbuild's answers beside them."""
-_BYTECODE = BYTECODE_DIR
-"""Where the hooks' bytecode goes (``build.runner``)."""
 _OWN_BYTECODE = ".imgbuild-own-bytecode"
 """In the tar: the bytecode of the environment's own files, by path inside it."""
 _LEVEL = 3
@@ -68,12 +66,13 @@ class RegistryEnvironments:
             unpacked = Path(aside)
             if not _unpack(kept, unpacked):
                 return False  # make the environment instead
-            for name in (*_SHARED, _BYTECODE):
+            # (BYTECODE_DIR: only in tars kept before the standard library was linked instead)
+            for name in (*_SHARED, BYTECODE_DIR):
                 if (unpacked / name).exists():
                     shutil.rmtree(env / name, ignore_errors=True)
                     (unpacked / name).rename(env / name)
             if (unpacked / _OWN_BYTECODE).is_dir():
-                where = env / _BYTECODE / _relative(home)
+                where = env / BYTECODE_DIR / _relative(home)
                 where.parent.mkdir(parents=True, exist_ok=True)
                 (unpacked / _OWN_BYTECODE).rename(where)
         return True
@@ -122,7 +121,7 @@ def _relative(path: Path) -> Path:
 
 def _pack(env: Path, out: Path) -> None:
     """What is kept of ``env``, as a gzip tar at ``out``, each tree in name order."""
-    bytecode = env / _BYTECODE
+    bytecode = env / BYTECODE_DIR
     trees = [(env / name, name) for name in _SHARED]
     trees.append((bytecode / _relative(env), _OWN_BYTECODE))
     with (
