@@ -28,7 +28,7 @@ from tests.fixtures.index_server import LocalIndex
 # A PEP 517 backend in one module: the wheel holds the project's `<dist>.py` and a
 # `<dist>_backend.txt` naming the backend release that built it.
 _BACKEND = """\
-import base64, hashlib, os, tomllib, zipfile
+import base64, hashlib, os, time, tomllib, zipfile
 
 RELEASE = {release!r}
 
@@ -52,9 +52,13 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
         lines.append(f"{{path}},sha256={{digest}},{{len(data)}}\\n")
     files[f"{{info}}/RECORD"] = ("".join(lines) + f"{{info}}/RECORD,,\\n").encode()
     name = f"{{dist}}-{{version}}-py3-none-any.whl"
+    # Dated by SOURCE_DATE_EPOCH, as real backends do (zip times start in 1980): the same
+    # sources give the same bytes, whenever they are built.
+    epoch = max(int(os.environ.get("SOURCE_DATE_EPOCH", "0")), 315532800)
+    stamp = time.gmtime(epoch)[:6]
     with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as zf:
         for path, data in files.items():
-            zf.writestr(path, data)
+            zf.writestr(zipfile.ZipInfo(path, date_time=stamp), data)
     return name
 """
 
