@@ -1,15 +1,13 @@
-"""The compile script's input crosses the process boundary as JSON, never as joined text.
+"""The compile script's input crosses the process boundary as hex names, never as joined text.
 
 A source whose name holds a TAB and a newline (wheelcheck refuses such members; this is
 the second line of defence) gets its pyc beside it and nowhere else, and the pyc bytes are
-exactly what ``py_compile`` writes for the same source and in-image path (so image digests
-did not move when the listing changed from lines to JSON).
+exactly what ``py_compile`` writes for the same source and in-image path.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import py_compile
 import re
 import sys
@@ -39,11 +37,24 @@ def _expected_pyc(source: Path, dfile: str, scratch: Path) -> bytes:
     return target.read_bytes()
 
 
-def test_listing_is_json_pairs_and_round_trips_hostile_names() -> None:
+def _read_listing(text: str) -> list[list[tuple[str, ...]]]:
+    """The listing's groups, read as compile_listing documents them."""
+
+    def name(hex_name: str) -> str:
+        return bytes.fromhex(hex_name).decode("utf-8", "surrogatepass")
+
+    return [
+        [tuple(map(name, pair.split("."))) for pair in group.split(",")]
+        for group in text.split("g")[1:]
+    ]
+
+
+def test_listing_is_hex_pairs_and_round_trips_hostile_names() -> None:
     pairs = [("/s/a\tb\n/tmp/x.py", "/app/a\tb\n/tmp/x.py"), ("/s/\udcff.py", "/app/\udcff.py")]
-    text = compile_listing([pairs])
-    assert "\n" not in text and "\t" not in text
-    assert [[tuple(p) for p in group] for group in json.loads(text)] == [pairs]
+    text = compile_listing([pairs, pairs[:1]])
+    assert set(text) <= set("0123456789abcdefg.,")
+    assert _read_listing(text) == [pairs, pairs[:1]]
+    assert compile_listing([]) == ""
 
 
 def test_host_compiler_writes_the_pyc_beside_a_tab_newline_source_only(tmp_path: Path) -> None:
@@ -77,7 +88,7 @@ def test_host_compiler_writes_the_pyc_beside_a_tab_newline_source_only(tmp_path:
         assert pyc == _expected_pyc(src, str(dst), scratch)
 
 
-def test_engine_upload_carries_the_same_json_listing(tmp_path: Path) -> None:
+def test_engine_upload_carries_the_same_listing(tmp_path: Path) -> None:
     import tarfile
 
     root = tmp_path / "root"
@@ -88,8 +99,8 @@ def test_engine_upload_carries_the_same_json_listing(tmp_path: Path) -> None:
     with tarfile.open(tmp_path / "in.tar") as tar:
         member = tar.extractfile(listing.relative_to("/").as_posix())
         assert member is not None
-        groups = json.loads(member.read())
-    assert groups == [[["/imgbuild-staging/pkg/m.py", "/app/pkg/m.py"]]]
+        groups = _read_listing(member.read().decode("ascii"))
+    assert groups == [[("/imgbuild-staging/pkg/m.py", "/app/pkg/m.py")]]
 
 
 def _three_modules(staging: Path) -> list[tuple[Path, PurePosixPath]]:
@@ -208,6 +219,34 @@ def test_a_pyc_whose_bytes_follow_interned_names_is_the_same_served_or_not(
     finally:
         server.close()
     assert len(set(seen)) == 1
+
+
+def test_the_interpreters_site_does_not_run_while_it_compiles(tmp_path: Path) -> None:
+    """A base's .pth files and sitecustomize run no code in the compiler (no site): what they
+    import would be held interned by the compiling process, and a pyc's bytes can follow it."""
+    import subprocess
+
+    env = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True)
+    marker = tmp_path / "site-ran"
+    (site_packages,) = env.glob("lib/python*/site-packages")
+    (site_packages / "mark.pth").write_text(f"import os; open({str(marker)!r}, 'w').close()\n")
+    python = env / "bin" / "python"
+    subprocess.run([str(python), "-I", "-c", "pass"], check=True)
+    assert marker.exists()  # the .pth runs where site does
+    marker.unlink()
+    staging = tmp_path / "staging"
+    pairs = _three_modules(staging)
+    compiler = HostCompiler(python)
+    assert compiler.identity == f"host:{sys.version.split()[0]}"
+    assert compiler.compile(staging, [pairs]) == 0
+    server = compiler.serve()
+    try:
+        assert server.compile([pairs]) == 0
+    finally:
+        server.close()
+    assert len(list(staging.rglob("*.pyc"))) == 3
+    assert not marker.exists()
 
 
 def test_a_worker_that_fails_fails_the_compile_in_one_line(tmp_path: Path) -> None:

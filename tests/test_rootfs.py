@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -64,7 +65,7 @@ def test_layers_apply_in_order_with_whiteouts(tmp_path: Path) -> None:
             ("dir", "usr/lib/python3.11", b""),
             ("file", "usr/lib/python3.11/os.py", b"first"),
             ("file", "usr/lib/python3.11/gone.py", b"x"),
-            ("file", "usr/lib/python3.11/site/old.py", b"x"),
+            ("file", "usr/lib/python3.11/encodings/old.py", b"x"),
             ("file", "usr/bin/python3.11", b"ELF"),
             ("file", "usr/bin/bash", b"shell"),
             ("file", "usr/share/doc/README", b"docs"),
@@ -75,8 +76,8 @@ def test_layers_apply_in_order_with_whiteouts(tmp_path: Path) -> None:
         [
             ("file", "usr/lib/python3.11/os.py", b"second"),
             ("file", "usr/lib/python3.11/.wh.gone.py", b""),
-            ("file", "usr/lib/python3.11/site/.wh..wh..opq", b""),
-            ("file", "usr/lib/python3.11/site/new.py", b"y"),
+            ("file", "usr/lib/python3.11/encodings/.wh..wh..opq", b""),
+            ("file", "usr/lib/python3.11/encodings/new.py", b"y"),
             ("link", "usr/lib/python3.11/os-again.py", "usr/lib/python3.11/os.py"),
             ("file", "../../escape.py", b"no"),
             ("file", "lib64/through-an-absolute-link.py", b"no"),
@@ -87,7 +88,7 @@ def test_layers_apply_in_order_with_whiteouts(tmp_path: Path) -> None:
     assert (lib / "os.py").read_bytes() == b"second"
     assert (lib / "os-again.py").read_bytes() == b"second"
     assert not (lib / "gone.py").exists()
-    assert sorted(p.name for p in (lib / "site").iterdir()) == ["new.py"]
+    assert sorted(p.name for p in (lib / "encodings").iterdir()) == ["new.py"]
     assert (root / "usr/bin/python3.11").read_bytes() == b"ELF"
     # Only what running Python needs: no shell, no docs, no devices.
     assert not (root / "usr/bin/bash").exists() and not (root / "usr/share").exists()
@@ -127,22 +128,72 @@ def test_a_directory_turned_into_a_link_leading_out_is_not_written_through(
     base = _base(
         store,
         [
-            ("file", "usr/lib/d/a.py", b"a"),
-            ("file", "usr/lib/e/a.py", b"a"),
-            ("file", "usr/lib/e/.wh..wh..opq", b""),
-            ("sym", "usr/lib/e", str(outside)),
-            ("file", "usr/lib/e/same-layer.py", b"no"),
+            ("file", "usr/lib/python3.11/encodings/a.py", b"a"),
+            ("file", "usr/lib/x86_64-linux-gnu/a.so", b"a"),
+            ("file", "usr/lib/x86_64-linux-gnu/.wh..wh..opq", b""),
+            ("sym", "usr/lib/x86_64-linux-gnu", str(outside)),
+            ("file", "usr/lib/x86_64-linux-gnu/same-layer.so", b"no"),
         ],
         [
-            ("file", "usr/lib/.wh.d", b""),
-            ("sym", "usr/lib/d", str(outside)),
-            ("file", "usr/lib/d/next-layer.py", b"no"),
-            ("file", "usr/lib/f/kept.py", b"yes"),
+            ("file", "usr/lib/python3.11/.wh.encodings", b""),
+            ("sym", "usr/lib/python3.11/encodings", str(outside)),
+            ("file", "usr/lib/python3.11/encodings/next-layer.py", b"no"),
+            ("file", "usr/local/lib/python3.11/encodings/kept.py", b"yes"),
         ],
     )
     root = unpack_rootfs(base, store, tmp_path / "rootfs")
     assert list(outside.iterdir()) == []
-    assert (root / "usr/lib/f/kept.py").read_bytes() == b"yes"
+    assert (root / "usr/local/lib/python3.11/encodings/kept.py").read_bytes() == b"yes"
+
+
+def test_only_what_the_bases_python_needs_to_compile_is_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader, the C libraries, the standard library's top level and its encodings (the
+    compile script runs without site and imports built-ins alone); not its other packages,
+    extension modules, site-packages, nor the library directories' subdirectories. The
+    same tree whether the kernel copies the files or Python does."""
+    store = BlobStore(tmp_path / "blobs")
+    wanted = [
+        "lib64/ld-linux-x86-64.so.2",
+        "usr/lib/x86_64-linux-gnu/libc.so.6",
+        "usr/local/lib/libpython3.11.so.1.0",
+        "lib/ld-musl-x86_64.so.1",
+        "usr/lib/python3.11/os.py",
+        "usr/lib/python3.11/encodings/__init__.py",
+        "usr/lib/python3.11/encodings/utf_8.py",
+        "usr/local/bin/python3.11",
+    ]
+    unwanted = [
+        "usr/lib/python3.11/asyncio/base_events.py",
+        "usr/lib/python3.11/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so",
+        "usr/lib/python3.11/site-packages/setuptools/__init__.py",
+        "usr/lib/python3.11/site-packages/distutils-precedence.pth",
+        "usr/lib/python3/dist-packages/apt/__init__.py",
+        "usr/lib/x86_64-linux-gnu/gconv/UTF-16.so",
+        "usr/lib/x86_64-linux-gnu/perl-base/strict.pm",
+        "usr/lib/locale/C.utf8/LC_CTYPE",
+        "usr/local/bin/pip",
+    ]
+    entries: list[Entry] = [("dir", "usr/lib/python3.11/lib-dynload", b"")]
+    entries += [("file", name, name.encode()) for name in wanted + unwanted]
+    base = _base(store, entries)
+    trees = {}
+    for kernel in (True, False):
+        if not kernel:
+
+            def declined(*args: object) -> int:
+                raise OSError(errno.EXDEV, "cross-device copy declined")
+
+            monkeypatch.setattr(os, "copy_file_range", declined)
+        root = unpack_rootfs(base, store, tmp_path / f"rootfs-{kernel}")
+        trees[kernel] = _listing(root)
+        for name in wanted:
+            assert (root / name).read_bytes() == name.encode()
+        for name in unwanted:
+            assert not (root / name).exists(), name
+        assert (root / "usr/lib/python3.11/lib-dynload").is_dir()
+    assert trees[True] == trees[False]
 
 
 def test_a_base_is_unpacked_in_memory_when_there_is_room_else_on_disk(
@@ -231,7 +282,7 @@ def test_a_plain_layer_unpacks_as_its_gzip_does(tmp_path: Path, form: int) -> No
         entries.append(("file", f"./etc/junk{i}.conf", "x"))
     entries += [
         ("file", f"./usr/share/{long}.txt", "long and not wanted"),
-        ("file", f"usr/lib/python3.11/{long}.py", "long and wanted"),
+        ("file", f"usr/lib/python3.11/encodings/{long}.py", "long and wanted"),
         ("file", "usr/lib/x86_64-linux-gnu/libz.so.1.2.13", "zlib"),
         ("sym", "usr/lib/x86_64-linux-gnu/libz.so.1", "libz.so.1.2.13"),
         ("sym", "lib", "usr/lib"),
@@ -269,7 +320,7 @@ def test_a_plain_layer_unpacks_as_its_gzip_does(tmp_path: Path, form: int) -> No
         )
         trees[packed] = _listing(unpack_rootfs(base, store, tmp_path / packed))
     assert trees["plain"] == trees["gzip"]
-    assert trees["plain"][f"usr/lib/python3.11/{long}.py"] == "long and wanted"
+    assert trees["plain"][f"usr/lib/python3.11/encodings/{long}.py"] == "long and wanted"
     assert trees["plain"]["usr/local/bin/python3"] == "python"
     assert "usr/lib/python3.11/gone.py" not in trees["plain"]
     assert not [name for name in trees["plain"] if name.startswith(("etc", "usr/share"))]

@@ -15,7 +15,6 @@ hash-based pycs, so the bytes are the same on every build (cpython#129724).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import select
 import shutil
@@ -32,7 +31,7 @@ from imagebuild.errors import LayerError
 Sources = list[tuple[Path, PurePosixPath]]
 """Sources to compile, sorted: each with its path in the image (its pyc's ``co_filename``)."""
 
-# Runs inside the target interpreter. Reads a JSON list of groups of [source, in-image path]
+# Runs inside the target interpreter. Reads a listing of groups of (source, in-image path)
 # pairs (from the file named by argv[1], else stdin; see compile_listing), writes an
 # unchecked-hash pyc next to each source and prints how many did not compile (templates,
 # Python 2 leftovers in some sdists are skipped, as pip and uv do). A pyc's bytes depend on
@@ -42,16 +41,20 @@ Sources = list[tuple[Path, PurePosixPath]]
 # the same whichever layers are compiled beside it and however the groups are shared out
 # over the workers (one per CPU, up to 8).
 #
-# It imports next to nothing: a base's Python ships without bytecode for its standard
-# library (the python images delete it), so each module the script imports is compiled
-# before the first source is, on every cold build's critical path (multiprocessing and
-# py_compile took 0.11 s of a FastAPI build). A pyc is written as py_compile writes it, with
-# the same import-system functions py_compile calls (the frozen _bootstrap_external, always
-# loaded), and workers are plain forks. An interpreter without those functions (a future
-# release) gets py_compile itself, whose imports hold other names interned (a pyc's bytes
-# can follow them: see tests/test_compile_listing.py).
+# It imports nothing but built-in modules, and runs without site (COMPILE_FLAGS): a base's
+# Python ships without bytecode for its standard library (the python images delete it), so
+# each module the script imported was compiled before the first source, on every cold
+# build's longest chain (multiprocessing and py_compile took 0.11 s of a FastAPI build, json
+# and what it imports 0.04 s). Without site, neither the base's .pth files nor its
+# sitecustomize run, so the names held interned (which a pyc's bytes can follow: see
+# tests/test_compile_listing.py) are the interpreter's own, whatever the base installed; and
+# the interpreter needs no more of its tree than the encodings (image.rootfs unpacks that).
+# A pyc is written as py_compile writes it, with the same import-system functions py_compile
+# calls (the frozen _bootstrap_external, always loaded), and workers are plain forks. An
+# interpreter without those functions (a future release) gets py_compile itself, whose
+# imports hold other names interned.
 COMPILE_SCRIPT = r"""
-import _imp, json, os, sys
+import _imp, os, sys
 
 try:
     from _frozen_importlib_external import (
@@ -127,8 +130,15 @@ def compile_groups(groups, size):
     return failed
 
 
-def groups_of(listing):
-    return [[(str(source), str(dfile)) for source, dfile in group] for group in listing]
+def groups_of(line):
+    # See compile_listing: "g" opens a group, "," parts pairs, "." a pair's two hex names.
+    def name(text):
+        return bytes.fromhex(text).decode("utf-8", "surrogatepass")
+
+    return [
+        [tuple(map(name, pair.split("."))) for pair in group.split(",") if pair]
+        for group in line.split("g")[1:]
+    ]
 
 
 def lines():
@@ -138,21 +148,27 @@ def lines():
         yield from done
 
 
-# Both ways read bytes and decode JSON alike: the workers fork from the same state.
+# Both ways read bytes and split them alike: the workers fork from the same state.
 jobs = int(os.environ.get("IMGBUILD_COMPILE_JOBS") or 0)
 size = jobs or min(len(os.sched_getaffinity(0)), 8)
 if sys.argv[1:] == ["--serve"]:  # a listing a line, each answered with a line
     for line in lines():
-        print(compile_groups(groups_of(json.loads(line)), size), flush=True)
+        print(compile_groups(groups_of(line.decode("ascii")), size), flush=True)
 else:
     with open(sys.argv[1], "rb") if len(sys.argv) > 1 else sys.stdin.buffer as listing:
-        groups = groups_of(json.loads(listing.read()))
+        groups = groups_of(listing.read().decode("ascii"))
     print(compile_groups(groups, jobs or min(size, max(1, len(groups)))))
 """
 
-COMPILE_SCRIPT_ID = hashlib.sha256(COMPILE_SCRIPT.encode()).hexdigest()[:16]
-"""Names the compile script in the keys of compiled layers: another script's pycs may be
-other bytes (a pyc follows the names the compiling process holds interned), so a layer a
+COMPILE_FLAGS = ("-I", "-S")
+"""How the compile script's interpreter is started: isolated from the environment and the
+user's site, and without ``site`` (see above)."""
+
+COMPILE_SCRIPT_ID = hashlib.sha256(
+    "\0".join((*COMPILE_FLAGS, COMPILE_SCRIPT)).encode()
+).hexdigest()[:16]
+"""Names the compile script and its flags in the keys of compiled layers: another script's
+pycs may be other bytes (a pyc follows the names the compiling process holds interned), so a layer a
 cache holds from one is never taken for the other's."""
 
 
@@ -229,7 +245,7 @@ class HostCompiler:
             return
         try:
             proc = subprocess.run(
-                [*self.command(), "-I", "-c", probe],
+                [*self.command(), *COMPILE_FLAGS, "-c", probe],
                 capture_output=True,
                 text=True,
                 env=_compile_env(0),
@@ -257,7 +273,7 @@ class HostCompiler:
         """
         try:
             proc = subprocess.run(
-                [*self.command(), "-I", "-c", COMPILE_SCRIPT],
+                [*self.command(), *COMPILE_FLAGS, "-c", COMPILE_SCRIPT],
                 input=compile_listing([[(str(s), str(d)) for s, d in group] for group in groups]),
                 capture_output=True,
                 text=True,
@@ -277,7 +293,9 @@ class HostCompiler:
 
     def serve(self) -> CompileServer:
         """A running interpreter that compiles one listing after another (one worker each)."""
-        return CompileServer([*self.command(), "-I", "-c", COMPILE_SCRIPT, "--serve"], self)
+        return CompileServer(
+            [*self.command(), *COMPILE_FLAGS, "-c", COMPILE_SCRIPT, "--serve"], self
+        )
 
 
 def _timed_out(executable: Path) -> LayerError:
@@ -359,13 +377,22 @@ class CompileServer:
 
 
 def compile_listing(groups: Iterable[Iterable[tuple[str, str]]]) -> str:
-    """The compile script's input: a JSON list of groups of ``[source, in-image path]`` pairs.
+    """The compile script's input, one line: each group ``g``, then its pairs.
 
-    JSON, not delimiter-joined lines, so no file name (a TAB or newline in a wheel member)
-    can split one entry into two and point a pyc at a path of its choosing. ASCII escapes
-    carry names that are not UTF-8 (surrogate escapes) through unchanged.
+    A pair is its two names' UTF-8 bytes in hex, joined by ``.``; pairs are joined by ``,``.
+    Hex, not delimiter-joined names, so no file name (a TAB or newline in a wheel member) can
+    split one entry into two and point a pyc at a path of its choosing; ``surrogatepass``
+    carries names that are not UTF-8 (surrogate escapes) through unchanged. The script reads
+    it with built-ins alone (no json to import, see COMPILE_SCRIPT).
     """
-    return json.dumps([[[source, dfile] for source, dfile in group] for group in groups])
+
+    def name(text: str) -> str:
+        return text.encode("utf-8", "surrogatepass").hex()
+
+    return "".join(
+        "g" + ",".join(f"{name(source)}.{name(dfile)}" for source, dfile in group)
+        for group in groups
+    )
 
 
 def find_host_python(version: tuple[int, int]) -> Path | None:

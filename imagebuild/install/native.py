@@ -27,7 +27,7 @@ _LOADERS = {
     "arm64": ("lib/ld-linux-aarch64.so.1", "lib/aarch64-linux-gnu/ld-linux-aarch64.so.1",
               "lib/ld-musl-aarch64.so.1"),
 }  # fmt: skip
-_PROBE = "import _frozen_importlib_external, _imp, json, os, sys; print(sys.version.split()[0])"
+_PROBE = "import _frozen_importlib_external, _imp, os, sys; print(sys.version.split()[0])"
 
 
 class NativeCompiler(HostCompiler):

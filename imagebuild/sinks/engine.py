@@ -30,7 +30,7 @@ import requests.exceptions
 
 from imagebuild.errors import DockerError, LayerError
 from imagebuild.image.model import Image
-from imagebuild.install.layers import COMPILE_SCRIPT, Sources, compile_listing
+from imagebuild.install.layers import COMPILE_FLAGS, COMPILE_SCRIPT, Sources, compile_listing
 from imagebuild.sinks.daemon import DockerDaemon, engine_base_tag
 from imagebuild.sinks.layout import write_docker_archive
 
@@ -256,7 +256,7 @@ class EngineCompiler:
             try:
                 output = self.engine.run(
                     self.image,
-                    [str(self.interpreter), "-I", "-c", COMPILE_SCRIPT, str(listing)],
+                    [str(self.interpreter), *COMPILE_FLAGS, "-c", COMPILE_SCRIPT, str(listing)],
                     upload=upload,
                     download=(_STAGING, download),
                 )
