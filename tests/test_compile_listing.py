@@ -19,7 +19,8 @@ import pytest
 
 from imagebuild.errors import LayerError
 from imagebuild.install import layers
-from imagebuild.install.layers import HostCompiler, compile_listing
+from imagebuild.install.compilescript import compile_listing
+from imagebuild.install.layers import HostCompiler
 from imagebuild.sinks.engine import _pack_sources
 
 

@@ -7,7 +7,8 @@ import json
 
 from imagebuild import __version__
 from imagebuild.digest import digest_file
-from imagebuild.install.layers import COMPILE_SCRIPT_ID, VenvLayout
+from imagebuild.install.compilescript import COMPILE_SCRIPT_ID
+from imagebuild.install.layers import VenvLayout
 from imagebuild.install.plan import LayerSpec
 
 

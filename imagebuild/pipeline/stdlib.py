@@ -21,7 +21,8 @@ from imagebuild.image.model import BaseImage
 from imagebuild.image.mutate import stack_layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import LAYER_FORMAT, build_layer
-from imagebuild.install.layers import COMPILE_SCRIPT_ID, BytecodeCompiler
+from imagebuild.install.compilescript import COMPILE_SCRIPT_ID
+from imagebuild.install.layers import BytecodeCompiler
 from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.pipeline.layerwork import read_layer_record, write_layer_record
 from imagebuild.report import Reporter

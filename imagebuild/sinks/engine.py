@@ -30,7 +30,8 @@ import requests.exceptions
 
 from imagebuild.errors import DockerError, LayerError
 from imagebuild.image.model import Image
-from imagebuild.install.layers import COMPILE_FLAGS, COMPILE_SCRIPT, Sources, compile_listing
+from imagebuild.install.compilescript import COMPILE_FLAGS, COMPILE_SCRIPT, compile_listing
+from imagebuild.install.layers import Sources
 from imagebuild.sinks.daemon import DockerDaemon, engine_base_tag
 from imagebuild.sinks.layout import write_docker_archive
 
