@@ -10,12 +10,12 @@ from pathlib import Path
 from rich.console import Console
 
 from imagebuild.commands.console import (
-    LiveReporter,
     PlainReporter,
     Verbosity,
     open_reporter,
     summary_line,
 )
+from imagebuild.commands.live import LiveReporter
 from imagebuild.pipeline.requests import BuildResult
 from tests.test_pipeline_build import World, world  # noqa: F401  (the fixture)
 
@@ -46,7 +46,7 @@ def test_plain_output_is_one_line_per_step_and_per_finished_phase() -> None:
 def test_live_output_draws_bars_with_bytes_rates_and_counts() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120, color_system="standard")
-    live = LiveReporter(Verbosity(), console)
+    live = LiveReporter(console)
     live.start()
     live.step("fetch: 2 wheels")
     live.progress("download", 0, 4_000_000, "B")
