@@ -396,12 +396,14 @@ def base_source(
     store: BlobStore,
 ) -> BaseSource:
     """The base as configured: what to pull (pinned, through the mirrors) or build."""
-    from imagebuild.pipeline.debbase import BuiltBases, base_recipe
     from imagebuild.pipeline.platform import BaseSource
 
     entry, reference = base_reference(found.settings, found.project)
     built = None
     if entry is not None and entry.built:
+        # Only a built base needs the Debian assembler (its modules cost a build 12 ms).
+        from imagebuild.pipeline.debbase import BuiltBases, base_recipe
+
         built = BuiltBases(
             base_recipe(entry, found.settings),
             settings=found.settings,

@@ -15,12 +15,11 @@ import hashlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 from imagebuild.cache import CacheLayout, write_atomic
-from imagebuild.debian.base import BaseRecipe, fetch_releases
-from imagebuild.debian.contents import find_providers
 from imagebuild.debian.linkcheck import (
     Missing,
     base_record,
@@ -32,13 +31,15 @@ from imagebuild.debian.linkcheck import (
     scan_wheel,
     usable_record,
 )
-from imagebuild.debian.release import read_release
 from imagebuild.errors import DebianError
 from imagebuild.image.model import BaseImage
 from imagebuild.image.store import LayerFiles
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.target.base import find_entry, load_catalog
+
+if TYPE_CHECKING:
+    from imagebuild.debian.base import BaseRecipe
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,6 +173,10 @@ def _remote_key(record: Path) -> str:
 
 def _pulled_debian(base: BaseImage, store: LayerFiles) -> BaseRecipe | None:
     """The debian recipe at a pulled base's release, if the base is Debian."""
+    # Imported when a library is missing only: the Debian modules cost every build 15 ms.
+    from imagebuild.debian.base import BaseRecipe
+    from imagebuild.debian.release import read_release
+
     release = read_release([store.path(d.digest) for d in base.layers])
     entry = find_entry(load_catalog(), "debian", None)
     if release.id != "debian" or not release.codename or entry.recipe is None:
@@ -194,6 +199,9 @@ def _providers(
     recipe: BaseRecipe | None,
 ) -> dict[str, str]:
     """The Debian package shipping each missing library, when the base's release is known."""
+    from imagebuild.debian.base import fetch_releases
+    from imagebuild.debian.contents import find_providers
+
     names = {m.library for m in missing if m.version is None}
     if recipe is None or not names:
         return {}

@@ -10,6 +10,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagebuild.build.pep517 import BuildEnvironments
 from imagebuild.build.runner import background_priority
@@ -39,7 +40,6 @@ from imagebuild.pipeline.config import (
     build_platform_image,
     check_entrypoint,
 )
-from imagebuild.pipeline.debbase import BuiltBases
 from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers, look_ahead
 from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_link_records
 from imagebuild.pipeline.local import LocalWheels
@@ -54,6 +54,10 @@ from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.base import BaseFacts, CatalogEntry
 from imagebuild.target.choose import check_base_python
 from imagebuild.target.platform import TargetPlatform
+
+if TYPE_CHECKING:
+    # Only for a base built from Debian packages, whose module imports the assembler.
+    from imagebuild.pipeline.debbase import BuiltBases
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
