@@ -7,6 +7,7 @@ the one that builds the real ports (HTTP client, index, registry, engine) the pi
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import re
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+import typer.core
+import typer.main
 
 from imagebuild import __version__
 from imagebuild.commands import options as opt
@@ -396,10 +399,22 @@ def main() -> None:
     os._exit(status)
 
 
+@functools.cache
+def click_command() -> typer.core.TyperGroup:
+    """``app`` as the click command typer makes of it, made once per process.
+
+    Calling ``app`` makes it again each time (6 ms, from every command's signature): the
+    resident server makes it before it forks, so a build it serves takes it made.
+    """
+    command = typer.main.get_command(app)
+    assert isinstance(command, typer.core.TyperGroup)
+    return command
+
+
 def run_command() -> int:
     """Run the command ``sys.argv`` names; its exit status, its output flushed."""
     try:
-        app()
+        click_command()()
         code: object = 0
     except SystemExit as exc:
         code = exc.code

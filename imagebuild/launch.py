@@ -36,8 +36,9 @@ def main() -> None:
 def serve() -> None:
     """Be this imgbuild's server until it is idle, stopped or replaced."""
     from imagebuild import client, server
-    from imagebuild.cli import run_command
+    from imagebuild.cli import click_command, run_command
 
+    click_command()  # made here once, not in each build forked from here
     idle = float(os.environ.get(client.IDLE_ENV) or server.IDLE_SECONDS)
     try:
         server.serve(idle, run_command)

@@ -103,7 +103,7 @@ def _exits(monkeypatch: pytest.MonkeyPatch, code: object, *, threads: int = 1) -
         done.append(f"_exit {status}")
         raise SystemExit(status)  # os._exit would end pytest itself
 
-    monkeypatch.setattr(cli, "app", command)
+    monkeypatch.setattr(cli, "click_command", lambda: command)
     monkeypatch.setattr(cli.atexit, "_run_exitfuncs", lambda: done.append("atexit"))
     monkeypatch.setattr(cli.os, "_exit", leave)
     with pytest.raises(SystemExit) as ended:
