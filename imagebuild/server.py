@@ -127,7 +127,14 @@ def _preload() -> None:
             importlib.import_module(module.name)
     import httpx
 
+    from imagebuild.errors import ImagebuildError
     from imagebuild.net.http import trusted_context
+    from imagebuild.target.base import load_catalog
+
+    try:
+        load_catalog()  # kept: every build reads it
+    except ImagebuildError:
+        pass  # a build reports it
 
     try:  # for builds whose certificates are the server's (``trusted_context``)
         context = trusted_context()

@@ -324,3 +324,23 @@ def test_base_reference(tmp_path: Path) -> None:
     assert entry.built
     custom = parse_settings({"base": "registry.example/py:3"})
     assert base_reference(custom, project) == (None, "registry.example/py:3")
+
+
+def test_a_catalog_is_read_once_until_a_file_of_it_changes(tmp_path: Path) -> None:
+    """A build asks for the catalog twice (and a server's builds inherit it read): the same
+    files give the same entries without reading them again; a file rewritten is read."""
+    from imagebuild.target.base import load_catalog
+
+    directory = tmp_path / "catalog"
+    directory.mkdir()
+    alpine = directory / "alpine.toml"
+    text = (Path(__file__).parents[1] / "base-images" / "alpine.toml").read_text()
+    alpine.write_text(text)
+    first = load_catalog([directory])
+    assert load_catalog([directory]) is first  # not read again
+    alpine.write_text(text.replace('name = "alpine"', 'name = "alpine-edge"'))
+    again = load_catalog([directory])
+    assert {e.flavor for e in first} == {"alpine"}
+    assert {e.flavor for e in again} == {"alpine-edge"}
+    (directory / "more.toml").write_text(text.replace('name = "alpine"', 'name = "more"'))
+    assert {e.flavor for e in load_catalog([directory])} == {"alpine-edge", "more"}
