@@ -230,8 +230,8 @@ def test_throwaway_environment_without_a_cache(fresh_index: LocalIndex, tmp_path
 def test_environments_are_made_by_the_uv_package_without_uv_on_path(
     fresh_index: LocalIndex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A pip-installed imgbuild has no uv on PATH: the `uv` package's binary makes the
-    environment all the same (uv writes its version into pyvenv.cfg; pip's venv does not)."""
+    """A pip-installed imgbuild has no uv on PATH: the `uv` package's binary installs the
+    environment's requirements all the same (uv names itself their installer; pip names pip)."""
     serve_backend(fresh_index, "1.0")
     monkeypatch.setenv("PATH", "/usr/bin:/bin")
     assert shutil.which("uv") is None
@@ -241,7 +241,9 @@ def test_environments_are_made_by_the_uv_package_without_uv_on_path(
     wheel = build_project_wheel(project, tmp_path / "out", source_date_epoch=0, envs=envs)
     assert built_by(wheel) == f"1.0 from {fresh_index.url}"
     (kept,) = [p for p in (tmp_path / "envs").iterdir() if p.is_dir()]
-    assert "\nuv = " in "\n" + (kept / "pyvenv.cfg").read_text()
+    records = kept.glob("lib/python3*/site-packages/*.dist-info/INSTALLER")
+    installers = {record.read_text().strip() for record in records}
+    assert installers == {"uv"}
 
 
 def test_processes_started_at_background_priority_run_nicer_and_the_rest_does_not() -> None:

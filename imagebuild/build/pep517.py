@@ -37,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import venv
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -215,10 +216,15 @@ class BuildEnvironments:
 
     @staticmethod
     def _venv(env: Path, uv: str | None) -> None:
-        if uv is not None:
-            _install([uv, "venv", "--quiet", "--no-config", "--python", sys.executable, str(env)])
-        else:
+        if uv is None:  # pip installs the requirements: the venv gets it
             _install([sys.executable, "-m", "venv", str(env)])
+            return
+        # uv installs them: the venv alone is made here, by the standard library's venv
+        # (2 ms), not by starting uv (20 ms alone, 0.1 s on a busy CI runner's longest chain).
+        try:
+            venv.EnvBuilder(symlinks=True, with_pip=False).create(str(env))
+        except OSError as exc:
+            raise RequirementsInstallError(f"venv: {exc}") from exc
 
     def _install_requires(self, env: Path, requires: set[str], uv: str | None) -> None:
         if not requires:
