@@ -146,8 +146,8 @@ COMPILE_SCRIPT_ID = hashlib.sha256(
     "\0".join((*COMPILE_FLAGS, COMPILE_SCRIPT)).encode()
 ).hexdigest()[:16]
 """Names the compile script and its flags in the keys of compiled layers: another script's
-pycs may be other bytes (a pyc follows the names the compiling process holds interned), so a layer a
-cache holds from one is never taken for the other's."""
+pycs may be other bytes (a pyc follows the names the compiling process holds interned), so
+a layer a cache holds from one is never taken for the other's."""
 
 
 def compile_listing(groups: Iterable[Iterable[tuple[str, str]]]) -> str:
