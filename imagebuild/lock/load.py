@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
+import tomli
 from packaging.pylock import is_valid_pylock_path
 
 from imagebuild.errors import LockError
@@ -29,14 +29,14 @@ def load_lock(path: Path) -> Lock:
     nothing downstream reads the file again.
     """
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomli.loads(path.read_text(encoding="utf-8"))  # tomllib's parser, compiled
     except FileNotFoundError:
         raise LockError(f"{path}: no such lock file", hint="run 'uv lock' to create one") from None
     except OSError as exc:
         raise LockError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except UnicodeDecodeError as exc:
         raise LockError(f"{path}: not UTF-8 text ({exc.reason})") from exc
-    except tomllib.TOMLDecodeError as exc:
+    except tomli.TOMLDecodeError as exc:
         raise LockError(f"{path}: invalid TOML: {exc}") from exc
     if path.name == UV_LOCK or ("package" in data and "lock-version" not in data):
         return parse_uv_lock(data, path=path)
