@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from isal import igzip
 
-from imagebuild.build.runner import BYTECODE_DIR
+from imagebuild.build.runner import BYTECODE_DIR, bytecode_prefix
 
 if TYPE_CHECKING:
     from imagebuild.pipeline.layers import RemoteLayers
@@ -72,7 +72,7 @@ class RegistryEnvironments:
                     shutil.rmtree(env / name, ignore_errors=True)
                     (unpacked / name).rename(env / name)
             if (unpacked / _OWN_BYTECODE).is_dir():
-                where = env / BYTECODE_DIR / _relative(home)
+                where = bytecode_prefix(env) / _relative(home)
                 where.parent.mkdir(parents=True, exist_ok=True)
                 (unpacked / _OWN_BYTECODE).rename(where)
         return True
@@ -121,7 +121,7 @@ def _relative(path: Path) -> Path:
 
 def _pack(env: Path, out: Path) -> None:
     """What is kept of ``env``, as a gzip tar at ``out``, each tree in name order."""
-    bytecode = env / BYTECODE_DIR
+    bytecode = bytecode_prefix(env)
     trees = [(env / name, name) for name in _SHARED]
     trees.append((bytecode / _relative(env), _OWN_BYTECODE))
     with (
