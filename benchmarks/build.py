@@ -284,12 +284,16 @@ def gzip_size(data: bytes) -> int:
 
 
 def forget_memory_trees() -> None:
-    """Remove the bases imgbuild keeps unpacked in memory (``cache.rootfs_home``).
+    """Remove the bases imgbuild keeps unpacked in memory (``cache.rootfs_home``), and the
+    build environments its caches keep there (``cache.build_envs_memory``).
 
-    They are kept outside the cache directory, by base, for every later build of the user:
-    a cold build, or a fresh CI runner, starts without them.
+    The bases are kept outside the cache directory, by base, for every later build of the
+    user: a cold build, or a fresh CI runner, starts without them. The environments are
+    each cache's own (a new cache directory has none): removed so memory does not fill.
     """
-    shutil.rmtree(Path("/dev/shm") / f"imgbuild-{os.getuid()}" / "rootfs", ignore_errors=True)
+    memory = Path("/dev/shm") / f"imgbuild-{os.getuid()}"
+    for name in ("rootfs", "build-envs"):
+        shutil.rmtree(memory / name, ignore_errors=True)
 
 
 class Imgbuild:
@@ -830,6 +834,7 @@ def measure_both(env: dict[str, str], spec: Project, *, keep: bool) -> tuple[Res
             anchor.cleanup()
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+            forget_memory_trees()
     return ours, theirs
 
 

@@ -37,15 +37,17 @@ def shared_debian_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def memory_trees_left_as_found() -> Iterator[None]:
-    """The bases the session's builds unpack in memory (``cache.rootfs_home``) are removed
+    """The bases the session's builds unpack in memory (``cache.rootfs_home``) and the
+    build environments its caches make there (``cache.build_envs_memory``) are removed
     when it ends: they would hold the machine's memory until it restarts."""
     memory = memory_scratch_root()
-    home = memory / "rootfs" if memory is not None else None
-    before = set(home.iterdir()) if home is not None and home.is_dir() else set()
+    homes = [memory / "rootfs", memory / "build-envs"] if memory is not None else []
+    before = {home: set(home.iterdir()) if home.is_dir() else set() for home in homes}
     yield
-    if home is not None and home.is_dir():
-        for tree in set(home.iterdir()) - before:
-            shutil.rmtree(tree, ignore_errors=True)
+    for home in homes:
+        if home.is_dir():
+            for tree in set(home.iterdir()) - before[home]:
+                shutil.rmtree(tree, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -325,3 +325,32 @@ def test_a_plain_layer_unpacks_as_its_gzip_does(tmp_path: Path, form: int) -> No
     assert "usr/lib/python3.11/gone.py" not in trees["plain"]
     assert not [name for name in trees["plain"] if name.startswith(("etc", "usr/share"))]
     assert "usr/local/bin/pip" not in trees["plain"]
+
+
+def test_each_caches_build_environments_have_their_own_place_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    memory = tmp_path / "shm"
+    monkeypatch.setattr(cache, "memory_scratch_root", lambda: memory)
+    monkeypatch.setattr(cache, "_allows_exec", lambda _: True)
+    first = cache.build_envs_memory(tmp_path / "c1/build-envs")
+    second = cache.build_envs_memory(tmp_path / "c2/build-envs")
+    assert first is not None and second is not None
+    assert first.parent == second.parent == memory / "build-envs" and first != second
+    assert cache.build_envs_memory(tmp_path / "c1/build-envs") == first  # the same each time
+    # Environments in memory unused for a day go (their lock files stay); on disk none do.
+    old, recent = first / "old", first / "recent"
+    for env in (old, recent):
+        (env / "bin").mkdir(parents=True)
+    (first / "old.lock").write_text("")
+    two_days = time.time() - 2 * cache.ROOTFS_IDLE
+    for path in (old, first / "old.lock"):
+        os.utime(path, (two_days, two_days))
+    cache.forget_idle_trees(first)
+    assert sorted(p.name for p in first.iterdir()) == ["old.lock", "recent"]
+    # No room in memory, or a noexec one: none (they are made in the cache on disk).
+    monkeypatch.setattr(cache, "_allows_exec", lambda _: False)
+    assert cache.build_envs_memory(tmp_path / "c1/build-envs") is None
+    monkeypatch.setattr(cache, "_allows_exec", lambda _: True)
+    monkeypatch.setattr(cache, "memory_scratch_root", lambda: None)
+    assert cache.build_envs_memory(tmp_path / "c1/build-envs") is None

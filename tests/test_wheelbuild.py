@@ -294,3 +294,54 @@ def test_the_standard_librarys_bytecode_is_linked_for_the_hooks(tmp_path: Path) 
     (blocked / ".pycache").write_text("")
     seed_standard_bytecode(blocked)
     assert (blocked / ".pycache").is_file()
+
+
+def test_where_no_hard_link_can_be_made_the_standard_bytecode_is_linked_symbolically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As for an environment in memory: the standard library's pycs are on another
+    # filesystem, where the kernel refuses a hard link (EXDEV).
+    tried: list[str] = []
+
+    def cross_device(source: str, dest: object) -> None:
+        tried.append(source)
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr("imagebuild.build.runner.os.link", cross_device)
+    env = tmp_path / "env"
+    seed_standard_bytecode(env)
+    assert len(tried) == 1  # one refusal, then symbolic links only
+    pyc = env / ".pycache" / str(Path(json.__file__).parent).lstrip("/") / "decoder.cpython-311.pyc"
+    assert pyc.is_symlink() and pyc.samefile(cache_from_source(json.decoder.__file__))
+    # A hook's interpreter with that prefix takes them through the links: it writes nothing.
+    before = {p: (p.is_symlink(), p.lstat().st_ino) for p in (env / ".pycache").rglob("*")}
+    subprocess.run(
+        [sys.executable, "-c", "import json.decoder"],
+        env={**os.environ, "PYTHONPYCACHEPREFIX": str(env / ".pycache")},
+        check=True,
+    )
+    after = {p: (p.is_symlink(), p.lstat().st_ino) for p in (env / ".pycache").rglob("*")}
+    assert after == before
+
+
+def test_new_environments_are_made_in_memory_and_ones_kept_on_disk_stay_there(
+    fresh_index: LocalIndex, tmp_path: Path
+) -> None:
+    serve_backend(fresh_index, "1.0")
+    project = make_project(tmp_path / "project")
+    disk, memory = tmp_path / "envs", tmp_path / "memory"
+    # Kept on disk by a build without a place in memory...
+    on_disk = BuildEnvironments(indexes=(fresh_index.url,), root=disk)
+    build_project_wheel(project, tmp_path / "out1", source_date_epoch=0, envs=on_disk)
+    (kept,) = [p for p in disk.iterdir() if p.is_dir()]
+    # ...it is used where it is by one that has a place there: nothing is made in memory.
+    both = BuildEnvironments(indexes=(fresh_index.url,), root=disk, memory=memory)
+    build_project_wheel(project, tmp_path / "out2", source_date_epoch=0, envs=both)
+    assert both.used == {kept.name: kept} and not memory.exists()
+    # A new one (another backend release, so other requirements) is made in memory.
+    serve_backend(fresh_index, "2.0")
+    newer = make_project(tmp_path / "newer", requires='"ib-local-backend==2.0"')
+    wheel = build_project_wheel(newer, tmp_path / "out3", source_date_epoch=0, envs=both)
+    assert built_by(wheel) == f"2.0 from {fresh_index.url}"
+    (made,) = [p for p in memory.iterdir() if p.is_dir()]
+    assert both.used[made.name] == made and [p for p in disk.iterdir() if p.is_dir()] == [kept]

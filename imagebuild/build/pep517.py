@@ -13,7 +13,9 @@ mirror can still build.
 Environments are kept under a cache directory, keyed by interpreter, installer, indexes
 and requirements, and reused by every later build with the same backend (as uv keeps its
 build environments): setting one up costs more than the build itself. Each is made aside
-and renamed into place whole, so a killed build never leaves a half-made one.
+and renamed into place whole, so a killed build never leaves a half-made one. New ones are
+made in memory instead when the cache has a place there (``cache.build_envs_memory``);
+one already kept on disk is used where it is.
 
 Beside a kept environment, ``get_requires_for_build_wheel``'s answer is kept too, keyed by
 the environment and by the files backends compute it from (``pyproject.toml``,
@@ -57,7 +59,7 @@ from imagebuild.build.runner import (
     seed_standard_bytecode,
 )
 from imagebuild.build.secrets import SourcePolicy, check_wheel, filtered_copy, source_rules
-from imagebuild.cache import write_json
+from imagebuild.cache import forget_idle_trees, write_json
 from imagebuild.errors import BuildError, ProjectError
 from imagebuild.net.credentials import IndexCredentials
 
@@ -107,6 +109,8 @@ class BuildEnvironments:
     """Simple API URLs in priority order (the first that has a project wins, as in uv)."""
     root: Path | None = None
     """Directory of kept environments; None makes a throwaway one per build."""
+    memory: Path | None = None
+    """Where new kept environments are made instead of ``root`` (in memory); None: ``root``."""
     credentials: IndexCredentials | None = None
     """The indexes' credentials, put into their URLs only for the installer process."""
     resident: Path | None = None
@@ -178,17 +182,21 @@ class BuildEnvironments:
         key = hashlib.sha256(
             "\n".join([sys.version, installer, *self.indexes, "", *sorted(requires)]).encode()
         ).hexdigest()[:24]
-        env_dir = self.root / key
+        home = self.root
+        if self.memory is not None and not (home / key / READY_MARKER).is_file():
+            home = self.memory
+        env_dir = home / key
         python = env_dir / "bin" / "python"
         ready = env_dir / READY_MARKER
         self.used[key] = env_dir
         if ready.is_file():
+            _touch(env_dir)  # in memory, what keeps it from being forgotten as idle
             return python
-        self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / f"{key}.lock")):
+        home.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(home / f"{key}.lock")):
             if ready.is_file():
                 return python
-            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=home))
             try:
                 self._venv(staging, uv)
                 if self.shared is None or not self.shared.fetch(key, staging, env_dir):
@@ -199,6 +207,8 @@ class BuildEnvironments:
                 staging.rename(env_dir)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+        if home == self.memory:
+            forget_idle_trees(home)
         return python
 
     def share(self) -> None:
@@ -252,6 +262,13 @@ class BuildEnvironments:
         if self.credentials is None:
             return self.indexes
         return tuple(self.credentials.authenticated(url) for url in self.indexes)
+
+
+def _touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def find_uv() -> str | None:

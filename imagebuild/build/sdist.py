@@ -41,7 +41,7 @@ from packaging.version import InvalidVersion
 
 from imagebuild.build.pep517 import BuildEnvironments, RequirementsInstallError
 from imagebuild.build.runner import ProcessFailed, hook_runner
-from imagebuild.cache import CacheLayout, atomic_writer, write_atomic
+from imagebuild.cache import CacheLayout, atomic_writer, build_envs_memory, write_atomic
 from imagebuild.digest import Hasher, digest_hex, parse_digest
 from imagebuild.errors import BuildError, FetchError, ImagebuildError, PackageIndexError
 from imagebuild.net.credentials import AUTH_HINT, IndexCredentials
@@ -376,8 +376,12 @@ def _envs(cache_dir: Path, indexes: Sequence[str], http: httpx.Client) -> BuildE
     # The installer of build requirements is another process: it gets the credentials of
     # the client's auth, put into its index URLs at that boundary only.
     credentials = http.auth if isinstance(http.auth, IndexCredentials) else None
+    root = CacheLayout(cache_dir).build_envs
     return BuildEnvironments(
-        root=CacheLayout(cache_dir).build_envs, indexes=tuple(indexes), credentials=credentials
+        root=root,
+        memory=build_envs_memory(root),
+        indexes=tuple(indexes),
+        credentials=credentials,
     )
 
 

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.runner import background_priority
 from imagebuild.build.secrets import source_policy
-from imagebuild.cache import CacheLayout, memory_scratch_root, scratch_tree, sweep_scratch
+from imagebuild.cache import (
+    CacheLayout,
+    build_envs_memory,
+    memory_scratch_root,
+    scratch_tree,
+    sweep_scratch,
+)
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, LockError, ProjectError, RegistryError
 from imagebuild.image.model import Image, ImageIndex
@@ -87,6 +93,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
         root=cache.build_envs,
+        memory=build_envs_memory(cache.build_envs),
         indexes=found.indexes,
         credentials=found.credentials,
         resident=ports.resident_hooks,

@@ -20,7 +20,7 @@ from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import Version
 
 from imagebuild.build.pep517 import BuildEnvironments
-from imagebuild.cache import CacheLayout, write_json
+from imagebuild.cache import CacheLayout, build_envs_memory, write_json
 from imagebuild.digest import Digest
 from imagebuild.errors import LockError, RegistryError
 from imagebuild.image.name import ImageReference
@@ -127,7 +127,8 @@ def _direct_locking(request: LockRequest, indexes: Sequence[str], ports: Ports) 
     """Git and archive sources are read through backends from the project's indexes."""
     credentials = ports.http.auth if isinstance(ports.http.auth, IndexCredentials) else None
     envs = BuildEnvironments(
-        root=CacheLayout(request.cache_dir).build_envs,
+        root=(root := CacheLayout(request.cache_dir).build_envs),
+        memory=build_envs_memory(root),
         indexes=tuple(indexes),
         credentials=credentials,
     )
