@@ -111,14 +111,23 @@ class FakeRegistry:
         self.pulls: list[str] = []
 
     def pull_image(
-        self, ref: ImageReference, *, platform: Sequence[str], store: BlobStore
+        self,
+        ref: ImageReference,
+        *,
+        platform: Sequence[str],
+        store: BlobStore,
+        fetch_layers: bool = True,
     ) -> BaseImage:
         assert ref.digest in (None, self.index_digest), "a pinned pull gets what was pinned"
         self.pulls.append(f"{ref} {platform[1]}")
         base = self.bases[platform[1]]
-        for desc in base.layers:
-            store.put_bytes(self.source.read_bytes(desc.digest), media_type=desc.media_type)
+        if fetch_layers:
+            self.pull_layers(ref, base, store)
         return base
+
+    def pull_layers(self, ref: ImageReference, image: BaseImage, store: BlobStore) -> None:
+        for desc in image.layers:
+            store.put_bytes(self.source.read_bytes(desc.digest), media_type=desc.media_type)
 
     def fetch_manifest(self, ref: ImageReference) -> tuple[bytes, str, Digest]:
         return b"{}", OCI_INDEX, self.index_digest

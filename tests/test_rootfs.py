@@ -17,7 +17,8 @@ from imagebuild import cache
 from imagebuild.digest import Digest
 from imagebuild.image.descriptor import OCI_LAYER_TAR
 from imagebuild.image.model import BaseImage
-from imagebuild.image.rootfs import unpack_rootfs
+from imagebuild.errors import ImageError
+from imagebuild.image.rootfs import pack_rootfs, unpack_rootfs
 from imagebuild.image.store import BlobStore
 from imagebuild.install.native import resolve_in
 
@@ -354,3 +355,39 @@ def test_each_caches_build_environments_have_their_own_place_in_memory(
     monkeypatch.setattr(cache, "_allows_exec", lambda _: True)
     monkeypatch.setattr(cache, "memory_scratch_root", lambda: None)
     assert cache.build_envs_memory(tmp_path / "c1/build-envs") is None
+
+
+def test_a_tree_kept_as_its_own_tar_unpacks_as_the_layers_did(tmp_path: Path) -> None:
+    """What a runner takes from the registry cache instead of the base's layers
+    (``pipeline.basecache``): the same names, bytes, links and modes."""
+    store = BlobStore(tmp_path / "blobs")
+    base = _base(
+        store,
+        [
+            ("dir", "usr/lib/x86_64-linux-gnu", b""),
+            ("file", "usr/lib/x86_64-linux-gnu/libc.so.6", b"libc"),
+            ("link", "usr/lib/x86_64-linux-gnu/libc-2.36.so", "usr/lib/x86_64-linux-gnu/libc.so.6"),
+            ("sym", "lib64", "/usr/lib"),
+            ("sym", "lib", "usr/lib"),
+            ("file", "usr/lib/python3.11/os.py", b"os"),
+            ("file", "usr/lib/python3.11/encodings/utf_8.py", b"utf8"),
+            ("dir", "usr/lib/python3.11/lib-dynload", b""),
+            ("file", "usr/bin/python3.11", b"ELF"),
+        ],
+    )
+    from_layers = unpack_rootfs(base, store, tmp_path / "one")
+    (from_layers / "usr/bin/python3.11").chmod(0o755)
+    kept = tmp_path / "tree.tar.gz"
+    pack_rootfs(from_layers, kept)
+    from_tar = unpack_rootfs(base, store, tmp_path / "two", from_tar=kept)
+    assert _listing(from_tar) == _listing(from_layers)
+    copy = from_tar / "usr/lib/x86_64-linux-gnu/libc-2.36.so"
+    assert copy.samefile(from_tar / "usr/lib/x86_64-linux-gnu/libc.so.6")  # a hard link again
+    assert os.stat(from_tar / "usr/bin/python3.11").st_mode & 0o111
+    # One that does not unpack raises (the build then unpacks the base's layers), and
+    # leaves no tree behind.
+    damaged = tmp_path / "damaged.tar.gz"
+    damaged.write_bytes(kept.read_bytes()[: len(kept.read_bytes()) // 2])
+    with pytest.raises(ImageError):
+        unpack_rootfs(base, store, tmp_path / "three", from_tar=damaged)
+    assert not [p for p in (tmp_path / "three").iterdir() if not p.name.startswith(".")]

@@ -124,7 +124,7 @@ def native_compiler(
     )
     if executable is None or loader is None:
         return None
-    library_path = _library_dirs(root, arch)
+    library_path = library_dirs(root, arch)
     # An unpacked tree never changes: what its interpreter answered once, it answers again.
     command = "\0".join(map(str, (loader, *library_path, executable, _PROBE)))
     record = root / f".imgbuild-probe-{hashlib.sha256(command.encode()).hexdigest()[:16]}"
@@ -147,7 +147,7 @@ def native_compiler(
     return compiler if compiler.version else None
 
 
-def _library_dirs(root: Path, arch: str) -> list[Path]:
+def library_dirs(root: Path, arch: str) -> list[Path]:
     """The directories the base's loader searches by default, as host paths."""
     triplet = _TRIPLETS[arch]
     candidates = (

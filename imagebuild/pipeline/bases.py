@@ -53,30 +53,63 @@ def base_facts(
     base: BaseImage, store: LayerFiles, cache: Path, arch: str, entry: CatalogEntry | None
 ) -> BaseFacts:
     """Inspect the base once per manifest digest; the answer is cached as JSON."""
-    record = CacheLayout(cache).bases / f"{digest_hex(base.manifest_digest)}.json"
-    if record.is_file():
-        data = json.loads(record.read_text(encoding="utf-8"))
-        return BaseFacts(
-            interpreter=PurePosixPath(data["interpreter"]),
-            python_version=(data["python_version"][0], data["python_version"][1]),
-            libc=data["libc"],
-            libc_version=(data["libc_version"][0], data["libc_version"][1]),
-            shell=data["shell"],
-            arch=data["arch"],
-        )
+    known = known_facts(base, cache)
+    if known is not None:
+        return known
     facts = inspect_layers([store.path(d.digest) for d in base.layers], arch=arch, expected=entry)
-    write_json(
-        record,
-        {
-            "interpreter": str(facts.interpreter),
-            "python_version": list(facts.python_version),
-            "libc": facts.libc,
-            "libc_version": list(facts.libc_version),
-            "shell": facts.shell,
-            "arch": facts.arch,
-        },
-    )
+    write_json(_facts_record(base, cache), facts_json(facts))
     return facts
+
+
+def known_facts(base: BaseImage, cache: Path) -> BaseFacts | None:
+    """The base's facts as the cache keeps them, or None (unknown, or not ours to read)."""
+    try:
+        data = json.loads(_facts_record(base, cache).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not kept, or damaged: read off the layers again
+    return facts_from_json(data)
+
+
+def remember_facts(base: BaseImage, cache: Path, data: object) -> BaseFacts | None:
+    """Keep ``data`` (``facts_json``'s, from elsewhere) as the base's facts, if it reads so."""
+    facts = facts_from_json(data)
+    if facts is not None:
+        write_json(_facts_record(base, cache), facts_json(facts))
+    return facts
+
+
+def facts_json(facts: BaseFacts) -> dict[str, object]:
+    """``facts`` as the cache's JSON record holds them."""
+    return {
+        "interpreter": str(facts.interpreter),
+        "python_version": list(facts.python_version),
+        "libc": facts.libc,
+        "libc_version": list(facts.libc_version),
+        "shell": facts.shell,
+        "arch": facts.arch,
+    }
+
+
+def facts_from_json(data: object) -> BaseFacts | None:
+    """The facts a JSON record holds; None when it does not read as ``facts_json``'s."""
+    if not isinstance(data, dict):
+        return None
+    try:
+        facts = BaseFacts(
+            interpreter=PurePosixPath(data["interpreter"]),
+            python_version=(int(data["python_version"][0]), int(data["python_version"][1])),
+            libc=data["libc"],
+            libc_version=(int(data["libc_version"][0]), int(data["libc_version"][1])),
+            shell=bool(data["shell"]),
+            arch=str(data["arch"]),
+        )
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    return facts if facts_json(facts) == data else None
+
+
+def _facts_record(base: BaseImage, cache: Path) -> Path:
+    return CacheLayout(cache).bases / f"{digest_hex(base.manifest_digest)}.json"
 
 
 def lock_targets(

@@ -53,8 +53,9 @@ from imagebuild.sinks.sink import Finished, Sink
 from imagebuild.target.choose import base_reference, check_python_fits
 
 if TYPE_CHECKING:
+    from imagebuild.pipeline.basepull import BaseSource
     from imagebuild.pipeline.layers import RemoteLayers
-    from imagebuild.pipeline.platform import BaseSource, PlatformBuild, PlatformImage
+    from imagebuild.pipeline.platform import PlatformBuild, PlatformImage
 
 # The stages past the lock (``pipeline.platform`` and what it imports: a third of a build's
 # start-up) are imported once the project's wheel is building, so they load while its
@@ -403,7 +404,7 @@ def base_source(
     store: BlobStore,
 ) -> BaseSource:
     """The base as configured: what to pull (pinned, through the mirrors) or build."""
-    from imagebuild.pipeline.platform import BaseSource
+    from imagebuild.pipeline.basepull import BaseSource
 
     entry, reference = base_reference(found.settings, found.project)
     built = None

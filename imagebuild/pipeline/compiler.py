@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imagebuild.cache import CacheLayout, write_json
-from imagebuild.errors import DockerError, LayerError
+from imagebuild.errors import DockerError, ImageError, LayerError
 from imagebuild.install.layers import BytecodeCompiler, HostCompiler
 from imagebuild.install.native import NativeCompiler, from_hint, native_hint
 from imagebuild.pipeline.config import rfc3339
@@ -99,6 +100,11 @@ class CompilerChoice:
     rootfs: Path | None = None
     """Where bases' filesystems are unpacked to run their Python on this host, on disk (None:
     never); in memory instead when there is room (``cache.rootfs_home``)."""
+    kept_tree: Callable[[], Path | None] | None = None
+    """The tree of the base's Python kept elsewhere (``pipeline.basecache``), a tar to unpack
+    instead of the base's layers; asked only when no tree is unpacked here."""
+    layers_ready: Callable[[], None] | None = None
+    """Waits until the base's blobs are in ``store`` (``basecache.ArrivingLayers``)."""
 
 
 def choose_compiler(
@@ -134,6 +140,8 @@ def choose_compiler(
     tag = engine_base_tag(base.manifest_digest)
     if engine.image_id(tag) is None:
         ports.reporter.step(f"compile: loading the base into Docker to run its python{version}")
+        if choice.layers_ready is not None:
+            choice.layers_ready()
         _load_base(engine, base, tag, choice)
     from imagebuild.sinks.engine import EngineCompiler
 
@@ -167,9 +175,21 @@ def _native_run(
     arch = str(base.config.get("architecture", ""))
     if choice.rootfs is None or host_arch() != arch:
         return None
-    home = rootfs_home(choice.rootfs, digest_hex(base.manifest_digest))
-    root = unpack_rootfs(base, choice.layers or choice.store, home, made=forget_idle_trees)
+    name = digest_hex(base.manifest_digest)
+    home = rootfs_home(choice.rootfs, name)
     identity = _image_identity(base, facts)
+    kept = choice.kept_tree() if choice.kept_tree and not (home / name).is_dir() else None
+    if kept is not None:
+        try:
+            root = unpack_rootfs(base, choice.store, home, made=forget_idle_trees, from_tar=kept)
+        except ImageError:
+            pass  # damaged: from the base's own layers instead
+        else:
+            compiler = native_compiler(root, facts.interpreter, arch=arch, identity=identity)
+            if compiler is not None:
+                return compiler
+            shutil.rmtree(root, ignore_errors=True)  # its Python does not start: the layers'
+    root = unpack_rootfs(base, choice.layers or choice.store, home, made=forget_idle_trees)
     compiler = native_compiler(root, facts.interpreter, arch=arch, identity=identity)
     if compiler is None:
         ports.reporter.step("compile: the base's python does not start here; using the engine")

@@ -10,16 +10,13 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from imagebuild.build.pep517 import BuildEnvironments
 from imagebuild.build.runner import background_priority
 from imagebuild.build.sdist import build_sdist_wheel
 from imagebuild.cache import CacheLayout
-from imagebuild.errors import ProjectError
 from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
-from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore, LayerFiles
 from imagebuild.install.fetch import WheelCache
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
@@ -27,6 +24,8 @@ from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_lay
 from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage
 from imagebuild.lock.select import select_packages, sort_sources
+from imagebuild.pipeline.basecache import ArrivingLayers, keep_base, kept_tree
+from imagebuild.pipeline.basepull import BaseSource, pull_base, unpacked_tree
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.compiler import (
     CompilerChoice,
@@ -43,43 +42,15 @@ from imagebuild.pipeline.config import (
 from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers, look_ahead
 from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_link_records
 from imagebuild.pipeline.local import LocalWheels
-from imagebuild.pipeline.ports import Ports, Registry
+from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
 from imagebuild.pipeline.sbom import ready_renderer, sbom_document, sbom_file
 from imagebuild.pipeline.stdlib import stdlib_layers, with_stdlib_bytecode
-from imagebuild.pipeline.syspkgs import with_system_packages
 from imagebuild.pipeline.wheels import LazyWheels
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
-from imagebuild.target.base import BaseFacts, CatalogEntry
-from imagebuild.target.choose import check_base_python
+from imagebuild.target.base import BaseFacts
 from imagebuild.target.platform import TargetPlatform
-
-if TYPE_CHECKING:
-    # Only for a base built from Debian packages, whose module imports the assembler.
-    from imagebuild.pipeline.debbase import BuiltBases
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class BaseSource:
-    """The base every platform's image is built on."""
-
-    entry: CatalogEntry | None
-    """Its catalog entry, if it is named by flavor."""
-    reference: str
-    """The base as configured (catalog reference or the user's), before mirrors."""
-    pull: ImageReference
-    """What is pulled: at its pinned digest, through the mirrors."""
-    pinned: bool
-    """Whether the lock pins it to a digest."""
-    built: BuiltBases | None = None
-    """For a base imgbuild builds from Debian packages: the bases, per architecture."""
-
-    def image(self, registry: Registry, arch: str, store: BlobStore) -> BaseImage:
-        """The base for ``arch``: built, or pulled through ``registry``."""
-        if self.built is not None:
-            return self.built.get(arch)
-        return registry.pull_image(self.pull, platform=("linux", arch), store=store)
 
 
 class Compilers:
@@ -161,9 +132,20 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     request, project = build.request, build.project
     arch = platform.partition("/")[2]
     prestart(request, str(build.base.pull), arch)  # the last build's compiler, meanwhile
-    base_image, facts = _pull_base(build, platform)
+    base_image, facts, base_layers = pull_base(
+        build.base,
+        platform,
+        lock=build.lock,
+        project=build.project,
+        settings=build.settings,
+        ports=build.ports,
+        store=build.store,
+        layer_files=build.layer_files,
+        remote=build.remote,
+        cache_dir=request.cache_dir,
+    )
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-links") as checks:
-        prepared = _prepare(build, arch, base_image, facts, checks)
+        prepared = _prepare(build, arch, base_image, facts, base_layers, checks)
         venv, compiler, job = prepared.venv, prepared.compiler, prepared.job
         base_image = _stdlib_bytecode(build, base_image, facts, compiler)
         # The project's wheel may still be building: everything below it is built meanwhile.
@@ -172,6 +154,9 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     top, sbom = _project_top(build, prepared, arch, base_image)
     upper = build_layers(top, venv, compiler, job)
     layers = [*lower.layers, *upper.layers]
+    base_layers.wait()  # the image's output reads them
+    if build.base.built is None:  # a pulled base: its facts and Python for other runners
+        keep_base(base_image, facts, unpacked_tree(request.cache_dir, base_image), build.remote)
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
     image = build_platform_image(
         base_image,
@@ -203,6 +188,8 @@ class _Prepared:
     """The bytecode compiler (None: no bytecode)."""
     wheels: LazyWheels
     """Fetches the locked wheels when they are read."""
+    base_layers: ArrivingLayers
+    """The base's layers, for the link checks that read them."""
     job: LayerJob
     """Where the layers are made and kept."""
     links: Future[None]
@@ -214,6 +201,7 @@ def _prepare(
     arch: str,
     base: BaseImage,
     facts: BaseFacts,
+    base_layers: ArrivingLayers,
     checks: ThreadPoolExecutor,
 ) -> _Prepared:
     """Plan the layers below the project's, check their wheels' scripts, ready the compiler.
@@ -226,21 +214,13 @@ def _prepare(
     request = build.request
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-compiler") as pool:
         choosing = (
-            pool.submit(build.compilers.get, arch, lambda: _choose(build, facts, base))
+            pool.submit(build.compilers.get, arch, lambda: _choose(build, facts, base, base_layers))
             if request.compile_bytecode
             else None
         )
         dependencies, local, wheels = _dependencies(build, target_of(arch, facts))
         members = [build.local_wheels.get(pkg) for pkg in local]
-        stdlib = stdlib_layers(build.base.built is not None, request.compile_bytecode)
-        below = plan_layers(
-            dependencies,
-            None,
-            local=members,
-            max_layers=build.settings.max_layers,
-            base_layers=len(base.layers) + stdlib,
-            project_later=True,
-        )
+        below = _plan_below(build, base, dependencies, members)
         venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
         job = _layer_job(build, wheels)
         # A runner with an empty cache fetches the registry cache's layers while the
@@ -269,8 +249,36 @@ def _prepare(
             remote=build.remote,
         )
         compiler = choosing.result() if choosing is not None else None
-    links = checks.submit(_check_links_behind, build, arch, base, below_wheels, wheels, gathering)
-    return _Prepared(below=below, venv=venv, compiler=compiler, wheels=wheels, job=job, links=links)
+    links = checks.submit(
+        _check_links_behind, build, arch, base, below_wheels, wheels, base_layers, gathering
+    )
+    return _Prepared(
+        below=below,
+        venv=venv,
+        compiler=compiler,
+        wheels=wheels,
+        base_layers=base_layers,
+        job=job,
+        links=links,
+    )
+
+
+def _plan_below(
+    build: PlatformBuild,
+    base: BaseImage,
+    dependencies: Sequence[PlannedWheel],
+    members: Sequence[PlannedWheel],
+) -> LayerPlan:
+    """The layers below the project's, within the budget the base's layers leave."""
+    stdlib = stdlib_layers(build.base.built is not None, build.request.compile_bytecode)
+    return plan_layers(
+        dependencies,
+        None,
+        local=members,
+        max_layers=build.settings.max_layers,
+        base_layers=len(base.layers) + stdlib,
+        project_later=True,
+    )
 
 
 def _project_top(
@@ -279,7 +287,7 @@ def _project_top(
     """The project's layer, alone on top: its wheel and the SBOM (what changes with it)."""
     request = build.request
     project_wheel = _planned(build.project.name, build.project_wheel.result())
-    _check_links(build, arch, base, [project_wheel], prepared.wheels)
+    _check_links(build, arch, base, [project_wheel], prepared.wheels, prepared.base_layers)
     sbom = sbom_document(
         [w for spec in prepared.below.layers for w in spec.wheels] + [project_wheel],
         lock=build.lock,
@@ -334,6 +342,7 @@ def _check_links(
     base: BaseImage,
     wheels: Sequence[PlannedWheel],
     lazy: LazyWheels,
+    base_layers: LayerFiles,
     gathering: Future[LinkRecords] | None = None,
 ) -> None:
     """Refuse wheels whose ELF files need a library the image will not have.
@@ -347,7 +356,7 @@ def _check_links(
         fetch=lazy.ensure,
         remote=build.remote,
         arch=arch,
-        store=build.layer_files,
+        store=base_layers,
         cache=CacheLayout(build.request.cache_dir),
         http=build.ports.http,
         recipe=build.base.built.base if build.base.built is not None else None,
@@ -360,6 +369,7 @@ def _check_links_behind(
     base: BaseImage,
     wheels: Sequence[PlannedWheel],
     lazy: LazyWheels,
+    base_layers: LayerFiles,
     gathering: Future[LinkRecords],
 ) -> None:
     """``_check_links`` at background priority, beside the layers: its answer is needed last.
@@ -367,7 +377,7 @@ def _check_links_behind(
     At the layers' priority it slowed them (FastAPI cold: 4.5% slower, 10 paired runs).
     """
     background_priority()
-    _check_links(build, arch, base, wheels, lazy, gathering)
+    _check_links(build, arch, base, wheels, lazy, base_layers, gathering)
 
 
 def _planned(name: str, wheel: Path) -> PlannedWheel:
@@ -386,44 +396,6 @@ def _layer_job(build: PlatformBuild, wheels: LazyWheels) -> LayerJob:
         reporter=build.ports.reporter,
         remote=build.remote,
     )
-
-
-def _pull_base(build: PlatformBuild, platform: str) -> tuple[BaseImage, BaseFacts]:
-    """The base for ``platform``, and its facts (its Python checked against the settings)."""
-    arch = platform.partition("/")[2]
-    base, lock = build.base, build.lock
-    if base.pinned:
-        note = f" (pinned by {lock.filename})"
-    elif lock.kind == "pylock":
-        note = (
-            f" (not pinned by {lock.filename}: the tag is used; 'imgbuild lock --upgrade' pins it)"
-        )
-    else:
-        note = ""
-    if base.built is None:
-        build.ports.reporter.step(f"base: {base.pull} for {platform}{note}")
-    image = base.image(build.ports.registry, arch, build.store)
-    facts = base_facts(image, build.layer_files, build.request.cache_dir, arch, base.entry)
-    wanted = build.settings.python
-    if wanted is not None and facts.python_version != wanted:
-        raise ProjectError(
-            f"base {base.reference} has Python {'.'.join(map(str, facts.python_version))}, "
-            f"not {'.'.join(map(str, wanted))}",
-            hint="pick a base with that Python or change --python",
-        )
-    if base.entry is None:
-        check_base_python(build.project, facts.python_version, base=base.reference)
-    if base.built is None:  # a built base carries its system packages already
-        image = with_system_packages(
-            image,
-            arch=arch,
-            settings=build.settings,
-            store=build.store,
-            cache=CacheLayout(build.request.cache_dir),
-            http=build.ports.http,
-            reporter=build.ports.reporter,
-        )
-    return image, facts
 
 
 def _dependencies(
@@ -470,7 +442,9 @@ def _sdist_wheel(build: PlatformBuild, pkg: LockedPackage) -> PlannedWheel:
     )
 
 
-def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> BytecodeCompiler:
+def _choose(
+    build: PlatformBuild, facts: BaseFacts, base: BaseImage, layers: ArrivingLayers
+) -> BytecodeCompiler:
     """The compiler for this base; a base for another CPU runs as the engine's variant."""
 
     def native(arch: str) -> tuple[BaseImage, BaseFacts]:
@@ -480,10 +454,12 @@ def _choose(build: PlatformBuild, facts: BaseFacts, base: BaseImage) -> Bytecode
     choice = CompilerChoice(
         mode=build.request.compile_with,
         store=build.store,
-        layers=build.layer_files,
+        layers=layers,
         work=build.work,
         native=native,
         rootfs=CacheLayout(build.request.cache_dir).rootfs,
+        kept_tree=lambda: kept_tree(base, build.remote),
+        layers_ready=layers.wait,
     )
     compiler = choose_compiler(facts, base, choice, build.ports)
     arch = str(base.config.get("architecture", ""))

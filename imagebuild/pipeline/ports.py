@@ -30,13 +30,23 @@ class Registry(Protocol):
     """What the pipeline asks of a registry: the base, and a reference's digest."""
 
     def pull_image(
-        self, ref: ImageReference, *, platform: Sequence[str], store: BlobStore
+        self,
+        ref: ImageReference,
+        *,
+        platform: Sequence[str],
+        store: BlobStore,
+        fetch_layers: bool = True,
     ) -> BaseImage:
         """Pull ``ref`` for ``platform`` (``(os, architecture)``) into ``store``.
 
         An index is resolved to its entry for the platform; a digest-pinned ``ref`` must
-        match what arrives. Raises ``RegistryError``.
+        match what arrives. ``fetch_layers=False``: the manifest and config only (``pull_layers``
+        brings the layers). Raises ``RegistryError``.
         """
+        ...
+
+    def pull_layers(self, ref: ImageReference, image: BaseImage, store: BlobStore) -> None:
+        """Bring the layers of ``image``, pulled from ``ref`` without them, into ``store``."""
         ...
 
     def fetch_manifest(self, ref: ImageReference) -> tuple[bytes, str, Digest]:

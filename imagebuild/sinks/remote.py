@@ -98,6 +98,7 @@ class RegistryClient:
         *,
         platform: Sequence[str] = ("linux", "amd64"),
         store: BlobStore,
+        fetch_layers: bool = True,
     ) -> BaseImage:
         """Pull ``ref`` for ``platform`` (``(os, architecture[, variant])``) into ``store``.
 
@@ -106,6 +107,8 @@ class RegistryClient:
         stream in. A digest-pinned reference must match the bytes received. Manifests named
         by digest (the platform's, below an index; a pinned reference's) are kept in
         ``store`` too and read from there: a tag costs one request, a pinned base none.
+        ``fetch_layers=False`` pulls the manifest and the config only: ``pull_layers`` brings
+        the layers.
         """
         op = Op(ref, "pulling", "pull")
         obj, digest = self._platform_manifest(op, platform, store)
@@ -123,15 +126,22 @@ class RegistryClient:
         self._ensure_blob(op, config_desc, store)
         config = _json_object(store.read_bytes(config_desc.digest), op, "image config")
         diff_ids = _checked_config(op, config, platform, len(layers))
-        for layer in layers:
-            self._ensure_blob(op, layer, store)
-        return BaseImage(
+        image = BaseImage(
             reference=str(ref),
             manifest_digest=digest,
             config=config,
             layers=layers,
             diff_ids=diff_ids,
         )
+        if fetch_layers:
+            self.pull_layers(ref, image, store)
+        return image
+
+    def pull_layers(self, ref: ImageReference, image: BaseImage, store: BlobStore) -> None:
+        """Bring the layers of ``image`` (pulled from ``ref``) into ``store``, verified."""
+        op = Op(ref, "pulling", "pull")
+        for layer in image.layers:
+            self._ensure_blob(op, layer, store)
 
     def fetch_image_json(
         self, ref: ImageReference, *, platform: Sequence[str] = ("linux", "amd64")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -11,6 +12,7 @@ import httpx
 import pytest
 
 from imagebuild.cache import build_envs_memory
+from imagebuild.image import rootfs
 from imagebuild.image.validate import validate_layout
 from tests.fixtures.docker_engine import TestInfra
 from tests.integration.conftest import MakeProject, imgbuild
@@ -84,6 +86,61 @@ def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
     empty = f"{docker_env.registry}/imgbuild-test/layer-cache-empty-{uuid.uuid4().hex[:8]}"
     fourth, _ = _build(project, tmp_path / "c4", tmp_path / "o4", "--cache-from", empty)
     assert fourth == third
+
+
+def test_a_runner_compiles_with_the_pulled_bases_python_the_cache_kept(
+    docker_env: TestInfra,
+    make_project: MakeProject,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pulled base's facts and its Python's tree, kept with ``--cache-to``: a runner with
+    an empty cache reads neither off the base's layers (they are pulled meanwhile, for the
+    output), and builds the same image."""
+    monkeypatch.setenv("IMGBUILD_MEMORY_STAGING", "0")  # each cache's own tree, on disk
+    project = make_project()
+    repository = f"imgbuild-test/base-cache-{uuid.uuid4().hex[:8]}"
+    cache_ref = f"{docker_env.registry}/{repository}"
+    slim = ("--base", "debian-slim")
+    first, _ = _build(project, tmp_path / "c1", tmp_path / "o1", *slim, "--cache-to", cache_ref)
+    kept = [tag for tag in _tags(docker_env.registry, repository) if tag.startswith("file-")]
+    assert len(kept) == 3  # the build environment, the base's facts, its Python's tree
+
+    applied: list[Path] = []
+    unpack = rootfs._apply
+
+    def recorded(blob: Path, tree: object) -> None:
+        applied.append(blob)
+        unpack(blob, tree)  # type: ignore[arg-type]
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the base's facts were read off its layers")
+
+    monkeypatch.setattr(rootfs, "_apply", recorded)
+    monkeypatch.setattr("imagebuild.pipeline.bases.inspect_layers", refused)
+    second, _ = _build(project, tmp_path / "c2", tmp_path / "o2", *slim, "--cache-from", cache_ref)
+    assert second == first
+    # One tar unpacked for the compiler, and none of the base's layers.
+    index = json.loads((tmp_path / "o2" / "index.json").read_text())
+    manifest = tmp_path / "o2/blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]
+    layers = {layer["digest"].split(":")[1] for layer in json.loads(manifest.read_text())["layers"]}
+    assert len(applied) == 1 and applied[0].name.split(".")[0] not in layers
+    (tree,) = (tmp_path / "c2" / "rootfs").iterdir()
+
+    # A kept tree whose Python does not start is no error: the base's layers are unpacked
+    # instead, and the image is the same.
+    broken = tmp_path / "broken"
+    shutil.copytree(tree, broken, symlinks=True)
+    for python in (broken / "usr/bin").glob("python3*"):
+        python.unlink()
+        python.write_bytes(b"not a program")
+    kept = tmp_path / "broken.tar.gz"
+    rootfs.pack_rootfs(broken, kept)
+    monkeypatch.setattr("imagebuild.pipeline.platform.kept_tree", lambda base, remote: kept)
+    applied.clear()
+    third, _ = _build(project, tmp_path / "c3", tmp_path / "o3", *slim, "--cache-from", cache_ref)
+    assert third == first
+    assert applied[0].name == "tree.tar" and applied[1].name.split(".")[0] in layers
 
 
 def test_a_bad_cache_reference_is_one_line(make_project: MakeProject, tmp_path: Path) -> None:
