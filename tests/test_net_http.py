@@ -246,3 +246,40 @@ def test_the_trusted_context_is_made_once_per_certificates(
     assert trusted_context() not in (first, changed)
     monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
     assert trusted_context() is changed
+
+
+def test_plain_http_needs_no_certificates_and_a_redirect_to_tls_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A registry or index served over plain HTTP (a CI runner's loopback, a private
+    mirror) is answered without loading the certificates; anything sent over TLS, a
+    redirect from plain HTTP included, still goes through the verifying transport."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/away":
+                self.send_response(307)
+                self.send_header("Location", "https://127.0.0.1:9/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "missing-ca.pem"))
+    try:
+        with http_client(retry=RetryPolicy(attempts=1)) as client:
+            assert client.get(f"{url}/here").content == b"ok"
+            with pytest.raises(httpx.ConnectError, match="missing-ca.pem"):
+                client.get(f"{url}/away", follow_redirects=True)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -312,7 +312,12 @@ class _RetryingClient(httpx.Client):
         if kwargs.get("transport") is not None:
             return RetryTransport(make(*args, **kwargs), policy=self._retry_policy)
         return _LazyTransport(
-            lambda: RetryTransport(make(*args, **_trusting(kwargs)), policy=self._retry_policy)
+            lambda: RetryTransport(make(*args, **_trusting(kwargs)), policy=self._retry_policy),
+            # Only plain http:// requests go through this one: it never carries TLS, so it
+            # needs no certificates (a redirect to https:// comes back through the other).
+            plain=lambda: RetryTransport(
+                make(*args, **{**kwargs, "verify": False}), policy=self._retry_policy
+            ),
         )
 
     def _init_proxy_transport(self, *args: Any, **kwargs: Any) -> httpx.BaseTransport:
@@ -360,15 +365,22 @@ class _LazyTransport(httpx.BaseTransport):
     """A transport made when its first request comes.
 
     A run that sends none (a rebuild from the cache) never loads the CA certificates,
-    which costs a warm build about 40 ms.
+    which costs a warm build about 40 ms; with a ``plain`` transport for ``http://``
+    requests, nor does a run that only talks to a plain-HTTP registry or index (a CI
+    runner's loopback or private mirror: 25 ms before its first answer).
 
     Certificates that cannot be loaded (``SSL_CERT_FILE`` naming no file, say) fail that
     request with a ``ConnectError`` saying so, not retried: every later one would fail alike.
     """
 
-    def __init__(self, make: Callable[[], httpx.BaseTransport]) -> None:
-        self._make = make
-        self._made: httpx.BaseTransport | None = None
+    def __init__(
+        self,
+        make: Callable[[], httpx.BaseTransport],
+        *,
+        plain: Callable[[], httpx.BaseTransport] | None = None,
+    ) -> None:
+        self._makers = {"tls": make, "plain": plain or make}
+        self._made: dict[str, httpx.BaseTransport] = {}
         self._lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -376,10 +388,11 @@ class _LazyTransport(httpx.BaseTransport):
         return self._transport(request).handle_request(request)
 
     def _transport(self, request: httpx.Request) -> httpx.BaseTransport:
+        kind = "plain" if request.url.scheme == "http" else "tls"
         with self._lock:
-            if self._made is None:
+            if kind not in self._made:
                 try:
-                    self._made = self._make()
+                    self._made[kind] = self._makers[kind]()
                 except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                     # httpx read them from these variables (trust_env): name what they say.
                     given = [
@@ -393,13 +406,13 @@ class _LazyTransport(httpx.BaseTransport):
                         "check SSL_CERT_FILE and SSL_CERT_DIR",
                         request=request,
                     ) from exc
-            return self._made
+            return self._made[kind]
 
     def close(self) -> None:
-        """Close the transport, if a request made it."""
+        """Close the transports requests made."""
         with self._lock:
-            if self._made is not None:
-                self._made.close()
+            for made in self._made.values():
+                made.close()
 
 
 def http_client(
