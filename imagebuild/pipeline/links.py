@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +53,8 @@ class LinkRecords:
     """Those on neither disk nor registry: worked out from the base and the wheels."""
     fetched: frozenset[Path]
     """Those the registry cache just gave (not kept there again)."""
+    bundled: bool = False
+    """Whether they came in one bundle (``_bundle_key``): then it is not kept again."""
 
 
 def gather_link_records(
@@ -70,10 +73,16 @@ def gather_link_records(
     base_index = base_record(cache.elf, [d.digest for d in base.layers])
     scans = {wheel.sha256: scan_record(cache.elf, wheel.sha256) for wheel in wheels if wheel.sha256}
     records = (base_index, *scans.values())
+    bundled = _from_bundle(records, remote)
     made, fetched = _missing_records(records, remote)
     if fetch is not None:
         fetch([w for w in wheels if w.sha256 is None or scans[w.sha256] in made])
-    return LinkRecords(records=records, made=frozenset(made), fetched=frozenset(fetched))
+    return LinkRecords(
+        records=records,
+        made=frozenset(made),
+        fetched=frozenset(fetched | bundled),
+        bundled=bool(bundled),
+    )
 
 
 def check_image_links(
@@ -115,6 +124,8 @@ def check_image_links(
     # Kept whether worked out now or read from the local cache (a runner seeding the
     # registry has them on disk); not those the registry just gave.
     _keep_records(set(gathered.records) - gathered.fetched, remote)
+    if not gathered.bundled:
+        _keep_bundle(gathered.records, remote)
     missing = check_links(scanned, index, arch=arch)
     if not missing:
         return
@@ -157,6 +168,67 @@ def _keep_records(records: set[Path], remote: RemoteLayers | None) -> None:
     kept = sorted(record for record in records if _usable(record))
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="imgbuild-records") as pool:
         list(pool.map(lambda r: keeper.keep_record(_remote_key(r), r.read_bytes()), kept))
+
+
+_BUNDLE_FORMAT = 1
+_BUNDLE_LIMIT = 8 << 20
+"""The largest bundle kept (a registry's record is read into memory whole)."""
+
+
+def _bundle_key(records: Sequence[Path]) -> str:
+    """The registry cache's name for all of one check's records at once.
+
+    A CI runner asked for each of a check's records alone: a FastAPI build's 16 took 22
+    requests (a small one costs the registry 2.3 ms of CPU here, the client 0.9 ms), a
+    173-package lock's 170 many more. The records' own names say what they were worked
+    out from, so the same wheels on the same base name the same bundle.
+    """
+    names = "\n".join(record.name for record in records)
+    return hashlib.sha256(f"imgbuild elf bundle {_BUNDLE_FORMAT}\n{names}".encode()).hexdigest()
+
+
+def _from_bundle(records: Sequence[Path], remote: RemoteLayers | None) -> set[Path]:
+    """The records missing here that the registry cache's bundle of them holds, written."""
+    absent = [record for record in records if not _usable(record)]
+    if remote is None or not absent:
+        return set()
+    data = remote.find_record(_bundle_key(records))
+    try:
+        held = json.loads(data) if data is not None else None
+    except ValueError:
+        return set()
+    if not isinstance(held, dict) or held.get("format") != _BUNDLE_FORMAT:
+        return set()
+    texts = held.get("records")
+    written = set()
+    for record in absent:
+        text = texts.get(record.name) if isinstance(texts, dict) else None
+        if isinstance(text, str) and usable_record(text.encode()):
+            write_atomic(record, text.encode(), durable=False)  # read as a miss unless whole
+            written.add(record)
+    return written
+
+
+def _keep_bundle(records: Sequence[Path], remote: RemoteLayers | None) -> None:
+    """Keep all of ``records`` as one bundle (``--cache-to``), when each is usable.
+
+    Not for one record alone (the project's own check), nor past ``_BUNDLE_LIMIT``: the
+    records are then asked for one by one.
+    """
+    if remote is None or len(records) < 2:
+        return
+    texts = {}
+    for record in records:
+        try:
+            data = record.read_bytes()
+        except OSError:
+            return
+        if not usable_record(data):
+            return
+        texts[record.name] = data.decode()
+    bundle = json.dumps({"format": _BUNDLE_FORMAT, "records": texts}, sort_keys=True).encode()
+    if len(bundle) <= _BUNDLE_LIMIT:
+        remote.keep_record(_bundle_key(records), bundle)
 
 
 def _usable(record: Path) -> bool:
