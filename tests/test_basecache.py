@@ -15,7 +15,8 @@ from imagebuild.debian.elf import read_elf
 from imagebuild.digest import Digest
 from imagebuild.errors import RegistryError
 from imagebuild.image.rootfs import pack_rootfs
-from imagebuild.pipeline.basecache import ArrivingLayers, _unloaded
+from imagebuild.install.native import PROBE_RECORD
+from imagebuild.pipeline.basecache import ArrivingLayers, _left_out
 from imagebuild.pipeline.bases import facts_from_json, facts_json
 from imagebuild.target.base import BaseFacts
 
@@ -45,7 +46,8 @@ def _facts(arch: str) -> BaseFacts:
 
 def test_a_kept_tree_leaves_the_libraries_its_python_never_loads(tmp_path: Path) -> None:
     """This host's own Python and what it loads, in a tree beside a library it does not
-    load: the tree kept for other runners has the first and not the second."""
+    load: the tree kept for other runners has the first and not the second, nor the
+    answers the interpreter's probe gave on this host."""
     executable = Path(os.path.realpath(sys.executable))
     with executable.open("rb") as stream:
         info = read_elf(stream)
@@ -79,20 +81,22 @@ def test_a_kept_tree_leaves_the_libraries_its_python_never_loads(tmp_path: Path)
         shutil.copy(libdir / f"{first}.9.9", libdir / "ld-linux-x86-64.so.2")
     shutil.copy(libdir / f"{first}.9.9", libdir / "libunrelated.so.3")  # never loaded
     (libdir / "libunrelated.so").symlink_to("libunrelated.so.3")
+    (tree / f"{PROBE_RECORD}0123").write_text("3.11.2")  # what this host's probe answered
 
     kept = tmp_path / "tree.tar.gz"
-    pack_rootfs(tree, kept, leave=_unloaded(tree, _facts(arch)))
+    pack_rootfs(tree, kept, leave=_left_out(tree, _facts(arch)))
     with tarfile.open(kept) as tar:
         names = {PurePosixPath(n).name for n in tar.getnames()}
     assert wanted | {f"{first}.9.9", "ld-linux-x86-64.so.2", "python3.11", "os.py"} <= names
     assert "__init__.py" in names and "encodings" in names
-    assert not names & {"libunrelated.so.3", "libunrelated.so"}
+    assert not names & {"libunrelated.so.3", "libunrelated.so", f"{PROBE_RECORD}0123"}
 
     # An interpreter that cannot be read: everything is kept.
     (tree / "usr/bin/python3.11").write_bytes(b"not ELF")
-    pack_rootfs(tree, kept, leave=_unloaded(tree, _facts(arch)))
+    pack_rootfs(tree, kept, leave=_left_out(tree, _facts(arch)))
     with tarfile.open(kept) as tar:
-        assert "libunrelated.so.3" in {PurePosixPath(n).name for n in tar.getnames()}
+        names = {PurePosixPath(n).name for n in tar.getnames()}
+    assert "libunrelated.so.3" in names and f"{PROBE_RECORD}0123" not in names
 
 
 def test_facts_read_back_as_they_were_kept_and_nonsense_reads_as_none() -> None:

@@ -28,6 +28,8 @@ _LOADERS = {
               "lib/ld-musl-aarch64.so.1"),
 }  # fmt: skip
 _PROBE = "import _frozen_importlib_external, _imp, os, sys; print(sys.version.split()[0])"
+PROBE_RECORD = ".imgbuild-probe-"
+"""How the files a tree keeps its interpreter's probe answers in begin (this host's own)."""
 
 
 class NativeCompiler(HostCompiler):
@@ -127,7 +129,7 @@ def native_compiler(
     library_path = library_dirs(root, arch)
     # An unpacked tree never changes: what its interpreter answered once, it answers again.
     command = "\0".join(map(str, (loader, *library_path, executable, _PROBE)))
-    record = root / f".imgbuild-probe-{hashlib.sha256(command.encode()).hexdigest()[:16]}"
+    record = root / f"{PROBE_RECORD}{hashlib.sha256(command.encode()).hexdigest()[:16]}"
     try:
         known = record.read_text(encoding="utf-8").strip() or None
     except OSError:

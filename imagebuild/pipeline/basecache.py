@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from imagebuild.debian.elf import read_elf
 from imagebuild.image.rootfs import TREE_FORMAT, pack_rootfs
-from imagebuild.install.native import library_dirs, resolve_in
+from imagebuild.install.native import PROBE_RECORD, library_dirs, resolve_in
 from imagebuild.pipeline.bases import facts_json, known_facts, remember_facts
 
 if TYPE_CHECKING:
@@ -83,8 +83,18 @@ def keep_base(
         remote.keep_file(
             _key("python", base),
             TREE_TYPE,
-            lambda out: pack_rootfs(tree, out, leave=_unloaded(tree, facts)),
+            lambda out: pack_rootfs(tree, out, leave=_left_out(tree, facts)),
         )
+
+
+def _left_out(tree: Path, facts: BaseFacts) -> Callable[[Path], bool]:
+    """What of the tree is not kept: the libraries its Python never loads, and its probe's answers.
+
+    Another runner asks the interpreter itself: a tree that does not start there must not
+    be taken on this one's word.
+    """
+    unloaded = _unloaded(tree, facts)
+    return lambda path: path.name.startswith(PROBE_RECORD) or unloaded(path)
 
 
 def _unloaded(tree: Path, facts: BaseFacts) -> Callable[[Path], bool]:
