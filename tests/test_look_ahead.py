@@ -22,7 +22,7 @@ from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel
 from imagebuild.pipeline import layers
 from imagebuild.pipeline.compiler import expected_identity
 from imagebuild.pipeline.layers import LayerJob, look_ahead
-from imagebuild.pipeline.remotecache import RegistryLayerCache
+from imagebuild.pipeline.remotecache import RegistryLayerCache, _set_key
 from imagebuild.report import NullReporter, Reporter
 from imagebuild.sinks.daemon import engine_base_tag
 from imagebuild.sinks.engine import EngineCompiler
@@ -54,6 +54,9 @@ class _Remote:
         return None
 
     def keep(self, kept: Sequence[tuple[str, Layer]], reporter: Reporter) -> None:
+        pass
+
+    def keep_set(self, layers: Sequence[tuple[str, Layer]]) -> None:
         pass
 
     def find_record(self, key: str) -> bytes | None:
@@ -165,7 +168,8 @@ def test_a_layer_asked_for_ahead_is_looked_up_once(
         [(key, layer)], NullReporter()
     )
 
-    # A runner with an empty store asks ahead, then finds: one manifest request per key.
+    # A runner with an empty store asks ahead, then finds: the set of both (none is kept),
+    # then one manifest request per key.
     runner = RegistryLayerCache(
         client=client, store=BlobStore(tmp_path / "runner"), source=ref, target=None
     )
@@ -175,11 +179,51 @@ def test_a_layer_asked_for_ahead_is_looked_up_once(
     assert found is not None and found.digest == layer.digest
     assert runner.find(absent) is None
     manifests = sorted(path for path in sent if "/manifests/" in path)
-    assert manifests == [f"/v2/test/look-ahead/manifests/{k}" for k in sorted((key, absent))]
+    both = f"/v2/test/look-ahead/manifests/set-{_set_key([key, absent])}"
+    assert manifests == sorted([both, *(f"/v2/test/look-ahead/manifests/{k}" for k in (key, absent))])
     assert runner.store.path(layer.digest).read_bytes() == store.path(layer.digest).read_bytes()
     # An answer is taken once: a later find asks the registry again.
     assert runner.find(key) is not None
     assert len([path for path in sent if path.endswith(f"/manifests/{key}")]) == 2
+
+
+def test_a_plan_kept_as_a_set_is_found_in_one_manifest_request(
+    local_registry: LocalRegistry, requests: tuple[httpx.Client, list[str]], tmp_path: Path
+) -> None:
+    http, sent = requests
+    ref = ImageReference.parse(f"{local_registry.host}/test/look-ahead-set")
+    store = BlobStore(tmp_path / "kept")
+    layers = []
+    for name in ("one", "two"):
+        tree = tmp_path / name
+        (tree / "app").mkdir(parents=True)
+        (tree / "app" / f"{name}.txt").write_text(f"{name}\n")
+        layers.append((name[0] * 64, build_layer(tree, store, mtime=EPOCH)))
+    client = RegistryClient(http)
+    keeper = RegistryLayerCache(client=client, store=store, source=None, target=ref)
+    keeper.keep(layers, NullReporter())
+    keeper.keep_set(layers)
+    sent.clear()
+    keeper.keep_set(layers)  # kept already: asked, not pushed again
+    assert [path for path in sent if "/manifests/" in path] == [
+        f"/v2/test/look-ahead-set/manifests/set-{_set_key([k for k, _ in layers])}"
+    ]
+
+    runner = RegistryLayerCache(
+        client=client, store=BlobStore(tmp_path / "runner"), source=ref, target=None
+    )
+    sent.clear()
+    runner.ask([k for k, _ in layers])
+    for key, layer in layers:
+        assert runner.find(key) == layer
+        assert runner.store.path(layer.digest).read_bytes() == store.path(layer.digest).read_bytes()
+    manifests = [path for path in sent if "/manifests/" in path]
+    assert manifests == [f"/v2/test/look-ahead-set/manifests/set-{_set_key([k for k, _ in layers])}"]
+    # Another set of keys (one of them unknown) is not that set: each is asked alone.
+    sent.clear()
+    runner.ask([layers[0][0], "ee" * 32])
+    assert runner.find(layers[0][0]) == layers[0][1] and runner.find("ee" * 32) is None
+    assert len([path for path in sent if "/manifests/" in path]) == 3
 
 
 def test_the_expected_identity_is_the_one_the_base_s_own_python_compiles_under() -> None:

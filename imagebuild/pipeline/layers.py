@@ -73,6 +73,10 @@ class RemoteLayers(Protocol):
         """Keep these layers under their keys."""
         ...
 
+    def keep_set(self, layers: Sequence[tuple[str, Layer]]) -> None:
+        """Keep a plan's layers (kept each under its key) as one set, for ``ask``."""
+        ...
+
     def find_record(self, key: str) -> bytes | None:
         """A record kept under ``key`` (a cache record: an ELF scan, an SBOM), or None."""
         ...
@@ -139,6 +143,7 @@ def build_layers(
             [(found.keys[i], layer) for i, layer in enumerate(ordered) if i not in found.remote],
             report,
         )
+        job.remote.keep_set([(found.keys[i], layer) for i, layer in enumerate(ordered)])
     return BuiltLayers(layers=ordered, built=len(missing))
 
 

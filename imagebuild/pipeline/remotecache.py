@@ -9,6 +9,7 @@ very bytes a local build would write, and the image's digest is the same either 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ _RECORD = "application/vnd.imgbuild.cache.record.v1+json"
 """The config media type of a kept record: a manifest with no layers, the record its config."""
 _DIFF_ID = "org.imgbuild.layer.diff-id"
 _CREATED_BY = "org.imgbuild.layer.created-by"
+_SET = "application/vnd.imgbuild.cache.layer-set.v1"
+"""The artifact type of a set: one manifest naming a plan's layers (``keep_set``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,13 +59,18 @@ class RegistryLayerCache:
     """Lookups started ahead by ``ask``, by key."""
 
     def ask(self, keys: Sequence[str]) -> None:
-        """Start looking for ``keys`` now, a few at a time; ``find`` then takes the answers."""
+        """Start looking for ``keys`` now, a few at a time; ``find`` then takes the answers.
+
+        All of them are first looked up as one set (``keep_set``): a runner asking for a
+        plan another kept whole gets its layers' manifests in one request, not one each.
+        """
         keys = [key for key in keys if key not in self.asked]
         if self.source is None or not keys:
             return
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="imgbuild-ahead")
+        whole = pool.submit(self._find_set, keys) if len(keys) > 1 else None
         for key in keys:
-            self.asked[key] = pool.submit(self._find, key)
+            self.asked[key] = pool.submit(self._find_in, key, whole)
         pool.shutdown(wait=False)  # its threads end with the last lookup
 
     def find(self, key: str) -> Layer | None:
@@ -83,6 +91,64 @@ class RegistryLayerCache:
             return None  # not ours, or damaged: build the layer instead
         self.client.pull_blob(ref, _descriptor(layer), self.store)
         return layer
+
+    def _find_set(self, keys: Sequence[str]) -> dict[str, Layer]:
+        """The layers kept as the set of ``keys``, by key (their blobs not fetched yet)."""
+        assert self.source is not None
+        tag = f"set-{_set_key(keys)}"
+        try:
+            data = self.client.fetch_optional(self.source.with_tag(tag), f"manifests/{tag}")
+            return _layers_of_set(json_object(data), _set_key(keys)) if data is not None else {}
+        except (ValueError, ImageError):
+            return {}  # not ours, or damaged: each layer is looked up alone
+
+    def _find_in(self, key: str, whole: Future[dict[str, Layer]] | None) -> Layer | None:
+        """The layer ``key`` as the set ``whole`` names it (its blob fetched), else alone."""
+        layer = whole.result().get(key) if whole is not None else None
+        if layer is None or self.source is None:
+            return self._find(key)
+        try:
+            self.client.pull_blob(self.source.with_tag(key), _descriptor(layer), self.store)
+        except ImageError:
+            return self._find(key)
+        return layer
+
+    def keep_set(self, layers: Sequence[tuple[str, Layer]]) -> None:
+        """Keep ``layers`` (a plan's, bottom first) as one set, unless it is kept already.
+
+        One manifest naming every layer, with the annotations each layer's own carries; the
+        blobs are put in the target repository first (where they are, a HEAD each).
+        """
+        if self.target is None or len(layers) < 2:
+            return
+        key = _set_key([layer_key for layer_key, _ in layers])
+        ref = self.target.with_tag(f"set-{key}")
+        if self.client.fetch_optional(ref, f"manifests/set-{key}") is not None:
+            return
+        config = self.store.put_bytes(b"{}", media_type=OCI_EMPTY)
+        entries = []
+        for layer_key, layer in layers:
+            self.client.push_blob(ref, _descriptor(layer), self.store)
+            entries.append(
+                {
+                    **_descriptor(layer).to_json(),
+                    "annotations": {
+                        _KEY: layer_key,
+                        _DIFF_ID: layer.diff_id,
+                        _CREATED_BY: layer.created_by,
+                    },
+                }
+            )
+        self.client.push_blob(ref, config, self.store)
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "artifactType": _SET,
+            "config": config.to_json(),
+            "layers": entries,
+            "annotations": {_KEY: key},
+        }
+        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
 
     def find_record(self, key: str) -> bytes | None:
         """The record kept under ``key`` (bytes verified against their digest), or None."""
@@ -189,6 +255,28 @@ class RegistryLayerCache:
             "annotations": {_KEY: key, _DIFF_ID: layer.diff_id, _CREATED_BY: layer.created_by},
         }
         self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
+
+
+def _set_key(keys: Sequence[str]) -> str:
+    """The name of the set of the layers ``keys`` name, in their order."""
+    return hashlib.sha256("\n".join(["imgbuild layer set 1", *keys]).encode()).hexdigest()
+
+
+def _layers_of_set(manifest: dict[str, object], key: str) -> dict[str, Layer]:
+    """The layers a set's manifest names, by key; ValueError when it is not one for ``key``."""
+    annotations, entries = manifest.get("annotations"), manifest.get("layers")
+    if not isinstance(annotations, dict) or annotations.get(_KEY) != key:
+        raise ValueError("not a set kept under this key")
+    if not isinstance(entries, list):
+        raise ValueError("a kept set's manifest lists its layers")
+    found = {}
+    for entry in entries:
+        if not isinstance(entry, dict) or not isinstance(entry.get("annotations"), dict):
+            raise ValueError("a kept set's layer has no annotations")
+        layer_key = entry["annotations"].get(_KEY)
+        one = {"annotations": entry["annotations"], "layers": [entry]}
+        found[str(layer_key)] = _layer_of(one, str(layer_key))
+    return found
 
 
 def _descriptor(layer: Layer) -> Descriptor:

@@ -14,6 +14,7 @@ import pytest
 from imagebuild.cache import build_envs_memory
 from imagebuild.image import rootfs
 from imagebuild.image.validate import validate_layout
+from imagebuild.pipeline.remotecache import RegistryLayerCache
 from tests.fixtures.docker_engine import TestInfra
 from tests.integration.conftest import MakeProject, imgbuild
 
@@ -38,7 +39,10 @@ def _tags(registry: str, repository: str) -> list[str]:
 
 
 def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
-    docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
+    docker_env: TestInfra,
+    make_project: MakeProject,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     project = make_project()
     repository = f"imgbuild-test/layer-cache-{uuid.uuid4().hex[:8]}"
@@ -52,8 +56,10 @@ def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
     seeded, log = _build(project, tmp_path / "c1", tmp_path / "o1b", "--cache-to", cache_ref)
     assert seeded == first and "cache: keeping" in log
     kept = _tags(docker_env.registry, repository)
-    layers = [tag for tag in kept if not tag.startswith(("record-", "file-"))]
+    layers = [tag for tag in kept if not tag.startswith(("record-", "file-", "set-"))]
     assert layers and all(len(tag) == 64 for tag in layers)
+    # The layers below the project's, also as one set (what a runner asks for first).
+    assert len([tag for tag in kept if tag.startswith("set-")]) == 1
     # Beside them, the records: each wheel's ELF scan, the base's library index, the SBOM;
     # and the project's build environment (its backend's packages and their bytecode).
     assert len([tag for tag in kept if tag.startswith("record-")]) >= 3
@@ -61,8 +67,19 @@ def test_an_empty_cache_takes_the_layers_a_ci_run_kept(
 
     # A second runner with an empty local cache builds nothing: every layer comes by key,
     # and no wheel is downloaded (the records say what reading them would)...
+    alone: list[str] = []
+    find_alone = RegistryLayerCache._find
+
+    def looked_up_alone(cache: RegistryLayerCache, key: str) -> object:
+        alone.append(key)
+        return find_alone(cache, key)
+
+    monkeypatch.setattr(RegistryLayerCache, "_find", looked_up_alone)
     second, log = _build(project, tmp_path / "c2", tmp_path / "o2", "--cache-from", cache_ref)
     assert second == first
+    # Alone: the project's layer and the built base's standard-library bytecode; the
+    # dependencies' layers came in their set.
+    assert len(alone) == 2
     assert "layer " not in log and "compile:" not in log and "fetching " not in log
     assert not list((tmp_path / "c2").rglob("*.whl"))
 
