@@ -126,29 +126,17 @@ class RegistryLayerCache:
         if self.client.fetch_optional(ref, f"manifests/set-{key}") is not None:
             return
         config = self.store.put_bytes(b"{}", media_type=OCI_EMPTY)
-        entries = []
-        for layer_key, layer in layers:
-            self.client.push_blob(ref, _descriptor(layer), self.store)
-            entries.append(
-                {
-                    **_descriptor(layer).to_json(),
-                    "annotations": {
-                        _KEY: layer_key,
-                        _DIFF_ID: layer.diff_id,
-                        _CREATED_BY: layer.created_by,
-                    },
-                }
-            )
-        self.client.push_blob(ref, config, self.store)
-        manifest = {
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "artifactType": _SET,
-            "config": config.to_json(),
-            "layers": entries,
-            "annotations": {_KEY: key},
-        }
-        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
+        self._push_kept(
+            f"set-{key}",
+            key,
+            _SET,
+            config,
+            [_descriptor(layer) for _, layer in layers],
+            annotations=[
+                {_KEY: layer_key, _DIFF_ID: layer.diff_id, _CREATED_BY: layer.created_by}
+                for layer_key, layer in layers
+            ],
+        )
 
     def find_record(self, key: str) -> bytes | None:
         """The record kept under ``key`` (bytes verified against their digest), or None."""
@@ -210,18 +198,26 @@ class RegistryLayerCache:
         artifact_type: str,
         config: Descriptor,
         layers: Sequence[Descriptor],
+        *,
+        annotations: Sequence[dict[str, str]] = (),
     ) -> None:
-        """Push ``layers`` and ``config`` (in the store) and a manifest of them, tagged ``tag``."""
+        """Push ``layers`` and ``config`` (in the store) and a manifest of them, tagged ``tag``.
+
+        ``annotations``: each layer's own, in the manifest's list (none when empty).
+        """
         assert self.target is not None
         ref = self.target.with_tag(tag)
         for desc in (*layers, config):
             self.client.push_blob(ref, desc, self.store)
+        entries = [desc.to_json() for desc in layers]
+        for entry, own in zip(entries, annotations, strict=False):
+            entry["annotations"] = own
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
             "artifactType": artifact_type,
             "config": config.to_json(),
-            "layers": [desc.to_json() for desc in layers],
+            "layers": entries,
             "annotations": {_KEY: key},
         }
         self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
