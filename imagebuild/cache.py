@@ -352,6 +352,14 @@ def mount_allows_exec(mounts: str, mount_point: Path) -> bool:
     return options is not None and "noexec" not in options
 
 
+def mark_used(tree: Path) -> None:
+    """Touch ``tree``'s time: what ``forget_idle_trees`` goes by (no matter if it cannot)."""
+    try:
+        os.utime(tree)
+    except OSError:
+        pass
+
+
 def forget_idle_trees(home: Path, *, idle: float = ROOTFS_IDLE) -> None:
     """Remove the trees of ``home`` not used (their time touched) for ``idle`` seconds.
 

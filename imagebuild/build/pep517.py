@@ -59,7 +59,7 @@ from imagebuild.build.runner import (
     seed_standard_bytecode,
 )
 from imagebuild.build.secrets import SourcePolicy, check_wheel, filtered_copy, source_rules
-from imagebuild.cache import forget_idle_trees, write_json
+from imagebuild.cache import forget_idle_trees, mark_used, write_json
 from imagebuild.errors import BuildError, ProjectError
 from imagebuild.net.credentials import IndexCredentials
 
@@ -190,7 +190,7 @@ class BuildEnvironments:
         ready = env_dir / READY_MARKER
         self.used[key] = env_dir
         if ready.is_file():
-            _touch(env_dir)  # in memory, what keeps it from being forgotten as idle
+            mark_used(env_dir)  # in memory, what keeps it from being forgotten as idle
             return python
         home.mkdir(parents=True, exist_ok=True)
         with FileLock(str(home / f"{key}.lock")):
@@ -262,13 +262,6 @@ class BuildEnvironments:
         if self.credentials is None:
             return self.indexes
         return tuple(self.credentials.authenticated(url) for url in self.indexes)
-
-
-def _touch(path: Path) -> None:
-    try:
-        os.utime(path)
-    except OSError:
-        pass
 
 
 def find_uv() -> str | None:

@@ -32,6 +32,7 @@ from typing import BinaryIO
 
 from isal import igzip
 
+from imagebuild.cache import mark_used
 from imagebuild.digest import digest_hex
 from imagebuild.errors import ImageError
 from imagebuild.image.model import BaseImage
@@ -61,7 +62,7 @@ def unpack_rootfs(
     """
     root = into / digest_hex(base.manifest_digest)
     if root.is_dir():
-        _touch(root)
+        mark_used(root)
         return root
     into.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".unpack-", dir=into))
@@ -83,7 +84,7 @@ def unpack_rootfs(
         for left in (staging, aside):
             if left.exists():
                 shutil.rmtree(left, ignore_errors=True)
-    _touch(root)
+    mark_used(root)
     if made is not None:
         made(into)
     return root
@@ -126,13 +127,6 @@ def pack_rootfs(root: Path, out: Path, *, leave: Callable[[Path], bool] | None =
                 path = here / name
                 if leave is None or not leave(path):
                     tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
-
-
-def _touch(root: Path) -> None:
-    try:
-        os.utime(root)
-    except OSError:
-        pass
 
 
 class _Tree:

@@ -27,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
+from imagebuild.cache import CacheLayout, rootfs_home
 from imagebuild.debian.elf import read_elf
+from imagebuild.digest import digest_hex
 from imagebuild.image.rootfs import TREE_FORMAT, pack_rootfs
 from imagebuild.install.native import PROBE_RECORD, library_dirs, resolve_in
 from imagebuild.pipeline.bases import facts_json, known_facts, remember_facts
@@ -67,19 +69,19 @@ def kept_tree(base: BaseImage, remote: RemoteLayers | None) -> Path | None:
     return remote.find_file(_key("python", base), TREE_TYPE) if remote is not None else None
 
 
-def keep_base(
-    base: BaseImage, facts: BaseFacts, tree: Path | None, remote: RemoteLayers | None
-) -> None:
-    """Keep the base's facts, and its Python's unpacked ``tree`` if any, for other runners."""
+def keep_base(base: BaseImage, facts: BaseFacts, cache: Path, remote: RemoteLayers | None) -> None:
+    """Keep the base's facts, and its Python's tree if it is unpacked here, for other runners."""
     if remote is None:
         return
+    name = digest_hex(base.manifest_digest)
+    tree = rootfs_home(CacheLayout(cache).rootfs, name) / name
     data = json.dumps(facts_json(facts), sort_keys=True).encode()
 
     def write_facts(out: Path) -> None:
         out.write_bytes(data)
 
     remote.keep_file(_key("facts", base), FACTS_TYPE, write_facts)
-    if tree is not None and tree.is_dir():
+    if tree.is_dir():
         remote.keep_file(
             _key("python", base),
             TREE_TYPE,

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagebuild.cache import CacheLayout, rootfs_home
-from imagebuild.digest import digest_hex
+from imagebuild.cache import CacheLayout
 from imagebuild.errors import ProjectError
 from imagebuild.image.model import BaseImage
 from imagebuild.image.name import ImageReference
@@ -124,10 +123,3 @@ def pull_base(
             reporter=ports.reporter,
         )
     return image, facts, layers
-
-
-def unpacked_tree(cache_dir: Path, base: BaseImage) -> Path | None:
-    """Where the base's Python is unpacked on this host (``image.rootfs``), if it is."""
-    name = digest_hex(base.manifest_digest)
-    tree = rootfs_home(CacheLayout(cache_dir).rootfs, name) / name
-    return tree if tree.is_dir() else None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,8 +73,9 @@ def gather_link_records(
     base_index = base_record(cache.elf, [d.digest for d in base.layers])
     scans = {wheel.sha256: scan_record(cache.elf, wheel.sha256) for wheel in wheels if wheel.sha256}
     records = (base_index, *scans.values())
-    bundled = _from_bundle(records, remote)
-    made, fetched = _missing_records(records, remote)
+    absent = [record for record in records if not _usable(record)]
+    bundled = _from_bundle(records, absent, remote)
+    made, fetched = _missing_records([r for r in absent if r not in bundled], remote)
     if fetch is not None:
         fetch([w for w in wheels if w.sha256 is None or scans[w.sha256] in made])
     return LinkRecords(
@@ -123,9 +124,7 @@ def check_image_links(
         index = indexing.result().merged(index_wheels(scanned))
     # Kept whether worked out now or read from the local cache (a runner seeding the
     # registry has them on disk); not those the registry just gave.
-    _keep_records(set(gathered.records) - gathered.fetched, remote)
-    if not gathered.bundled:
-        _keep_bundle(gathered.records, remote)
+    _keep_records(gathered, remote)
     missing = check_links(scanned, index, arch=arch)
     if not missing:
         return
@@ -141,10 +140,12 @@ def check_image_links(
 
 
 def _missing_records(
-    records: Sequence[Path], remote: RemoteLayers | None
+    absent: Sequence[Path], remote: RemoteLayers | None
 ) -> tuple[set[Path], set[Path]]:
-    """Records on neither disk nor registry, and those the registry gave (now on disk)."""
-    absent = [record for record in records if not _usable(record)]
+    """Of the records ``absent`` here: those on neither disk nor registry, and those given.
+
+    Those the registry gave are on disk now.
+    """
     if remote is None or not absent:
         return set(absent), set()
     finder = remote
@@ -160,14 +161,28 @@ def _missing_records(
     return made, fetched
 
 
-def _keep_records(records: set[Path], remote: RemoteLayers | None) -> None:
-    """Keep ``records`` in the registry cache (``--cache-to``), for the next runner."""
+def _keep_records(gathered: LinkRecords, remote: RemoteLayers | None) -> None:
+    """Keep a check's records in the registry cache (``--cache-to``), for the next runner.
+
+    Each is read once: kept alone unless the registry just gave it, and all together as a
+    bundle unless they came as one (``_keep_bundle``).
+    """
     if remote is None:
         return
     keeper = remote
-    kept = sorted(record for record in records if _usable(record))
+    usable = {}
+    for record in gathered.records:
+        try:
+            data = record.read_bytes()
+        except OSError:
+            continue
+        if usable_record(data):
+            usable[record] = data
+    alone = sorted(record for record in usable if record not in gathered.fetched)
     with ThreadPoolExecutor(max_workers=4, thread_name_prefix="imgbuild-records") as pool:
-        list(pool.map(lambda r: keeper.keep_record(_remote_key(r), r.read_bytes()), kept))
+        list(pool.map(lambda r: keeper.keep_record(_remote_key(r), usable[r]), alone))
+    if not gathered.bundled and len(usable) == len(gathered.records):
+        _keep_bundle(gathered.records, remote, usable)
 
 
 _BUNDLE_FORMAT = 1
@@ -187,9 +202,10 @@ def _bundle_key(records: Sequence[Path]) -> str:
     return hashlib.sha256(f"imgbuild elf bundle {_BUNDLE_FORMAT}\n{names}".encode()).hexdigest()
 
 
-def _from_bundle(records: Sequence[Path], remote: RemoteLayers | None) -> set[Path]:
-    """The records missing here that the registry cache's bundle of them holds, written."""
-    absent = [record for record in records if not _usable(record)]
+def _from_bundle(
+    records: Sequence[Path], absent: Sequence[Path], remote: RemoteLayers | None
+) -> set[Path]:
+    """The records ``absent`` here that the bundle of ``records`` holds, written here."""
     if remote is None or not absent:
         return set()
     data = remote.find_record(_bundle_key(records))
@@ -209,21 +225,26 @@ def _from_bundle(records: Sequence[Path], remote: RemoteLayers | None) -> set[Pa
     return written
 
 
-def _keep_bundle(records: Sequence[Path], remote: RemoteLayers | None) -> None:
+def _keep_bundle(
+    records: Sequence[Path],
+    remote: RemoteLayers,
+    known: Mapping[Path, bytes] | None = None,
+) -> None:
     """Keep all of ``records`` as one bundle (``--cache-to``), when each is usable.
 
-    Not for one record alone (the project's own check), nor past ``_BUNDLE_LIMIT``: the
-    records are then asked for one by one.
+    ``known``: their bytes, read and found usable already (else they are read here). Not
+    for one record alone (the project's own check), nor past ``_BUNDLE_LIMIT``: the records
+    are then asked for one by one.
     """
-    if remote is None or len(records) < 2:
+    if len(records) < 2:
         return
     texts = {}
     for record in records:
         try:
-            data = record.read_bytes()
+            data = known[record] if known is not None else record.read_bytes()
         except OSError:
             return
-        if not usable_record(data):
+        if known is None and not usable_record(data):
             return
         texts[record.name] = data.decode()
     bundle = json.dumps({"format": _BUNDLE_FORMAT, "records": texts}, sort_keys=True).encode()

@@ -25,7 +25,7 @@ from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage
 from imagebuild.lock.select import select_packages, sort_sources
 from imagebuild.pipeline.basecache import ArrivingLayers, keep_base, kept_tree
-from imagebuild.pipeline.basepull import BaseSource, pull_base, unpacked_tree
+from imagebuild.pipeline.basepull import BaseSource, pull_base
 from imagebuild.pipeline.bases import base_facts, target_of
 from imagebuild.pipeline.compiler import (
     CompilerChoice,
@@ -156,7 +156,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     layers = [*lower.layers, *upper.layers]
     base_layers.wait()  # the image's output reads them
     if build.base.built is None:  # a pulled base: its facts and Python for other runners
-        keep_base(base_image, facts, unpacked_tree(request.cache_dir, base_image), build.remote)
+        keep_base(base_image, facts, request.cache_dir, build.remote)
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
     image = build_platform_image(
         base_image,
