@@ -18,6 +18,7 @@ from imagebuild.digest import Digest
 from imagebuild.image.descriptor import OCI_LAYER_TAR
 from imagebuild.image.model import BaseImage
 from imagebuild.errors import ImageError
+from imagebuild.image import untar
 from imagebuild.image.rootfs import pack_rootfs, unpack_rootfs
 from imagebuild.image.store import BlobStore
 from imagebuild.install.native import resolve_in
@@ -357,9 +358,17 @@ def test_each_caches_build_environments_have_their_own_place_in_memory(
     assert cache.build_envs_memory(tmp_path / "c1/build-envs") is None
 
 
-def test_a_tree_kept_as_its_own_tar_unpacks_as_the_layers_did(tmp_path: Path) -> None:
+@pytest.mark.parametrize("unpacker", ["gnu-tar", "tarfile"])
+def test_a_tree_kept_as_its_own_tar_unpacks_as_the_layers_did(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unpacker: str
+) -> None:
     """What a runner takes from the registry cache instead of the base's layers
-    (``pipeline.basecache``): the same names, bytes, links and modes."""
+    (``pipeline.basecache``): the same names, bytes, links and modes, unpacked by GNU tar
+    where there is one, else by the rules a layer is unpacked by."""
+    if unpacker == "gnu-tar":
+        assert untar.gnu_tar() is not None  # this host has it (Debian's tar)
+    else:
+        monkeypatch.setattr(untar, "gnu_tar", lambda: None)
     store = BlobStore(tmp_path / "blobs")
     base = _base(
         store,
@@ -391,3 +400,34 @@ def test_a_tree_kept_as_its_own_tar_unpacks_as_the_layers_did(tmp_path: Path) ->
     with pytest.raises(ImageError):
         unpack_rootfs(base, store, tmp_path / "three", from_tar=damaged)
     assert not [p for p in (tmp_path / "three").iterdir() if not p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["in-one-call", "in-pieces"])
+def test_gnu_tar_refuses_a_name_leading_out_of_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool
+) -> None:
+    """``image.untar``: a kept tar naming ``..`` is refused, and nothing lands outside. A
+    gzip is inflated in one call, or in pieces when it is large; a damaged one raises."""
+    if not whole:
+        monkeypatch.setattr(untar, "_WHOLE", 0)
+        monkeypatch.setattr(untar, "_PIECE", 7)
+    hostile = tmp_path / "hostile.tar.gz"
+    with gzip.open(hostile, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+        info = tarfile.TarInfo("../outside.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    into = tmp_path / "deep" / "into"
+    into.mkdir(parents=True)
+    plain = untar.plain_tar(hostile, tmp_path / "plain.tar")
+    assert plain != hostile and plain.read_bytes() == gzip.decompress(hostile.read_bytes())
+    assert untar.plain_tar(plain, tmp_path / "unused.tar") == plain  # plain already
+    assert untar.extract(plain, into, seconds=30) is False
+    assert not (tmp_path / "deep" / "outside.txt").exists()
+    with pytest.raises(ValueError):
+        untar.plain_tar(_truncated(hostile, tmp_path), tmp_path / "again.tar")
+
+
+def _truncated(blob: Path, where: Path) -> Path:
+    cut = where / f"cut-{blob.name}"
+    cut.write_bytes(blob.read_bytes()[:-12])
+    return cut

@@ -18,6 +18,7 @@ import pytest
 from isal import igzip
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
+from imagebuild.image import untar
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.pipeline import buildenvs
@@ -177,11 +178,18 @@ def _keep_tar(
     shared.remote.keep_file(_registry_key(key), MEDIA_TYPE, write)
 
 
+@pytest.mark.parametrize("unpacker", ["gnu-tar", "tarfile"])
 def test_a_kept_environment_that_would_write_outside_is_refused(
-    local_registry: LocalRegistry, requests: tuple[httpx.Client, list[str]], tmp_path: Path
+    local_registry: LocalRegistry,
+    requests: tuple[httpx.Client, list[str]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    unpacker: str,
 ) -> None:
     http, _ = requests
-    ref = ImageReference.parse(f"{local_registry.host}/test/shared-envs-hostile")
+    ref = ImageReference.parse(f"{local_registry.host}/test/shared-envs-hostile-{unpacker}")
+    if unpacker == "tarfile":
+        monkeypatch.setattr(untar, "gnu_tar", lambda: None)
 
     link = tarfile.TarInfo("lib/escape")
     link.type, link.linkname = tarfile.SYMTYPE, str(tmp_path / "outside")
@@ -199,26 +207,39 @@ def test_a_kept_environment_that_would_write_outside_is_refused(
     assert not (env / "lib").exists()  # what was unpacked is cleared: the env is made instead
 
 
+@pytest.mark.parametrize("unpacker", ["gnu-tar", "tarfile"])
 def test_an_unpacking_that_hangs_is_given_up_and_the_environment_made(
     local_registry: LocalRegistry,
     requests: tuple[httpx.Client, list[str]],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
+    unpacker: str,
 ) -> None:
+    """By GNU tar where there is one, else by ``tarfile`` in a process of its own."""
     http, _ = requests
-    ref = ImageReference.parse(f"{local_registry.host}/test/shared-envs-hang")
+    ref = ImageReference.parse(f"{local_registry.host}/test/shared-envs-hang-{unpacker}")
+    if unpacker == "gnu-tar":
+        assert untar.gnu_tar() is not None  # this host has it (Debian's tar)
+    else:
+        monkeypatch.setattr(untar, "gnu_tar", lambda: None)
 
     shared = _shared(http, tmp_path / "blobs", source=ref, target=ref)
     module = tarfile.TarInfo("lib/python3.11/site-packages/mod.py")
     _keep_tar(shared, "k3", [(module, b"print('hello')\n")])
     env = tmp_path / "env"
     env.mkdir()
-    assert shared.fetch("k3", env, tmp_path / "home") is True  # it unpacks, in its own process
+    assert shared.fetch("k3", env, tmp_path / "home") is True  # it unpacks
     assert (env / "lib/python3.11/site-packages/mod.py").read_bytes() == b"print('hello')\n"
 
     other = tmp_path / "other"
     other.mkdir()
-    monkeypatch.setattr(buildenvs, "_UNPACK", "import time; time.sleep(60)")
+    if unpacker == "gnu-tar":
+        hanging = tmp_path / "tar"
+        hanging.write_text("#!/bin/sh\nexec sleep 60\n")
+        hanging.chmod(0o755)
+        monkeypatch.setattr(untar, "gnu_tar", lambda: str(hanging))
+    else:
+        monkeypatch.setattr(buildenvs, "_UNPACK", "import time; time.sleep(60)")
     monkeypatch.setattr(buildenvs, "UNPACK_SECONDS", 0.5)
     assert shared.fetch("k3", other, tmp_path / "home") is False
     assert not (other / "lib").exists()

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from imagebuild.cache import build_envs_memory
-from imagebuild.image import rootfs
+from imagebuild.image import rootfs, untar
 from imagebuild.image.validate import validate_layout
 from imagebuild.pipeline.remotecache import RegistryLayerCache
 from tests.fixtures.docker_engine import TestInfra
@@ -123,17 +123,24 @@ def test_a_runner_compiles_with_the_pulled_bases_python_the_cache_kept(
     kept = [tag for tag in _tags(docker_env.registry, repository) if tag.startswith("file-")]
     assert len(kept) == 3  # the build environment, the base's facts, its Python's tree
 
+    # What is unpacked: a layer by imgbuild's rules, a kept tree by GNU tar (image.untar).
     applied: list[Path] = []
-    unpack = rootfs._apply
+    unpack, extract = rootfs._apply, untar.extract
 
     def recorded(blob: Path, tree: object) -> None:
         applied.append(blob)
         unpack(blob, tree)  # type: ignore[arg-type]
 
+    def extracted(tar: Path, into: Path, *, seconds: float) -> bool:
+        if into.name.startswith(".unpack-"):  # a base's tree (not a build environment)
+            applied.append(tar)
+        return extract(tar, into, seconds=seconds)
+
     def refused(*args: object, **kwargs: object) -> None:
         raise AssertionError("the base's facts were read off its layers")
 
     monkeypatch.setattr(rootfs, "_apply", recorded)
+    monkeypatch.setattr(untar, "extract", extracted)
     monkeypatch.setattr("imagebuild.pipeline.bases.inspect_layers", refused)
     second, _ = _build(project, tmp_path / "c2", tmp_path / "o2", *slim, "--cache-from", cache_ref)
     assert second == first

@@ -1,0 +1,111 @@
+"""Tars imgbuild kept itself, unpacked by the system's GNU tar in a process of its own.
+
+What a CI runner takes from a registry cache before its first build step (a build
+environment, a base's Python tree: hundreds of files) is unpacked while other threads of
+imgbuild run Python. Unpacked in a thread, each file's system calls waited for the
+interpreter's lock; in a Python process of its own, the start and ``tarfile``'s work cost
+0.07 s of CPU for a 350-file environment that GNU tar unpacks in 0.02 s.
+
+GNU tar refuses names with ``..``, strips a leading ``/``, and makes a link only once the
+rest is unpacked, so nothing is written through a link the tar itself brings. It does not
+refuse every link leading out or device files as ``tarfile``'s ``data`` filter does: these
+tars come from the registry cache the user named, whose programs a build then runs, so
+that filter bought no safety against it. Where GNU tar is not found (``gnu_tar``), callers
+unpack through ``tarfile`` as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from isal import isal_zlib
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_WHOLE = 64 << 20
+"""The most gzip inflated in one call (a base's Python tree is a tenth of it)."""
+_PIECE = 4 << 20
+"""How much gzip is read, and at most how much is inflated, at a time."""
+_HINT_RATIO = 16
+
+
+@functools.cache
+def gnu_tar() -> str | None:
+    """The path of GNU tar on this host, or None (none, or another tar)."""
+    found = shutil.which("tar")
+    if found is None:
+        return None
+    try:
+        done = subprocess.run(
+            [found, "--version"], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    first = done.stdout.partition("\n")[0]
+    return found if done.returncode == 0 and "GNU tar" in first else None
+
+
+def plain_tar(blob: Path, out: Path) -> Path:
+    """``blob`` itself when it is a plain tar; else inflated from gzip into ``out``.
+
+    Up to ``_WHOLE`` of gzip is inflated in one call, sized by the gzip trailer: read in
+    pieces, the inflating thread took the interpreter's lock back for each and waited for
+    it while other threads ran (a 6.5 MB tree took 0.33 s so beside a busy thread; in one
+    call, 0.09 s; 0.04 s alone). A larger one is inflated in pieces. Raises ``OSError``
+    or ``ValueError`` (a damaged gzip) when it does not inflate whole.
+    """
+    with blob.open("rb") as source:
+        head = source.read(2)
+        if head != _GZIP_MAGIC:
+            return blob
+        whole = os.fstat(source.fileno()).st_size <= _WHOLE
+        inflater = isal_zlib.decompressobj(wbits=31)
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            if whole:
+                data = head + source.read()
+                # (the trailer's size is only a hint: bounded, it cannot make a huge buffer)
+                size = int.from_bytes(data[-4:], "little") if len(data) >= 4 else 0
+                hint = max(min(size, _HINT_RATIO * len(data)), 1)
+                _write_all(fd, isal_zlib.decompress(data, wbits=31, bufsize=hint))
+                return out
+            pending = head
+            while chunk := pending + source.read(_PIECE):
+                pending = b""
+                while chunk:
+                    _write_all(fd, inflater.decompress(chunk, _PIECE))
+                    chunk = inflater.unconsumed_tail
+            _write_all(fd, inflater.flush())
+        except isal_zlib.error as exc:  # type: ignore[misc]  # (isal types it loosely)
+            raise ValueError(str(exc)) from exc
+        finally:
+            os.close(fd)
+    if not inflater.eof:
+        raise ValueError("the gzip stream ends early")
+    return out
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def extract(tar: Path, into: Path, *, seconds: float) -> bool:
+    """Unpack the plain tar ``tar`` into the directory ``into`` with GNU tar.
+
+    False when GNU tar is not here, refuses a member, fails or takes over ``seconds``
+    (``into`` then holds part of it: the caller clears it).
+    """
+    program = gnu_tar()
+    if program is None:
+        return False
+    command = [program, "-x", "-f", str(tar), "-C", str(into), "--no-same-owner"]
+    try:
+        done = subprocess.run(command, capture_output=True, timeout=seconds, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
