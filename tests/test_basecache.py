@@ -7,6 +7,7 @@ import shutil
 import sys
 import tarfile
 import threading
+import time
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -124,7 +125,9 @@ def test_arriving_layers_are_read_only_once_pulled_and_a_failed_pull_is_raised()
         release.wait(10)
 
     arriving = ArrivingLayers(layers, pull)
+    arriving.start()
     started.wait(10)
+    arriving.start()  # once: a second start is no second pull
     reader = threading.Thread(target=arriving.path, args=(Digest("sha256:" + "a" * 64),))
     reader.start()
     reader.join(0.2)
@@ -144,3 +147,15 @@ def test_arriving_layers_are_read_only_once_pulled_and_a_failed_pull_is_raised()
     assert ArrivingLayers(layers).path(Digest("sha256:" + "c" * 64)) == Path(
         "/layers/sha256:" + "c" * 64
     )
+
+
+def test_arriving_layers_not_started_are_pulled_only_when_first_read() -> None:
+    """An output that reads no layer (a registry push) never pulls them; a reader does."""
+    pulls: list[str] = []
+    layers = _Layers()
+    arriving = ArrivingLayers(layers, lambda: pulls.append("pulled"))
+    time.sleep(0.05)
+    assert pulls == []
+    assert arriving.path(Digest("sha256:" + "d" * 64)) == Path("/layers/sha256:" + "d" * 64)
+    arriving.wait()
+    assert pulls == ["pulled"]

@@ -101,14 +101,20 @@ def ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> P
         )
 
     def layer_cache(
-        source: ImageReference | None, target: ImageReference | None, *, cache_dir: Path
+        source: ImageReference | None,
+        target: ImageReference | None,
+        *,
+        cache_dir: Path,
+        fetch_blobs: bool = True,
     ) -> RemoteLayers:
         from imagebuild.cache import CacheLayout
         from imagebuild.image.store import BlobStore
         from imagebuild.pipeline.remotecache import RegistryLayerCache
 
         store = BlobStore(CacheLayout(cache_dir).blobs)
-        return RegistryLayerCache(client=registry, store=store, source=source, target=target)
+        return RegistryLayerCache(
+            client=registry, store=store, source=source, target=target, fetch_blobs=fetch_blobs
+        )
 
     return Ports(
         http=http,

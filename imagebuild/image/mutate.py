@@ -147,12 +147,14 @@ def build_image(
     store: BlobStore,
     annotations: Mapping[str, str] | None = None,
     platform: tuple[str, str] = ("linux", "amd64"),
+    blobs_in_store: bool = True,
 ) -> Image:
     """Assemble config and manifest for ``base`` + ``layers`` and store both in ``store``.
 
     Base layers keep their bytes; Docker layer media types become their OCI equivalents.
     ``annotations`` go on the manifest. ``platform`` (os, architecture) applies only without
-    a base. Every layer blob, ours and the base's, must already be in ``store``.
+    a base. Every layer blob, ours and the base's, must already be in ``store``; unless not
+    ``blobs_in_store``: an image only pushed, whose layers may stay in their registry.
     """
     where = f"base image {base.reference} layer" if base is not None else "layer"
     base_layers = tuple(
@@ -164,7 +166,7 @@ def build_image(
             f"{len(base.diff_ids)} diff_ids in its config"
         )
     all_layers = base_layers + tuple(layer.descriptor for layer in layers)
-    for desc in all_layers:
+    for desc in all_layers if blobs_in_store else ():
         if not store.has(desc.digest):
             raise ImageError(f"layer {desc.digest} is missing from the blob store {store.root}")
 

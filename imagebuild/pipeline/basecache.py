@@ -170,19 +170,28 @@ def _key(kind: str, base: BaseImage) -> str:
 class ArrivingLayers:
     """A base's layers (``LayerFiles``), maybe still being pulled on a thread of their own.
 
-    Reading one (``path``) waits until all have arrived, and raises what stopped their pull.
-    The thread is a daemon: a build that fails meanwhile does not wait for it to exit.
+    The pull starts with ``start`` (the image's output reads them: they come meanwhile), or
+    else when something first reads one (a link check, a compiler unpacking the base): an
+    output that reads none (a registry push, which mounts them) never pulls them. Reading
+    one (``path``) waits until all have arrived, and raises what stopped their pull. The
+    thread is a daemon: a build that fails meanwhile does not wait for it to exit.
     """
 
     def __init__(self, layers: LayerFiles, pull: Callable[[], None] | None = None) -> None:
         self._layers = layers
+        self._pull_them = pull
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self._started = threading.Lock()
         if pull is None:
             self._done.set()
+
+    def start(self) -> None:
+        """Start pulling them on a thread of their own, unless that started already."""
+        if self._pull_them is None or not self._started.acquire(blocking=False):
             return
         threading.Thread(
-            target=self._pull, args=(pull,), name="imgbuild-base-layers", daemon=True
+            target=self._pull, args=(self._pull_them,), name="imgbuild-base-layers", daemon=True
         ).start()
 
     def _pull(self, pull: Callable[[], None]) -> None:
@@ -194,7 +203,11 @@ class ArrivingLayers:
             self._done.set()
 
     def wait(self) -> None:
-        """Return once the layers are in the store; raise what stopped their pull."""
+        """Return once the layers are in the store; raise what stopped their pull.
+
+        Their pull starts now if it has not yet.
+        """
+        self.start()
         self._done.wait()
         if self._error is not None:
             raise self._error

@@ -42,7 +42,7 @@ from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
 from imagebuild.pipeline.buildenvs import RegistryEnvironments
 from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
-from imagebuild.pipeline.outputs import check_engine_answers, write_order
+from imagebuild.pipeline.outputs import check_engine_answers, outputs_read_layers, write_order
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest, BuildResult, LockRequest
 from imagebuild.project.indexes import index_entries, lock_indexes
@@ -90,7 +90,8 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     fallback = found.project.root / "dist" if request.default_output else None
     sinks = check_engine_answers(sinks, fallback=fallback, reporter=ports.reporter)
     ports.reporter.step(f"lock: {lock.path.name}")
-    remote = _layer_cache(request, found.settings, ports)
+    read_layers = outputs_read_layers(sinks)
+    remote = _layer_cache(request, found.settings, ports, fetch_blobs=read_layers)
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
         root=cache.build_envs,
@@ -120,6 +121,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             envs,
             project_wheel,
             remote,
+            read_layers=read_layers,
         )
         images = [build_platform(build, platform) for platform in request.platforms]
         envs.share()  # with --cache-to: the backends' environments, for the next runner
@@ -141,8 +143,13 @@ def _platform_build(
     envs: BuildEnvironments,
     project_wheel: Future[Path],
     remote: RemoteLayers | None,
+    *,
+    read_layers: bool,
 ) -> PlatformBuild:
-    """What every platform's image is made from; ``places``: the store, scratch and staging."""
+    """What every platform's image is made from; ``places``: the store, scratch and staging.
+
+    ``read_layers``: whether an output reads every layer's bytes.
+    """
     from imagebuild.pipeline.local import LocalWheels
     from imagebuild.pipeline.platform import Compilers, PlatformBuild
 
@@ -171,6 +178,7 @@ def _platform_build(
         ),
         compilers=Compilers(),
         remote=remote,
+        outputs_read_layers=read_layers,
     )
 
 
@@ -237,9 +245,12 @@ def _scratch(cache: CacheLayout) -> Iterator[tuple[Path, Path]]:
 
 
 def _layer_cache(
-    request: BuildRequest, settings: ImageSettings, ports: Ports
+    request: BuildRequest, settings: ImageSettings, ports: Ports, *, fetch_blobs: bool
 ) -> RemoteLayers | None:
-    """The registry layer cache the command line (else ``[tool.imgbuild]``) names, if any."""
+    """The registry layer cache the command line (else ``[tool.imgbuild]``) names, if any.
+
+    Not ``fetch_blobs``: the blobs of the layers it finds stay in the registry.
+    """
     source = request.cache_from or settings.cache_from
     target = request.cache_to or settings.cache_to
     if source is None and target is None:
@@ -250,6 +261,7 @@ def _layer_cache(
         _cache_ref(source, "--cache-from"),
         _cache_ref(target, "--cache-to"),
         cache_dir=request.cache_dir,
+        fetch_blobs=fetch_blobs,
     )
 
 

@@ -133,8 +133,12 @@ def build_platform_image(
     epoch: int,
     base_ref: str,
     store: BlobStore,
+    blobs_in_store: bool = True,
 ) -> Image:
-    """One platform's image: ``layers`` over ``base``, annotated with the base it names."""
+    """One platform's image: ``layers`` over ``base``, annotated with the base it names.
+
+    Not ``blobs_in_store``: some layers' blobs stay in their registry (``build_image``).
+    """
     annotations = {
         f"{_OCI}base.name": base_ref,
         f"{_OCI}base.digest": base.manifest_digest,
@@ -146,6 +150,7 @@ def build_platform_image(
         created=rfc3339(epoch),
         store=store,
         annotations=annotations,
+        blobs_in_store=blobs_in_store,
     )
 
 

@@ -96,6 +96,15 @@ def make_sinks(
     return tuple(sinks)
 
 
+def outputs_read_layers(sinks: Sequence[Sink]) -> bool:
+    """Whether some output reads every layer's bytes: every kind but a registry push does.
+
+    A push mounts the layers its registry holds in another repository (the base's, the
+    registry cache's), and fetches only those it must send (``sinks.upload``).
+    """
+    return any(sink.kind != "registry" for sink in sinks)
+
+
 def write_order(sinks: Sequence[Sink]) -> list[Sink]:
     """``sinks`` in the order they are written (see the module doc); stable within a group."""
     return sorted(sinks, key=lambda sink: _WRITE_ORDER.get(sink.kind, 2))

@@ -98,6 +98,9 @@ class PlatformBuild:
     """Bytecode compilers by architecture."""
     remote: RemoteLayers | None = None
     """The registry layer cache, if the build names one."""
+    outputs_read_layers: bool = True
+    """Whether an output reads every layer's bytes (``outputs.outputs_read_layers``): else
+    the base's layers, and the layers the registry cache holds, are not fetched for it."""
     staging: Path | None = None
     """Where layer trees are staged: a tree in memory (``cache.memory_scratch_root``), or
     None for ``work``."""
@@ -144,6 +147,8 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         remote=build.remote,
         cache_dir=request.cache_dir,
     )
+    if build.outputs_read_layers:
+        base_layers.start()  # the image's output reads them: they come meanwhile
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-links") as checks:
         prepared = _prepare(build, arch, base_image, facts, base_layers, checks)
         venv, compiler, job = prepared.venv, prepared.compiler, prepared.job
@@ -154,7 +159,8 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     top, sbom = _project_top(build, prepared, arch, base_image)
     upper = build_layers(top, venv, compiler, job)
     layers = [*lower.layers, *upper.layers]
-    base_layers.wait()  # the image's output reads them
+    if build.outputs_read_layers:
+        base_layers.wait()
     if build.base.built is None:  # a pulled base: its facts and Python for other runners
         keep_base(base_image, facts, request.cache_dir, build.remote)
     config = build_image_config(base_image, build.settings, project, venv, build.base.reference)
@@ -165,6 +171,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         epoch=request.source_date_epoch,
         base_ref=build.base.reference,
         store=build.store,
+        blobs_in_store=build.outputs_read_layers,
     )
     return PlatformImage(
         image=image,

@@ -71,9 +71,18 @@ class LayerCacheFactory(Protocol):
     """Opens a registry layer cache over a source and a target repository."""
 
     def __call__(
-        self, source: ImageReference | None, target: ImageReference | None, *, cache_dir: Path
+        self,
+        source: ImageReference | None,
+        target: ImageReference | None,
+        *,
+        cache_dir: Path,
+        fetch_blobs: bool = True,
     ) -> RemoteLayers:
-        """Layers are looked up in ``source`` and kept in ``target``; blobs go to the cache."""
+        """Layers are looked up in ``source`` and kept in ``target``; blobs go to the cache.
+
+        Not ``fetch_blobs``: a found layer's blob stays in the registry (every output is a
+        push there, which mounts it).
+        """
         ...
 
 

@@ -54,6 +54,10 @@ class RegistryLayerCache:
     """The repository layers are looked up in (``--cache-from``)."""
     target: ImageReference | None
     """The repository new layers are kept in (``--cache-to``)."""
+    fetch_blobs: bool = True
+    """Whether a found layer's blob is fetched. Not when every output is a registry push:
+    the push mounts it from the cache repository, and fetches it only to send its bytes
+    (``sinks.upload``)."""
 
     asked: dict[str, Future[Layer | None]] = field(default_factory=dict, init=False, repr=False)
     """Lookups started ahead by ``ask``, by key."""
@@ -74,7 +78,10 @@ class RegistryLayerCache:
         pool.shutdown(wait=False)  # its threads end with the last lookup
 
     def find(self, key: str) -> Layer | None:
-        """The layer kept under ``key``, its blob fetched and verified; None if not kept."""
+        """The layer kept under ``key``; None if not kept.
+
+        Its blob is fetched and verified, unless not ``fetch_blobs``.
+        """
         ahead = self.asked.pop(key, None)
         return ahead.result() if ahead is not None else self._find(key)
 
@@ -89,8 +96,18 @@ class RegistryLayerCache:
             layer = _layer_of(json_object(data), key)
         except (ValueError, ImageError):
             return None  # not ours, or damaged: build the layer instead
-        self.client.pull_blob(ref, _descriptor(layer), self.store)
+        self._bring(ref, layer)
         return layer
+
+    def _bring(self, ref: ImageReference, layer: Layer) -> None:
+        """Fetch ``layer``'s blob from ``ref``'s repository (or note it is there).
+
+        Not ``fetch_blobs``: only noted, as where a push mounts it from.
+        """
+        if self.fetch_blobs:
+            self.client.pull_blob(ref, _descriptor(layer), self.store)
+        else:
+            self.client.note_blob(ref, layer.digest)
 
     def _find_set(self, keys: Sequence[str]) -> dict[str, Layer]:
         """The layers kept as the set of ``keys``, by key (their blobs not fetched yet)."""
@@ -108,7 +125,7 @@ class RegistryLayerCache:
         if layer is None or self.source is None:
             return self._find(key)
         try:
-            self.client.pull_blob(self.source.with_tag(key), _descriptor(layer), self.store)
+            self._bring(self.source.with_tag(key), layer)
         except ImageError:
             return self._find(key)
         return layer

@@ -135,6 +135,9 @@ class RegistryClient:
         )
         if fetch_layers:
             self.pull_layers(ref, image, store)
+        else:
+            for layer in layers:  # a push may mount them from here, or fetch them then
+                self._origins.remember(ref, layer.digest)
         return image
 
     def pull_layers(self, ref: ImageReference, image: BaseImage, store: BlobStore) -> None:
@@ -336,6 +339,14 @@ class RegistryClient:
         """Fetch one blob of ``ref``'s repository into ``store`` (verified), unless there."""
         self._ensure_blob(Op(ref, "pulling", "pull"), desc, store)
 
+    def note_blob(self, ref: ImageReference, digest: Digest) -> None:
+        """Note that ``ref``'s repository holds ``digest``, its bytes not fetched.
+
+        A manifest read there lists it: a push mounts it from there, or fetches it from
+        there when it must send its bytes.
+        """
+        self._origins.remember(ref, digest)
+
     def push_blob(self, ref: ImageReference, desc: Descriptor, store: BlobStore) -> None:
         """Upload one blob from ``store`` to ``ref``'s repository, unless it is there."""
         self._uploader(Op(ref, "pushing", "pull,push"), store).push(desc)
@@ -351,7 +362,25 @@ class RegistryClient:
         self._uploader(Op(ref, "pushing", "pull,push"), store).push_all(unique)
 
     def _uploader(self, op: Op, store: BlobStore) -> BlobUploader:
-        return BlobUploader(self._session, op, store, origins=self._origins, policy=self._policy)
+        def fetch(desc: Descriptor) -> None:
+            self._fetch_seen(desc, store)
+
+        return BlobUploader(
+            self._session, op, store, origins=self._origins, policy=self._policy, fetch=fetch
+        )
+
+    def _fetch_seen(self, desc: Descriptor, store: BlobStore) -> None:
+        """Fetch ``desc`` into ``store`` from the latest repository it was seen in that serves it.
+
+        Nothing when none does: the upload then says it is missing.
+        """
+        for registry, repository in self._origins.places(desc.digest):
+            ref = ImageReference(registry=registry, repository=repository)
+            try:
+                self._ensure_blob(Op(ref, "pulling", "pull"), desc, store)
+            except RegistryError:
+                continue
+            return
 
     def _ensure_blob(self, op: Op, desc: Descriptor, store: BlobStore) -> None:
         # The repository's manifest lists it: a later push may mount it from here.

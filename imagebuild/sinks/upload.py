@@ -124,6 +124,11 @@ class BlobOrigins:
         with self._lock:
             self._refused.add((ref.registry, ref.repository, source))
 
+    def places(self, digest: Digest) -> list[tuple[str, str]]:
+        """Every ``(registry, repository)`` known to hold ``digest``, the most recent first."""
+        with self._lock:
+            return list(reversed(self._seen.get(digest, ())))
+
     def source(self, ref: ImageReference, digest: Digest) -> str | None:
         """Another repository of ``ref``'s registry known to hold ``digest`` (None: none)."""
         with self._lock:
@@ -148,7 +153,10 @@ class BlobUploader:
 
     ``origins`` is the client's record of where blobs live (read to mount, added to after each
     blob); ``policy`` is the client's retry policy, which bounds how often an upload whose
-    session the registry dropped is started again, and how long to wait before.
+    session the registry dropped is started again, and how long to wait before. ``fetch``
+    brings a blob ``store`` lacks into it, from where ``origins`` saw it: a blob the build
+    took from a registry without its bytes (``RegistryLayerCache(fetch_blobs=False)``) is
+    mounted, and fetched only when its bytes must be sent.
     """
 
     def __init__(
@@ -159,9 +167,10 @@ class BlobUploader:
         *,
         origins: BlobOrigins,
         policy: RetryPolicy,
+        fetch: Callable[[Descriptor], None] | None = None,
     ) -> None:
         self._session, self._op, self._store = session, op, store
-        self._origins, self._policy = origins, policy
+        self._origins, self._policy, self._fetch = origins, policy, fetch
         self._cancel = threading.Event()
 
     def push_all(
@@ -210,11 +219,8 @@ class BlobUploader:
             self._origins.remember(self._op.ref, desc.digest)
             return
         path = self._store.path(desc.digest)
-        if not path.is_file():
-            raise RegistryError(
-                f"pushing {self._op.ref}: blob {desc.digest} is missing from {self._store.root}",
-                hint="rebuild the image",
-            )
+        if not path.is_file() and self._fetch is None:
+            raise self._missing(desc)
         attempt = 1
         while True:
             try:
@@ -242,10 +248,20 @@ class BlobUploader:
         if self._cancel.is_set():
             raise _Cancelled
 
+    def _missing(self, desc: Descriptor) -> RegistryError:
+        return RegistryError(
+            f"pushing {self._op.ref}: blob {desc.digest} is missing from {self._store.root}",
+            hint="rebuild the image",
+        )
+
     def _upload(self, desc: Descriptor, path: Path) -> None:
         session = self._start(desc, mount=True)
         if session is None:
             return  # mounted
+        if not path.is_file() and self._fetch is not None:
+            self._fetch(desc)  # its bytes are sent: fetched from where it was seen
+        if not path.is_file():
+            raise self._missing(desc)
         offset = 0
         if desc.size > CHUNKED_THRESHOLD:
             sent = self._send_chunks(desc, path, session)

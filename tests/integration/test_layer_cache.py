@@ -13,9 +13,13 @@ import pytest
 
 from imagebuild.cache import build_envs_memory
 from imagebuild.image import rootfs, untar
+from imagebuild.image.name import ImageReference
+from imagebuild.image.store import BlobStore
 from imagebuild.image.validate import validate_layout
 from imagebuild.pipeline.remotecache import RegistryLayerCache
+from imagebuild.sinks.remote import RegistryClient
 from tests.fixtures.docker_engine import TestInfra
+from tests.fixtures.registry_server import LocalRegistry
 from tests.integration.conftest import MakeProject, imgbuild
 
 pytestmark = pytest.mark.docker
@@ -176,3 +180,56 @@ def test_a_bad_cache_reference_is_one_line(make_project: MakeProject, tmp_path: 
     assert result.exit_code == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--cache-from 'Not A Ref'" in errors[0]
+
+
+def _pushed(registry: str, repository: str, store: Path) -> str:
+    """Pull what ``registry/repository:latest`` holds into ``store``, every blob checked
+    against its digest (what fails when the repository lacks one); its manifest digest."""
+    with httpx.Client(timeout=30) as http:
+        client = RegistryClient(http)
+        image = client.pull_image(
+            ImageReference.parse(f"{registry}/{repository}:latest"), store=BlobStore(store)
+        )
+    return str(image.manifest_digest)
+
+
+def test_a_runner_that_only_pushes_takes_no_layer_bytes_from_the_registry(
+    docker_env: TestInfra,
+    local_registry: LocalRegistry,
+    make_project: MakeProject,
+    tmp_path: Path,
+) -> None:
+    """``--push`` with ``--cache-from``: the base's layers and the layers the cache holds are
+    not downloaded; the push mounts them into the target repository. The image is the one
+    an OCI build gives, whole in its repository. Pushed to another registry, where nothing
+    can be mounted, the layers it must send are fetched then."""
+    project = make_project()
+    uid = uuid.uuid4().hex[:8]
+    cache_ref = f"{docker_env.registry}/imgbuild-test/push-only-cache-{uid}"
+    slim = ("--base", "debian-slim")
+    _build(project, tmp_path / "c1", tmp_path / "o1", *slim, "--cache-to", cache_ref)
+    main = project / "src" / "demo_app" / "__init__.py"
+    main.write_text(main.read_text().replace('"image"', '"pushed image"'))
+    expected, _ = _build(project, tmp_path / "c0", tmp_path / "o0", *slim)
+
+    # The same registry: mounted from the cache and the base's repositories.
+    target = f"imgbuild-test/push-only-{uid}"
+    result = imgbuild(
+        "build", project, "--python", "3.11", "--cache-dir", tmp_path / "c2", *slim,
+        "--push", "--tag", f"{docker_env.registry}/{target}:latest", "--cache-from", cache_ref,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    index = json.loads((tmp_path / "o0" / "index.json").read_text())
+    manifest = tmp_path / "o0/blobs/sha256" / index["manifests"][0]["digest"].split(":")[1]
+    layers = [layer["digest"] for layer in json.loads(manifest.read_text())["layers"]]
+    here = {f"sha256:{p.name}" for p in (tmp_path / "c2" / "blobs" / "sha256").iterdir()}
+    assert len([d for d in layers if d in here]) == 1  # the project's, built here: no other
+    assert _pushed(docker_env.registry, target, tmp_path / "check-1") == expected
+
+    # Another registry: the layers are fetched from where they were seen, and sent.
+    result = imgbuild(
+        "build", project, "--python", "3.11", "--cache-dir", tmp_path / "c3", *slim,
+        "--push", "--tag", f"{local_registry.host}/{target}:latest", "--cache-from", cache_ref,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert _pushed(local_registry.host, target, tmp_path / "check-2") == expected
