@@ -7,6 +7,9 @@ import gzip
 import hashlib
 import io
 import os
+import subprocess
+import sys
+import sysconfig
 import tarfile
 import time
 from pathlib import Path, PurePosixPath
@@ -66,7 +69,7 @@ def test_layers_apply_in_order_with_whiteouts(tmp_path: Path) -> None:
         [
             ("dir", "usr/lib/python3.11", b""),
             ("file", "usr/lib/python3.11/os.py", b"first"),
-            ("file", "usr/lib/python3.11/gone.py", b"x"),
+            ("file", "usr/lib/python3.11/stat.py", b"x"),
             ("file", "usr/lib/python3.11/encodings/old.py", b"x"),
             ("file", "usr/bin/python3.11", b"ELF"),
             ("file", "usr/bin/bash", b"shell"),
@@ -77,10 +80,10 @@ def test_layers_apply_in_order_with_whiteouts(tmp_path: Path) -> None:
         ],
         [
             ("file", "usr/lib/python3.11/os.py", b"second"),
-            ("file", "usr/lib/python3.11/.wh.gone.py", b""),
+            ("file", "usr/lib/python3.11/.wh.stat.py", b""),
             ("file", "usr/lib/python3.11/encodings/.wh..wh..opq", b""),
             ("file", "usr/lib/python3.11/encodings/new.py", b"y"),
-            ("link", "usr/lib/python3.11/os-again.py", "usr/lib/python3.11/os.py"),
+            ("link", "usr/lib/python3.11/io.py", "usr/lib/python3.11/os.py"),
             ("file", "../../escape.py", b"no"),
             ("file", "lib64/through-an-absolute-link.py", b"no"),
         ],
@@ -88,8 +91,8 @@ def test_layers_apply_in_order_with_whiteouts(tmp_path: Path) -> None:
     root = unpack_rootfs(base, store, tmp_path / "rootfs")
     lib = root / "usr/lib/python3.11"
     assert (lib / "os.py").read_bytes() == b"second"
-    assert (lib / "os-again.py").read_bytes() == b"second"
-    assert not (lib / "gone.py").exists()
+    assert (lib / "io.py").read_bytes() == b"second"
+    assert not (lib / "stat.py").exists()
     assert sorted(p.name for p in (lib / "encodings").iterdir()) == ["new.py"]
     assert (root / "usr/bin/python3.11").read_bytes() == b"ELF"
     # Only what running Python needs: no shell, no docs, no devices.
@@ -151,10 +154,11 @@ def test_a_directory_turned_into_a_link_leading_out_is_not_written_through(
 def test_only_what_the_bases_python_needs_to_compile_is_unpacked(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The loader, the C libraries, the standard library's top level and its encodings (the
-    compile script runs without site and imports built-ins alone); not its other packages,
-    extension modules, site-packages, nor the library directories' subdirectories. The
-    same tree whether the kernel copies the files or Python does."""
+    """The loader, the C libraries, the standard library's modules a start imports and its
+    encodings (the compile script runs without site and imports built-ins alone); not its
+    other modules and packages, extension modules, site-packages, nor the library
+    directories' subdirectories. The same tree whether the kernel copies the files or
+    Python does."""
     store = BlobStore(tmp_path / "blobs")
     wanted = [
         "lib64/ld-linux-x86-64.so.2",
@@ -162,12 +166,16 @@ def test_only_what_the_bases_python_needs_to_compile_is_unpacked(
         "usr/local/lib/libpython3.11.so.1.0",
         "lib/ld-musl-x86_64.so.1",
         "usr/lib/python3.11/os.py",
+        "usr/lib/python3.11/posixpath.py",
+        "usr/lib/python3.11/LICENSE.txt",
         "usr/lib/python3.11/encodings/__init__.py",
         "usr/lib/python3.11/encodings/utf_8.py",
         "usr/local/bin/python3.11",
     ]
     unwanted = [
         "usr/lib/python3.11/asyncio/base_events.py",
+        "usr/lib/python3.11/tarfile.py",
+        "usr/lib/python3.11/traceback.py",
         "usr/lib/python3.11/lib-dynload/_json.cpython-311-x86_64-linux-gnu.so",
         "usr/lib/python3.11/site-packages/setuptools/__init__.py",
         "usr/lib/python3.11/site-packages/distutils-precedence.pth",
@@ -431,3 +439,28 @@ def _truncated(blob: Path, where: Path) -> Path:
     cut = where / f"cut-{blob.name}"
     cut.write_bytes(blob.read_bytes()[:-12])
     return cut
+
+
+def test_what_this_hosts_python_reads_to_start_is_in_a_tree() -> None:
+    """Each module file this host's interpreter reads to start as a native compiler does
+    (``-I -S``, the probe's imports) is one the tree keeps: a Python release that reads
+    another at its start fails here, not as a silent fall back to the engine."""
+    from imagebuild.image.rootfs import _wanted
+    from imagebuild.install.native import _PROBE
+
+    # (a frozen module names its source in __file__ too; its spec says where it came from)
+    report = (
+        f"{_PROBE}\n"
+        "specs = [getattr(m, '__spec__', None) for m in list(sys.modules.values())]\n"
+        "print('\\n'.join(sorted(s.origin for s in specs if s is not None and s.has_location)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", report], capture_output=True, text=True, check=True
+    )
+    files = [line for line in done.stdout.splitlines()[1:] if line.endswith(".py")]
+    assert any(f.endswith("/encodings/__init__.py") for f in files)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in files:
+        inside = Path(name).relative_to(stdlib)
+        parts = ("usr", "lib", stdlib.name, *inside.parts)
+        assert _wanted(parts), f"{inside} is read at every start but left out of a tree"

@@ -3,14 +3,14 @@
 Only what its Python needs to start and compile bytecode is unpacked (the compile script
 runs without ``site`` and imports built-in modules alone): the files of the library
 directories themselves and of their multiarch directory (the dynamic loader, the C
-libraries), the standard library's top-level modules and its ``encodings`` package (and the
-``lib-dynload`` directory, empty, where Python looks for it), and the ``python*`` files of the
-``bin`` directories. Layers are applied in order as an engine would (OCI whiteouts:
-``.wh.NAME`` removes a path, ``.wh..wh..opq`` empties a directory), into a directory of the
-cache named by the base's manifest digest. Only regular files, directories and links are
-made; device files and anything whose name or link would leave the tree are skipped (a base
-is trusted less than the host). The tree appears whole or not at all: it is built beside its
-final name and renamed into place.
+libraries), the standard library's modules a start imports and its ``encodings`` package
+(and its top-level directories, empty: ``lib-dynload`` is where Python looks for its
+extension modules), and the ``python*`` files of the ``bin`` directories. Layers are applied
+in order as an engine would (OCI whiteouts: ``.wh.NAME`` removes a path, ``.wh..wh..opq``
+empties a directory), into a directory of the cache named by the base's manifest digest.
+Only regular files, directories and links are made; device files and anything whose name or
+link would leave the tree are skipped (a base is trusted less than the host). The tree
+appears whole or not at all: it is built beside its final name and renamed into place.
 
 A tree can be kept as a tar of its own (``pack_rootfs``) and unpacked from it instead of
 from the base's layers (``unpack_rootfs(from_tar=...)``): a CI runner then needs neither
@@ -43,7 +43,7 @@ from imagebuild.image.store import LayerFiles
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
-TREE_FORMAT = 1
+TREE_FORMAT = 2
 """What a tree holds (``_wanted``) and how ``pack_rootfs`` lays it out: a kept tree is
 named by it, so a rule changed here never takes one kept under another."""
 _PACK_LEVEL = 1
@@ -59,13 +59,13 @@ def unpack_rootfs(
     made: Callable[[Path], None] | None = None,
     from_tar: Path | None = None,
 ) -> Path:
-    """The base's filesystem under ``into/<manifest hex>``, unpacked once and kept.
+    """The base's filesystem under ``into/<tree_name>``, unpacked once and kept.
 
     Each use touches the tree's time (what ``cache.forget_idle_trees`` goes by); ``made``
     is called with ``into`` after an unpack. ``from_tar``: the tree as ``pack_rootfs``
     kept it, unpacked instead of the base's layers.
     """
-    root = into / digest_hex(base.manifest_digest)
+    root = into / tree_name(base)
     if root.is_dir():
         mark_used(root)
         return root
@@ -97,6 +97,14 @@ def unpack_rootfs(
     if made is not None:
         made(into)
     return root
+
+
+def tree_name(base: BaseImage) -> str:
+    """The name of ``base``'s unpacked tree: its manifest digest's hex and ``TREE_FORMAT``.
+
+    A tree unpacked by other rules is then never taken, nor kept for other runners.
+    """
+    return f"{digest_hex(base.manifest_digest)}-{TREE_FORMAT}"
 
 
 def _inflated(tar: Path, aside: Path) -> Path:
@@ -272,6 +280,13 @@ def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree) ->
         _write_file(tar, member, target)
 
 
+_STARTUP_MODULES = frozenset(
+    f"{name}.py"
+    for name in ("os", "stat", "posixpath", "genericpath", "_collections_abc", "io", "abc")
+) | {"codecs.py", "linecache.py"}
+"""The standard library's top-level modules an interpreter reads to start without ``site``
+(3.8-3.10 read these; 3.11 and 3.12 have them frozen; 3.13 reads ``linecache``): the others
+were half of a tree's files, for a compile that imports built-in modules alone."""
 _LIB_DIRS = frozenset({"lib", "lib32", "lib64", "libx32"})
 _BIN_DIRS = frozenset({("bin",), ("usr", "bin"), ("usr", "local", "bin")})
 _STDLIB = re.compile(r"python\d+\.\d+")
@@ -291,9 +306,13 @@ def _wanted(parts: tuple[str, ...]) -> bool:
         if len(rest) <= 1:
             return True  # the directory itself, a link to it, or a file right in it
         if _STDLIB.fullmatch(rest[0]):
-            # Its top-level modules and directories (``lib-dynload``, where Python looks for
-            # its extension modules, is one), and the package every start imports.
-            return len(rest) == 2 or rest[1] == "encodings"
+            # Its top-level directories (``lib-dynload``, where Python looks for its extension
+            # modules, is one), the modules a start imports (``os.py`` is also how Python
+            # finds its prefix), and the encodings package every start imports.
+            if len(rest) == 2:
+                name = rest[1].removeprefix(_WHITEOUT)
+                return not name.endswith(".py") or name in _STARTUP_MODULES
+            return rest[1] == "encodings"
         return "-linux-" in rest[0] and len(rest) == 2  # the multiarch directory's files
     if parts in _BIN_DIRS or parts in {("usr",), ("usr", "local")}:
         return True  # the directories (or merged-/usr links) themselves

@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING
 
 from imagebuild.cache import CacheLayout, rootfs_home
 from imagebuild.debian.elf import read_elf
-from imagebuild.digest import digest_hex
-from imagebuild.image.rootfs import TREE_FORMAT, pack_rootfs
+from imagebuild.image.rootfs import TREE_FORMAT, pack_rootfs, tree_name
 from imagebuild.install.native import PROBE_RECORD, library_dirs, resolve_in
 from imagebuild.pipeline.bases import facts_json, known_facts, remember_facts
 
@@ -73,7 +72,7 @@ def keep_base(base: BaseImage, facts: BaseFacts, cache: Path, remote: RemoteLaye
     """Keep the base's facts, and its Python's tree if it is unpacked here, for other runners."""
     if remote is None:
         return
-    name = digest_hex(base.manifest_digest)
+    name = tree_name(base)
     tree = rootfs_home(CacheLayout(cache).rootfs, name) / name
     data = json.dumps(facts_json(facts), sort_keys=True).encode()
 

@@ -168,14 +168,13 @@ def _native_run(
 ) -> BytecodeCompiler | None:
     """The base's own Python run here, under its own loader, when the CPUs match."""
     from imagebuild.cache import forget_idle_trees, rootfs_home
-    from imagebuild.digest import digest_hex
-    from imagebuild.image.rootfs import unpack_rootfs
+    from imagebuild.image.rootfs import tree_name, unpack_rootfs
     from imagebuild.install.native import host_arch, native_compiler
 
     arch = str(base.config.get("architecture", ""))
     if choice.rootfs is None or host_arch() != arch:
         return None
-    name = digest_hex(base.manifest_digest)
+    name = tree_name(base)
     home = rootfs_home(choice.rootfs, name)
     identity = _image_identity(base, facts)
     kept = choice.kept_tree() if choice.kept_tree and not (home / name).is_dir() else None
