@@ -26,7 +26,10 @@ a lock of 173 packages). Both tools build the same copy of each project on the s
 6. the CI scenario: a runner with empty local caches whose registry holds an earlier run's
    cache (imgbuild: ``--cache-to``/``--cache-from``; the anchor: BuildKit's inline cache,
    ``BUILDKIT_INLINE_CACHE=1`` and ``--cache-from``), after the same one-line change: time,
-   and the layers (and bytes) that are new to the registry;
+   and the layers (and bytes) that are new to the registry; then the same run as a CI
+   pipeline that publishes its image has it: the image pushed to the repository that
+   holds the earlier run's (imgbuild: ``--push`` alone; the anchor: ``docker build``,
+   then ``docker push``), timed to the end of the push;
 7. one locked dependency bumped (``uv lock --upgrade-package``) and one added: how many
    layers change, and their bytes.
 
@@ -48,8 +51,10 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import httpx
 
 REPO = Path(__file__).resolve().parent.parent
 INFRA_ENV = Path("/run/imgbuild-infra/env")
@@ -196,6 +201,7 @@ class Result:
     warm: Build  # rebuild after the one-line change, caches from cold[1]
     repushed: tuple[Layer, ...]  # layers of `warm` that `cold[1]` does not have
     ci: Change  # the one-line change again, on a runner with empty caches, registry cache
+    published: Build  # that CI run again, its image pushed (build and push, timed together)
     bump: Change  # one locked dependency moved to its newest version
     add: Change  # one dependency added
     notes: tuple[str, ...] = ()
@@ -313,10 +319,11 @@ class Imgbuild:
         extra: Sequence[str] = (),
         served: bool = False,
         server: Path | None = None,
+        pushed: str | None = None,
     ) -> Build:
         """``cold``: a new, empty cache (kept for the builds after it). ``served``: through
         the resident server (``served``); ``server``: its cgroup, whose memory is then the
-        build's."""
+        build's. ``pushed``: the image is only pushed there (``--push``), no layout written."""
         self.runs += 1
         if cold or self.cache is None:
             self.cache = self.workdir / f"imgbuild-cache-{self.runs}"
@@ -325,10 +332,11 @@ class Imgbuild:
         # The project's wheel is built through `build` with uv installing hatchling: keep that
         # cache next to imgbuild's, so a cold build really starts from nothing.
         env = {**self.env, "UV_CACHE_DIR": str(self.cache / "uv"), **self.server_env(served)}
+        output = ["--output", f"oci:{out}"] if pushed is None else ["--push", "--tag", pushed]
         cmd = [
             str(REPO / ".venv/bin/imgbuild"), "build", str(project),
             "--base", "debian-slim", "--python", "3.11", "--locked",
-            "--cache-dir", str(self.cache), "--output", f"oci:{out}", *extra,
+            "--cache-dir", str(self.cache), *output, *extra,
         ]  # fmt: skip
         cgroup = MEMORY_CGROUPS / f"imgbuild-bench-{os.getpid()}-{self.runs}"
         try:
@@ -353,7 +361,8 @@ class Imgbuild:
             reset_peak(cgroup)
             cgroup.rmdir()
         digest = stdout.strip().splitlines()[-1].removeprefix("digest: ")
-        return Build(seconds, digest, self.layers(out, digest), memory, resident)
+        layers = self.layers(out, digest) if pushed is None else pushed_layers(pushed, digest)
+        return Build(seconds, digest, layers, memory, resident)
 
     def server_env(self, served: bool) -> dict[str, str]:
         """What sends builds to the resident server (its directory in the work directory)."""
@@ -496,6 +505,15 @@ class Anchor:
         run([*self.docker, "push", ref], env=self.env)
         self.tags.append(ref)
 
+    def build_and_push(self, project: Path, ref: str, extra: Sequence[str]) -> Build:
+        """A build, then its image pushed as ``ref``: the time is the two together."""
+        built = self.build(project, cold=False, extra=extra)
+        start = time.perf_counter()
+        self.push(self.last_tag, ref)
+        seconds = built.seconds + time.perf_counter() - start
+        self.forget(ref)  # (the tag held the base in the engine: the notes would count it)
+        return replace(built, seconds=seconds)
+
     def forget(self, ref: str) -> None:
         """Drop ``ref`` from the engine (a CI runner starts without it)."""
         if self._exists(ref):
@@ -553,6 +571,8 @@ def measure(tool: Imgbuild | Anchor, spec: Project, workdir: Path, name: str) ->
         print(f"  {name}: warm rebuild through the server {served.seconds:.2f}s", file=sys.stderr)
     ci = ci_run(tool, project, ci_args)
     print(f"  {name}: CI run with the registry cache {ci.seconds:.1f}s", file=sys.stderr)
+    published = publish_run(tool, project, ci_args)
+    print(f"  {name}: the CI run, publishing {published.seconds:.1f}s", file=sys.stderr)
     relock(project, "--upgrade-package", spec.bump[0])
     bumped = tool.build(project, cold=False)
     add_dependency(project, spec.add)
@@ -571,6 +591,7 @@ def measure(tool: Imgbuild | Anchor, spec: Project, workdir: Path, name: str) ->
         warm,
         new_layers(warm, cold[1]),
         Change(ci, new_layers(ci, seeded)),
+        published,
         Change(bumped, new_layers(bumped, ci)),
         Change(added, new_layers(added, bumped)),
         tuple(notes),
@@ -609,7 +630,9 @@ def seed_registry_cache(
     ref = f"{REGISTRY_CACHE.format(registry=tool.env['IMGBUILD_TEST_REGISTRY'])}-{name}"
     ref += f"-{os.getpid()}"
     if isinstance(tool, Imgbuild):
+        # The earlier run also published its image there, as the anchor's does.
         seeded = tool.build(project, cold=False, extra=["--cache-to", ref])
+        tool.build(project, cold=False, extra=["--cache-to", ref], pushed=f"{ref}:seed")
         return seeded, ["--cache-from", ref]
     inline = ["--build-arg", "BUILDKIT_INLINE_CACHE=1"]
     seeded = tool.build(project, cold=False, extra=inline)
@@ -617,13 +640,49 @@ def seed_registry_cache(
     return seeded, ["--cache-from", f"{ref}:seed", *inline]
 
 
-def ci_run(tool: Imgbuild | Anchor, project: Path, ci_args: list[str]) -> Build:
-    """A runner with empty local caches and the registry cache of an earlier run."""
+def ci_run(
+    tool: Imgbuild | Anchor, project: Path, ci_args: list[str], *, publish: str | None = None
+) -> Build:
+    """A runner with empty local caches and the registry cache of an earlier run.
+
+    ``publish``: the image is pushed there too (the repository the earlier run's is in).
+    """
     if isinstance(tool, Imgbuild):
-        return tool.build(project, cold=True, extra=ci_args)
+        return tool.build(project, cold=True, extra=ci_args, pushed=publish)
     tool.make_cold()
     tool.forget(ci_args[1])
+    if publish is not None:
+        return tool.build_and_push(project, publish, ci_args)
     return tool.build(project, cold=False, extra=ci_args)
+
+
+def publish_run(tool: Imgbuild | Anchor, project: Path, ci_args: list[str]) -> Build:
+    """The CI run again, its image pushed to the repository the earlier run's is in.
+
+    The builds after it go on from the CI run's caches (imgbuild's publishing runner holds
+    none of the layers it mounted).
+    """
+    ref = f"{ci_args[1].removesuffix(':seed')}:ci"
+    if not isinstance(tool, Imgbuild):
+        return ci_run(tool, project, ci_args, publish=ref)
+    kept = tool.cache
+    try:
+        return ci_run(tool, project, ci_args, publish=ref)
+    finally:
+        tool.cache = kept
+
+
+def pushed_layers(ref: str, digest: str) -> tuple[Layer, ...]:
+    """The layers of the manifest ``digest`` that ``ref``'s repository holds."""
+    name, _, _ = ref.rpartition(":")
+    registry, _, repository = name.partition("/")
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    with httpx.Client(timeout=60) as http:
+        answer = http.get(
+            f"http://{registry}/v2/{repository}/manifests/{digest}", headers={"Accept": accept}
+        )
+    answer.raise_for_status()
+    return tuple(Layer(layer["digest"], layer["size"]) for layer in answer.json()["layers"])
 
 
 def human(n: float) -> str:
@@ -731,6 +790,12 @@ def report(ours: Result, anchor: Result) -> str:
             ratio(ours.ci.build.seconds, anchor.ci.build.seconds),
         ),
         change_row("CI run: new layers, bytes", ours.ci, anchor.ci),
+        (
+            "  the CI run, publishing (build and push), s",
+            f"{ours.published.seconds:.2f}",
+            f"{anchor.published.seconds:.2f}",
+            ratio(ours.published.seconds, anchor.published.seconds),
+        ),
         change_row("1 dependency bumped: new layers", ours.bump, anchor.bump),
         change_row("1 dependency added: new layers", ours.add, anchor.add),
         *memory_rows(ours, anchor, "resident", "peak resident memory"),
