@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import zipfile
 from importlib.util import cache_from_source
@@ -22,6 +23,7 @@ from uv import find_uv_bin
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel, find_uv
 from imagebuild.build.runner import seed_standard_bytecode
+from imagebuild.build.stdlib_pycs import link_all
 from imagebuild.errors import BuildError
 from tests.fixtures.index_server import LocalIndex
 
@@ -274,7 +276,7 @@ def test_processes_started_at_background_priority_run_nicer_and_the_rest_does_no
 
 def test_the_standard_librarys_bytecode_is_linked_for_the_hooks(tmp_path: Path) -> None:
     env = tmp_path / "env"
-    seed_standard_bytecode(env)
+    seed_standard_bytecode(env)()  # in a process of its own, waited for
     prefix = env / ".pycache" / str(Path(json.__file__).parent).lstrip("/")
     names = sorted(p.name for p in prefix.iterdir())
     assert "__init__.cpython-311.pyc" in names and "decoder.cpython-311.pyc" in names
@@ -292,7 +294,7 @@ def test_the_standard_librarys_bytecode_is_linked_for_the_hooks(tmp_path: Path) 
     blocked = tmp_path / "blocked"
     blocked.mkdir()
     (blocked / ".pycache").write_text("")
-    seed_standard_bytecode(blocked)
+    seed_standard_bytecode(blocked)()
     assert (blocked / ".pycache").is_file()
 
 
@@ -307,9 +309,11 @@ def test_where_no_hard_link_can_be_made_the_standard_bytecode_is_linked_symbolic
         tried.append(source)
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr("imagebuild.build.runner.os.link", cross_device)
+    monkeypatch.setattr("imagebuild.build.stdlib_pycs.os.link", cross_device)
     env = tmp_path / "env"
-    seed_standard_bytecode(env)
+    # (in this process, where the refusal is staged: the script seed_standard_bytecode runs)
+    paths = sysconfig.get_paths()
+    link_all(str(env / ".pycache"), ".cpython-311.pyc", [paths["stdlib"], paths["platstdlib"]])
     assert len(tried) == 1  # one refusal, then symbolic links only
     pyc = env / ".pycache" / str(Path(json.__file__).parent).lstrip("/") / "decoder.cpython-311.pyc"
     assert pyc.is_symlink() and pyc.samefile(cache_from_source(json.decoder.__file__))

@@ -199,9 +199,12 @@ class BuildEnvironments:
             staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=home))
             try:
                 self._venv(staging, uv)
-                if self.shared is None or not self.shared.fetch(key, staging, env_dir):
-                    self._install_requires(staging, requires, uv)
-                seed_standard_bytecode(staging)
+                seeded = seed_standard_bytecode(staging)  # in its own process, meanwhile
+                try:
+                    if self.shared is None or not self.shared.fetch(key, staging, env_dir):
+                        self._install_requires(staging, requires, uv)
+                finally:
+                    seeded()
                 (staging / READY_MARKER).write_text("")
                 shutil.rmtree(env_dir, ignore_errors=True)
                 staging.rename(env_dir)
@@ -221,8 +224,11 @@ class BuildEnvironments:
 
     def _create(self, env: Path, requires: set[str], uv: str | None) -> None:
         self._venv(env, uv)
-        self._install_requires(env, requires, uv)
-        seed_standard_bytecode(env)
+        seeded = seed_standard_bytecode(env)
+        try:
+            self._install_requires(env, requires, uv)
+        finally:
+            seeded()
 
     @staticmethod
     def _venv(env: Path, uv: str | None) -> None:

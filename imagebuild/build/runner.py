@@ -7,16 +7,16 @@ runner does the same). ``hook_runner`` gives pypa/build a runner of that kind.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
 import sysconfig
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from imagebuild.build import stdlib_pycs
 from imagebuild.build.resident import NotServed, run_resident
 
 
@@ -143,7 +143,8 @@ def hook_runner(
 
 BYTECODE_DIR = ".pycache"
 """Where a build environment's hooks write bytecode: ``PYTHONPYCACHEPREFIX``."""
-_SKIPPED_STDLIB = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib"})
+SEED_SECONDS = 60
+"""How long linking the standard library's pycs may take before it is given up."""
 
 
 def bytecode_prefix(env: Path) -> Path:
@@ -151,53 +152,31 @@ def bytecode_prefix(env: Path) -> Path:
     return env / BYTECODE_DIR
 
 
-def seed_standard_bytecode(env: Path) -> None:
-    """Link the standard library's own pycs under ``env``'s bytecode prefix.
+def seed_standard_bytecode(env: Path) -> Callable[[], None]:
+    """Start linking the standard library's pycs for ``env``; what waits for it to end.
 
-    With a prefix set, Python looks for every module's pyc under it only, the standard
-    library's too: a new environment's first hook compiled the 80 standard modules
-    hatchling imports (0.23 s of a FastAPI wheel's 0.38 s). The environment's interpreter
-    is this one's (a venv of it), so its standard library's ``__pycache__`` serves. A hard
-    link costs 15 microseconds on ext4 (a symbolic link, a new inode, 250); where none can
-    be made (an environment in memory, another filesystem, a protected owner's files), a
-    symbolic link is made instead, cheap on the memory filesystem. Python replaces a stale
-    pyc by renaming a new file over the link, never writing into it. Where neither can be
-    made, none is: the hooks then compile as before.
+    The links go under ``env``'s bytecode prefix (``build.stdlib_pycs``), made by a
+    process of its own. The caller goes on meanwhile (a kept environment is fetched and
+    unpacked). A process that cannot start, fails or takes over ``SEED_SECONDS`` leaves the
+    links it made: the hooks compile what is missing.
     """
-    tag = f".{sys.implementation.cache_tag}.pyc"
-    prefix = bytecode_prefix(env)
     paths = sysconfig.get_paths()
-    hard = True
-    for stdlib in sorted({paths["stdlib"], paths["platstdlib"]}):
-        for directory, children, files in os.walk(stdlib):
-            children[:] = sorted(c for c in children if c not in _SKIPPED_STDLIB)
-            if os.path.basename(directory) != "__pycache__":
-                continue
-            target = prefix / os.path.dirname(directory).lstrip(os.sep)
-            try:
-                target.mkdir(parents=True, exist_ok=True)
-                for name in files:
-                    if name.endswith(tag) and ".opt-" not in name:
-                        hard = _link(os.path.join(directory, name), target / name, hard=hard)
-            except OSError:
-                return
+    command = [
+        sys.executable, "-I", "-S", stdlib_pycs.__file__, str(bytecode_prefix(env)),
+        f".{sys.implementation.cache_tag}.pyc", paths["stdlib"], paths["platstdlib"],
+    ]  # fmt: skip
+    try:
+        process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError:
+        return lambda: None
 
-
-def _link(source: str, dest: Path, *, hard: bool) -> bool:
-    """Link ``dest`` to ``source``, hard when ``hard`` and possible, else symbolically.
-
-    Whether the next link may be tried hard: after one fails, the rest would too (one
-    failed call, not one per file). A symbolic link that cannot be made raises.
-    """
-    if hard:
+    def wait() -> None:
         try:
-            os.link(source, dest)
-        except FileExistsError:
-            return True
-        except OSError:
-            pass
-        else:
-            return True
-    with contextlib.suppress(FileExistsError):
-        os.symlink(source, dest)
-    return False
+            process.wait(timeout=SEED_SECONDS)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    return wait

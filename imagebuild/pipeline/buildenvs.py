@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from isal import igzip
 
-from imagebuild.build.runner import BYTECODE_DIR, bytecode_prefix
+from imagebuild.build.runner import bytecode_prefix
 from imagebuild.image import untar
 
 if TYPE_CHECKING:
@@ -67,8 +67,9 @@ class RegistryEnvironments:
             unpacked = Path(aside)
             if not _unpack(kept, unpacked):
                 return False  # make the environment instead
-            # (BYTECODE_DIR: only in tars kept before the standard library was linked instead)
-            for name in (*_SHARED, BYTECODE_DIR):
+            # (a tar kept before the standard library's pycs were linked holds them too, in
+            # .pycache: left out, as the environment links its own meanwhile)
+            for name in _SHARED:
                 if (unpacked / name).exists():
                     shutil.rmtree(env / name, ignore_errors=True)
                     (unpacked / name).rename(env / name)
