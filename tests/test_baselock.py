@@ -30,7 +30,8 @@ from imagebuild.digest import Digest
 from imagebuild.errors import LockError
 from imagebuild.lock.load import load_lock
 from imagebuild.lock.resolve import resolve
-from imagebuild.lock.writer import project_inputs, project_roots, render_pylock
+from imagebuild.lock.inputs import project_inputs, project_roots
+from imagebuild.lock.writer import render_pylock
 from imagebuild.project.spec import parse_project
 from imagebuild.target.platform import TargetPlatform
 from tests.test_resolve import FakeIndex

@@ -12,7 +12,7 @@ from packaging.version import Version
 
 from imagebuild.lock.model import LockInputs, RecordedLock
 from imagebuild.lock.staleness import staleness
-from imagebuild.lock.writer import environment_marker
+from imagebuild.lock.inputs import environment_marker
 from imagebuild.target.platform import TargetPlatform
 
 CASES = tomllib.loads((Path(__file__).parent / "cases" / "locker" / "staleness.toml").read_text())[

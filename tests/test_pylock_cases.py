@@ -18,7 +18,8 @@ import pytest
 from packaging.pylock import Pylock
 from packaging.requirements import Requirement
 
-from imagebuild.lock.writer import project_inputs, project_roots, render_pylock
+from imagebuild.lock.inputs import project_inputs, project_roots
+from imagebuild.lock.writer import render_pylock
 from imagebuild.project.spec import parse_project
 from imagebuild.lock.resolve import resolve
 from imagebuild.target.platform import TargetPlatform

@@ -12,7 +12,8 @@ group requested at once; the resolutions are then merged into one PEP 751 file:
 
 What ``--locked`` / ``lock --check`` compare is recorded under ``[tool.imgbuild]``: the
 project's requirements as written, requires-python, indexes, and the targets
-(``lock.pylock`` reads that record back; ``lock.staleness`` judges it).
+(``lock.inputs`` gathers them; ``lock.pylock`` reads that record back;
+``lock.staleness`` judges it).
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from packaging.version import Version
 
 from imagebuild.cache import write_atomic
 from imagebuild.index.model import IndexFile
+from imagebuild.lock.inputs import MAIN, environment_marker
 from imagebuild.lock.model import LockInputs, sort_targets
 from imagebuild.lock.pylock import INPUTS_VERSION
 from imagebuild.net.transfer import strip_credentials
-from imagebuild.project.sources import uv_direct_sources
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.platform import TargetPlatform
 
@@ -44,72 +45,6 @@ if TYPE_CHECKING:
     from imagebuild.lock.direct import DirectPackage
     from imagebuild.lock.resolve import Pin, Resolution
     from imagebuild.project.workspace import LocalPackage
-
-MAIN = ""  # origin of project.dependencies
-SOURCES = "sources"  # origin of [tool.uv.sources] git and archive entries (recorded only)
-
-
-def environment_marker(target: TargetPlatform) -> str:
-    """The PEP 751 ``environments`` marker for one target (libc is not expressible)."""
-    major, minor = target.python_version
-    return (
-        f"sys_platform == 'linux' and platform_machine == '{target.arch}' "
-        f"and python_version == '{major}.{minor}'"
-    )
-
-
-def project_roots(project: ProjectSpec) -> dict[str, tuple[Requirement, ...]]:
-    """Origin -> requirements: dependencies, then every extra and every group."""
-    roots: dict[str, tuple[Requirement, ...]] = {MAIN: tuple(project.dependencies)}
-    for extra, reqs in sorted(project.optional_dependencies.items()):
-        roots[f"extra:{extra}"] = tuple(reqs)
-    for group, reqs in sorted(project.dependency_groups.items()):
-        roots[f"group:{group}"] = tuple(reqs)
-    return roots
-
-
-def project_inputs(
-    project: ProjectSpec,
-    *,
-    indexes: Sequence[str],
-    prereleases: bool,
-    targets: Sequence[TargetPlatform],
-    local: Sequence[ProjectSpec] = (),
-) -> LockInputs:
-    """The inputs of a lock of ``project`` (and the local projects it uses) for ``targets``."""
-    requirements = [
-        (origin, tuple(sorted(_recorded(r) for r in reqs)))
-        for origin, reqs in project_roots(project).items()
-    ]
-    for spec in sorted(local, key=lambda p: p.name):
-        # A local project's own requirements are inputs too: editing them makes the lock stale.
-        reqs = [*spec.dependencies]
-        for extra, extra_reqs in sorted(spec.optional_dependencies.items()):
-            reqs += [
-                Requirement(f"{r}; extra == '{extra}'") if not r.marker else r for r in extra_reqs
-            ]
-        requirements.append((f"local:{spec.name}", tuple(sorted(str(r) for r in reqs))))
-    direct = uv_direct_sources(project)
-    if direct:
-        # Where git and archive sources point is an input too (never their credentials).
-        requirements.append((SOURCES, tuple(sorted(s.describe() for s in direct.values()))))
-    return LockInputs(
-        requires_python=str(project.requires_python) if project.requires_python else None,
-        requirements=tuple(requirements),
-        indexes=tuple(indexes),
-        prereleases=prereleases,
-        targets=sort_targets(targets),
-    )
-
-
-def _recorded(req: Requirement) -> str:
-    """A requirement as a lock records it: a direct URL without its credentials."""
-    if not req.url:
-        return str(req)
-    copy = Requirement(str(req))
-    copy.url = strip_credentials(req.url)
-    return str(copy)
-
 
 # -- rendering --------------------------------------------------------------------------
 

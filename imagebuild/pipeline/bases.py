@@ -16,8 +16,8 @@ from imagebuild.cache import CacheLayout, write_json
 from imagebuild.digest import Digest, digest_hex
 from imagebuild.errors import ProjectError
 from imagebuild.image.name import ImageReference
+from imagebuild.lock.inputs import project_inputs
 from imagebuild.lock.model import LockInputs
-from imagebuild.lock.writer import project_inputs
 from imagebuild.pipeline.published import pull_published
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec

@@ -34,10 +34,10 @@ from imagebuild.image.model import Image, ImageIndex
 from imagebuild.image.mutate import build_index
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore, PlainLayers
+from imagebuild.lock.inputs import project_roots
 from imagebuild.lock.load import find_lock, load_lock
 from imagebuild.lock.model import Lock
 from imagebuild.lock.staleness import check_locked, check_recorded
-from imagebuild.lock.writer import project_roots
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
 from imagebuild.pipeline.buildenvs import RegistryEnvironments

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -203,6 +203,9 @@ def _build_overlapped(
         answer = make_layer(tasks[0], in_worker=False)
         progress.made(answer.modules)
         return {answer.index: answer.layer}
+    # (imported here: its module imports multiprocessing's, which a code change never uses)
+    from concurrent.futures import ProcessPoolExecutor
+
     workers = min(len(tasks), (os.cpu_count() or 1) + 1)
     with ProcessPoolExecutor(max_workers=workers, mp_context=worker_context()) as pool:
         futures = [pool.submit(make_layer, task) for task in tasks]

@@ -15,11 +15,10 @@ its own inputs, so which worker makes it, and in what order, changes nothing.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import shutil
 from dataclasses import dataclass
-from multiprocessing.util import Finalize
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imagebuild.cache import write_json
 from imagebuild.image.model import Layer
@@ -35,6 +34,9 @@ from imagebuild.install.layers import (
     stage_venv,
 )
 from imagebuild.install.plan import LayerSpec
+
+if TYPE_CHECKING:
+    from multiprocessing.context import ForkServerContext
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,7 +73,7 @@ class LayerMade:
     """Sources compiled into it."""
 
 
-def worker_context() -> multiprocessing.context.ForkServerContext:
+def worker_context() -> ForkServerContext:
     """How workers start: forked from a server process, not from this one, nor spawned.
 
     The build's own threads (downloads, the project's wheel) may hold locks a child forked
@@ -80,6 +82,8 @@ def worker_context() -> multiprocessing.context.ForkServerContext:
     has them: a spawned worker imported them again, with the command line's modules (typer)
     as well, which cost a cold build about 0.2 s of CPU per worker.
     """
+    import multiprocessing  # (a code change's build makes its one layer here: no workers)
+
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     return context
@@ -181,5 +185,7 @@ def _compile_server(compiler: HostCompiler) -> CompileServer:
             _server.close()
         _server, _server_of = compiler.serve(), compiler.identity
         # Stopped when the process ends (a worker: its pool shut down).
+        from multiprocessing.util import Finalize
+
         Finalize(_server, _server.close, exitpriority=10)
     return _server

@@ -26,11 +26,12 @@ from imagebuild.errors import LockError, RegistryError
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.lock.direct import DirectPackage
+from imagebuild.lock.inputs import project_roots
 from imagebuild.lock.model import LockInputs, RecordedLock
 from imagebuild.lock.pylock import load_recorded
 from imagebuild.lock.resolve import Resolution, resolve
 from imagebuild.lock.staleness import check_recorded
-from imagebuild.lock.writer import project_roots, render_pylock, write_pylock
+from imagebuild.lock.writer import render_pylock, write_pylock
 from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs
 from imagebuild.pipeline.debbase import base_lock_problem, base_lock_table
