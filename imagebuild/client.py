@@ -48,6 +48,21 @@ class ServerUnavailable(Exception):
     """No server can be used here (the reason is the message)."""
 
 
+_serving: list[str] = []
+"""In a build a server forked: the server's directory (the list is empty elsewhere). Kept
+here, imported by every run, so a build asks it without importing the server's module."""
+
+
+def serving_in(where: str) -> None:
+    """In the server: the builds it forks run for ``where`` (``serving_home``)."""
+    _serving[:] = [where]
+
+
+def serving_home() -> str | None:
+    """The server's directory in a build it runs (resident hook processes live there)."""
+    return _serving[0] if _serving else None
+
+
 def wanted(environ: Mapping[str, str] = os.environ, streams: tuple[int, ...] = (0, 2)) -> bool:
     """Whether builds go through the server: as ``IMGBUILD_SERVER`` says, else by default.
 

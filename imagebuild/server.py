@@ -40,20 +40,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from imagebuild.build.resident import stop_residents
-from imagebuild.client import CONTROL_SECONDS, home, identity, send, socket_path
+from imagebuild.client import CONTROL_SECONDS, home, identity, send, serving_in, socket_path
 
 IDLE_SECONDS = 3 * 3600
 """As Gradle's daemon: a working day's pauses, not a machine's uptime."""
 _RECHECK_SECONDS = 60.0
 """How often an idle server checks whether the imgbuild it serves was changed or upgraded."""
-
-_serving: list[Path] = []
-"""In a build a server forked: the server's directory (the list is empty elsewhere)."""
-
-
-def serving_home() -> Path | None:
-    """The server's directory in a build it runs (resident hook processes live there)."""
-    return _serving[0] if _serving else None
 
 
 def serve(idle: float, run: Callable[[], int]) -> None:
@@ -65,7 +57,7 @@ def serve(idle: float, run: Callable[[], int]) -> None:
     """
     where = Path(home())
     ident = identity()
-    _serving[:] = [where]  # what the forked builds see; no build runs in the server itself
+    serving_in(str(where))  # what the forked builds see; no build runs in the server itself
     lock = open(where / f"server-{ident}.lock", "w")  # noqa: SIM115  # held for life
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, NoReturn
 
 import typer
 
+from imagebuild.client import serving_home
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.report import Reporter
-from imagebuild.server import serving_home
 
 if TYPE_CHECKING:
     import httpx
@@ -124,7 +124,7 @@ def ports(http: httpx.Client, registry: RegistryClient, reporter: Reporter) -> P
         host_python=find_host_python,
         reporter=reporter,
         layer_cache=layer_cache,
-        resident_hooks=serving_home(),
+        resident_hooks=Path(served) if (served := serving_home()) else None,
     )
 
 
