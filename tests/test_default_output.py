@@ -21,7 +21,14 @@ from imagebuild.image.mutate import build_image
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import build_layer
 from imagebuild.image.validate import validate_archive
-from imagebuild.pipeline.outputs import check_engine_answers, make_sinks, parse_outputs
+from imagebuild.image.name import ImageReference
+from imagebuild.pipeline.outputs import (
+    check_engine_answers,
+    fetched_from,
+    make_sinks,
+    parse_outputs,
+    pushed_only_to,
+)
 from imagebuild.sinks.daemon import DockerDaemon
 from imagebuild.sinks.engine import DockerSink
 from imagebuild.sinks.layout import DockerArchiveSink, OciLayoutSink
@@ -109,6 +116,21 @@ def test_file_outputs_never_ask_an_engine(tmp_path: Path) -> None:
     sinks = sinks_for([f"oci:{tmp_path / 'a'}", f"oci-archive:{tmp_path / 'b.tar'}"], engine)
     assert check_engine_answers(sinks, fallback=tmp_path) == sinks  # type: ignore[arg-type]
     assert engine.calls == 0
+
+
+def test_layers_stay_in_a_registry_only_when_every_output_pushes_there(tmp_path: Path) -> None:
+    """``--push`` alone: the layers of the registry it pushes to are mounted, not fetched;
+    another registry's are fetched (sent by the push), and any other output reads them all."""
+    engine = Engine(answers=True)
+    tags = [ImageReference.parse("registry.example/app:1")]
+    pushed = pushed_only_to(sinks_for(["registry"], engine), tags)
+    assert pushed == {"registry.example"}
+    assert not fetched_from("registry.example", pushed)
+    assert fetched_from("docker.io", pushed)
+    both = [*tags, ImageReference.parse("ghcr.io/org/app:1")]
+    assert fetched_from("registry.example", pushed_only_to(sinks_for(["registry"], engine), both))
+    layout = sinks_for(["registry", f"oci:{tmp_path / 'layout'}"], engine)
+    assert pushed_only_to(layout, tags) is None and fetched_from("registry.example", None)
 
 
 @pytest.fixture

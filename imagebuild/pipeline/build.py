@@ -42,7 +42,12 @@ from imagebuild.net.credentials import IndexCredentials
 from imagebuild.pipeline.bases import lock_inputs, pinned_reference
 from imagebuild.pipeline.buildenvs import RegistryEnvironments
 from imagebuild.pipeline.locate import locate_lock, project_settings, workspace_lock
-from imagebuild.pipeline.outputs import check_engine_answers, outputs_read_layers, write_order
+from imagebuild.pipeline.outputs import (
+    check_engine_answers,
+    fetched_from,
+    pushed_only_to,
+    write_order,
+)
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest, BuildResult, LockRequest
 from imagebuild.project.indexes import index_entries, lock_indexes
@@ -90,8 +95,8 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
     fallback = found.project.root / "dist" if request.default_output else None
     sinks = check_engine_answers(sinks, fallback=fallback, reporter=ports.reporter)
     ports.reporter.step(f"lock: {lock.path.name}")
-    read_layers = outputs_read_layers(sinks)
-    remote = _layer_cache(request, found.settings, ports, fetch_blobs=read_layers)
+    pushed = pushed_only_to(sinks, found.tags)
+    remote = _layer_cache(request, found.settings, ports, pushed=pushed)
     # Build backends come from the indexes the project locks from, never from elsewhere.
     envs = BuildEnvironments(
         root=cache.build_envs,
@@ -121,7 +126,7 @@ def run_build(request: BuildRequest, *, ports: Ports, sinks: Sequence[Sink]) -> 
             envs,
             project_wheel,
             remote,
-            read_layers=read_layers,
+            pushed=pushed,
         )
         images = [build_platform(build, platform) for platform in request.platforms]
         envs.share()  # with --cache-to: the backends' environments, for the next runner
@@ -144,11 +149,11 @@ def _platform_build(
     project_wheel: Future[Path],
     remote: RemoteLayers | None,
     *,
-    read_layers: bool,
+    pushed: frozenset[str] | None,
 ) -> PlatformBuild:
     """What every platform's image is made from; ``places``: the store, scratch and staging.
 
-    ``read_layers``: whether an output reads every layer's bytes.
+    ``pushed``: the registries every output pushes to (``outputs.pushed_only_to``).
     """
     from imagebuild.pipeline.local import LocalWheels
     from imagebuild.pipeline.platform import Compilers, PlatformBuild
@@ -178,7 +183,7 @@ def _platform_build(
         ),
         compilers=Compilers(),
         remote=remote,
-        outputs_read_layers=read_layers,
+        pushed_only_to=pushed,
     )
 
 
@@ -245,11 +250,16 @@ def _scratch(cache: CacheLayout) -> Iterator[tuple[Path, Path]]:
 
 
 def _layer_cache(
-    request: BuildRequest, settings: ImageSettings, ports: Ports, *, fetch_blobs: bool
+    request: BuildRequest,
+    settings: ImageSettings,
+    ports: Ports,
+    *,
+    pushed: frozenset[str] | None,
 ) -> RemoteLayers | None:
     """The registry layer cache the command line (else ``[tool.imgbuild]``) names, if any.
 
-    Not ``fetch_blobs``: the blobs of the layers it finds stay in the registry.
+    The blobs of the layers it finds stay in the registry when every output is a push
+    there (``pushed``, ``outputs.fetched_from``).
     """
     source = request.cache_from or settings.cache_from
     target = request.cache_to or settings.cache_to
@@ -257,11 +267,12 @@ def _layer_cache(
         return None
     if ports.layer_cache is None:
         raise ProjectError("--cache-from/--cache-to need a registry client, and none was given")
+    source_ref = _cache_ref(source, "--cache-from")
     return ports.layer_cache(
-        _cache_ref(source, "--cache-from"),
+        source_ref,
         _cache_ref(target, "--cache-to"),
         cache_dir=request.cache_dir,
-        fetch_blobs=fetch_blobs,
+        fetch_blobs=source_ref is None or fetched_from(source_ref.registry, pushed),
     )
 
 

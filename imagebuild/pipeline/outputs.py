@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from imagebuild.errors import DockerError, ProjectError
 
 if TYPE_CHECKING:
+    from imagebuild.image.name import ImageReference
     from imagebuild.report import Reporter
     from imagebuild.sinks.daemon import DockerDaemon
     from imagebuild.sinks.remote import RegistryClient
@@ -96,13 +97,26 @@ def make_sinks(
     return tuple(sinks)
 
 
-def outputs_read_layers(sinks: Sequence[Sink]) -> bool:
-    """Whether some output reads every layer's bytes: every kind but a registry push does.
+def pushed_only_to(sinks: Sequence[Sink], tags: Sequence[ImageReference]) -> frozenset[str] | None:
+    """The registries the image goes to, when every output is a push (``--push``).
 
-    A push mounts the layers its registry holds in another repository (the base's, the
-    registry cache's), and fetches only those it must send (``sinks.upload``).
+    None when some output reads every layer's bytes: every kind but a push does. A push
+    mounts the layers its registry holds in another repository (the base's, the registry
+    cache's), and fetches only those it must send (``sinks.upload``).
     """
-    return any(sink.kind != "registry" for sink in sinks)
+    if any(sink.kind != "registry" for sink in sinks):
+        return None
+    return frozenset(tag.registry for tag in tags)
+
+
+def fetched_from(registry: str, pushed: frozenset[str] | None) -> bool:
+    """Whether layers that live in ``registry`` are fetched for the outputs.
+
+    They are, unless every output is a push to that same registry (``pushed_only_to``):
+    a registry mounts only what it holds itself, and another one's layers are sent, so
+    they are pulled meanwhile rather than when the push needs them.
+    """
+    return pushed is None or pushed != {registry}
 
 
 def write_order(sinks: Sequence[Sink]) -> list[Sink]:

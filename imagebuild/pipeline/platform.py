@@ -42,6 +42,7 @@ from imagebuild.pipeline.config import (
 from imagebuild.pipeline.layers import LayerJob, RemoteLayers, build_layers, look_ahead
 from imagebuild.pipeline.links import LinkRecords, check_image_links, gather_link_records
 from imagebuild.pipeline.local import LocalWheels
+from imagebuild.pipeline.outputs import fetched_from
 from imagebuild.pipeline.ports import Ports
 from imagebuild.pipeline.requests import BuildRequest
 from imagebuild.pipeline.sbom import ready_renderer, sbom_document, sbom_file
@@ -98,9 +99,10 @@ class PlatformBuild:
     """Bytecode compilers by architecture."""
     remote: RemoteLayers | None = None
     """The registry layer cache, if the build names one."""
-    outputs_read_layers: bool = True
-    """Whether an output reads every layer's bytes (``outputs.outputs_read_layers``): else
-    the base's layers, and the layers the registry cache holds, are not fetched for it."""
+    pushed_only_to: frozenset[str] | None = None
+    """The registries every output pushes to (``outputs.pushed_only_to``; None: some
+    output reads every layer's bytes). The base's layers are fetched for the output unless
+    every push goes to the base's own registry, which mounts them."""
     staging: Path | None = None
     """Where layer trees are staged: a tree in memory (``cache.memory_scratch_root``), or
     None for ``work``."""
@@ -147,8 +149,10 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         remote=build.remote,
         cache_dir=request.cache_dir,
     )
-    if build.outputs_read_layers:
-        base_layers.start()  # the image's output reads them: they come meanwhile
+    pushed = build.pushed_only_to
+    base_for_output = fetched_from(build.base.pull.registry, pushed)
+    if base_for_output:
+        base_layers.start()  # the image's output reads or sends them: they come meanwhile
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-links") as checks:
         prepared = _prepare(build, arch, base_image, facts, base_layers, checks)
         venv, compiler, job = prepared.venv, prepared.compiler, prepared.job
@@ -159,7 +163,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
     top, sbom = _project_top(build, prepared, arch, base_image)
     upper = build_layers(top, venv, compiler, job)
     layers = [*lower.layers, *upper.layers]
-    if build.outputs_read_layers:
+    if base_for_output:
         base_layers.wait()
     if build.base.built is None:  # a pulled base: its facts and Python for other runners
         keep_base(base_image, facts, request.cache_dir, build.remote)
@@ -171,7 +175,7 @@ def build_platform(build: PlatformBuild, platform: str) -> PlatformImage:
         epoch=request.source_date_epoch,
         base_ref=build.base.reference,
         store=build.store,
-        blobs_in_store=build.outputs_read_layers,
+        blobs_in_store=pushed is None,
     )
     return PlatformImage(
         image=image,
