@@ -166,9 +166,9 @@ def build_image(
             f"{len(base.diff_ids)} diff_ids in its config"
         )
     all_layers = base_layers + tuple(layer.descriptor for layer in layers)
-    for desc in all_layers if blobs_in_store else ():
-        if not store.has(desc.digest):
-            raise ImageError(f"layer {desc.digest} is missing from the blob store {store.root}")
+    missing = [d for d in all_layers if not store.has(d.digest)] if blobs_in_store else []
+    if missing:
+        raise ImageError(f"layer {missing[0].digest} is missing from the blob store {store.root}")
 
     config_obj = build_config(base, layers, config=config, created=created, platform=platform)
     config_desc = store.put_bytes(canonical_json(config_obj), media_type=OCI_CONFIG)

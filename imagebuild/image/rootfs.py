@@ -281,9 +281,11 @@ def _apply_member(tar: tarfile.TarFile, member: tarfile.TarInfo, tree: _Tree) ->
 
 
 _STARTUP_MODULES = frozenset(
-    f"{name}.py"
-    for name in ("os", "stat", "posixpath", "genericpath", "_collections_abc", "io", "abc")
-) | {"codecs.py", "linecache.py"}
+    {
+        "os.py", "stat.py", "posixpath.py", "genericpath.py", "_collections_abc.py", "io.py",
+        "abc.py", "codecs.py", "linecache.py",
+    }
+)  # fmt: skip
 """The standard library's top-level modules an interpreter reads to start without ``site``
 (3.8-3.10 read these; 3.11 and 3.12 have them frozen; 3.13 reads ``linecache``): the others
 were half of a tree's files, for a compile that imports built-in modules alone."""

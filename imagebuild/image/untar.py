@@ -21,6 +21,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import BinaryIO
 
 from isal import isal_zlib
 
@@ -62,30 +63,37 @@ def plain_tar(blob: Path, out: Path) -> Path:
         if head != _GZIP_MAGIC:
             return blob
         whole = os.fstat(source.fileno()).st_size <= _WHOLE
-        inflater = isal_zlib.decompressobj(wbits=31)
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if whole:
-                data = head + source.read()
-                # (the trailer's size is only a hint: bounded, it cannot make a huge buffer)
-                size = int.from_bytes(data[-4:], "little") if len(data) >= 4 else 0
-                hint = max(min(size, _HINT_RATIO * len(data)), 1)
-                _write_all(fd, isal_zlib.decompress(data, wbits=31, bufsize=hint))
-                return out
-            pending = head
-            while chunk := pending + source.read(_PIECE):
-                pending = b""
-                while chunk:
-                    _write_all(fd, inflater.decompress(chunk, _PIECE))
-                    chunk = inflater.unconsumed_tail
-            _write_all(fd, inflater.flush())
+                _inflate_whole(head + source.read(), fd)
+            else:
+                _inflate_in_pieces(head, source, fd)
         except isal_zlib.error as exc:  # type: ignore[misc]  # (isal types it loosely)
             raise ValueError(str(exc)) from exc
         finally:
             os.close(fd)
+    return out
+
+
+def _inflate_whole(data: bytes, fd: int) -> None:
+    # (the trailer's size is only a hint: bounded, it cannot make a huge buffer)
+    size = int.from_bytes(data[-4:], "little") if len(data) >= 4 else 0
+    hint = max(min(size, _HINT_RATIO * len(data)), 1)
+    _write_all(fd, isal_zlib.decompress(data, wbits=31, bufsize=hint))
+
+
+def _inflate_in_pieces(head: bytes, source: BinaryIO, fd: int) -> None:
+    inflater = isal_zlib.decompressobj(wbits=31)
+    chunk = head
+    while chunk:
+        while chunk:
+            _write_all(fd, inflater.decompress(chunk, _PIECE))
+            chunk = inflater.unconsumed_tail
+        chunk = source.read(_PIECE)
+    _write_all(fd, inflater.flush())
     if not inflater.eof:
         raise ValueError("the gzip stream ends early")
-    return out
 
 
 def _write_all(fd: int, data: bytes) -> None:
