@@ -425,6 +425,32 @@ def test_a_declined_or_refused_mount_uploads_the_blob(
     _holds(fake, image, "acme/three")
 
 
+def test_a_blob_the_repository_is_known_to_hold_is_not_asked_for(
+    fake: FakeRegistry, client: RegistryClient, tmp_path: Path
+) -> None:
+    image = layered_image(BlobStore(tmp_path / "s"), tmp_path, "known", [10, 20, 30])
+    ref = ImageReference.parse(f"{fake.host}/acme/app:v1")
+    client.push_image(image, ref)
+    # A run that found the layers listed there (a registry cache) pushes its image there:
+    # no HEAD for them, nothing sent again; the config and manifest still go.
+    with retrying_client(httpx.HTTPTransport()) as http:
+        fresh = RegistryClient(http)
+        for layer in image.layers:
+            fresh.note_blob(ref, layer.digest)
+        fake.seen.clear()
+        assert fresh.push_image(image, ImageReference.parse(f"{fake.host}/acme/app:v2"))
+        asked = [r.path.rsplit("/", 1)[1] for r, _ in fake.requests("HEAD")]
+        assert asked == [image.config.digest]
+        assert fake.requests("POST") == []
+        assert fake.manifests[("acme/app", "v2")] == image.manifest_bytes
+        # Known in another repository only: asked for there, then mounted.
+        fake.seen.clear()
+        fresh.push_image(image, ImageReference.parse(f"{fake.host}/acme/other:v1"))
+    asked = sorted(r.path.rsplit("/", 1)[1] for r, _ in fake.requests("HEAD"))
+    assert asked == sorted(d.digest for d in (image.config, *image.layers))
+    _holds(fake, image, "acme/other")
+
+
 # ---------------------------------------------------------------------------------------------
 # Several at once
 

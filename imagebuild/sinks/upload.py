@@ -1,8 +1,9 @@
 """Blob uploads to one repository: skipped, mounted, sent whole or in chunks, a few at a time.
 
-Each blob is first asked for (HEAD); one the repository has is not sent. One known to live in
-another repository of the same registry (``BlobOrigins``: pulled from there, or pushed there
-earlier in the run) is mounted from it: ``POST …/blobs/uploads/?mount=<digest>&from=<repo>``
+Each blob is first asked for (HEAD), unless ``BlobOrigins`` already knows the repository
+holds it; one the repository has is not sent. One known to live in another repository of the
+same registry (``BlobOrigins``: pulled from there, or pushed there earlier in the run) is
+mounted from it: ``POST …/blobs/uploads/?mount=<digest>&from=<repo>``
 answers 201 when the registry linked it, or 202 with an upload session when it declined, which
 is then used as usual. A blob up to ``CHUNKED_THRESHOLD`` goes up in one PUT; a bigger one in
 ``PATCH`` chunks of ``CHUNK_SIZE`` (each with its ``Content-Range``, each to the ``Location``
@@ -124,6 +125,11 @@ class BlobOrigins:
         with self._lock:
             self._refused.add((ref.registry, ref.repository, source))
 
+    def holds(self, ref: ImageReference, digest: Digest) -> bool:
+        """Whether ``ref``'s repository is known to hold ``digest`` (``remember``)."""
+        with self._lock:
+            return (ref.registry, ref.repository) in self._seen.get(digest, ())
+
     def places(self, digest: Digest) -> list[tuple[str, str]]:
         """Every ``(registry, repository)`` known to hold ``digest``, the most recent first."""
         with self._lock:
@@ -213,9 +219,15 @@ class BlobUploader:
             raise
 
     def push(self, desc: Descriptor) -> None:
-        """Upload one blob unless the repository has it: mounted, whole, or in chunks."""
+        """Upload one blob unless the repository has it: mounted, whole, or in chunks.
+
+        A blob ``origins`` knows the repository holds (a manifest read there lists it, or
+        this run pushed it there) is not asked for again: a CI runner pushing to the
+        repository its registry cache lives in asked for each cached layer it had just
+        found there. Were one gone since, the manifest's PUT fails and nothing is tagged.
+        """
         self._check()
-        if self.exists(desc.digest):
+        if self._origins.holds(self._op.ref, desc.digest) or self.exists(desc.digest):
             self._origins.remember(self._op.ref, desc.digest)
             return
         path = self._store.path(desc.digest)
