@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import tomli
-from packaging.pylock import is_valid_pylock_path
 
 from imagebuild.errors import LockError
 from imagebuild.lock.model import PYLOCK, UV_LOCK, Lock
-from imagebuild.lock.pylock import parse_pylock
 from imagebuild.lock.uvlock import parse_uv_lock
 
 
@@ -40,9 +38,21 @@ def load_lock(path: Path) -> Lock:
         raise LockError(f"{path}: invalid TOML: {exc}") from exc
     if path.name == UV_LOCK or ("package" in data and "lock-version" not in data):
         return parse_uv_lock(data, path=path)
-    if is_valid_pylock_path(path) or "lock-version" in data:
+    if "lock-version" in data or _pylock_named(path):
+        # (imported here: a uv.lock, which most builds read, needs neither)
+        from imagebuild.lock.pylock import parse_pylock
+
         return parse_pylock(data, path=path)
     raise LockError(
         f"{path}: not a lock file imgbuild knows",
         hint="use uv.lock or pylock.toml (PEP 751)",
     )
+
+
+def _pylock_named(path: Path) -> bool:
+    """Whether ``path`` is named as PEP 751 names locks (``pylock[.name].toml``)."""
+    if not path.name.startswith("pylock."):
+        return False  # every name the spec allows starts so: packaging's check not needed
+    from packaging.pylock import is_valid_pylock_path
+
+    return is_valid_pylock_path(path)

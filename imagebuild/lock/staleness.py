@@ -21,7 +21,6 @@ from packaging.version import InvalidVersion, Version
 
 from imagebuild.errors import LockError
 from imagebuild.lock.model import RELOCK_HINT, Lock, LockInputs, RecordedLock
-from imagebuild.lock.pylock import read_recorded
 from imagebuild.lock.uvinputs import set_difference, uv_difference
 from imagebuild.lock.uvworkspace import is_workspace_lock, uv_workspace_difference
 from imagebuild.net.transfer import strip_credentials
@@ -181,4 +180,6 @@ def check_pylock(path: Path, current: LockInputs) -> bool:
 
     A thin wrapper that reads ``path``: prefer ``check_recorded`` on a record read once.
     """
+    from imagebuild.lock.pylock import read_recorded  # (only for a pylock.toml)
+
     return check_recorded(read_recorded(path), current, filename=path.name)

@@ -28,7 +28,6 @@ build.
 
 from __future__ import annotations
 
-import email.utils
 import os
 import ssl
 import threading
@@ -266,6 +265,8 @@ def retry_after(response: httpx.Response, *, now: datetime | None = None) -> flo
         return None
     if value.isdigit():
         return float(value)
+    import email.utils  # (a date here is rare: not imported by every run)
+
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

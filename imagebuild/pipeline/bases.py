@@ -18,7 +18,6 @@ from imagebuild.errors import ProjectError
 from imagebuild.image.name import ImageReference
 from imagebuild.lock.inputs import project_inputs
 from imagebuild.lock.model import LockInputs
-from imagebuild.pipeline.published import pull_published
 from imagebuild.project.settings import ImageSettings
 from imagebuild.project.spec import ProjectSpec
 from imagebuild.target.base import BaseFacts, CatalogEntry, inspect_layers
@@ -139,6 +138,8 @@ def lock_targets(
     # The digest of what the tag names (an index, for a multi-platform base), once.
     body, _, digest = registry.fetch_manifest(ref)
     digests: dict[str, str] = {reference: ref.digest or digest}
+    from imagebuild.pipeline.published import pull_published  # (a base given by reference)
+
     # Only the platforms the base is published for (a one-platform base: a one-platform lock).
     pulled = pull_published(registry, ref, body=body, archs=archs, store=store, reporter=reporter)
     found = [

@@ -12,7 +12,6 @@ from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
 from imagebuild.build.secrets import SourcePolicy
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.lock.model import LockedPackage
-from imagebuild.pipeline.direct import git_package_wheel
 from imagebuild.report import Reporter
 
 
@@ -40,6 +39,9 @@ class LocalWheels:
     def get(self, pkg: LockedPackage) -> PlannedWheel:
         """The wheel of ``pkg`` (a local directory source), built the first time it is asked."""
         if pkg.name not in self._built and pkg.source.kind == "git":
+            # (imported here: git sources bring their fetching and metadata code along)
+            from imagebuild.pipeline.direct import git_package_wheel
+
             assert self.git_bucket is not None
             wheel = git_package_wheel(
                 pkg,

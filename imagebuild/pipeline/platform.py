@@ -13,7 +13,6 @@ from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments
 from imagebuild.build.runner import background_priority
-from imagebuild.build.sdist import build_sdist_wheel
 from imagebuild.cache import CacheLayout
 from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
@@ -438,6 +437,8 @@ def _dependencies(
 
 def _sdist_wheel(build: PlatformBuild, pkg: LockedPackage) -> PlannedWheel:
     """A wheel built from ``pkg``'s locked sdist (kept in the cache by the sdist's hash)."""
+    from imagebuild.build.sdist import build_sdist_wheel  # (only a lock with sdists)
+
     assert pkg.sdist is not None
     build.ports.reporter.step(f"build: {pkg.name} {pkg.version} from its sdist")
     path = build_sdist_wheel(

@@ -1,0 +1,48 @@
+"""What a build imports before its first step: only the code every build runs.
+
+Each ``imgbuild build`` starts a new interpreter (scripts and CI runners have no server), and
+the modules it imports are most of a code change's CPU on a CI runner. Code for what only
+some builds meet (git sources, sdists, a pylock.toml, a base published for several
+platforms, the lock writer's tomlkit) is imported where it is used.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+# What ``cli.build`` imports, then ``run_build`` on its way to the base and the layers.
+_BUILD_PATH = (
+    "imagebuild.cli",
+    "imagebuild.net.http",
+    "imagebuild.pipeline.build",
+    "imagebuild.pipeline.platform",
+    "imagebuild.pipeline.local",
+    "imagebuild.pipeline.layers",
+    "imagebuild.sinks.remote",
+    "imagebuild.sinks.layout",
+)
+
+_NOT_ON_IT = (
+    "imagebuild.pipeline.direct",
+    "imagebuild.build.git",
+    "imagebuild.build.direct",
+    "imagebuild.build.sdist",
+    "imagebuild.lock.pylock",
+    "imagebuild.pipeline.published",
+    "imagebuild.pipeline.lock",
+    "packaging.pylock",
+    "tomlkit",
+)
+
+
+def test_a_build_imports_no_code_for_sources_it_does_not_have() -> None:
+    report = "import importlib, sys\n"
+    report += "".join(f"importlib.import_module({name!r})\n" for name in _BUILD_PATH)
+    report += "print('\\n'.join(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", report], capture_output=True, text=True, check=True
+    )
+    imported = set(done.stdout.split())
+    assert set(_BUILD_PATH) <= imported  # (the probe ran)
+    assert imported.isdisjoint(_NOT_ON_IT), sorted(imported & set(_NOT_ON_IT))
