@@ -15,13 +15,14 @@ import time
 from pathlib import Path, PurePosixPath
 
 import pytest
+import zstandard
 
 from imagebuild import cache
 from imagebuild.digest import Digest
-from imagebuild.image.descriptor import OCI_LAYER_TAR
-from imagebuild.image.model import BaseImage
 from imagebuild.errors import ImageError
 from imagebuild.image import untar
+from imagebuild.image.descriptor import OCI_LAYER_TAR
+from imagebuild.image.model import BaseImage
 from imagebuild.image.rootfs import pack_rootfs, unpack_rootfs
 from imagebuild.image.store import BlobStore
 from imagebuild.install.native import resolve_in
@@ -394,40 +395,59 @@ def test_a_tree_kept_as_its_own_tar_unpacks_as_the_layers_did(
     )
     from_layers = unpack_rootfs(base, store, tmp_path / "one")
     (from_layers / "usr/bin/python3.11").chmod(0o755)
-    kept = tmp_path / "tree.tar.gz"
+    kept = tmp_path / "tree.tar.zst"
     pack_rootfs(from_layers, kept)
+    # zstd, the plain tar's size in its frame (what lets it be decompressed in one call)
+    plain_size = zstandard.get_frame_parameters(kept.read_bytes()).content_size
+    assert plain_size == len(zstandard.ZstdDecompressor().decompress(kept.read_bytes()))
     from_tar = unpack_rootfs(base, store, tmp_path / "two", from_tar=kept)
     assert _listing(from_tar) == _listing(from_layers)
     copy = from_tar / "usr/lib/x86_64-linux-gnu/libc-2.36.so"
     assert copy.samefile(from_tar / "usr/lib/x86_64-linux-gnu/libc.so.6")  # a hard link again
     assert os.stat(from_tar / "usr/bin/python3.11").st_mode & 0o111
+    # A tree kept gzipped (before zstd) unpacks the same.
+    gzipped = tmp_path / "tree.tar.gz"
+    gzipped.write_bytes(gzip.compress(zstandard.ZstdDecompressor().decompress(kept.read_bytes())))
+    from_gzip = unpack_rootfs(base, store, tmp_path / "gz", from_tar=gzipped)
+    assert _listing(from_gzip) == _listing(from_layers)
     # One that does not unpack raises (the build then unpacks the base's layers), and
     # leaves no tree behind.
-    damaged = tmp_path / "damaged.tar.gz"
+    damaged = tmp_path / "damaged.tar.zst"
     damaged.write_bytes(kept.read_bytes()[: len(kept.read_bytes()) // 2])
     with pytest.raises(ImageError):
         unpack_rootfs(base, store, tmp_path / "three", from_tar=damaged)
     assert not [p for p in (tmp_path / "three").iterdir() if not p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("kind", ["zstd", "zstd-unsized", "gzip"])
 @pytest.mark.parametrize("whole", [True, False], ids=["in-one-call", "in-pieces"])
 def test_gnu_tar_refuses_a_name_leading_out_of_the_tree(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, whole: bool, kind: str
 ) -> None:
     """``image.untar``: a kept tar naming ``..`` is refused, and nothing lands outside. A
-    gzip is inflated in one call, or in pieces when it is large; a damaged one raises."""
+    zstd (``untar.compress``'s, or one that does not tell its size) or a gzip (as kept
+    before) is decompressed in one call, or in pieces when it is large or its size is not
+    told; a damaged one raises."""
     if not whole:
         monkeypatch.setattr(untar, "_WHOLE", 0)
         monkeypatch.setattr(untar, "_PIECE", 7)
-    hostile = tmp_path / "hostile.tar.gz"
-    with gzip.open(hostile, "wb") as stream, tarfile.open(fileobj=stream, mode="w|") as tar:
+    source = tmp_path / "hostile.tar"
+    with tarfile.open(source, mode="w") as tar:
         info = tarfile.TarInfo("../outside.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
+    hostile = tmp_path / f"hostile.{kind}"
+    if kind == "gzip":
+        hostile.write_bytes(gzip.compress(source.read_bytes()))
+    elif kind == "zstd":
+        untar.compress(source, hostile)
+    else:
+        with hostile.open("wb") as out, zstandard.ZstdCompressor().stream_writer(out) as z:
+            z.write(source.read_bytes())
     into = tmp_path / "deep" / "into"
     into.mkdir(parents=True)
     plain = untar.plain_tar(hostile, tmp_path / "plain.tar")
-    assert plain != hostile and plain.read_bytes() == gzip.decompress(hostile.read_bytes())
+    assert plain != hostile and plain.read_bytes() == source.read_bytes()
     assert untar.plain_tar(plain, tmp_path / "unused.tar") == plain  # plain already
     assert untar.extract(plain, into, seconds=30) is False
     assert not (tmp_path / "deep" / "outside.txt").exists()

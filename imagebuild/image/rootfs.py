@@ -43,10 +43,9 @@ from imagebuild.image.store import LayerFiles
 
 _WHITEOUT = ".wh."
 _OPAQUE = ".wh..wh..opq"
-TREE_FORMAT = 2
-"""What a tree holds (``_wanted``) and how ``pack_rootfs`` lays it out: a kept tree is
-named by it, so a rule changed here never takes one kept under another."""
-_PACK_LEVEL = 1
+TREE_FORMAT = 3
+"""What a tree holds (``_wanted``) and how ``pack_rootfs`` lays it out (3: zstd): a kept tree
+is named by it, so a rule changed here never takes one kept under another."""
 UNPACK_SECONDS = 300
 """How long GNU tar may take to unpack a kept tree before it is given up."""
 
@@ -116,23 +115,26 @@ def _inflated(tar: Path, aside: Path) -> Path:
 
 
 def pack_rootfs(root: Path, out: Path, *, leave: Callable[[Path], bool] | None = None) -> None:
-    """The tree at ``root`` (``unpack_rootfs``'s) as a gzip tar at ``out``, names in order.
+    """The tree at ``root`` (``unpack_rootfs``'s) as a zstd tar at ``out``, names in order.
 
     Directories, regular files (a second name of one as a hard link) and symbolic links,
     as they are, but for the paths ``leave`` names: ``unpack_rootfs(from_tar=out)`` makes
-    the same tree again, without those.
+    the same tree again, without those. The plain tar is written beside ``out`` first, so
+    the frame tells its size (``untar.compress``).
     """
-    with (
-        igzip.open(out, "wb", compresslevel=_PACK_LEVEL) as stream,  # type: ignore[no-untyped-call]
-        tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
-    ):
-        for directory, children, files in os.walk(root):
-            children.sort()
-            here = Path(directory)
-            for name in sorted([*children, *files]):
-                path = here / name
-                if leave is None or not leave(path):
-                    tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
+    plain = out.with_name(out.name + ".tar")
+    try:
+        with tarfile.open(plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for directory, children, files in os.walk(root):
+                children.sort()
+                here = Path(directory)
+                for name in sorted([*children, *files]):
+                    path = here / name
+                    if leave is None or not leave(path):
+                        tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
+        untar.compress(plain, out)
+    finally:
+        plain.unlink(missing_ok=True)
 
 
 class _Tree:

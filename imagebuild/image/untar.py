@@ -1,4 +1,4 @@
-"""Tars imgbuild kept itself, unpacked by the system's GNU tar in a process of its own.
+"""Tars imgbuild kept itself: zstd-compressed, unpacked by GNU tar in a process of its own.
 
 What a CI runner takes from a registry cache before its first build step (a build
 environment, a base's Python tree: hundreds of files) is unpacked while other threads of
@@ -12,6 +12,11 @@ refuse every link leading out or device files as ``tarfile``'s ``data`` filter d
 tars come from the registry cache the user named, whose programs a build then runs, so
 that filter bought no safety against it. Where GNU tar is not found (``gnu_tar``), callers
 unpack through ``tarfile`` as before.
+
+They are kept zstd-compressed (``compress``), the plain tar's size in the frame, so that
+``plain_tar`` decompresses one in a single call: a base's Python tree (12 MB) took 16 ms
+so, where inflating its gzip took 30 ms (and twice that beside a busy thread), and it is a
+tenth smaller. Tars kept gzipped before are read as well.
 """
 
 from __future__ import annotations
@@ -23,14 +28,18 @@ import subprocess
 from pathlib import Path
 from typing import BinaryIO
 
+import zstandard
 from isal import isal_zlib
 
 _GZIP_MAGIC = b"\x1f\x8b"
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _WHOLE = 64 << 20
-"""The most gzip inflated in one call (a base's Python tree is a tenth of it)."""
+"""The most gzip or zstd decompressed in one call (a base's Python tree is a tenth of it)."""
 _PIECE = 4 << 20
 """How much gzip is read, and at most how much is inflated, at a time."""
 _HINT_RATIO = 16
+_LEVEL = 3
+"""zstd's level for a kept tar: 4.4 MB for a 12 MB tree (level 1: 4.9 MB), 0.08 s to make."""
 
 
 @functools.cache
@@ -50,30 +59,59 @@ def gnu_tar() -> str | None:
 
 
 def plain_tar(blob: Path, out: Path) -> Path:
-    """``blob`` itself when it is a plain tar; else inflated from gzip into ``out``.
+    """``blob`` itself when it is a plain tar; else decompressed from zstd or gzip into ``out``.
 
-    Up to ``_WHOLE`` of gzip is inflated in one call, sized by the gzip trailer: read in
-    pieces, the inflating thread took the interpreter's lock back for each and waited for
-    it while other threads ran (a 6.5 MB tree took 0.33 s so beside a busy thread; in one
-    call, 0.09 s; 0.04 s alone). A larger one is inflated in pieces. Raises ``OSError``
-    or ``ValueError`` (a damaged gzip) when it does not inflate whole.
+    Up to ``_WHOLE`` is decompressed in one call, sized by the zstd frame or the gzip
+    trailer: read in pieces, the decompressing thread took the interpreter's lock back for
+    each and waited for it while other threads ran (a 6.5 MB tree took 0.33 s so beside a
+    busy thread; in one call, 0.09 s; 0.04 s alone). A larger one, or one whose size is not
+    told, is decompressed in pieces. Raises ``OSError`` or ``ValueError`` (damaged) when it
+    does not decompress whole.
     """
     with blob.open("rb") as source:
-        head = source.read(2)
-        if head != _GZIP_MAGIC:
+        head = source.read(len(_ZSTD_MAGIC))
+        zstd = head == _ZSTD_MAGIC
+        if not zstd and head[: len(_GZIP_MAGIC)] != _GZIP_MAGIC:
             return blob
         whole = os.fstat(source.fileno()).st_size <= _WHOLE
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            if whole:
+            if zstd:
+                _unzstd(head, source, fd, whole=whole)
+            elif whole:
                 _inflate_whole(head + source.read(), fd)
             else:
                 _inflate_in_pieces(head, source, fd)
-        except isal_zlib.error as exc:  # type: ignore[misc]  # (isal types it loosely)
+        except (isal_zlib.error, zstandard.ZstdError) as exc:  # type: ignore[misc]
             raise ValueError(str(exc)) from exc
         finally:
             os.close(fd)
     return out
+
+
+def compress(plain: Path, out: Path) -> None:
+    """The plain tar ``plain`` zstd-compressed into ``out``, its size told in the frame."""
+    size = plain.stat().st_size
+    with plain.open("rb") as source, out.open("wb") as sink:
+        zstandard.ZstdCompressor(level=_LEVEL).copy_stream(source, sink, size=size)
+
+
+def _unzstd(head: bytes, source: BinaryIO, fd: int, *, whole: bool) -> None:
+    if whole:
+        data = head + source.read()
+        size = zstandard.get_frame_parameters(data).content_size
+        # (the frame's size is only a hint: bounded, it cannot make a huge buffer)
+        if size <= _HINT_RATIO * len(data):
+            _write_all(fd, zstandard.ZstdDecompressor().decompress(data, max_output_size=size))
+            return
+        source.seek(len(head))  # told no size, or an unlikely one: in pieces
+    unzstd = zstandard.ZstdDecompressor().decompressobj()
+    chunk = head
+    while chunk:
+        _write_all(fd, unzstd.decompress(chunk))
+        chunk = source.read(_PIECE)
+    if not unzstd.eof:
+        raise ValueError("the zstd stream ends early")
 
 
 def _inflate_whole(data: bytes, fd: int) -> None:

@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from imagebuild.target.base import BaseFacts
 
 FACTS_TYPE = "application/vnd.imgbuild.base-facts.v1+json"
-TREE_TYPE = "application/vnd.imgbuild.base-python.v1.tar+gzip"
+TREE_TYPE = "application/vnd.imgbuild.base-python.v1.tar+zstd"
 _FORMAT = 1
 """Named in the keys: a runner never reads what was kept laid out otherwise."""
 

@@ -8,10 +8,11 @@ path the environment has where it is unpacked (a pyc is only taken for a source 
 same time and size: files keep their times). The standard library's bytecode is not
 kept: each machine links its own interpreter's there (``build.runner``).
 
-It is kept as a gzip tar under a key in the registry cache (``RemoteLayers.keep_file``);
-the venv itself (its interpreter link, ``pyvenv.cfg``) is always made on the machine that
-uses it. The key names the environment's own key (interpreter, installer, indexes,
-requirements) and the platform its packages were installed for.
+It is kept as a zstd tar (``image.untar``) under a key in the registry cache
+(``RemoteLayers.keep_file``); the venv itself (its interpreter link, ``pyvenv.cfg``) is
+always made on the machine that uses it. The key names the environment's own key
+(interpreter, installer, indexes, requirements) and the platform its packages were
+installed for.
 
 Unpacking refuses names that would leave the environment (GNU tar's rules, ``image.untar``;
 without GNU tar, ``tarfile``'s ``data`` filter, which refuses links leading out and device
@@ -33,22 +34,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from isal import igzip
-
 from imagebuild.build.runner import bytecode_prefix
 from imagebuild.image import untar
 
 if TYPE_CHECKING:
     from imagebuild.pipeline.layers import RemoteLayers
 
-MEDIA_TYPE = "application/vnd.imgbuild.build-env.v1.tar+gzip"
+MEDIA_TYPE = "application/vnd.imgbuild.build-env.v1.tar+zstd"
 _SHARED = ("lib", ".imgbuild-requires")
 """What of a venv is kept as it is: its packages and imgbuild's answers beside them."""
 _OWN_BYTECODE = ".imgbuild-own-bytecode"
 """In the tar: the bytecode of the environment's own files, by path inside it."""
-_LEVEL = 3
-_FORMAT = 2
-"""Named in the key: a runner never unpacks a tar laid out otherwise."""
+_FORMAT = 3
+"""Named in the key: a runner never unpacks a tar laid out otherwise (3: zstd)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -86,7 +84,7 @@ class RegistryEnvironments:
 
 _UNPACK = """
 import sys, tarfile
-with tarfile.open(sys.argv[1], "r:gz") as tar:
+with tarfile.open(sys.argv[1], "r:") as tar:
     tar.extractall(sys.argv[2], filter="data")
 """
 UNPACK_SECONDS = 300
@@ -94,26 +92,24 @@ UNPACK_SECONDS = 300
 
 
 def _unpack(kept: Path, into: Path) -> bool:
-    """Unpack the gzip tar ``kept`` into ``into``; False when it does not unpack whole.
+    """Unpack the kept tar ``kept`` (zstd, or gzip) into ``into``; False if not whole.
 
-    By GNU tar where there is one (``image.untar``), else by ``tarfile`` in a process of
-    its own: a CI runner unpacks it while its other threads pull, inflate and unpack the
-    base, and in a thread here its 350 files' system calls each waited for the GIL (0.7 s
-    for what takes 0.11 s alone).
+    It is decompressed here (``untar.plain_tar``), then unpacked by GNU tar where there is
+    one, else by ``tarfile`` in a process of its own: a CI runner unpacks it while its
+    other threads pull, inflate and unpack the base, and in a thread here its 350 files'
+    system calls each waited for the GIL (0.7 s for what takes 0.11 s alone).
     """
-    if untar.gnu_tar() is not None:
-        plain = into.with_name(into.name + ".tar")
-        try:
-            return untar.extract(untar.plain_tar(kept, plain), into, seconds=UNPACK_SECONDS)
-        except (OSError, ValueError):
-            return False
-        finally:
-            plain.unlink(missing_ok=True)
-    command = [sys.executable, "-I", "-S", "-c", _UNPACK, str(kept), str(into)]
+    plain = into.with_name(into.name + ".tar")
     try:
+        tar = untar.plain_tar(kept, plain)
+        if untar.gnu_tar() is not None:
+            return untar.extract(tar, into, seconds=UNPACK_SECONDS)
+        command = [sys.executable, "-I", "-S", "-c", _UNPACK, str(tar), str(into)]
         done = subprocess.run(command, capture_output=True, timeout=UNPACK_SECONDS, check=False)
-    except (OSError, subprocess.TimeoutExpired):
+    except (OSError, ValueError, subprocess.TimeoutExpired):
         return False
+    finally:
+        plain.unlink(missing_ok=True)
     return done.returncode == 0
 
 
@@ -131,16 +127,19 @@ def _relative(path: Path) -> Path:
 
 
 def _pack(env: Path, out: Path) -> None:
-    """What is kept of ``env``, as a gzip tar at ``out``, each tree in name order."""
+    """What is kept of ``env``, as a zstd tar at ``out``, each tree in name order."""
     bytecode = bytecode_prefix(env)
     trees = [(env / name, name) for name in _SHARED]
     trees.append((bytecode / _relative(env), _OWN_BYTECODE))
-    with (
-        igzip.open(out, "wb", compresslevel=_LEVEL) as stream,  # type: ignore[no-untyped-call]
-        tarfile.open(fileobj=stream, mode="w|", format=tarfile.PAX_FORMAT) as tar,
-    ):
-        for top, name in trees:
-            if not top.is_dir():
-                continue
-            for path in [top, *sorted(top.rglob("*"))]:
-                tar.add(path, arcname=str(Path(name) / path.relative_to(top)), recursive=False)
+    plain = out.with_name(out.name + ".tar")
+    try:
+        with tarfile.open(plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for top, name in trees:
+                if not top.is_dir():
+                    continue
+                for path in [top, *sorted(top.rglob("*"))]:
+                    arcname = str(Path(name) / path.relative_to(top))
+                    tar.add(path, arcname=arcname, recursive=False)
+        untar.compress(plain, out)
+    finally:
+        plain.unlink(missing_ok=True)
