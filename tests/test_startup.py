@@ -30,6 +30,8 @@ _NOT_ON_IT = (
     "imagebuild.build.sdist",
     "imagebuild.lock.pylock",
     "imagebuild.pipeline.published",
+    "imagebuild.debian.libdirs",
+    "imagebuild.install.scripts",
     "imagebuild.pipeline.lock",
     "packaging.pylock",
     "tomlkit",
@@ -46,3 +48,25 @@ def test_a_build_imports_no_code_for_sources_it_does_not_have() -> None:
     imported = set(done.stdout.split())
     assert set(_BUILD_PATH) <= imported  # (the probe ran)
     assert imported.isdisjoint(_NOT_ON_IT), sorted(imported & set(_NOT_ON_IT))
+
+
+def test_a_compile_server_started_by_the_build_process_stops_at_its_exit() -> None:
+    """A code change's build makes its one layer itself: its compile server is stopped by
+    ``atexit`` (which ``cli.main`` runs), without importing multiprocessing for it."""
+    script = (
+        "import atexit, os, sys\n"
+        "from pathlib import Path\n"
+        "from imagebuild.install.layers import HostCompiler\n"
+        "from imagebuild.pipeline import layerwork\n"
+        "server = layerwork._compile_server(HostCompiler(Path(sys.executable)))\n"
+        "print('multiprocessing' in sys.modules, server._proc.poll(), flush=True)\n"
+        "atexit._run_exitfuncs()\n"
+        "print(server._proc.poll(), flush=True)\n"
+        "os._exit(0)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    before, after = done.stdout.splitlines()
+    assert before == "False None"  # running, and multiprocessing not imported
+    assert after == "0"  # stopped at exit, its input closed

@@ -29,7 +29,6 @@ from typing import Any
 
 from imagebuild.cache import write_json
 from imagebuild.debian.elf import SMALLEST_ELF, parse_elf_info, read_elf_stream, render_elf_info
-from imagebuild.debian.libdirs import library_files
 from imagebuild.debian.model import ElfInfo
 from imagebuild.digest import Digest, digest_bytes, digest_file, digest_hex
 from imagebuild.errors import DebianError
@@ -187,6 +186,8 @@ def index_base(
     cached = _load_index(record)
     if cached is not None:
         return cached
+    from imagebuild.debian.libdirs import library_files  # (a base not indexed yet)
+
     providers = sorted(
         (
             Provider(

@@ -14,8 +14,10 @@ its own inputs, so which worker makes it, and in what order, changes nothing.
 
 from __future__ import annotations
 
+import atexit
 import json
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -184,8 +186,21 @@ def _compile_server(compiler: HostCompiler) -> CompileServer:
         if _server is not None:
             _server.close()
         _server, _server_of = compiler.serve(), compiler.identity
-        # Stopped when the process ends (a worker: its pool shut down).
+        _close_at_exit(_server)
+    return _server
+
+
+def _close_at_exit(server: CompileServer) -> None:
+    """Stop ``server`` when this process ends: a worker when its pool shuts down.
+
+    A layer worker runs no ``atexit`` handlers (multiprocessing ends it), so it registers
+    with multiprocessing's own finalizers; a build's process, which never imported
+    multiprocessing (a code change's build makes its one layer itself), does not import it
+    for this (7 ms before its last layer) and uses ``atexit``, which ``cli.main`` runs.
+    """
+    if "multiprocessing" in sys.modules:
         from multiprocessing.util import Finalize
 
-        Finalize(_server, _server.close, exitpriority=10)
-    return _server
+        Finalize(server, server.close, exitpriority=10)
+    else:
+        atexit.register(server.close)

@@ -20,7 +20,6 @@ from imagebuild.image.store import BlobStore, LayerFiles
 from imagebuild.install.fetch import WheelCache
 from imagebuild.install.layers import BytecodeCompiler, VenvLayout
 from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
-from imagebuild.install.scripts import scripts_of
 from imagebuild.lock.model import Lock, LockedPackage
 from imagebuild.lock.select import select_packages, sort_sources
 from imagebuild.pipeline.basecache import ArrivingLayers, keep_base, kept_tree
@@ -324,6 +323,8 @@ def _scripts(
     members: Sequence[PlannedWheel],
 ) -> Collection[str]:
     """The console scripts the image's wheels install (they are fetched to be read)."""
+    from imagebuild.install.scripts import scripts_of  # (not when the answer is kept)
+
     wheels.ensure(dependencies)
     return scripts_of([build.project_wheel.result(), *(w.path for w in (*dependencies, *members))])
 
