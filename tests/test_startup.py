@@ -50,6 +50,23 @@ def test_a_build_imports_no_code_for_sources_it_does_not_have() -> None:
     assert imported.isdisjoint(_NOT_ON_IT), sorted(imported & set(_NOT_ON_IT))
 
 
+def test_the_installer_is_imported_while_the_project_wheel_builds() -> None:
+    """``install_wheel``'s imports (12 ms) are not made at start (``imgbuild lock`` installs
+    nothing); ``ready_installer``, called while the project's backend runs, makes them."""
+    script = (
+        "import sys\n"
+        "import imagebuild.pipeline.platform\n"
+        "print('installer' in sys.modules)\n"
+        "from imagebuild.install.layers import ready_installer\n"
+        "ready_installer()\n"
+        "print(all(m in sys.modules for m in ('installer.destinations', 'installer.sources')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == ["False", "True"]
+
+
 def test_a_compile_server_started_by_the_build_process_stops_at_its_exit() -> None:
     """A code change's build makes its one layer itself: its compile server is stopped by
     ``atexit`` (which ``cli.main`` runs), without importing multiprocessing for it."""

@@ -296,6 +296,18 @@ def stage_venv(staging: Path, venv: VenvLayout) -> None:
     (root / "bin" / f"python{major}.{minor}").symlink_to("python")
 
 
+def ready_installer() -> None:
+    """Import what ``install_wheel`` uses now: installer, with its email and configparser.
+
+    12 ms of imports. For a build whose last layer waits for a wheel still building: made
+    while the backend runs, not once the wheel is there and the layer waits for them.
+    """
+    import installer.destinations  # noqa: F401
+    import installer.sources  # noqa: F401
+
+    import imagebuild.install.wheelcheck  # noqa: F401
+
+
 def install_wheel(wheel: Path, staging: Path, venv: VenvLayout) -> None:
     """Spread one wheel into ``staging`` with container paths (copy mode, no pycs)."""
     # Imported here: `imgbuild lock` loads this module through pipeline but installs nothing.

@@ -18,7 +18,7 @@ from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.store import BlobStore, LayerFiles
 from imagebuild.install.fetch import WheelCache
-from imagebuild.install.layers import BytecodeCompiler, VenvLayout
+from imagebuild.install.layers import BytecodeCompiler, VenvLayout, ready_installer
 from imagebuild.install.plan import LayerPlan, LayerSpec, PlannedWheel, plan_layers
 from imagebuild.lock.model import Lock, LockedPackage
 from imagebuild.lock.select import select_packages, sort_sources
@@ -295,6 +295,8 @@ def _project_top(
 ) -> tuple[LayerPlan, Descriptor]:
     """The project's layer, alone on top: its wheel and the SBOM (what changes with it)."""
     request = build.request
+    if not build.project_wheel.done():
+        ready_installer()  # while its backend runs: its layer then starts at once
     project_wheel = _planned(build.project.name, build.project_wheel.result())
     _check_links(build, arch, base, [project_wheel], prepared.wheels, prepared.base_layers)
     sbom = sbom_document(
