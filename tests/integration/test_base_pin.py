@@ -2,17 +2,16 @@
 
 A researcher's `imgbuild build --locked` years later must give the same digest although
 `python3-debian12:latest` has moved since. Here a tag in the test registry is moved (with
-skopeo) from the distroless base to the slim one between two builds.
+the distribution API) from the distroless base to the slim one between two builds.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import tomllib
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.fixtures.docker_engine import TestInfra
@@ -23,22 +22,34 @@ pytestmark = pytest.mark.docker
 
 
 def _point_tag(registry: str, source: str, target: str) -> None:
-    skopeo = shutil.which("skopeo")
-    assert skopeo, "skopeo is required (dev/infra.sh installs it)"
-    subprocess.run(
-        [
-            skopeo,
-            "copy",
-            "--quiet",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            f"docker://{registry}/{source}",
-            f"docker://{registry}/{target}",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
+    """Point ``target`` (repository:tag) at the image ``source`` names, as ``skopeo copy``
+    within one registry would: its blobs mounted from the source repository, then its
+    manifest put at the tag (the distribution API, spoken directly)."""
+    from_repo, _, from_tag = source.rpartition(":")
+    to_repo, _, to_tag = target.rpartition(":")
+    accept = ", ".join(
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        )
     )
+    with httpx.Client(base_url=f"http://{registry}/v2", timeout=60) as http:
+        got = http.get(f"/{from_repo}/manifests/{from_tag}", headers={"Accept": accept})
+        got.raise_for_status()
+        manifest = got.json()
+        for blob in (manifest["config"], *manifest["layers"]):
+            mounted = http.post(
+                f"/{to_repo}/blobs/uploads/",
+                params={"mount": blob["digest"], "from": from_repo},
+                headers={"Content-Length": "0"},
+            )
+            assert mounted.status_code == 201, mounted.text
+        put = http.put(
+            f"/{to_repo}/manifests/{to_tag}",
+            content=got.content,
+            headers={"Content-Type": got.headers["Content-Type"]},
+        )
+        assert put.status_code == 201, put.text
 
 
 def _manifest_digest(layout: Path) -> str:

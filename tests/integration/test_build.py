@@ -1,6 +1,6 @@
 """End to end: a locked project becomes an image in the real engine (and OCI layouts).
 
-Every test here uses the engine, registry and mmdebstrap bases from ``dev/infra.sh``
+Every test here uses the engine, registry and bases (built by imgbuild) from ``dev/infra.sh``
 (catalog names reach them through IMGBUILD_REGISTRY_MIRRORS) and a project locked by
 real uv against the local package index.
 """
