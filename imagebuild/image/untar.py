@@ -33,6 +33,8 @@ from isal import isal_zlib
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_HEADER = 14
+"""The longest zstd frame header, past its magic number."""
 _WHOLE = 64 << 20
 """The most gzip or zstd decompressed in one call (a base's Python tree is a tenth of it)."""
 _PIECE = 4 << 20
@@ -97,19 +99,17 @@ def compress(plain: Path, out: Path) -> None:
 
 
 def _unzstd(head: bytes, source: BinaryIO, fd: int, *, whole: bool) -> None:
-    if whole:
-        data = head + source.read()
-        size = zstandard.get_frame_parameters(data).content_size
-        # (the frame's size is only a hint: bounded, it cannot make a huge buffer)
-        if size <= _HINT_RATIO * len(data):
-            _write_all(fd, zstandard.ZstdDecompressor().decompress(data, max_output_size=size))
-            return
-        source.seek(len(head))  # told no size, or an unlikely one: in pieces
+    length = os.fstat(source.fileno()).st_size
+    size = zstandard.get_frame_parameters(head + source.read(_ZSTD_HEADER)).content_size
+    source.seek(0)
+    # (the frame's size is only a hint: bounded, it cannot make a huge buffer; unknown, it
+    # reads as the largest number)
+    if whole and size <= _HINT_RATIO * length:
+        _write_all(fd, zstandard.ZstdDecompressor().decompress(source.read()))
+        return
     unzstd = zstandard.ZstdDecompressor().decompressobj()
-    chunk = head
-    while chunk:
+    while chunk := source.read(_PIECE):
         _write_all(fd, unzstd.decompress(chunk))
-        chunk = source.read(_PIECE)
     if not unzstd.eof:
         raise ValueError("the zstd stream ends early")
 
