@@ -1,8 +1,8 @@
 """An engine that does not share this host's files (remote DOCKER_HOST, Docker-in-Docker).
 
-Bytecode is compiled by the base's own Python inside that engine: sources go in and pycs
-come out through the engine's API, so the build works although the engine cannot see the
-build's working directory.
+Bytecode is compiled by the base's own Python inside that engine (where it cannot run on
+this host): sources go in and pycs come out through the engine's API, so the build works
+although the engine cannot see the build's working directory.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from imagebuild.install import native
 from tests.fixtures.docker_engine import RemoteEngine, TestInfra
 from tests.integration.conftest import MakeProject, imgbuild
 from tests.integration.test_build import CHECK_PYC
@@ -29,8 +30,12 @@ def test_build_compiles_and_loads_through_an_engine_without_our_files(
 ) -> None:
     project = make_project()
     tag = "imgbuild-test/remote:1"
+    # The base's Python would run on this host itself (``install.native``): as on a host
+    # of another CPU, it runs in the engine instead.
+    monkeypatch.setattr(native, "host_arch", lambda: None)
     monkeypatch.setenv("DOCKER_HOST", remote_engine.host)
     engine = remote_engine.client
+    _remove_loaded_bases(engine)  # what the build loads is then this build's doing
     monkeypatch.setenv("IMGBUILD_REGISTRY_MIRRORS", infra.mirrors)
     cache = tmp_path / "cache"
     try:
@@ -87,3 +92,12 @@ def test_build_compiles_and_loads_through_an_engine_without_our_files(
             engine.images.remove(tag, force=True)
         except docker.errors.ImageNotFound:
             pass
+        _remove_loaded_bases(engine)
+
+
+def _remove_loaded_bases(engine: docker.DockerClient) -> None:
+    """Remove the bases imgbuild loaded into ``engine`` to run their Python there."""
+    for image in engine.images.list():
+        for name in image.tags:
+            if name.startswith("imgbuild-base:"):
+                engine.images.remove(name, force=True)
