@@ -42,10 +42,7 @@ def test_a_build_imports_no_code_for_sources_it_does_not_have() -> None:
     report = "import importlib, sys\n"
     report += "".join(f"importlib.import_module({name!r})\n" for name in _BUILD_PATH)
     report += "print('\\n'.join(sorted(sys.modules)))"
-    done = subprocess.run(
-        [sys.executable, "-c", report], capture_output=True, text=True, check=True
-    )
-    imported = set(done.stdout.split())
+    imported = set(_python(report).split())
     assert set(_BUILD_PATH) <= imported  # (the probe ran)
     assert imported.isdisjoint(_NOT_ON_IT), sorted(imported & set(_NOT_ON_IT))
 
@@ -61,10 +58,7 @@ def test_the_installer_is_imported_while_the_project_wheel_builds() -> None:
         "ready_installer()\n"
         "print(all(m in sys.modules for m in ('installer.destinations', 'installer.sources')))\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert done.stdout.split() == ["False", "True"]
+    assert _python(script).split() == ["False", "True"]
 
 
 def test_a_compile_server_started_by_the_build_process_stops_at_its_exit() -> None:
@@ -81,9 +75,14 @@ def test_a_compile_server_started_by_the_build_process_stops_at_its_exit() -> No
         "print(server._proc.poll(), flush=True)\n"
         "os._exit(0)\n"
     )
+    before, after = _python(script).splitlines()
+    assert before == "False None"  # running, and multiprocessing not imported
+    assert after == "0"  # stopped at exit, its input closed
+
+
+def _python(script: str) -> str:
+    """What ``script`` prints, run by a new interpreter of this one."""
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
     )
-    before, after = done.stdout.splitlines()
-    assert before == "False None"  # running, and multiprocessing not imported
-    assert after == "0"  # stopped at exit, its input closed
+    return done.stdout

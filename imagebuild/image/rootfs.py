@@ -119,22 +119,16 @@ def pack_rootfs(root: Path, out: Path, *, leave: Callable[[Path], bool] | None =
 
     Directories, regular files (a second name of one as a hard link) and symbolic links,
     as they are, but for the paths ``leave`` names: ``unpack_rootfs(from_tar=out)`` makes
-    the same tree again, without those. The plain tar is written beside ``out`` first, so
-    the frame tells its size (``untar.compress``).
+    the same tree again, without those (``untar.packing``).
     """
-    plain = out.with_name(out.name + ".tar")
-    try:
-        with tarfile.open(plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for directory, children, files in os.walk(root):
-                children.sort()
-                here = Path(directory)
-                for name in sorted([*children, *files]):
-                    path = here / name
-                    if leave is None or not leave(path):
-                        tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
-        untar.compress(plain, out)
-    finally:
-        plain.unlink(missing_ok=True)
+    with untar.packing(out) as tar:
+        for directory, children, files in os.walk(root):
+            children.sort()
+            here = Path(directory)
+            for name in sorted([*children, *files]):
+                path = here / name
+                if leave is None or not leave(path):
+                    tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
 
 
 class _Tree:

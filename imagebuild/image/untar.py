@@ -25,6 +25,9 @@ import functools
 import os
 import shutil
 import subprocess
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -75,12 +78,12 @@ def plain_tar(blob: Path, out: Path) -> Path:
         zstd = head == _ZSTD_MAGIC
         if not zstd and head[: len(_GZIP_MAGIC)] != _GZIP_MAGIC:
             return blob
-        whole = os.fstat(source.fileno()).st_size <= _WHOLE
+        length = os.fstat(source.fileno()).st_size
         fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             if zstd:
-                _unzstd(head, source, fd, whole=whole)
-            elif whole:
+                _unzstd(head, source, fd, length=length)
+            elif length <= _WHOLE:
                 _inflate_whole(head + source.read(), fd)
             else:
                 _inflate_in_pieces(head, source, fd)
@@ -91,6 +94,21 @@ def plain_tar(blob: Path, out: Path) -> Path:
     return out
 
 
+@contextmanager
+def packing(out: Path) -> Iterator[tarfile.TarFile]:
+    """A pax tar to fill, kept at ``out`` zstd-compressed once filled (``compress``).
+
+    It is written plain beside ``out`` first, so that the frame can tell its size.
+    """
+    plain = out.with_name(out.name + ".tar")
+    try:
+        with tarfile.open(plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            yield tar
+        compress(plain, out)
+    finally:
+        plain.unlink(missing_ok=True)
+
+
 def compress(plain: Path, out: Path) -> None:
     """The plain tar ``plain`` zstd-compressed into ``out``, its size told in the frame."""
     size = plain.stat().st_size
@@ -98,13 +116,12 @@ def compress(plain: Path, out: Path) -> None:
         zstandard.ZstdCompressor(level=_LEVEL).copy_stream(source, sink, size=size)
 
 
-def _unzstd(head: bytes, source: BinaryIO, fd: int, *, whole: bool) -> None:
-    length = os.fstat(source.fileno()).st_size
+def _unzstd(head: bytes, source: BinaryIO, fd: int, *, length: int) -> None:
     size = zstandard.get_frame_parameters(head + source.read(_ZSTD_HEADER)).content_size
     source.seek(0)
     # (the frame's size is only a hint: bounded, it cannot make a huge buffer; unknown, it
     # reads as the largest number)
-    if whole and size <= _HINT_RATIO * length:
+    if length <= _WHOLE and size <= _HINT_RATIO * length:
         _write_all(fd, zstandard.ZstdDecompressor().decompress(source.read()))
         return
     unzstd = zstandard.ZstdDecompressor().decompressobj()

@@ -28,7 +28,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,15 +130,9 @@ def _pack(env: Path, out: Path) -> None:
     bytecode = bytecode_prefix(env)
     trees = [(env / name, name) for name in _SHARED]
     trees.append((bytecode / _relative(env), _OWN_BYTECODE))
-    plain = out.with_name(out.name + ".tar")
-    try:
-        with tarfile.open(plain, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            for top, name in trees:
-                if not top.is_dir():
-                    continue
-                for path in [top, *sorted(top.rglob("*"))]:
-                    arcname = str(Path(name) / path.relative_to(top))
-                    tar.add(path, arcname=arcname, recursive=False)
-        untar.compress(plain, out)
-    finally:
-        plain.unlink(missing_ok=True)
+    with untar.packing(out) as tar:
+        for top, name in trees:
+            if not top.is_dir():
+                continue
+            for path in [top, *sorted(top.rglob("*"))]:
+                tar.add(path, arcname=str(Path(name) / path.relative_to(top)), recursive=False)
