@@ -44,7 +44,7 @@ from imagebuild.debian.packages import (
 from imagebuild.digest import Digest, Hasher, digest_bytes, digest_hex, parse_digest
 from imagebuild.errors import DebianError
 from imagebuild.net.http import attempts
-from imagebuild.net.transfer import CHUNK, failure_text, fetch_retrying, redact, redact_text
+from imagebuild.net.transfer import body, failure_text, fetch_retrying, redact, redact_text
 
 DEFAULT_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 """Debian's archive keyring (package ``debian-archive-keyring``): bookworm and trixie keys."""
@@ -430,7 +430,7 @@ def _checked_writer(
     def write(response: httpx.Response) -> None:
         hasher = Hasher()
         with atomic_writer(dest) as out:
-            for chunk in response.iter_bytes(CHUNK):
+            for chunk in body(response):
                 hasher.update(chunk)
                 if hasher.size > size:
                     break

@@ -22,6 +22,7 @@ from imagebuild.net.http import attempts
 from imagebuild.net.transfer import (
     CHUNK,
     NETWORK_HINT,
+    body,
     failure_text,
     fetch_retrying,
     redact,
@@ -254,7 +255,7 @@ def _download(
             )
         # iter_bytes undoes any Content-Encoding a server or proxy applied in transit, so
         # the bytes hashed are the file's own.
-        return cache.store(wheel, counter.counted(response.iter_bytes(CHUNK)))
+        return cache.store(wheel, counter.counted(body(response)))
 
     try:
         return fetch_retrying(http, wheel.url, store, size=wheel.size)

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -29,7 +29,7 @@ from imagebuild.net.http import (
 )
 
 CHUNK = 1 << 16
-"""Read size for streamed downloads."""
+"""Read size for files read in pieces (a response body is taken as it arrives: ``body``)."""
 NETWORK_HINT = "check the network and the index URL"
 """The hint for failures the user can only retry or reconfigure."""
 
@@ -84,6 +84,15 @@ def fetch_retrying(
         first = used + 1
 
 
+def body(response: httpx.Response) -> Iterator[bytes]:
+    """``response``'s body, decoded (Content-Encoding undone), in the pieces it arrives in.
+
+    Not cut to a fixed size: httpx would gather the pieces into a buffer and slice it, two
+    copies of every byte under the interpreter lock (a CI run's 38 MB of layers: 20 ms).
+    """
+    return response.iter_bytes()
+
+
 def write_stream(response: httpx.Response, dest: Path) -> str:
     """Write a streamed response's body to ``dest``; return its sha256 hex.
 
@@ -92,7 +101,7 @@ def write_stream(response: httpx.Response, dest: Path) -> str:
     """
     hasher = Hasher()
     with atomic_writer(dest) as out:
-        for chunk in response.iter_bytes(CHUNK):
+        for chunk in body(response):
             hasher.update(chunk)
             out.write(chunk)
     return digest_hex(hasher.digest())

@@ -37,6 +37,7 @@ from imagebuild.image.model import BaseImage, Image, ImageIndex
 from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.net.http import client_policy
+from imagebuild.net.transfer import body
 from imagebuild.report import NullReporter
 from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession
 from imagebuild.sinks.referrers import attach_sboms
@@ -47,8 +48,6 @@ if TYPE_CHECKING:
     from imagebuild.sinks.sink import Finished
 
 MANIFEST_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST_LIST}, {DOCKER_MANIFEST}"
-
-_CHUNK = 1 << 20
 
 
 def _platform_text(platform: object) -> str:
@@ -394,7 +393,7 @@ class RegistryClient:
                 raise self._session.status_error(op, resp, f"blob {desc.digest}")
             try:
                 store.ingest(
-                    resp.iter_bytes(_CHUNK),
+                    body(resp),
                     media_type=desc.media_type,
                     expected=desc.digest,
                     expected_size=desc.size,
