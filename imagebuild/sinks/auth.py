@@ -122,6 +122,11 @@ def _error_body(resp: httpx.Response) -> tuple[str, str]:
         return "", text or resp.reason_phrase
 
 
+def error_code(resp: httpx.Response) -> str:
+    """The code of a registry's JSON error answer (``MANIFEST_BLOB_UNKNOWN``), or ''."""
+    return _error_body(resp)[0]
+
+
 class RegistrySession:
     """Requests to registries with auth: challenges answered, tokens cached per scope.
 

@@ -39,7 +39,7 @@ from imagebuild.image.store import BlobStore
 from imagebuild.net.http import client_policy
 from imagebuild.net.transfer import body
 from imagebuild.report import NullReporter
-from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession
+from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession, error_code
 from imagebuild.sinks.referrers import attach_sboms
 from imagebuild.sinks.upload import BlobOrigins, BlobUploader
 
@@ -71,6 +71,14 @@ def _descriptor(obj: object, op: Op, where: str) -> Descriptor:
         return Descriptor.from_json(obj, where=where)
     except ImageError as exc:
         raise RegistryError(f"{op.verb} {op.ref}: {exc.message}") from None
+
+
+_BLOBS_UNKNOWN = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
+"""The codes a registry refuses a manifest with when the repository lacks a blob it lists."""
+
+
+class BlobsUnknown(RegistryError):
+    """A manifest refused: its repository does not hold a blob it lists."""
 
 
 class RegistryClient:
@@ -237,7 +245,18 @@ class RegistryClient:
         # sees layers, then the config, then the manifest.
         uploader.push(image.config)
         report.progress("push", total, total, "blobs")
-        return self.push_manifest(ref, image.manifest_bytes, media_type=image.manifest.media_type)
+        media_type = image.manifest.media_type
+        try:
+            return self.push_manifest(ref, image.manifest_bytes, media_type=media_type)
+        except BlobsUnknown:
+            if not uploader.took_on_trust:
+                raise
+        # A blob taken as there (a manifest read in the repository lists it) is not, or no
+        # longer: each is asked for this time, and sent if missing.
+        uploader = self._uploader(op, store, trusting=False)
+        uploader.push_all(layers)
+        uploader.push(image.config)
+        return self.push_manifest(ref, image.manifest_bytes, media_type=media_type)
 
     def push_index(
         self, index: ImageIndex, ref: ImageReference, *, reporter: Reporter | None = None
@@ -262,7 +281,10 @@ class RegistryClient:
             content=lambda: data,
         )
         if resp.status_code not in (200, 201):
-            raise self._session.status_error(op, resp, "manifest upload")
+            error = self._session.status_error(op, resp, "manifest upload")
+            if error_code(resp) in _BLOBS_UNKNOWN:
+                raise BlobsUnknown(error.message, hint=error.hint)
+            raise error
         returned = resp.headers.get("Docker-Content-Digest")
         if returned and returned != digest:
             raise RegistryError(
@@ -360,12 +382,18 @@ class RegistryClient:
         unique = list({desc.digest: desc for desc in blobs}.values())
         self._uploader(Op(ref, "pushing", "pull,push"), store).push_all(unique)
 
-    def _uploader(self, op: Op, store: BlobStore) -> BlobUploader:
+    def _uploader(self, op: Op, store: BlobStore, *, trusting: bool = True) -> BlobUploader:
         def fetch(desc: Descriptor) -> None:
             self._fetch_seen(desc, store)
 
         return BlobUploader(
-            self._session, op, store, origins=self._origins, policy=self._policy, fetch=fetch
+            self._session,
+            op,
+            store,
+            origins=self._origins,
+            policy=self._policy,
+            fetch=fetch,
+            trusting=trusting,
         )
 
     def _fetch_seen(self, desc: Descriptor, store: BlobStore) -> None:

@@ -1,7 +1,9 @@
 """Blob uploads to one repository: skipped, mounted, sent whole or in chunks, a few at a time.
 
 Each blob is first asked for (HEAD), unless ``BlobOrigins`` already knows the repository
-holds it; one the repository has is not sent. One known to live in another repository of the
+holds it (should the registry then refuse the manifest for a blob it lacks,
+``RegistryClient.push_image`` asks for each and sends again what is missing); one the
+repository has is not sent. One known to live in another repository of the
 same registry (``BlobOrigins``: pulled from there, or pushed there earlier in the run) is
 mounted from it: ``POST …/blobs/uploads/?mount=<digest>&from=<repo>``
 answers 201 when the registry linked it, or 202 with an upload session when it declined, which
@@ -162,7 +164,8 @@ class BlobUploader:
     session the registry dropped is started again, and how long to wait before. ``fetch``
     brings a blob ``store`` lacks into it, from where ``origins`` saw it: a blob the build
     took from a registry without its bytes (``RegistryLayerCache(fetch_blobs=False)``) is
-    mounted, and fetched only when its bytes must be sent.
+    mounted, and fetched only when its bytes must be sent. ``trusting``: a blob ``origins``
+    knows the repository holds is taken as there, without a HEAD.
     """
 
     def __init__(
@@ -174,10 +177,18 @@ class BlobUploader:
         origins: BlobOrigins,
         policy: RetryPolicy,
         fetch: Callable[[Descriptor], None] | None = None,
+        trusting: bool = True,
     ) -> None:
         self._session, self._op, self._store = session, op, store
         self._origins, self._policy, self._fetch = origins, policy, fetch
+        self._trusting = trusting
         self._cancel = threading.Event()
+        self._trusted = threading.Event()
+
+    @property
+    def took_on_trust(self) -> bool:
+        """Whether a blob was skipped as held without asking the registry (``push``)."""
+        return self._trusted.is_set()
 
     def push_all(
         self, blobs: Sequence[Descriptor], progress: Callable[[int], None] | None = None
@@ -222,12 +233,16 @@ class BlobUploader:
         """Upload one blob unless the repository has it: mounted, whole, or in chunks.
 
         A blob ``origins`` knows the repository holds (a manifest read there lists it, or
-        this run pushed it there) is not asked for again: a CI runner pushing to the
-        repository its registry cache lives in asked for each cached layer it had just
-        found there. Were one gone since, the manifest's PUT fails and nothing is tagged.
+        this run pushed it there) is not asked for again, unless the uploader was made not
+        ``trusting``: a CI runner pushing to the repository its registry cache lives in
+        asked for each cached layer it had just found there. Were one gone since, the
+        manifest's PUT is refused (``RegistryClient.push_image`` then asks again).
         """
         self._check()
-        if self._origins.holds(self._op.ref, desc.digest) or self.exists(desc.digest):
+        if self._trusting and self._origins.holds(self._op.ref, desc.digest):
+            self._trusted.set()
+            return
+        if self.exists(desc.digest):
             self._origins.remember(self._op.ref, desc.digest)
             return
         path = self._store.path(desc.digest)

@@ -243,6 +243,57 @@ def test_layers_kept_in_the_cache_repository_are_mounted_into_the_image(
     assert plain.fetch_manifest(app)[2] == image.digest
 
 
+def test_a_blob_the_repository_lists_but_no_longer_holds_is_sent_and_the_push_lands(
+    local_registry: LocalRegistry, plain: RegistryClient, tmp_path: Path
+) -> None:
+    # A manifest read in the repository lists the blob, so the push takes it as there
+    # without a HEAD; the registry has dropped it since and refuses the manifest.
+    store = BlobStore(tmp_path / "store")
+    image = layered_image(store, tmp_path, "trust", [30_000, 20_000])
+    first = ImageReference.parse(f"{local_registry.host}/uploads/trust:1")
+    plain.push_image(image, first)
+    gone = image.layers[0]
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        dropped = http.delete(f"{local_registry.url}/v2/uploads/trust/blobs/{gone.digest}")
+    assert dropped.status_code == 202, dropped.text
+
+    recorder = Recorder()
+    with _client(recorder) as http:
+        client = RegistryClient(http)
+        client.pull_image(first, store=store)  # every blob listed there (their bytes at hand)
+        recorder.sent.clear()
+        second = ImageReference.parse(f"{local_registry.host}/uploads/trust:2")
+        assert client.push_image(image, second) == image.digest
+
+    manifests = [s.status for s in recorder.sent if "/manifests/" in s.url.path]
+    assert manifests == [400, 201]  # refused once, then taken
+    heads = sorted(s.url.path.rsplit("/", 1)[1] for s in recorder.sent if s.method == "HEAD")
+    assert heads == sorted(d.digest for d in (image.config, *image.layers))
+    assert recorder.bytes_sent() == gone.size + 2 * len(image.manifest_bytes)
+    pulled = BlobStore(tmp_path / "pulled")
+    assert plain.pull_image(second, store=pulled).layers == image.layers
+    assert digest_bytes(_served(local_registry, "uploads/trust", gone.digest)) == gone.digest
+
+
+def test_a_manifest_refused_for_a_blob_the_push_asked_for_is_not_sent_again(
+    local_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    # Nothing was taken on trust: every blob was asked for (or sent), so the refusal stands.
+    def refuse(request: httpx.Request) -> httpx.Response | None:
+        if request.method == "PUT" and "/manifests/" in request.url.path:
+            errors = [{"code": "MANIFEST_BLOB_UNKNOWN", "message": "blob unknown to registry"}]
+            return httpx.Response(400, json={"errors": errors})
+        return None
+
+    store = BlobStore(tmp_path / "store")
+    image = layered_image(store, tmp_path, "refused", [10_000])
+    recorder = Recorder(answer=refuse)
+    ref = ImageReference.parse(f"{local_registry.host}/uploads/refused:1")
+    with _client(recorder) as http, pytest.raises(RegistryError, match="MANIFEST_BLOB_UNKNOWN"):
+        RegistryClient(http).push_image(image, ref)
+    assert [s.status for s in recorder.sent if "/manifests/" in s.url.path] == [400]
+
+
 def test_a_big_blob_goes_up_in_chunks_and_the_registry_serves_its_digest(
     local_registry: LocalRegistry,
     plain: RegistryClient,
