@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import httpx
@@ -41,7 +42,7 @@ from imagebuild.net.transfer import body
 from imagebuild.report import NullReporter
 from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession, error_code
 from imagebuild.sinks.referrers import attach_sboms
-from imagebuild.sinks.upload import BlobOrigins, BlobUploader
+from imagebuild.sinks.upload import BLOBS_UNKNOWN, BlobOrigins, BlobsUnknown, BlobUploader
 
 if TYPE_CHECKING:
     from imagebuild.report import Reporter
@@ -71,14 +72,6 @@ def _descriptor(obj: object, op: Op, where: str) -> Descriptor:
         return Descriptor.from_json(obj, where=where)
     except ImageError as exc:
         raise RegistryError(f"{op.verb} {op.ref}: {exc.message}") from None
-
-
-_BLOBS_UNKNOWN = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
-"""The codes a registry refuses a manifest with when the repository lacks a blob it lists."""
-
-
-class BlobsUnknown(RegistryError):
-    """A manifest refused: its repository does not hold a blob it lists."""
 
 
 class RegistryClient:
@@ -240,10 +233,9 @@ class RegistryClient:
         total = len(layers) + 1
         report.progress("push", 0, total, "blobs")
         uploader = self._uploader(op, store)
-        uploader.push_all(layers, lambda done: report.progress("push", done, total, "blobs"))
-        # The config (a few hundred bytes) goes once the layers are in, so a registry always
-        # sees layers, then the config, then the manifest.
-        uploader.push(image.config)
+        uploader.push_image_blobs(
+            layers, image.config, lambda done: report.progress("push", done, total, "blobs")
+        )
         report.progress("push", total, total, "blobs")
         media_type = image.manifest.media_type
         try:
@@ -251,11 +243,8 @@ class RegistryClient:
         except BlobsUnknown:
             if not uploader.took_on_trust:
                 raise
-        # A blob taken as there (a manifest read in the repository lists it) is not, or no
-        # longer: each is asked for this time, and sent if missing.
-        uploader = self._uploader(op, store, trusting=False)
-        uploader.push_all(layers)
-        uploader.push(image.config)
+        # One taken as there (a manifest read in the repository lists it) is not: ask each.
+        self._uploader(op, store, trusting=False).push_image_blobs(layers, image.config)
         return self.push_manifest(ref, image.manifest_bytes, media_type=media_type)
 
     def push_index(
@@ -282,7 +271,7 @@ class RegistryClient:
         )
         if resp.status_code not in (200, 201):
             error = self._session.status_error(op, resp, "manifest upload")
-            if error_code(resp) in _BLOBS_UNKNOWN:
+            if error_code(resp) in BLOBS_UNKNOWN:
                 raise BlobsUnknown(error.message, hint=error.hint)
             raise error
         returned = resp.headers.get("Docker-Content-Digest")
@@ -383,16 +372,13 @@ class RegistryClient:
         self._uploader(Op(ref, "pushing", "pull,push"), store).push_all(unique)
 
     def _uploader(self, op: Op, store: BlobStore, *, trusting: bool = True) -> BlobUploader:
-        def fetch(desc: Descriptor) -> None:
-            self._fetch_seen(desc, store)
-
         return BlobUploader(
             self._session,
             op,
             store,
             origins=self._origins,
             policy=self._policy,
-            fetch=fetch,
+            fetch=partial(self._fetch_seen, store=store),
             trusting=trusting,
         )
 

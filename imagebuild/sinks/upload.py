@@ -54,10 +54,17 @@ CHUNKED_THRESHOLD = 64 << 20
 CHUNK_SIZE = 16 << 20
 """Bytes per chunk (a registry's ``OCI-Chunk-Min-Length`` raises it)."""
 
+BLOBS_UNKNOWN = frozenset({"MANIFEST_BLOB_UNKNOWN", "BLOB_UNKNOWN"})
+"""The codes a registry refuses a manifest with when the repository lacks a blob it lists."""
+
 _READ = 1 << 20  # bytes read from a blob file at a time
 _RESUMES = 2  # 416s answered by asking the registry where the upload stands, per upload
 _OCTET = "application/octet-stream"
 _RANGE = re.compile(r"(?:bytes=)?0-(\d+)")
+
+
+class BlobsUnknown(RegistryError):
+    """A manifest refused: its repository does not hold a blob it lists."""
 
 
 class _Cancelled(Exception):
@@ -221,6 +228,20 @@ class BlobUploader:
                 self._cancel.set()
             pool.shutdown(wait=True, cancel_futures=True)
         _raise_first_failure(futures)
+
+    def push_image_blobs(
+        self,
+        layers: Sequence[Descriptor],
+        config: Descriptor,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        """Push an image's ``layers`` (``push_all``), then its ``config``.
+
+        The config (a few hundred bytes) goes once the layers are in, so a registry always
+        sees layers, then the config, then (the caller's) manifest.
+        """
+        self.push_all(layers, progress)
+        self.push(config)
 
     def _push_or_stop_all(self, desc: Descriptor) -> None:
         try:
