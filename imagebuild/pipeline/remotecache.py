@@ -223,9 +223,6 @@ class RegistryLayerCache:
         ``annotations``: each layer's own, in the manifest's list (none when empty).
         """
         assert self.target is not None
-        ref = self.target.with_tag(tag)
-        for desc in (*layers, config):
-            self.client.push_blob(ref, desc, self.store)
         entries = [desc.to_json() for desc in layers]
         for entry, own in zip(entries, annotations, strict=False):
             entry["annotations"] = own
@@ -237,7 +234,12 @@ class RegistryLayerCache:
             "layers": entries,
             "annotations": {_KEY: key},
         }
-        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
+        self.client.push_with_blobs(
+            self.target.with_tag(tag),
+            (layers, config),
+            (canonical_json(manifest), OCI_MANIFEST),
+            self.store,
+        )
 
     def keep(self, kept: Sequence[tuple[str, Layer]], reporter: Reporter) -> None:
         """Push each ``(key, layer)`` to the target repository, a few at a time."""
@@ -258,8 +260,6 @@ class RegistryLayerCache:
             }
         )
         config_desc = self.store.put_bytes(config, media_type=OCI_CONFIG)
-        for desc in (_descriptor(layer), config_desc):
-            self.client.push_blob(ref, desc, self.store)
         manifest = {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -267,7 +267,12 @@ class RegistryLayerCache:
             "layers": [_descriptor(layer).to_json()],
             "annotations": {_KEY: key, _DIFF_ID: layer.diff_id, _CREATED_BY: layer.created_by},
         }
-        self.client.push_manifest(ref, canonical_json(manifest), media_type=OCI_MANIFEST)
+        self.client.push_with_blobs(
+            ref,
+            ([_descriptor(layer)], config_desc),
+            (canonical_json(manifest), OCI_MANIFEST),
+            self.store,
+        )
 
 
 def _set_key(keys: Sequence[str]) -> str:

@@ -13,7 +13,7 @@ client's retry transport can send a request again after a 429 or a 5xx. Auth liv
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -31,8 +31,6 @@ from imagebuild.image.descriptor import (
     OCI_INDEX,
     OCI_MANIFEST,
     Descriptor,
-    checked_digest,
-    json_object,
 )
 from imagebuild.image.model import BaseImage, Image, ImageIndex
 from imagebuild.image.name import ImageReference
@@ -41,37 +39,21 @@ from imagebuild.net.http import client_policy
 from imagebuild.net.transfer import body
 from imagebuild.report import NullReporter
 from imagebuild.sinks.auth import CredentialStore, Op, RegistrySession, error_code
+from imagebuild.sinks.pulled import checked_config, descriptor_of, json_object_of, select_platform
 from imagebuild.sinks.referrers import attach_sboms
-from imagebuild.sinks.upload import BLOBS_UNKNOWN, BlobOrigins, BlobsUnknown, BlobUploader
+from imagebuild.sinks.upload import (
+    BLOBS_UNKNOWN,
+    BlobOrigins,
+    BlobsUnknown,
+    BlobUploader,
+    push_then_put,
+)
 
 if TYPE_CHECKING:
     from imagebuild.report import Reporter
     from imagebuild.sinks.sink import Finished
 
 MANIFEST_ACCEPT = f"{OCI_INDEX}, {OCI_MANIFEST}, {DOCKER_MANIFEST_LIST}, {DOCKER_MANIFEST}"
-
-
-def _platform_text(platform: object) -> str:
-    if not isinstance(platform, dict):
-        return "unknown"
-    parts = [str(platform.get("os", "?")), str(platform.get("architecture", "?"))]
-    if platform.get("variant"):
-        parts.append(str(platform["variant"]))
-    return "/".join(parts)
-
-
-def _json_object(data: bytes, op: Op, what: str) -> dict[str, object]:
-    try:
-        return json_object(data)
-    except ValueError as exc:
-        raise RegistryError(f"{op.verb} {op.ref}: {what} {exc}") from None
-
-
-def _descriptor(obj: object, op: Op, where: str) -> Descriptor:
-    try:
-        return Descriptor.from_json(obj, where=where)
-    except ImageError as exc:
-        raise RegistryError(f"{op.verb} {op.ref}: {exc.message}") from None
 
 
 class RegistryClient:
@@ -112,7 +94,7 @@ class RegistryClient:
         """
         op = Op(ref, "pulling", "pull")
         obj, digest = self._platform_manifest(op, platform, store)
-        config_desc = _descriptor(obj.get("config"), op, "manifest config")
+        config_desc = descriptor_of(obj.get("config"), op, "manifest config")
         if config_desc.media_type not in CONFIG_TYPES:
             raise RegistryError(
                 f"pulling {ref}: config has media type {config_desc.media_type}, not an image"
@@ -121,11 +103,11 @@ class RegistryClient:
         if not isinstance(raw_layers, list):
             raise RegistryError(f"pulling {ref}: manifest has no layers list")
         layers = tuple(
-            _descriptor(raw, op, f"manifest layers[{i}]") for i, raw in enumerate(raw_layers)
+            descriptor_of(raw, op, f"manifest layers[{i}]") for i, raw in enumerate(raw_layers)
         )
         self._ensure_blob(op, config_desc, store)
-        config = _json_object(store.read_bytes(config_desc.digest), op, "image config")
-        diff_ids = _checked_config(op, config, platform, len(layers))
+        config = json_object_of(store.read_bytes(config_desc.digest), op, "image config")
+        diff_ids = checked_config(op, config, platform, len(layers))
         image = BaseImage(
             reference=str(ref),
             manifest_digest=digest,
@@ -156,7 +138,7 @@ class RegistryClient:
         """
         op = Op(ref, "pulling", "pull")
         manifest, digest = self._platform_manifest(op, platform)
-        desc = _descriptor(manifest.get("config"), op, "manifest config")
+        desc = descriptor_of(manifest.get("config"), op, "manifest config")
         url = self._session.url(ref, f"blobs/{desc.digest}")
         resp = self._session.send(op, "GET", url, follow_redirects=True)
         if resp.status_code != 200:
@@ -166,7 +148,7 @@ class RegistryClient:
                 f"pulling {ref}: config blob {desc.digest} does not match its digest",
                 hint="the registry is serving bad data; retry",
             )
-        return digest, manifest, _json_object(resp.content, op, "image config")
+        return digest, manifest, json_object_of(resp.content, op, "image config")
 
     def _platform_manifest(
         self, op: Op, platform: Sequence[str], store: BlobStore | None = None
@@ -183,9 +165,9 @@ class RegistryClient:
                 f"pulling {ref}: manifest hashes to {digest}, not the pinned digest",
                 hint="the registry served different content; check the mirror or the digest",
             )
-        obj = _json_object(data, op, "manifest")
+        obj = json_object_of(data, op, "manifest")
         if media_type in INDEX_TYPES:
-            entry = self._select_platform(op, obj, platform)
+            entry = select_platform(op, obj, platform)
             data, media_type, digest = self._manifest(
                 ref.with_digest(entry.digest), entry.media_type, store
             )
@@ -194,7 +176,7 @@ class RegistryClient:
                     f"pulling {ref}: platform manifest hashes to {digest}, "
                     f"the index says {entry.digest}"
                 )
-            obj = _json_object(data, op, "manifest")
+            obj = json_object_of(data, op, "manifest")
         if media_type not in MANIFEST_TYPES:
             raise RegistryError(
                 f"pulling {ref}: unsupported manifest media type {media_type!r}",
@@ -221,7 +203,6 @@ class RegistryClient:
         computed the same. ``reporter`` hears ``push`` progress, one count per blob.
         """
         report = reporter or NullReporter()
-        op = Op(ref, "pushing", "pull,push")
         store = store or image.store
         if ref.digest is not None and ref.digest != image.digest:
             raise RegistryError(
@@ -232,20 +213,34 @@ class RegistryClient:
         layers = [d for d in unique if d.digest != image.config.digest]
         total = len(layers) + 1
         report.progress("push", 0, total, "blobs")
-        uploader = self._uploader(op, store)
-        uploader.push_image_blobs(
-            layers, image.config, lambda done: report.progress("push", done, total, "blobs")
+        return self.push_with_blobs(
+            ref,
+            (layers, image.config),
+            (image.manifest_bytes, image.manifest.media_type),
+            store,
+            lambda done: report.progress("push", done, total, "blobs"),
         )
-        report.progress("push", total, total, "blobs")
-        media_type = image.manifest.media_type
-        try:
-            return self.push_manifest(ref, image.manifest_bytes, media_type=media_type)
-        except BlobsUnknown:
-            if not uploader.took_on_trust:
-                raise
-        # One taken as there (a manifest read in the repository lists it) is not: ask each.
-        self._uploader(op, store, trusting=False).push_image_blobs(layers, image.config)
-        return self.push_manifest(ref, image.manifest_bytes, media_type=media_type)
+
+    def push_with_blobs(
+        self,
+        ref: ImageReference,
+        blobs: tuple[Sequence[Descriptor], Descriptor],
+        manifest: tuple[bytes, str],
+        store: BlobStore,
+        progress: Callable[[int], None] | None = None,
+    ) -> Digest:
+        """Push ``blobs`` (layers, config) from ``store``, then ``manifest`` (bytes, type).
+
+        As ``upload.push_then_put``: a blob taken as held that the registry lacks is sent.
+        """
+        op = Op(ref, "pushing", "pull,push")
+        data, media_type = manifest
+        return push_then_put(
+            lambda trusting: self._uploader(op, store, trusting=trusting),
+            *blobs,
+            lambda: self.push_manifest(ref, data, media_type=media_type),
+            progress,
+        )
 
     def push_index(
         self, index: ImageIndex, ref: ImageReference, *, reporter: Reporter | None = None
@@ -357,10 +352,6 @@ class RegistryClient:
         """
         self._origins.remember(ref, digest)
 
-    def push_blob(self, ref: ImageReference, desc: Descriptor, store: BlobStore) -> None:
-        """Upload one blob from ``store`` to ``ref``'s repository, unless it is there."""
-        self._uploader(Op(ref, "pushing", "pull,push"), store).push(desc)
-
     def push_blobs(
         self, ref: ImageReference, blobs: Sequence[Descriptor], store: BlobStore
     ) -> None:
@@ -419,60 +410,6 @@ class RegistryClient:
                 ) from None
             except httpx.HTTPError as exc:
                 raise self._session.transport_error(op, exc) from exc
-
-    def _select_platform(
-        self, op: Op, index: Mapping[str, object], platform: Sequence[str]
-    ) -> Descriptor:
-        entries = index.get("manifests")
-        if not isinstance(entries, list):
-            raise RegistryError(f"pulling {op.ref}: image index has no manifests list")
-        os_name, arch = platform[0], platform[1]
-        variant = platform[2] if len(platform) > 2 else None
-        available: list[str] = []
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict):
-                continue
-            plat = entry.get("platform")
-            text = _platform_text(plat)
-            if text.startswith("unknown/"):  # attestation manifests
-                continue
-            available.append(text)
-            if not isinstance(plat, dict):
-                continue
-            if plat.get("os") != os_name or plat.get("architecture") != arch:
-                continue
-            if variant is not None and plat.get("variant") not in (None, variant):
-                continue
-            return _descriptor(entry, op, f"index manifests[{i}]")
-        wanted = "/".join(platform)
-        raise RegistryError(
-            f"pulling {op.ref}: no image for {wanted}; available: {', '.join(available) or 'none'}",
-            hint="pick one of the available platforms with --platform",
-        )
-
-
-def _checked_config(
-    op: Op, config: Mapping[str, object], platform: Sequence[str], layers: int
-) -> tuple[Digest, ...]:
-    """The pulled config's diff_ids, after checking its platform and its layer count."""
-    ref = op.ref
-    wanted = "/".join(platform[:2])
-    found = f"{config.get('os')}/{config.get('architecture')}"
-    if found != wanted:
-        raise RegistryError(
-            f"pulling {ref}: image is for {found}, not {wanted}",
-            hint=f"use a base image published for {wanted} or build for {found}",
-        )
-    rootfs = config.get("rootfs")
-    raw_diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(raw_diff_ids, list) or len(raw_diff_ids) != layers:
-        raise RegistryError(
-            f"pulling {ref}: config rootfs.diff_ids does not list one entry per layer"
-        )
-    try:
-        return tuple(checked_digest(str(d)) for d in raw_diff_ids)
-    except ImageError as exc:
-        raise RegistryError(f"pulling {ref}: config rootfs.diff_ids: {exc.message}") from None
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

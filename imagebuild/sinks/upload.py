@@ -238,10 +238,13 @@ class BlobUploader:
         """Push an image's ``layers`` (``push_all``), then its ``config``.
 
         The config (a few hundred bytes) goes once the layers are in, so a registry always
-        sees layers, then the config, then (the caller's) manifest.
+        sees layers, then the config, then (the caller's) manifest. ``progress(n)`` after
+        each layer, and once more when the config is in.
         """
         self.push_all(layers, progress)
         self.push(config)
+        if progress is not None:
+            progress(len(layers) + 1)
 
     def _push_or_stop_all(self, desc: Descriptor) -> None:
         try:
@@ -424,6 +427,31 @@ class BlobUploader:
         if done.status_code == 404:
             raise _SessionLost(error)
         raise error
+
+
+def push_then_put(
+    uploader: Callable[[bool], BlobUploader],
+    layers: Sequence[Descriptor],
+    config: Descriptor,
+    put: Callable[[], Digest],
+    progress: Callable[[int], None] | None = None,
+) -> Digest:
+    """Push ``layers`` and ``config`` (``push_image_blobs``), then ``put`` their manifest.
+
+    ``uploader(trusting)`` makes the uploader. A blob taken as held (no HEAD: a manifest read
+    in the repository lists it) that the registry no longer holds gets the manifest refused
+    (``BlobsUnknown``): each blob is then asked for, what is missing sent, and the manifest
+    put again, once. A refusal when nothing was taken as held stands.
+    """
+    first = uploader(True)
+    first.push_image_blobs(layers, config, progress)
+    try:
+        return put()
+    except BlobsUnknown:
+        if not first.took_on_trust:
+            raise
+    uploader(False).push_image_blobs(layers, config)
+    return put()
 
 
 def _replay(body: _FileRange) -> Callable[[], httpx.SyncByteStream]:

@@ -27,6 +27,8 @@ from imagebuild.image.name import ImageReference
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import build_layer
 from imagebuild.net.http import RetryPolicy, http_client, retrying_client
+from imagebuild.pipeline.remotecache import RegistryLayerCache
+from imagebuild.report import NullReporter
 from imagebuild.sinks import upload
 from imagebuild.sinks.auth import CredentialStore
 from imagebuild.sinks.remote import RegistryClient
@@ -273,6 +275,42 @@ def test_a_blob_the_repository_lists_but_no_longer_holds_is_sent_and_the_push_la
     pulled = BlobStore(tmp_path / "pulled")
     assert plain.pull_image(second, store=pulled).layers == image.layers
     assert digest_bytes(_served(local_registry, "uploads/trust", gone.digest)) == gone.digest
+
+
+def test_a_set_kept_where_its_layers_were_found_is_kept_though_the_registry_dropped_one(
+    local_registry: LocalRegistry, tmp_path: Path
+) -> None:
+    # A runner pushing only (fetch_blobs=False) takes the found layers as held where it
+    # found them; one was dropped since, so the set's manifest is refused at first.
+    store = BlobStore(tmp_path / "store")
+    kept = []
+    for name in ("one", "two"):
+        tree = tmp_path / name
+        (tree / "app").mkdir(parents=True)
+        (tree / "app" / f"{name}.txt").write_text(f"{name}\n")
+        kept.append((name[0] * 64, build_layer(tree, store, mtime=0)))
+    ref = ImageReference.parse(f"{local_registry.host}/uploads/cache-set")
+    with _client(Recorder()) as http:
+        RegistryLayerCache(client=RegistryClient(http), store=store, source=None, target=ref).keep(
+            kept, NullReporter()
+        )
+    gone = kept[0][1]
+    with httpx.Client(trust_env=False, timeout=30) as http:
+        dropped = http.delete(f"{local_registry.url}/v2/uploads/cache-set/blobs/{gone.digest}")
+    assert dropped.status_code == 202, dropped.text
+
+    recorder = Recorder()
+    with _client(recorder) as http:
+        runner = RegistryLayerCache(
+            client=RegistryClient(http), store=store, source=ref, target=ref, fetch_blobs=False
+        )
+        assert [runner.find(key) for key, _ in kept] == [layer for _, layer in kept]
+        runner.keep_set(kept)
+    sets = [
+        s.status for s in recorder.sent if s.method == "PUT" and "/manifests/set-" in s.url.path
+    ]
+    assert sets == [400, 201]
+    assert digest_bytes(_served(local_registry, "uploads/cache-set", gone.digest)) == gone.digest
 
 
 def test_a_manifest_refused_for_a_blob_the_push_asked_for_is_not_sent_again(
