@@ -88,7 +88,8 @@ def body(response: httpx.Response) -> Iterator[bytes]:
     """``response``'s body, decoded (Content-Encoding undone), in the pieces it arrives in.
 
     Not cut to a fixed size: httpx would gather the pieces into a buffer and slice it, two
-    copies of every byte under the interpreter lock (a CI run's 38 MB of layers: 20 ms).
+    copies of every byte and a buffer of that size per download (a FastAPI CI run pulling
+    38 MB of layers, four at a time, peaked 17 MiB higher that way).
     """
     return response.iter_bytes()
 
