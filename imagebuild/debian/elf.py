@@ -60,7 +60,10 @@ def read_elf_stream(stream: IO[bytes]) -> ElfInfo | None:
     # a SpooledTemporaryFile's Python wrapper, a library's index spent a third of its time).
     body = stream.read(SPOOL_MEMORY)
     if len(body) < SPOOL_MEMORY:
-        return read_elf(io.BytesIO(head + body))
+        # Closed once parsed: pyelftools' objects keep the stream in reference cycles, which
+        # only the garbage collector breaks, and the file's bytes would wait with them.
+        with io.BytesIO(head + body) as data:
+            return read_elf(data)
     with tempfile.TemporaryFile() as spool:
         spool.write(head)
         spool.write(body)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import struct
 import threading
+import tracemalloc
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -179,6 +181,26 @@ def test_large_member_spills_to_disk_and_reads_the_same(
     spilled = read_elf_stream(io.BytesIO(data))
     assert in_memory is not None and spilled == in_memory
     assert "libc.so.6" in in_memory.needed
+
+
+def test_a_read_file_is_let_go_at_once() -> None:
+    """Its bytes are not left to the garbage collector (pyelftools holds the stream in cycles).
+
+    Libraries are up to tens of MB each: left so, imgbuild's process peaked at 203 MiB in a
+    cold build of the data platform, 146 MiB without.
+    """
+    data = Path(markupsafe._speedups.__file__).read_bytes() + bytes(8 << 20)
+    gc.collect()
+    gc.disable()
+    tracemalloc.start()
+    try:
+        info = read_elf_stream(io.BytesIO(data))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        gc.enable()
+    assert info is not None and "libc.so.6" in info.needed
+    assert held < 1 << 20
 
 
 def test_not_elf_is_none() -> None:
