@@ -2,7 +2,7 @@
 
 Each blob is first asked for (HEAD), unless ``BlobOrigins`` already knows the repository
 holds it (should the registry then refuse the manifest for a blob it lacks,
-``RegistryClient.push_image`` asks for each and sends again what is missing); one the
+``push_then_put`` asks for each and sends again what is missing); one the
 repository has is not sent. One known to live in another repository of the
 same registry (``BlobOrigins``: pulled from there, or pushed there earlier in the run) is
 mounted from it: ``POST …/blobs/uploads/?mount=<digest>&from=<repo>``
@@ -260,7 +260,7 @@ class BlobUploader:
         this run pushed it there) is not asked for again, unless the uploader was made not
         ``trusting``: a CI runner pushing to the repository its registry cache lives in
         asked for each cached layer it had just found there. Were one gone since, the
-        manifest's PUT is refused (``RegistryClient.push_image`` then asks again).
+        manifest's PUT is refused (``push_then_put`` then asks again).
         """
         self._check()
         if self._trusting and self._origins.holds(self._op.ref, desc.digest):
