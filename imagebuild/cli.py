@@ -23,6 +23,7 @@ import typer.main
 from imagebuild import __version__
 from imagebuild.commands import options as opt
 from imagebuild.commands.base import base_app
+from imagebuild.commands.cache import cache_app
 from imagebuild.commands.dockerfile import dockerfile as _dockerfile_command
 from imagebuild.commands.server import server_app
 from imagebuild.commands.wiring import (
@@ -51,6 +52,9 @@ from imagebuild.commands.wiring import (
 )
 from imagebuild.commands.wiring import (
     registry as _registry,
+)
+from imagebuild.commands.wiring import (
+    using_cache as _using_cache,
 )
 from imagebuild.errors import ImagebuildError, ProjectError
 from imagebuild.project.settings import parse_python_version
@@ -141,6 +145,7 @@ def build(
         )
         with (
             sigterm_as_interrupt(),
+            _using_cache(request.cache_dir),
             http_client() as http,
             open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
         ):
@@ -219,7 +224,11 @@ def lock(
             python=parse_python_version(python, "--python") if python else None,
             mirrors=_mirrors(),
         )
-        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
+        with (
+            _using_cache(request.cache_dir),
+            http_client() as http,
+            open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
+        ):
             result = run_lock(request, ports=_ports(http, _registry(http), rep))
     except ImagebuildError as exc:
         _fail(exc, verbose)
@@ -320,7 +329,11 @@ def verify(
             source_date_epoch=_source_date_epoch(),
             mirrors=_mirrors(),
         )
-        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
+        with (
+            _using_cache(request.cache_dir),
+            http_client() as http,
+            open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
+        ):
             ports = _ports(http, _registry(http), rep)
             result = run_verify(image, request, ports=ports, epoch_given=given)
     except ImagebuildError as exc:
@@ -334,6 +347,7 @@ def verify(
 app.command(name="dockerfile")(_dockerfile_command)
 app.add_typer(base_app, name="base")
 app.add_typer(server_app, name="server")
+app.add_typer(cache_app, name="cache")
 
 
 @app.command()
@@ -374,7 +388,11 @@ def plan(
             source_date_epoch=_source_date_epoch(),
             mirrors=_mirrors(),
         )
-        with http_client() as http, open_reporter(Verbosity(quiet=True, verbose=verbose)) as rep:
+        with (
+            _using_cache(request.cache_dir),
+            http_client() as http,
+            open_reporter(Verbosity(quiet=True, verbose=verbose)) as rep,
+        ):
             result = run_plan(request, ports=_ports(http, _registry(http), rep))
     except ImagebuildError as exc:
         _fail(exc, verbose)

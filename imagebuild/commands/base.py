@@ -21,6 +21,7 @@ from imagebuild.commands.wiring import (
     platforms,
     ports,
     registry,
+    using_cache,
 )
 from imagebuild.errors import ImagebuildError
 from imagebuild.project.settings import parse_python_version
@@ -76,7 +77,11 @@ def build_base(
             mirror=mirror,
             security_mirror=security_mirror,
         )
-        with http_client() as http, open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep:
+        with (
+            using_cache(request.cache_dir),
+            http_client() as http,
+            open_reporter(Verbosity(quiet=quiet, verbose=verbose)) as rep,
+        ):
             client = registry(http)
             sinks = make_sinks(
                 parse_outputs(output_values(output, push=push)), registry=client, engine=engine

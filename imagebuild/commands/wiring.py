@@ -53,6 +53,16 @@ def cache_dir(option: Path | None) -> Path:
     return root
 
 
+def using_cache(root: Path) -> AbstractContextManager[None]:
+    """Hold the cache at ``root`` shared while a command uses it (``cache clean`` waits)."""
+    from imagebuild.pipeline.cacheadmin import cache_in_use
+
+    def waiting() -> None:
+        typer.echo(f"waiting for imgbuild cache clean or prune to end on {root}", err=True)
+
+    return cache_in_use(root, waiting=waiting)
+
+
 def interrupted(exc: KeyboardInterrupt) -> None:
     """Ctrl-C or SIGTERM: the run unwound (temporary files removed); one line, 130 or 143."""
     from imagebuild.commands.signals import Terminated

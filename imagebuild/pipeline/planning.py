@@ -70,7 +70,7 @@ class PlanResult:
             f"{'#':>3}  {'kind':<12}  {'size':>10}  {'cached':<6}  packages",
         ]
         for layer in self.layers:
-            size = "?" if layer.size is None else _human(layer.size)
+            size = "?" if layer.size is None else human_size(layer.size)
             cached = {True: "yes", False: "no", None: "-"}[layer.cached]
             packages = ", ".join(layer.packages) or "(venv skeleton)"
             lines.append(
@@ -195,7 +195,8 @@ def _cached(spec: LayerSpec, keyed: _Keyed, store: BlobStore) -> bool:
     return read_layer_record(keyed.cache.layers / f"{key}.json", store) is not None
 
 
-def _human(size: int) -> str:
+def human_size(size: int) -> str:
+    """``size`` bytes as people read them: 512 B, 3.4 KiB, 120.0 MiB, 1.2 GiB."""
     value = float(size)
     for unit in ("B", "KiB", "MiB"):
         if value < 1024:

@@ -1,0 +1,265 @@
+"""The cache as its owner sees it (``imgbuild cache``): its size, cleaning it, pruning it.
+
+Every command that reads or writes a cache holds a shared lock on it (``cache_in_use``,
+``flock`` on ``<cache>/.lock``) for as long as it runs; cleaning or pruning takes the lock
+alone (``cache_to_yourself``), so it waits for running builds and builds wait for it, as
+``uv cache clean`` does with uv's. The kernel drops a lock when its process ends, however
+it ends, so a killed build never leaves the cache locked. ``force`` skips the lock: a
+build running then may fail, but what it leaves is still read back as every cache entry
+is (a layer record whose blob is gone is a miss, not an error).
+
+Cleaning removes everything in the cache directory but the lock file, and the build
+environments this cache keeps in memory (``cache.build_envs_memory``). Pruning removes what
+no build needs and what a build makes again from the rest without the network: scratch
+trees and temporary files left by killed builds, and unpacked trees (bases' filesystems,
+build environments in memory). ``ci`` also removes what a build downloads again when it
+needs it (wheels, Simple API pages, metadata, Debian archive files) and keeps what it
+built (layers, blobs, built wheels, build environments): a CI cache then holds what saves
+a runner time, as ``uv cache prune --ci`` keeps built wheels and drops downloaded ones.
+
+A Debian archive cache shared through ``IMGBUILD_DEBIAN_CACHE`` is other caches' too: it is
+never removed from here. Bases unpacked in memory (``<memory>/rootfs``) are one user's,
+shared by all of their caches, and leave on their own once idle (``cache.ROOTFS_IDLE``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagebuild.cache import (
+    CACHE_DIR_ENV,
+    DEBIAN_CACHE_ENV,
+    CacheLayout,
+    build_envs_memory,
+    sweep_scratch,
+)
+from imagebuild.errors import ProjectError
+
+LOCK_NAME = ".lock"
+"""The file every command holding the cache locks (never removed: a new one would not
+exclude those holding the old)."""
+
+_DOWNLOADED = ("wheels", "http", "pages-parsed", "metadata")
+"""Buckets of files a build downloads again when it needs them (``prune --ci``)."""
+_UNPACKED = ("rootfs",)
+"""Buckets of trees a build unpacks again from what the cache keeps (``prune``)."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Usage:
+    """What one part of the cache holds."""
+
+    name: str
+    """The bucket's name (``CacheLayout``), or ``build-envs (memory)``."""
+    path: Path
+    files: int
+    size: int
+    """Bytes of the files' contents, a file linked twice counted once."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Removed:
+    """What a clean or a prune took away."""
+
+    files: int
+    size: int
+
+
+@contextmanager
+def cache_in_use(root: Path, *, waiting: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold ``root`` shared while the block runs; ``waiting`` is called if a clean holds it.
+
+    A cache that does not exist yet is not made here (a bad input then leaves no directory
+    behind): there is nothing to clean, and ``cache clean`` says so instead of waiting.
+    """
+    if not root.is_dir():
+        yield
+        return
+    with _locked(root, fcntl.LOCK_SH, waiting):
+        yield
+
+
+@contextmanager
+def cache_to_yourself(
+    root: Path, *, force: bool = False, waiting: Callable[[], None] | None = None
+) -> Iterator[None]:
+    """Hold ``root`` alone while the block runs (``force``: without waiting or locking)."""
+    if force:
+        yield
+        return
+    with _locked(root, fcntl.LOCK_EX, waiting):
+        yield
+
+
+@contextmanager
+def _locked(root: Path, mode: int, waiting: Callable[[], None] | None) -> Iterator[None]:
+    fd = os.open(root / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting()
+            fcntl.flock(fd, mode)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with the descriptor
+
+
+def cache_usage(root: Path) -> tuple[Usage, ...]:
+    """What each bucket of the cache at ``root`` holds, by name; empty buckets left out.
+
+    Entries the layout does not name (an older imgbuild's) are counted under their own name.
+    """
+    seen: set[tuple[int, int]] = set()
+    parts = [(entry.name, entry) for entry in _entries(root)]
+    memory = build_envs_memory(CacheLayout(root).build_envs)
+    if memory is not None:
+        parts.append(("build-envs (memory)", memory))
+    shared = _shared_debian()
+    if shared is not None:
+        parts.append((f"debian ({DEBIAN_CACHE_ENV})", shared))
+    found = []
+    for name, path in sorted(parts):
+        files, size = _measure(path, seen)
+        if files:
+            found.append(Usage(name=name, path=path, files=files, size=size))
+    return tuple(found)
+
+
+def check_is_cache(root: Path) -> None:
+    """Refuse, in one line, a directory holding what no imgbuild cache holds.
+
+    Cleaning ``--cache-dir .`` in a project, or a home directory, must not remove it.
+    """
+    known = _bucket_names()
+    for entry in _entries(root):
+        if entry.name not in known and not entry.name.startswith(".tmp-"):
+            raise ProjectError(
+                f"{root} is not an imgbuild cache: it holds {entry.name!r}, which imgbuild "
+                "does not make, so nothing was removed",
+                hint=f"name the cache itself (--cache-dir, {CACHE_DIR_ENV}; `imgbuild cache "
+                "dir` prints it), or remove what it holds yourself",
+            )
+
+
+def _bucket_names() -> frozenset[str]:
+    """The names of the cache directory's entries (``CacheLayout``'s buckets)."""
+    layout = CacheLayout(Path("/"))
+    buckets = (name for name, value in vars(CacheLayout).items() if isinstance(value, property))
+    return frozenset({"debian", *(getattr(layout, name).name for name in buckets)})
+
+
+def clean_cache(root: Path) -> Removed:
+    """Remove everything the cache at ``root`` holds (see the module's docstring)."""
+    targets = list(_entries(root))
+    memory = build_envs_memory(CacheLayout(root).build_envs)
+    if memory is not None:
+        targets.append(memory)
+    return _remove_all(targets)
+
+
+def prune_cache(root: Path, *, ci: bool = False) -> Removed:
+    """Remove what no build needs, and with ``ci`` what it downloads again (see above)."""
+    layout = CacheLayout(root)
+    before = _measure(layout.tmp, set())
+    sweep_scratch(layout.tmp)
+    after = _measure(layout.tmp, set())
+    targets = [root / name for name in _UNPACKED]
+    memory = build_envs_memory(layout.build_envs)
+    if memory is not None:
+        targets.append(memory)
+    if ci:
+        targets.extend(root / name for name in _DOWNLOADED)
+        if _shared_debian() is None:
+            targets.append(layout.debian)
+    removed = _remove_all(targets)
+    parts = _remove_all(_temporary_files(root))
+    return Removed(
+        files=removed.files + parts.files + before[0] - after[0],
+        size=removed.size + parts.size + before[1] - after[1],
+    )
+
+
+def _entries(root: Path) -> Iterator[Path]:
+    """What the cache directory holds, but its lock file."""
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return
+    yield from (entry for entry in entries if entry.name != LOCK_NAME)
+
+
+def _shared_debian() -> Path | None:
+    shared = os.environ.get(DEBIAN_CACHE_ENV)
+    return Path(shared) if shared else None
+
+
+def _temporary_files(root: Path) -> list[Path]:
+    """The ``.tmp-*.part`` files an interrupted atomic write left (``cache.atomic_writer``)."""
+    found: list[Path] = []
+    for top, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not Path(top, d).is_symlink()]
+        found.extend(Path(top, f) for f in files if f.startswith(".tmp-") and f.endswith(".part"))
+    return sorted(found)
+
+
+def _measure(path: Path, seen: set[tuple[int, int]]) -> tuple[int, int]:
+    """Files under ``path`` (or ``path`` itself) and their bytes; ``seen`` inodes skipped."""
+    files = size = 0
+    for file in _files(path):
+        try:
+            info = file.lstat()
+        except OSError:
+            continue
+        if (info.st_dev, info.st_ino) in seen:
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        files += 1
+        size += info.st_size
+    return files, size
+
+
+def _files(path: Path) -> Iterator[Path]:
+    if path.is_symlink() or path.is_file():
+        yield path
+        return
+    for top, dirs, files in os.walk(path):
+        links = [d for d in dirs if Path(top, d).is_symlink()]
+        dirs[:] = [d for d in dirs if d not in links]
+        yield from (Path(top, name) for name in (*files, *links))
+
+
+def _remove_all(targets: list[Path]) -> Removed:
+    """Remove each of ``targets``, file or tree, and count what went."""
+    files = size = 0
+    for target in targets:
+        counted = _measure(target, set())
+        if _remove(target):
+            files += counted[0]
+            size += counted[1]
+    return Removed(files=files, size=size)
+
+
+def _remove(path: Path) -> bool:
+    """Remove ``path`` (a tree: its read-only directories made writable first)."""
+    if not path.exists() and not path.is_symlink():
+        return False
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return True
+
+    def writable_then_again(func: Callable[[str], object], name: str, _: object) -> None:
+        parent = os.path.dirname(name)
+        os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
+        func(name)
+
+    shutil.rmtree(path, onerror=writable_then_again)
+    return True

@@ -1,0 +1,250 @@
+"""``imgbuild cache``: dir, size, clean and prune, and the lock that keeps them off running builds.
+
+The lock is taken by real processes here (``flock`` is between open files, so a thread of
+this process would not show what another process sees).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imagebuild.cache import CacheLayout, build_envs_memory, scratch_tree
+from imagebuild.cli import app
+from imagebuild.pipeline.cacheadmin import LOCK_NAME, cache_in_use
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_HOLD = textwrap.dedent(
+    """\
+    import sys, time
+    from pathlib import Path
+    from imagebuild.pipeline.cacheadmin import cache_in_use, cache_to_yourself
+
+    root, mode, signal_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+    held = cache_in_use(root) if mode == "shared" else cache_to_yourself(root)
+    with held:
+        signal_file.write_text("held")
+        while signal_file.read_text() != "release":
+            time.sleep(0.01)
+    """
+)
+
+
+def _cli(*args: str | Path) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.stdout, result.stderr
+
+
+def _fill(root: Path) -> None:
+    """A cache as builds leave it: a wheel, a blob, a layer record, pages, a base's tree."""
+    for name, data in {
+        "wheels/ab/cd.whl": b"w" * 3000,
+        "blobs/sha256/0123": b"b" * 5000,
+        "layers/key.json": b"{}",
+        "http/pages/x.json": b"p" * 10,
+        "metadata/m.metadata": b"m",
+        "rootfs/094e/usr/bin/python3": b"#!",
+        "debian/Release": b"r",
+    }.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+
+
+class _Holder:
+    """Another process holding the cache's lock, shared (a build) or alone (a clean)."""
+
+    def __init__(self, root: Path, mode: str, tmp: Path) -> None:
+        self.signal = tmp / f"hold-{mode}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HOLD, str(root), mode, str(self.signal)], cwd=ROOT
+        )
+        deadline = time.monotonic() + 30
+        while not (self.signal.is_file() and self.signal.read_text() == "held"):
+            assert self.process.poll() is None, "the holder died"
+            assert time.monotonic() < deadline, "the holder never took the lock"
+            time.sleep(0.01)
+
+    def release(self) -> None:
+        self.signal.write_text("release")
+        assert self.process.wait(timeout=30) == 0
+
+
+def _imgbuild(*args: str | Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "imagebuild", *map(str, args)],
+        cwd=ROOT,
+        env={**os.environ, "IMGBUILD_SERVER": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_line(stream: object, text: str) -> str:
+    line = stream.readline()  # type: ignore[attr-defined]
+    assert text in line, line
+    return str(line)
+
+
+def test_dir_names_the_option_else_the_variable_else_the_user_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _cli("cache", "dir")[1].strip() == str(tmp_path / "xdg" / "imgbuild")
+    monkeypatch.setenv("IMGBUILD_CACHE_DIR", str(tmp_path / "env"))
+    assert _cli("cache", "dir")[1].strip() == str(tmp_path / "env")
+    assert _cli("cache", "dir", "--cache-dir", tmp_path / "opt")[1].strip() == str(tmp_path / "opt")
+
+
+def test_size_counts_each_bucket_and_a_file_linked_twice_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IMGBUILD_DEBIAN_CACHE")
+    root = tmp_path / "cache"
+    _fill(root)
+    os.link(root / "blobs/sha256/0123", root / "blobs/sha256/linked")
+    code, out, _ = _cli("cache", "size", "--cache-dir", root)
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "2.9 KiB" in lines["wheels"] and " 1 files" in lines["wheels"]
+    assert "4.9 KiB" in lines["blobs"] and " 1 files" in lines["blobs"]
+    assert "total" in lines and "7 files" in lines["total"]
+
+
+def test_clean_removes_everything_but_the_lock_and_leaves_a_shared_debian_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared = tmp_path / "shared-debian"
+    (shared / "pool").mkdir(parents=True)
+    (shared / "pool" / "x.deb").write_bytes(b"deb")
+    monkeypatch.setenv("IMGBUILD_DEBIAN_CACHE", str(shared))
+    root = tmp_path / "cache"
+    _fill(root)
+    memory = build_envs_memory(CacheLayout(root).build_envs)
+    if memory is not None:  # this cache's build environments in memory go too
+        (memory / "env").mkdir(parents=True)
+        (memory / "env" / "python").write_bytes(b"x")
+    code, _, err = _cli("cache", "clean", "--cache-dir", root)
+    assert code == 0, err
+    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+    assert "removed 7 files" in err if memory is None else "removed 8 files" in err
+    assert memory is None or not memory.exists()
+    assert (shared / "pool" / "x.deb").read_bytes() == b"deb"
+
+
+def test_clean_and_prune_refuse_a_directory_that_is_not_a_cache(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    _fill(project)
+    (project / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    for command in ("clean", "prune"):
+        code, _, err = _cli("cache", command, "--cache-dir", project)
+        assert code == 1
+        assert len(err.strip().splitlines()) == 1
+        assert "is not an imgbuild cache" in err and "'pyproject.toml'" in err
+    assert (project / "wheels/ab/cd.whl").is_file() and (project / "pyproject.toml").is_file()
+
+
+def test_prune_takes_leftovers_and_unpacked_trees_and_keeps_what_builds_need(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "cache"
+    _fill(root)
+    layout = CacheLayout(root)
+    dead = layout.tmp / "imgbuild-dead"  # a killed build's tree: no owner holds it
+    (dead / "stage").mkdir(parents=True)
+    (dead / "stage" / "f").write_bytes(b"x" * 100)
+    (layout.wheels / "ab" / ".tmp-0011.part").write_bytes(b"half")
+    with scratch_tree(layout.tmp) as live:  # a running build's tree (--force: kept)
+        (live / "f").write_bytes(b"y")
+        code, _, err = _cli("cache", "prune", "--force", "--cache-dir", root)
+        assert code == 0, err
+        assert (live / "f").is_file()
+    assert not dead.exists() and not (layout.wheels / "ab" / ".tmp-0011.part").exists()
+    assert not layout.rootfs.exists()
+    for kept in ("wheels/ab/cd.whl", "blobs/sha256/0123", "layers/key.json", "http/pages/x.json"):
+        assert (root / kept).is_file(), kept
+    assert "removed 3 files" in err  # the dead tree's file, the part, the base's tree
+
+
+def test_prune_for_ci_drops_downloads_and_keeps_what_was_built(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IMGBUILD_DEBIAN_CACHE")
+    root = tmp_path / "cache"
+    _fill(root)
+    code, _, err = _cli("cache", "prune", "--ci", "--cache-dir", root)
+    assert code == 0, err
+    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME, "blobs", "layers"]
+
+
+def test_clean_waits_for_a_running_build_and_force_does_not(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    _fill(root)
+    build = _Holder(root, "shared", tmp_path)
+    clean = _imgbuild("cache", "clean", "--cache-dir", root)
+    assert clean.stderr is not None
+    _wait_for_line(clean.stderr, "in use by a running build; waiting")
+    time.sleep(0.3)
+    assert clean.poll() is None and (root / "wheels/ab/cd.whl").is_file()
+    forced = subprocess.run(
+        [sys.executable, "-m", "imagebuild", "cache", "prune", "--force", "--cache-dir", root],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert forced.returncode == 0 and "waiting" not in forced.stderr
+    assert not (root / "rootfs").exists()  # pruned without waiting
+    build.release()
+    _, err = clean.communicate(timeout=60)
+    assert clean.returncode == 0 and "removed" in err
+    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+
+
+def test_a_killed_build_leaves_the_cache_unlocked(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    _fill(root)
+    build = _Holder(root, "shared", tmp_path)
+    build.process.send_signal(signal.SIGKILL)
+    build.process.wait(timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "imagebuild", "cache", "clean", "--cache-dir", root],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and "waiting" not in done.stderr
+
+
+def test_a_build_waits_for_a_clean_to_end(tmp_path: Path) -> None:
+    root = tmp_path / "cache"
+    root.mkdir()
+    clean = _Holder(root, "alone", tmp_path)
+    waited = threading.Event()
+    entered = threading.Event()
+
+    def build() -> None:
+        with cache_in_use(root, waiting=waited.set):
+            entered.set()
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    assert waited.wait(timeout=30)
+    time.sleep(0.2)
+    assert not entered.is_set()
+    clean.release()
+    thread.join(timeout=30)
+    assert entered.is_set()
