@@ -62,6 +62,14 @@ def _fill(root: Path) -> None:
         (root / name).write_bytes(data)
 
 
+@pytest.fixture
+def filled(tmp_path: Path) -> Path:
+    """A cache as builds leave it (``_fill``), at ``tmp_path / "cache"``."""
+    root = tmp_path / "cache"
+    _fill(root)
+    return root
+
+
 class _Holder:
     """Another process holding the cache's lock, shared (a build) or alone (a clean)."""
 
@@ -109,11 +117,10 @@ def test_dir_names_the_option_else_the_variable_else_the_user_cache(
 
 
 def test_size_counts_each_bucket_and_a_file_linked_twice_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    filled: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("IMGBUILD_DEBIAN_CACHE")
-    root = tmp_path / "cache"
-    _fill(root)
+    root = filled
     os.link(root / "blobs/sha256/0123", root / "blobs/sha256/linked")
     code, out, _ = _cli("cache", "size", "--cache-dir", root)
     assert code == 0
@@ -179,14 +186,12 @@ def test_prune_takes_leftovers_and_unpacked_trees_and_keeps_what_builds_need(
 
 
 def test_prune_for_ci_drops_downloads_and_keeps_what_was_built(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    filled: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("IMGBUILD_DEBIAN_CACHE")
-    root = tmp_path / "cache"
-    _fill(root)
-    code, _, err = _cli("cache", "prune", "--ci", "--cache-dir", root)
+    code, _, err = _cli("cache", "prune", "--ci", "--cache-dir", filled)
     assert code == 0, err
-    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME, "blobs", "layers"]
+    assert sorted(p.name for p in filled.iterdir()) == [LOCK_NAME, "blobs", "layers"]
 
 
 def test_clean_waits_for_a_running_build_and_force_does_not(tmp_path: Path) -> None:
