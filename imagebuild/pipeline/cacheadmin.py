@@ -100,7 +100,16 @@ def cache_to_yourself(
 
 @contextmanager
 def _locked(root: Path, mode: int, waiting: Callable[[], None] | None) -> Iterator[None]:
-    fd = os.open(root / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o600)
+    """``flock`` ``root``'s lock file for the block; where it cannot be, the block runs as is.
+
+    Read-only, and readable by all, so users sharing a cache share its lock. A file system
+    without locks (some NFS mounts) leaves builds unlocked rather than failing them.
+    """
+    try:
+        fd = os.open(root / LOCK_NAME, os.O_CREAT | os.O_RDONLY, 0o644)
+    except OSError:
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -108,6 +117,8 @@ def _locked(root: Path, mode: int, waiting: Callable[[], None] | None) -> Iterat
             if waiting is not None:
                 waiting()
             fcntl.flock(fd, mode)
+        except OSError:
+            pass  # no locks here
         yield
     finally:
         os.close(fd)  # the lock goes with the descriptor
