@@ -6,6 +6,7 @@ this process would not show what another process sees).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -253,3 +254,41 @@ def test_a_build_waits_for_a_clean_to_end(tmp_path: Path) -> None:
     clean.release()
     thread.join(timeout=30)
     assert entered.is_set()
+
+
+def _record(path: Path, *digests: str, days_old: float) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"digests": [f"sha256:{d}" for d in digests]}))
+    when = time.time() - days_old * 86400
+    os.utime(path, (when, when))
+
+
+def test_prune_unused_for_takes_old_layers_and_only_the_blobs_they_alone_name(
+    filled: Path,
+) -> None:
+    old, shared, fresh, base_layer = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+    blobs = filled / "blobs" / "sha256"
+    for name in (old, shared, fresh, base_layer):
+        (blobs / name).write_bytes(name.encode())
+    _record(filled / "layers" / "old.json", old, shared, base_layer, days_old=40)
+    _record(filled / "layers" / "sbom-old.json", old, days_old=31)
+    _record(filled / "layers" / "fresh.json", shared, fresh, days_old=29)
+    # A base the cache keeps facts of: its manifest names its layer, which stays.
+    manifest = "e" * 64
+    (blobs / manifest).write_text(json.dumps({"layers": [{"digest": f"sha256:{base_layer}"}]}))
+    (filled / "bases" / f"{manifest}.json").parent.mkdir()
+    (filled / "bases" / f"{manifest}.json").write_text("{}")
+
+    code, _, err = _cli("cache", "prune", "--unused-for", "30", "--cache-dir", filled)
+    assert code == 0, err
+    assert sorted(p.name for p in (filled / "layers").iterdir()) == ["fresh.json", "key.json"]
+    assert not (blobs / old).exists()
+    for kept in (shared, fresh, base_layer, manifest, "0123"):
+        assert (blobs / kept).is_file(), kept
+
+
+def test_prune_unused_for_refuses_a_negative_number_of_days(filled: Path) -> None:
+    code, _, err = _cli("cache", "prune", "--unused-for", "-1", "--cache-dir", filled)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "--unused-for -1.0: not a number of days" in err
+    assert (filled / "rootfs").is_dir()  # nothing pruned

@@ -16,7 +16,7 @@ import typer
 from imagebuild.commands.options import BuildCacheDir
 from imagebuild.commands.wiring import cache_dir as resolve_cache_dir
 from imagebuild.commands.wiring import fail
-from imagebuild.errors import ImagebuildError
+from imagebuild.errors import ImagebuildError, ProjectError
 
 cache_app = typer.Typer(
     help="The cache of wheels, layers and bases builds share: where, how big, clean, prune.",
@@ -36,6 +36,17 @@ Ci = Annotated[
         "--ci",
         help="Also remove what builds download again (wheels, index pages, Debian files) "
         "and keep what they built (layers, blobs, built wheels): for a CI cache.",
+    ),
+]
+
+
+UnusedFor = Annotated[
+    float | None,
+    typer.Option(
+        "--unused-for",
+        metavar="DAYS",
+        help="Also remove the layers no build has used for DAYS days (each is made again "
+        "when a build needs it).",
     ),
 ]
 
@@ -75,14 +86,28 @@ def clean(cache_dir: BuildCacheDir = None, force: Force = False) -> None:
 
 
 @cache_app.command("prune")
-def prune(cache_dir: BuildCacheDir = None, force: Force = False, ci: Ci = False) -> None:
+def prune(
+    cache_dir: BuildCacheDir = None,
+    force: Force = False,
+    ci: Ci = False,
+    unused_for: UnusedFor = None,
+) -> None:
     """Remove what builds left behind and the trees they unpack again from the rest."""
     from imagebuild.pipeline.cacheadmin import prune_cache
 
+    if unused_for is not None and not unused_for >= 0:
+        fail(
+            ProjectError(
+                f"--unused-for {unused_for}: not a number of days",
+                hint="give 0 or more days, e.g. --unused-for 30",
+            ),
+            verbose=False,
+        )
     root = _root(cache_dir)
     if _found(root):
+        seconds = unused_for * 86400 if unused_for is not None else None
         with _alone(root, force):
-            removed = prune_cache(root, ci=ci)
+            removed = prune_cache(root, ci=ci, unused_for=seconds)
         _removed(removed.files, removed.size, root)
 
 

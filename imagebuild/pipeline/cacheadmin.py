@@ -16,6 +16,8 @@ build environments in memory). ``ci`` also removes what a build downloads again 
 needs it (wheels, Simple API pages, metadata, Debian archive files) and keeps what it
 built (layers, blobs, built wheels, build environments): a CI cache then holds what saves
 a runner time, as ``uv cache prune --ci`` keeps built wheels and drops downloaded ones.
+``unused_for`` also removes the layers no build has read for that long (``_unused``): each
+code change makes a new project layer, and a developer's cache kept them all.
 
 A Debian archive cache shared through ``IMGBUILD_DEBIAN_CACHE`` is other caches' too: it is
 never removed from here. Bases unpacked in memory (``<memory>/rootfs``) are one user's,
@@ -26,8 +28,10 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -177,9 +181,13 @@ def clean_cache(root: Path) -> Removed:
     return _remove_all(targets)
 
 
-def prune_cache(root: Path, *, ci: bool = False) -> Removed:
-    """Remove what no build needs, and with ``ci`` what it downloads again (see above)."""
+def prune_cache(root: Path, *, ci: bool = False, unused_for: float | None = None) -> Removed:
+    """Remove what no build needs, and with ``ci`` what it downloads again (see above).
+
+    ``unused_for``: also the layers no build has read for that many seconds (``_unused``).
+    """
     layout = CacheLayout(root)
+    stale = _unused(layout, unused_for) if unused_for is not None else []
     before = _measure(layout.tmp, set())
     sweep_scratch(layout.tmp)
     after = _measure(layout.tmp, set())
@@ -191,12 +199,55 @@ def prune_cache(root: Path, *, ci: bool = False) -> Removed:
         targets.extend(root / name for name in _DOWNLOADED)
         if _shared_debian() is None:
             targets.append(layout.debian)
-    removed = _remove_all(targets)
+    removed = _remove_all(targets + stale)
     parts = _remove_all(_temporary_files(root))
     return Removed(
         files=removed.files + parts.files + before[0] - after[0],
         size=removed.size + parts.size + before[1] - after[1],
     )
+
+
+_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+
+
+def _unused(layout: CacheLayout, seconds: float) -> list[Path]:
+    """Layer and SBOM records no build has read for ``seconds``, and the blobs only they name.
+
+    A build touches each record it reads (``layerwork.read_layer_record``, ``sbom._kept``),
+    so a record's time is its last use; a blob also named by a record still in use, or by a
+    base whose facts the cache keeps (its manifest's config and layers, which a base built
+    here has nowhere else), stays. A record removed is a miss: the layer is made again.
+    """
+    cutoff = time.time() - seconds
+    stale: list[Path] = []
+    named_by_stale: set[str] = set()
+    kept = _base_blobs(layout)
+    for record in sorted(layout.layers.glob("*.json")):
+        try:
+            used = record.stat().st_mtime
+            named = set(_DIGEST.findall(record.read_text(encoding="utf-8", errors="replace")))
+        except OSError:
+            continue
+        if used < cutoff:
+            stale.append(record)
+            named_by_stale |= named
+        else:
+            kept |= named
+    blobs = layout.blobs / "sha256"
+    return stale + [blobs / name for name in sorted(named_by_stale - kept)]
+
+
+def _base_blobs(layout: CacheLayout) -> set[str]:
+    """The blobs of the bases the cache keeps facts of: manifests, configs, layers."""
+    named: set[str] = set()
+    for facts in layout.bases.glob("*.json"):
+        manifest = layout.blobs / "sha256" / facts.stem
+        named.add(facts.stem)
+        try:
+            named |= set(_DIGEST.findall(manifest.read_text(encoding="utf-8", errors="replace")))
+        except OSError:
+            continue
+    return named
 
 
 def _entries(root: Path) -> Iterator[Path]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from imagebuild.cache import write_json
+from imagebuild.cache import mark_used, write_json
 from imagebuild.image.model import Layer
 from imagebuild.image.store import BlobStore
 from imagebuild.image.tarball import build_layer
@@ -149,12 +149,18 @@ def write_layer_record(record: Path, layer: Layer) -> None:
 
 
 def read_layer_record(record: Path, store: BlobStore) -> Layer | None:
-    """The layer a cache record names, if it reads back and its blob is still in the store."""
+    """The layer a cache record names, if it reads back and its blob is still in the store.
+
+    A record read back has its time touched: what ``imgbuild cache prune --unused-for`` goes by.
+    """
     try:
         layer = Layer(**json.loads(record.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
-    return layer if store.has(layer.digest) else None
+    if not store.has(layer.digest):
+        return None
+    mark_used(record)
+    return layer
 
 
 def layer_json(layer: Layer) -> dict[str, object]:

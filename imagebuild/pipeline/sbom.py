@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path, PurePosixPath
 
 from imagebuild import __version__
-from imagebuild.cache import write_json
+from imagebuild.cache import mark_used, write_json
 from imagebuild.digest import Digest, digest_bytes
 from imagebuild.errors import ImageError
 from imagebuild.image.descriptor import SBOM_FILE, SBOM_MEDIA_TYPE, Descriptor
@@ -124,4 +124,7 @@ def _kept(record: Path, store: BlobStore) -> Descriptor | None:
         blob = Descriptor.from_json(json.loads(record.read_text(encoding="utf-8"))["blob"])
     except (OSError, ValueError, KeyError, TypeError, ImageError):
         return None
-    return blob if store.has(blob.digest) else None
+    if not store.has(blob.digest):
+        return None
+    mark_used(record)  # as layer records are (``layerwork.read_layer_record``)
+    return blob

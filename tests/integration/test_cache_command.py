@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,44 @@ def test_a_build_waits_while_the_cache_is_cleaned(
     _, err = build.communicate(timeout=300)
     assert build.returncode == 0, err
     assert (tmp_path / "o" / "index.json").is_file()
+
+
+def test_pruning_unused_layers_keeps_what_the_last_build_read(
+    docker_env: TestInfra, make_project: MakeProject, tmp_path: Path
+) -> None:
+    project = make_project()
+    cache = tmp_path / "cache"
+    build_layout(project, cache, tmp_path / "v1")
+    v1 = _digest(tmp_path / "v1")
+    # Forty days pass; then a code change is built: it reads every record but the old
+    # project layer's, and makes a new one.
+    then = time.time() - 40 * 86400
+    for record in (cache / "layers").iterdir():
+        os.utime(record, (then, then))
+    source = project / "src" / "demo_app" / "__init__.py"
+    first = source.read_text()
+    source.write_text(first + "\nCHANGED = True\n")
+    build_layout(project, cache, tmp_path / "v2")
+    v2 = _digest(tmp_path / "v2")
+    blobs = set((cache / "blobs" / "sha256").iterdir())
+
+    pruned = imgbuild("cache", "prune", "--unused-for", "30", "--cache-dir", cache)
+    assert pruned.exit_code == 0, pruned.stderr
+    gone = blobs - set((cache / "blobs" / "sha256").iterdir())
+    v1_layers = {d.removeprefix("sha256:") for d in _layers(tmp_path / "v1")}
+    v2_layers = {d.removeprefix("sha256:") for d in _layers(tmp_path / "v2")}
+    assert {p.name for p in gone} == v1_layers - v2_layers  # the old project layer only
+
+    again = build_layout(project, cache, tmp_path / "v2b")
+    assert "1 new" not in again.stderr and "0 new" in again.stderr
+    assert _digest(tmp_path / "v2b") == v2
+    source.write_text(first)
+    back = build_layout(project, cache, tmp_path / "v1b")
+    assert "1 new" in back.stderr  # the project layer, made again
+    assert _digest(tmp_path / "v1b") == v1
+
+
+def _layers(layout: Path) -> list[str]:
+    manifest = json.loads((layout / "index.json").read_text())["manifests"][0]["digest"]
+    blob = layout / "blobs" / "sha256" / manifest.removeprefix("sha256:")
+    return [layer["digest"] for layer in json.loads(blob.read_text())["layers"]]
