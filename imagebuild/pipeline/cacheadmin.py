@@ -44,16 +44,13 @@ from imagebuild.cache import (
     build_envs_memory,
     sweep_scratch,
 )
-from imagebuild.errors import ProjectError
+from imagebuild.digest import Digest
+from imagebuild.errors import ImageError, ProjectError
+from imagebuild.image.store import BlobStore
 
 LOCK_NAME = ".lock"
 """The file every command holding the cache locks (never removed: a new one would not
 exclude those holding the old)."""
-
-_DOWNLOADED = ("wheels", "http", "pages-parsed", "metadata")
-"""Buckets of files a build downloads again when it needs them (``prune --ci``)."""
-_UNPACKED = ("rootfs",)
-"""Buckets of trees a build unpacks again from what the cache keeps (``prune``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -191,19 +188,19 @@ def prune_cache(root: Path, *, ci: bool = False, unused_for: float | None = None
     before = _measure(layout.tmp, set())
     sweep_scratch(layout.tmp)
     after = _measure(layout.tmp, set())
-    targets = [root / name for name in _UNPACKED]
+    targets = [layout.rootfs]  # bases' trees, unpacked again from their blobs
     memory = build_envs_memory(layout.build_envs)
     if memory is not None:
         targets.append(memory)
-    if ci:
-        targets.extend(root / name for name in _DOWNLOADED)
+    if ci:  # what a build downloads again when it needs it
+        targets.extend((layout.wheels, layout.http, layout.pages_parsed, layout.metadata))
         if _shared_debian() is None:
             targets.append(layout.debian)
     removed = _remove_all(targets + stale)
     parts = _remove_all(_temporary_files(root))
-    return Removed(
-        files=removed.files + parts.files + before[0] - after[0],
-        size=removed.size + parts.size + before[1] - after[1],
+    return Removed(  # a build let run (``force``) may have added to tmp/ meanwhile
+        files=removed.files + parts.files + max(0, before[0] - after[0]),
+        size=removed.size + parts.size + max(0, before[1] - after[1]),
     )
 
 
@@ -233,20 +230,21 @@ def _unused(layout: CacheLayout, seconds: float) -> list[Path]:
             named_by_stale |= named
         else:
             kept |= named
-    blobs = layout.blobs / "sha256"
-    return stale + [blobs / name for name in sorted(named_by_stale - kept)]
+    store = BlobStore(layout.blobs)
+    return stale + [store.path(Digest(f"sha256:{hex_}")) for hex_ in sorted(named_by_stale - kept)]
 
 
 def _base_blobs(layout: CacheLayout) -> set[str]:
     """The blobs of the bases the cache keeps facts of: manifests, configs, layers."""
+    store = BlobStore(layout.blobs)
     named: set[str] = set()
     for facts in layout.bases.glob("*.json"):
-        manifest = layout.blobs / "sha256" / facts.stem
         named.add(facts.stem)
         try:
-            named |= set(_DIGEST.findall(manifest.read_text(encoding="utf-8", errors="replace")))
-        except OSError:
+            manifest = store.path(Digest(f"sha256:{facts.stem}")).read_text(errors="replace")
+        except (OSError, ImageError):  # not a digest's name: no base's facts
             continue
+        named |= set(_DIGEST.findall(manifest))
     return named
 
 
