@@ -292,3 +292,17 @@ def test_prune_unused_for_refuses_a_negative_number_of_days(filled: Path) -> Non
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert "--unused-for -1.0: not a number of days" in err
     assert (filled / "rootfs").is_dir()  # nothing pruned
+
+
+def test_a_file_that_cannot_be_removed_stops_the_clean_in_one_line(
+    filled: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another user's file in a shared cache, as root cannot be made to see it here.
+    def refuse(path: str, onerror: object = None) -> None:
+        raise PermissionError(13, "Permission denied", f"{path}/theirs.whl")
+
+    monkeypatch.setattr("imagebuild.pipeline.cacheadmin.shutil.rmtree", refuse)
+    code, _, err = _cli("cache", "clean", "--cache-dir", filled)
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert f"cannot remove {filled / 'blobs'}/theirs.whl: Permission denied" in err
+    assert "run as the cache's owner" in err

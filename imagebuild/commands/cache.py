@@ -80,8 +80,11 @@ def clean(cache_dir: BuildCacheDir = None, force: Force = False) -> None:
 
     root = _root(cache_dir)
     if _found(root):
-        with _alone(root, force):
-            removed = clean_cache(root)
+        try:
+            with _alone(root, force):
+                removed = clean_cache(root)
+        except ImagebuildError as exc:
+            fail(exc, verbose=False)
         _removed(removed.files, removed.size, root)
 
 
@@ -106,8 +109,11 @@ def prune(
     root = _root(cache_dir)
     if _found(root):
         seconds = unused_for * 86400 if unused_for is not None else None
-        with _alone(root, force):
-            removed = prune_cache(root, ci=ci, unused_for=seconds)
+        try:
+            with _alone(root, force):
+                removed = prune_cache(root, ci=ci, unused_for=seconds)
+        except ImagebuildError as exc:
+            fail(exc, verbose=False)
         _removed(removed.files, removed.size, root)
 
 

@@ -309,17 +309,27 @@ def _remove_all(targets: list[Path]) -> Removed:
 
 
 def _remove(path: Path) -> bool:
-    """Remove ``path`` (a tree: its read-only directories made writable first)."""
+    """Remove ``path`` (a tree: its read-only directories made writable first).
+
+    One that cannot be removed stops the clean or the prune, in one line.
+    """
     if not path.exists() and not path.is_symlink():
         return False
-    if path.is_symlink() or not path.is_dir():
-        path.unlink(missing_ok=True)
-        return True
 
     def writable_then_again(func: Callable[[str], object], name: str, _: object) -> None:
         parent = os.path.dirname(name)
         os.chmod(parent, os.stat(parent).st_mode | stat.S_IWUSR | stat.S_IXUSR)
         func(name)
 
-    shutil.rmtree(path, onerror=writable_then_again)
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(path, onerror=writable_then_again)
+    except OSError as exc:  # another user's files in a shared cache, say
+        raise ProjectError(
+            f"cannot remove {exc.filename or path}: {exc.strerror or exc}; what was removed "
+            "before it stays removed",
+            hint="check the owner and permissions there, or run as the cache's owner",
+        ) from exc
     return True
