@@ -74,6 +74,15 @@ def test_a_build_through_the_server_makes_the_same_image(
         # process the first started (one process: same environment, directory and backend);
         # stopping the server stops it too.
         assert len(list(where.glob("hooks-*.sock"))) == 1
+        # Nothing the server keeps running (it, its resident backend) holds the cache: a
+        # clean does not wait for them.
+        cleaned = subprocess.run(
+            [sys.executable, "-m", "imagebuild", "cache", "clean", "--cache-dir",
+             str(tmp_path / "cache-served")],
+            env=served, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert cleaned.returncode == 0 and "waiting" not in cleaned.stderr, cleaned.stderr
+        assert [p.name for p in (tmp_path / "cache-served").iterdir()] == [".lock"]
     finally:
         _imgbuild(served, "server", "stop")
     deadline = time.monotonic() + 30
