@@ -11,15 +11,22 @@ from imagebuild.digest import Digest
 from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage
 from imagebuild.install.plan import PlannedWheel
-from imagebuild.pipeline.links import _bundle_key, _keep_bundle, gather_link_records
+from imagebuild.pipeline.links import (
+    LinkRecords,
+    _bundle_key,
+    _keep_bundle,
+    _keep_records,
+    gather_link_records,
+)
 
 
 class Records:
     """The registry cache's records (a fake of the ``RemoteLayers`` port): asks counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keeps: bool = True) -> None:
         self.kept: dict[str, bytes] = {}
         self.asked: list[str] = []
+        self.keeps = keeps
 
     def find_record(self, key: str) -> bytes | None:
         self.asked.append(key)
@@ -37,7 +44,9 @@ _BASE = BaseImage(
     reference="base",
     manifest_digest=_digest(90),
     config={},
-    layers=(Descriptor(media_type="application/vnd.oci.image.layer.v1.tar", digest=_digest(91), size=1),),
+    layers=(
+        Descriptor(media_type="application/vnd.oci.image.layer.v1.tar", digest=_digest(91), size=1),
+    ),
     diff_ids=(_digest(91),),
 )
 _WHEELS = [
@@ -103,3 +112,15 @@ def test_no_bundle_is_kept_for_one_record_or_an_unusable_one(tmp_path: Path) -> 
     records[1].write_bytes(b"half a rec")
     _keep_bundle(records, remote)
     assert remote.kept == {}
+
+
+def test_a_check_s_records_are_kept_only_where_a_cache_keeps(tmp_path: Path) -> None:
+    _, records, _ = _seeded(tmp_path)  # worked out on this runner, on disk
+    gathered = LinkRecords(records=tuple(records), made=frozenset(records), fetched=frozenset())
+    reader = Records(keeps=False)  # --cache-from alone
+    _keep_records(gathered, reader)  # type: ignore[arg-type]
+    assert reader.kept == {}
+    keeper = Records()
+    _keep_records(gathered, keeper)  # type: ignore[arg-type]
+    assert len(keeper.kept) == len(records) + 1  # each alone, and the bundle
+    assert keeper.kept[_bundle_key(records)]

@@ -45,6 +45,7 @@ class _Remote:
 
     asked: list[str] = field(default_factory=list)
     found: list[str] = field(default_factory=list)
+    keeps: bool = False
 
     def ask(self, keys: Sequence[str]) -> None:
         self.asked.extend(keys)

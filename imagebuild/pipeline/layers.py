@@ -61,6 +61,11 @@ class LayerJob:
 class RemoteLayers(Protocol):
     """Layers kept in a registry by cache key (``pipeline.remotecache.RegistryLayerCache``)."""
 
+    @property
+    def keeps(self) -> bool:
+        """Whether the ``keep`` methods keep anything (a repository to keep in is named)."""
+        ...
+
     def ask(self, keys: Sequence[str]) -> None:
         """Start looking for ``keys``: a later ``find`` of one of them takes that answer."""
         ...

@@ -167,7 +167,7 @@ def _keep_records(gathered: LinkRecords, remote: RemoteLayers | None) -> None:
     Each is read once: kept alone unless the registry just gave it, and all together as a
     bundle unless they came as one (``_keep_bundle``).
     """
-    if remote is None:
+    if remote is None or not remote.keeps:  # --cache-from alone: nothing to read them for
         return
     keeper = remote
     usable = {}

@@ -62,6 +62,11 @@ class RegistryLayerCache:
     asked: dict[str, Future[Layer | None]] = field(default_factory=dict, init=False, repr=False)
     """Lookups started ahead by ``ask``, by key."""
 
+    @property
+    def keeps(self) -> bool:
+        """Whether the ``keep`` methods keep anything: a ``--cache-to`` repository is named."""
+        return self.target is not None
+
     def ask(self, keys: Sequence[str]) -> None:
         """Start looking for ``keys`` now, a few at a time; ``find`` then takes the answers.
 
