@@ -216,7 +216,8 @@ def test_clean_waits_for_a_running_build_and_force_does_not(tmp_path: Path) -> N
     build.release()
     _, err = clean.communicate(timeout=60)
     assert clean.returncode == 0 and "removed" in err
-    assert sorted(p.name for p in root.iterdir()) == [LOCK_NAME]
+    # The build marked the cache as it left (``MARKERS``): the clean keeps those.
+    assert sorted(p.name for p in root.iterdir()) == [".gitignore", LOCK_NAME, "CACHEDIR.TAG"]
 
 
 def test_a_killed_build_leaves_the_cache_unlocked(tmp_path: Path) -> None:
@@ -306,3 +307,27 @@ def test_a_file_that_cannot_be_removed_stops_the_clean_in_one_line(
     assert code == 1 and len(err.strip().splitlines()) == 1
     assert f"cannot remove {filled / 'blobs'}/theirs.whl: Permission denied" in err
     assert "run as the cache's owner" in err
+
+
+def test_a_cache_a_command_made_is_tagged_and_ignored_by_git(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    root = repo / ".imgbuild-cache"  # a cache kept in a checkout, as CI caches often are
+    with cache_in_use(root):  # a first build: the cache is made while it runs
+        _fill(root)
+    tag = (root / "CACHEDIR.TAG").read_bytes()
+    assert tag.startswith(b"Signature: 8a477f597d28d172789f06886806bc55")
+    status = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=all"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert status.stdout == ""
+    code, _, err = _cli("cache", "clean", "--cache-dir", root)
+    assert code == 0, err
+    assert sorted(p.name for p in root.iterdir()) == [".gitignore", LOCK_NAME, "CACHEDIR.TAG"]
+    with cache_in_use(tmp_path / "never"):  # a command that failed before making one
+        pass
+    assert not (tmp_path / "never").exists()

@@ -8,10 +8,10 @@ it ends, so a killed build never leaves the cache locked. ``force`` skips the lo
 build running then may fail, but what it leaves is still read back as every cache entry
 is (a layer record whose blob is gone is a miss, not an error).
 
-Cleaning removes everything in the cache directory but the lock file, and the build
-environments this cache keeps in memory (``cache.build_envs_memory``). Pruning removes what
-no build needs and what a build makes again from the rest without the network: scratch
-trees and temporary files left by killed builds, and unpacked trees (bases' filesystems,
+Cleaning removes everything in the cache directory but the lock file and ``MARKERS``, and
+the build environments this cache keeps in memory (``cache.build_envs_memory``). Pruning
+removes what no build needs and what a build makes again from the rest without the network:
+scratch trees and temporary files left by killed builds, and unpacked trees (bases' filesystems,
 build environments in memory). ``ci`` also removes what a build downloads again when it
 needs it (wheels, Simple API pages, metadata, Debian archive files) and keeps what it
 built (layers, blobs, built wheels, build environments): a CI cache then holds what saves
@@ -43,6 +43,7 @@ from imagebuild.cache import (
     CacheLayout,
     build_envs_memory,
     sweep_scratch,
+    write_atomic,
 )
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, ProjectError
@@ -51,6 +52,15 @@ from imagebuild.image.store import BlobStore
 LOCK_NAME = ".lock"
 """The file every command holding the cache locks (never removed: a new one would not
 exclude those holding the old)."""
+MARKERS = {
+    "CACHEDIR.TAG": b"Signature: 8a477f597d28d172789f06886806bc55\n"
+    b"# This file is a cache directory tag created by imgbuild.\n"
+    b"# For information about cache directory tags see https://bford.info/cachedir/\n",
+    ".gitignore": b"*\n",
+}
+"""Files a cache is given as a command leaves it, as uv's is, and kept by ``clean``: backup
+tools that honour cache directory tags skip it, and git ignores a cache kept in a checkout
+(``--cache-dir .imgbuild-cache``)."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -80,11 +90,26 @@ def cache_in_use(root: Path, *, waiting: Callable[[], None] | None = None) -> It
     A cache that does not exist yet is not made here (a bad input then leaves no directory
     behind): there is nothing to clean, and ``cache clean`` says so instead of waiting.
     """
+    try:
+        if not root.is_dir():
+            yield
+            return
+        with _locked(root, fcntl.LOCK_SH, waiting):
+            yield
+    finally:
+        _mark(root)  # a first build made it: marked on the way out
+
+
+def _mark(root: Path) -> None:
+    """Give the cache at ``root`` its markers (``MARKERS``) where it lacks them."""
     if not root.is_dir():
-        yield
         return
-    with _locked(root, fcntl.LOCK_SH, waiting):
-        yield
+    for name, data in MARKERS.items():
+        if not (root / name).exists():
+            try:
+                write_atomic(root / name, data, durable=False)
+            except OSError:
+                pass  # a marker is a courtesy to other tools, never worth a failed build
 
 
 @contextmanager
@@ -249,12 +274,12 @@ def _base_blobs(layout: CacheLayout) -> set[str]:
 
 
 def _entries(root: Path) -> Iterator[Path]:
-    """What the cache directory holds, but its lock file."""
+    """What the cache directory holds, but its lock file and its markers."""
     try:
         entries = sorted(root.iterdir())
     except OSError:
         return
-    yield from (entry for entry in entries if entry.name != LOCK_NAME)
+    yield from (entry for entry in entries if entry.name != LOCK_NAME and entry.name not in MARKERS)
 
 
 def _shared_debian() -> Path | None:

@@ -30,6 +30,12 @@ def test_a_pruned_or_cleaned_cache_builds_the_same_image(
     first = build_layout(project, cache, tmp_path / "o1")
     assert "fetching " in first.stderr
     digest = _digest(tmp_path / "o1")
+    assert (
+        (cache / "CACHEDIR.TAG")
+        .read_text()
+        .startswith("Signature: 8a477f597d28d172789f06886806bc55\n")
+    )
+    assert (cache / ".gitignore").read_text() == "*\n"
 
     size = imgbuild("cache", "size", "--cache-dir", cache)
     assert size.exit_code == 0, size.stderr
@@ -46,7 +52,7 @@ def test_a_pruned_or_cleaned_cache_builds_the_same_image(
 
     cleaned = imgbuild("cache", "clean", "--cache-dir", cache)
     assert cleaned.exit_code == 0, cleaned.stderr
-    assert [p.name for p in cache.iterdir()] == [".lock"]
+    assert sorted(p.name for p in cache.iterdir()) == [".gitignore", ".lock", "CACHEDIR.TAG"]
     cold = build_layout(project, cache, tmp_path / "o3")
     assert "fetching " in cold.stderr
     assert _digest(tmp_path / "o3") == digest
