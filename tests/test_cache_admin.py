@@ -331,3 +331,12 @@ def test_a_cache_a_command_made_is_tagged_and_ignored_by_git(tmp_path: Path) -> 
     with cache_in_use(tmp_path / "never"):  # a command that failed before making one
         pass
     assert not (tmp_path / "never").exists()
+
+
+def test_a_directory_that_is_not_only_a_cache_gets_no_markers(tmp_path: Path) -> None:
+    home = tmp_path / "home"  # --cache-dir ~ by mistake: it holds the user's own files
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    with cache_in_use(home):
+        _fill(home)
+    assert not (home / ".gitignore").exists() and not (home / "CACHEDIR.TAG").exists()

@@ -101,15 +101,23 @@ def cache_in_use(root: Path, *, waiting: Callable[[], None] | None = None) -> It
 
 
 def _mark(root: Path) -> None:
-    """Give the cache at ``root`` its markers (``MARKERS``) where it lacks them."""
-    if not root.is_dir():
+    """Give the cache at ``root`` its markers (``MARKERS``) where it lacks them.
+
+    Not a directory holding what imgbuild does not make (``check_is_cache``): a cache pointed
+    at a home directory or a project must not gain a ``.gitignore`` of everything.
+    """
+    missing = [name for name in MARKERS if not (root / name).exists()]
+    if not missing or not root.is_dir():
         return
-    for name, data in MARKERS.items():
-        if not (root / name).exists():
-            try:
-                write_atomic(root / name, data, durable=False)
-            except OSError:
-                pass  # a marker is a courtesy to other tools, never worth a failed build
+    try:
+        check_is_cache(root)
+    except ProjectError:
+        return
+    for name in missing:
+        try:
+            write_atomic(root / name, MARKERS[name], durable=False)
+        except OSError:
+            pass  # a marker is a courtesy to other tools, never worth a failed build
 
 
 @contextmanager
