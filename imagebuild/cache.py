@@ -404,7 +404,15 @@ def scratch_tree(tmp_root: Path) -> Iterator[Path]:
 
 
 def sweep_scratch(tmp_root: Path) -> int:
-    """Remove scratch trees no live process owns; return how many were removed.
+    """Remove scratch trees no live process owns (``stale_scratch``); return how many."""
+    stale = stale_scratch(tmp_root)
+    for entry in stale:
+        shutil.rmtree(entry, ignore_errors=True)
+    return len(stale)
+
+
+def stale_scratch(tmp_root: Path) -> list[Path]:
+    """The scratch trees under ``tmp_root`` that no live process owns.
 
     A tree whose owner lock can be taken, or that has no owner file (made before trees
     had one, or half removed), was left by a killed build. Trees of running builds hold
@@ -413,19 +421,18 @@ def sweep_scratch(tmp_root: Path) -> int:
     try:
         entries = sorted(tmp_root.iterdir())
     except OSError:
-        return 0
-    removed = 0
+        return []
+    stale = []
     for entry in entries:
         if entry.name.startswith(SCRATCH_PREFIX):
-            stale = _unowned(entry)
+            dead = _unowned(entry)
         elif entry.name.startswith(_NEW_PREFIX):
-            stale = _unowned(entry) and _age(entry) > _NEW_GRACE_SECONDS
+            dead = _unowned(entry) and _age(entry) > _NEW_GRACE_SECONDS
         else:
             continue
-        if stale:
-            shutil.rmtree(entry, ignore_errors=True)
-            removed += 1
-    return removed
+        if dead:
+            stale.append(entry)
+    return stale
 
 
 def _unowned(tree: Path) -> bool:

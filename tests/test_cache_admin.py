@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from imagebuild.cache import CacheLayout, build_envs_memory, scratch_tree
 from imagebuild.cli import app
-from imagebuild.pipeline.cacheadmin import LOCK_NAME, cache_in_use
+from imagebuild.pipeline.cachelock import LOCK_NAME, cache_in_use
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +29,7 @@ _HOLD = textwrap.dedent(
     """\
     import sys, time
     from pathlib import Path
-    from imagebuild.pipeline.cacheadmin import cache_in_use, cache_to_yourself
+    from imagebuild.pipeline.cachelock import cache_in_use, cache_to_yourself
 
     root, mode, signal_file = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
     held = cache_in_use(root) if mode == "shared" else cache_to_yourself(root)

@@ -7,9 +7,9 @@ wait for running builds on the same cache, and builds for them (``pipeline.cache
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -17,6 +17,9 @@ from imagebuild.commands.options import BuildCacheDir
 from imagebuild.commands.wiring import cache_dir as resolve_cache_dir
 from imagebuild.commands.wiring import fail
 from imagebuild.errors import ImagebuildError, ProjectError
+
+if TYPE_CHECKING:
+    from imagebuild.pipeline.cacheadmin import Removed
 
 cache_app = typer.Typer(
     help="The cache of wheels, layers and bases builds share: where, how big, clean, prune.",
@@ -78,14 +81,7 @@ def clean(cache_dir: BuildCacheDir = None, force: Force = False) -> None:
     """Remove everything the cache holds."""
     from imagebuild.pipeline.cacheadmin import clean_cache
 
-    root = _root(cache_dir)
-    if _found(root):
-        try:
-            with _alone(root, force):
-                removed = clean_cache(root)
-        except ImagebuildError as exc:
-            fail(exc, verbose=False)
-        _removed(removed.files, removed.size, root)
+    _alone(_root(cache_dir), force, clean_cache)
 
 
 @cache_app.command("prune")
@@ -106,15 +102,8 @@ def prune(
             ),
             verbose=False,
         )
-    root = _root(cache_dir)
-    if _found(root):
-        seconds = unused_for * 86400 if unused_for is not None else None
-        try:
-            with _alone(root, force):
-                removed = prune_cache(root, ci=ci, unused_for=seconds)
-        except ImagebuildError as exc:
-            fail(exc, verbose=False)
-        _removed(removed.files, removed.size, root)
+    seconds = unused_for * 86400 if unused_for is not None else None
+    _alone(_root(cache_dir), force, lambda root: prune_cache(root, ci=ci, unused_for=seconds))
 
 
 def _root(option: Path | None) -> Path:
@@ -124,22 +113,18 @@ def _root(option: Path | None) -> Path:
         fail(exc, verbose=False)
 
 
-def _found(root: Path) -> bool:
-    """Whether ``root`` is a cache to clean or prune (refused in one line if not one)."""
-    from imagebuild.pipeline.cacheadmin import check_is_cache
+def _alone(root: Path, force: bool, work: Callable[[Path], Removed]) -> None:
+    """Run ``work`` on the cache at ``root`` holding it alone, then say what it removed.
+
+    Not a cache: said, and nothing done; not only a cache, or a file that will not go: one
+    line, exit 1.
+    """
+    from imagebuild.pipeline.cachelock import cache_to_yourself, check_is_cache
+    from imagebuild.pipeline.planning import human_size
 
     if not root.is_dir():
         typer.echo(f"no cache at {root}", err=True)
-        return False
-    try:
-        check_is_cache(root)
-    except ImagebuildError as exc:
-        fail(exc, verbose=False)
-    return True
-
-
-def _alone(root: Path, force: bool) -> AbstractContextManager[None]:
-    from imagebuild.pipeline.cacheadmin import cache_to_yourself
+        return
 
     def waiting() -> None:
         typer.echo(
@@ -148,10 +133,11 @@ def _alone(root: Path, force: bool) -> AbstractContextManager[None]:
             err=True,
         )
 
-    return cache_to_yourself(root, force=force, waiting=waiting)
-
-
-def _removed(files: int, size: int, root: Path) -> None:
-    from imagebuild.pipeline.planning import human_size
-
-    typer.echo(f"removed {files:,} files ({human_size(size)}) from {root}", err=True)
+    try:
+        check_is_cache(root)
+        with cache_to_yourself(root, force=force, waiting=waiting):
+            removed = work(root)
+    except ImagebuildError as exc:
+        fail(exc, verbose=False)
+    amount = human_size(removed.size)
+    typer.echo(f"removed {removed.files:,} files ({amount}) from {root}", err=True)

@@ -55,7 +55,7 @@ def cache_dir(option: Path | None) -> Path:
 
 def using_cache(root: Path) -> AbstractContextManager[None]:
     """Hold the cache at ``root`` shared while a command uses it (``cache clean`` waits)."""
-    from imagebuild.pipeline.cacheadmin import cache_in_use
+    from imagebuild.pipeline.cachelock import cache_in_use
 
     def waiting() -> None:
         typer.echo(f"waiting for imgbuild cache clean or prune to end on {root}", err=True)

@@ -1,12 +1,7 @@
 """The cache as its owner sees it (``imgbuild cache``): its size, cleaning it, pruning it.
 
-Every command that reads or writes a cache holds a shared lock on it (``cache_in_use``,
-``flock`` on ``<cache>/.lock``) for as long as it runs; cleaning or pruning takes the lock
-alone (``cache_to_yourself``), so it waits for running builds and builds wait for it, as
-``uv cache clean`` does with uv's. The kernel drops a lock when its process ends, however
-it ends, so a killed build never leaves the cache locked. ``force`` skips the lock: a
-build running then may fail, but what it leaves is still read back as every cache entry
-is (a layer record whose blob is gone is a miss, not an error).
+Every command using a cache holds it shared, and cleaning or pruning holds it alone
+(``pipeline.cachelock``): they wait for running builds, and builds wait for them.
 
 Cleaning removes everything in the cache directory but the lock file and ``MARKERS``, and
 the build environments this cache keeps in memory (``cache.build_envs_memory``). Pruning
@@ -26,41 +21,20 @@ shared by all of their caches, and leave on their own once idle (``cache.ROOTFS_
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
 import stat
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from imagebuild.cache import (
-    CACHE_DIR_ENV,
-    DEBIAN_CACHE_ENV,
-    CacheLayout,
-    build_envs_memory,
-    sweep_scratch,
-    write_atomic,
-)
+from imagebuild.cache import DEBIAN_CACHE_ENV, CacheLayout, build_envs_memory, stale_scratch
 from imagebuild.digest import Digest
 from imagebuild.errors import ImageError, ProjectError
 from imagebuild.image.store import BlobStore
-
-LOCK_NAME = ".lock"
-"""The file every command holding the cache locks (never removed: a new one would not
-exclude those holding the old)."""
-MARKERS = {
-    "CACHEDIR.TAG": b"Signature: 8a477f597d28d172789f06886806bc55\n"
-    b"# This file is a cache directory tag created by imgbuild.\n"
-    b"# For information about cache directory tags see https://bford.info/cachedir/\n",
-    ".gitignore": b"*\n",
-}
-"""Files a cache is given as a command leaves it, as uv's is, and kept by ``clean``: backup
-tools that honour cache directory tags skip it, and git ignores a cache kept in a checkout
-(``--cache-dir .imgbuild-cache``)."""
+from imagebuild.pipeline.cachelock import cache_entries
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -69,7 +43,6 @@ class Usage:
 
     name: str
     """The bucket's name (``CacheLayout``), or ``build-envs (memory)``."""
-    path: Path
     files: int
     size: int
     """Bytes of the files' contents, a file linked twice counted once."""
@@ -83,91 +56,14 @@ class Removed:
     size: int
 
 
-@contextmanager
-def cache_in_use(root: Path, *, waiting: Callable[[], None] | None = None) -> Iterator[None]:
-    """Hold ``root`` shared while the block runs; ``waiting`` is called if a clean holds it.
-
-    A cache that does not exist yet is not made here (a bad input then leaves no directory
-    behind): there is nothing to clean, and ``cache clean`` says so instead of waiting.
-    """
-    try:
-        if not root.is_dir():
-            yield
-            return
-        with _locked(root, fcntl.LOCK_SH, waiting):
-            yield
-    finally:
-        _mark(root)  # a first build made it: marked on the way out
-
-
-def _mark(root: Path) -> None:
-    """Give the cache at ``root`` its markers (``MARKERS``) where it lacks them.
-
-    Not a directory holding what imgbuild does not make (``check_is_cache``): a cache pointed
-    at a home directory or a project must not gain a ``.gitignore`` of everything.
-    """
-    missing = [name for name in MARKERS if not (root / name).exists()]
-    if not missing or not root.is_dir():
-        return
-    try:
-        check_is_cache(root)
-    except ProjectError:
-        return
-    for name in missing:
-        try:
-            write_atomic(root / name, MARKERS[name], durable=False)
-        except OSError:
-            pass  # a marker is a courtesy to other tools, never worth a failed build
-
-
-@contextmanager
-def cache_to_yourself(
-    root: Path, *, force: bool = False, waiting: Callable[[], None] | None = None
-) -> Iterator[None]:
-    """Hold ``root`` alone while the block runs (``force``: without waiting or locking)."""
-    if force:
-        yield
-        return
-    with _locked(root, fcntl.LOCK_EX, waiting):
-        yield
-
-
-@contextmanager
-def _locked(root: Path, mode: int, waiting: Callable[[], None] | None) -> Iterator[None]:
-    """``flock`` ``root``'s lock file for the block; where it cannot be, the block runs as is.
-
-    Read-only, and readable by all, so users sharing a cache share its lock. A file system
-    without locks (some NFS mounts) leaves builds unlocked rather than failing them.
-    """
-    try:
-        fd = os.open(root / LOCK_NAME, os.O_CREAT | os.O_RDONLY, 0o644)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                waiting()
-            fcntl.flock(fd, mode)
-        except OSError:
-            pass  # no locks here
-        yield
-    finally:
-        os.close(fd)  # the lock goes with the descriptor
-
-
 def cache_usage(root: Path) -> tuple[Usage, ...]:
     """What each bucket of the cache at ``root`` holds, by name; empty buckets left out.
 
     Entries the layout does not name (an older imgbuild's) are counted under their own name.
     """
     seen: set[tuple[int, int]] = set()
-    parts = [(entry.name, entry) for entry in _entries(root)]
-    memory = build_envs_memory(CacheLayout(root).build_envs)
-    if memory is not None:
-        parts.append(("build-envs (memory)", memory))
+    parts = [(entry.name, entry) for entry in cache_entries(root)]
+    parts += [("build-envs (memory)", memory) for memory in _memory_envs(CacheLayout(root))]
     shared = _shared_debian()
     if shared is not None:
         parts.append((f"debian ({DEBIAN_CACHE_ENV})", shared))
@@ -175,40 +71,13 @@ def cache_usage(root: Path) -> tuple[Usage, ...]:
     for name, path in sorted(parts):
         files, size = _measure(path, seen)
         if files:
-            found.append(Usage(name=name, path=path, files=files, size=size))
+            found.append(Usage(name=name, files=files, size=size))
     return tuple(found)
-
-
-def check_is_cache(root: Path) -> None:
-    """Refuse, in one line, a directory holding what no imgbuild cache holds.
-
-    Cleaning ``--cache-dir .`` in a project, or a home directory, must not remove it.
-    """
-    known = _bucket_names()
-    for entry in _entries(root):
-        if entry.name not in known and not entry.name.startswith(".tmp-"):
-            raise ProjectError(
-                f"{root} is not an imgbuild cache: it holds {entry.name!r}, which imgbuild "
-                "does not make, so nothing was removed",
-                hint=f"name the cache itself (--cache-dir, {CACHE_DIR_ENV}; `imgbuild cache "
-                "dir` prints it), or remove what it holds yourself",
-            )
-
-
-def _bucket_names() -> frozenset[str]:
-    """The names of the cache directory's entries (``CacheLayout``'s buckets)."""
-    layout = CacheLayout(Path("/"))
-    buckets = (name for name, value in vars(CacheLayout).items() if isinstance(value, property))
-    return frozenset({"debian", *(getattr(layout, name).name for name in buckets)})
 
 
 def clean_cache(root: Path) -> Removed:
     """Remove everything the cache at ``root`` holds (see the module's docstring)."""
-    targets = list(_entries(root))
-    memory = build_envs_memory(CacheLayout(root).build_envs)
-    if memory is not None:
-        targets.append(memory)
-    return _remove_all(targets)
+    return _remove_all([*cache_entries(root), *_memory_envs(CacheLayout(root))])
 
 
 def prune_cache(root: Path, *, ci: bool = False, unused_for: float | None = None) -> Removed:
@@ -217,24 +86,26 @@ def prune_cache(root: Path, *, ci: bool = False, unused_for: float | None = None
     ``unused_for``: also the layers no build has read for that many seconds (``_unused``).
     """
     layout = CacheLayout(root)
-    stale = _unused(layout, unused_for) if unused_for is not None else []
-    before = _measure(layout.tmp, set())
-    sweep_scratch(layout.tmp)
-    after = _measure(layout.tmp, set())
-    targets = [layout.rootfs]  # bases' trees, unpacked again from their blobs
-    memory = build_envs_memory(layout.build_envs)
-    if memory is not None:
-        targets.append(memory)
+    targets = [
+        *stale_scratch(layout.tmp),  # killed builds' trees
+        layout.rootfs,  # bases' trees, unpacked again from their blobs
+        *_memory_envs(layout),
+    ]
     if ci:  # what a build downloads again when it needs it
         targets.extend((layout.wheels, layout.http, layout.pages_parsed, layout.metadata))
         if _shared_debian() is None:
             targets.append(layout.debian)
-    removed = _remove_all(targets + stale)
+    if unused_for is not None:
+        targets.extend(_unused(layout, unused_for))
+    removed = _remove_all(targets)
     parts = _remove_all(_temporary_files(root))
-    return Removed(  # a build let run (``force``) may have added to tmp/ meanwhile
-        files=removed.files + parts.files + max(0, before[0] - after[0]),
-        size=removed.size + parts.size + max(0, before[1] - after[1]),
-    )
+    return Removed(files=removed.files + parts.files, size=removed.size + parts.size)
+
+
+def _memory_envs(layout: CacheLayout) -> list[Path]:
+    """Where this cache keeps build environments in memory, if it does."""
+    memory = build_envs_memory(layout.build_envs)
+    return [memory] if memory is not None else []
 
 
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
@@ -279,15 +150,6 @@ def _base_blobs(layout: CacheLayout) -> set[str]:
             continue
         named |= set(_DIGEST.findall(manifest))
     return named
-
-
-def _entries(root: Path) -> Iterator[Path]:
-    """What the cache directory holds, but its lock file and its markers."""
-    try:
-        entries = sorted(root.iterdir())
-    except OSError:
-        return
-    yield from (entry for entry in entries if entry.name != LOCK_NAME and entry.name not in MARKERS)
 
 
 def _shared_debian() -> Path | None:
