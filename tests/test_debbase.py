@@ -600,6 +600,25 @@ def test_an_extension_whose_libraries_the_base_lacks_is_refused_in_one_line(
     assert message.endswith(" (also missing: libpthread.so.0)")
 
 
+def test_what_only_a_plugin_lacks_is_returned_not_refused(
+    tmp_path: Path, cache: CacheLayout, offline: httpx.Client
+) -> None:
+    store = BlobStore(cache.blobs)
+    path = tmp_path / f"plugged-1.0-cp311-cp311-manylinux_2_17_{_INFO.machine}.whl"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("plugged/__init__.py", "")
+        archive.write(SPEEDUPS, "plugged/plugins/libtransport.so.2")  # nothing links it
+    wheel = PlannedWheel(name="plugged", version="1.0", path=path)
+    lacks = check_image_links(
+        [wheel], base_with(store, []), arch=HOST_ARCH, store=store, cache=cache, http=offline,
+        recipe=None,
+    )  # fmt: skip
+    assert {(m.member, m.library, m.on_demand) for m in lacks} == {
+        ("plugged/plugins/libtransport.so.2", "libc.so.6", True),
+        ("plugged/plugins/libtransport.so.2", "libpthread.so.0", True),
+    }
+
+
 def test_an_extension_finds_its_libraries_in_the_base(
     tmp_path: Path, cache: CacheLayout, offline: httpx.Client
 ) -> None:

@@ -15,6 +15,13 @@ resolution would have to follow each file's RUNPATH and ``$ORIGIN`` chains, and 
 refuse, wrongly, packages that load their libraries themselves (``ctypes``, a preload in
 ``__init__``). A name that no wheel and no search directory has fails on any path, and
 that is the failure users meet.
+
+Two kinds of need are not the image's to meet. The GPU driver's libraries (``libcuda.so.1``)
+are mounted into a container at run time by the NVIDIA container toolkit, so no image has
+them and CUDA wheels link them all the same: they count as provided. And a library a wheel
+ships that nothing links to, and that Python cannot import, is a plugin its package opens
+itself when a feature is used (PyTorch's CUDA stack ships NVSHMEM's MPI and UCX transports,
+and cuFile's RDMA one): what it lacks is ``Missing.on_demand``, for a warning, not a refusal.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import json
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +44,49 @@ _FORMAT = 1  # of the JSON records below; a record of another format is read as 
 
 # The dynamic loader itself: found through PT_INTERP, never through the search path.
 _LOADER = re.compile(r"(ld-linux[\w.-]*|ld64|ld-musl-[\w.-]+)\.so\.\d+")
+
+_DRIVER_LIBRARIES = frozenset(
+    {
+        # libnvidia-container's lists (src/nvc_info.c): utility, compute, video, graphics
+        # (GLVND's vendor libraries), NGX and WSL's dxcore; named as before ".so".
+        "libnvidia-ml",
+        "libnvidia-cfg",
+        "libnvidia-nscq",
+        "libcuda",
+        "libcudadebugger",
+        "libnvidia-opencl",
+        "libnvidia-gpucomp",
+        "libnvidia-ptxjitcompiler",
+        "libnvidia-fatbinaryloader",
+        "libnvidia-allocator",
+        "libnvidia-compiler",
+        "libnvidia-pkcs11",
+        "libnvidia-pkcs11-openssl3",
+        "libnvidia-nvvm",
+        "libnvidia-tileiras",
+        "libvdpau_nvidia",
+        "libnvidia-encode",
+        "libnvidia-opticalflow",
+        "libnvcuvid",
+        "libnvidia-eglcore",
+        "libnvidia-glcore",
+        "libnvidia-tls",
+        "libnvidia-glsi",
+        "libnvidia-fbc",
+        "libnvidia-ifr",
+        "libnvidia-rtcore",
+        "libnvoptix",
+        "libGLX_nvidia",
+        "libEGL_nvidia",
+        "libGLESv2_nvidia",
+        "libGLESv1_CM_nvidia",
+        "libnvidia-glvkspirv",
+        "libnvidia-cbl",
+        "libnvidia-ngx",
+        "libdxcore",
+    }
+)
+"""The GPU driver's libraries: a container that asks for a GPU has them mounted, an image never."""
 
 ARCH_MACHINES = {
     "amd64": "x86_64",
@@ -274,6 +324,9 @@ class Missing:
     the image's library defines, if it defines any."""
     provider: Provider | None = None
     """For a symbol version failure, the image's library that lacks it."""
+    on_demand: bool = False
+    """Whether the file is a plugin: nothing links to it and Python cannot import it, so its
+    package opens it itself when it is used (``dlopen``), and lacking it fails only then."""
 
 
 def check_links(
@@ -283,31 +336,63 @@ def check_links(
 
     ``arch`` is a Debian or OCI name (``amd64``, ``arm64``) or an ELF machine name. Files
     built for another machine are skipped (some wheels ship test binaries for several), and
-    so is the dynamic loader. For each file and library, only the newest missing version of
-    each family is reported (GLIBC_2.38 says all a GLIBC_2.34 line would).
+    so are the dynamic loader and the GPU driver's libraries. For each file and library,
+    only the newest missing version of each family is reported (GLIBC_2.38 says all a
+    GLIBC_2.34 line would). What plugins lack is marked ``on_demand``.
     """
     machine = ARCH_MACHINES.get(arch, arch)
     by_name: dict[str, list[Provider]] = {}
     for provider in index.providers:
         if provider.machine == machine:
             by_name.setdefault(provider.name, []).append(provider)
+    files = [(wheel, elf) for wheel, elfs in wheels for elf in elfs if elf.info.machine == machine]
+    linked = _linked(files)
     missing: list[Missing] = []
-    for wheel, elfs in wheels:
-        for elf in elfs:
-            if elf.info.machine == machine:
-                missing.extend(_check_file(wheel, elf, by_name))
+    for wheel, elf in files:
+        plugin = (wheel, elf.path) not in linked
+        missing.extend(replace(m, on_demand=plugin) for m in _check_file(wheel, elf, by_name))
     return tuple(sorted(missing, key=lambda m: (m.wheel, m.member, m.library, m.version or "")))
+
+
+def _linked(files: Sequence[tuple[str, WheelElf]]) -> set[tuple[str, str]]:
+    """The files the loader loads for Python: what it imports, programs, and what they link.
+
+    Every name a file of any wheel could be found by counts (as in ``index_wheels``).
+    An extension module is a file named ``*.so`` (every ELF suffix Python imports ends so),
+    whatever its directory; a ``libfoo.so`` a package opens with ``ctypes`` is one too, so
+    only a versioned library (``libfoo.so.1``) that nothing links to is left as a plugin.
+    """
+    by_name: dict[str, list[tuple[str, WheelElf]]] = {}
+    for wheel, elf in files:
+        for name in {elf.path.rpartition("/")[2], elf.info.soname or ""} - {""}:
+            by_name.setdefault(name, []).append((wheel, elf))
+    todo = [
+        (wheel, elf)
+        for wheel, elf in files
+        if elf.path.endswith(".so") or not elf.info.shared or elf.info.interpreter is not None
+    ]
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        wheel, elf = todo.pop()
+        if (wheel, elf.path) in seen:
+            continue
+        seen.add((wheel, elf.path))
+        for library in elf.info.needed:
+            todo.extend(by_name.get(library.rpartition("/")[2], ()))
+    return seen
 
 
 def _check_file(
     wheel: str, elf: WheelElf, by_name: Mapping[str, list[Provider]]
 ) -> Iterable[Missing]:
     for library in elf.info.needed:
-        if not _LOADER.fullmatch(library) and not by_name.get(library.rpartition("/")[2]):
+        if _not_the_image(library):
+            continue
+        if not by_name.get(library.rpartition("/")[2]):
             yield Missing(wheel=wheel, member=elf.path, library=library)
     for need in elf.info.version_needs:
         providers = by_name.get(need.library.rpartition("/")[2], [])
-        if _LOADER.fullmatch(need.library) or not providers:
+        if _not_the_image(need.library) or not providers:
             continue
         absent = [v for v in need.versions if not any(_defines(p, v) for p in providers)]
         newest: dict[str, str] = {}
@@ -325,6 +410,12 @@ def _check_file(
                 provided=_newest_of(provider.versions, _family(version)),
                 provider=provider,
             )
+
+
+def _not_the_image(library: str) -> bool:
+    """Whether ``library`` is found elsewhere than in the image: the loader, the GPU driver."""
+    name = library.rpartition("/")[2]
+    return bool(_LOADER.fullmatch(library)) or name.partition(".so")[0] in _DRIVER_LIBRARIES
 
 
 def _defines(provider: Provider, version: str) -> bool:
@@ -371,4 +462,20 @@ def missing_line(missing: Missing, provider_package: str | None) -> str:
         f"{head} with symbol version {missing.version}, but the image's {missing.library}"
         f"{owner} has {has}; use a base from a newer Debian release, or a build of the "
         f"wheel made for an older {missing.library}"
+    )
+
+
+def on_demand_line(missing: Sequence[Missing]) -> str:
+    """The one warning for what plugins lack (``Missing.on_demand``; at least one)."""
+    first = missing[0]
+    libraries = sorted({m.library for m in missing})
+    others = [library for library in libraries if library != first.library]
+    head = f"{first.wheel}: {first.member} needs {first.library}"
+    if first.version is not None:
+        head += f" with symbol version {first.version}"
+    also = f" (and {len(others)} more: {', '.join(others)})" if others else ""
+    return (
+        f"{head}{also}, which the image does not have; nothing links to these plugins, so "
+        "they fail only when their package opens them: if the image uses them, add the "
+        "Debian packages that ship those libraries to [tool.imgbuild] system-packages"
     )

@@ -98,8 +98,10 @@ def check_image_links(
     fetch: Callable[[Sequence[PlannedWheel]], None] | None = None,
     remote: RemoteLayers | None = None,
     gathered: LinkRecords | None = None,
-) -> None:
+) -> tuple[Missing, ...]:
     """Refuse the image if an ELF file of ``wheels`` needs a library it will not have.
+
+    What only plugins lack (``Missing.on_demand``) does not refuse it: that is returned.
 
     ``recipe`` is the built base's (None for a pulled base, whose os-release is read then):
     it names the Debian release whose Contents index says which package to add. The
@@ -125,9 +127,10 @@ def check_image_links(
     # Kept whether worked out now or read from the local cache (a runner seeding the
     # registry has them on disk); not those the registry just gave.
     _keep_records(gathered, remote)
-    missing = check_links(scanned, index, arch=arch)
+    found = check_links(scanned, index, arch=arch)
+    missing = [m for m in found if not m.on_demand]
     if not missing:
-        return
+        return found
     recipe = recipe or _pulled_debian(base, store)
     providers = _providers(missing, arch=arch, http=http, cache=cache.debian, recipe=recipe)
     first = missing[0]

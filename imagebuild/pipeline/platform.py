@@ -14,6 +14,7 @@ from pathlib import Path
 from imagebuild.build.pep517 import BuildEnvironments
 from imagebuild.build.runner import background_priority
 from imagebuild.cache import CacheLayout
+from imagebuild.debian.linkcheck import on_demand_line
 from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.store import BlobStore, LayerFiles
@@ -360,9 +361,10 @@ def _check_links(
 ) -> None:
     """Refuse wheels whose ELF files need a library the image will not have.
 
-    ``gathering`` brings the check's records and wheels when they were asked for earlier.
+    What only plugins lack is said in a warning. ``gathering`` brings the check's records
+    and wheels when they were asked for earlier.
     """
-    check_image_links(
+    on_demand = check_image_links(
         wheels,
         base,
         gathered=gathering.result() if gathering is not None else None,
@@ -374,6 +376,8 @@ def _check_links(
         http=build.ports.http,
         recipe=build.base.built.base if build.base.built is not None else None,
     )
+    if on_demand:
+        build.ports.reporter.warn(on_demand_line(on_demand))
 
 
 def _check_links_behind(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import json
@@ -30,6 +31,7 @@ from imagebuild.debian.linkcheck import (
     index_base,
     index_wheels,
     missing_line,
+    on_demand_line,
     scan_wheel,
 )
 from imagebuild.debian.model import ElfInfo, IndexedPackage, LockedDeb, VersionNeed
@@ -245,6 +247,35 @@ def test_an_aarch64_wheel_is_checked_against_arm64_libraries(
     amd64 = index_of(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
     assert {m.library for m in check_links(wheels, amd64, arch="arm64")} >= {"libc.so.6"}
     assert check_links(wheels, amd64, arch="amd64") == ()
+
+
+RDMA = "nvidia/cu13/lib/libcufile_rdma.so.1"
+
+
+@pytest.mark.pypi
+@pytest.mark.debian
+def test_what_only_a_plugin_needs_refuses_nothing_until_a_module_links_it(
+    tmp_path: Path,
+    pypi_wheel: Callable[[str], Path],
+    debian_base: Callable[[str, str, Sequence[str]], list[tuple[Digest, Path]]],
+) -> None:
+    # cuFile's RDMA transport needs InfiniBand's libraries, which an image rarely has;
+    # cuFile opens it only when GPUDirect Storage goes over RDMA.
+    cufile = ("nvidia-cufile 1.17.1.22", scanned(pypi_wheel("cufile-x86_64"), tmp_path / "s"))
+    packages = ["libc6", "libgcc-s1", "libstdc++6"]
+    base = index_of(debian_base("bookworm", "amd64", packages), cache=tmp_path / "idx")
+    alone = check_links([cufile], base.merged(index_wheels([cufile])), arch="amd64")
+    rdma_needs = {"libibverbs.so.1", "libmlx5.so.1", "librdmacm.so.1"}
+    assert {(m.member, m.library) for m in alone} == {(RDMA, lib) for lib in rdma_needs}
+    assert all(m.on_demand for m in alone)
+    # An extension module that links the plugin makes its needs the image's.
+    module = WheelElf(
+        path="gds/_rdma.cpython-311-x86_64-linux-gnu.so",
+        info=info(needed=["libcufile_rdma.so.1", "libc.so.6"]),
+    )
+    wheels = [cufile, ("gds 1.0", (module,))]
+    linked = check_links(wheels, base.merged(index_wheels(wheels)), arch="amd64")
+    assert {(m.library, m.on_demand) for m in linked} == {(lib, False) for lib in rdma_needs}
 
 
 @pytest.mark.pypi
@@ -537,6 +568,59 @@ def test_versions_are_checked_per_machine_and_unversioned_providers_pass() -> No
     )
     assert check_links([("w 1", files)], index, arch="amd64") == ()
     assert [m.member for m in check_links([("w 1", files)], index, arch="arm64")] == ["b.so"]
+
+
+def test_modules_programs_and_what_they_link_are_loaded_the_rest_on_demand() -> None:
+    program = dataclasses.replace(
+        info(needed=["libgone.so.1"]), interpreter="/lib64/ld-linux-x86-64.so.2"
+    )
+    files = (
+        WheelElf(path="w/_ext.abi3.so", info=info(needed=["libchain.so.1"])),
+        WheelElf(path="w.libs/libchain.so.1", info=info(needed=["libdeep-0a1b.so.2"])),
+        WheelElf(path="w.libs/libdeep-0a1b.so.2", info=info(needed=["libgone.so.1"])),
+        WheelElf(path="w/bin/tool", info=program),
+        WheelElf(path="w/lib/libctypes.so", info=info(needed=["libgone.so.1"])),  # ctypes-opened
+        WheelElf(path="w/plugins/libplug.so.3", info=info(needed=["libgone.so.1"])),
+        WheelElf(path="w/plugins/libplugdep.so.1", info=info(needed=["libgone.so.1"])),
+        WheelElf(path="w/plugins/libuser.so.2", info=info(needed=["libplugdep.so.1"])),
+    )
+    wheels = [("w 1", files)]
+    index = LibraryIndex(providers=(GLIBC,)).merged(index_wheels(wheels))
+    found = check_links(wheels, index, arch="amd64")
+    assert {m.member: m.on_demand for m in found} == {
+        "w.libs/libdeep-0a1b.so.2": False,  # through libchain, which the module links
+        "w/bin/tool": False,
+        "w/lib/libctypes.so": False,
+        "w/plugins/libplug.so.3": True,
+        "w/plugins/libplugdep.so.1": True,  # only another plugin links it
+    }
+
+
+def test_the_gpu_driver_libraries_come_from_the_container_runtime() -> None:
+    # libcaffe2_nvrtc.so in PyTorch's CUDA wheels links libcuda.so.1, which the NVIDIA
+    # container toolkit mounts into a container given a GPU; the CUDA runtime is the image's.
+    module = info(
+        needed=["libcuda.so.1", "libnvidia-ml.so.1", "libcudart.so.13", "libc.so.6"],
+        libcuda_so_1=["libcuda.so.1"],
+    )
+    wheels = [("torch 2", (WheelElf(path="torch/lib/libcaffe2_nvrtc.so", info=module),))]
+    found = check_links(wheels, LibraryIndex(providers=(GLIBC,)), arch="amd64")
+    assert [(m.library, m.on_demand) for m in found] == [("libcudart.so.13", False)]
+
+
+def test_the_warning_for_plugins_is_one_line_naming_the_first_and_counting_the_rest() -> None:
+    lacks = [
+        Missing(wheel="p 1", member="p/libplug.so.1", library=library, on_demand=True)
+        for library in ("libucp.so.0", "libfabric.so.1", "libucp.so.0", "libmpi.so.40")
+    ]
+    line = on_demand_line(lacks)
+    assert "\n" not in line
+    assert line.startswith(
+        "p 1: p/libplug.so.1 needs libucp.so.0 (and 2 more: libfabric.so.1, libmpi.so.40), "
+        "which the image does not have; nothing links to these plugins"
+    )
+    assert line.endswith("add the Debian packages that ship those libraries to [tool.imgbuild] "
+                         "system-packages")  # fmt: skip
 
 
 def test_lines_for_an_unknown_package_and_a_version() -> None:

@@ -1,0 +1,63 @@
+"""CUDA wheels from PyPI build: a plugin's unmet needs are a warning, and the image says why.
+
+PyTorch's CUDA stack ships plugins that link libraries an image rarely has (cuFile's RDMA
+transport needs InfiniBand's). Nothing links them, so a build warns instead of refusing,
+and the built image shows both sides of that line: what Python loads loads, and the
+plugin fails to open for the library the warning named. These read PyPI and use the engine
+and registry of ``dev/infra.sh``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.docker_engine import TestInfra
+from tests.integration.conftest import imgbuild
+from tests.integration.test_debian_bases import run_in_image
+
+pytestmark = [pytest.mark.docker, pytest.mark.pypi]
+
+LIB = "/app/.venv/lib/python3.11/site-packages/nvidia/cu13/lib"
+OPEN = "import ctypes, sys\nctypes.CDLL(sys.argv[1])\nprint('opened', sys.argv[1])\n"
+
+
+def test_a_plugin_that_lacks_a_library_is_a_warning_and_fails_only_when_opened(
+    docker_env: TestInfra, image_cleanup: list[str], tmp_path: Path
+) -> None:
+    project = tmp_path / "gds"
+    (project / "src" / "gds").mkdir(parents=True)
+    (project / "src" / "gds" / "__init__.py").write_text("")
+    (project / "pyproject.toml").write_text(
+        '[project]\nname = "gds"\nversion = "1.0"\nrequires-python = ">=3.11"\n'
+        'dependencies = ["nvidia-cufile==1.17.1.22"]\n'
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+    )
+    tag = "imgbuild-test/gpu-plugin:1"
+    image_cleanup.append(tag)
+    built = imgbuild(
+        "build", project, "--tag", tag, "--base", "debian-slim", "--python", "3.11",
+        "--cache-dir", tmp_path / "cache", "--output", "docker",
+    )  # fmt: skip
+    assert built.exit_code == 0, built.stderr
+    warnings = [line for line in built.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1, built.stderr
+    assert warnings[0].startswith(
+        "warning: nvidia-cufile 1.17.1.22: nvidia/cu13/lib/libcufile_rdma.so.1 needs "
+        "libibverbs.so.1 (and 2 more: libmlx5.so.1, librdmacm.so.1), which the image does "
+        "not have"
+    )
+    python = "/app/.venv/bin/python"
+    status, out = run_in_image(
+        docker_env, tag, "-c", OPEN, f"{LIB}/libcufile.so.0", entrypoint=python
+    )
+    assert (status, out.strip()) == (0, f"opened {LIB}/libcufile.so.0")
+    status, out = run_in_image(
+        docker_env, tag, "-c", OPEN, f"{LIB}/libcufile_rdma.so.1", entrypoint=python
+    )
+    # (the loader names the first of them it looks for)
+    assert status == 1 and re.search(
+        r"(libibverbs|libmlx5|librdmacm)\.so\.1: cannot open shared object file", out
+    ), out
