@@ -38,18 +38,36 @@ SMALLEST_ELF = 52
 """The size of an ELF32 header: anything shorter cannot be an ELF file."""
 
 
-def read_elf(stream: IO[bytes]) -> ElfInfo | None:
-    """The ELF facts of a seekable ``stream``; None when it is not (well-formed) ELF."""
+def read_elf(stream: IO[bytes], *, name: str | None = None) -> ElfInfo | None:
+    """The ELF facts of a seekable ``stream``; None when it is not (well-formed) ELF.
+
+    ``name``: the file's name, when whether Python could import it is wanted
+    (``ElfInfo.python_module``).
+    """
     stream.seek(0)
     if stream.read(4) != ELF_MAGIC:
         return None
     stream.seek(0)
     from imagebuild.debian.elfparse import parse_elf
 
-    return parse_elf(stream)
+    return parse_elf(stream, init=module_init(name) if name is not None else None)
 
 
-def read_elf_stream(stream: IO[bytes]) -> ElfInfo | None:
+def module_init(name: str) -> bytes | None:
+    """The init function an extension module of file name ``name`` exports, or None.
+
+    None when Python would not import a file of that name. PEP 489: ``PyInit_<module>``,
+    or ``PyInitU_`` and the name in punycode, ``-`` made ``_``, for a non-ASCII one.
+    """
+    module, dot, _ = name.partition(".")
+    if not dot or not name.endswith(".so") or not module.isidentifier():
+        return None
+    if module.isascii():
+        return b"PyInit_" + module.encode()
+    return b"PyInitU_" + module.encode("punycode").replace(b"-", b"_")
+
+
+def read_elf_stream(stream: IO[bytes], *, name: str | None = None) -> ElfInfo | None:
     """``read_elf`` for a forward-only stream: a zip or tar member, read once from its start.
 
     Only a stream that starts with the ELF magic is copied on into a spool; any other is
@@ -69,14 +87,14 @@ def read_elf_stream(stream: IO[bytes]) -> ElfInfo | None:
         while (room := SPOOL_MEMORY - data.tell()) > 0:
             piece = stream.read(min(room, _PIECE))
             if not piece:
-                return read_elf(data)
+                return read_elf(data, name=name)
             data.write(piece)
         with tempfile.TemporaryFile() as spool:
             with data.getbuffer() as view:
                 spool.write(view)
             data.close()
             shutil.copyfileobj(stream, spool, _PIECE)
-            return read_elf(spool)
+            return read_elf(spool, name=name)
 
 
 def render_elf_info(info: ElfInfo) -> dict[str, object]:
@@ -92,6 +110,7 @@ def render_elf_info(info: ElfInfo) -> dict[str, object]:
         "runpath": list(info.runpath),
         "version_needs": {need.library: list(need.versions) for need in info.version_needs},
         "version_defs": list(info.version_defs),
+        "python_module": info.python_module,
     }
 
 
@@ -117,6 +136,7 @@ def parse_elf_info(data: object) -> ElfInfo:
                 for library, versions in sorted(needs.items())
             ),
             version_defs=_texts(data["version_defs"]),
+            python_module=_optional_flag(data["python_module"]),
         )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"an ELF record lacks or mistypes a field ({exc})") from exc
@@ -130,6 +150,12 @@ def _text(value: object) -> str:
 
 def _optional_text(value: object) -> str | None:
     return None if value is None else _text(value)
+
+
+def _optional_flag(value: object) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"expected true, false or null, found {value!r}")
+    return value
 
 
 def _texts(value: object) -> tuple[str, ...]:

@@ -30,23 +30,31 @@ _MACHINES = {
     "EM_LOONGARCH": "loongarch64",
 }
 
+_PIECE = 1 << 20
+"""How much of the dynamic string table is read at a time."""
+
 # What a malformed file makes pyelftools raise: its own errors, construct's (wrapped in
 # ELFParseError), and the plain ones its readers hit on short or nonsense data.
 _PARSE_ERRORS = (ELFError, ValueError, IndexError, KeyError, AssertionError, EOFError, TypeError)
 
 
-def parse_elf(stream: IO[bytes]) -> ElfInfo | None:
-    """The ELF facts of a seekable ``stream`` at its start; None when it does not parse."""
+def parse_elf(stream: IO[bytes], *, init: bytes | None = None) -> ElfInfo | None:
+    """The ELF facts of a seekable ``stream`` at its start; None when it does not parse.
+
+    ``init``: the init function that makes the file a Python extension module, when that
+    is asked (``ElfInfo.python_module``).
+    """
     try:
-        return _parse(ELFFile(stream))
+        return _parse(ELFFile(stream), init)
     except _PARSE_ERRORS:
         return None
 
 
-def _parse(elf: ELFFile) -> ElfInfo:
+def _parse(elf: ELFFile, init: bytes | None) -> ElfInfo:
     # One walk over the section headers (pyelftools re-reads them on every iter_sections).
     sections = list(elf.iter_sections())
-    dynamic = _dynamic_tags(elf, sections)
+    table = _dynamic_table(elf, sections)
+    dynamic = _dynamic_tags(table)
     sonames = _tag_strings(dynamic, "soname")
     return ElfInfo(
         machine=_machine(elf),
@@ -59,6 +67,7 @@ def _parse(elf: ELFFile) -> ElfInfo:
         runpath=_search_path(_tag_strings(dynamic, "runpath")),
         version_needs=_version_needs(sections),
         version_defs=_version_defs(sections),
+        python_module=None if init is None else _names(elf, table, init),
     )
 
 
@@ -84,16 +93,21 @@ def _interpreter(elf: ELFFile, sections: list[Section]) -> str | None:
     return None
 
 
-def _dynamic_tags(elf: ELFFile, sections: list[Section]) -> list[tuple[str, str]]:
-    """``(name, value)`` of the string-valued dynamic tags, in order.
+def _dynamic_table(elf: ELFFile, sections: list[Section]) -> Dynamic | None:
+    """The dynamic table, found by its section header.
 
-    The dynamic section is found by its section header; a file whose section headers were
-    stripped (sstrip) is read through its PT_DYNAMIC segment and DT_STRTAB instead.
+    A file whose section headers were stripped (sstrip) is read through its PT_DYNAMIC
+    segment and DT_STRTAB instead.
     """
     table: Dynamic | None = next((s for s in sections if isinstance(s, Dynamic)), None)
     if table is None and not sections:
         segments = elf.iter_segments("PT_DYNAMIC")
         table = next((s for s in segments if isinstance(s, DynamicSegment)), None)
+    return table
+
+
+def _dynamic_tags(table: Dynamic | None) -> list[tuple[str, str]]:
+    """``(name, value)`` of the string-valued dynamic tags, in order."""
     if table is None:
         return []
     found: list[tuple[str, str]] = []
@@ -141,3 +155,39 @@ def _version_defs(sections: list[Section]) -> tuple[str, ...]:
             if first is not None:
                 names.add(first.name)
     return tuple(sorted(names))
+
+
+def _names(elf: ELFFile, table: Dynamic | None, symbol: bytes) -> bool:
+    """Whether the dynamic string table holds ``symbol``.
+
+    The names the file exports or imports are there, and no extension module imports its
+    own init function.
+
+    The table (DT_STRTAB, DT_STRSZ) is searched a piece at a time: a large C++ library's
+    runs to tens of MB.
+    """
+    if table is None:
+        return False
+    address = size = None
+    for tag in table.iter_tags():
+        if tag["d_tag"] == "DT_STRTAB":
+            address = int(tag["d_val"])
+        elif tag["d_tag"] == "DT_STRSZ":
+            size = int(tag["d_val"])
+    offset = next(elf.address_offsets(address), None) if address is not None else None
+    if offset is None or not size:
+        return False
+    wanted = b"\0" + symbol + b"\0"
+    stream = elf.stream
+    stream.seek(offset)
+    carried = b""
+    while size > 0:
+        piece = stream.read(min(size, _PIECE))
+        if not piece:
+            return False
+        size -= len(piece)
+        window = carried + piece
+        if wanted in window:
+            return True
+        carried = window[-(len(wanted) - 1) :]
+    return False

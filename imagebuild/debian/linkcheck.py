@@ -19,9 +19,11 @@ that is the failure users meet.
 Two kinds of need are not the image's to meet. The GPU driver's libraries (``libcuda.so.1``)
 are mounted into a container at run time by the NVIDIA container toolkit, so no image has
 them and CUDA wheels link them all the same: they count as provided. And a library a wheel
-ships that nothing links to, and that Python cannot import, is a plugin its package opens
-itself when a feature is used (PyTorch's CUDA stack ships NVSHMEM's MPI and UCX transports,
-and cuFile's RDMA one): what it lacks is ``Missing.on_demand``, for a warning, not a refusal.
+ships that no extension module or program links to, directly or through others, is a
+plugin its package opens itself when a feature is used (PyTorch's CUDA stack ships
+NVSHMEM's MPI and UCX transports and cuFile's RDMA one; ONNX Runtime its CUDA and TensorRT
+providers): what it lacks is ``Missing.on_demand``, for a warning, not a refusal. An
+extension module is told by the init function it names (``ElfInfo.python_module``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from imagebuild.debian.model import ElfInfo
 from imagebuild.digest import Digest, digest_bytes, digest_file, digest_hex
 from imagebuild.errors import DebianError
 
-_FORMAT = 1  # of the JSON records below; a record of another format is read as a miss
+_FORMAT = 2  # of the JSON records below; a record of another format is read as a miss
 
 # The dynamic loader itself: found through PT_INTERP, never through the search path.
 _LOADER = re.compile(r"(ld-linux[\w.-]*|ld64|ld-musl-[\w.-]+)\.so\.\d+")
@@ -129,7 +131,7 @@ def scan_wheel(path: Path, *, cache: Path, sha256: Digest | None = None) -> tupl
                 if member.is_dir() or member.file_size < SMALLEST_ELF:
                     continue
                 with archive.open(member) as stream:
-                    info = read_elf_stream(stream)
+                    info = read_elf_stream(stream, name=member.filename.rpartition("/")[2])
                 if info is not None:
                     found.append(WheelElf(path=member.filename, info=info))
     except (zipfile.BadZipFile, OSError, EOFError) as exc:
@@ -325,7 +327,7 @@ class Missing:
     provider: Provider | None = None
     """For a symbol version failure, the image's library that lacks it."""
     on_demand: bool = False
-    """Whether the file is a plugin: nothing links to it and Python cannot import it, so its
+    """Whether the file is a plugin: no extension module or program links to it, so its
     package opens it itself when it is used (``dlopen``), and lacking it fails only then."""
 
 
@@ -355,12 +357,11 @@ def check_links(
 
 
 def _linked(files: Sequence[tuple[str, WheelElf]]) -> set[tuple[str, str]]:
-    """The files the loader loads for Python: what it imports, programs, and what they link.
+    """The files the loader loads for Python: extension modules, programs, what they link.
 
-    Every name a file of any wheel could be found by counts (as in ``index_wheels``).
-    An extension module is a file named ``*.so`` (every ELF suffix Python imports ends so),
-    whatever its directory; a ``libfoo.so`` a package opens with ``ctypes`` is one too, so
-    only a versioned library (``libfoo.so.1``) that nothing links to is left as a plugin.
+    Every name a file of any wheel could be found by counts (as in ``index_wheels``). The
+    rest are libraries a package opens itself, if ever (``dlopen``, ``ctypes``): a CUDA
+    provider of ONNX Runtime, a transport of NVSHMEM.
     """
     by_name: dict[str, list[tuple[str, WheelElf]]] = {}
     for wheel, elf in files:
@@ -369,7 +370,7 @@ def _linked(files: Sequence[tuple[str, WheelElf]]) -> set[tuple[str, str]]:
     todo = [
         (wheel, elf)
         for wheel, elf in files
-        if elf.path.endswith(".so") or not elf.info.shared or elf.info.interpreter is not None
+        if elf.info.python_module or not elf.info.shared or elf.info.interpreter is not None
     ]
     seen: set[tuple[str, str]] = set()
     while todo:
@@ -476,6 +477,7 @@ def on_demand_line(missing: Sequence[Missing]) -> str:
     also = f" (and {len(others)} more: {', '.join(others)})" if others else ""
     return (
         f"{head}{also}, which the image does not have; nothing links to these plugins, so "
-        "they fail only when their package opens them: if the image uses them, add the "
-        "Debian packages that ship those libraries to [tool.imgbuild] system-packages"
+        "they fail only when their package opens them: if the image uses them, add what "
+        "ships those libraries (a wheel, or a Debian package in [tool.imgbuild] "
+        "system-packages)"
     )

@@ -105,3 +105,7 @@ class ElfInfo:
     """Symbol versions needed, one entry per library, sorted by library."""
     version_defs: tuple[str, ...] = ()
     """Symbol versions this file defines, sorted (the base entry, its own soname, left out)."""
+    python_module: bool | None = None
+    """Whether Python can import the file: it names the init function of the module its file
+    name makes (``PyInit__C`` for ``_C.cpython-311-x86_64-linux-gnu.so``). None when that
+    was not asked (a base's library, a file whose name Python would not import)."""

@@ -17,7 +17,7 @@ import httpx
 import markupsafe._speedups
 import pytest
 
-from imagebuild.debian import elf
+from imagebuild.debian import elf, elfparse
 from imagebuild.debian.archive import fetch_deb
 from imagebuild.debian.elf import parse_elf_info, read_elf, read_elf_stream, render_elf_info
 from imagebuild.debian.model import ElfInfo, IndexedPackage, LockedDeb
@@ -221,6 +221,34 @@ def test_a_large_file_is_held_once_while_read() -> None:
     assert peak < 1.5 * len(data)
 
 
+def test_an_extension_module_is_told_by_the_init_function_its_name_makes() -> None:
+    data = Path(markupsafe._speedups.__file__).read_bytes()  # exports PyInit__speedups
+    for name in ("_speedups.cpython-311-x86_64-linux-gnu.so", "_speedups.abi3.so", "_speedups.so"):
+        info = read_elf(io.BytesIO(data), name=name)
+        assert info is not None and info.python_module is True, name
+    # Another module's name: Python would look for PyInit_other, which it lacks.
+    other = read_elf(io.BytesIO(data), name="other.cpython-311-x86_64-linux-gnu.so")
+    assert other is not None and other.python_module is False
+    # Names Python never imports are not asked about; nor is a file read without a name.
+    for name in ("lib_speedups.so.1", "_speedups.so.1", "7speedups.so", "_speedups"):
+        info = read_elf(io.BytesIO(data), name=name)
+        assert info is not None and info.python_module is None, name
+    assert read_elf_stream(io.BytesIO(data), name="_speedups.so") == read_elf(
+        io.BytesIO(data), name="_speedups.so"
+    )
+    assert elf.module_init("_speedups.so") == b"PyInit__speedups"
+    assert elf.module_init("café.so") == b"PyInitU_caf_dma"  # PEP 489's punycode form
+
+
+def test_the_init_function_is_found_in_a_string_table_read_in_pieces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = Path(markupsafe._speedups.__file__).read_bytes()
+    monkeypatch.setattr(elfparse, "_PIECE", 7)  # names cut across pieces
+    info = read_elf(io.BytesIO(data), name="_speedups.abi3.so")
+    assert info is not None and info.python_module is True
+
+
 def test_not_elf_is_none() -> None:
     assert read_elf(io.BytesIO(b"#!/bin/sh\necho hi\n")) is None
     assert read_elf(io.BytesIO(b"")) is None
@@ -251,6 +279,9 @@ def test_stripped_section_headers_fall_back_to_the_dynamic_segment() -> None:
     assert stripped.needed == full.needed and stripped.needed
     assert stripped.machine == full.machine
     assert stripped.version_needs == ()  # found through section headers only
+    # The init function is in the string table the dynamic segment points to.
+    named = read_elf(io.BytesIO(bytes(data)), name="_speedups.abi3.so")
+    assert named is not None and named.python_module is True
 
 
 def test_render_and_parse_round_trip() -> None:
@@ -261,6 +292,12 @@ def test_render_and_parse_round_trip() -> None:
         parse_elf_info({"machine": "x86_64"})
     with pytest.raises(ValueError):
         parse_elf_info({**render_elf_info(info), "needed": "libc.so.6"})
+    module = read_elf(
+        io.BytesIO(Path(markupsafe._speedups.__file__).read_bytes()), name="_speedups.so"
+    )
+    assert module is not None and parse_elf_info(render_elf_info(module)) == module
+    with pytest.raises(ValueError):
+        parse_elf_info({**render_elf_info(info), "python_module": "yes"})
 
 
 @pytest.mark.debian

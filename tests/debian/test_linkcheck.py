@@ -269,11 +269,11 @@ def test_what_only_a_plugin_needs_refuses_nothing_until_a_module_links_it(
     assert {(m.member, m.library) for m in alone} == {(RDMA, lib) for lib in rdma_needs}
     assert all(m.on_demand for m in alone)
     # An extension module that links the plugin makes its needs the image's.
-    module = WheelElf(
+    extension = WheelElf(
         path="gds/_rdma.cpython-311-x86_64-linux-gnu.so",
-        info=info(needed=["libcufile_rdma.so.1", "libc.so.6"]),
+        info=module(needed=["libcufile_rdma.so.1", "libc.so.6"]),
     )
-    wheels = [cufile, ("gds 1.0", (module,))]
+    wheels = [cufile, ("gds 1.0", (extension,))]
     linked = check_links(wheels, base.merged(index_wheels(wheels)), arch="amd64")
     assert {(m.library, m.on_demand) for m in linked} == {(lib, False) for lib in rdma_needs}
 
@@ -349,14 +349,26 @@ def test_a_warm_scan_reads_the_cache_not_the_wheel(
     assert scan_wheel(wheel, cache=tmp_path / "scan", sha256=sha256) == cold
     # A record that does not parse is a miss: the wheel is read again and the record fixed.
     record = tmp_path / "scan" / f"{sha256.removeprefix('sha256:')}.json"
-    record.write_text('{"format": 1, "members": [{"path": 3}]}')
+    record.write_text('{"format": 2, "members": [{"path": 3}]}')
     shutil.copy(pypi_wheel("greenlet-x86_64"), wheel)
     assert scan_wheel(wheel, cache=tmp_path / "scan", sha256=sha256) == cold
     assert json.loads(record.read_text())["members"][0]["path"] == cold[0].path
     # Nor does an empty one (records are not flushed to disk: what a power cut can leave).
     record.write_bytes(b"")
     assert scan_wheel(wheel, cache=tmp_path / "scan", sha256=sha256) == cold
-    assert json.loads(record.read_text())["format"] == 1
+    assert json.loads(record.read_text())["format"] == 2
+    # A record of the format before (no python_module) is a miss too.
+    old = json.loads(record.read_text())
+    for member in old["members"]:
+        del member["elf"]["python_module"]
+    record.write_text(json.dumps({**old, "format": 1}))
+    assert scan_wheel(wheel, cache=tmp_path / "scan", sha256=sha256) == cold
+    assert json.loads(record.read_text())["format"] == 2
+    assert {elf.path for elf in cold if elf.info.python_module} == {
+        GREENLET_SO,
+        "greenlet/tests/_test_extension.cpython-311-x86_64-linux-gnu.so",
+        "greenlet/tests/_test_extension_cpp.cpython-311-x86_64-linux-gnu.so",
+    }
 
 
 def test_scan_skips_non_elf_and_broken_members(tmp_path: Path) -> None:
@@ -530,6 +542,11 @@ def info(machine: str = "x86_64", needed: Sequence[str] = (), **needs: Sequence[
     )
 
 
+def module(needed: Sequence[str] = (), **needs: Sequence[str]) -> ElfInfo:
+    """``info`` of an extension module (one that names its ``PyInit_`` function)."""
+    return dataclasses.replace(info(needed=needed, **needs), python_module=True)
+
+
 GLIBC = Provider(
     name="libc.so.6",
     path="/usr/lib/x86_64-linux-gnu/libc.so.6",
@@ -540,7 +557,7 @@ GLIBC = Provider(
 
 
 def test_only_the_newest_missing_version_of_each_family_is_reported() -> None:
-    elf = info(
+    elf = module(
         needed=["libc.so.6", "ld-linux-x86-64.so.2"],
         libc_so_6=["GLIBC_2.17", "GLIBC_2.37", "GLIBC_2.38", "GLIBC_2.4"],
     )
@@ -575,11 +592,11 @@ def test_modules_programs_and_what_they_link_are_loaded_the_rest_on_demand() -> 
         info(needed=["libgone.so.1"]), interpreter="/lib64/ld-linux-x86-64.so.2"
     )
     files = (
-        WheelElf(path="w/_ext.abi3.so", info=info(needed=["libchain.so.1"])),
+        WheelElf(path="w/_ext.abi3.so", info=module(needed=["libchain.so.1"])),
         WheelElf(path="w.libs/libchain.so.1", info=info(needed=["libdeep-0a1b.so.2"])),
         WheelElf(path="w.libs/libdeep-0a1b.so.2", info=info(needed=["libgone.so.1"])),
         WheelElf(path="w/bin/tool", info=program),
-        WheelElf(path="w/lib/libctypes.so", info=info(needed=["libgone.so.1"])),  # ctypes-opened
+        WheelElf(path="w/lib/libctypes.so", info=info(needed=["libgone.so.1"])),  # ctypes opens it
         WheelElf(path="w/plugins/libplug.so.3", info=info(needed=["libgone.so.1"])),
         WheelElf(path="w/plugins/libplugdep.so.1", info=info(needed=["libgone.so.1"])),
         WheelElf(path="w/plugins/libuser.so.2", info=info(needed=["libplugdep.so.1"])),
@@ -590,7 +607,7 @@ def test_modules_programs_and_what_they_link_are_loaded_the_rest_on_demand() -> 
     assert {m.member: m.on_demand for m in found} == {
         "w.libs/libdeep-0a1b.so.2": False,  # through libchain, which the module links
         "w/bin/tool": False,
-        "w/lib/libctypes.so": False,
+        "w/lib/libctypes.so": True,
         "w/plugins/libplug.so.3": True,
         "w/plugins/libplugdep.so.1": True,  # only another plugin links it
     }
@@ -599,11 +616,11 @@ def test_modules_programs_and_what_they_link_are_loaded_the_rest_on_demand() -> 
 def test_the_gpu_driver_libraries_come_from_the_container_runtime() -> None:
     # libcaffe2_nvrtc.so in PyTorch's CUDA wheels links libcuda.so.1, which the NVIDIA
     # container toolkit mounts into a container given a GPU; the CUDA runtime is the image's.
-    module = info(
+    linked = module(
         needed=["libcuda.so.1", "libnvidia-ml.so.1", "libcudart.so.13", "libc.so.6"],
         libcuda_so_1=["libcuda.so.1"],
     )
-    wheels = [("torch 2", (WheelElf(path="torch/lib/libcaffe2_nvrtc.so", info=module),))]
+    wheels = [("torch 2", (WheelElf(path="torch/_C.abi3.so", info=linked),))]
     found = check_links(wheels, LibraryIndex(providers=(GLIBC,)), arch="amd64")
     assert [(m.library, m.on_demand) for m in found] == [("libcudart.so.13", False)]
 
@@ -619,8 +636,8 @@ def test_the_warning_for_plugins_is_one_line_naming_the_first_and_counting_the_r
         "p 1: p/libplug.so.1 needs libucp.so.0 (and 2 more: libfabric.so.1, libmpi.so.40), "
         "which the image does not have; nothing links to these plugins"
     )
-    assert line.endswith("add the Debian packages that ship those libraries to [tool.imgbuild] "
-                         "system-packages")  # fmt: skip
+    assert line.endswith("add what ships those libraries (a wheel, or a Debian package in "
+                         "[tool.imgbuild] system-packages)")  # fmt: skip
 
 
 def test_lines_for_an_unknown_package_and_a_version() -> None:
