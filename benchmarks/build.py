@@ -40,7 +40,6 @@ See benchmarks/README.md for what is and is not measured.
 from __future__ import annotations
 
 import argparse
-import gzip
 import hashlib
 import json
 import os
@@ -51,9 +50,11 @@ import tarfile
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -289,9 +290,16 @@ def make_one_line_change(project: Path, spec: Project) -> None:
     path.write_text(text.replace(old, new))
 
 
-def gzip_size(data: bytes) -> int:
-    """Size of ``data`` gzipped at level 6, as `docker push` (Go's default level) would."""
-    return len(gzip.compress(data, compresslevel=6, mtime=0))
+def digest_and_gzip_size(stream: IO[bytes]) -> tuple[str, int]:
+    """The sha256 of ``stream``, and its size gzipped at level 6, as `docker push` (Go's
+    default level) would; read a piece at a time (an ML stack's layer is gigabytes)."""
+    digest = hashlib.sha256()
+    deflate = zlib.compressobj(6, zlib.DEFLATED, 31)  # 31: with a gzip header and trailer
+    size = 0
+    while piece := stream.read(1 << 20):
+        digest.update(piece)
+        size += len(deflate.compress(piece))
+    return "sha256:" + digest.hexdigest(), size + len(deflate.flush())
 
 
 # -- imgbuild ----------------------------------------------------------------------------------
@@ -444,6 +452,7 @@ class Anchor:
         self.tags: list[str] = []
         self.runs = 0
         self.last_tag = ""
+        self.gzipped: dict[str, int] = {}  # diff ID -> gzipped size, of the layers seen
         self.base_was_present = self._exists(self.base)
         self.build_tools_image()
 
@@ -495,17 +504,28 @@ class Anchor:
         return Build(seconds, image_id.strip(), self.layers(tag), memory, resident)
 
     def layers(self, tag: str) -> tuple[Layer, ...]:
-        """The image's layers from `docker save`: diff IDs, and sizes gzipped as a push would."""
-        archive = self.workdir / "anchor-save.tar"
-        run([*self.docker, "save", "-o", str(archive), tag], env=self.env)
-        layers = []
-        with tarfile.open(archive) as tar:
-            manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
-            for name in manifest[0]["Layers"]:
-                data = tar.extractfile(name).read()  # type: ignore[union-attr]
-                layers.append(Layer("sha256:" + hashlib.sha256(data).hexdigest(), gzip_size(data)))
-        archive.unlink()
-        return tuple(layers)
+        """The image's layers: diff IDs, and sizes gzipped as a push would.
+
+        Only layers not seen before in this run are read (from `docker save`).
+        """
+        fmt = "{{json .RootFS.Layers}}"
+        diff_ids = json.loads(run([*self.docker, "image", "inspect", "-f", fmt, tag], env=self.env))
+        if any(diff_id not in self.gzipped for diff_id in diff_ids):
+            archive = self.workdir / "anchor-save.tar"
+            run([*self.docker, "save", "-o", str(archive), tag], env=self.env)
+            with tarfile.open(archive) as tar:
+                manifest = json.load(tar.extractfile("manifest.json"))  # type: ignore[arg-type]
+                for name, diff_id in zip(manifest[0]["Layers"], diff_ids, strict=True):
+                    if diff_id in self.gzipped:
+                        continue
+                    layer = tar.extractfile(name)
+                    assert layer is not None
+                    digest, size = digest_and_gzip_size(layer)
+                    if digest != diff_id:
+                        sys.exit(f"{tag}: docker save's {name} is not layer {diff_id}")
+                    self.gzipped[diff_id] = size
+            archive.unlink()
+        return tuple(Layer(diff_id, self.gzipped[diff_id]) for diff_id in diff_ids)
 
     def push(self, tag: str, ref: str) -> None:
         """Tag ``tag`` as ``ref`` and push it (the registry then holds its inline cache)."""
