@@ -466,6 +466,29 @@ def missing_line(missing: Missing, provider_package: str | None) -> str:
     )
 
 
+def refusal_line(missing: Sequence[Missing], packages: Mapping[str, str]) -> str:
+    """The one line that refuses an image for ``missing`` (at least one; the first named).
+
+    ``packages``: the Debian package that ships each missing library, as far as known.
+    When every library is missing and each one's package is known, the fix names them all,
+    so that one change mends the image (opencv-python's Qt needs four of them on a slim
+    base); else the first's, and the others' libraries are listed.
+    """
+    first = missing[0]
+    libraries = sorted({m.library for m in missing})
+    others = [library for library in libraries if library != first.library]
+    also = f" (also missing: {', '.join(others)})" if others else ""
+    whole = all(m.version is None and m.library in packages for m in missing)
+    if others and whole:
+        wanted = ", ".join(f'"{package}"' for package in sorted({packages[n] for n in libraries}))
+        return (
+            f"{first.wheel}: {first.member} needs {first.library}, which the image does not "
+            f"have{also}; add them with [tool.imgbuild] system-packages = [{wanted}]"
+        )
+    owner = first.provider.package if first.provider is not None else None
+    return missing_line(first, packages.get(first.library) or owner) + also
+
+
 def on_demand_line(missing: Sequence[Missing]) -> str:
     """The one warning for what plugins lack (``Missing.on_demand``; at least one)."""
     first = missing[0]

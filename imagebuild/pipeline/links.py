@@ -27,7 +27,7 @@ from imagebuild.debian.linkcheck import (
     check_links,
     index_base,
     index_wheels,
-    missing_line,
+    refusal_line,
     scan_record,
     scan_wheel,
     usable_record,
@@ -133,13 +133,7 @@ def check_image_links(
         return found
     recipe = recipe or _pulled_debian(base, store)
     providers = _providers(missing, arch=arch, http=http, cache=cache.debian, recipe=recipe)
-    first = missing[0]
-    owner = first.provider.package if first.provider is not None else None
-    line = missing_line(first, providers.get(first.library) or owner)
-    others = sorted({m.library for m in missing[1:]} - {first.library})
-    if others:
-        line += f" (also missing: {', '.join(others)})"
-    raise DebianError(line)
+    raise DebianError(refusal_line(missing, providers))
 
 
 def _missing_records(

@@ -32,6 +32,7 @@ from imagebuild.debian.linkcheck import (
     index_wheels,
     missing_line,
     on_demand_line,
+    refusal_line,
     scan_wheel,
 )
 from imagebuild.debian.model import ElfInfo, IndexedPackage, LockedDeb, VersionNeed
@@ -638,6 +639,39 @@ def test_the_warning_for_plugins_is_one_line_naming_the_first_and_counting_the_r
     )
     assert line.endswith("add what ships those libraries (a wheel, or a Debian package in "
                          "[tool.imgbuild] system-packages)")  # fmt: skip
+
+
+def test_a_refusal_names_every_package_when_it_knows_them_all() -> None:
+    # opencv-python's bundled Qt on a slim base: one change then mends the image.
+    qt = "opencv_python.libs/libQt5Core-9088e21b.so.5.15.19"
+    missing = [
+        Missing(wheel="opencv-python 5", member=qt, library="libglib-2.0.so.0"),
+        Missing(wheel="opencv-python 5", member="cv2/cv2.abi3.so", library="libGL.so.1"),
+        Missing(wheel="opencv-python 5", member=qt, library="libgthread-2.0.so.0"),
+    ]
+    packages = {
+        "libglib-2.0.so.0": "libglib2.0-0",
+        "libgthread-2.0.so.0": "libglib2.0-0",
+        "libGL.so.1": "libgl1",
+    }
+    assert refusal_line(missing, packages) == (
+        f"opencv-python 5: {qt} needs libglib-2.0.so.0, which the image does not have (also "
+        "missing: libGL.so.1, libgthread-2.0.so.0); add them with [tool.imgbuild] "
+        'system-packages = ["libgl1", "libglib2.0-0"]'
+    )
+    # One package unknown: the first library's fix, and the others listed.
+    partial = refusal_line(missing, {"libglib-2.0.so.0": "libglib2.0-0"})
+    assert partial == (
+        missing_line(missing[0], "libglib2.0-0")
+        + " (also missing: libGL.so.1, libgthread-2.0.so.0)"
+    )
+    # A symbol version the image's library lacks is not mended by adding a package.
+    old = Missing(wheel="w 1", member="w/x.so", library="libc.so.6", version="GLIBC_2.38",
+                  provided="GLIBC_2.36", provider=GLIBC)  # fmt: skip
+    assert refusal_line([old, missing[1]], packages) == (
+        missing_line(old, "libc6") + " (also missing: libGL.so.1)"
+    )
+    assert refusal_line(missing[:1], packages) == missing_line(missing[0], "libglib2.0-0")
 
 
 def test_lines_for_an_unknown_package_and_a_version() -> None:
