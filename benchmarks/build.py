@@ -922,6 +922,11 @@ def measure_both(env: dict[str, str], spec: Project, *, keep: bool) -> tuple[Res
     try:
         print(f"{spec.path}: imgbuild ...", file=sys.stderr)
         ours = measure(Imgbuild(env, workdir), spec, workdir, "imgbuild")
+        # Measured: its caches and layouts go, so that the anchor's builds have the disk
+        # (an ML stack's run holds about 20 GB of them, the anchor's about 55 GB).
+        for left in workdir.glob("imgbuild-*"):
+            shutil.rmtree(left, ignore_errors=True)
+        forget_memory_trees()
         print(f"{spec.path}: anchor (uv's Dockerfile) ...", file=sys.stderr)
         anchor = Anchor(env, workdir, spec)
         theirs = measure(anchor, spec, workdir, "anchor")
