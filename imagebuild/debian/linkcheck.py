@@ -18,12 +18,13 @@ that is the failure users meet.
 
 Two kinds of need are not the image's to meet. The GPU driver's libraries (``libcuda.so.1``)
 are mounted into a container at run time by the NVIDIA container toolkit, so no image has
-them and CUDA wheels link them all the same: they count as provided. And a library a wheel
-ships that no extension module or program links to, directly or through others, is a
-plugin its package opens itself when a feature is used (PyTorch's CUDA stack ships
-NVSHMEM's MPI and UCX transports and cuFile's RDMA one; ONNX Runtime its CUDA and TensorRT
-providers): what it lacks is ``Missing.on_demand``, for a warning, not a refusal. An
-extension module is told by the init function it names (``ElfInfo.python_module``).
+them and CUDA wheels link them all the same: they count as provided (``debian.drivers``).
+And a library a wheel ships that no extension module or program links to, directly or
+through others, is a plugin its package opens itself when a feature is used (PyTorch's
+CUDA stack ships NVSHMEM's MPI and UCX transports and cuFile's RDMA one; ONNX Runtime its
+CUDA and TensorRT providers): what it lacks is ``Missing.on_demand``, for a warning, not a
+refusal. An extension module is told by the init function it names
+(``ElfInfo.python_module``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from imagebuild.cache import write_json
+from imagebuild.debian.drivers import from_the_gpu_driver
 from imagebuild.debian.elf import SMALLEST_ELF, parse_elf_info, read_elf_stream, render_elf_info
 from imagebuild.debian.model import ElfInfo
 from imagebuild.digest import Digest, digest_bytes, digest_file, digest_hex
@@ -46,49 +48,6 @@ _FORMAT = 2  # of the JSON records below; a record of another format is read as 
 
 # The dynamic loader itself: found through PT_INTERP, never through the search path.
 _LOADER = re.compile(r"(ld-linux[\w.-]*|ld64|ld-musl-[\w.-]+)\.so\.\d+")
-
-_DRIVER_LIBRARIES = frozenset(
-    {
-        # libnvidia-container's lists (src/nvc_info.c): utility, compute, video, graphics
-        # (GLVND's vendor libraries), NGX and WSL's dxcore; named as before ".so".
-        "libnvidia-ml",
-        "libnvidia-cfg",
-        "libnvidia-nscq",
-        "libcuda",
-        "libcudadebugger",
-        "libnvidia-opencl",
-        "libnvidia-gpucomp",
-        "libnvidia-ptxjitcompiler",
-        "libnvidia-fatbinaryloader",
-        "libnvidia-allocator",
-        "libnvidia-compiler",
-        "libnvidia-pkcs11",
-        "libnvidia-pkcs11-openssl3",
-        "libnvidia-nvvm",
-        "libnvidia-tileiras",
-        "libvdpau_nvidia",
-        "libnvidia-encode",
-        "libnvidia-opticalflow",
-        "libnvcuvid",
-        "libnvidia-eglcore",
-        "libnvidia-glcore",
-        "libnvidia-tls",
-        "libnvidia-glsi",
-        "libnvidia-fbc",
-        "libnvidia-ifr",
-        "libnvidia-rtcore",
-        "libnvoptix",
-        "libGLX_nvidia",
-        "libEGL_nvidia",
-        "libGLESv2_nvidia",
-        "libGLESv1_CM_nvidia",
-        "libnvidia-glvkspirv",
-        "libnvidia-cbl",
-        "libnvidia-ngx",
-        "libdxcore",
-    }
-)
-"""The GPU driver's libraries: a container that asks for a GPU has them mounted, an image never."""
 
 ARCH_MACHINES = {
     "amd64": "x86_64",
@@ -415,8 +374,7 @@ def _check_file(
 
 def _not_the_image(library: str) -> bool:
     """Whether ``library`` is found elsewhere than in the image: the loader, the GPU driver."""
-    name = library.rpartition("/")[2]
-    return bool(_LOADER.fullmatch(library)) or name.partition(".so")[0] in _DRIVER_LIBRARIES
+    return bool(_LOADER.fullmatch(library)) or from_the_gpu_driver(library)
 
 
 def _defines(provider: Provider, version: str) -> bool:
