@@ -255,8 +255,7 @@ def index_wheels(wheels: Iterable[tuple[str, Sequence[WheelElf]]]) -> LibraryInd
         for elf in elfs:
             if not elf.info.shared:
                 continue
-            names = {elf.path.rpartition("/")[2], elf.info.soname or ""} - {""}
-            for name in names:
+            for name in _found_by(elf):
                 providers.add(
                     Provider(
                         name=name,
@@ -266,6 +265,11 @@ def index_wheels(wheels: Iterable[tuple[str, Sequence[WheelElf]]]) -> LibraryInd
                     )
                 )
     return LibraryIndex(providers=tuple(sorted(providers, key=_provider_key)))
+
+
+def _found_by(elf: WheelElf) -> set[str]:
+    """The names the loader finds a wheel's library by: its file name and its soname."""
+    return {elf.path.rpartition("/")[2], elf.info.soname or ""} - {""}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -324,7 +328,7 @@ def _linked(files: Sequence[tuple[str, WheelElf]]) -> set[tuple[str, str]]:
     """
     by_name: dict[str, list[tuple[str, WheelElf]]] = {}
     for wheel, elf in files:
-        for name in {elf.path.rpartition("/")[2], elf.info.soname or ""} - {""}:
+        for name in _found_by(elf):
             by_name.setdefault(name, []).append((wheel, elf))
     todo = [
         (wheel, elf)
@@ -433,8 +437,7 @@ def refusal_line(missing: Sequence[Missing], packages: Mapping[str, str]) -> str
     base); else the first's, and the others' libraries are listed.
     """
     first = missing[0]
-    libraries = sorted({m.library for m in missing})
-    others = [library for library in libraries if library != first.library]
+    libraries, others = _beside_first(missing)
     also = f" (also missing: {', '.join(others)})" if others else ""
     whole = all(m.version is None and m.library in packages for m in missing)
     if others and whole:
@@ -450,8 +453,7 @@ def refusal_line(missing: Sequence[Missing], packages: Mapping[str, str]) -> str
 def on_demand_line(missing: Sequence[Missing]) -> str:
     """The one warning for what plugins lack (``Missing.on_demand``; at least one)."""
     first = missing[0]
-    libraries = sorted({m.library for m in missing})
-    others = [library for library in libraries if library != first.library]
+    _, others = _beside_first(missing)
     head = f"{first.wheel}: {first.member} needs {first.library}"
     if first.version is not None:
         head += f" with symbol version {first.version}"
@@ -462,3 +464,9 @@ def on_demand_line(missing: Sequence[Missing]) -> str:
         "ships those libraries (a wheel, or a Debian package in [tool.imgbuild] "
         "system-packages)"
     )
+
+
+def _beside_first(missing: Sequence[Missing]) -> tuple[list[str], list[str]]:
+    """Every library ``missing`` names, sorted; and those of them but the first's."""
+    libraries = sorted({m.library for m in missing})
+    return libraries, [library for library in libraries if library != missing[0].library]
