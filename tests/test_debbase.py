@@ -35,7 +35,7 @@ from imagebuild.debian.baselock import BaseLock, PlatformDebs, render_base_lock
 from imagebuild.debian.elf import read_elf
 from imagebuild.debian.linkcheck import ARCH_MACHINES
 from imagebuild.debian.model import ArchiveSource, ElfInfo, LockedDeb
-from imagebuild.digest import digest_bytes, digest_hex
+from imagebuild.digest import digest_bytes, digest_file, digest_hex
 from imagebuild.errors import DebianError, LockError
 from imagebuild.image.descriptor import OCI_LAYER_GZIP
 from imagebuild.image.model import BaseImage
@@ -617,6 +617,45 @@ def test_what_only_a_plugin_lacks_is_returned_not_refused(
         ("plugged/plugins/libtransport.so.2", "libc.so.6", True),
         ("plugged/plugins/libtransport.so.2", "libpthread.so.0", True),
     }
+
+
+def test_a_module_its_package_imports_under_a_guard_is_a_warning_and_kept(
+    tmp_path: Path, cache: CacheLayout, offline: httpx.Client
+) -> None:
+    # numba imports its TBB threading layer inside try/except ImportError; the base here
+    # lacks what the (real) extension module links, as a slim base lacks libtbb.so.12.
+    store = BlobStore(cache.blobs)
+    base = base_with(store, [host_glibc()])
+    guarded = "try:\n    from . import _speedups\nexcept ImportError:\n    _speedups = None\n"
+
+    def check(init: str, folder: str) -> tuple[tuple[str, str, bool], ...]:
+        path = tmp_path / folder / f"speedy-1.0-cp311-cp311-linux_{_INFO.machine}.whl"
+        path.parent.mkdir()
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("speedy/__init__.py", init)
+            archive.write(SPEEDUPS, f"speedy/{SPEEDUPS.name}")
+        wheel = PlannedWheel(name="speedy", version="1.0", path=path, sha256=digest_file(path))
+        lacks = check_image_links(
+            [wheel], base, arch=HOST_ARCH, store=store, cache=cache, http=offline, recipe=None
+        )
+        return tuple((m.member, m.library, m.on_demand) for m in lacks)
+
+    assert check(guarded, "guarded") == ((f"speedy/{SPEEDUPS.name}", "libpthread.so.0", True),)
+    # The answer is kept by the wheel's digest.
+    path = tmp_path / "guarded" / f"speedy-1.0-cp311-cp311-linux_{_INFO.machine}.whl"
+    (record,) = cache.elf.glob("*.imports.json")
+    assert record.name == f"{digest_hex(digest_file(path))}.imports.json"
+    assert json.loads(record.read_text())["modules"] == {"speedy._speedups": True}
+    # and read again: with the wheel gone bad, the checks answer from their records.
+    wheel = PlannedWheel(name="speedy", version="1.0", path=path, sha256=digest_file(path))
+    path.write_bytes(b"not a zip")
+    again = check_image_links(
+        [wheel], base, arch=HOST_ARCH, store=store, cache=cache, http=offline, recipe=None
+    )
+    assert [(m.library, m.on_demand) for m in again] == [("libpthread.so.0", True)]
+    # Imported where the package cannot do without it: refused, as before.
+    with pytest.raises(DebianError, match="needs libpthread.so.0"):
+        check("from . import _speedups\n", "needed")
 
 
 def test_an_extension_finds_its_libraries_in_the_base(

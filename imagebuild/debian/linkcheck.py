@@ -5,7 +5,7 @@ Data flow::
     wheel --scan_wheel--> WheelElf per ELF member (cached by the wheel's sha256)
     base layers --index_base--> LibraryIndex (cached by the layers' digests)
     wheels' own libraries --index_wheels--> LibraryIndex
-    WheelElfs + the merged index --check_links--> Missing, one line each (missing_line)
+    WheelElfs + the merged index --check_links--> Missing, one line each (``debian.linklines``)
 
 What the image provides is looked up by file name, the way the loader looks up a DT_NEEDED
 entry in its search directories; a symbol version need is met when the library defines the
@@ -24,7 +24,9 @@ through others, is a plugin its package opens itself when a feature is used (PyT
 CUDA stack ships NVSHMEM's MPI and UCX transports and cuFile's RDMA one; ONNX Runtime its
 CUDA and TensorRT providers): what it lacks is ``Missing.on_demand``, for a warning, not a
 refusal. An extension module is told by the init function it names
-(``ElfInfo.python_module``).
+(``ElfInfo.python_module``). An extension module its package imports only where it can do
+without it (numba's TBB threading layer: ``install.imports``) is passed as ``optional``,
+and counts as a plugin.
 """
 
 from __future__ import annotations
@@ -291,11 +293,16 @@ class Missing:
     """For a symbol version failure, the image's library that lacks it."""
     on_demand: bool = False
     """Whether the file is a plugin: no extension module or program links to it, so its
-    package opens it itself when it is used (``dlopen``), and lacking it fails only then."""
+    package opens it itself when it is used (``dlopen``), and lacking it fails only then.
+    So is an optional extension module, and what only such modules link."""
 
 
 def check_links(
-    wheels: Sequence[tuple[str, Sequence[WheelElf]]], index: LibraryIndex, *, arch: str
+    wheels: Sequence[tuple[str, Sequence[WheelElf]]],
+    index: LibraryIndex,
+    *,
+    arch: str,
+    optional: frozenset[tuple[str, str]] = frozenset(),
 ) -> tuple[Missing, ...]:
     """What the wheels' ELF files for ``arch`` need and ``index`` does not provide, sorted.
 
@@ -303,15 +310,16 @@ def check_links(
     built for another machine are skipped (some wheels ship test binaries for several), and
     so are the dynamic loader and the GPU driver's libraries. For each file and library,
     only the newest missing version of each family is reported (GLIBC_2.38 says all a
-    GLIBC_2.34 line would). What plugins lack is marked ``on_demand``.
+    GLIBC_2.34 line would). What plugins lack is marked ``on_demand``, and so is what the
+    ``optional`` extension modules (wheel, member) need, unless another module links it.
     """
     machine = ARCH_MACHINES.get(arch, arch)
     by_name: dict[str, list[Provider]] = {}
     for provider in index.providers:
         if provider.machine == machine:
             by_name.setdefault(provider.name, []).append(provider)
-    files = [(wheel, elf) for wheel, elfs in wheels for elf in elfs if elf.info.machine == machine]
-    linked = _linked(files)
+    files = _of_machine(wheels, machine)
+    linked = _linked(files, optional)
     missing: list[Missing] = []
     for wheel, elf in files:
         plugin = (wheel, elf.path) not in linked
@@ -319,21 +327,64 @@ def check_links(
     return tuple(sorted(missing, key=lambda m: (m.wheel, m.member, m.library, m.version or "")))
 
 
-def _linked(files: Sequence[tuple[str, WheelElf]]) -> set[tuple[str, str]]:
-    """The files the loader loads for Python: extension modules, programs, what they link.
+def importers(
+    wheels: Sequence[tuple[str, Sequence[WheelElf]]], missing: Iterable[Missing], *, arch: str
+) -> set[tuple[str, str]]:
+    """The extension modules (wheel, member) that load what ``missing`` names a need of.
 
-    Every name a file of any wheel could be found by counts (as in ``index_wheels``). The
-    rest are libraries a package opens itself, if ever (``dlopen``, ``ctypes``): a CUDA
-    provider of ONNX Runtime, a transport of NVSHMEM.
+    That is each missing need's file when it is an extension module, and every extension
+    module that links the file, directly or through other libraries: the modules whose
+    imports decide whether the need refuses the image (``install.imports``).
     """
+    files = _of_machine(wheels, ARCH_MACHINES.get(arch, arch))
+    by_name = _by_name(files)
+    linking: dict[tuple[str, str], list[tuple[str, WheelElf]]] = {}
+    for wheel, elf in files:
+        for library in elf.info.needed:
+            for other, provider in by_name.get(library.rpartition("/")[2], ()):
+                linking.setdefault((other, provider.path), []).append((wheel, elf))
+    modules = {(wheel, elf.path): elf for wheel, elf in files if elf.info.python_module}
+    todo = [(m.wheel, m.member) for m in missing]
+    seen: set[tuple[str, str]] = set()
+    while todo:
+        key = todo.pop()
+        if key not in seen:
+            seen.add(key)
+            todo.extend((wheel, elf.path) for wheel, elf in linking.get(key, ()))
+    return {key for key in seen if key in modules}
+
+
+def _of_machine(
+    wheels: Sequence[tuple[str, Sequence[WheelElf]]], machine: str
+) -> list[tuple[str, WheelElf]]:
+    return [(wheel, elf) for wheel, elfs in wheels for elf in elfs if elf.info.machine == machine]
+
+
+def _by_name(files: Sequence[tuple[str, WheelElf]]) -> dict[str, list[tuple[str, WheelElf]]]:
+    """The files by every name they could be found by (as in ``index_wheels``)."""
     by_name: dict[str, list[tuple[str, WheelElf]]] = {}
     for wheel, elf in files:
         for name in _found_by(elf):
             by_name.setdefault(name, []).append((wheel, elf))
+    return by_name
+
+
+def _linked(
+    files: Sequence[tuple[str, WheelElf]], optional: frozenset[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """The files the loader loads for Python: extension modules, programs, what they link.
+
+    Every name a file of any wheel could be found by counts (as in ``index_wheels``). The
+    rest are libraries a package opens itself, if ever (``dlopen``, ``ctypes``): a CUDA
+    provider of ONNX Runtime, a transport of NVSHMEM; and the ``optional`` modules.
+    """
+    by_name = _by_name(files)
     todo = [
         (wheel, elf)
         for wheel, elf in files
-        if elf.info.python_module or not elf.info.shared or elf.info.interpreter is not None
+        if (elf.info.python_module and (wheel, elf.path) not in optional)
+        or not elf.info.shared
+        or elf.info.interpreter is not None
     ]
     seen: set[tuple[str, str]] = set()
     while todo:
@@ -400,73 +451,3 @@ def _order(version: str) -> tuple[int, ...]:
 def _newest_of(versions: Iterable[str], family: str) -> str | None:
     same = [v for v in versions if _family(v) == family]
     return max(same, key=_order) if same else None
-
-
-def missing_line(missing: Missing, provider_package: str | None) -> str:
-    """The one line that refuses an image for ``missing``.
-
-    ``provider_package`` is the Debian package that ships the library (for a missing
-    library) or that installed the image's too-old one (for a symbol version), when the
-    caller knows it.
-    """
-    head = f"{missing.wheel}: {missing.member} needs {missing.library}"
-    if missing.version is None:
-        if provider_package:
-            fix = f'add it with [tool.imgbuild] system-packages = ["{provider_package}"]'
-        else:
-            fix = (
-                f"find the Debian package that ships it (apt-file search {missing.library}) "
-                "and add it to [tool.imgbuild] system-packages"
-            )
-        return f"{head}, which the image does not have; {fix}"
-    owner = f" ({provider_package})" if provider_package else ""
-    has = f"only up to {missing.provided}" if missing.provided else "no version of that family"
-    return (
-        f"{head} with symbol version {missing.version}, but the image's {missing.library}"
-        f"{owner} has {has}; use a base from a newer Debian release, or a build of the "
-        f"wheel made for an older {missing.library}"
-    )
-
-
-def refusal_line(missing: Sequence[Missing], packages: Mapping[str, str]) -> str:
-    """The one line that refuses an image for ``missing`` (at least one; the first named).
-
-    ``packages``: the Debian package that ships each missing library, as far as known.
-    When every library is missing and each one's package is known, the fix names them all,
-    so that one change mends the image (opencv-python's Qt needs four of them on a slim
-    base); else the first's, and the others' libraries are listed.
-    """
-    first = missing[0]
-    libraries, others = _beside_first(missing)
-    also = f" (also missing: {', '.join(others)})" if others else ""
-    whole = all(m.version is None and m.library in packages for m in missing)
-    if others and whole:
-        wanted = ", ".join(f'"{package}"' for package in sorted({packages[n] for n in libraries}))
-        return (
-            f"{first.wheel}: {first.member} needs {first.library}, which the image does not "
-            f"have{also}; add them with [tool.imgbuild] system-packages = [{wanted}]"
-        )
-    owner = first.provider.package if first.provider is not None else None
-    return missing_line(first, packages.get(first.library) or owner) + also
-
-
-def on_demand_line(missing: Sequence[Missing]) -> str:
-    """The one warning for what plugins lack (``Missing.on_demand``; at least one)."""
-    first = missing[0]
-    _, others = _beside_first(missing)
-    head = f"{first.wheel}: {first.member} needs {first.library}"
-    if first.version is not None:
-        head += f" with symbol version {first.version}"
-    also = f" (and {len(others)} more: {', '.join(others)})" if others else ""
-    return (
-        f"{head}{also}, which the image does not have; nothing links to these plugins, so "
-        "they fail only when their package opens them: if the image uses them, add what "
-        "ships those libraries (a wheel, or a Debian package in [tool.imgbuild] "
-        "system-packages)"
-    )
-
-
-def _beside_first(missing: Sequence[Missing]) -> tuple[list[str], list[str]]:
-    """Every library ``missing`` names, sorted; and those of them but the first's."""
-    libraries = sorted({m.library for m in missing})
-    return libraries, [library for library in libraries if library != missing[0].library]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,21 +21,25 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from imagebuild.cache import CacheLayout, write_atomic
+from imagebuild.cache import CacheLayout, write_atomic, write_json
 from imagebuild.debian.linkcheck import (
     Missing,
+    WheelElf,
     base_record,
     check_links,
+    importers,
     index_base,
     index_wheels,
-    refusal_line,
     scan_record,
     scan_wheel,
     usable_record,
 )
+from imagebuild.debian.linklines import refusal_line
+from imagebuild.digest import digest_hex
 from imagebuild.errors import DebianError
 from imagebuild.image.model import BaseImage
 from imagebuild.image.store import LayerFiles
+from imagebuild.install.imports import guarded_modules, module_of
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.pipeline.layers import RemoteLayers
 from imagebuild.target.base import find_entry, load_catalog
@@ -117,10 +122,7 @@ def check_image_links(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imgbuild-base-index") as pool:
         indexing = pool.submit(index_base, layers, blobs=store.path, cache=cache.elf)
         scanned = [
-            (
-                f"{wheel.name} {wheel.version}",
-                scan_wheel(wheel.path, cache=cache.elf, sha256=wheel.sha256),
-            )
+            (_label(wheel), scan_wheel(wheel.path, cache=cache.elf, sha256=wheel.sha256))
             for wheel in wheels
         ]
         index = indexing.result().merged(index_wheels(scanned))
@@ -128,12 +130,79 @@ def check_image_links(
     # registry has them on disk); not those the registry just gave.
     _keep_records(gathered, remote)
     found = check_links(scanned, index, arch=arch)
+    if any(not m.on_demand for m in found):
+        optional = _optional_modules(scanned, found, wheels, arch=arch, cache=cache, fetch=fetch)
+        if optional:
+            found = check_links(scanned, index, arch=arch, optional=optional)
     missing = [m for m in found if not m.on_demand]
     if not missing:
         return found
     recipe = recipe or _pulled_debian(base, store)
     providers = _providers(missing, arch=arch, http=http, cache=cache.debian, recipe=recipe)
     raise DebianError(refusal_line(missing, providers))
+
+
+def _label(wheel: PlannedWheel) -> str:
+    """How the check names a wheel in what it finds (``greenlet 3.1.1``)."""
+    return f"{wheel.name} {wheel.version}"
+
+
+def _optional_modules(
+    scanned: Sequence[tuple[str, Sequence[WheelElf]]],
+    found: Sequence[Missing],
+    wheels: Sequence[PlannedWheel],
+    *,
+    arch: str,
+    cache: CacheLayout,
+    fetch: Callable[[Sequence[PlannedWheel]], None] | None,
+) -> frozenset[tuple[str, str]]:
+    """The extension modules loading what ``found`` lacks that their packages can do without.
+
+    Asked only when something is missing, of only the modules that load it: reading a
+    wheel's Python files costs up to seconds (``install.imports``). The answers are kept.
+    """
+    by_label = {_label(wheel): wheel for wheel in wheels}
+    asked: dict[str, dict[str, str]] = {}
+    needed = [m for m in found if not m.on_demand]
+    for label, member in sorted(importers(scanned, needed, arch=arch)):
+        if label in by_label:
+            asked.setdefault(label, {})[module_of(member)] = member
+    if fetch is not None and asked:
+        fetch([by_label[label] for label in sorted(asked)])
+    optional: set[tuple[str, str]] = set()
+    for label, members in sorted(asked.items()):
+        guarded = _guarded(by_label[label], sorted(members), cache.elf)
+        optional.update((label, members[module]) for module in guarded)
+    return frozenset(optional)
+
+
+_IMPORTS_FORMAT = 1
+
+
+def _guarded(wheel: PlannedWheel, modules: Sequence[str], cache: Path) -> frozenset[str]:
+    """Those of ``modules`` that ``wheel`` imports only under a guard, kept by its digest.
+
+    A wheel that cannot be read guards none: its modules' needs refuse the image, as before.
+    """
+    record = cache / f"{digest_hex(wheel.sha256)}.imports.json" if wheel.sha256 else None
+    known: dict[str, bool] = {}
+    if record is not None:
+        try:
+            held = json.loads(record.read_bytes())
+        except (OSError, ValueError):
+            held = None
+        if isinstance(held, dict) and held.get("format") == _IMPORTS_FORMAT:
+            known = {k: v for k, v in held.get("modules", {}).items() if isinstance(v, bool)}
+    todo = [module for module in modules if module not in known]
+    if todo:
+        try:
+            guarded = guarded_modules(wheel.path, todo)
+        except (OSError, zipfile.BadZipFile):
+            return frozenset(module for module in modules if known.get(module))
+        known.update({module: module in guarded for module in todo})
+        if record is not None:
+            write_json(record, {"format": _IMPORTS_FORMAT, "modules": known}, durable=False)
+    return frozenset(module for module in modules if known[module])
 
 
 def _missing_records(

@@ -14,7 +14,7 @@ from pathlib import Path
 from imagebuild.build.pep517 import BuildEnvironments
 from imagebuild.build.runner import background_priority
 from imagebuild.cache import CacheLayout
-from imagebuild.debian.linkcheck import on_demand_line
+from imagebuild.debian.linklines import on_demand_line
 from imagebuild.image.descriptor import Descriptor
 from imagebuild.image.model import BaseImage, Image, ImageConfig, Layer
 from imagebuild.image.store import BlobStore, LayerFiles

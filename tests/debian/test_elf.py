@@ -37,6 +37,8 @@ WHEELS = {
     "numpy-x86_64": "numpy-2.1.3-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
     # PyTorch's CUDA stack's cuFile: two libraries nothing in it links, one an RDMA plugin.
     "cufile-x86_64": "nvidia_cufile-1.17.1.22-py3-none-manylinux_2_27_x86_64.whl",
+    # numba imports its TBB and OpenMP threading layers under a guard, its _typeconv not.
+    "numba-x86_64": "numba-0.68.1-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl",
 }
 GREENLET_SO = "greenlet/_greenlet.cpython-311-x86_64-linux-gnu.so"
 SIMPLE_JSON = "application/vnd.pypi.simple.v1+json"

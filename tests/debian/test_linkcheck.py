@@ -29,15 +29,15 @@ from imagebuild.debian.linkcheck import (
     WheelElf,
     check_links,
     index_base,
+    importers,
     index_wheels,
-    missing_line,
-    on_demand_line,
-    refusal_line,
     scan_wheel,
 )
+from imagebuild.debian.linklines import missing_line, on_demand_line, refusal_line
 from imagebuild.debian.model import ElfInfo, IndexedPackage, LockedDeb, VersionNeed
 from imagebuild.digest import Digest, digest_file
 from imagebuild.image.store import BlobStore
+from imagebuild.install.imports import guarded_modules
 from tests.debian.test_elf import GREENLET_SO, debian_deb, debian_lib, pypi_wheel
 
 __all__ = ["debian_deb", "debian_lib", "pypi_wheel"]  # fixtures shared with test_elf
@@ -614,6 +614,53 @@ def test_modules_programs_and_what_they_link_are_loaded_the_rest_on_demand() -> 
     }
 
 
+def test_what_only_optional_modules_load_is_on_demand_unless_another_links_it() -> None:
+    files = (
+        WheelElf(path="n/tbbpool.abi3.so", info=module(needed=["libtbb.so.12"])),
+        WheelElf(path="n/omppool.abi3.so", info=module(needed=["libhelper.so.1"])),
+        WheelElf(path="n.libs/libhelper.so.1", info=info(needed=["libgomp.so.1"])),
+        WheelElf(path="n/_core.abi3.so", info=module(needed=["libstdc++.so.6"])),
+    )
+    wheels = [("n 1", files)]
+    index = LibraryIndex(providers=(GLIBC,)).merged(index_wheels(wheels))
+    missing = check_links(wheels, index, arch="amd64")
+    assert not any(m.on_demand for m in missing)
+    # The modules whose imports decide: each lacking module, and those linking a lacking library.
+    assert importers(wheels, missing, arch="amd64") == {
+        ("n 1", "n/tbbpool.abi3.so"),
+        ("n 1", "n/omppool.abi3.so"),
+        ("n 1", "n/_core.abi3.so"),
+    }
+    optional = frozenset({("n 1", "n/tbbpool.abi3.so"), ("n 1", "n/omppool.abi3.so")})
+    found = check_links(wheels, index, arch="amd64", optional=optional)
+    assert {m.member: m.on_demand for m in found} == {
+        "n/tbbpool.abi3.so": True,
+        "n.libs/libhelper.so.1": True,  # only an optional module links it
+        "n/_core.abi3.so": False,
+    }
+    # A library a needed module links too must load: refused.
+    core = WheelElf(path="n/_core.abi3.so", info=module(needed=["libhelper.so.1"]))
+    wheels = [("n 1", (*files[:3], core))]
+    found = check_links(wheels, index, arch="amd64", optional=optional)
+    assert {m.member: m.on_demand for m in found} == {
+        "n/tbbpool.abi3.so": True,
+        "n.libs/libhelper.so.1": False,
+    }
+
+
+@pytest.mark.pypi
+def test_numba_imports_its_threading_layers_under_a_guard(
+    pypi_wheel: Callable[[str], Path],
+) -> None:
+    # Its real wheel: tbbpool needs libtbb.so.12, which no slim base has, and numba falls
+    # back to another layer; _typeconv's handler raises again, so numba needs it.
+    modules = ["numba.np.ufunc.tbbpool", "numba.np.ufunc.omppool", "numba.core.typeconv._typeconv"]
+    assert guarded_modules(pypi_wheel("numba-x86_64"), modules) == {
+        "numba.np.ufunc.tbbpool",
+        "numba.np.ufunc.omppool",
+    }
+
+
 def test_the_gpu_driver_libraries_come_from_the_container_runtime() -> None:
     # libcaffe2_nvrtc.so in PyTorch's CUDA wheels links libcuda.so.1, which the NVIDIA
     # container toolkit mounts into a container given a GPU; the CUDA runtime is the image's.
@@ -635,7 +682,7 @@ def test_the_warning_for_plugins_is_one_line_naming_the_first_and_counting_the_r
     assert "\n" not in line
     assert line.startswith(
         "p 1: p/libplug.so.1 needs libucp.so.0 (and 2 more: libfabric.so.1, libmpi.so.40), "
-        "which the image does not have; nothing links to these plugins"
+        "which the image does not have; its package loads these files only for a feature"
     )
     assert line.endswith("add what ships those libraries (a wheel, or a Debian package in "
                          "[tool.imgbuild] system-packages)")  # fmt: skip
