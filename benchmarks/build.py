@@ -936,7 +936,50 @@ def measure_both(env: dict[str, str], spec: Project, *, keep: bool) -> tuple[Res
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
             forget_memory_trees()
+            forget_pushed(env)
     return ours, theirs
+
+
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    ]
+)
+
+
+def forget_pushed(env: dict[str, str]) -> None:
+    """Delete the manifests this run tagged in the test registry (its cache repositories).
+
+    A run pushes gigabytes there (an ML stack's: about 7 GB), under names of its own. The
+    registry frees the blobs nothing else refers to when it is collected: ``dev/infra.sh up``
+    does that before it starts the registry (never while it runs: a running registry's blob
+    cache would still name the blobs).
+    """
+    registry = env["IMGBUILD_TEST_REGISTRY"]
+    repositories = [
+        f"{REGISTRY_CACHE.split('/', 1)[1]}-{tool}-{os.getpid()}" for tool in ("imgbuild", "anchor")
+    ]
+    with httpx.Client(base_url=f"http://{registry}/v2/", timeout=60) as http:
+        for repository in repositories:
+            listed = http.get(f"{repository}/tags/list")
+            if listed.status_code == 404:
+                continue
+            listed.raise_for_status()
+            digests = set()
+            for tag in listed.json().get("tags") or []:
+                found = http.head(
+                    f"{repository}/manifests/{tag}", headers={"Accept": MANIFEST_TYPES}
+                )
+                if found.status_code == 200:
+                    digests.add(found.headers["Docker-Content-Digest"])
+            for digest in sorted(digests):
+                gone = http.delete(f"{repository}/manifests/{digest}")
+                if gone.status_code not in (202, 404):
+                    gone.raise_for_status()
+            print(f"registry: {len(digests)} manifests of {repository} deleted", file=sys.stderr)
 
 
 if __name__ == "__main__":
