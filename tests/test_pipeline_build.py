@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import platform
 import sys
 import tarfile
 import textwrap
@@ -30,6 +31,7 @@ from imagebuild.errors import (
     LockError,
     ProjectError,
     RegistryError,
+    TargetError,
 )
 from imagebuild.image.descriptor import OCI_INDEX, OCI_LAYER_GZIP
 from imagebuild.image.model import BaseImage, Image, ImageIndex
@@ -504,6 +506,61 @@ def test_several_platforms_are_refused_by_one_image_sinks_before_any_work(
         )
     assert world.registry.pulls == [] and world.log == []
     assert not (world.project / "pylock.toml").exists()
+
+
+def test_a_project_wheel_built_for_this_machine_is_refused_for_another_cpu(world: World) -> None:
+    # A project with a C extension: its backend runs on this machine's Python, so its wheel
+    # is this machine's (cp3X-cp3X-linux_<cpu>). The amd64 image can import it; an arm64 one
+    # cannot, and a build for both stops before any sink.
+    host = f"cp{HOST[0]}{HOST[1]}"
+    machine = platform.machine()
+    tag = f"{host}-{host}-linux_{machine}"
+    backend = BACKEND.replace("py3-none-any", tag).replace(
+        "Root-Is-Purelib: true", "Root-Is-Purelib: false"
+    )
+    (world.project / "app_backend.py").write_text(backend)
+    world.lock()
+    world.build(lock_mode="frozen")
+    assert len(world.log) == 1
+    other = "linux/arm64" if machine == "x86_64" else "linux/amd64"
+    with pytest.raises(TargetError) as refused:
+        world.build(lock_mode="frozen", platforms=("linux/amd64", "linux/arm64"))
+    assert str(refused.value).startswith(
+        f"project app ({world.project}): its wheel app-1.0-{tag}.whl holds extension modules "
+        f"built for this machine (CPython {HOST[0]}.{HOST[1]} on {machine}), which the image "
+        f"({host} manylinux_2_36 {'aarch64' if other == 'linux/arm64' else 'x86_64'}) "
+        "cannot import"
+    )
+    assert "build on a" in (refused.value.hint or "")
+    assert len(world.log) == 1
+
+
+def test_a_path_dependency_built_for_this_machine_is_refused_for_another_cpu(
+    world: World,
+) -> None:
+    host = f"cp{HOST[0]}{HOST[1]}"
+    tag = f"{host}-{host}-linux_{platform.machine()}"
+    helper = world.project / "helper"
+    helper.mkdir()
+    backend = BACKEND.replace("py3-none-any", tag)
+    for name in ("app-1.0", "Name: app", '"app.py"', 'open("app.py"'):
+        backend = backend.replace(name, name.replace("app", "helper"))
+    (helper / "helper_backend.py").write_text(backend.replace("Purelib: true", "Purelib: false"))
+    (helper / "helper.py").write_text("VALUE = 3\n")
+    (helper / "pyproject.toml").write_text(
+        '[project]\nname = "helper"\nversion = "1.0"\n'
+        '[build-system]\nrequires = []\nbuild-backend = "helper_backend"\nbackend-path = ["."]\n'
+    )
+    pyproject = world.project / "pyproject.toml"
+    text = pyproject.read_text().replace('"tinydep"', '"tinydep", "helper"')
+    pyproject.write_text(text + '\n[tool.uv.sources]\nhelper = { path = "helper" }\n')
+    world.lock()
+    other = "linux/arm64" if platform.machine() == "x86_64" else "linux/amd64"
+    with pytest.raises(TargetError, match=rf"^helper \(helper\): its wheel helper-1.0-{tag}.whl"):
+        world.build(lock_mode="frozen", platforms=(other,))
+    assert world.log == []
+    world.build(lock_mode="frozen")
+    assert len(world.log) == 1
 
 
 # -- what a dependency change touches -------------------------------------------------------

@@ -344,3 +344,30 @@ def test_a_catalog_is_read_once_until_a_file_of_it_changes(tmp_path: Path) -> No
     assert {e.flavor for e in again} == {"alpine-edge"}
     (directory / "more.toml").write_text(text.replace('name = "alpine"', 'name = "more"'))
     assert {e.flavor for e in load_catalog([directory])} == {"alpine-edge", "more"}
+
+
+def test_a_wheel_this_machine_built_must_fit_the_image() -> None:
+    major, minor = sys.version_info[:2]
+    machine = platform.machine()
+    here = target(py=(major, minor), arch=machine)
+    own = f"cp{major}{minor}-cp{major}{minor}-linux_{machine}"
+    for fits in (
+        f"app-1.0-{own}.whl",
+        "app-1.0-py3-none-any.whl",
+        f"app-1.0-cp38-abi3-linux_{machine}.whl",
+    ):
+        here.check_built(fits, "project app")
+    target(py=(3, 14), arch=machine).check_built(f"app-1.0-cp38-abi3-linux_{machine}.whl", "x")
+    newer = (major, minor + 1)
+    with pytest.raises(TargetError) as info:
+        target(py=newer, arch=machine).check_built(f"app-1.0-{own}.whl", "project app (/src/app)")
+    assert str(info.value).startswith(
+        f"project app (/src/app): its wheel app-1.0-{own}.whl holds extension modules built for "
+        f"this machine (CPython {major}.{minor} on {machine}), which the image "
+        f"(cp{major}{minor + 1} manylinux_2_36 {machine}) cannot import; give the image this "
+        f"machine's Python (--python {major}.{minor}): imgbuild runs build backends"
+    )
+    other = "aarch64" if machine == "x86_64" else "x86_64"
+    with pytest.raises(TargetError) as info:
+        target(py=(major, minor), arch=other).check_built(f"app-1.0-{own}.whl", "app")
+    assert info.value.hint is not None and info.value.hint.startswith(f"build on a {other} machine")

@@ -1,11 +1,13 @@
 """Workspace members, path dependencies and git sources: wheels built from source once.
 
-Every platform of a build installs the same wheel of a local package (a pure one, or one
-the host can build for every target), so it is built the first time a platform asks.
+Every platform of a build installs the same wheel of a local package, so it is built the
+first time a platform asks. Its backend runs on the host's Python: a wheel with extension
+modules fits only an image of the host's Python and CPU (``TargetPlatform.check_built``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from imagebuild.build.pep517 import BuildEnvironments, build_project_wheel
@@ -13,6 +15,7 @@ from imagebuild.build.secrets import SourcePolicy
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.lock.model import LockedPackage
 from imagebuild.report import Reporter
+from imagebuild.target.platform import TargetPlatform
 
 
 class LocalWheels:
@@ -67,3 +70,12 @@ class LocalWheels:
                 name=pkg.name, version=wheel.name.split("-")[1], path=wheel
             )
         return self._built[pkg.name]
+
+    def for_target(
+        self, packages: Sequence[LockedPackage], target: TargetPlatform
+    ) -> list[PlannedWheel]:
+        """The wheels of ``packages``, each checked to be one the image can import."""
+        wheels = [self.get(pkg) for pkg in packages]
+        for pkg, wheel in zip(packages, wheels, strict=True):
+            target.check_built(wheel.path.name, f"{pkg.name} ({pkg.source.location})")
+        return wheels

@@ -202,6 +202,8 @@ class _Prepared:
     """The base's layers, for the link checks that read them."""
     job: LayerJob
     """Where the layers are made and kept."""
+    target: TargetPlatform
+    """The image's Python, libc and CPU."""
     links: Future[None]
     """The link check of the wheels below the project (raises what it refuses)."""
 
@@ -228,8 +230,9 @@ def _prepare(
             if request.compile_bytecode
             else None
         )
-        dependencies, local, wheels = _dependencies(build, target_of(arch, facts))
-        members = [build.local_wheels.get(pkg) for pkg in local]
+        target = target_of(arch, facts)
+        dependencies, local, wheels = _dependencies(build, target)
+        members = build.local_wheels.for_target(local, target)
         below = _plan_below(build, base, dependencies, members)
         venv = VenvLayout(base_interpreter=facts.interpreter, python_version=facts.python_version)
         job = _layer_job(build, wheels)
@@ -269,6 +272,7 @@ def _prepare(
         wheels=wheels,
         base_layers=base_layers,
         job=job,
+        target=target,
         links=links,
     )
 
@@ -299,6 +303,9 @@ def _project_top(
     if not build.project_wheel.done():
         ready_installer()  # while its backend runs: its layer then starts at once
     project_wheel = _planned(build.project.name, build.project_wheel.result())
+    prepared.target.check_built(
+        project_wheel.path.name, f"project {build.project.name} ({build.project.root})"
+    )
     _check_links(build, arch, base, [project_wheel], prepared.wheels, prepared.base_layers)
     sbom = sbom_document(
         [w for spec in prepared.below.layers for w in spec.wheels] + [project_wheel],

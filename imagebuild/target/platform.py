@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import platform
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -62,6 +64,11 @@ class HasFilename(Protocol):
 
 
 _W = TypeVar("_W", bound=HasFilename)
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    filename: str
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -191,6 +198,30 @@ class TargetPlatform:
         scored.sort(key=lambda s: s[1], reverse=True)
         scored.sort(key=lambda s: s[0])
         return [s[2] for s in scored]
+
+    def check_built(self, filename: str, source: str) -> None:
+        """Refuse a wheel this machine built from ``source`` that the image cannot import.
+
+        The project, a path or a git dependency: its backend runs on the build host's
+        interpreter, so extension modules come out for the host's Python and CPU (a
+        ``cp311-cp311-linux_x86_64`` wheel), which an image of another Python or CPU cannot
+        import. Pure-Python wheels (``py3-none-any``) fit every target.
+        """
+        if self.rank_wheels([_Named(filename)]):
+            return
+        major, minor = sys.version_info[:2]
+        host = f"CPython {major}.{minor} on {platform.machine()}"
+        fixes = []
+        if (major, minor) != self.python_version:
+            fixes.append(f"give the image this machine's Python (--python {major}.{minor})")
+        if platform.machine() != self.arch:
+            fixes.append(f"build on a {self.arch} machine")
+        raise TargetError(
+            f"{source}: its wheel {filename} holds extension modules built for this machine "
+            f"({host}), which the image ({self.describe()}) cannot import",
+            hint=" or ".join(fixes or ["build on a machine of the image's C library"])
+            + ": imgbuild runs build backends on the Python it runs on",
+        )
 
     def choose_wheel(self, package_name: str, files: Sequence[_W]) -> _W:
         """The best wheel of ``package_name`` for this target; ``TargetError`` when none fits."""
