@@ -352,16 +352,6 @@ class RegistryClient:
         """
         self._origins.remember(ref, digest)
 
-    def push_blobs(
-        self, ref: ImageReference, blobs: Sequence[Descriptor], store: BlobStore
-    ) -> None:
-        """Upload several blobs from ``store`` to ``ref``'s repository, a few at a time.
-
-        Those there are skipped; the first failure stops the others and is raised.
-        """
-        unique = list({desc.digest: desc for desc in blobs}.values())
-        self._uploader(Op(ref, "pushing", "pull,push"), store).push_all(unique)
-
     def _uploader(self, op: Op, store: BlobStore, *, trusting: bool = True) -> BlobUploader:
         return BlobUploader(
             self._session,

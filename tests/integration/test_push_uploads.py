@@ -226,12 +226,21 @@ def test_layers_kept_in_the_cache_repository_are_mounted_into_the_image(
     local_registry: LocalRegistry, plain: RegistryClient, tmp_path: Path
 ) -> None:
     store = BlobStore(tmp_path / "store")
-    image = layered_image(store, tmp_path, "kept", [40_000, 30_000])
+    layers = []
+    for i, size in enumerate([40_000, 30_000]):
+        (tmp_path / f"kept-{i}").mkdir()
+        (tmp_path / f"kept-{i}" / "data.bin").write_bytes(os.urandom(size))
+        layers.append(build_layer(tmp_path / f"kept-{i}", store, mtime=0, created_by=f"kept {i}"))
+    image = build_image(None, layers, config=ImageConfig(), created=CREATED, store=store)
+    # As --cache-to keeps them: under a manifest of the cache repository (a layer set).
+    kept_set = build_image(
+        None, layers, config=ImageConfig(labels=(("set", "1"),)), created=CREATED, store=store
+    )
     cache = ImageReference.parse(f"{local_registry.host}/uploads/cache:key")
     recorder = Recorder()
     with _client(recorder) as http:
         client = RegistryClient(http)
-        client.push_blobs(cache, image.layers, store)  # as --cache-to keeps them
+        client.push_image(kept_set, cache)
         kept = recorder.bytes_sent()
         recorder.sent.clear()
         app = ImageReference.parse(f"{local_registry.host}/uploads/kept:1")
