@@ -340,3 +340,18 @@ def test_a_directory_that_is_not_only_a_cache_gets_no_markers(tmp_path: Path) ->
     with cache_in_use(home):
         _fill(home)
     assert not (home / ".gitignore").exists() and not (home / "CACHEDIR.TAG").exists()
+
+
+def test_prune_unused_for_takes_the_wheels_no_build_chose_since(filled: Path) -> None:
+    entries = filled / "wheels" / "sha256" / "ab"
+    for name, days in (("ab" + "1" * 62, 40), ("ab" + "2" * 62, 29)):
+        wheel = entries / name / f"{name[:6]}-1.0-py3-none-any.whl"
+        wheel.parent.mkdir(parents=True)
+        wheel.write_bytes(b"PK")
+        (entries / f"{name}.lock").write_text("")
+        when = time.time() - days * 86400
+        os.utime(wheel, (when, when))
+    code, _, err = _cli("cache", "prune", "--unused-for", "30", "--cache-dir", filled)
+    assert code == 0, err
+    assert sorted(p.name for p in entries.iterdir()) == ["ab" + "2" * 62, "ab" + "2" * 62 + ".lock"]
+    assert (filled / "wheels" / "ab" / "cd.whl").is_file()  # not an entry: left alone

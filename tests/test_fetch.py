@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -404,3 +406,22 @@ def test_a_wheel_whose_fetch_failed_in_another_thread_is_fetched_by_the_waiting_
     assert [str(e) for e in errors] == ["the first fetch failed"]
     assert fresh_index.count("/files/") == 2
     assert all(wheel.path.is_file() for wheel in planned)
+
+
+def test_planning_a_cached_wheel_marks_it_used(
+    fresh_index: LocalIndex, http: httpx.Client, tmp_path: Path
+) -> None:
+    # A build whose layers are all cached reads no wheel; choosing it still counts as a use
+    # for `imgbuild cache prune --unused-for`.
+    cache = WheelCache(CacheLayout(tmp_path / "cache").wheels)
+    wheel = served(fresh_index, "used")
+    path = fetch_wheels(http, [wheel], cache)[wheel]
+    os.utime(path, (1_000_000, 1_000_000))
+    lazy = LazyWheels(http, cache, Steps())
+    before = time.time() - 5
+    (planned,) = lazy.plan([(_package("used"), wheel)])
+    assert planned.path == path and path.stat().st_mtime > before
+    # Not fetched by planning: a wheel not in the cache stays out of it.
+    absent = served(fresh_index, "absent")
+    lazy.plan([(_package("absent"), absent)])
+    assert cache.path_for(absent) is None

@@ -48,8 +48,8 @@ UnusedFor = Annotated[
     typer.Option(
         "--unused-for",
         metavar="DAYS",
-        help="Also remove the layers no build has used for DAYS days (each is made again "
-        "when a build needs it).",
+        help="Also remove the layers and downloaded wheels no build has used for DAYS days "
+        "(each is made or downloaded again when a build needs it).",
     ),
 ]
 

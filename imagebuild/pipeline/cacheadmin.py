@@ -11,8 +11,9 @@ build environments in memory). ``ci`` also removes what a build downloads again 
 needs it (wheels, Simple API pages, metadata, Debian archive files) and keeps what it
 built (layers, blobs, built wheels, build environments): a CI cache then holds what saves
 a runner time, as ``uv cache prune --ci`` keeps built wheels and drops downloaded ones.
-``unused_for`` also removes the layers no build has read for that long (``_unused``): each
-code change makes a new project layer, and a developer's cache kept them all.
+``unused_for`` also removes the layers no build has read for that long (``_unused``), and the
+downloaded wheels no build has planned for that long: each code change makes a new project
+layer, each upgrade downloads new wheels, and a developer's cache kept them all.
 
 A Debian archive cache shared through ``IMGBUILD_DEBIAN_CACHE`` is other caches' too: it is
 never removed from here. Bases unpacked in memory (``<memory>/rootfs``) are one user's,
@@ -135,7 +136,30 @@ def _unused(layout: CacheLayout, seconds: float) -> list[Path]:
         else:
             kept |= named
     store = BlobStore(layout.blobs)
-    return stale + [store.path(Digest(f"sha256:{hex_}")) for hex_ in sorted(named_by_stale - kept)]
+    blobs = [store.path(Digest(f"sha256:{hex_}")) for hex_ in sorted(named_by_stale - kept)]
+    return stale + blobs + _unused_wheels(layout.wheels, cutoff)
+
+
+def _unused_wheels(bucket: Path, cutoff: float) -> list[Path]:
+    """The downloaded wheels no build has planned since ``cutoff``: entries and their locks.
+
+    A build touches each wheel its lock chooses (``pipeline.wheels``), fetched or not, so a
+    wheel's time is its last use; one removed is downloaded again when a build needs it.
+    """
+    stale: list[Path] = []
+    for entry in sorted(bucket.glob("sha256/*/*")):
+        if not entry.is_dir():
+            continue
+        try:
+            used = max((f.stat().st_mtime for f in entry.iterdir()), default=0.0)
+        except OSError:
+            continue
+        if used < cutoff:
+            stale.append(entry)
+            lock = entry.with_name(entry.name + ".lock")
+            if lock.is_file():
+                stale.append(lock)
+    return stale
 
 
 def _base_blobs(layout: CacheLayout) -> set[str]:

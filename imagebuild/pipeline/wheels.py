@@ -9,6 +9,8 @@ record downloads no wheel at all.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -39,6 +41,8 @@ class LazyWheels:
         for pkg, wheel in chosen:
             path = self._cache.final_path(wheel)
             self._files[str(path)] = wheel
+            with contextlib.suppress(OSError):  # in the cache or not: its time is its last use
+                os.utime(path)  # (imgbuild cache prune --unused-for)
             size = wheel.size if wheel.size is not None else path.stat().st_size
             planned.append(
                 PlannedWheel(
