@@ -50,6 +50,25 @@ def build_layout(root: Path, cache: Path, layout: Path, *extra: str | Path) -> C
     return built
 
 
+def build_from_pypi(tmp_path: Path, name: str, dependency: str, tag: str) -> list[str]:
+    """Build a project ``name`` needing only ``dependency`` (from PyPI) on debian-slim into
+    the engine as ``tag``; checked to succeed, its ``warning:`` lines returned."""
+    project = tmp_path / name
+    (project / "src" / name).mkdir(parents=True)
+    (project / "src" / name / "__init__.py").write_text("")
+    (project / "pyproject.toml").write_text(
+        f'[project]\nname = "{name}"\nversion = "1.0"\nrequires-python = ">=3.11"\n'
+        f'dependencies = ["{dependency}"]\n'
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+    )
+    built = imgbuild(
+        "build", project, "--tag", tag, "--base", "debian-slim", "--python", "3.11",
+        "--cache-dir", tmp_path / "cache", "--output", "docker",
+    )  # fmt: skip
+    assert built.exit_code == 0, built.stderr
+    return [line for line in built.stderr.splitlines() if line.startswith("warning:")]
+
+
 def index_settings(index_url: str) -> str:
     """A ``[tool.imgbuild]`` table: the local index first, then PyPI for the build backend
     (hatchling), which the local index does not serve. Build requirements come only from

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.docker_engine import TestInfra
-from tests.integration.conftest import imgbuild
+from tests.integration.conftest import build_from_pypi
 from tests.integration.test_debian_bases import run_in_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.pypi]
@@ -27,23 +27,10 @@ OPEN = "import ctypes, sys\nctypes.CDLL(sys.argv[1])\nprint('opened', sys.argv[1
 def test_a_plugin_that_lacks_a_library_is_a_warning_and_fails_only_when_opened(
     docker_env: TestInfra, image_cleanup: list[str], tmp_path: Path
 ) -> None:
-    project = tmp_path / "gds"
-    (project / "src" / "gds").mkdir(parents=True)
-    (project / "src" / "gds" / "__init__.py").write_text("")
-    (project / "pyproject.toml").write_text(
-        '[project]\nname = "gds"\nversion = "1.0"\nrequires-python = ">=3.11"\n'
-        'dependencies = ["nvidia-cufile==1.17.1.22"]\n'
-        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
-    )
     tag = "imgbuild-test/gpu-plugin:1"
     image_cleanup.append(tag)
-    built = imgbuild(
-        "build", project, "--tag", tag, "--base", "debian-slim", "--python", "3.11",
-        "--cache-dir", tmp_path / "cache", "--output", "docker",
-    )  # fmt: skip
-    assert built.exit_code == 0, built.stderr
-    warnings = [line for line in built.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1, built.stderr
+    warnings = build_from_pypi(tmp_path, "gds", "nvidia-cufile==1.17.1.22", tag)
+    assert len(warnings) == 1, warnings
     assert warnings[0].startswith(
         "warning: nvidia-cufile 1.17.1.22: nvidia/cu13/lib/libcufile_rdma.so.1 needs "
         "libibverbs.so.1 (and 2 more: libmlx5.so.1, librdmacm.so.1), which the image does "

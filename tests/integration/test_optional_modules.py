@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.fixtures.docker_engine import TestInfra
-from tests.integration.conftest import imgbuild
+from tests.integration.conftest import build_from_pypi
 from tests.integration.test_debian_bases import run_in_image
 
 pytestmark = [pytest.mark.docker, pytest.mark.pypi]
@@ -34,23 +34,10 @@ print(total(numpy.ones(1000)), numba.threading_layer())
 def test_numba_builds_warns_for_its_tbb_layer_and_runs_in_parallel(
     docker_env: TestInfra, image_cleanup: list[str], tmp_path: Path
 ) -> None:
-    project = tmp_path / "jit"
-    (project / "src" / "jit").mkdir(parents=True)
-    (project / "src" / "jit" / "__init__.py").write_text("")
-    (project / "pyproject.toml").write_text(
-        '[project]\nname = "jit"\nversion = "1.0"\nrequires-python = ">=3.11"\n'
-        'dependencies = ["numba==0.68.1"]\n'
-        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
-    )
     tag = "imgbuild-test/numba:1"
     image_cleanup.append(tag)
-    built = imgbuild(
-        "build", project, "--tag", tag, "--base", "debian-slim", "--python", "3.11",
-        "--cache-dir", tmp_path / "cache", "--output", "docker",
-    )  # fmt: skip
-    assert built.exit_code == 0, built.stderr
-    warnings = [line for line in built.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1, built.stderr
+    warnings = build_from_pypi(tmp_path, "jit", "numba==0.68.1", tag)
+    assert len(warnings) == 1, warnings
     assert warnings[0].startswith(
         "warning: numba 0.68.1: numba/np/ufunc/tbbpool.cpython-311-x86_64-linux-gnu.so needs "
         "libtbb.so.12, which the image does not have; its package loads these files only for "
