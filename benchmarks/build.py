@@ -454,7 +454,25 @@ class Anchor:
         self.last_tag = ""
         self.gzipped: dict[str, int] = {}  # diff ID -> gzipped size, of the layers seen
         self.base_was_present = self._exists(self.base)
+        self.forget_imgbuild_bases()
         self.build_tools_image()
+
+    def forget_imgbuild_bases(self) -> None:
+        """Untag the bases imgbuild loaded into the engine (``imgbuild-base:*``).
+
+        ``--output docker`` (``bash dev/demo``, the tests) leaves the base there under that
+        tag, and then the anchor's cold and CI builds found its layers without pulling them:
+        an empty runner has no such image. imgbuild's builds here never use the engine, and a
+        later ``--output docker`` build loads the base again.
+        """
+        listed = run([*self.docker, "images", "--format", "{{.Repository}}:{{.Tag}}"], env=self.env)
+        ours = sorted(ref for ref in listed.split() if ref.startswith("imgbuild-base:"))
+        if ours:
+            run([*self.docker, "rmi", *ours], env=self.env)
+            print(
+                f"anchor: untagged {', '.join(ours)} (imgbuild's bases in the engine)",
+                file=sys.stderr,
+            )
 
     def _exists(self, ref: str) -> bool:
         proc = subprocess.run(
