@@ -353,7 +353,10 @@ def mount_allows_exec(mounts: str, mount_point: Path) -> bool:
 
 
 def mark_used(tree: Path) -> None:
-    """Touch ``tree``'s time: what ``forget_idle_trees`` goes by (no matter if it cannot)."""
+    """Touch ``tree``'s time, or a file's (no matter if it cannot).
+
+    ``forget_idle_trees`` and ``imgbuild cache prune --unused-for`` go by it.
+    """
     try:
         os.utime(tree)
     except OSError:

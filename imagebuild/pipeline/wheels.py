@@ -9,13 +9,12 @@ record downloads no wheel at all.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import threading
 from collections.abc import Iterable, Sequence
 
 import httpx
 
+from imagebuild.cache import mark_used
 from imagebuild.install.fetch import WheelCache, fetch_wheels
 from imagebuild.install.plan import PlannedWheel
 from imagebuild.lock.model import LockedPackage, WheelFile
@@ -41,8 +40,7 @@ class LazyWheels:
         for pkg, wheel in chosen:
             path = self._cache.final_path(wheel)
             self._files[str(path)] = wheel
-            with contextlib.suppress(OSError):  # in the cache or not: its time is its last use
-                os.utime(path)  # (imgbuild cache prune --unused-for)
+            mark_used(path)  # in the cache or not: its time is its last use (cache prune)
             size = wheel.size if wheel.size is not None else path.stat().st_size
             planned.append(
                 PlannedWheel(
